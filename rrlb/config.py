@@ -1,0 +1,437 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+rrlb's settings: YAML and command-line values merged into one frozen
+L{Config}. Every mistake raises L{ConfigError} with a message that names the
+setting and the bad value. No Twisted here: this module only parses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_LISTEN = ("tcp:8080",)
+MAX_WEIGHT = 256
+
+
+class ConfigError(ValueError):
+    """
+    A setting is missing or wrong; the message names it and its value.
+    """
+
+
+@dataclass(frozen=True)
+class NodeTLS:
+    """
+    TLS settings for talking to one https node.
+    """
+
+    verify: bool = True
+    ca_file: Optional[str] = None
+    server_name: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """
+    One backend as configured: where it is and how much traffic it gets.
+
+    @ivar key: what identifies the node across reloads (its URL).
+    @ivar base_path: prefixed to every forwarded request target; no trailing
+        slash.
+    """
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: bytes
+    weight: int = 1
+    tls: NodeTLS = field(default_factory=NodeTLS)
+
+    @property
+    def key(self) -> str:
+        return self.url
+
+    @property
+    def hostport(self) -> bytes:
+        """
+        The node's own C{Host} value: host, and the port unless it is the
+        scheme's default.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        if self.port != default:
+            host = f"{host}:{self.port}"
+        return host.encode("idna" if not host.isascii() else "ascii")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """
+    Active health check settings.
+    """
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True)
+class ListenTLS:
+    """
+    A certificate and key for the C{--tls-cert}/C{--tls-key} shortcut.
+    """
+
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    ca_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything rrlb runs with. A reload builds a new one and swaps it in.
+    """
+
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    nodes: tuple[NodeSpec, ...] = ()
+    health: HealthConfig = field(default_factory=HealthConfig)
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    node_host: bool = False
+    max_idle_per_node: int = 32
+    access_log: Optional[str] = None
+    access_log_format: str = "combined"
+    admin: Optional[str] = None
+    drain_timeout: float = 30.0
+    demo: int = 0
+    tls: ListenTLS = field(default_factory=ListenTLS)
+
+
+# The command-line names of the settings that can come from either place,
+# mapped to their place in the YAML file.
+_TOP_KEYS = frozenset(
+    {
+        "listen",
+        "nodes",
+        "health",
+        "timeout",
+        "connect_timeout",
+        "node_host",
+        "max_idle_per_node",
+        "access_log",
+        "access_log_format",
+        "admin",
+        "drain_timeout",
+        "tls",
+    }
+)
+_HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
+_NODE_KEYS = frozenset({"url", "weight", "tls"})
+_NODE_TLS_KEYS = frozenset({"verify", "ca_file", "server_name", "cert", "key"})
+_LISTEN_TLS_KEYS = frozenset({"cert", "key", "ca_file"})
+ACCESS_LOG_FORMATS = ("combined", "json")
+
+
+def positive_float(name: str, value: Any) -> float:
+    """
+    A number of seconds greater than zero.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}") from None
+    if not number > 0 or not math.isfinite(number):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    return number
+
+
+def positive_int(name: str, value: Any, maximum: Optional[int] = None) -> int:
+    """
+    A whole number from 1 (to C{maximum}).
+    """
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value)
+    else:
+        number = None
+    if number is None or number < 1 or (maximum is not None and number > maximum):
+        bound = f" from 1 to {maximum}" if maximum else " of at least 1"
+        raise ConfigError(f"{name} must be a whole number{bound}, not {value!r}")
+    return number
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """
+    A whole number from 0.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"{name} must be a whole number of at least 0, not {value!r}")
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _string(name: str, value: Any) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+
+
+def _mapping(name: str, value: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, not {value!r}")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {name}.{unknown[0]} (known: {', '.join(sorted(allowed))})"
+        )
+    return value
+
+
+def parse_node_tls(name: str, value: Any) -> NodeTLS:
+    """
+    A node's C{tls} mapping.
+    """
+    raw = _mapping(name, value, _NODE_TLS_KEYS)
+    kwargs: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key == "verify":
+            kwargs[key] = _boolean(f"{name}.verify", item)
+        else:
+            kwargs[key] = _string(f"{name}.{key}", item)
+    if ("cert" in kwargs) != ("key" in kwargs):
+        raise ConfigError(f"{name} needs both cert and key for a client certificate")
+    return NodeTLS(**kwargs)
+
+
+def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] = None) -> NodeSpec:
+    """
+    One node: a URL, or a mapping C{{url: URL, weight: N, tls: {...}}}.
+    """
+    weight = 1
+    tls = default_tls or NodeTLS()
+    if isinstance(value, dict):
+        raw = _mapping(where, value, _NODE_KEYS)
+        if "url" not in raw:
+            raise ConfigError(f"{where} needs a url, got {value!r}")
+        if "weight" in raw:
+            weight = positive_int(f"{where}.weight", raw["weight"], MAX_WEIGHT)
+        if "tls" in raw:
+            tls = parse_node_tls(f"{where}.tls", raw["tls"])
+            if default_tls is not None and tls.ca_file is None:
+                tls = dataclasses.replace(tls, ca_file=default_tls.ca_file)
+        value = raw["url"]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: a node must be a URL, not {value!r}")
+    url = value.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{where}: bad node URL {url!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: node URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: node URL {url!r} has no host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: node URL {url!r} may have only a scheme, host, port and path")
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    if port == 0:
+        raise ConfigError(f"{where}: node URL {url!r} has port 0")
+    base = parts.path.rstrip("/")
+    try:
+        base_path = base.encode("ascii")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{where}: node URL {url!r} has a path that is not percent-encoded"
+        ) from None
+    return NodeSpec(
+        url=url,
+        scheme=scheme,
+        host=parts.hostname,
+        port=port,
+        base_path=base_path,
+        weight=weight,
+        tls=tls,
+    )
+
+
+def parse_nodes(
+    value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] = None
+) -> tuple[NodeSpec, ...]:
+    """
+    A list of nodes (or a comma-separated string of URLs); no two the same.
+    """
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of node URLs, not {value!r}")
+    nodes = tuple(parse_node(v, f"{where}[{i}]", default_tls) for i, v in enumerate(value))
+    seen: set[str] = set()
+    for node in nodes:
+        if node.key in seen:
+            raise ConfigError(f"{where}: node {node.url!r} is listed twice")
+        seen.add(node.key)
+    return nodes
+
+
+def parse_health_path(name: str, value: Any) -> str:
+    path = _string(name, value)
+    if not path.startswith("/"):
+        raise ConfigError(f"{name} must start with '/', not {value!r}")
+    if any(c in path for c in " \r\n\t") or not path.isascii():
+        raise ConfigError(f"{name} must be a percent-encoded path, not {value!r}")
+    return path
+
+
+def parse_health(value: Any) -> dict[str, Any]:
+    """
+    The YAML C{health} mapping, as keyword arguments of L{HealthConfig}.
+    """
+    raw = _mapping("health", value, _HEALTH_KEYS)
+    out: dict[str, Any] = {}
+    for key, item in raw.items():
+        name = f"health.{key}"
+        if key == "path":
+            out[key] = parse_health_path(name, item)
+        elif key in ("interval", "timeout"):
+            out[key] = positive_float(name, item)
+        else:
+            out[key] = positive_int(name, item)
+    return out
+
+
+def parse_listen(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"listen must be a list of endpoint descriptions, not {value!r}")
+    return tuple(_string("listen", v) for v in value)
+
+
+def parse_access_log_format(value: Any) -> str:
+    if value not in ACCESS_LOG_FORMATS:
+        raise ConfigError(
+            f"access_log_format must be one of {', '.join(ACCESS_LOG_FORMATS)}, not {value!r}"
+        )
+    return str(value)
+
+
+def load_yaml(path: str) -> Mapping[str, Any]:
+    """
+    Read a YAML configuration file into a mapping, checking its top-level keys.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path!r}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: invalid YAML in {path!r}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path!r} is not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path!r} must hold a mapping of settings")
+    unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"config: unknown setting {unknown[0]!r} in {path!r}"
+            f" (known: {', '.join(sorted(_TOP_KEYS))})"
+        )
+    return data
+
+
+def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Turn the checked YAML mapping into keyword arguments of L{Config}.
+    """
+    out: dict[str, Any] = {}
+    tls = ListenTLS()
+    if "tls" in data:
+        raw = _mapping("tls", data["tls"], _LISTEN_TLS_KEYS)
+        tls = ListenTLS(**{k: _string(f"tls.{k}", v) for k, v in raw.items()})
+        out["tls"] = tls
+    default_node_tls = NodeTLS(ca_file=tls.ca_file) if tls.ca_file else None
+    for key, value in data.items():
+        if key == "listen":
+            out[key] = parse_listen(value)
+        elif key == "nodes":
+            out[key] = parse_nodes(value, "nodes", default_node_tls)
+        elif key == "health":
+            out[key] = parse_health(value)
+        elif key in ("timeout", "connect_timeout", "drain_timeout"):
+            out[key] = positive_float(key, value)
+        elif key == "node_host":
+            out[key] = _boolean(key, value)
+        elif key == "max_idle_per_node":
+            out[key] = non_negative_int(key, value)
+        elif key in ("access_log", "admin"):
+            out[key] = _string(key, value)
+        elif key == "access_log_format":
+            out[key] = parse_access_log_format(value)
+    return out
+
+
+def build_config(
+    path: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    health_overrides: Optional[Mapping[str, Any]] = None,
+    require_nodes: bool = True,
+) -> Config:
+    """
+    Build a L{Config} from an optional YAML file and already-coerced
+    command-line values, which win over the file.
+
+    @param overrides: L{Config} field values given on the command line.
+    @param health_overrides: L{HealthConfig} field values from the command line.
+    @param require_nodes: whether no nodes at all is an error (it is not when
+        demo backends will supply them).
+    """
+    values: dict[str, Any] = {}
+    health: dict[str, Any] = {}
+    if path is not None:
+        values = _from_yaml(load_yaml(path))
+        health = values.pop("health", {})
+    values.update(overrides or {})
+    health.update(health_overrides or {})
+    if "tls" in values and not isinstance(values["tls"], ListenTLS):
+        values["tls"] = ListenTLS(**values["tls"])
+    config = Config(health=HealthConfig(**health), **values)
+    if require_nodes and not config.nodes:
+        raise ConfigError("nodes: no nodes given (use --nodes URL[,URL...] or nodes: in --config)")
+    return config
+
+
+def node_urls(nodes: Sequence[NodeSpec]) -> list[str]:
+    return [n.url for n in nodes]

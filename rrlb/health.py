@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_health -*-
+"""
+Active health checks: every node is probed on its own timer with
+C{GET <health path>} through treq, and the outcome is fed to the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import treq
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from rrlb import __version__
+from rrlb.config import HealthConfig
+from rrlb.pool import Node, Pool
+
+USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
+
+
+def describe_failure(reason: Failure) -> str:
+    """
+    A short, single-line reason for an upstream failure, for logs and status.
+    """
+    exc = reason.value
+    if isinstance(exc, (webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed)):
+        inner = getattr(exc, "reasons", None)
+        if inner:
+            return describe_failure(inner[0])
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
+        return "timed out"
+    if isinstance(exc, error.ConnectionLost):
+        return "connection reset"
+    if isinstance(exc, error.DNSLookupError):
+        return "host name lookup failed"
+    text = str(exc) or type(exc).__name__
+    # OpenSSL errors carry a list of tuples; keep the most telling part.
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _QuietFactory(webclient._HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietConnectionPool(webclient.HTTPConnectionPool):
+    """
+    A connection pool whose connections do not log their start and stop:
+    with a probe every few seconds per node they would flood the log.
+    """
+
+    _factory = _QuietFactory
+
+
+class HealthChecker(Service):
+    """
+    Probes each node of a L{Pool} every C{interval} seconds and marks it.
+
+    Each node has its own L{LoopingCall}, so probes of one node never
+    overlap (the loop waits for the probe's Deferred) and a slow node never
+    delays the others. The first round runs at start-up.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: Pool,
+        health: HealthConfig,
+        reactor: IReactorTime,
+        agent: IAgent,
+    ) -> None:
+        self.pool = pool
+        self.health = health
+        self.reactor = reactor
+        self._client = HTTPClient(agent)
+        self._loops: dict[str, tuple[Node, LoopingCall]] = {}
+        self._probes: dict[str, defer.Deferred[Any]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self.sync()
+
+    def stopService(self) -> Optional[defer.Deferred[None]]:
+        super().stopService()
+        for _, loop in self._loops.values():
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        for d in list(self._probes.values()):
+            d.cancel()
+        return None
+
+    def update(self, health: HealthConfig) -> None:
+        """
+        Take new health settings; a changed interval restarts every timer.
+        """
+        restart = health.interval != self.health.interval
+        self.health = health
+        self.pool.set_thresholds(health.rise, health.fall)
+        if restart:
+            for _, loop in self._loops.values():
+                if loop.running:
+                    loop.stop()
+            self._loops.clear()
+        self.sync()
+
+    def sync(self) -> None:
+        """
+        Start timers for nodes the pool has gained, stop those of nodes it lost.
+        """
+        if not self.running:
+            return
+        current = {n.key: n for n in self.pool.nodes}
+        for key in list(self._loops):
+            node, loop = self._loops[key]
+            if current.get(key) is not node:
+                if loop.running:
+                    loop.stop()
+                del self._loops[key]
+        for key, node in current.items():
+            if key not in self._loops:
+                loop = LoopingCall(self.probe, node)
+                loop.clock = self.reactor
+                self._loops[key] = (node, loop)
+                loop.start(self.health.interval, now=True).addErrback(self._loop_died, node)
+
+    def _loop_died(self, reason: Failure, node: Node) -> None:
+        # probe() never fails, so this is a bug; say so rather than go quiet.
+        self.log.failure("health check loop for {node} stopped", reason, node=node.url)
+
+    def url_for(self, node: Node) -> str:
+        base = node.spec.url.rstrip("/")
+        return base + self.health.path
+
+    def probe(self, node: Node) -> defer.Deferred[Any]:
+        """
+        Probe C{node} once and mark it. The returned Deferred never fails.
+        """
+        started = self.reactor.seconds()
+        health = self.health
+        d = self._client.get(
+            self.url_for(node),
+            headers=Headers({b"User-Agent": [USER_AGENT]}),
+            allow_redirects=False,
+        )
+
+        def read(response: Any) -> defer.Deferred[int]:
+            return treq.collect(response, lambda data: None).addCallback(lambda _: response.code)
+
+        d.addCallback(read)
+        d.addTimeout(health.timeout, self.reactor)
+        self._probes[node.key] = d
+
+        def done(result: Any) -> None:
+            self._probes.pop(node.key, None)
+            now = self.reactor.seconds()
+            latency = now - started
+            if isinstance(result, Failure):
+                if result.check(defer.TimeoutError, defer.CancelledError):
+                    reason = f"timed out after {health.timeout:g}s"
+                else:
+                    reason = describe_failure(result)
+                ok = False
+            elif 200 <= result < 400:
+                ok, reason = True, f"HTTP {result}"
+            else:
+                ok, reason = False, f"HTTP {result}"
+            if node.removed:
+                return
+            self.pool.mark(node, ok, reason, when=now, latency=latency)
+
+        d.addBoth(done)
+        d.addErrback(
+            lambda f: self.log.failure("recording a health check of {node}", f, node=node.url)
+        )
+        return d

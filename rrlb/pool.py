@@ -1,0 +1,305 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+The node set, its health state and the rotation. No I/O and no reactor: the
+proxy asks it for a node per request, the health checker (and the proxy, for
+passive health) tell it what they saw.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+from twisted.logger import Logger
+
+from rrlb.config import NodeSpec
+
+UP = "up"
+DOWN = "down"
+DRAINING = "draining"
+
+
+class Node:
+    """
+    One backend and what rrlb knows of it.
+
+    @ivar healthy: whether health checks (active or passive) say it is up.
+    @ivar drained: taken out of rotation by hand (admin API).
+    @ivar removed: no longer configured; it finishes its in-flight requests.
+    @ivar successes: consecutive successful checks.
+    @ivar failures: consecutive failed checks.
+    """
+
+    __slots__ = (
+        "spec",
+        "key",
+        "index",
+        "scheme",
+        "host",
+        "port",
+        "base_path",
+        "host_header",
+        "weight",
+        "healthy",
+        "drained",
+        "removed",
+        "successes",
+        "failures",
+        "last_check",
+        "last_latency",
+        "last_error",
+        "in_flight",
+        "requests",
+        "errors",
+    )
+
+    def __init__(self, spec: NodeSpec, index: int = 0) -> None:
+        self.key = spec.key
+        self.index = index
+        self.healthy = True
+        self.drained = False
+        self.removed = False
+        self.successes = 0
+        self.failures = 0
+        self.last_check: Optional[float] = None
+        self.last_latency: Optional[float] = None
+        self.last_error: Optional[str] = None
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.set_spec(spec)
+
+    def set_spec(self, spec: NodeSpec) -> None:
+        """
+        Take new settings (a reload) while keeping health state and counters.
+        """
+        self.spec = spec
+        self.scheme = spec.scheme
+        self.host = spec.host
+        self.port = spec.port
+        self.base_path = spec.base_path
+        self.host_header = spec.hostport
+        self.weight = spec.weight
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def state(self) -> str:
+        """
+        C{up}, C{down} or C{draining}, as an operator sees it.
+        """
+        if self.drained or self.removed:
+            return DRAINING
+        return UP if self.healthy else DOWN
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.healthy and not self.drained and not self.removed
+
+    def __repr__(self) -> str:
+        return f"<Node {self.url} {self.state}>"
+
+
+def smooth_weighted_order(nodes: Sequence[Node]) -> list[Node]:
+    """
+    One full cycle of smooth weighted round robin, the algorithm nginx uses:
+    weights 5, 1, 1 give a a b a c a a. Equal weights give the plain cycle.
+    """
+    total = sum(n.weight for n in nodes)
+    current = [0] * len(nodes)
+    order = []
+    for _ in range(total):
+        best = 0
+        for i, node in enumerate(nodes):
+            current[i] += node.weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        order.append(nodes[best])
+    return order
+
+
+class Pool:
+    """
+    The configured nodes in order, their health, and the rotation over the
+    ones in rotation now.
+
+    The rotation is a precomputed schedule (one weighted cycle), rebuilt only
+    when the set of nodes in rotation changes, so L{pick} is a list index.
+    On a rebuild the cycle resumes after the node picked last, in configured
+    order, so no node gets two turns in a row because another left.
+
+    @ivar rise: consecutive successful checks that bring a node back.
+    @ivar fall: consecutive failed checks that take a node out.
+    """
+
+    log = Logger()
+
+    def __init__(self, specs: Iterable[NodeSpec], rise: int = 2, fall: int = 3) -> None:
+        self.rise = rise
+        self.fall = fall
+        self.nodes: list[Node] = []
+        self._by_key: dict[str, Node] = {}
+        self._schedule: list[Node] = []
+        self._next = 0
+        self._last: Optional[Node] = None
+        self._listeners: list[Callable[[Node], None]] = []
+        self.update(specs)
+
+    # -- the rotation -------------------------------------------------------
+
+    def pick(self) -> Optional[Node]:
+        """
+        The next node in rotation, or L{None} when no node is in rotation.
+        """
+        schedule = self._schedule
+        if not schedule:
+            return None
+        i = self._next
+        if i >= len(schedule):
+            i = 0
+        node = schedule[i]
+        self._next = i + 1
+        self._last = node
+        return node
+
+    def pick_other(self, tried: Sequence[Node]) -> Optional[Node]:
+        """
+        The next node in rotation that is not in C{tried} (for a retry), or
+        L{None}.
+        """
+        for _ in range(len(self._schedule)):
+            node = self.pick()
+            if node is None or node not in tried:
+                return node
+        return None
+
+    def _rebuild(self) -> None:
+        live = [n for n in self.nodes if n.in_rotation]
+        if len({n.weight for n in live}) > 1:
+            schedule = smooth_weighted_order(live)
+        else:
+            schedule = live
+        self._schedule = schedule
+        self._next = 0
+        last = self._last
+        if last is None or not schedule:
+            return
+        # Resume after the last node picked, by configured position.
+        for i, node in enumerate(schedule):
+            if node.index > last.index:
+                self._next = i
+                return
+
+    @property
+    def in_rotation(self) -> list[Node]:
+        return [n for n in self.nodes if n.in_rotation]
+
+    # -- membership ---------------------------------------------------------
+
+    def get(self, key: str) -> Optional[Node]:
+        return self._by_key.get(key)
+
+    def update(self, specs: Iterable[NodeSpec]) -> tuple[list[Node], list[Node]]:
+        """
+        Make the node set the given one. Nodes that stay keep their health
+        state and counters; new nodes start healthy; removed nodes leave the
+        rotation at once and are marked C{removed} so that their in-flight
+        requests can finish.
+
+        @return: the nodes added and the nodes removed.
+        """
+        old = self._by_key
+        nodes = []
+        added = []
+        for index, spec in enumerate(specs):
+            node = old.get(spec.key)
+            if node is None:
+                node = Node(spec, index)
+                added.append(node)
+            else:
+                node.set_spec(spec)
+                node.index = index
+            nodes.append(node)
+        keys = {n.key for n in nodes}
+        removed = [n for n in self.nodes if n.key not in keys]
+        for node in removed:
+            node.removed = True
+        self.nodes = nodes
+        self._by_key = {n.key: n for n in nodes}
+        self._rebuild()
+        return added, removed
+
+    def set_thresholds(self, rise: int, fall: int) -> None:
+        self.rise = rise
+        self.fall = fall
+
+    # -- health -------------------------------------------------------------
+
+    def mark(
+        self,
+        node: Node,
+        ok: bool,
+        reason: str = "",
+        when: Optional[float] = None,
+        latency: Optional[float] = None,
+    ) -> None:
+        """
+        Record the outcome of one check of C{node}: C{fall} failures in a row
+        take it out of rotation, C{rise} successes in a row bring it back.
+        """
+        if when is not None:
+            node.last_check = when
+        if latency is not None:
+            node.last_latency = latency
+        if ok:
+            node.successes += 1
+            node.failures = 0
+            node.last_error = None
+            if not node.healthy and node.successes >= self.rise:
+                node.healthy = True
+                self.log.info(
+                    "node {node} is up: {successes} checks in a row passed ({reason})",
+                    node=node.url,
+                    successes=node.successes,
+                    reason=reason or "ok",
+                )
+                self._changed(node)
+        else:
+            node.failures += 1
+            node.successes = 0
+            node.last_error = reason
+            if node.healthy and node.failures >= self.fall:
+                node.healthy = False
+                self.log.warn(
+                    "node {node} is down: {failures} checks in a row failed, last: {reason}",
+                    node=node.url,
+                    failures=node.failures,
+                    reason=reason,
+                )
+                self._changed(node)
+
+    def set_drained(self, node: Node, drained: bool) -> None:
+        """
+        Take a node out of rotation by hand, or put it back.
+        """
+        if node.drained != drained:
+            node.drained = drained
+            self.log.info(
+                "node {node} {what} by the operator",
+                node=node.url,
+                what="drained" if drained else "enabled",
+            )
+            self._changed(node)
+
+    def add_listener(self, listener: Callable[[Node], None]) -> None:
+        """
+        Call C{listener(node)} whenever a node enters or leaves the rotation.
+        """
+        self._listeners.append(listener)
+
+    def _changed(self, node: Node) -> None:
+        self._rebuild()
+        for listener in self._listeners:
+            listener(node)

@@ -1,0 +1,607 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The proxy: a L{ReverseProxyResource} subclass that picks one node per
+request from the pool and forwards the request to it exactly, streaming the
+response back with backpressure, retrying connect failures of idempotent
+requests on the next node and mapping failures to 502/503/504.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from rrlb.health import describe_failure
+from rrlb.pool import Node, Pool
+from rrlb.upstream import UpstreamPool, UpstreamProtocol, connection_tokens
+
+log = Logger()
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# Request headers never forwarded as they came: hop-by-hop ones (RFC 9110
+# 7.6.1), the framing ones (the body is re-sent with its own length), and
+# the ones the proxy sets itself. Names as Twisted canonicalizes them.
+_SKIP_REQUEST = frozenset(
+    {
+        b"Connection",
+        b"Keep-Alive",
+        b"Proxy-Connection",
+        b"TE",
+        b"Trailer",
+        b"Transfer-Encoding",
+        b"Upgrade",
+        b"Proxy-Authorization",
+        b"Proxy-Authenticate",
+        b"Content-Length",
+        b"Expect",
+        b"Host",
+        b"X-Forwarded-For",
+        b"X-Forwarded-Proto",
+        b"X-Forwarded-Host",
+        b"Via",
+    }
+)
+
+RETRY_AFTER = b"1"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """
+    What the proxy needs of the configuration; swapped whole on reload.
+
+    @ivar node_host: send each node its own host:port as C{Host} instead of
+        the client's.
+    """
+
+    node_host: bool = False
+    retry_after: int = 1
+
+
+def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
+    """
+    Answer C{request} with a short plain-text error, unless its client is gone.
+    """
+    if request._disconnected or request.finished:
+        return
+    body = f"{code} {http.RESPONSES.get(code, b'Error').decode('ascii')}: {text}\n".encode()
+    request.setResponseCode(code)
+    request.responseHeaders = Headers()
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
+    request.write(body)
+    request.finish()
+
+
+def split_target(uri: bytes) -> tuple[Optional[bytes], bytes]:
+    """
+    Split a request target into the authority of an absolute-form target
+    (or L{None}) and the origin-form part that is forwarded.
+
+    @raise ValueError: for a target that is neither.
+    """
+    if uri[:1] == b"/":
+        return None, uri
+    if uri == b"*":
+        return None, uri
+    lower = uri[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = uri[7:]
+    elif lower.startswith(b"https://"):
+        rest = uri[8:]
+    else:
+        raise ValueError("bad request target")
+    cut = len(rest)
+    for sep in (b"/", b"?"):
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    authority, path = rest[:cut], rest[cut:]
+    if b"@" in authority:
+        authority = authority.rsplit(b"@", 1)[1]
+    if not authority:
+        raise ValueError("absolute-form target without a host")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+@implementer(IPushProducer)
+class ProxyExchange:
+    """
+    One client request on its way to a node and back. It is the producer
+    the client's channel pauses when the client reads slowly, and it passes
+    the pause on to the node's connection.
+    """
+
+    __slots__ = (
+        "proxy",
+        "request",
+        "node",
+        "tried",
+        "head_tail",
+        "target",
+        "host",
+        "body",
+        "body_size",
+        "upstream",
+        "connector",
+        "responded",
+        "finished",
+        "active",
+        "deadline",
+        "started",
+        "upstream_status",
+        "upstream_time",
+        "retries",
+        "stale_retry",
+    )
+
+    def __init__(self, proxy: RotatingProxy, request: Any, node: Node) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.node = node
+        self.tried: list[Node] = [node]
+        self.upstream: Optional[UpstreamProtocol] = None
+        self.connector: Any = None
+        self.responded = False
+        self.finished = False
+        self.active = False
+        self.deadline: Optional[float] = None
+        self.started = proxy.clock.seconds()
+        self.upstream_status: Optional[int] = None
+        self.upstream_time: Optional[float] = None
+        self.retries = 0
+        self.stale_retry = False
+        self.body: Any = None
+        self.body_size = 0
+
+    # -- building the upstream request ---------------------------------------
+
+    def prepare(self) -> bool:
+        """
+        Build everything of the upstream request that does not depend on the
+        node. Answers 400 and returns C{False} for a target it cannot forward.
+        """
+        request = self.request
+        try:
+            authority, target = split_target(request.uri)
+        except ValueError as e:
+            error_response(request, 400, str(e))
+            return False
+        self.target = target
+        headers = request.requestHeaders
+        raw = headers._rawHeaders  # one pass over the dict Headers keeps
+        host_values = raw.get(b"Host")
+        client_host = host_values[0] if host_values else None
+        self.host = authority if authority is not None else client_host
+        channel = request.channel
+        proto = b"https" if channel.isSecure() else b"http"
+        peer = request.client
+        client_ip = getattr(peer, "host", None)
+
+        drop = _SKIP_REQUEST
+        connection = raw.get(b"Connection")
+        if connection:
+            extra = connection_tokens(connection)
+            if extra:
+                drop = drop | {_canonical(t) for t in extra}
+        parts: list[bytes] = []
+        append = parts.append
+        for name, values in raw.items():
+            if name in drop:
+                continue
+            for value in values:
+                append(name + b": " + value + b"\r\n")
+        xff = raw.get(b"X-Forwarded-For")
+        if client_ip:
+            ip = client_ip.encode("ascii")
+            xff_value = b", ".join(xff + [ip]) if xff else ip
+        else:
+            xff_value = b", ".join(xff) if xff else None
+        if xff_value is not None:
+            append(b"X-Forwarded-For: " + xff_value + b"\r\n")
+        append(b"X-Forwarded-Proto: " + proto + b"\r\n")
+        forwarded_host = self.host
+        if forwarded_host is not None:
+            append(b"X-Forwarded-Host: " + forwarded_host + b"\r\n")
+        version = request.clientproto[5:] or b"1.1"
+        via = raw.get(b"Via")
+        via_self = version + b" rrlb"
+        append(b"Via: " + (b", ".join(via + [via_self]) if via else via_self) + b"\r\n")
+
+        content = request.content
+        size = 0
+        if content is not None:
+            content.seek(0, 2)
+            size = content.tell()
+            content.seek(0, 0)
+        if size or b"Content-Length" in raw or b"Transfer-Encoding" in raw:
+            append(b"Content-Length: %d\r\n" % size)
+        append(b"\r\n")
+        self.head_tail = b"".join(parts)
+        self.body_size = size
+        if size:
+            self.body = content.read() if size <= 65536 else content
+        return True
+
+    def head_for(self, node: Node) -> bytes:
+        host = (
+            node.host_header if (self.proxy.settings.node_host or self.host is None) else self.host
+        )
+        return b"".join(
+            (
+                self.request.method,
+                b" ",
+                node.base_path if self.target != b"*" else b"",
+                self.target,
+                b" HTTP/1.1\r\nHost: ",
+                host,
+                b"\r\n",
+                self.head_tail,
+            )
+        )
+
+    # -- driving it -----------------------------------------------------------
+
+    def start(self) -> None:
+        node = self.node
+        node.in_flight += 1
+        node.requests += 1
+        self.connector = self.proxy.upstream.acquire(node, self)
+
+    def connected(self, protocol: UpstreamProtocol, reused: bool) -> None:
+        self.connector = None
+        if self.finished:
+            # The client left while we were connecting.
+            self.proxy.upstream.release(protocol)
+            return
+        self.upstream = protocol
+        self.stale_retry = reused
+        body = self.body
+        if body is not None and not isinstance(body, bytes):
+            body.seek(0, 0)
+        protocol.send(self, self.head_for(self.node), body, self.request.method == b"HEAD")
+        self.proxy.upstream.watch(self)
+
+    def connect_failed(self, reason: Failure) -> None:
+        self.connector = None
+        if self.finished:
+            return
+        self._failed(reason, passive=True)
+
+    def upstream_lost(self, reason: Failure, got_response: bool) -> None:
+        self.proxy.upstream.unwatch(self)
+        self.upstream = None
+        if self.finished:
+            return
+        if got_response:
+            if self.responded:
+                # The node dropped mid-body: never fake a complete response.
+                log.warn(
+                    "node {node} dropped the connection mid-response to {method} {uri}: {why}",
+                    node=self.node.url,
+                    method=self.request.method,
+                    uri=self.request.uri,
+                    why=describe_failure(reason),
+                )
+                self._end(ok=False)
+                self.request.channel.transport.loseConnection()
+                return
+            self._bad_gateway(reason)
+            return
+        if self.stale_retry:
+            # A pooled connection the node closed between requests: nothing
+            # reached it, so try again on a fresh connection, whatever the method.
+            self.stale_retry = False
+            self.connector = self.proxy.upstream.acquire(self.node, self, fresh=True)
+            return
+        self._failed(reason, passive=True)
+
+    def _failed(self, reason: Failure, passive: bool) -> None:
+        """
+        Nothing of a response came: mark the node, retry elsewhere if the
+        method allows it, else answer 502.
+        """
+        node = self.node
+        why = describe_failure(reason)
+        node.errors += 1
+        if passive:
+            self.proxy.pool.mark(node, False, f"request failed: {why}")
+        if self.request.method in IDEMPOTENT:
+            other = self.proxy.pool.pick_other(self.tried)
+            if other is not None:
+                log.info(
+                    "retrying {method} {uri} on {other}: {node} failed: {why}",
+                    method=self.request.method,
+                    uri=self.request.uri,
+                    other=other.url,
+                    node=node.url,
+                    why=why,
+                )
+                node.in_flight -= 1
+                self.retries += 1
+                self.proxy.stats.retries += 1
+                self.tried.append(other)
+                self.node = other
+                self.start()
+                return
+        log.info(
+            "{node} failed for {method} {uri}: {why}",
+            node=node.url,
+            method=self.request.method,
+            uri=self.request.uri,
+            why=why,
+        )
+        self._end(ok=False)
+        error_response(self.request, 502, f"the upstream node failed ({why})")
+
+    def _bad_gateway(self, reason: Failure) -> None:
+        why = describe_failure(reason)
+        log.warn("bad response from {node}: {why}", node=self.node.url, why=why)
+        self.node.errors += 1
+        self._end(ok=False)
+        error_response(self.request, 502, f"the upstream node sent a bad response ({why})")
+
+    def response_head(
+        self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], has_body: bool
+    ) -> None:
+        request = self.request
+        self.upstream_status = code
+        self.upstream_time = self.proxy.clock.seconds() - self.started
+        if request._disconnected:
+            return
+        self.responded = True
+        request.setResponseCode(code, reason)
+        out = request.responseHeaders
+        add = out.addRawHeader
+        has_date = False
+        for name, value in headers:
+            add(name, value)
+            if not has_date and len(name) == 4 and name.lower() == b"date":
+                has_date = True
+        if not has_date:
+            out.setRawHeaders(b"Date", [self.proxy.date()])
+        if has_body:
+            request.registerProducer(self, True)
+
+    def response_body(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def response_done(self) -> None:
+        self.proxy.upstream.unwatch(self)
+        self.upstream = None
+        if self.finished:
+            return
+        request = self.request
+        self._end(ok=True)
+        if request.producer is not None:
+            request.unregisterProducer()
+        if not request._disconnected:
+            request.finish()
+
+    def timed_out(self) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
+        if self.finished:
+            return
+        node = self.node
+        node.errors += 1
+        log.warn(
+            "{node} made no progress for {timeout}s on {method} {uri}",
+            node=node.url,
+            timeout=self.proxy.upstream.timeout,
+            method=self.request.method,
+            uri=self.request.uri,
+        )
+        if self.responded:
+            self._end(ok=False)
+            self.request.channel.transport.loseConnection()
+        else:
+            self.proxy.pool.mark(node, False, "response timed out")
+            self._end(ok=False)
+            error_response(self.request, 504, "the upstream node did not answer in time")
+
+    def client_gone(self) -> None:
+        """
+        The client went away: cancel the upstream request and its connection.
+        """
+        if self.finished:
+            return
+        self._end(ok=False)
+        self.proxy.upstream.unwatch(self)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
+        connector = self.connector
+        self.connector = None
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except Exception:
+                pass
+
+    def _end(self, ok: bool) -> None:
+        self.finished = True
+        self.node.in_flight -= 1
+        if self.proxy.on_done is not None:
+            self.proxy.on_done(self, ok)
+
+    # -- IPushProducer, for the client's channel ------------------------------
+
+    def pauseProducing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.client_gone()
+
+
+def _canonical(name: bytes) -> bytes:
+    from twisted.web.http_headers import _nameEncoder
+
+    try:
+        return _nameEncoder.encode(name)
+    except Exception:
+        return name
+
+
+class ProxyStats:
+    """
+    Process-wide counters the admin API reads.
+    """
+
+    def __init__(self) -> None:
+        self.retries = 0
+
+
+class RotatingProxy(ReverseProxyResource):
+    """
+    The root resource: every path of every request goes to the next node of
+    the pool. It stays a L{ReverseProxyResource} in the resource tree, but
+    forwards through L{UpstreamPool} rather than C{ProxyClientFactory}.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        pool: Pool,
+        upstream: UpstreamPool,
+        reactor: Any,
+        settings: ProxySettings = ProxySettings(),
+    ) -> None:
+        Resource.__init__(self)
+        # ReverseProxyResource's own attributes, for code that inspects them.
+        self.host = ""
+        self.port = 0
+        self.path = b""
+        self.reactor = reactor
+        self.clock = reactor
+        self.pool = pool
+        self.upstream = upstream
+        self.settings = settings
+        self.stats = ProxyStats()
+        self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
+        self._date_second = -1
+        self._date = b""
+
+    def getChild(self, path: bytes, request: Any) -> RotatingProxy:
+        return self
+
+    def date(self) -> bytes:
+        """
+        The current C{Date} value, formatted at most once a second.
+        """
+        now = int(self.clock.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = http.datetimeToString(now)
+        return self._date
+
+    def render(self, request: Any) -> int:
+        if request.method == b"CONNECT":
+            error_response(
+                request,
+                405,
+                "CONNECT is not supported: this is not a forward proxy",
+                [(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")],
+            )
+            return server.NOT_DONE_YET
+        node = self.pool.pick()
+        if node is None:
+            error_response(
+                request,
+                503,
+                "no healthy node to send the request to",
+                [(b"Retry-After", b"%d" % self.settings.retry_after)],
+            )
+            return server.NOT_DONE_YET
+        exchange = ProxyExchange(self, request, node)
+        if exchange.prepare():
+            request.exchange = exchange
+            exchange.start()
+        return server.NOT_DONE_YET
+
+
+class ProxyRequest(server.Request):
+    """
+    A request of the proxy's site: no default headers of its own (the node's
+    C{Server}, C{Date} and C{Content-Type} pass through untouched), no form
+    parsing of bodies, no traceback pages, and it tells its exchange when
+    the client goes away.
+    """
+
+    defaultContentType = None
+    _parsePOSTFormSubmission = False
+    exchange: Optional[ProxyExchange] = None
+
+    channel: Any
+
+    def process(self) -> None:
+        self.site = self.channel.site
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(self.site.getResourceFor(self))
+        except Exception:
+            self.processingFailed(Failure())
+
+    def processingFailed(self, reason: Failure) -> None:
+        log.failure("proxying {method} {uri}", reason, method=self.method, uri=self.uri)
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.client_gone()
+        if self.startedWriting:
+            if self.channel is not None:
+                self.channel.transport.loseConnection()
+            return
+        error_response(self, 500, "internal error")
+
+    def connectionLost(self, reason: Failure) -> None:
+        server.Request.connectionLost(self, reason)
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.client_gone()
+
+
+class ProxySite(server.Site):
+    """
+    The listening side: L{ProxyRequest}s, and the access log handed in by
+    the service (none by default, which keeps the hot path free of it).
+    """
+
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: RotatingProxy, access_log: Optional[Callable[[Any], None]] = None, **kw: Any
+    ) -> None:
+        server.Site.__init__(self, resource, **kw)
+        self.access_log = access_log
+
+    def log(self, request: Any) -> None:
+        if self.access_log is not None:
+            self.access_log(request)

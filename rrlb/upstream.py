@@ -1,0 +1,540 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+A lean HTTP/1.1 client for talking to nodes, with a keep-alive connection
+pool per node.
+
+Why not L{twisted.web.client.Agent}: per request it builds a Request, a
+Response, two Headers objects, a body producer and a chain of Deferreds, which
+costs more CPU than the whole server side of a proxied request. This client
+does one write for the request head, parses the response head with a few
+C{bytes} splits and hands the body straight to its L{Exchange}-like consumer,
+with callbacks instead of Deferreds.
+
+The consumer (an I{exchange}) provides::
+
+    connected(protocol, reused)          a connection is ready for the request
+    connect_failed(reason)               connecting failed
+    response_head(code, reason, headers, has_body)
+    response_body(data)
+    response_done()
+    upstream_lost(reason, got_response)  the connection ended early
+    timed_out(got_response)              no progress within the timeout
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from twisted.web.http import _ChunkedTransferDecoder
+
+MAX_HEAD_SIZE = 65536
+# Request bodies up to this size go out in the same write as the head.
+INLINE_BODY_SIZE = 65536
+
+# Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
+
+
+class BadResponse(Exception):
+    """
+    The node sent something that is not an HTTP/1.x response.
+    """
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """
+    The lower-cased option names of C{Connection} header values.
+    """
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def parse_head(block: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
+    """
+    Split a response head (without its blank line) into version, code,
+    reason and the raw header list, in order.
+    """
+    lines = block.split(b"\r\n")
+    status = lines[0].split(b" ", 2)
+    version = status[0]
+    if len(status) < 2 or not version.startswith(b"HTTP/1.") or len(status[1]) != 3:
+        raise BadResponse(f"bad status line {lines[0][:80]!r}")
+    try:
+        code = int(status[1])
+    except ValueError:
+        raise BadResponse(f"bad status line {lines[0][:80]!r}") from None
+    reason = status[2] if len(status) == 3 else b""
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+            raise BadResponse(f"bad header line {line[:80]!r}")
+        headers.append((name, value.strip(b" \t")))
+    return version, code, reason, headers
+
+
+class UpstreamProtocol(Protocol):
+    """
+    One connection to one node, carrying one request at a time.
+    """
+
+    log = Logger()
+    # A TCP or TLS transport: it has abortConnection and the producer methods.
+    transport: Any
+
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.exchange: Any = None
+        self.idle = False
+        self._state = _IDLE
+        self._buffer = b""
+        self._remaining = 0
+        self._decoder: Optional[_ChunkedTransferDecoder] = None
+        self._keep_alive = True
+        self._got_response = False
+        self._head_request = False
+        self._body_sender: Optional[defer.Deferred[Any]] = None
+        self.requests = 0
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, exchange: Any, head: bytes, body: Any, head_request: bool) -> None:
+        """
+        Send a request: C{head} is the request line and header block; C{body}
+        is L{None}, C{bytes} or a file to stream from its current position.
+        """
+        self.exchange = exchange
+        self._state = _HEAD
+        self._buffer = b""
+        self._got_response = False
+        self._head_request = head_request
+        self.requests += 1
+        if body is None:
+            self.transport.write(head)
+        elif isinstance(body, bytes):
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self._body_sender = FileSender().beginFileTransfer(body, self.transport)
+            self._body_sender.addBoth(self._body_sent)
+
+    def _body_sent(self, result: Any) -> None:
+        self._body_sender = None
+        if isinstance(result, Failure):
+            self._keep_alive = False
+
+    # -- receiving ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes nobody asked for: the connection is not safe to reuse.
+            self.transport.loseConnection()
+            return
+        exchange.active = True
+        state = self._state
+        if state == _LENGTH:
+            remaining = self._remaining - len(data)
+            if remaining > 0:
+                self._remaining = remaining
+                exchange.response_body(data)
+                return
+            if remaining < 0:
+                # More than the node announced: keep what was announced.
+                data = data[: self._remaining]
+                self._keep_alive = False
+            self._remaining = 0
+            if data:
+                exchange.response_body(data)
+            self._done()
+        elif state == _HEAD:
+            self._buffer += data
+            self._head_received()
+        elif state == _CHUNKED:
+            try:
+                self._decoder.dataReceived(data)  # type: ignore[union-attr]
+            except Exception as e:
+                self._protocol_error(f"bad chunked body: {e}")
+        elif state == _UNTIL_CLOSE:
+            exchange.response_body(data)
+        else:
+            self.transport.loseConnection()
+
+    def _head_received(self) -> None:
+        while True:
+            buffer = self._buffer
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_SIZE:
+                    self._protocol_error("response head too large")
+                return
+            self._got_response = True
+            try:
+                version, code, reason, raw = parse_head(buffer[:end])
+            except BadResponse as e:
+                self._protocol_error(str(e))
+                return
+            self._buffer = buffer[end + 4 :]
+            if 100 <= code < 200:
+                if code == 101:
+                    self._protocol_error("node switched protocols unasked")
+                    return
+                # An interim response (100 Continue, 103 Early Hints): the
+                # client already had its 100 from us; wait for the final one.
+                continue
+            break
+        self._start_body(version, code, reason, raw)
+
+    def _start_body(
+        self, version: bytes, code: int, reason: bytes, raw: list[tuple[bytes, bytes]]
+    ) -> None:
+        length = None
+        chunked = False
+        other_coding = False
+        connection: list[bytes] = []
+        headers = []
+        for name, value in raw:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    connection.append(value)
+                elif lower == b"transfer-encoding":
+                    codings = [c.strip().lower() for c in value.split(b",")]
+                    if codings[-1:] == [b"chunked"]:
+                        chunked = True
+                    else:
+                        other_coding = True
+                elif lower == b"keep-alive":
+                    pass
+                continue
+            if lower == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    n = -1
+                if n < 0 or (length is not None and n != length):
+                    self._protocol_error(f"bad Content-Length {value[:40]!r}")
+                    return
+                length = n
+            headers.append((name, value))
+        tokens = connection_tokens(connection) if connection else set()
+        if tokens:
+            drop = tokens - {b"close", b"keep-alive"}
+            if drop:
+                headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        self._keep_alive = (
+            b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
+        )
+        has_body = not (self._head_request or code in (204, 304))
+        if has_body:
+            if chunked or other_coding:
+                # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
+                headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+            if chunked and not other_coding:
+                self._state = _CHUNKED
+                self._decoder = _ChunkedTransferDecoder(
+                    self.exchange.response_body,
+                    self._chunked_done,
+                )
+            elif length is not None and not other_coding:
+                self._state = _LENGTH
+                self._remaining = length
+            else:
+                self._state = _UNTIL_CLOSE
+                self._keep_alive = False
+        exchange = self.exchange
+        exchange.response_head(code, reason, headers, has_body)
+        if self.exchange is not exchange:
+            return  # the exchange gave up (client gone) while handling the head
+        rest = self._buffer
+        self._buffer = b""
+        if not has_body or (self._state == _LENGTH and self._remaining == 0):
+            if rest:
+                self._keep_alive = False
+            self._done()
+        elif rest:
+            self.dataReceived(rest)
+
+    def _chunked_done(self, rest: bytes) -> None:
+        if rest:
+            self._keep_alive = False
+        self._done()
+
+    def _done(self) -> None:
+        """
+        The response is complete: hand the connection back, then tell the
+        exchange (so a request it triggers may reuse this connection).
+        """
+        exchange = self.exchange
+        self.exchange = None
+        self._state = _IDLE
+        self._decoder = None
+        if self._keep_alive and self._body_sender is None and self.transport is not None:
+            self.pool.release(self)
+        else:
+            self.transport.loseConnection()
+        if exchange is not None:
+            exchange.response_done()
+
+    def _protocol_error(self, why: str) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self._state = _IDLE
+        self._keep_alive = False
+        self.transport.abortConnection()
+        if exchange is not None:
+            exchange.upstream_lost(Failure(BadResponse(why)), self._got_response)
+
+    def abort(self) -> None:
+        """
+        Drop the request in progress (the client went away) and the connection.
+        """
+        self.exchange = None
+        self._state = _IDLE
+        self._keep_alive = False
+        if self._body_sender is not None:
+            self._body_sender.cancel()
+        self.transport.abortConnection()
+
+    # -- the connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pool._connected(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.pool._lost(self)
+        exchange = self.exchange
+        if exchange is None:
+            return
+        self.exchange = None
+        if self._state == _UNTIL_CLOSE:
+            self._state = _IDLE
+            exchange.response_done()
+        else:
+            exchange.upstream_lost(reason, self._got_response)
+
+
+class _ConnectFactory(ClientFactory):
+    """
+    Builds the protocol for one new connection and reports its outcome to
+    the exchange that asked for it.
+    """
+
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, key: str, exchange: Any) -> None:
+        self.pool = pool
+        self.key = key
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: Any) -> UpstreamProtocol:
+        protocol = UpstreamProtocol(self.pool, self.key)
+        protocol.factory = self
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is not None:
+            exchange.connect_failed(reason)
+
+
+class UpstreamPool:
+    """
+    Keep-alive connections to nodes: at most C{max_idle_per_node} idle ones
+    per node, reused most-recent first.
+
+    It also owns the response timeout: a sweep every C{granularity} seconds
+    times out exchanges that made no progress for C{timeout} seconds, which
+    costs nothing per request beyond a set insertion (no timer per request).
+
+    @ivar tls_creator: called with a node, returns the client connection
+        creator for an https node (see L{rrlb.tls}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 5.0,
+        timeout: float = 30.0,
+        max_idle_per_node: int = 32,
+        tls_creator: Optional[Callable[[Any], Any]] = None,
+    ) -> None:
+        self.reactor: Any = reactor
+        self.clock: IReactorTime = reactor
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.max_idle_per_node = max_idle_per_node
+        self.tls_creator = tls_creator
+        self._idle: dict[str, list[UpstreamProtocol]] = {}
+        self._connections: set[UpstreamProtocol] = set()
+        self._closed_waiters: list[defer.Deferred[None]] = []
+        self._watched: set[Any] = set()
+        self._sweep_call: Optional[Any] = None
+        self.new_connections = 0
+
+    # -- connections ----------------------------------------------------------
+
+    def acquire(self, node: Any, exchange: Any, fresh: bool = False) -> Any:
+        """
+        Hand C{exchange} a connection to C{node}: an idle one at once (unless
+        C{fresh}), or a new one when it is made.
+
+        @return: the connector of a new connection (to stop it), or L{None}.
+        """
+        idle = None if fresh else self._idle.get(node.key)
+        while idle:
+            protocol = idle.pop()
+            protocol.idle = False
+            if protocol.transport is not None and protocol.connected:
+                exchange.connected(protocol, True)
+                return None
+        factory = _ConnectFactory(self, node.key, exchange)
+        self.new_connections += 1
+        if node.scheme == "https":
+            creator = self.tls_creator(node) if self.tls_creator else None
+            if creator is None:
+                from twisted.internet.ssl import optionsForClientTLS
+
+                creator = optionsForClientTLS(node.host)
+            return self.reactor.connectSSL(
+                node.host, node.port, factory, creator, timeout=self.connect_timeout
+            )
+        return self.reactor.connectTCP(node.host, node.port, factory, timeout=self.connect_timeout)
+
+    def release(self, protocol: UpstreamProtocol) -> None:
+        """
+        Take back a connection whose response is complete.
+        """
+        idle = self._idle.get(protocol.key)
+        if idle is None:
+            idle = self._idle[protocol.key] = []
+        if len(idle) >= self.max_idle_per_node:
+            protocol.transport.loseConnection()
+            return
+        protocol.idle = True
+        idle.append(protocol)
+
+    def drop_node(self, key: str) -> None:
+        """
+        Close the idle connections of a node that is gone.
+        """
+        for protocol in self._idle.pop(key, []):
+            protocol.idle = False
+            protocol.transport.loseConnection()
+
+    def idle_count(self, key: str) -> int:
+        return len(self._idle.get(key, ()))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def _connected(self, protocol: UpstreamProtocol) -> None:
+        self._connections.add(protocol)
+        factory = protocol.factory
+        exchange = factory.exchange
+        factory.exchange = None
+        if exchange is None:
+            protocol.transport.loseConnection()
+        else:
+            exchange.connected(protocol, False)
+
+    def _lost(self, protocol: UpstreamProtocol) -> None:
+        self._connections.discard(protocol)
+        if protocol.idle:
+            protocol.idle = False
+            idle = self._idle.get(protocol.key)
+            if idle and protocol in idle:
+                idle.remove(protocol)
+        if not self._connections and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Close every connection; fires when all are gone.
+        """
+        self._stop_sweeping()
+        for key in list(self._idle):
+            self.drop_node(key)
+        for protocol in list(self._connections):
+            protocol.transport.abortConnection()
+        if not self._connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    # -- timeouts -------------------------------------------------------------
+
+    @property
+    def granularity(self) -> float:
+        return min(1.0, self.timeout / 10)
+
+    def watch(self, exchange: Any) -> None:
+        """
+        Time out C{exchange} if it makes no progress for C{timeout} seconds.
+        """
+        exchange.deadline = None
+        self._watched.add(exchange)
+        if self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.granularity, self._sweep)
+
+    def unwatch(self, exchange: Any) -> None:
+        self._watched.discard(exchange)
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        if not self._watched:
+            return
+        now = self.clock.seconds()
+        timeout = self.timeout
+        expired = []
+        for exchange in self._watched:
+            if exchange.active or exchange.deadline is None:
+                exchange.active = False
+                exchange.deadline = now + timeout
+            elif now >= exchange.deadline:
+                expired.append(exchange)
+        for exchange in expired:
+            self._watched.discard(exchange)
+            try:
+                exchange.timed_out()
+            except Exception:
+                self.log.failure("timing out {exchange}", exchange=exchange)
+        self._sweep_call = self.clock.callLater(self.granularity, self._sweep)
+
+    def _stop_sweeping(self) -> None:
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
