@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
-from rrlb.upstream import UpstreamPool, UpstreamProtocol, connection_tokens
+from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
 log = Logger()
 
@@ -189,9 +189,7 @@ class ProxyExchange:
         client_host = host_values[0] if host_values else None
         self.host = authority if authority is not None else client_host
         channel = request.channel
-        proto = b"https" if channel.isSecure() else b"http"
-        peer = request.client
-        client_ip = getattr(peer, "host", None)
+        proto, ip = channel.forwarded
 
         drop = _SKIP_REQUEST
         connection = raw.get(b"Connection")
@@ -207,8 +205,7 @@ class ProxyExchange:
             for value in values:
                 append(name + b": " + value + b"\r\n")
         xff = raw.get(b"X-Forwarded-For")
-        if client_ip:
-            ip = client_ip.encode("ascii")
+        if ip:
             xff_value = b", ".join(xff + [ip]) if xff else ip
         else:
             xff_value = b", ".join(xff) if xff else None
@@ -357,7 +354,7 @@ class ProxyExchange:
         error_response(self.request, 502, f"the upstream node sent a bad response ({why})")
 
     def response_head(
-        self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], has_body: bool
+        self, code: int, reason: bytes, headers: dict[bytes, list[bytes]], has_body: bool
     ) -> None:
         request = self.request
         self.upstream_status = code
@@ -366,15 +363,12 @@ class ProxyExchange:
             return
         self.responded = True
         request.setResponseCode(code, reason)
-        out = request.responseHeaders
-        add = out.addRawHeader
-        has_date = False
-        for name, value in headers:
-            add(name, value)
-            if not has_date and len(name) == 4 and name.lower() == b"date":
-                has_date = True
-        if not has_date:
-            out.setRawHeaders(b"Date", [self.proxy.date()])
+        if b"Date" not in headers:
+            headers[b"Date"] = [self.proxy.date()]
+        # The upstream parser already keyed the headers by canonical name and
+        # refused CR, LF and NUL, which is what Headers.addRawHeader checks:
+        # hand the dict over whole instead of re-adding it value by value.
+        request.responseHeaders._rawHeaders = headers
         if has_body:
             request.registerProducer(self, True)
 
@@ -447,25 +441,16 @@ class ProxyExchange:
 
     def pauseProducing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pauseProducing()
+        if upstream is not None:
+            upstream.pause_reading()
 
     def resumeProducing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resumeProducing()
+        if upstream is not None:
+            upstream.resume_reading()
 
     def stopProducing(self) -> None:
         self.client_gone()
-
-
-def _canonical(name: bytes) -> bytes:
-    from twisted.web.http_headers import _nameEncoder
-
-    try:
-        return _nameEncoder.encode(name)
-    except Exception:
-        return name
 
 
 class ProxyStats:
@@ -585,6 +570,75 @@ class ProxyRequest(server.Request):
         exchange = self.exchange
         if exchange is not None and not exchange.finished:
             exchange.client_gone()
+        site = self.site
+        if site is not None and not self.finished:
+            # The client left, or was cut off mid-body, before the response
+            # ended, so Site.log (called from finish) never ran: count and
+            # log it now (as 499 if no response head went out).
+            site.log(self)
+
+
+class ProxyChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection from a client.
+
+    It works out once per connection what every request on it forwards
+    (the scheme and the client address), and writes a response head as one
+    joined string rather than a sequence of some fifty small ones, which
+    Twisted checks piece by piece.
+    """
+
+    forwarded: tuple[bytes, bytes] = (b"http", b"")
+    site: ProxySite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        host = getattr(self.transport.getPeer(), "host", None)
+        self.forwarded = (
+            b"https" if self.isSecure() else b"http",
+            host.encode("ascii") if isinstance(host, str) else b"",
+        )
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.discard(self)
+            if self.site.on_channel_lost is not None:
+                self.site.on_channel_lost()
+
+    def close_when_idle(self) -> None:
+        """
+        For a drain: close now if no request is in progress, else finish the
+        one in progress with C{Connection: close} and close after it.
+        """
+        if not self.requests:
+            self.loseConnection()
+            return
+        # allHeadersReceived sets persistent again for a request that was
+        # still arriving, so a drain calls this until the channel is gone.
+        self.persistent = False
+        if "writeHeaders" not in self.__dict__:
+            # Only a draining channel pays for the extra header.
+            cls_write = ProxyChannel.writeHeaders
+
+            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+                headers.setRawHeaders(b"Connection", [b"close"])
+                cls_write(self, version, code, reason, headers)
+
+            self.writeHeaders = write_closing  # type: ignore[method-assign]
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        extend = parts.extend
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
 
 
 class ProxySite(server.Site):
@@ -593,6 +647,8 @@ class ProxySite(server.Site):
     the service (none by default, which keeps the hot path free of it).
     """
 
+    # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it.
+    protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
     displayTracebacks = False
 
@@ -601,6 +657,9 @@ class ProxySite(server.Site):
     ) -> None:
         server.Site.__init__(self, resource, **kw)
         self.access_log = access_log
+        # Open client connections, for the drain at shutdown.
+        self.channels: set[ProxyChannel] = set()
+        self.on_channel_lost: Optional[Callable[[], None]] = None
 
     def log(self, request: Any) -> None:
         if self.access_log is not None:

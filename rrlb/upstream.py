@@ -32,8 +32,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder
+from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 
 MAX_HEAD_SIZE = 65536
+READ_SIZE = 256 * 1024
 # Request bodies up to this size go out in the same write as the head.
 INLINE_BODY_SIZE = 65536
 
@@ -52,6 +54,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# The same, as Twisted's Headers spells them.
+_HOP_BY_HOP_NAMES = frozenset(_nameEncoder.encode(name) for name in HOP_BY_HOP)
+
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
 
 
@@ -59,6 +64,17 @@ class BadResponse(Exception):
     """
     The node sent something that is not an HTTP/1.x response.
     """
+
+
+def _canonical(name: bytes) -> bytes:
+    """
+    A header name as Twisted's L{Headers} keys it (L{name} itself if it is
+    not a valid token, so that it matches nothing).
+    """
+    try:
+        return _nameEncoder.encode(name)
+    except InvalidHeaderName:
+        return name
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:
@@ -74,11 +90,20 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-def parse_head(block: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
+def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]]]:
     """
     Split a response head (without its blank line) into version, code,
-    reason and the raw header list, in order.
+    reason and the headers, keyed by Twisted's canonical names with every
+    value in order: the shape L{Headers} keeps, so the proxy can hand it on
+    without another pass.
+
+    @raise BadResponse: for anything that is not a well-formed HTTP/1.x head,
+        including a bare CR, LF or NUL that could split a header downstream.
     """
+    if b"\0" in block or block.count(b"\n") != block.count(b"\r\n") or (
+        block.count(b"\r") != block.count(b"\r\n")
+    ):
+        raise BadResponse("stray CR, LF or NUL in the response head")
     lines = block.split(b"\r\n")
     status = lines[0].split(b" ", 2)
     version = status[0]
@@ -89,12 +114,23 @@ def parse_head(block: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes
     except ValueError:
         raise BadResponse(f"bad status line {lines[0][:80]!r}") from None
     reason = status[2] if len(status) == 3 else b""
-    headers = []
+    headers: dict[bytes, list[bytes]] = {}
+    encode = _nameEncoder.encode
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+        try:
+            # Cached per distinct name; rejects names that are not tokens,
+            # which also catches obs-fold continuation lines.
+            key = encode(name)
+        except InvalidHeaderName:
+            raise BadResponse(f"bad header line {line[:80]!r}") from None
+        if not sep:
             raise BadResponse(f"bad header line {line[:80]!r}")
-        headers.append((name, value.strip(b" \t")))
+        values = headers.get(key)
+        if values is None:
+            headers[key] = [value.strip(b" \t")]
+        else:
+            values.append(value.strip(b" \t"))
     return version, code, reason, headers
 
 
@@ -120,6 +156,7 @@ class UpstreamProtocol(Protocol):
         self._got_response = False
         self._head_request = False
         self._body_sender: Optional[defer.Deferred[Any]] = None
+        self.paused = False
         self.requests = 0
 
     # -- sending --------------------------------------------------------------
@@ -212,42 +249,32 @@ class UpstreamProtocol(Protocol):
         self._start_body(version, code, reason, raw)
 
     def _start_body(
-        self, version: bytes, code: int, reason: bytes, raw: list[tuple[bytes, bytes]]
+        self, version: bytes, code: int, reason: bytes, headers: dict[bytes, list[bytes]]
     ) -> None:
+        tokens: set[bytes] = set()
+        chunked = other_coding = False
+        if not _HOP_BY_HOP_NAMES.isdisjoint(headers):
+            connection = headers.get(b"Connection")
+            if connection:
+                tokens = connection_tokens(connection)
+                for token in tokens - {b"close", b"keep-alive"}:
+                    # Headers named in Connection are hop-by-hop too.
+                    headers.pop(_canonical(token), None)
+            coding = headers.get(b"Transfer-Encoding")
+            if coding:
+                last = coding[-1].rsplit(b",", 1)[-1].strip().lower()
+                chunked = last == b"chunked"
+                other_coding = not chunked
+            for name in _HOP_BY_HOP_NAMES.intersection(headers):
+                del headers[name]
         length = None
-        chunked = False
-        other_coding = False
-        connection: list[bytes] = []
-        headers = []
-        for name, value in raw:
-            lower = name.lower()
-            if lower in HOP_BY_HOP:
-                if lower == b"connection":
-                    connection.append(value)
-                elif lower == b"transfer-encoding":
-                    codings = [c.strip().lower() for c in value.split(b",")]
-                    if codings[-1:] == [b"chunked"]:
-                        chunked = True
-                    else:
-                        other_coding = True
-                elif lower == b"keep-alive":
-                    pass
-                continue
-            if lower == b"content-length":
-                try:
-                    n = int(value)
-                except ValueError:
-                    n = -1
-                if n < 0 or (length is not None and n != length):
-                    self._protocol_error(f"bad Content-Length {value[:40]!r}")
-                    return
-                length = n
-            headers.append((name, value))
-        tokens = connection_tokens(connection) if connection else set()
-        if tokens:
-            drop = tokens - {b"close", b"keep-alive"}
-            if drop:
-                headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        lengths = headers.get(b"Content-Length")
+        if lengths:
+            values = {v.strip() for value in lengths for v in value.split(b",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                self._protocol_error(f"bad Content-Length {lengths[0][:40]!r}")
+                return
+            length = int(values.pop())
         self._keep_alive = (
             b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         )
@@ -255,14 +282,15 @@ class UpstreamProtocol(Protocol):
         if has_body:
             if chunked or other_coding:
                 # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
-                headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
-            if chunked and not other_coding:
+                headers.pop(b"Content-Length", None)
+                length = None
+            if chunked:
                 self._state = _CHUNKED
                 self._decoder = _ChunkedTransferDecoder(
                     self.exchange.response_body,
                     self._chunked_done,
                 )
-            elif length is not None and not other_coding:
+            elif length is not None:
                 self._state = _LENGTH
                 self._remaining = length
             else:
@@ -295,6 +323,11 @@ class UpstreamProtocol(Protocol):
         self.exchange = None
         self._state = _IDLE
         self._decoder = None
+        if self.paused:
+            # The client was slow to the end: a connection goes back to the
+            # pool reading, or the next request on it would never see its
+            # response.
+            self.resume_reading()
         if self._keep_alive and self._body_sender is None and self.transport is not None:
             self.pool.release(self)
         else:
@@ -311,6 +344,19 @@ class UpstreamProtocol(Protocol):
         if exchange is not None:
             exchange.upstream_lost(Failure(BadResponse(why)), self._got_response)
 
+    def pause_reading(self) -> None:
+        """
+        Stop reading the response: the client is not keeping up.
+        """
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
     def abort(self) -> None:
         """
         Drop the request in progress (the client went away) and the connection.
@@ -325,6 +371,10 @@ class UpstreamProtocol(Protocol):
     # -- the connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Read large bodies in bigger bites than Twisted's 64 KiB: fewer
+        # trips through the reactor per megabyte streamed. recv() returns
+        # what is there, so small responses cost nothing more.
+        self.transport.bufferSize = READ_SIZE
         self.pool._connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
