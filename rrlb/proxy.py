@@ -296,7 +296,10 @@ class ProxyExchange:
                     why=describe_failure(reason),
                 )
                 self._end(ok=False)
-                self.request.channel.transport.loseConnection()
+                # The channel, not its transport: a transport with a paused
+                # producer (the channel, when the client is slow) would never
+                # close.
+                self.request.channel.loseConnection()
                 return
             self._bad_gateway(reason)
             return
@@ -405,7 +408,7 @@ class ProxyExchange:
         )
         if self.responded:
             self._end(ok=False)
-            self.request.channel.transport.loseConnection()
+            self.request.channel.loseConnection()
         else:
             self.proxy.pool.mark(node, False, "response timed out")
             self._end(ok=False)
@@ -443,11 +446,15 @@ class ProxyExchange:
         upstream = self.upstream
         if upstream is not None:
             upstream.pause_reading()
+            # The node is not idle while we hold it back: --timeout does not
+            # run until the client reads again.
+            self.proxy.upstream.unwatch(self)
 
     def resumeProducing(self) -> None:
         upstream = self.upstream
         if upstream is not None:
             upstream.resume_reading()
+            self.proxy.upstream.watch(self)
 
     def stopProducing(self) -> None:
         self.client_gone()
