@@ -444,19 +444,19 @@ class WireCase(unittest.TestCase):
         service.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
         service.startService()
 
+        def transports() -> list[Any]:
+            # A Site may wrap its channel in a proxy that hides the transport.
+            found = (getattr(getattr(c, "_channel", c), "transport", None) for c in channels)
+            return [t for t in found if t is not None]
+
         async def stop() -> None:
             # Client connections outlive stopListening: drop what is left and
             # wait until rrlb has seen every one of them go.
-            for channel in channels:
-                transport = getattr(getattr(channel, "_channel", channel), "transport", None)
-                if transport is not None and not transport.disconnected:
+            for transport in transports():
+                if not transport.disconnected:
                     transport.abortConnection()
             await wait_for(
-                lambda: all(
-                    getattr(getattr(c, "_channel", c), "transport", None) is None
-                    or c.transport.disconnected
-                    for c in channels
-                ),
+                lambda: all(t.disconnected for t in transports()),
                 "rrlb's client connections to close",
             )
             await service.stopService()
