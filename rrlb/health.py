@@ -87,6 +87,8 @@ class HealthChecker(Service):
         self._client = HTTPClient(agent)
         self._loops: dict[str, tuple[Node, LoopingCall]] = {}
         self._probes: dict[str, defer.Deferred[Any]] = {}
+        # (node key, passed) -> probes, for the metrics.
+        self.results: dict[tuple[str, bool], int] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -179,6 +181,8 @@ class HealthChecker(Service):
                 ok, reason = False, f"HTTP {result}"
             if node.removed:
                 return
+            counted = (node.key, ok)
+            self.results[counted] = self.results.get(counted, 0) + 1
             self.pool.mark(node, ok, reason, when=now, latency=latency)
 
         d.addBoth(done)

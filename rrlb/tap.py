@@ -18,6 +18,8 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from rrlb import __version__
+from rrlb.accesslog import STDOUT, AccessLog
+from rrlb.admin import AdminSite
 from rrlb.config import (
     Config,
     ConfigError,
@@ -31,6 +33,7 @@ from rrlb.config import (
 )
 from rrlb.demo import DemoBackends
 from rrlb.health import HealthChecker, QuietConnectionPool
+from rrlb.metrics import Metrics
 from rrlb.pool import Pool
 from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
 from rrlb.upstream import UpstreamPool
@@ -252,6 +255,10 @@ class Options(usage.Options):
             check_endpoint(reactor, description)
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
+        if self.config.access_log not in (None, STDOUT):
+            check_log_path(
+                self.config.access_log, "--access-log" if self["access-log"] else "access_log"
+            )
 
 
 def check_endpoint(reactor: Any, description: str, name: str = "--listen") -> None:
@@ -263,6 +270,17 @@ def check_endpoint(reactor: Any, description: str, name: str = "--listen") -> No
         serverFromString(reactor, description)
     except Exception as e:
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
+
+
+def check_log_path(path: str, name: str) -> None:
+    """
+    Open the access log file once now, so one that cannot be written stops
+    start-up with a clear line.
+    """
+    try:
+        open(path, "ab").close()
+    except OSError as e:
+        raise usage.UsageError(f"{name}: cannot open {path!r}: {e.strerror or e}") from None
 
 
 class BalancerService(MultiService):
@@ -294,6 +312,32 @@ class BalancerService(MultiService):
             connectTimeout=config.health.timeout,
         )
         self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
+        self.metrics = Metrics(
+            self.pool,
+            reactor,
+            stats=self.proxy.stats,
+            checker=self.checker,
+            connections=lambda: len(getattr(self.site, "channels", ())),
+            upstream_connections=lambda: self.upstream.connection_count,
+        )
+        self.admin_listener: Optional[StreamServerEndpointService] = None
+        if config.admin:
+            self.admin_listener = StreamServerEndpointService(
+                serverFromString(reactor, config.admin),
+                AdminSite(self.pool, self.metrics, reactor=reactor),
+            )
+            self.admin_listener._raiseSynchronously = True
+            self.admin_listener.setServiceParent(self)
+            kind = config.admin.split(":", 1)[0]
+            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
+                self.log.warn(
+                    "the admin endpoint {admin} listens on every interface and has no"
+                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
+                    admin=config.admin,
+                    kind=kind,
+                )
+        self.access_log: Optional[AccessLog] = None
+        self._apply_access_log(config)
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
@@ -334,7 +378,30 @@ class BalancerService(MultiService):
         self.upstream.max_idle_per_node = config.max_idle_per_node
         self.proxy.settings = self.proxy_settings(config)
         self.checker.update(config.health)
+        self._apply_access_log(config)
+        if config.admin != self.config.admin:
+            self.log.warn("the admin endpoint changes only with a restart")
         self.config = dataclasses.replace(config)
+
+    def _apply_access_log(self, config: Config) -> None:
+        """
+        Start, switch or stop the access log. A running one is reopened,
+        so a reload also follows a log file that logrotate moved away.
+        """
+        access_log = self.access_log
+        if config.access_log is None:
+            if access_log is not None:
+                self.access_log = self.metrics.access_log = None
+                access_log.disownServiceParent()
+        elif access_log is None:
+            access_log = AccessLog(config.access_log, config.access_log_format, self.reactor)
+            self.access_log = self.metrics.access_log = access_log
+            access_log.setServiceParent(self)
+        else:
+            access_log.reopen(config.access_log, config.access_log_format)
+        # Requests are counted only when something reads the counts.
+        observed = self.access_log is not None or self.admin_listener is not None
+        self.site.access_log = self.metrics.record if observed else None
 
     def stopService(self) -> defer.Deferred[None]:
         d = defer.maybeDeferred(super().stopService)

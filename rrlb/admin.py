@@ -1,0 +1,288 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
+
+  - C{GET /}: the status page, one row per node (plain HTML and CSS served
+    from here, refreshing itself every two seconds).
+  - C{GET /status}: JSON of every node and of the process.
+  - C{GET /metrics}: Prometheus text exposition, every name starting C{rrlb_}.
+  - C{GET /nodes/<id>}: one node's JSON.
+  - C{POST /nodes/<id>/drain}, C{POST /nodes/<id>/enable}: take a node out
+    of rotation by hand (its in-flight requests finish) and put it back.
+
+A node's C{<id>} is its position in the configured node list (C{0}, C{1},
+...), its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or
+its URL, percent-encoded. API errors are JSON C{{"error": "..."}}: 404 for an
+unknown path or node, 405 (with C{Allow}) for a wrong method, 409 for a name
+that matches several nodes, 403 for a cross-site browser request.
+
+It reads the pool and L{Metrics}; it never touches the request path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+from importlib import resources
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from rrlb.metrics import Metrics, exposition, node_name
+from rrlb.pool import DRAINING, Node, Pool
+
+JSON = b"application/json"
+PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+ACTIONS = {"drain": True, "enable": False}
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def _asset(name: str) -> str:
+    return resources.files("rrlb").joinpath(name).read_text(encoding="utf-8")
+
+
+PAGE_TEMPLATE = _asset("status.html")
+STYLESHEET = _asset("status.css").encode("utf-8")
+_SCRIPT = re.search(r"<script>(.*?)</script>", PAGE_TEMPLATE, re.S)
+_SCRIPT_HASH = base64.b64encode(
+    hashlib.sha256((_SCRIPT.group(1) if _SCRIPT else "").encode("utf-8")).digest()
+).decode("ascii")
+# Only what the page itself needs: its stylesheet, its one inline script
+# (by hash), fetches and form posts back to this endpoint.
+PAGE_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self';"
+    f" script-src 'sha256-{_SCRIPT_HASH}'; connect-src 'self'; form-action 'self';"
+    " base-uri 'none'; frame-ancestors 'none'"
+).encode("ascii")
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, allow: Optional[bytes] = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.allow = allow
+
+
+def find_node(pool: Pool, ident: str) -> tuple[int, Node]:
+    """
+    The node C{ident} names (position, name or URL) and its position.
+
+    @raise ApiError: 404 if none does, 409 if a name fits several.
+    """
+    nodes = pool.nodes
+    if ident.isdigit() and ident.isascii():
+        index = int(ident)
+        if index < len(nodes):
+            return index, nodes[index]
+        raise ApiError(404, f"no node {ident}: ids are 0 to {len(nodes) - 1}")
+    for index, node in enumerate(nodes):
+        if node.url == ident or node.url.rstrip("/") == ident.rstrip("/"):
+            return index, node
+    found = [(i, n) for i, n in enumerate(nodes) if node_name(n) == ident]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ApiError(409, f"{ident!r} names {len(found)} nodes: use its id or URL")
+    raise ApiError(404, f"no node {ident!r}")
+
+
+def _json(request: Any, code: int, value: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON)
+    return json.dumps(value, indent=1).encode("utf-8") + b"\n"
+
+
+def _cross_site(request: Any) -> bool:
+    """
+    Whether a browser sent this from another site's page (a form or script
+    there aiming at a loopback admin port): its C{Origin} names another
+    host, or C{Sec-Fetch-Site} says so. Tools like curl send neither.
+    """
+    site = request.getHeader(b"Sec-Fetch-Site")
+    if site is not None and site not in (b"same-origin", b"none"):
+        return True
+    origin = request.getHeader(b"Origin")
+    if origin is None:
+        return False
+    host = request.getHeader(b"Host") or b""
+    try:
+        netloc = urlsplit(origin.decode("ascii")).netloc.encode("ascii")
+    except (UnicodeError, ValueError):
+        return True
+    return netloc.lower() != host.lower()
+
+
+class AdminResource(Resource):
+    """
+    The whole admin tree, routed by path in one place.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pool: Pool, metrics: Metrics) -> None:
+        super().__init__()
+        self.pool = pool
+        self.metrics = metrics
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        path = [p.decode("utf-8", "replace") for p in request.postpath]
+        if len(path) > 1 and path[-1] == "":
+            path.pop()  # one trailing slash is fine
+        method = request.method
+        try:
+            if path == [""]:
+                self._allow(method, b"GET, HEAD")
+                return self.page(request)
+            if path == ["status.css"]:
+                self._allow(method, b"GET, HEAD")
+                request.setHeader(b"Content-Type", b"text/css; charset=utf-8")
+                return STYLESHEET
+            if path == ["status"]:
+                self._allow(method, b"GET, HEAD")
+                return _json(request, 200, self.metrics.status())
+            if path == ["metrics"]:
+                self._allow(method, b"GET, HEAD")
+                request.setHeader(b"Content-Type", PROMETHEUS)
+                return exposition(self.metrics)
+            if path == ["nodes"]:
+                self._allow(method, b"GET, HEAD")
+                return _json(request, 200, self.metrics.status()["nodes"])
+            if len(path) == 2 and path[0] == "nodes":
+                self._allow(method, b"GET, HEAD")
+                index, node = find_node(self.pool, path[1])
+                return _json(request, 200, self.metrics.node_status(index, node))
+            if len(path) == 3 and path[0] == "nodes" and path[2] in ACTIONS:
+                self._allow(method, b"POST")
+                if _cross_site(request):
+                    raise ApiError(403, "cross-site requests to the admin API are refused")
+                index, node = find_node(self.pool, path[1])
+                self.pool.set_drained(node, ACTIONS[path[2]])
+                accept = request.getHeader(b"Accept") or b""
+                if b"text/html" in accept:
+                    # A form on the status page, without script: back to it.
+                    request.setResponseCode(303)
+                    request.setHeader(b"Location", b"/")
+                    return b""
+                return _json(request, 200, self.metrics.node_status(index, node))
+            raise ApiError(404, f"no such admin path: /{'/'.join(path)}")
+        except ApiError as e:
+            if e.allow is not None:
+                request.setHeader(b"Allow", e.allow)
+            return _json(request, e.code, {"error": e.message})
+
+    @staticmethod
+    def _allow(method: bytes, allowed: bytes) -> None:
+        if method not in allowed.split(b", "):
+            raise ApiError(
+                405, f"{method.decode('ascii', 'replace')} is not allowed here", allow=allowed
+            )
+
+    def page(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Security-Policy", PAGE_POLICY)
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        return render_page(self.metrics.status()).encode("utf-8")
+
+
+# -- the page ---------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _row(node: dict[str, Any], now: float) -> str:
+    e = html.escape
+    state = node["state"]
+    if node["healthy"]:
+        checks = f"healthy, {node['consecutive_successes']} ok in a row"
+    else:
+        checks = f"failing, {node['consecutive_failures']} failed in a row"
+    if node["last_check"] is None:
+        last = "not yet"
+    else:
+        last = f"{max(0.0, now - node['last_check']):.1f} s ago"
+    action, label = ("enable", "Enable") if node["drained"] else ("drain", "Drain")
+    return f"""
+   <tr class="node state-{state}" data-node-id="{node["id"]}" data-state="{state}">
+    <td class="num">{node["id"]}</td>
+    <td class="url"><span class="name">{e(node["name"])}</span><br><span class="full">{e(node["url"])}</span></td>
+    <td><span class="state {state}">{state.upper()}</span></td>
+    <td class="num">{node["weight"]}</td>
+    <td>{e(checks)}</td>
+    <td>{last}</td>
+    <td class="num">{_ms(node["last_latency"])}</td>
+    <td class="error">{e(node["last_error"] or "")}</td>
+    <td class="num">{node["in_flight"]}</td>
+    <td class="num">{node["requests"]}</td>
+    <td class="num">{node["errors"]}</td>
+    <td><form method="post" action="/nodes/{node["id"]}/{action}"><button type="submit" class="{action}">{label}</button></form></td>
+   </tr>"""  # noqa: E501
+
+
+def render_page(status: dict[str, Any]) -> str:
+    """
+    The status page for a C{/status} document.
+    """
+    process = status["process"]
+    nodes = status["nodes"]
+    counts = process["nodes"]
+    now = process["time"]
+    rows = "".join(_row(n, now) for n in nodes) or (
+        '\n   <tr><td colspan="12" class="empty">no nodes configured</td></tr>'
+    )
+    values = {
+        "version": html.escape(process["version"]),
+        "uptime": _duration(process["uptime"]),
+        "connections": str(process["connections"]),
+        "upstream_connections": str(process["upstream_connections"]),
+        "requests": str(process["requests"]),
+        "retries": str(process["retries"]),
+        "up": str(counts["up"]),
+        "down": str(counts["down"]),
+        "draining": str(counts[DRAINING]),
+        "rows": rows,
+    }
+    # One pass, so nothing a value holds (a node URL) is ever substituted.
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)
+
+
+class AdminSite(server.Site):
+    """
+    The admin endpoint's site: quiet (scrapes every few seconds would flood
+    the log) and never a traceback.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, pool: Pool, metrics: Metrics, **kw: Any) -> None:
+        super().__init__(AdminResource(pool, metrics), **kw)
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,357 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+What rrlb counts about the traffic it serves, and how it is read.
+
+Per request the proxy's site calls L{Metrics.record} once, when the response
+ends (or when the client went away before it did). That call only bumps
+plain ints in dicts and, when an access log is on, appends one small tuple
+to it: no Prometheus objects, no label lookups and no string formatting on
+the request path. Everything is turned into Prometheus metrics by
+L{RrlbCollector} at scrape time and into the C{/status} document by
+L{Metrics.status}, both reading the pool's nodes as they are now.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Callable, Iterator
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+
+from rrlb import __version__
+from rrlb.pool import DOWN, DRAINING, UP, Pool
+
+# Upper bounds (seconds) of the upstream latency histogram's buckets: the
+# time from sending a request to a node until its response head arrived.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Methods counted under their own name; any other is "other", which keeps the
+# label set small whatever clients send.
+METHOD_CLASSES = {
+    m: m.decode("ascii")
+    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
+}
+_STATUS_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+# The status logged and counted for a request whose client went away before
+# any response head was sent to it (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
+# The label value of requests rrlb answered itself without choosing a node
+# (503 with no node in rotation, 405 for CONNECT, 400 for a bad target).
+NO_NODE = "none"
+
+# The error responses rrlb makes itself, always exported (zero until seen).
+PROXY_ERRORS = (502, 503, 504)
+
+
+def status_class(code: int) -> str:
+    """
+    C{"2xx"} for 200 and so on; codes outside 100-599 count as C{"5xx"}.
+    """
+    cls = code // 100
+    return _STATUS_CLASSES[cls] if 0 <= cls < 6 else "5xx"
+
+
+class Metrics:
+    """
+    The counters, and the read side over them and the pool.
+
+    @ivar requests: C{(node key, method class, status)} -> requests, where
+        status is the code the client got (or L{CLIENT_CLOSED}).
+    @ivar latency: node key -> bucket counts (one per L{LATENCY_BUCKETS}
+        bound, then +Inf, not cumulative) followed by the sum of seconds.
+    @ivar proxy_errors: status code -> responses rrlb made itself with it.
+    @ivar access_log: where L{record} hands each request's fields, if on.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        clock: Any,
+        stats: Any = None,
+        checker: Any = None,
+        connections: Callable[[], int] = lambda: 0,
+        upstream_connections: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.pool = pool
+        self.clock = clock
+        self.stats = stats
+        self.checker = checker
+        self.connections = connections
+        self.upstream_connections = upstream_connections
+        self.started = clock.seconds()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}
+        self.proxy_errors: dict[int, int] = dict.fromkeys(PROXY_ERRORS, 0)
+        self.access_log: Any = None
+
+    # -- the request path ----------------------------------------------------
+
+    def record(self, request: Any) -> None:
+        """
+        Count one request whose response ended (C{Site.log}) or whose client
+        went away first, and hand its fields to the access log.
+
+        A client that left before any response head was sent to it is
+        counted and logged as L{CLIENT_CLOSED}; one that left (or was cut
+        off) mid-body is counted with the status it was sent.
+        """
+        code = request.code
+        if request._disconnected and not request.startedWriting:
+            code = CLIENT_CLOSED
+        exchange = request.exchange
+        upstream_status = upstream_time = None
+        if exchange is None:
+            key = NO_NODE
+            url = None
+            if code in self.proxy_errors:
+                self.proxy_errors[code] += 1
+        else:
+            node = exchange.node
+            key = node.key
+            url = node.spec.url
+            upstream_status = exchange.upstream_status
+            upstream_time = exchange.upstream_time
+            if upstream_time is not None:
+                buckets = self.latency.get(key)
+                if buckets is None:
+                    buckets = self.latency[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+                buckets[bisect_left(LATENCY_BUCKETS, upstream_time)] += 1
+                buckets[-1] += upstream_time
+            elif code in self.proxy_errors:
+                # No response head came from a node: rrlb made this one.
+                self.proxy_errors[code] += 1
+        method = request.method
+        counter = (key, METHOD_CLASSES.get(method, "other"), code)
+        requests = self.requests
+        requests[counter] = requests.get(counter, 0) + 1
+        access_log = self.access_log
+        if access_log is not None:
+            headers = request.requestHeaders._rawHeaders
+            referer = headers.get(b"Referer")
+            agent = headers.get(b"User-Agent")
+            access_log.append(
+                (
+                    self.clock.seconds(),
+                    getattr(request.client, "host", None),
+                    method,
+                    request.uri,
+                    request.clientproto,
+                    code,
+                    request.sentLength,
+                    referer[0] if referer else None,
+                    agent[0] if agent else None,
+                    url,
+                    upstream_status,
+                    upstream_time,
+                )
+            )
+
+    # -- the read side -------------------------------------------------------
+
+    def uptime(self) -> float:
+        return max(0.0, self.clock.seconds() - self.started)
+
+    def node_status(self, index: int, node: Any) -> dict[str, Any]:
+        """
+        One node as C{/status} shows it.
+        """
+        return {
+            "id": index,
+            "name": node_name(node),
+            "url": node.url,
+            "state": node.state,
+            "healthy": node.healthy,
+            "drained": node.drained,
+            "in_rotation": node.in_rotation,
+            "weight": node.weight,
+            "consecutive_successes": node.successes,
+            "consecutive_failures": node.failures,
+            "last_check": node.last_check,
+            "last_latency": node.last_latency,
+            "last_error": node.last_error,
+            "in_flight": node.in_flight,
+            "requests": node.requests,
+            "errors": node.errors,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """
+        The C{/status} document: every node, and the process.
+        """
+        nodes = [self.node_status(i, n) for i, n in enumerate(self.pool.nodes)]
+        states = {UP: 0, DOWN: 0, DRAINING: 0}
+        for node in nodes:
+            states[node["state"]] += 1
+        return {
+            "process": {
+                "version": __version__,
+                "time": self.clock.seconds(),
+                "started": self.started,
+                "uptime": self.uptime(),
+                "connections": self.connections(),
+                "upstream_connections": self.upstream_connections(),
+                "requests": sum(self.requests.values()),
+                "retries": self.retries(),
+                "nodes": states,
+            },
+            "nodes": nodes,
+        }
+
+    def retries(self) -> int:
+        return int(getattr(self.stats, "retries", 0))
+
+    def health_results(self) -> dict[tuple[str, bool], int]:
+        return dict(getattr(self.checker, "results", {}))
+
+
+def node_name(node: Any) -> str:
+    """
+    A node's stable name for the admin API: C{host:port} and its base path,
+    e.g. C{10.0.0.1:8080} or C{10.0.0.1:8080/app}.
+    """
+    host = f"[{node.host}]" if ":" in node.host else node.host
+    return f"{host}:{node.port}{node.base_path.decode('ascii')}"
+
+
+class RrlbCollector:
+    """
+    A C{prometheus_client} collector that builds every C{rrlb_} metric from
+    L{Metrics} when scraped.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        nodes = list(m.pool.nodes)
+
+        requests = CounterMetricFamily(
+            "rrlb_requests",
+            "Requests answered, by node (none: answered by rrlb without a node),"
+            " method class and status class (499: the client left first).",
+            labels=["node", "method", "status"],
+        )
+        by_class: dict[tuple[str, str, str], int] = {}
+        for (key, method, code), count in m.requests.items():
+            label = (key, method, status_class(code))
+            by_class[label] = by_class.get(label, 0) + count
+        for label, count in sorted(by_class.items()):
+            requests.add_metric(list(label), count)
+        yield requests
+
+        latency = HistogramMetricFamily(
+            "rrlb_upstream_latency_seconds",
+            "Time from sending a request to a node until its response head arrived.",
+            labels=["node"],
+        )
+        for key, counts in sorted(m.latency.items()):
+            cumulative = 0.0
+            buckets = []
+            bounds: tuple[float, ...] = LATENCY_BUCKETS + (float("inf"),)
+            for bound, in_bucket in zip(bounds, counts):
+                cumulative += in_bucket
+                buckets.append((_bound(bound), cumulative))
+            latency.add_metric([key], buckets, sum_value=counts[-1])
+        yield latency
+
+        in_flight = GaugeMetricFamily(
+            "rrlb_in_flight_requests", "Requests being served by a node now.", labels=["node"]
+        )
+        healthy = GaugeMetricFamily(
+            "rrlb_node_healthy",
+            "1 if the node's health checks say it is up, else 0.",
+            labels=["node"],
+        )
+        in_rotation = GaugeMetricFamily(
+            "rrlb_node_in_rotation",
+            "1 if the node gets new requests now (healthy and not drained), else 0.",
+            labels=["node"],
+        )
+        state = GaugeMetricFamily(
+            "rrlb_node_state",
+            "The node's state as the status page shows it: 1 for the current one.",
+            labels=["node", "state"],
+        )
+        errors = CounterMetricFamily(
+            "rrlb_node_errors",
+            "Requests a node failed (refused, reset, bad response, timed out).",
+            labels=["node"],
+        )
+        for node in nodes:
+            key = node.key
+            in_flight.add_metric([key], node.in_flight)
+            healthy.add_metric([key], 1 if node.healthy else 0)
+            in_rotation.add_metric([key], 1 if node.in_rotation else 0)
+            current = node.state
+            for name in (UP, DOWN, DRAINING):
+                state.add_metric([key, name], 1 if name == current else 0)
+            errors.add_metric([key], node.errors)
+        yield in_flight
+        yield healthy
+        yield in_rotation
+        yield state
+        yield errors
+
+        checks = CounterMetricFamily(
+            "rrlb_health_checks",
+            "Active health checks, by node and result (pass or fail).",
+            labels=["node", "result"],
+        )
+        for (key, ok), count in sorted(m.health_results().items()):
+            checks.add_metric([key, "pass" if ok else "fail"], count)
+        yield checks
+
+        yield CounterMetricFamily(
+            "rrlb_retries",
+            "Requests retried on another node after the first failed to connect.",
+            value=m.retries(),
+        )
+        proxy_errors = CounterMetricFamily(
+            "rrlb_proxy_errors",
+            "Error responses rrlb made itself: 502 (node failed), 503 (no node"
+            " in rotation), 504 (node too slow).",
+            labels=["code"],
+        )
+        for code, count in sorted(m.proxy_errors.items()):
+            proxy_errors.add_metric([str(code)], count)
+        yield proxy_errors
+
+        yield GaugeMetricFamily(
+            "rrlb_client_connections", "Client connections open now.", value=m.connections()
+        )
+        yield GaugeMetricFamily(
+            "rrlb_upstream_connections",
+            "Connections to nodes open now (busy and idle).",
+            value=m.upstream_connections(),
+        )
+        yield GaugeMetricFamily(
+            "rrlb_start_time_seconds", "When rrlb started, in Unix time.", value=m.started
+        )
+        yield GaugeMetricFamily("rrlb_uptime_seconds", "Seconds since start.", value=m.uptime())
+        info = GaugeMetricFamily("rrlb_info", "rrlb's version.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """
+    Every C{rrlb_} metric in the Prometheus text format; a registry of our
+    own, so no default process or platform metrics join in.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RrlbCollector(metrics))
+    return generate_latest(registry)

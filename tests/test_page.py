@@ -1,0 +1,185 @@
+"""
+The status page in a real browser: rrlb runs with nodes in mixed states and
+headless Chromium loads its admin page, as a person would.
+
+Chromium runs as a child process (spawnProcess), so the reactor keeps
+serving rrlb while the browser fetches the page. The test is skipped, with
+a message saying so, only where no Chromium binary can be found (C{.ci/run}
+installs Debian's C{chromium} when run as root); set C{RRLB_CHROMIUM} to
+use another binary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+from twisted.internet import defer, error, protocol
+from twisted.internet import reactor as _reactor
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from tests.helpers import start_backends, start_balancer, wait_until
+from tests.test_admin import ADMIN, admin_url
+
+reactor: Any = _reactor
+
+BROWSER_TIMEOUT = 60.0
+CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> Optional[str]:
+    """
+    The Chromium binary to use, or L{None}.
+    """
+    explicit = os.environ.get("RRLB_CHROMIUM")
+    if explicit:
+        return shutil.which(explicit) or (explicit if os.access(explicit, os.X_OK) else None)
+    for name in CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+CHROMIUM = find_chromium()
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.done: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self.done.callback(-1 if code is None else code)
+
+
+async def run_browser(args: list[str], home: str) -> tuple[int, str, str]:
+    """
+    Run Chromium with C{args} (killed after L{BROWSER_TIMEOUT} seconds);
+    return its exit code, stdout and stderr.
+    """
+    assert CHROMIUM is not None
+    collect = _Collect()
+    env = dict(os.environ, HOME=home)
+    process = reactor.spawnProcess(collect, CHROMIUM, [CHROMIUM, *args], env=env)
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    timer = reactor.callLater(BROWSER_TIMEOUT, kill)
+    code = await collect.done
+    if timer.active():
+        timer.cancel()
+    return (
+        code,
+        b"".join(collect.out).decode("utf-8", "replace"),
+        b"".join(collect.err).decode("utf-8", "replace"),
+    )
+
+
+class StatusPageBrowserTests(unittest.TestCase):
+    """
+    What a person sees on the status page.
+    """
+
+    if CHROMIUM is None:
+        skip = (
+            "no Chromium found (looked for " + ", ".join(CANDIDATES) + "; set RRLB_CHROMIUM):"
+            " install Debian's chromium package (.ci/run does, as root) to run this test"
+        )
+
+    def browser_args(self, profile: str) -> list[str]:
+        return [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--window-size=1200,800",
+        ]
+
+    async def test_mixed_states(self) -> None:
+        """
+        With one node up, one down and one drained, the page shows a row per
+        node with its state, a button to put the drained one back, refreshes
+        itself (its script runs under the page's policy), and renders to a
+        screenshot.
+        """
+        up, down, drained = await start_backends(self, "up", "down", "drained")
+        down.healthy = False
+        balancer = await start_balancer(
+            self,
+            [up.url, down.url, drained.url],
+            "--health-path",
+            "/health",
+            "--admin",
+            ADMIN,
+        )
+        pool = balancer.service.pool
+        await wait_until(
+            lambda: all(n.last_check is not None for n in pool.nodes),
+            what="the first health checks",
+        )
+        for _ in range(pool.fall):
+            pool.mark(pool.nodes[1], False, "HTTP 503")
+        pool.set_drained(pool.nodes[2], True)
+        self.assertEqual([n.state for n in pool.nodes], ["up", "down", "draining"])
+        url = await admin_url(balancer) + "/"
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        # Run the page's timers for five (virtual) seconds, so its refresh
+        # has replaced the server-rendered rows by the time the DOM is dumped.
+        code, dom, err = await run_browser(
+            self.browser_args(os.path.join(work, "profile-dom"))
+            + ["--virtual-time-budget=5000", "--dump-dom", url],
+            work,
+        )
+        self.assertEqual(code, 0, err[-2000:])
+        rows = re.findall(r'<tr class="node state-(\w+)" data-node-id="(\d+)"', dom)
+        self.assertEqual(rows, [("up", "0"), ("down", "1"), ("draining", "2")], dom)
+        self.assertIn(">UP</span>", dom)
+        self.assertIn(">DOWN</span>", dom)
+        self.assertIn(">DRAINING</span>", dom)
+        for backend in (up, down, drained):
+            self.assertIn(backend.url, dom)
+        self.assertIn('action="/nodes/2/enable"', dom)
+        self.assertIn("HTTP 503", dom)
+        self.assertIn("1 up", dom)
+        self.assertIn("1 down", dom)
+        self.assertIn("1 draining", dom)
+        live = re.search(r'<span id="live"[^>]*>([^<]*)</span>', dom)
+        self.assertIsNotNone(live, dom)
+        assert live is not None
+        self.assertTrue(live.group(1).startswith("updated "), live.group(1))
+
+        screenshot = os.path.join(work, "status.png")
+        code, _, err = await run_browser(
+            self.browser_args(os.path.join(work, "profile-shot"))
+            + [f"--screenshot={screenshot}", url],
+            work,
+        )
+        self.assertEqual(code, 0, err[-2000:])
+        self.assertTrue(os.path.exists(screenshot), err[-2000:])
+        with open(screenshot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertGreater(os.path.getsize(screenshot), 10_000)
