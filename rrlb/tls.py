@@ -348,18 +348,43 @@ def _name_checker(name: str, is_ip: bool) -> Callable[[x509.Certificate], Option
             else:
                 verify_certificate_hostname(cert, name)
         except (VerificationError, CertificateError):
-            return f"hostname mismatch: the certificate is for {_cert_names(cert)}, not {name}"
+            return (
+                f"hostname mismatch (wrong host): the certificate is for {_cert_names(cert)},"
+                f" not {name}"
+            )
         return None
 
     return check
 
 
-def node_creator(host: str, tls: NodeTLS, where: str = "node") -> NodeTLSCreator:
+def node_creator(
+    host: str,
+    tls: NodeTLS,
+    where: str = "node",
+    shared: Optional[dict[tuple[Any, ...], CertificateOptions]] = None,
+) -> NodeTLSCreator:
     """
     Build the connection creator for a node at C{host} with settings C{tls},
     reading its files now.
 
+    @param shared: options already built for other nodes, by the settings
+        they depend on: nodes with the same CA and client certificate share
+        one OpenSSL context (only the name differs between them).
     @raise ConfigError: a file cannot be read or is not what it should be.
+    """
+    key = (tls.verify, tls.ca_file, tls.cert, tls.key)
+    options = None if shared is None else shared.get(key)
+    if options is None:
+        options = node_options(tls, where)
+        if shared is not None:
+            shared[key] = options
+    return NodeTLSCreator(tls.server_name or host, options, tls.verify)
+
+
+def node_options(tls: NodeTLS, where: str = "node") -> CertificateOptions:
+    """
+    The OpenSSL settings for nodes with settings C{tls}: trust root and
+    client certificate.
     """
     kwargs: dict[str, Any] = {}
     if tls.cert:
@@ -378,10 +403,9 @@ def node_creator(host: str, tls: NodeTLS, where: str = "node") -> NodeTLSCreator
         else:
             kwargs["trustRoot"] = platformTrust()
     try:
-        options = CertificateOptions(**kwargs)
+        return CertificateOptions(**kwargs)
     except (ValueError, SSL.Error) as e:
         raise ConfigError(f"{where} tls: {e}") from None
-    return NodeTLSCreator(tls.server_name or host, options, tls.verify)
 
 
 def _netloc_key(host: str) -> str:
@@ -438,13 +462,16 @@ class NodeTLSClients:
         creators: dict[tuple[str, NodeTLS], NodeTLSCreator] = {}
         by_key: dict[str, tuple[str, NodeTLS]] = {}
         by_netloc: dict[tuple[str, int], NodeTLSCreator] = {}
+        shared: dict[tuple[Any, ...], CertificateOptions] = {}
         for spec in specs:
             if spec.scheme != "https":
                 continue
             ident = (spec.host, spec.tls)
             creator = creators.get(ident)
             if creator is None:
-                creator = creators[ident] = node_creator(spec.host, spec.tls, f"node {spec.url}")
+                creator = creators[ident] = node_creator(
+                    spec.host, spec.tls, f"node {spec.url}", shared
+                )
             by_key[spec.key] = ident
             netloc = (_netloc_key(spec.host), spec.port)
             other = by_netloc.get(netloc)
@@ -472,8 +499,8 @@ class NodeTLSClients:
         for key, ident in state.by_key.items():
             if not ident[1].verify and old.by_key.get(key) != ident:
                 log.warn(
-                    "node {node}: TLS certificate verification is off (tls.verify: false);"
-                    " rrlb does not check who it is talking to",
+                    "node {node}: TLS certificate verification is off (tls.verify: false),"
+                    " which is insecure: rrlb does not check who it is talking to",
                     node=key,
                 )
         return [k for k, ident in old.by_key.items() if state.by_key.get(k) != ident]

@@ -535,6 +535,31 @@ class NodeTLSTests(TLSCase):
         code, body, _ = await https_or_http_get(self, balancer.url + "/")
         self.assertEqual((code, body), (200, b"node"))
 
+    async def test_ipv6_node(self) -> None:
+        """
+        A node at an IPv6 literal is checked against the certificate's IP
+        addresses, for traffic and health checks.
+        """
+        issued = issue(self.certs.ca, names=["localhost"], ips=["::1"])
+        backend = Backend("v6")
+        site = server.Site(backend)
+        site.noisy = False
+        backend._tracker = track_connections(site)
+        try:
+            backend.port = await SSL4ServerEndpoint(
+                reactor, 0, issued.options(), interface="::1"
+            ).listen(site)
+        except Exception as e:
+            raise unittest.SkipTest(f"no IPv6 loopback here: {e}") from None
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(backend.stop()))
+        url = f"https://[::1]:{backend.port_number}"
+        balancer = await self.balancer_for(url, node_tls={"ca_file": self.ca_file})
+        code, body, _ = await https_or_http_get(self, balancer.url + "/")
+        self.assertEqual((code, body), (200, b"v6"))
+        node = balancer.service.pool.nodes[0]
+        await balancer.service.checker.probe(node)
+        self.assertTrue(node.healthy, node.last_error)
+
     async def test_wrong_host(self) -> None:
         """
         A certificate for another name: 502, health down, "hostname mismatch".
@@ -675,6 +700,30 @@ class NodeTLSTests(TLSCase):
             code, _, _ = await https_or_http_get(self, balancer.url + "/")
             self.assertEqual(code, 200)
         self.assertIs(service.tls.nodes(node), creator)
+
+    def test_context_shared_by_settings(self) -> None:
+        """
+        Nodes with the same CA and client settings share one OpenSSL context
+        (read once); each still checks its own name.
+        """
+        from rrlb.config import parse_nodes
+        from rrlb.tls import NodeTLSClients
+
+        ca = self.ca_file
+        specs = parse_nodes(
+            [
+                {"url": "https://127.0.0.1:9443", "tls": {"ca_file": ca}},
+                {"url": "https://localhost:9444", "tls": {"ca_file": ca}},
+                {"url": "https://127.0.0.1:9445", "tls": {"verify": False}},
+            ]
+        )
+        clients = NodeTLSClients()
+        clients.commit(clients.prepare(specs))
+        first, second, third = (clients.for_netloc(s.host, s.port) for s in specs)
+        assert first is not None and second is not None and third is not None
+        self.assertEqual((first.name, second.name), ("127.0.0.1", "localhost"))
+        self.assertIs(first._options, second._options)
+        self.assertIsNot(first._options, third._options)
 
     async def test_ca_file_reload(self) -> None:
         """
