@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_health -*-
 """
 Active health checks: every node is probed on its own timer with
-C{GET <health path>} through treq, and the outcome is fed to the pool.
+C{GET <health path>} through a twisted.web agent (the body is read with
+treq), and the outcome is fed to the pool.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import treq
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
@@ -23,7 +23,6 @@ from twisted.web.iweb import IAgent
 from rrlb import __version__
 from rrlb.config import HealthConfig
 from rrlb.pool import Node, Pool
-from rrlb.tls import describe_tls_error
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 
@@ -45,9 +44,6 @@ def describe_failure(reason: Failure) -> str:
         return "connection reset"
     if isinstance(exc, error.DNSLookupError):
         return "host name lookup failed"
-    tls = describe_tls_error(exc)
-    if tls is not None:
-        return tls
     text = str(exc) or type(exc).__name__
     # OpenSSL errors carry a list of tuples; keep the most telling part.
     text = " ".join(text.split())
@@ -88,7 +84,7 @@ class HealthChecker(Service):
         self.pool = pool
         self.health = health
         self.reactor = reactor
-        self._client = HTTPClient(agent)
+        self._agent = agent
         self._loops: dict[str, tuple[Node, LoopingCall]] = {}
         self._probes: dict[str, defer.Deferred[Any]] = {}
         # (node key, passed) -> probes, for the metrics.
@@ -140,15 +136,40 @@ class HealthChecker(Service):
                 loop = LoopingCall(self.probe, node)
                 loop.clock = self.reactor
                 self._loops[key] = (node, loop)
-                loop.start(self.health.interval, now=True).addErrback(self._loop_died, node)
+                pending = self._probes.get(key)
+                if pending is None:
+                    self._start_loop(loop, node, now=True)
+                else:
+                    # A probe from before the timers restarted is still out:
+                    # start the new timer when it ends, so probes never overlap.
+                    pending.addBoth(self._start_after_probe, loop, node)
+
+    def _start_loop(self, loop: LoopingCall, node: Node, now: bool) -> None:
+        loop.start(self.health.interval, now=now).addErrback(self._loop_died, node)
+
+    def _start_after_probe(self, result: Any, loop: LoopingCall, node: Node) -> Any:
+        current = self._loops.get(node.key)
+        if self.running and current is not None and current[1] is loop and not loop.running:
+            self._start_loop(loop, node, now=False)
+        return result
 
     def _loop_died(self, reason: Failure, node: Node) -> None:
         # probe() never fails, so this is a bug; say so rather than go quiet.
         self.log.failure("health check loop for {node} stopped", reason, node=node.url)
 
-    def url_for(self, node: Node) -> str:
-        base = node.spec.url.rstrip("/")
-        return base + self.health.path
+    def url_for(self, node: Node) -> bytes:
+        # Built from the node's parts and sent through the agent as is:
+        # treq's URL parsing (hyperlink) refuses host names that networks do
+        # use, such as "web_1", and would raise out of the timer.
+        return b"".join(
+            (
+                node.scheme.encode("ascii"),
+                b"://",
+                node.host_header,
+                node.base_path,
+                self.health.path.encode("ascii"),
+            )
+        )
 
     def probe(self, node: Node) -> defer.Deferred[Any]:
         """
@@ -156,10 +177,12 @@ class HealthChecker(Service):
         """
         started = self.reactor.seconds()
         health = self.health
-        d = self._client.get(
+        d = defer.maybeDeferred(
+            self._agent.request,
+            b"GET",
             self.url_for(node),
-            headers=Headers({b"User-Agent": [USER_AGENT]}),
-            allow_redirects=False,
+            Headers({b"User-Agent": [USER_AGENT]}),
+            None,
         )
 
         def read(response: Any) -> defer.Deferred[int]:
@@ -170,7 +193,11 @@ class HealthChecker(Service):
         self._probes[node.key] = d
 
         def done(result: Any) -> None:
-            self._probes.pop(node.key, None)
+            if self._probes.get(node.key) is d:
+                del self._probes[node.key]
+            if not self.running:
+                # Cancelled by stopService: says nothing about the node.
+                return
             now = self.reactor.seconds()
             latency = now - started
             if isinstance(result, Failure):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -53,6 +52,7 @@ _SKIP_REQUEST = frozenset(
     }
 )
 
+RETRY_AFTER = b"1"
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,6 @@ class ProxyExchange:
         "upstream_time",
         "retries",
         "stale_retry",
-        "paused",
     )
 
     def __init__(self, proxy: RotatingProxy, request: Any, node: Node) -> None:
@@ -173,7 +172,6 @@ class ProxyExchange:
         self.upstream_time: Optional[float] = None
         self.retries = 0
         self.stale_retry = False
-        self.paused = False
         self.body: Any = None
         self.body_size = 0
 
@@ -405,17 +403,6 @@ class ProxyExchange:
             upstream.abort()
         if self.finished:
             return
-        if self.paused:
-            # The client stopped reading, not the node.
-            log.info(
-                "client stopped reading {method} {uri} for {timeout}s; closing it",
-                method=self.request.method,
-                uri=self.request.uri,
-                timeout=self.proxy.upstream.send_timeout,
-            )
-            self._end(ok=False)
-            self.request.channel.loseConnection()
-            return
         node = self.node
         node.errors += 1
         log.warn(
@@ -466,18 +453,14 @@ class ProxyExchange:
         if upstream is not None:
             upstream.pause_reading()
             # The node is not idle while we hold it back: --timeout does not
-            # run until the client reads again, but a client that reads
-            # nothing for UpstreamPool.send_timeout is closed (nginx's send_timeout), so
-            # it cannot hold a node connection for ever.
-            self.paused = True
-            self.deadline = None
+            # run until the client reads again.
+            self.proxy.upstream.unwatch(self)
 
     def resumeProducing(self) -> None:
         upstream = self.upstream
         if upstream is not None:
             upstream.resume_reading()
-            self.paused = False
-            self.deadline = None
+            self.proxy.upstream.watch(self)
 
     def stopProducing(self) -> None:
         self.client_gone()
@@ -619,7 +602,6 @@ class ProxyChannel(http.HTTPChannel):
     """
 
     forwarded: tuple[bytes, bytes] = (b"http", b"")
-    transport: Any
     site: ProxySite
 
     def connectionMade(self) -> None:
@@ -633,7 +615,7 @@ class ProxyChannel(http.HTTPChannel):
         if channels is not None:
             channels.add(self)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         channels = getattr(self.site, "channels", None)
         if channels is not None:

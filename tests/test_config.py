@@ -1,0 +1,569 @@
+"""
+Tests for rrlb's settings: the command-line options of L{rrlb.tap.Options},
+the YAML file of L{rrlb.config}, how the two merge, and every validation
+error, which must be one clear line naming the setting and the bad value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from rrlb.config import Config, ConfigError, HealthConfig, build_config, parse_node
+from rrlb.tap import Options
+
+from .helpers import parse_error
+
+
+def parse(*args: str) -> Config:
+    """
+    The L{Config} that parsing C{args} as rrlb's options builds.
+    """
+    options = Options()
+    options.parseOptions(list(args))
+    config: Config = options.config
+    return config
+
+
+class ConfigErrorAssertions:
+    """
+    How a configuration error must look.
+    """
+
+    def assertClearError(self, message: str, *names: str) -> None:
+        """
+        C{message} is a single line and names every one of C{names} (the
+        setting and the value).
+        """
+        tc: Any = self
+        tc.assertNotIn("\n", message)
+        tc.assertNotIn("Traceback", message)
+        for name in names:
+            tc.assertIn(name, message)
+
+
+class OptionDefaultsTests(unittest.TestCase):
+    """
+    What the options give when only the nodes are set.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        The issue's defaults: listen on tcp:8080, probe / every 5 seconds with
+        a 2 second timeout, rise 2, fall 3, 30 second upstream timeout.
+        """
+        config = parse("--nodes", "http://127.0.0.1:9001")
+        self.assertEqual(config.listen, ("tcp:8080",))
+        self.assertEqual(config.health, HealthConfig("/", 5.0, 2.0, 2, 3))
+        self.assertEqual(config.timeout, 30.0)
+
+    def test_all_flags(self) -> None:
+        """
+        Every flag of the issue is parsed into its setting.
+        """
+        config = parse(
+            "--listen",
+            "tcp:9000:interface=127.0.0.1",
+            "--nodes",
+            "http://127.0.0.1:9001",
+            "--health-path",
+            "/healthz",
+            "--health-interval",
+            "0.5",
+            "--health-timeout",
+            "0.25",
+            "--rise",
+            "4",
+            "--fall",
+            "5",
+            "--timeout",
+            "7",
+        )
+        self.assertEqual(config.listen, ("tcp:9000:interface=127.0.0.1",))
+        self.assertEqual(config.health, HealthConfig("/healthz", 0.5, 0.25, 4, 5))
+        self.assertEqual(config.timeout, 7.0)
+
+    def test_listen_repeatable(self) -> None:
+        """
+        C{--listen} may be given several times; each is kept, in order.
+        """
+        config = parse(
+            "--nodes",
+            "http://a",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--listen",
+            "tcp6:0:interface=\\:\\:1",
+        )
+        self.assertEqual(config.listen, ("tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:1"))
+
+    def test_nodes(self) -> None:
+        """
+        C{--nodes} takes comma-separated http and https URLs: scheme, host,
+        optional port (80/443 by default) and optional base path, kept in
+        order.
+        """
+        config = parse(
+            "--nodes", "http://10.0.0.1:8080,https://example.com,http://b.example/app/v1/"
+        )
+        self.assertEqual(
+            [(n.scheme, n.host, n.port, n.base_path, n.weight) for n in config.nodes],
+            [
+                ("http", "10.0.0.1", 8080, b"", 1),
+                ("https", "example.com", 443, b"", 1),
+                ("http", "b.example", 80, b"/app/v1", 1),
+            ],
+        )
+
+    def test_ipv6_node(self) -> None:
+        """
+        A node may be an IPv6 literal in brackets.
+        """
+        (node,) = parse("--nodes", "http://[::1]:8080").nodes
+        self.assertEqual((node.host, node.port), ("::1", 8080))
+
+    def test_demo_without_nodes(self) -> None:
+        """
+        C{--demo N} supplies the nodes, so no C{--nodes} is needed.
+        """
+        config = parse("--demo", "3")
+        self.assertEqual(config.demo, 3)
+        self.assertEqual(config.nodes, ())
+
+
+class OptionErrorTests(unittest.TestCase, ConfigErrorAssertions):
+    """
+    Every bad command-line setting is a L{usage.UsageError} with one line
+    naming the setting and the value.
+    """
+
+    def test_no_nodes(self) -> None:
+        """
+        No nodes at all is refused.
+        """
+        self.assertClearError(parse_error(), "nodes")
+
+    def test_empty_nodes(self) -> None:
+        """
+        A C{--nodes} value without any URL is refused.
+        """
+        self.assertClearError(parse_error("--nodes", ""), "--nodes")
+        self.assertClearError(parse_error("--nodes", ",,"), "--nodes")
+
+    def test_node_not_http(self) -> None:
+        """
+        A node URL that is not http or https is refused, naming the URL.
+        """
+        for url in ("ftp://x", "x.example:80", "file:///etc/passwd", "gopher://h"):
+            self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
+
+    def test_node_without_host(self) -> None:
+        """
+        A node URL without a host is refused, naming the URL.
+        """
+        for url in ("http://", "https:///path", "http://:8080"):
+            self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
+
+    def test_node_bad_port(self) -> None:
+        """
+        A node URL with a port that is not a number from 1 to 65535 is refused.
+        """
+        for url in ("http://a:99999", "http://a:port", "http://a:0"):
+            self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
+
+    def test_one_bad_node_among_good(self) -> None:
+        """
+        One bad URL in the list is named, not a good one.
+        """
+        message = parse_error("--nodes", "http://a,ftp://b,http://c")
+        self.assertClearError(message, "--nodes", "'ftp://b'")
+        self.assertNotIn("'http://a'", message)
+
+    def test_duplicate_node(self) -> None:
+        """
+        The same node twice is refused (it would get two timers' worth of
+        state under one name).
+        """
+        self.assertClearError(
+            parse_error("--nodes", "http://a:1,http://a:1"), "--nodes", "'http://a:1'"
+        )
+
+    def test_non_positive_numbers(self) -> None:
+        """
+        Intervals, timeouts, rise and fall must be positive: zero, negative,
+        non-numbers, NaN and infinity are refused, naming option and value.
+        """
+        cases = {
+            "--health-interval": ["0", "-1", "soon", "nan", "inf", ""],
+            "--health-timeout": ["0", "-0.5", "x"],
+            "--timeout": ["0", "-30", "never", "inf"],
+            "--rise": ["0", "-1", "1.5", "two", ""],
+            "--fall": ["0", "-3", "2.0", "x"],
+        }
+        for option, values in cases.items():
+            for value in values:
+                message = parse_error("--nodes", "http://a", option, value)
+                self.assertClearError(message, option, repr(value))
+
+    def test_bad_health_path(self) -> None:
+        """
+        The health path must be an absolute, percent-encoded path.
+        """
+        for value in ("health", "/a b", "/caf\u00e9"):
+            self.assertClearError(
+                parse_error("--nodes", "http://a", "--health-path", value),
+                "--health-path",
+                repr(value),
+            )
+
+    def test_bad_demo(self) -> None:
+        """
+        C{--demo} needs a whole number of at least one.
+        """
+        for value in ("0", "-2", "three"):
+            self.assertClearError(parse_error("--demo", value), "--demo", repr(value))
+
+    def test_bad_listen(self) -> None:
+        """
+        A C{--listen} value that is not an endpoint description is refused at
+        parse time, naming it.
+        """
+        for value in ("bogus:8080", "tcp:notaport", "", "8080x"):
+            self.assertClearError(
+                parse_error("--nodes", "http://a", "--listen", value), "--listen", repr(value)
+            )
+
+    def test_unknown_option(self) -> None:
+        """
+        An option rrlb does not have is refused.
+        """
+        self.assertClearError(parse_error("--nodes", "http://a", "--bogus", "1"), "bogus")
+
+    def test_missing_config_file(self) -> None:
+        """
+        A C{--config} file that cannot be read is refused, naming it.
+        """
+        path = self.mktemp()
+        self.assertClearError(parse_error("--config", path), "config", repr(path))
+
+    def test_config_is_directory(self) -> None:
+        """
+        A directory given as C{--config} is refused, naming it.
+        """
+        path = self.mktemp()
+        import os
+
+        os.mkdir(path)
+        self.assertClearError(parse_error("--config", path), "config", repr(path))
+
+
+class YAMLTests(unittest.TestCase):
+    """
+    The YAML configuration file and how flags override it.
+    """
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_full_file(self) -> None:
+        """
+        Every setting of the issue's YAML file is read: listen, nodes (URLs
+        and C{{url, weight}} mappings), health and timeout.
+        """
+        path = self.write(
+            "listen: [tcp:0:interface=127.0.0.1, 'tcp:0']\n"
+            "nodes:\n"
+            "  - http://10.0.0.1:8080\n"
+            "  - url: http://10.0.0.2:8080/app\n"
+            "    weight: 3\n"
+            "  - {url: 'https://c.example', weight: 256}\n"
+            "health: {path: /healthz, interval: 1.5, timeout: 0.5, rise: 4, fall: 6}\n"
+            "timeout: 7\n"
+        )
+        config = parse("--config", path)
+        self.assertEqual(config.listen, ("tcp:0:interface=127.0.0.1", "tcp:0"))
+        self.assertEqual(
+            [(n.url, n.weight, n.base_path) for n in config.nodes],
+            [
+                ("http://10.0.0.1:8080", 1, b""),
+                ("http://10.0.0.2:8080/app", 3, b"/app"),
+                ("https://c.example", 256, b""),
+            ],
+        )
+        self.assertEqual(config.health, HealthConfig("/healthz", 1.5, 0.5, 4, 6))
+        self.assertEqual(config.timeout, 7.0)
+
+    def test_short_config_flag(self) -> None:
+        """
+        C{-c} is short for C{--config}.
+        """
+        path = self.write("nodes: [http://a]\n")
+        self.assertEqual([n.url for n in parse("-c", path).nodes], ["http://a"])
+
+    def test_partial_health_keeps_defaults(self) -> None:
+        """
+        Health settings missing from the file keep their defaults.
+        """
+        path = self.write("nodes: [http://a]\nhealth: {rise: 5}\n")
+        self.assertEqual(parse("--config", path).health, HealthConfig("/", 5.0, 2.0, 5, 3))
+
+    def test_empty_file_needs_nodes(self) -> None:
+        """
+        An empty file is an empty configuration: nodes must come from flags.
+        """
+        path = self.write("")
+        self.assertIn("nodes", parse_error("--config", path))
+        self.assertEqual(len(parse("--config", path, "--nodes", "http://a").nodes), 1)
+
+    def test_flags_override_file(self) -> None:
+        """
+        Flags given on the command line win over the file, setting by
+        setting; settings not given on the command line come from the file.
+        """
+        path = self.write(
+            "listen: [tcp:1111]\n"
+            "nodes: [http://a, http://b]\n"
+            "health: {path: /hz, interval: 9, timeout: 3, rise: 4, fall: 6}\n"
+            "timeout: 40\n"
+        )
+        config = parse(
+            "--config",
+            path,
+            "--listen",
+            "tcp:2222",
+            "--nodes",
+            "http://c",
+            "--health-interval",
+            "1",
+            "--fall",
+            "2",
+            "--timeout",
+            "5",
+        )
+        self.assertEqual(config.listen, ("tcp:2222",))
+        self.assertEqual([n.url for n in config.nodes], ["http://c"])
+        self.assertEqual(config.health, HealthConfig("/hz", 1.0, 3.0, 4, 2))
+        self.assertEqual(config.timeout, 5.0)
+
+    def test_flags_before_config(self) -> None:
+        """
+        Flags win whatever their position relative to C{--config}.
+        """
+        path = self.write("nodes: [http://a]\ntimeout: 40\nhealth: {path: /x}\n")
+        config = parse("--timeout", "5", "--health-path", "/y", "--config", path)
+        self.assertEqual((config.timeout, config.health.path), (5.0, "/y"))
+
+    def test_equal_weights_default(self) -> None:
+        """
+        A mapping entry without a weight has weight 1.
+        """
+        path = self.write("nodes: [{url: 'http://a'}, http://b]\n")
+        self.assertEqual([n.weight for n in parse("--config", path).nodes], [1, 1])
+
+
+class YAMLErrorTests(unittest.TestCase, ConfigErrorAssertions):
+    """
+    Every bad YAML setting is a L{usage.UsageError} with one line naming the
+    setting and the value.
+    """
+
+    def error(self, text: str | bytes, *args: str) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
+        return parse_error("--config", path, *args)
+
+    def test_unknown_top_key(self) -> None:
+        """
+        An unknown top-level key is refused, naming it.
+        """
+        self.assertClearError(self.error("nodes: [http://a]\nbackends: [http://b]\n"), "backends")
+
+    def test_unknown_health_key(self) -> None:
+        """
+        An unknown key under C{health} is refused, naming it.
+        """
+        self.assertClearError(
+            self.error("nodes: [http://a]\nhealth: {path: /, intervall: 3}\n"),
+            "health.intervall",
+        )
+
+    def test_unknown_node_key(self) -> None:
+        """
+        An unknown key in a node mapping is refused, naming it.
+        """
+        self.assertClearError(self.error("nodes: [{url: 'http://a', wieght: 2}]\n"), "wieght")
+
+    def test_invalid_yaml(self) -> None:
+        """
+        A file that is not valid YAML is refused with where the problem is,
+        and no traceback.
+        """
+        message = self.error("nodes: [http://a\n  - x: :\n")
+        self.assertClearError(message, "config", "invalid YAML", "line 2")
+
+    def test_not_utf8(self) -> None:
+        """
+        A file that is not UTF-8 text is refused.
+        """
+        self.assertClearError(self.error(b"nodes: [\xff\xfe]\n"), "config")
+
+    def test_not_a_mapping(self) -> None:
+        """
+        A file holding a list or a scalar is refused.
+        """
+        self.assertClearError(self.error("- http://a\n"), "config", "mapping")
+        self.assertClearError(self.error("just text\n"), "config", "mapping")
+
+    def test_bad_node_urls(self) -> None:
+        """
+        Node URLs in the file are checked like those on the command line,
+        and the message says which entry is wrong.
+        """
+        for url in ("ftp://x", "http://", "x.example"):
+            message = self.error(f"nodes: [http://ok, '{url}']\n")
+            self.assertClearError(message, "nodes[1]", repr(url))
+
+    def test_bad_nodes_value(self) -> None:
+        """
+        C{nodes} must be a list; an entry must be a URL or a mapping with one.
+        """
+        self.assertClearError(self.error("nodes: 5\n"), "nodes", "5")
+        self.assertClearError(self.error("nodes: [17]\n"), "nodes[0]", "17")
+        self.assertClearError(self.error("nodes: [{weight: 2}]\n"), "nodes[0]", "url")
+
+    def test_no_nodes(self) -> None:
+        """
+        An empty node list (and no C{--nodes}) is refused.
+        """
+        self.assertClearError(self.error("nodes: []\n"), "nodes")
+
+    def test_duplicate_nodes(self) -> None:
+        """
+        The same node URL twice is refused.
+        """
+        self.assertClearError(self.error("nodes: [http://a, http://a]\n"), "'http://a'")
+
+    def test_bad_weights(self) -> None:
+        """
+        A weight must be a whole number from 1 to 256.
+        """
+        for weight in ("0", "257", "-1", "1.5", "heavy", "true", "null"):
+            message = self.error(f"nodes: [{{url: 'http://a', weight: {weight}}}]\n")
+            self.assertClearError(message, "nodes[0].weight", "1 to 256")
+
+    def test_weight_values_named(self) -> None:
+        """
+        The bad weight's value is in the message.
+        """
+        self.assertClearError(
+            self.error("nodes: [{url: 'http://a', weight: 300}]\n"), "nodes[0].weight", "300"
+        )
+
+    def test_bad_health_numbers(self) -> None:
+        """
+        Non-positive or non-numeric health intervals, timeouts, rise and fall
+        are refused, naming the setting and value.
+        """
+        for key, value in [
+            ("interval", "0"),
+            ("interval", "-5"),
+            ("interval", "soon"),
+            ("timeout", "0"),
+            ("timeout", ".nan"),
+            ("rise", "0"),
+            ("rise", "1.5"),
+            ("fall", "-1"),
+            ("fall", "true"),
+        ]:
+            message = self.error(f"nodes: [http://a]\nhealth: {{{key}: {value}}}\n")
+            self.assertClearError(message, f"health.{key}")
+
+    def test_health_value_named(self) -> None:
+        """
+        The bad health value is in the message.
+        """
+        self.assertClearError(
+            self.error("nodes: [http://a]\nhealth: {fall: -4}\n"), "health.fall", "-4"
+        )
+
+    def test_health_not_mapping(self) -> None:
+        """
+        C{health} must be a mapping.
+        """
+        self.assertClearError(self.error("nodes: [http://a]\nhealth: 5\n"), "health", "5")
+
+    def test_bad_health_path(self) -> None:
+        """
+        C{health.path} must be an absolute path.
+        """
+        self.assertClearError(
+            self.error("nodes: [http://a]\nhealth: {path: healthz}\n"), "health.path", "'healthz'"
+        )
+
+    def test_bad_timeout(self) -> None:
+        """
+        A non-positive upstream timeout is refused.
+        """
+        for value in ("0", "-1", "later", ".inf"):
+            message = self.error(f"nodes: [http://a]\ntimeout: {value}\n")
+            self.assertClearError(message, "timeout")
+
+    def test_bad_listen(self) -> None:
+        """
+        An empty or bad listen list is refused, naming the value.
+        """
+        self.assertClearError(self.error("nodes: [http://a]\nlisten: []\n"), "listen")
+        self.assertClearError(
+            self.error("nodes: [http://a]\nlisten: [bogus:1]\n"), "listen", "'bogus:1'"
+        )
+        self.assertClearError(self.error("nodes: [http://a]\nlisten: [5]\n"), "listen", "5")
+
+    def test_bad_file_fixed_by_flag(self) -> None:
+        """
+        A flag does not rescue a file with a bad value: the file is checked
+        as a whole.
+        """
+        message = self.error("nodes: [http://a]\ntimeout: 0\n", "--timeout", "5")
+        self.assertClearError(message, "timeout")
+
+
+class BuildConfigTests(unittest.TestCase):
+    """
+    L{build_config} and L{parse_node}, used without the options.
+    """
+
+    def test_config_error_is_value_error(self) -> None:
+        """
+        L{ConfigError} is a L{ValueError}, so usage's coercion reports it.
+        """
+        self.assertTrue(issubclass(ConfigError, ValueError))
+
+    def test_require_nodes(self) -> None:
+        """
+        Without nodes L{build_config} refuses, unless told nodes will come
+        later.
+        """
+        self.assertRaises(ConfigError, build_config)
+        self.assertEqual(build_config(require_nodes=False).nodes, ())
+
+    def test_hostport(self) -> None:
+        """
+        A node's own C{Host} value leaves out the scheme's default port.
+        """
+        self.assertEqual(parse_node("http://a").hostport, b"a")
+        self.assertEqual(parse_node("http://a:8080").hostport, b"a:8080")
+        self.assertEqual(parse_node("https://a:443").hostport, b"a")
+        self.assertEqual(parse_node("http://[::1]:81").hostport, b"[::1]:81")
+
+    def test_usage_error_type(self) -> None:
+        """
+        Bad options raise exactly L{usage.UsageError}, which twistd reports
+        as one line without a traceback.
+        """
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--nodes", "ftp://x"])
