@@ -5,6 +5,7 @@ requests through rrlb over loopback ending up as lines in both formats.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -471,3 +472,35 @@ class CutResponseTests(unittest.TestCase):
         self.assertEqual(record["bytes"], 10)
         self.assertEqual(record["upstream_status"], 200)
         self.assertEqual(record["node"], backend.url)
+
+
+class AccessLogReloadTests(unittest.TestCase):
+    """
+    A new configuration (reload) switches the access log in place.
+    """
+
+    async def test_switch_and_stop(self) -> None:
+        """
+        Applying a configuration with another path and format moves the log
+        there; one without an access log stops it (the admin counters stay).
+        """
+        backend = await start_backend(self, "a")
+        first, second = self.mktemp(), self.mktemp()
+        balancer = await start_balancer(
+            self, [backend.url], "--health-path", "/health", "--access-log", first
+        )
+        service = balancer.service
+        await http_request(self, "GET", balancer.url + "/one")
+        service.apply(
+            dataclasses.replace(service.config, access_log=second, access_log_format="json")
+        )
+        await http_request(self, "GET", balancer.url + "/two")
+        service.apply(dataclasses.replace(service.config, access_log=None))
+        self.assertIsNone(service.access_log)
+        self.assertIsNone(service.site.access_log)
+        await http_request(self, "GET", balancer.url + "/three")
+        await balancer.stop()
+        (line,) = _read(first)
+        self.assertIn('"GET /one HTTP/1.1"', line)
+        (record,) = [json.loads(line) for line in _read(second)]
+        self.assertEqual(record["uri"], "/two")
