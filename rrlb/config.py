@@ -89,12 +89,16 @@ class HealthConfig:
 @dataclass(frozen=True)
 class ListenTLS:
     """
-    A certificate and key for the C{--tls-cert}/C{--tls-key} shortcut.
+    The top-level C{tls} settings: the listeners' certificate and key
+    (C{--tls-cert}/C{--tls-key}; the key may sit in the certificate file),
+    more certificates chosen by SNI, and the default CA file for https nodes
+    (C{--ca-file}).
     """
 
     cert: Optional[str] = None
     key: Optional[str] = None
     ca_file: Optional[str] = None
+    certificates: tuple[tuple[str, Optional[str]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ _TOP_KEYS = frozenset(
 _HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
 _NODE_KEYS = frozenset({"url", "weight", "tls"})
 _NODE_TLS_KEYS = frozenset({"verify", "ca_file", "server_name", "cert", "key"})
-_LISTEN_TLS_KEYS = frozenset({"cert", "key", "ca_file"})
+_LISTEN_TLS_KEYS = frozenset({"cert", "key", "ca_file", "certificates"})
+_SNI_CERT_KEYS = frozenset({"cert", "key"})
 ACCESS_LOG_FORMATS = ("combined", "json")
 
 
@@ -372,22 +377,65 @@ def load_yaml(path: str) -> Mapping[str, Any]:
     return data
 
 
+def parse_listen_tls(value: Any) -> ListenTLS:
+    """
+    The top-level YAML C{tls} mapping: C{{cert, key, ca_file, certificates:
+    [{cert, key}, ...]}}.
+    """
+    raw = _mapping("tls", value, _LISTEN_TLS_KEYS)
+    kwargs: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key == "certificates":
+            if not isinstance(item, list):
+                raise ConfigError(f"tls.certificates must be a list of {{cert, key}}, not {item!r}")
+            pairs = []
+            for i, entry in enumerate(item):
+                where = f"tls.certificates[{i}]"
+                pair = _mapping(where, entry, _SNI_CERT_KEYS)
+                if "cert" not in pair:
+                    raise ConfigError(f"{where} needs a cert, got {entry!r}")
+                cert = _string(f"{where}.cert", pair["cert"])
+                key_file = _string(f"{where}.key", pair["key"]) if "key" in pair else None
+                pairs.append((cert, key_file))
+            kwargs[key] = tuple(pairs)
+        else:
+            kwargs[key] = _string(f"tls.{key}", item)
+    return ListenTLS(**kwargs)
+
+
+def with_tls_defaults(config: Config) -> Config:
+    """
+    Check the top-level TLS settings and give https nodes without a
+    C{ca_file} of their own the top-level one (C{--ca-file}, C{tls.ca_file}).
+    """
+    tls = config.tls
+    if tls.key and not tls.cert:
+        raise ConfigError(f"--tls-key/tls.key {tls.key!r} needs --tls-cert/tls.cert as well")
+    if tls.certificates and not tls.cert:
+        raise ConfigError("tls.certificates needs tls.cert (the default certificate) as well")
+    if not tls.ca_file:
+        return config
+    nodes = tuple(
+        dataclasses.replace(n, tls=dataclasses.replace(n.tls, ca_file=tls.ca_file))
+        if n.tls.ca_file is None
+        else n
+        for n in config.nodes
+    )
+    return dataclasses.replace(config, nodes=nodes)
+
+
 def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     Turn the checked YAML mapping into keyword arguments of L{Config}.
     """
     out: dict[str, Any] = {}
-    tls = ListenTLS()
     if "tls" in data:
-        raw = _mapping("tls", data["tls"], _LISTEN_TLS_KEYS)
-        tls = ListenTLS(**{k: _string(f"tls.{k}", v) for k, v in raw.items()})
-        out["tls"] = tls
-    default_node_tls = NodeTLS(ca_file=tls.ca_file) if tls.ca_file else None
+        out["tls"] = parse_listen_tls(data["tls"])
     for key, value in data.items():
         if key == "listen":
             out[key] = parse_listen(value)
         elif key == "nodes":
-            out[key] = parse_nodes(value, "nodes", default_node_tls)
+            out[key] = parse_nodes(value, "nodes")
         elif key == "health":
             out[key] = parse_health(value)
         elif key in ("timeout", "connect_timeout", "drain_timeout"):
@@ -423,11 +471,16 @@ def build_config(
     if path is not None:
         values = _from_yaml(load_yaml(path))
         health = values.pop("health", {})
-    values.update(overrides or {})
+    overrides = dict(overrides or {})
+    tls_overrides = overrides.pop("tls", None)
+    values.update(overrides)
     health.update(health_overrides or {})
-    if "tls" in values and not isinstance(values["tls"], ListenTLS):
-        values["tls"] = ListenTLS(**values["tls"])
-    config = Config(health=HealthConfig(**health), **values)
+    if isinstance(tls_overrides, ListenTLS):
+        values["tls"] = tls_overrides
+    elif tls_overrides:
+        # --tls-cert, --tls-key and --ca-file each win over their YAML key.
+        values["tls"] = dataclasses.replace(values.get("tls", ListenTLS()), **tls_overrides)
+    config = with_tls_defaults(Config(health=HealthConfig(**health), **values))
     if require_nodes and not config.nodes:
         raise ConfigError("nodes: no nodes given (use --nodes URL[,URL...] or nodes: in --config)")
     return config

@@ -23,6 +23,7 @@ from twisted.web.iweb import IAgent
 from rrlb import __version__
 from rrlb.config import HealthConfig
 from rrlb.pool import Node, Pool
+from rrlb.tls import describe_tls_error
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 
@@ -44,6 +45,9 @@ def describe_failure(reason: Failure) -> str:
         return "connection reset"
     if isinstance(exc, error.DNSLookupError):
         return "host name lookup failed"
+    tls = describe_tls_error(exc)
+    if tls is not None:
+        return tls
     text = str(exc) or type(exc).__name__
     # OpenSSL errors carry a list of tuples; keep the most telling part.
     text = " ".join(text.split())

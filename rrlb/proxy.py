@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -52,7 +53,6 @@ _SKIP_REQUEST = frozenset(
     }
 )
 
-RETRY_AFTER = b"1"
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,7 @@ class ProxyExchange:
         "upstream_time",
         "retries",
         "stale_retry",
+        "paused",
     )
 
     def __init__(self, proxy: RotatingProxy, request: Any, node: Node) -> None:
@@ -172,6 +173,7 @@ class ProxyExchange:
         self.upstream_time: Optional[float] = None
         self.retries = 0
         self.stale_retry = False
+        self.paused = False
         self.body: Any = None
         self.body_size = 0
 
@@ -403,6 +405,17 @@ class ProxyExchange:
             upstream.abort()
         if self.finished:
             return
+        if self.paused:
+            # The client stopped reading, not the node.
+            log.info(
+                "client stopped reading {method} {uri} for {timeout}s; closing it",
+                method=self.request.method,
+                uri=self.request.uri,
+                timeout=self.proxy.upstream.send_timeout,
+            )
+            self._end(ok=False)
+            self.request.channel.loseConnection()
+            return
         node = self.node
         node.errors += 1
         log.warn(
@@ -453,14 +466,18 @@ class ProxyExchange:
         if upstream is not None:
             upstream.pause_reading()
             # The node is not idle while we hold it back: --timeout does not
-            # run until the client reads again.
-            self.proxy.upstream.unwatch(self)
+            # run until the client reads again, but a client that reads
+            # nothing for UpstreamPool.send_timeout is closed (nginx's send_timeout), so
+            # it cannot hold a node connection for ever.
+            self.paused = True
+            self.deadline = None
 
     def resumeProducing(self) -> None:
         upstream = self.upstream
         if upstream is not None:
             upstream.resume_reading()
-            self.proxy.upstream.watch(self)
+            self.paused = False
+            self.deadline = None
 
     def stopProducing(self) -> None:
         self.client_gone()
@@ -602,6 +619,7 @@ class ProxyChannel(http.HTTPChannel):
     """
 
     forwarded: tuple[bytes, bytes] = (b"http", b"")
+    transport: Any
     site: ProxySite
 
     def connectionMade(self) -> None:
@@ -615,7 +633,7 @@ class ProxyChannel(http.HTTPChannel):
         if channels is not None:
             channels.add(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         channels = getattr(self.site, "channels", None)
         if channels is not None:

@@ -36,6 +36,7 @@ from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.metrics import Metrics
 from rrlb.pool import Pool
 from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
+from rrlb.tls import BalancerTLS, check_tls, listen_endpoint, tls_on_tcp
 from rrlb.upstream import UpstreamPool
 
 
@@ -182,6 +183,26 @@ class Options(usage.Options):
             _coerce(positive_float, "--drain-timeout"),
         ],
         [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate (chain) for ssl: listeners without privateKey=;"
+            " with no ssl: listener, tcp: listeners serve TLS with it.",
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "PEM private key for --tls-cert (default: read from the --tls-cert file).",
+        ],
+        [
+            "ca-file",
+            None,
+            None,
+            "PEM CA certificates that https nodes are verified against"
+            " (default: the system trust store).",
+        ],
+        [
             "demo",
             None,
             None,
@@ -235,6 +256,13 @@ class Options(usage.Options):
             top["node_host"] = True
         if self["demo"]:
             top["demo"] = self["demo"]
+        tls = {
+            field: self[option]
+            for option, field in (("tls-cert", "cert"), ("tls-key", "key"), ("ca-file", "ca_file"))
+            if self[option] is not None
+        }
+        if tls:
+            top["tls"] = tls
         health = {
             field: self[option]
             for option, field in _HEALTH_OPTIONS.items()
@@ -249,7 +277,11 @@ class Options(usage.Options):
         @raise ConfigError: for any bad setting.
         """
         top, health = self.overrides()
-        return build_config(self["config"], top, health, require_nodes=not self["demo"])
+        config = build_config(self["config"], top, health, require_nodes=not self["demo"])
+        # Certificate, key and CA files are read now, so a bad one is refused
+        # at start-up and on reload before anything changes.
+        check_tls(config)
+        return config
 
     def postOptions(self) -> None:
         try:
@@ -258,8 +290,9 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         from twisted.internet import reactor
 
+        on_tcp = tls_on_tcp(self.config.listen, self.config.tls)
         for description in self.config.listen:
-            check_endpoint(reactor, description)
+            check_endpoint(reactor, description, tls=(self.config.tls, on_tcp))
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
         if self.config.access_log not in (None, STDOUT):
@@ -268,13 +301,23 @@ class Options(usage.Options):
             )
 
 
-def check_endpoint(reactor: Any, description: str, name: str = "--listen") -> None:
+def check_endpoint(
+    reactor: Any, description: str, name: str = "--listen", tls: Optional[tuple[Any, bool]] = None
+) -> None:
     """
     Parse an endpoint description now, so a bad one stops start-up with a
     clear line rather than a traceback later.
+
+    @param tls: for a listener, the L{ListenTLS} settings and whether tcp:
+        listeners serve TLS (see L{rrlb.tls.listen_endpoint}).
     """
     try:
-        serverFromString(reactor, description)
+        if tls is None:
+            serverFromString(reactor, description)
+        else:
+            listen_endpoint(reactor, description, *tls)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
     except Exception as e:
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
 
@@ -322,16 +365,22 @@ class BalancerService(MultiService):
         self.options = options
         self.config = config
         self.pool = Pool(config.nodes, config.health.rise, config.health.fall)
+        # Node creators are built once per node here and on apply(), never
+        # per request; traffic and health probes share them.
+        self.tls = BalancerTLS()
+        self.tls.prepare(config, config.nodes)()
         self.upstream = UpstreamPool(
             reactor,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
             max_idle_per_node=config.max_idle_per_node,
+            tls_creator=self.tls.nodes,
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
         self.site = ProxySite(self.proxy, reactor=reactor)
         self.health_agent = Agent(
             reactor,
+            contextFactory=self.tls.nodes.policy,
             pool=QuietConnectionPool(reactor, persistent=False),
             connectTimeout=config.health.timeout,
         )
@@ -368,7 +417,9 @@ class BalancerService(MultiService):
         self.checker.setServiceParent(self)
         self.listeners = []
         for description in config.listen:
-            listener = Listener(serverFromString(reactor, description), self.site)
+            listener = Listener(
+                self.tls.listen_endpoint(reactor, description, config), self.site
+            )
             listener.setting = f"--listen: cannot listen on {description!r}"
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
@@ -388,11 +439,17 @@ class BalancerService(MultiService):
     def apply(self, config: Config) -> None:
         """
         Make C{config} the running configuration. Nodes that stay keep their
-        health state and pooled connections.
+        health state and pooled connections (unless their TLS settings
+        changed). Every TLS certificate, key and CA file is read again.
+
+        @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
         nodes = config.nodes + tuple(
             n for n in self.demo_nodes if n.key not in {c.key for c in config.nodes}
         )
+        commit_tls = self.tls.prepare(config, nodes)
+        for key in commit_tls():
+            self.upstream.drop_node(key)
         _, removed = self.pool.update(nodes)
         for node in removed:
             self.upstream.drop_node(node.key)

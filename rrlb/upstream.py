@@ -36,6 +36,9 @@ from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
+SEND_TIMEOUT = 60.0
+# How long idle connections beyond --max-idle-per-node may stay open.
+IDLE_TRIM_DELAY = 1.0
 # Request bodies up to this size go out in the same write as the head.
 INLINE_BODY_SIZE = 65536
 
@@ -157,6 +160,7 @@ class UpstreamProtocol(Protocol):
         self._head_request = False
         self._body_sender: Optional[defer.Deferred[Any]] = None
         self.paused = False
+        self.idle_round = 0
         self.requests = 0
 
     # -- sending --------------------------------------------------------------
@@ -444,11 +448,16 @@ class UpstreamPool:
         self.timeout = timeout
         self.max_idle_per_node = max_idle_per_node
         self.tls_creator = tls_creator
+        # How long a client that paused its response may read nothing
+        # (nginx's send_timeout); never less than the response timeout.
+        self.send_timeout = SEND_TIMEOUT
         self._idle: dict[str, list[UpstreamProtocol]] = {}
         self._connections: set[UpstreamProtocol] = set()
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._watched: set[Any] = set()
         self._sweep_call: Optional[Any] = None
+        self._trim_call: Optional[Any] = None
+        self._trim_round = 0
         self.new_connections = 0
 
     # -- connections ----------------------------------------------------------
@@ -487,11 +496,45 @@ class UpstreamPool:
         idle = self._idle.get(protocol.key)
         if idle is None:
             idle = self._idle[protocol.key] = []
-        if len(idle) >= self.max_idle_per_node:
+        cap = self.max_idle_per_node
+        if cap == 0:
             protocol.transport.loseConnection()
             return
         protocol.idle = True
+        protocol.idle_round = self._trim_round
         idle.append(protocol)
+        if len(idle) > cap and self._trim_call is None:
+            # Over the cap: close the surplus only once it has stayed idle
+            # for IDLE_TRIM_DELAY. Under steady high concurrency responses
+            # end in bursts, and closing at once what the next burst of
+            # requests reopens would cost a connection per few requests.
+            self._schedule_trim()
+
+    def _schedule_trim(self) -> None:
+        # Connections released from now on belong to the next round.
+        self._trim_round += 1
+        self._trim_call = self.clock.callLater(IDLE_TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        """
+        Close idle connections beyond the cap that were already idle when
+        this trim was scheduled, oldest first (reuse is most-recent first, so the
+        oldest are the ones traffic does not need).
+        """
+        self._trim_call = None
+        cutoff = self._trim_round
+        cap = self.max_idle_per_node
+        over = False
+        for idle in self._idle.values():
+            excess = len(idle) - cap
+            while excess > 0 and idle[0].idle_round < cutoff:
+                protocol = idle.pop(0)
+                protocol.idle = False
+                protocol.transport.loseConnection()
+                excess -= 1
+            over = over or excess > 0
+        if over:
+            self._schedule_trim()
 
     def drop_node(self, key: str) -> None:
         """
@@ -569,11 +612,14 @@ class UpstreamPool:
             return
         now = self.clock.seconds()
         timeout = self.timeout
+        send_timeout = max(timeout, self.send_timeout)
         expired = []
         for exchange in self._watched:
             if exchange.active or exchange.deadline is None:
                 exchange.active = False
-                exchange.deadline = now + timeout
+                exchange.deadline = now + (
+                    send_timeout if getattr(exchange, "paused", False) else timeout
+                )
             elif now >= exchange.deadline:
                 expired.append(exchange)
         for exchange in expired:
@@ -585,6 +631,7 @@ class UpstreamPool:
         self._sweep_call = self.clock.callLater(self.granularity, self._sweep)
 
     def _stop_sweeping(self) -> None:
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        for call in (self._sweep_call, self._trim_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._sweep_call = self._trim_call = None
