@@ -393,24 +393,6 @@ class BalancerService(MultiService):
             connections=lambda: len(getattr(self.site, "channels", ())),
             upstream_connections=lambda: self.upstream.connection_count,
         )
-        self.admin_listener: Optional[StreamServerEndpointService] = None
-        if config.admin:
-            self.admin_listener = StreamServerEndpointService(
-                serverFromString(reactor, config.admin),
-                AdminSite(self.pool, self.metrics, reactor=reactor),
-            )
-            self.admin_listener._raiseSynchronously = True
-            self.admin_listener.setServiceParent(self)
-            kind = config.admin.split(":", 1)[0]
-            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
-                self.log.warn(
-                    "the admin endpoint {admin} listens on every interface and has no"
-                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
-                    admin=config.admin,
-                    kind=kind,
-                )
-        self.access_log: Optional[AccessLog] = None
-        self._apply_access_log(config)
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
@@ -424,6 +406,25 @@ class BalancerService(MultiService):
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self.admin_listener: Optional[Listener] = None
+        if config.admin:
+            self.admin_listener = Listener(
+                serverFromString(reactor, config.admin),
+                AdminSite(self.pool, self.metrics, reactor=reactor),
+            )
+            self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
+            self.admin_listener._raiseSynchronously = True
+            self.admin_listener.setServiceParent(self)
+            kind = config.admin.split(":", 1)[0]
+            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
+                self.log.warn(
+                    "the admin endpoint {admin} listens on every interface and has no"
+                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
+                    admin=config.admin,
+                    kind=kind,
+                )
+        self.access_log: Optional[AccessLog] = None
+        self._apply_access_log(config)
 
     @staticmethod
     def proxy_settings(config: Config) -> ProxySettings:

@@ -11,13 +11,18 @@ from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from rrlb import __version__
 from rrlb.metrics import status_class
+from rrlb.tap import makeService
 from tests.helpers import (
     Balancer,
     Reply,
+    balancer_options,
     closed_port_url,
     http_request,
     parse_error,
@@ -28,6 +33,7 @@ from tests.helpers import (
 )
 
 ADMIN = "tcp:0:interface=127.0.0.1"
+reactor: Any = _reactor
 
 
 async def admin_url(balancer: Balancer) -> str:
@@ -487,3 +493,20 @@ class AdminOptionsTests(unittest.TestCase):
         balancer = await start_balancer(self, [backends[0].url], "--health-path", "/health")
         self.assertIsNone(balancer.service.admin_listener)
         self.assertEqual(len(balancer.service.listeners), 1)
+
+    async def test_port_in_use(self) -> None:
+        """
+        An admin port that cannot be bound stops start-up with one line
+        naming --admin, not a traceback.
+        """
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+        self.addCleanup(taken.stopListening)
+        description = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        service = makeService(
+            balancer_options("--nodes", "http://127.0.0.1:9", "--admin", description)
+        )
+        with self.assertRaises(SystemExit) as caught:
+            service.privilegedStartService()
+        self.assertTrue(str(caught.exception.code).startswith("--admin: cannot listen on"))
+        for listener in service.listeners:
+            await listener.stopService()
