@@ -231,6 +231,11 @@ def parse_node_tls(name: str, value: Any) -> NodeTLS:
     return NodeTLS(**kwargs)
 
 
+# Characters that cannot appear in a host or path as sent on the wire (they
+# would break the request line or the Host header).
+_BAD_URL_CHARS = frozenset(' <>"{}|\\^`')
+
+
 def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] = None) -> NodeSpec:
     """
     One node: a URL, or a mapping C{{url: URL, weight: N, tls: {...}}}.
@@ -261,6 +266,10 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
         raise ConfigError(f"{where}: node URL {url!r} must start with http:// or https://")
     if not parts.hostname:
         raise ConfigError(f"{where}: node URL {url!r} has no host")
+    if any(c in _BAD_URL_CHARS or not c.isprintable() for c in parts.hostname):
+        raise ConfigError(f"{where}: node URL {url!r} has a bad host {parts.hostname!r}")
+    if any(c in _BAD_URL_CHARS or not c.isprintable() for c in parts.path):
+        raise ConfigError(f"{where}: node URL {url!r} has a path that is not percent-encoded")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}: node URL {url!r} may have only a scheme, host, port and path")
     if port is None:

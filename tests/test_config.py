@@ -173,6 +173,23 @@ class OptionErrorTests(unittest.TestCase, ConfigErrorAssertions):
         for url in ("http://a:99999", "http://a:port", "http://a:0"):
             self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
 
+    def test_node_unusable_characters(self) -> None:
+        """
+        A host or base path with characters that would break the request
+        line or the Host header (a space, a brace, a non-ASCII path) is
+        refused, naming the URL.
+        """
+        for url in ("http://a b:80", "http://a/b c", "http://a/{x}", "http://a/caf\u00e9"):
+            self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
+
+    def test_node_host_names(self) -> None:
+        """
+        Host names with an underscore or in another script are accepted.
+        """
+        config = parse("--nodes", "http://web_1:8080,http://b\u00fccher.example/%C3%A9")
+        self.assertEqual([n.host for n in config.nodes], ["web_1", "b\u00fccher.example"])
+        self.assertEqual(config.nodes[1].base_path, b"/%C3%A9")
+
     def test_one_bad_node_among_good(self) -> None:
         """
         One bad URL in the list is named, not a good one.
