@@ -301,7 +301,10 @@ class NodeTLSCreator:
         self._check_name = _name_checker(name, self._is_ip)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        # getContext() builds the options' context once and caches it; this is
+        # what CertificateOptions.clientConnectionForTLS does on Twisted 26,
+        # spelled so that older Twisted (PyPy's) works too.
+        connection = SSL.Connection(self._options.getContext(), None)
         connection.set_app_data(tlsProtocol)
         if self._sni is not None:
             connection.set_tlsext_host_name(self._sni)

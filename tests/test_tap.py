@@ -22,6 +22,7 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+import twisted
 from rrlb import tap
 from rrlb.health import HealthChecker
 from rrlb.pool import Pool
@@ -216,6 +217,12 @@ class DemoTests(unittest.TestCase):
         self.assertTrue(all(n.in_rotation for n in pool.nodes))
 
 
+# twistd prints a usage error and then exits 1 only since Twisted 26; the
+# Twisted that PyPy 3.9 gets (25.5) returns 0 after printing it. The line and
+# the absence of a traceback are rrlb's; the exit code there is Twisted's.
+TWISTD_EXITS_ON_USAGE_ERROR = twisted.version.major >= 26
+
+
 class CommandLineTests(unittest.TestCase):
     """
     The real command lines, as subprocesses.
@@ -230,7 +237,8 @@ class CommandLineTests(unittest.TestCase):
         """
         out, err, code = result
         text = (out + err).decode("utf-8", "replace")
-        self.assertNotEqual(code, 0, text)
+        if TWISTD_EXITS_ON_USAGE_ERROR or "Usage:" not in text:
+            self.assertNotEqual(code, 0, text)
         self.assertNotIn("Traceback", text)
         lines = [line for line in text.splitlines() if all(n in line for n in needles)]
         self.assertEqual(len(lines), 1, f"{program}: {text}")
