@@ -819,7 +819,7 @@ def _tls_endpoint(
 @dataclass
 class BalancerTLS:
     """
-    All of rrlb's TLS in one place, for L{rrlb.tap.BalancerService}: the node
+    All of rrlb's TLS in one place, for L{rrlb.service.BalancerService}: the node
     creators and the listeners whose certificates it reloads.
     """
 

@@ -54,7 +54,8 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from rrlb.config import Config
-from rrlb.tap import BalancerService, Options, makeService
+from rrlb.service import BalancerService
+from rrlb.tap import Options, makeService
 
 # Bounded waits: long enough for a loaded CI machine, short enough that a
 # hang fails the test well before trial's own two-minute timeout.

@@ -1,6 +1,6 @@
 """
 Tests for the drain at shutdown: L{rrlb.drain.Drain} on a L{task.Clock},
-L{rrlb.tap.BalancerService.stopService} over real loopback sockets, and a
+L{rrlb.service.BalancerService.stopService} over real loopback sockets, and a
 real rrlb process stopped with SIGTERM and SIGINT.
 """
 
@@ -16,7 +16,8 @@ from twisted.web.client import ResponseFailed
 
 from rrlb.config import build_config
 from rrlb.drain import DRAIN_POLL, Drain
-from rrlb.tap import BalancerService, Options
+from rrlb.service import BalancerService
+from rrlb.tap import Options
 from tests.daemon import start_daemon
 from tests.helpers import (
     LOOPBACK,

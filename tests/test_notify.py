@@ -26,7 +26,7 @@ from rrlb.notify import (
     watchdog_interval,
 )
 from rrlb.pool import Pool
-from rrlb.tap import BalancerService
+from rrlb.service import BalancerService
 from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,

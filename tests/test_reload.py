@@ -1,5 +1,5 @@
 """
-Tests for live reload: L{rrlb.tap.BalancerService.reload} re-reads the
+Tests for live reload: L{rrlb.service.BalancerService.reload} re-reads the
 C{--config} file and applies it to a running balancer over real loopback
 sockets, without failing a request; a bad file is kept out; C{SIGHUP}
 triggers it.
@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from rrlb.tap import BalancerService, Options
+from rrlb.service import BalancerService
+from rrlb.tap import Options
 from tests.helpers import (
     LOOPBACK,
     Balancer,

@@ -26,6 +26,7 @@ import twisted
 from rrlb import tap
 from rrlb.health import HealthChecker
 from rrlb.pool import Pool
+from rrlb.service import BalancerService
 
 from .helpers import (
     LOOPBACK,
@@ -123,7 +124,7 @@ class PluginTests(unittest.TestCase):
             ]
         )
         service = maker.makeService(options)
-        self.assertIsInstance(service, tap.BalancerService)
+        self.assertIsInstance(service, BalancerService)
         self.assertFalse(service.running)
         self.assertIsInstance(service.pool, Pool)
         self.assertEqual(

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from rrlb.tap import DEFAULT_BACKLOG, with_default_backlog
+from rrlb.service import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool, UpstreamProtocol
 from tests.test_wire import (
     BackendConnection,

@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rrlb.tap import BalancerService, Options, makeService
+from rrlb.service import BalancerService
+from rrlb.tap import Options, makeService
 
 reactor: Any = _global_reactor
 

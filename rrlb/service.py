@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_tap -*-
+"""
+The balancer's service tree: L{BalancerService} owns the running
+configuration and every piece built from it (pool, upstream connections,
+proxy, listeners, health checker, admin, access log, systemd notifications),
+applies a new configuration in one place (start-up, demo backends, SIGHUP),
+and drains in-flight requests at shutdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.client import Agent
+
+from rrlb.accesslog import AccessLog
+from rrlb.admin import AdminSite
+from rrlb.config import Config, ConfigError, parse_node
+from rrlb.demo import DemoBackends
+from rrlb.drain import Drain
+from rrlb.health import HealthChecker, QuietConnectionPool
+from rrlb.metrics import Metrics
+from rrlb.notify import SystemdNotify
+from rrlb.pool import Node, Pool
+from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
+from rrlb.tls import BalancerTLS
+from rrlb.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from rrlb.tap import Options
+
+
+# How often nodes removed by a reload are looked at until their last
+# in-flight request has finished.
+RETIRED_POLL = 1.0
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listener whose failure to listen at start-up (port in use, no
+    permission, no such directory) stops rrlb with one line naming the
+    setting, rather than a traceback from the service machinery.
+    """
+
+    setting = "cannot listen"
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            # SystemExit prints its message and exits 1, under twistd and twist.
+            raise SystemExit(f"{self.setting}: {e}") from None
+
+
+# nginx's listen backlog. Twisted's default of 50 overflows when a few
+# hundred clients connect at once, and each overflow costs a client a
+# retransmitted SYN (a second or more of latency).
+DEFAULT_BACKLOG = 511
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    A TCP or TLS listen description with C{backlog=511} unless it names one.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
+class BalancerService(MultiService):
+    """
+    The whole balancer: owns the current L{Config} and applies a new one to
+    the pool, the checker, the upstream connections and the proxy in one
+    place (start-up, demo backends coming up, reload).
+
+    @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}
+        and C{WATCHDOG_USEC} (none by default: no notifications).
+    @param pid: this process's id, for C{WATCHDOG_PID}.
+    @param handle_signals: reload on C{SIGHUP} while running (only for the
+        real reactor in the real process; see L{makeService}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        options: Optional[Options] = None,
+        environ: Optional[Mapping[str, str]] = None,
+        pid: int = 0,
+        handle_signals: bool = False,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.options = options
+        self.config = config
+        self.handle_signals = handle_signals
+        self._previous_sighup: Any = None
+        self._held_signals: dict[int, Any] = {}
+        self.stopping = False
+        self._stopping_d: Optional[defer.Deferred[Any]] = None
+        self.drain: Optional[Drain] = None
+        # Nodes a reload removed that still have requests in flight.
+        self.retired: list[Node] = []
+        self._retired_call: Any = None
+        self.pool = Pool(config.nodes, config.health.rise, config.health.fall)
+        # Node creators are built once per node here and on apply(), never
+        # per request; traffic and health probes share them.
+        self.tls = BalancerTLS()
+        self.tls.prepare(config, config.nodes)()
+        self.upstream = UpstreamPool(
+            reactor,
+            connect_timeout=config.connect_timeout,
+            timeout=config.timeout,
+            max_idle_per_node=config.max_idle_per_node,
+            tls_creator=self.tls.nodes,
+        )
+        self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
+        self.site = ProxySite(self.proxy, reactor=reactor)
+        self.health_agent = Agent(
+            reactor,
+            contextFactory=self.tls.nodes.policy,
+            pool=QuietConnectionPool(reactor, persistent=False),
+            connectTimeout=config.health.timeout,
+        )
+        self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
+        self.metrics = Metrics(
+            self.pool,
+            reactor,
+            stats=self.proxy.stats,
+            checker=self.checker,
+            connections=lambda: len(getattr(self.site, "channels", ())),
+            upstream_connections=lambda: self.upstream.connection_count,
+        )
+        self.demo_nodes: tuple[Any, ...] = ()
+        if config.demo:
+            DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
+        self.checker.setServiceParent(self)
+        self.listeners = []
+        for description in config.listen:
+            listener = Listener(
+                self.tls.listen_endpoint(reactor, with_default_backlog(description), config),
+                self.site,
+            )
+            listener.setting = f"--listen: cannot listen on {description!r}"
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        self.admin_listener: Optional[Listener] = None
+        if config.admin:
+            self.admin_listener = Listener(
+                serverFromString(reactor, config.admin),
+                AdminSite(self.pool, self.metrics, reactor=reactor),
+            )
+            self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
+            self.admin_listener._raiseSynchronously = True
+            self.admin_listener.setServiceParent(self)
+            kind = config.admin.split(":", 1)[0]
+            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
+                self.log.warn(
+                    "the admin endpoint {admin} listens on every interface and has no"
+                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
+                    admin=config.admin,
+                    kind=kind,
+                )
+        self.access_log: Optional[AccessLog] = None
+        self._apply_access_log(config)
+        self.notify = SystemdNotify(reactor, self.pool, environ or {}, pid)
+        self.notify.setServiceParent(self)
+
+    @staticmethod
+    def proxy_settings(config: Config) -> ProxySettings:
+        return ProxySettings(
+            node_host=config.node_host,
+            retry_after=max(1, int(config.health.interval + 0.999)),
+        )
+
+    def _demo_ready(self, urls: list[str]) -> None:
+        self.demo_nodes = tuple(parse_node(u, "--demo") for u in urls)
+        self.apply(self.config)
+        self.notify.send_status()
+
+    def apply(self, config: Config) -> None:
+        """
+        Make C{config} the running configuration. Nodes that stay keep their
+        health state and pooled connections (unless their TLS settings
+        changed). Every TLS certificate, key and CA file is read again.
+
+        @raise ConfigError: a TLS file cannot be used; nothing was changed.
+        """
+        nodes = config.nodes + tuple(
+            n for n in self.demo_nodes if n.key not in {c.key for c in config.nodes}
+        )
+        commit_tls = self.tls.prepare(config, nodes)
+        for key in commit_tls():
+            self.upstream.drop_node(key)
+        _, removed = self.pool.update(nodes)
+        for node in removed:
+            self.upstream.drop_node(node.key)
+        self._retire(removed)
+        self.upstream.connect_timeout = config.connect_timeout
+        self.upstream.timeout = config.timeout
+        self.upstream.max_idle_per_node = config.max_idle_per_node
+        self.proxy.settings = self.proxy_settings(config)
+        self.checker.update(config.health)
+        self._apply_access_log(config)
+        if config.admin != self.config.admin:
+            self.log.warn("the admin endpoint changes only with a restart")
+        self.config = dataclasses.replace(config)
+
+    def _apply_access_log(self, config: Config) -> None:
+        """
+        Start, switch or stop the access log. A running one is reopened,
+        so a reload also follows a log file that logrotate moved away.
+        """
+        access_log = self.access_log
+        if config.access_log is None:
+            if access_log is not None:
+                self.access_log = self.metrics.access_log = None
+                access_log.disownServiceParent()
+        elif access_log is None:
+            access_log = AccessLog(config.access_log, config.access_log_format, self.reactor)
+            self.access_log = self.metrics.access_log = access_log
+            access_log.setServiceParent(self)
+        else:
+            access_log.reopen(config.access_log, config.access_log_format)
+        # Requests are counted only when something reads the counts.
+        observed = self.access_log is not None or self.admin_listener is not None
+        self.site.access_log = self.metrics.record if observed else None
+
+    # -- reload -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """
+        Re-read the configuration (the C{--config} file with the same
+        command-line overrides) and apply it. A configuration that fails
+        validation is rejected with one log line and the running one stays.
+
+        @return: whether the new configuration was applied.
+        """
+        if not self.running or self.stopping:
+            self.log.info("reload ignored: rrlb is stopping")
+            return False
+        self.notify.reloading()
+        try:
+            if self.options is None:
+                raise ConfigError("no command line to reload from")
+            config = self.options.load()
+        except ConfigError as e:
+            self.log.error(
+                "reload rejected: {error}; keeping the running configuration", error=str(e)
+            )
+            self.notify.note = "last reload rejected, see the log"
+            self.notify.reloaded()
+            return False
+        if config.listen != self.config.listen:
+            self.log.warn(
+                "reload: listen endpoints changed ({old} -> {new}); restart rrlb to apply them",
+                old=", ".join(self.config.listen),
+                new=", ".join(config.listen),
+            )
+            config = dataclasses.replace(config, listen=self.config.listen)
+        before = {n.key for n in self.pool.nodes}
+        try:
+            self.apply(config)
+        except Exception:
+            self.log.failure("reload failed while applying the new configuration")
+            self.notify.note = "last reload failed, see the log"
+            self.notify.reloaded()
+            return False
+        after = {n.key for n in self.pool.nodes}
+        self.log.info(
+            "configuration reloaded: {count} nodes ({added} added, {removed} removed)",
+            count=len(after),
+            added=len(after - before),
+            removed=len(before - after),
+        )
+        self.notify.note = ""
+        self.notify.reloaded()
+        return True
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # A signal handler runs between two bytecodes of whatever the reactor
+        # was doing: hand the reload to the reactor's own turn.
+        self.reactor.callFromThread(self.reload)
+
+    def _install_signals(self) -> None:
+        if not self.handle_signals or self._previous_sighup is not None:
+            return
+        try:
+            previous = signal.signal(signal.SIGHUP, self._sighup)
+        except (ValueError, OSError, AttributeError) as e:
+            self.log.warn("cannot handle SIGHUP, so no reload on it: {error}", error=e)
+            return
+        self._previous_sighup = signal.SIG_DFL if previous is None else previous
+
+    def _restore_signals(self) -> None:
+        previous, self._previous_sighup = self._previous_sighup, None
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+
+    def _hold_signals(self) -> None:
+        """
+        While draining, a second SIGTERM or SIGINT only says so: Twisted's
+        own handler would try to stop the stopping reactor and log a
+        traceback.
+        """
+        if not self.handle_signals:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.signal(signum, self._signal_while_draining)
+            except (ValueError, OSError):
+                continue
+            self._held_signals[signum] = signal.SIG_DFL if previous is None else previous
+
+    def _release_signals(self) -> None:
+        held, self._held_signals = self._held_signals, {}
+        for signum, previous in held.items():
+            signal.signal(signum, previous)
+
+    def _signal_while_draining(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._log_signal_while_draining, signum)
+
+    def _log_signal_while_draining(self, signum: int) -> None:
+        self.log.warn(
+            "received {signal} while draining {connections} connections;"
+            " still waiting (SIGKILL stops at once)",
+            signal=signal.Signals(signum).name,
+            connections=len(self.site.channels),
+        )
+
+    def _retire(self, removed: list[Node]) -> None:
+        """
+        Keep track of removed nodes until their in-flight requests are done,
+        then close the connections those requests gave back to the pool.
+        """
+        for node in removed:
+            if node.in_flight > 0:
+                self.log.info(
+                    "node {node} removed; {count} requests in flight will finish",
+                    node=node.url,
+                    count=node.in_flight,
+                )
+                self.retired.append(node)
+            else:
+                self.log.info("node {node} removed", node=node.url)
+        if self.retired and self._retired_call is None:
+            self._retired_call = self.reactor.callLater(RETIRED_POLL, self._sweep_retired)
+
+    def _sweep_retired(self) -> None:
+        self._retired_call = None
+        remaining = []
+        for node in self.retired:
+            if node.in_flight > 0:
+                remaining.append(node)
+            elif self.pool.get(node.key) is None:
+                self.upstream.drop_node(node.key)
+                self.log.info("node {node} removed; its last request finished", node=node.url)
+        self.retired = remaining
+        if remaining:
+            self._retired_call = self.reactor.callLater(RETIRED_POLL, self._sweep_retired)
+
+    # -- start and stop -------------------------------------------------------
+
+    def in_flight(self) -> int:
+        """
+        Requests being forwarded now, including those of removed nodes.
+        """
+        return sum(n.in_flight for n in self.pool.nodes) + sum(n.in_flight for n in self.retired)
+
+    def _listening(self, service: Any = None) -> Iterator[defer.Deferred[Any]]:
+        for child in service if service is not None else self:
+            if isinstance(child, StreamServerEndpointService):
+                if child._waitingForPort is not None:
+                    yield child._waitingForPort
+            elif isinstance(child, MultiService):
+                yield from self._listening(child)
+
+    def startService(self) -> None:
+        self.stopping = False
+        super().startService()
+        self._install_signals()
+        listening = list(self._listening())
+        # twistd starts services before the reactor runs and installs its
+        # SIGTERM/SIGINT handlers: tell systemd READY=1 only once it does.
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is None:
+            self.notify.ready_when(listening)
+        else:
+            when_running(self.notify.ready_when, listening)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop accepting, let in-flight requests finish (up to the drain
+        timeout), then stop everything and close the upstream connections.
+        """
+        if self._stopping_d is not None:
+            # Already stopping (say SIGTERM, then SIGINT): wait for that one.
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def also(result: Any) -> Any:
+                waiter.callback(None)
+                return result
+
+            self._stopping_d.addBoth(also)
+            return waiter
+        self.stopping = True
+        self._restore_signals()
+        self._hold_signals()
+        timeout = self.config.drain_timeout
+        self.notify.stopping(
+            f"stopping: draining {len(self.site.channels)} connections for up to {timeout:g}s"
+        )
+        stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
+        self._stopping_d = d
+        d.addCallback(lambda _: self._drain(timeout))
+        d.addBoth(lambda _: super(BalancerService, self).stopService())
+        d.addBoth(lambda _: self.upstream.close())
+        d.addBoth(self._stopped)
+        return d
+
+    def _drain(self, timeout: float) -> defer.Deferred[Any]:
+        self.drain = drain = Drain(self.reactor, self.site, timeout)
+        busy = bool(self.site.channels)
+        if busy:
+            self.log.info(
+                "stopped accepting; waiting up to {timeout}s for {connections} open"
+                " connections ({requests} requests in flight)",
+                timeout=timeout,
+                connections=len(self.site.channels),
+                requests=self.in_flight(),
+            )
+
+        def drained(cut: int) -> None:
+            self.drain = None
+            if cut:
+                self.log.warn(
+                    "drain timeout: closed {cut} connections still busy after {timeout}s",
+                    cut=cut,
+                    timeout=timeout,
+                )
+            elif busy:
+                self.log.info(
+                    "drained: every connection finished in {elapsed:.2f}s",
+                    elapsed=drain.elapsed,
+                )
+
+        return drain.start().addCallback(drained)
+
+    def _stopped(self, result: Any) -> None:
+        self._stopping_d = None
+        self._release_signals()
+        if self._retired_call is not None and self._retired_call.active():
+            self._retired_call.cancel()
+        self._retired_call = None
+        self.retired = []
+        # twistd re-raises SIGTERM/SIGINT on itself after the reactor stops,
+        # so the process would die "killed by SIGTERM". A drained shutdown is
+        # a clean exit: exit 0 instead.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
