@@ -347,10 +347,10 @@ def parse_listen(value: Any) -> tuple[str, ...]:
     return tuple(_string("listen", v) for v in value)
 
 
-def parse_access_log_format(value: Any) -> str:
+def parse_access_log_format(value: Any, name: str = "access_log_format") -> str:
     if value not in ACCESS_LOG_FORMATS:
         raise ConfigError(
-            f"access_log_format must be one of {', '.join(ACCESS_LOG_FORMATS)}, not {value!r}"
+            f"{name} must be one of {', '.join(ACCESS_LOG_FORMATS)}, not {value!r}"
         )
     return str(value)
 

@@ -54,7 +54,6 @@ _SKIP_REQUEST = frozenset(
 )
 
 
-
 @dataclass(frozen=True)
 class ProxySettings:
     """
@@ -90,6 +89,13 @@ def error_response(request: Any, code: int, text: str, headers: Any = ()) -> Non
     request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
     request.write(body)
     request.finish()
+
+
+def _text(value: bytes) -> str:
+    """
+    Request bytes for a log line (only ever formatted when something failed).
+    """
+    return value.decode("latin-1")[:200]
 
 
 def split_target(uri: bytes) -> tuple[Optional[bytes], bytes]:
@@ -299,8 +305,8 @@ class ProxyExchange:
                 log.warn(
                     "node {node} dropped the connection mid-response to {method} {uri}: {why}",
                     node=self.node.url,
-                    method=self.request.method,
-                    uri=self.request.uri,
+                    method=_text(self.request.method),
+                    uri=_text(self.request.uri),
                     why=describe_failure(reason),
                 )
                 self._end(ok=False)
@@ -334,8 +340,8 @@ class ProxyExchange:
             if other is not None:
                 log.info(
                     "retrying {method} {uri} on {other}: {node} failed: {why}",
-                    method=self.request.method,
-                    uri=self.request.uri,
+                    method=_text(self.request.method),
+                    uri=_text(self.request.uri),
                     other=other.url,
                     node=node.url,
                     why=why,
@@ -350,8 +356,8 @@ class ProxyExchange:
         log.info(
             "{node} failed for {method} {uri}: {why}",
             node=node.url,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_text(self.request.method),
+            uri=_text(self.request.uri),
             why=why,
         )
         self._end(ok=False)
@@ -379,6 +385,10 @@ class ProxyExchange:
         # The upstream parser already keyed the headers by canonical name and
         # refused CR, LF and NUL, which is what Headers.addRawHeader checks:
         # hand the dict over whole instead of re-adding it value by value.
+        closing = request.responseHeaders._rawHeaders.get(b"Connection")
+        if closing is not None:
+            # Twisted's own "Connection: close" for a client that asked for it.
+            headers[b"Connection"] = closing
         request.responseHeaders._rawHeaders = headers
         if has_body:
             request.registerProducer(self, True)
@@ -409,8 +419,8 @@ class ProxyExchange:
             # The client stopped reading, not the node.
             log.info(
                 "client stopped reading {method} {uri} for {timeout}s; closing it",
-                method=self.request.method,
-                uri=self.request.uri,
+                method=_text(self.request.method),
+                uri=_text(self.request.uri),
                 timeout=self.proxy.upstream.send_timeout,
             )
             self._end(ok=False)
@@ -422,8 +432,8 @@ class ProxyExchange:
             "{node} made no progress for {timeout}s on {method} {uri}",
             node=node.url,
             timeout=self.proxy.upstream.timeout,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_text(self.request.method),
+            uri=_text(self.request.uri),
         )
         if self.responded:
             self._end(ok=False)
@@ -585,7 +595,9 @@ class ProxyRequest(server.Request):
             self.processingFailed(Failure())
 
     def processingFailed(self, reason: Failure) -> None:
-        log.failure("proxying {method} {uri}", reason, method=self.method, uri=self.uri)
+        log.failure(
+            "proxying {method} {uri}", reason, method=_text(self.method), uri=_text(self.uri)
+        )
         exchange = self.exchange
         if exchange is not None and not exchange.finished:
             exchange.client_gone()
@@ -661,6 +673,16 @@ class ProxyChannel(http.HTTPChannel):
                 cls_write(self, version, code, reason, headers)
 
             self.writeHeaders = write_closing  # type: ignore[method-assign]
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        # Twisted splits Connection on spaces, so "close, X-Hop" is missed.
+        connection = request.requestHeaders.getRawHeaders(b"Connection")
+        if version != b"HTTP/1.1":
+            return False
+        if connection and b"close" in connection_tokens(connection):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         parts = [version, b" ", code, b" ", reason, b"\r\n"]

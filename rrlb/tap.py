@@ -157,7 +157,7 @@ class Options(usage.Options):
             None,
             None,
             "Access log format: combined or json (default: combined).",
-            _coerce(lambda name, v: parse_access_log_format(v), "--access-log-format"),
+            _coerce(lambda name, v: parse_access_log_format(v, name), "--access-log-format"),
         ],
         [
             "admin",

@@ -863,6 +863,10 @@ def check_tls(config: Config) -> None:
 
     @raise ConfigError: naming the setting and the file.
     """
+    if config.tls.ca_file:
+        # Read even when no node is https now: a reload may add one, and a
+        # wrong path should be caught where it was typed.
+        load_certificates("--ca-file/tls.ca_file", config.tls.ca_file)
     NodeTLSClients().prepare(config.nodes)
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)

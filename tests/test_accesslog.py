@@ -398,7 +398,7 @@ class AccessLogOptionsTests(unittest.TestCase):
         An unknown format is refused with a line naming the option.
         """
         message = parse_error("--nodes", "http://127.0.0.1:9", "--access-log-format", "xml")
-        self.assertIn("access_log_format must be one of combined, json", message)
+        self.assertIn("--access-log-format must be one of combined, json", message)
 
     def test_unwritable_path(self) -> None:
         """

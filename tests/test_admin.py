@@ -466,7 +466,9 @@ class PageTests(AdminCase):
         """
         Error text from a node is escaped in the page.
         """
-        await self.start()
+        await self.start("--health-interval", "3600")
+        # Let the first probe round land first, or it clears the error below.
+        await wait_until(lambda: all(n.last_check for n in self.pool.nodes))
         self.pool.nodes[0].last_error = "<script>alert(1)</script>"
         page = (await self.get("/")).body.decode("utf-8")
         self.assertNotIn("<script>alert", page)

@@ -173,6 +173,21 @@ class OptionErrorTests(unittest.TestCase, ConfigErrorAssertions):
         for url in ("http://a:99999", "http://a:port", "http://a:0"):
             self.assertClearError(parse_error("--nodes", url), "--nodes", repr(url))
 
+    def test_missing_ca_file(self) -> None:
+        """
+        A --ca-file that cannot be read stops start-up even when no node is
+        https yet, naming the setting and the file.
+        """
+        message = parse_error("--nodes", "http://a", "--ca-file", "/nonexistent/ca.pem")
+        self.assertClearError(message, "--ca-file", "/nonexistent/ca.pem")
+
+    def test_bad_access_log_format(self) -> None:
+        """
+        A bad --access-log-format is named as the option, with the value.
+        """
+        message = parse_error("--nodes", "http://a", "--access-log-format", "xml")
+        self.assertClearError(message, "--access-log-format", "'xml'")
+
     def test_node_unusable_characters(self) -> None:
         """
         A host or base path with characters that would break the request

@@ -193,3 +193,33 @@ class StalledClientTests(WireCase):
         client.on_data = lambda c: c.data.clear()
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, "the client to be closed")
+
+
+class ConnectionCloseTests(WireCase):
+    """
+    A client's C{Connection: close} is honoured whatever other options the
+    header names (Twisted's own check splits it on spaces only).
+    """
+
+    async def test_close_among_other_options(self) -> None:
+        """
+        C{Connection: close, X-Hop}: the response says C{Connection: close},
+        the connection is closed after it, and X-Hop is not forwarded.
+        """
+        seen: list[RecordedRequest] = []
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> bytes:
+            seen.append(request)
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+        backend = await self.backend(handler)
+        _, port = await self.balancer([backend.url])
+        for value in (b"close, X-Hop", b"close,X-Hop", b"X-Hop, close"):
+            client = await self.client(port)
+            client.send(get(b"/", b"h", b"Connection: " + value, b"X-Hop: 1"))
+            result = await client.response()
+            assert result is not None
+            self.assertEqual(result.code, 200)
+            self.assertEqual(result.header(b"Connection"), [b"close"])
+            await wait_for(lambda c=client: c.closed, "rrlb to close the connection")
+        self.assertEqual([r.header(b"X-Hop") for r in seen], [[], [], []])
