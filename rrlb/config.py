@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 import yaml
@@ -493,7 +493,3 @@ def build_config(
     if require_nodes and not config.nodes:
         raise ConfigError("nodes: no nodes given (use --nodes URL[,URL...] or nodes: in --config)")
     return config
-
-
-def node_urls(nodes: Sequence[NodeSpec]) -> list[str]:
-    return [n.url for n in nodes]

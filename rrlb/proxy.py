@@ -148,7 +148,6 @@ class ProxyExchange:
         "target",
         "host",
         "body",
-        "body_size",
         "upstream",
         "connector",
         "responded",
@@ -181,7 +180,6 @@ class ProxyExchange:
         self.stale_retry = False
         self.paused = False
         self.body: Any = None
-        self.body_size = 0
 
     # -- building the upstream request ---------------------------------------
 
@@ -244,7 +242,6 @@ class ProxyExchange:
             append(b"Content-Length: %d\r\n" % size)
         append(b"\r\n")
         self.head_tail = b"".join(parts)
-        self.body_size = size
         if size:
             self.body = content.read() if size <= 65536 else content
         return True
