@@ -274,8 +274,12 @@ class ProxyExchange:
     def connected(self, protocol: UpstreamProtocol, reused: bool) -> None:
         self.connector = None
         if self.finished:
-            # The client left while we were connecting.
-            self.proxy.upstream.release(protocol)
+            # The client left while we were connecting: keep the connection
+            # only if its node is still configured.
+            if self.proxy.pool.get(self.node.key) is self.node:
+                self.proxy.upstream.release(protocol)
+            else:
+                protocol.transport.loseConnection()
             return
         self.upstream = protocol
         self.stale_retry = reused
@@ -315,10 +319,17 @@ class ProxyExchange:
             self._bad_gateway(reason)
             return
         if self.stale_retry:
-            # A pooled connection the node closed between requests: nothing
-            # reached it, so try again on a fresh connection, whatever the method.
+            # A pooled connection that closed with no answer. One the node had
+            # closed before we wrote is caught before sending (any method
+            # then takes a fresh connection, see upstream._still_open); here
+            # the request went out, and the node may have acted on it, so
+            # only an idempotent one is sent again, on a fresh connection.
             self.stale_retry = False
-            self.connector = self.proxy.upstream.acquire(self.node, self, fresh=True)
+            if self.request.method in IDEMPOTENT:
+                self.connector = self.proxy.upstream.acquire(self.node, self, fresh=True)
+                return
+            # Not a sign the node is down: a keep-alive close raced the request.
+            self._failed(reason, passive=False)
             return
         self._failed(reason, passive=True)
 
@@ -348,7 +359,13 @@ class ProxyExchange:
                 self.proxy.stats.retries += 1
                 self.tried.append(other)
                 self.node = other
-                self.start()
+                try:
+                    self.start()
+                except Exception:
+                    # Say, no TLS context for the other node: answer, do not hang.
+                    log.failure("retrying on {node}", node=other.url)
+                    self._end(ok=False)
+                    error_response(self.request, 502, "the upstream node failed")
                 return
         log.info(
             "{node} failed for {method} {uri}: {why}",

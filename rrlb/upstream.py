@@ -23,9 +23,10 @@ The consumer (an I{exchange}) provides::
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -110,12 +111,15 @@ def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]
     lines = block.split(b"\r\n")
     status = lines[0].split(b" ", 2)
     version = status[0]
-    if len(status) < 2 or not version.startswith(b"HTTP/1.") or len(status[1]) != 3:
+    if (
+        len(status) < 2
+        or not version.startswith(b"HTTP/1.")
+        or len(status[1]) != 3
+        or not status[1].isdigit()
+        or not 100 <= int(status[1]) <= 599
+    ):
         raise BadResponse(f"bad status line {lines[0][:80]!r}")
-    try:
-        code = int(status[1])
-    except ValueError:
-        raise BadResponse(f"bad status line {lines[0][:80]!r}") from None
+    code = int(status[1])
     reason = status[2] if len(status) == 3 else b""
     headers: dict[bytes, list[bytes]] = {}
     encode = _nameEncoder.encode
@@ -159,6 +163,7 @@ class UpstreamProtocol(Protocol):
         self._got_response = False
         self._head_request = False
         self._body_sender: Optional[defer.Deferred[Any]] = None
+        self._file_sender: Optional[FileSender] = None
         self.paused = False
         self.idle_round = 0
         self.requests = 0
@@ -182,13 +187,27 @@ class UpstreamProtocol(Protocol):
             self.transport.write(head + body)
         else:
             self.transport.write(head)
-            self._body_sender = FileSender().beginFileTransfer(body, self.transport)
+            self._file_sender = FileSender()
+            self._body_sender = self._file_sender.beginFileTransfer(body, self.transport)
             self._body_sender.addBoth(self._body_sent)
 
     def _body_sent(self, result: Any) -> None:
         self._body_sender = None
+        self._file_sender = None
         if isinstance(result, Failure):
             self._keep_alive = False
+
+    def _stop_body(self) -> None:
+        """
+        Stop streaming the request body (the node answered, or the request
+        was dropped): the file may be closed before the sender would next
+        read it.
+        """
+        sender = self._file_sender
+        if sender is not None:
+            self._keep_alive = False
+            self.transport.unregisterProducer()
+            sender.stopProducing()
 
     # -- receiving ------------------------------------------------------------
 
@@ -196,7 +215,8 @@ class UpstreamProtocol(Protocol):
         exchange = self.exchange
         if exchange is None:
             # Bytes nobody asked for: the connection is not safe to reuse.
-            self.transport.loseConnection()
+            self.pool._forget_idle(self)
+            self.transport.abortConnection()
             return
         exchange.active = True
         state = self._state
@@ -283,6 +303,11 @@ class UpstreamProtocol(Protocol):
             b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         )
         has_body = not (self._head_request or code in (204, 304))
+        if has_body and other_coding:
+            # A coding rrlb cannot undo (gzip as a transfer coding): passing
+            # the body on without its Transfer-Encoding would corrupt it.
+            self._protocol_error("unsupported Transfer-Encoding from the node")
+            return
         if has_body:
             if chunked or other_coding:
                 # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
@@ -334,6 +359,11 @@ class UpstreamProtocol(Protocol):
             self.resume_reading()
         if self._keep_alive and self._body_sender is None and self.transport is not None:
             self.pool.release(self)
+        elif self._file_sender is not None:
+            # The node answered before taking the whole body: the rest of it
+            # is not wanted, and the connection cannot carry another request.
+            self._stop_body()
+            self.transport.abortConnection()
         else:
             self.transport.loseConnection()
         if exchange is not None:
@@ -368,8 +398,7 @@ class UpstreamProtocol(Protocol):
         self.exchange = None
         self._state = _IDLE
         self._keep_alive = False
-        if self._body_sender is not None:
-            self._body_sender.cancel()
+        self._stop_body()
         self.transport.abortConnection()
 
     # -- the connection -------------------------------------------------------
@@ -387,11 +416,37 @@ class UpstreamProtocol(Protocol):
         if exchange is None:
             return
         self.exchange = None
-        if self._state == _UNTIL_CLOSE:
+        self._stop_body()
+        if self._state == _UNTIL_CLOSE and reason.check(error.ConnectionDone):
+            # A body without a length ends with a clean close; a reset cuts it.
             self._state = _IDLE
             exchange.response_done()
         else:
             exchange.upstream_lost(reason, self._got_response)
+
+
+def _still_open(protocol: UpstreamProtocol) -> bool:
+    """
+    Whether an idle pooled connection can carry a request: not closing, and
+    no FIN (or stray byte) from the node waiting unread on its socket. A
+    one-byte MSG_PEEK costs one system call per reused connection and spares
+    sending a request on a connection the node already closed.
+    """
+    transport = protocol.transport
+    if transport is None or not protocol.connected or transport.disconnecting:
+        return False
+    sock = getattr(transport, "socket", None)
+    if sock is None:  # TLS: the TCP transport under the TLS protocol
+        sock = getattr(getattr(transport, "transport", None), "socket", None)
+    if sock is None:
+        return True
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing to read: open and quiet
+    except OSError:
+        return False
+    return False  # b"" is the node's FIN; anything else was never asked for
 
 
 class _ConnectFactory(ClientFactory):
@@ -473,9 +528,12 @@ class UpstreamPool:
         while idle:
             protocol = idle.pop()
             protocol.idle = False
-            if protocol.transport is not None and protocol.connected:
+            if _still_open(protocol):
                 exchange.connected(protocol, True)
                 return None
+            # The node closed it between requests (its FIN not read yet):
+            # nothing was sent on it, so any request may take a fresh one.
+            protocol.transport.abortConnection()
         factory = _ConnectFactory(self, node.key, exchange)
         self.new_connections += 1
         if node.scheme == "https":
@@ -543,6 +601,13 @@ class UpstreamPool:
         for protocol in self._idle.pop(key, []):
             protocol.idle = False
             protocol.transport.loseConnection()
+
+    def _forget_idle(self, protocol: UpstreamProtocol) -> None:
+        if protocol.idle:
+            protocol.idle = False
+            idle = self._idle.get(protocol.key)
+            if idle and protocol in idle:
+                idle.remove(protocol)
 
     def idle_count(self, key: str) -> int:
         return len(self._idle.get(key, ()))

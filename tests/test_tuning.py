@@ -61,6 +61,8 @@ class FakeTransport:
     Just enough of a transport for the pool's idle bookkeeping.
     """
 
+    disconnecting = False
+
     def __init__(self) -> None:
         self.closed = False
 

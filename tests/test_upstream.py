@@ -114,11 +114,40 @@ class ConnectionReuseTests(WireCase):
         self.assertTrue(service.pool.nodes[0].healthy)
         self.assertEqual(service.pool.nodes[0].failures, 0)
 
-    async def test_stale_connection_retried_whatever_the_method(self) -> None:
+    async def test_closed_idle_connection_not_used(self) -> None:
         """
-        A pooled connection that turns out closed when the next request is
-        sent on it (the node answers nothing) is replaced by a fresh one and
-        the request sent again, even a POST; no error, no failed check.
+        A node that closes a keep-alive connection right after answering:
+        the next request, a POST, goes out once on a fresh connection (the
+        closed one is never written to), with no error and no failed check.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> Any:
+            conn.transport.write(response(body=request.target))
+            conn.transport.loseConnection()
+            return None
+
+        backend = await self.backend(handler)
+        service, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(get(b"/first"))
+        first = await client.response()
+        client.send(post(b"/second", b"payload"))
+        second = await client.response()
+        assert first is not None and second is not None
+        self.assertEqual((second.code, second.body), (200, b"/second"))
+        self.assertEqual(len(backend.connections), 2)
+        targets = [r.target for c in backend.connections for r in c.requests]
+        self.assertEqual(targets, [b"/first", b"/second"])
+        node = service.pool.nodes[0]
+        self.assertEqual((node.failures, node.errors, node.healthy), (0, 0, True))
+
+    async def test_reused_connection_dropped_after_request(self) -> None:
+        """
+        A node that takes a request on a pooled connection and drops it with
+        no answer (a keep-alive close racing the request): a GET is sent
+        again on a fresh connection and answered; a POST is not sent again
+        (the node may have acted on it) and gets 502, and the node is not
+        counted as failing for it.
         """
 
         def handler(request: RecordedRequest, conn: BackendConnection) -> Any:
@@ -131,14 +160,20 @@ class ConnectionReuseTests(WireCase):
         service, port = await self.balancer([backend.url])
         client = await self.client(port)
         client.send(get(b"/first"))
-        first = await client.response()
-        client.send(post(b"/second", b"payload"))
-        second = await client.response()
-        assert first is not None and second is not None
-        self.assertEqual((second.code, second.body), (200, b"/second"))
-        self.assertEqual(len(backend.connections), 2)
+        await client.response()
+        client.send(get(b"/again"))
+        again = await client.response()
+        assert again is not None
+        self.assertEqual((again.code, again.body), (200, b"/again"))
+        client.send(post(b"/charge", b"payload"))
+        charged = await client.response()
+        assert charged is not None
+        self.assertEqual(charged.code, 502)
+        targets = [r.target for c in backend.connections for r in c.requests]
+        self.assertEqual(targets.count(b"/charge"), 1)
+        self.assertEqual(targets.count(b"/again"), 2)
         node = service.pool.nodes[0]
-        self.assertEqual((node.failures, node.errors, node.healthy), (0, 0, True))
+        self.assertEqual((node.failures, node.healthy), (0, True))
 
     async def test_idle_cap(self) -> None:
         """

@@ -1,0 +1,231 @@
+"""
+Nodes that misbehave in ways an exact proxy must not paper over: answering
+before reading a streamed body, cutting a close-delimited body with a reset,
+a transfer coding rrlb cannot undo, a nonsense status code, bytes nobody
+asked for on an idle pooled connection, and a POST a node took and dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.trial import unittest
+
+from rrlb.upstream import UpstreamPool, UpstreamProtocol, _ConnectFactory
+from tests.test_wire import (
+    LOOPBACK,
+    BackendConnection,
+    RecordedRequest,
+    WireCase,
+    get,
+    post,
+    reactor,
+    response,
+    sleep,
+)
+
+MB = 1024 * 1024
+
+
+class EarlyAnswer(Protocol):
+    """
+    Answers 413 as soon as a request head arrives, without reading the body;
+    optionally stops reading altogether.
+    """
+
+    def __init__(self, factory: EarlyAnswerFactory) -> None:
+        self.factory = factory
+        self.buffer = b""
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.answered and b"\r\n\r\n" in self.buffer:
+            self.answered = True
+            self.transport.write(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig")
+            if self.factory.stop_reading:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+
+class EarlyAnswerFactory(Factory):
+    def __init__(self, stop_reading: bool = False) -> None:
+        self.connections: list[EarlyAnswer] = []
+        self.stop_reading = stop_reading
+
+    def buildProtocol(self, addr: Any) -> EarlyAnswer:
+        return EarlyAnswer(self)
+
+
+class MisbehavingNodeTests(WireCase):
+    """
+    Over real loopback sockets.
+    """
+
+    async def early_node(self, stop_reading: bool = False) -> str:
+        factory = EarlyAnswerFactory(stop_reading)
+        port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(factory)
+
+        async def stop() -> None:
+            await port.stopListening()
+            for connection in factory.connections:
+                connection.transport.abortConnection()  # type: ignore[attr-defined]
+            await sleep(0.05)
+
+        self.addCleanup(stop)
+        return f"http://{LOOPBACK}:{port.getHost().port}"
+
+    async def test_early_answer_to_streamed_body(self) -> None:
+        """
+        A node that answers 413 before reading a 2 MB body (streamed from a
+        temporary file): the client gets the 413, and nothing fails inside
+        the reactor afterwards (the body sender is stopped before the request
+        closes its file).
+        """
+        url = await self.early_node()
+        _, port = await self.balancer([url])
+        result = await self.exchange(port, post(b"/up", os.urandom(2 * MB)))
+        assert result is not None
+        self.assertEqual(result.code, 413)
+        await sleep(0.3)
+        errors = self.flushLoggedErrors()
+        self.assertEqual(errors, [], [e.getTraceback() for e in errors])
+
+    async def test_early_answer_node_stops_reading(self) -> None:
+        """
+        A node that answers early and then reads nothing: its connection is
+        closed, not left open with half a body queued for it.
+        """
+        url = await self.early_node(stop_reading=True)
+        service, port = await self.balancer([url])
+        result = await self.exchange(port, post(b"/up", os.urandom(8 * MB)))
+        assert result is not None
+        self.assertEqual(result.code, 413)
+        for _ in range(40):
+            if service.upstream.connection_count == 0:
+                break
+            await sleep(0.05)
+        self.assertEqual(service.upstream.connection_count, 0)
+
+    async def test_close_delimited_body_cut_by_reset(self) -> None:
+        """
+        A body with no length that ends in a reset, not a clean close, is
+        not passed on as complete: the client's connection is closed without
+        the final chunk.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(b"HTTP/1.0 200 OK\r\n\r\npartial")
+            reactor.callLater(0.1, conn.transport.abortConnection)
+
+        backend = await self.backend(handler)
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(get(b"/"))
+        result = await client.response()
+        self.assertIsNone(result)
+        self.assertNotIn(b"0\r\n\r\n", bytes(client.data))
+
+    async def test_unknown_transfer_coding(self) -> None:
+        """
+        A transfer coding other than chunked (gzip) cannot be undone by rrlb,
+        and dropping the header would corrupt the body: 502.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZDATA")
+
+        backend = await self.backend(handler)
+        _, port = await self.balancer([backend.url])
+        result = await self.exchange(port, get(b"/"))
+        self.assertPlainTextError(result, 502)
+
+    async def test_nonsense_status_code(self) -> None:
+        """
+        Status codes that int() would take but HTTP does not (-10, +20,
+        1_0, 099, 600) give 502.
+        """
+        for code in (b"-10", b"+20", b"1_0", b"099", b"600"):
+            line = b"HTTP/1.1 " + code + b" Weird\r\nContent-Length: 2\r\n\r\nok"
+
+            def handler(
+                request: RecordedRequest, conn: BackendConnection, line: bytes = line
+            ) -> bytes:
+                return line
+
+            backend = await self.backend(handler)
+            _, port = await self.balancer([backend.url])
+            result = await self.exchange(port, get(b"/"))
+            self.assertPlainTextError(result, 502)
+
+    async def test_post_dropped_after_delay_not_resent(self) -> None:
+        """
+        A node that takes a POST on a pooled connection and closes it a
+        second later without answering: the POST reaches it once.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> Any:
+            if len(conn.requests) > 1:
+                reactor.callLater(1.0, conn.transport.loseConnection)
+                return None
+            return response(body=request.target)
+
+        backend = await self.backend(handler)
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(get(b"/first"))
+        await client.response()
+        client.send(post(b"/charge", b"payload"))
+        result = await client.response()
+        assert result is not None
+        self.assertEqual(result.code, 502)
+        targets = [r.target for c in backend.connections for r in c.requests]
+        self.assertEqual(targets.count(b"/charge"), 1)
+
+
+class Node:
+    key = "k"
+    scheme = "http"
+    host = "127.0.0.1"
+    port = 1
+
+
+class Exchange:
+    active = False
+
+    def __init__(self) -> None:
+        self.got: list[tuple[UpstreamProtocol, bool]] = []
+
+    def connected(self, protocol: UpstreamProtocol, reused: bool) -> None:
+        self.got.append((protocol, reused))
+
+
+class UnsolicitedBytesTests(unittest.TestCase):
+    """
+    An idle pooled connection that receives bytes nobody asked for.
+    """
+
+    def test_not_handed_out_again(self) -> None:
+        """
+        It is closed and taken out of the pool at once, so the next request
+        gets a new connection instead of a closing one.
+        """
+        reactor = MemoryReactor()
+        pool = UpstreamPool(reactor)
+        protocol = UpstreamProtocol(pool, "k")
+        protocol.factory = _ConnectFactory(pool, "k", None)  # type: ignore[attr-defined]
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        pool.release(protocol)
+        protocol.dataReceived(b"junk")
+        self.assertEqual(pool.idle_count("k"), 0)
+        exchange = Exchange()
+        pool.acquire(Node(), exchange)
+        self.assertEqual(exchange.got, [])
+        self.assertEqual(len(reactor.tcpClients), 1)
