@@ -768,6 +768,19 @@ class ListenerTLSTests(TLSCase):
 
         return await start_backend(self, "plain")
 
+    async def site_a_balancer(self, backend: Backend, *listen: str) -> tuple[Any, str, str]:
+        """
+        rrlb in front of C{backend}, listening on each of C{listen} with the
+        site_a certificate given as --tls-cert/--tls-key; returns the
+        balancer and the certificate and key files.
+        """
+        cert, key = self.write_pair("site", self.certs.site_a)
+        listeners = [arg for description in listen for arg in ("--listen", description)]
+        balancer = await start_balancer(
+            self, [backend.url], *PROBES, *listeners, "--tls-cert", cert, "--tls-key", key
+        )
+        return balancer, cert, key
+
     async def test_ssl_endpoint_syntax(self) -> None:
         """
         --listen ssl:PORT:privateKey=..:certKey=.. serves HTTPS, and the node
@@ -794,18 +807,7 @@ class ListenerTLSTests(TLSCase):
         to a real TLS client (the standard library's), TLS 1.2 or newer.
         """
         backend = await self.plain_backend()
-        cert, key = self.write_pair("site", self.certs.site_a)
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            *PROBES,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-        )
+        balancer, cert, key = await self.site_a_balancer(backend, "ssl:0:interface=127.0.0.1")
         served, version, response = await in_thread(balancer.port, self.ca_file, "a.test")
         self.assertEqual(served.serial_number, self.certs.site_a.cert.serial_number)
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
@@ -855,19 +857,8 @@ class ListenerTLSTests(TLSCase):
         and says X-Forwarded-Proto: http.
         """
         backend = await self.plain_backend()
-        cert, key = self.write_pair("site", self.certs.site_a)
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            *PROBES,
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
+        balancer, _, _ = await self.site_a_balancer(
+            backend, "tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"
         )
         code, _, _ = await https_or_http_get(self, balancer.url + "/")
         self.assertEqual(code, 200)
@@ -879,18 +870,7 @@ class ListenerTLSTests(TLSCase):
         AEAD suite works.
         """
         backend = await self.plain_backend()
-        cert, key = self.write_pair("site", self.certs.site_a)
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            *PROBES,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-        )
+        balancer, _, _ = await self.site_a_balancer(backend, "ssl:0:interface=127.0.0.1")
         ca = self.ca_file
         _, version, _ = await in_thread(
             balancer.port,
@@ -954,18 +934,7 @@ class ListenerTLSTests(TLSCase):
         makes new handshakes serve the new certificate.
         """
         backend = await self.plain_backend()
-        cert, key = self.write_pair("site", self.certs.site_a)
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            *PROBES,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-        )
+        balancer, cert, key = await self.site_a_balancer(backend, "ssl:0:interface=127.0.0.1")
         ca = self.ca_file
         served, _, _ = await in_thread(balancer.port, ca)
         self.assertEqual(served.serial_number, self.certs.site_a.cert.serial_number)
@@ -1005,18 +974,7 @@ class ListenerTLSTests(TLSCase):
         ConfigError and the running certificate stays.
         """
         backend = await self.plain_backend()
-        cert, key = self.write_pair("site", self.certs.site_a)
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            *PROBES,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-        )
+        balancer, cert, key = await self.site_a_balancer(backend, "ssl:0:interface=127.0.0.1")
         service = balancer.service
         assert service.options is not None
         config = service.options.load()
