@@ -32,6 +32,7 @@ from tests.test_wire import (
     get,
     post,
     reactor,
+    read_then_pause,
     response,
     sleep,
     wait_for,
@@ -399,15 +400,7 @@ class BackpressureTests(WireCase):
         backend = await self.backend(handler)
         _, port = await self.balancer([backend.url], "--timeout", "0.3")
         client = await self.client(port)
-        count = {"n": 0}
-
-        def on_data(c: RawClient) -> None:
-            if count["n"] == 0:
-                c.transport.pauseProducing()
-            count["n"] += len(c.data)
-            c.data.clear()
-
-        client.on_data = on_data
+        count = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
         await sleep(1.0)
@@ -437,15 +430,7 @@ class BackpressureTests(WireCase):
         backend = await self.backend(handler)
         service, port = await self.balancer([backend.url])
         client = await self.client(port)
-        received = {"n": 0}
-
-        def on_data(c: RawClient) -> None:
-            if not received["n"]:
-                c.transport.pauseProducing()
-            received["n"] += len(c.data)
-            c.data.clear()
-
-        client.on_data = on_data
+        received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
         (upstream,) = service.upstream._connections

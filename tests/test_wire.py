@@ -387,6 +387,23 @@ class RawClient(Protocol):
 # -- a test case with the three pieces -------------------------------------------
 
 
+def read_then_pause(client: RawClient) -> dict[str, int]:
+    """
+    Make C{client} a slow reader: it stops reading once the first bytes of
+    the response arrive. Returns the count of bytes it has taken, under "n".
+    """
+    received = {"n": 0}
+
+    def on_data(c: RawClient) -> None:
+        if not received["n"]:
+            c.transport.pauseProducing()
+        received["n"] += len(c.data)
+        c.data.clear()
+
+    client.on_data = on_data
+    return received
+
+
 class WireCase(unittest.TestCase):
     """
     Starts raw backends, the real rrlb service tree and raw clients, and
@@ -1215,15 +1232,7 @@ class FailureTests(WireCase):
         backend = await self.backend(handler)
         _, port = await self.balancer([backend.url])
         client = await self.client(port)
-        received = {"n": 0}
-
-        def on_data(c: RawClient) -> None:
-            if not received["n"]:
-                c.transport.pauseProducing()
-            received["n"] += len(c.data)
-            c.data.clear()
-
-        client.on_data = on_data
+        received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: received["n"], "the start of the response")
         await sleep(0.3)  # let rrlb's buffer to this client fill up
