@@ -8,15 +8,19 @@ setting and the bad value. No Twisted here: this module only parses.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 import yaml
 
 DEFAULT_LISTEN = ("tcp:8080",)
 MAX_WEIGHT = 256
+
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class ConfigError(ValueError):
@@ -120,6 +124,15 @@ class Config:
     drain_timeout: float = 30.0
     demo: int = 0
     tls: ListenTLS = field(default_factory=ListenTLS)
+    # Client limits (docs/security.md).
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 0
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 60.0
+    max_connections: int = 10000
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 # The command-line names of the settings that can come from either place,
@@ -138,6 +151,14 @@ _TOP_KEYS = frozenset(
         "admin",
         "drain_timeout",
         "tls",
+        "max_header_size",
+        "max_headers",
+        "max_body_size",
+        "client_header_timeout",
+        "client_body_timeout",
+        "keepalive_timeout",
+        "max_connections",
+        "trusted_proxies",
     }
 )
 _HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
@@ -190,6 +211,49 @@ def non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     raise ConfigError(f"{name} must be a whole number of at least 0, not {value!r}")
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def byte_size(name: str, value: Any) -> int:
+    """
+    A number of bytes, with an optional C{K}, C{M} or C{G} suffix (powers of
+    1024, as nginx reads them); 0 is allowed (no limit).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = value.strip().upper() if isinstance(value, str) else ""
+    if text.endswith("B") and text[-2:-1] in ("K", "M", "G"):
+        text = text[:-1]
+    unit = text[-1:] if text[-1:] in ("K", "M", "G") else ""
+    digits = text[: len(text) - len(unit)].strip()
+    if not digits.isdigit() or not digits.isascii():
+        raise ConfigError(
+            f"{name} must be a size in bytes, optionally with K, M or G (e.g. 10M), not {value!r}"
+        )
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
+    """
+    Networks in CIDR notation (a bare address is a /32 or /128): a list, or
+    one comma-separated string.
+    """
+    if isinstance(value, str):
+        value = [v for v in value.split(",")]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{name} must be a list of networks like 10.0.0.0/8, not {value!r}")
+    networks = []
+    for item in value:
+        text = item.strip() if isinstance(item, str) else item
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
+            ) from None
+    return tuple(networks)
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -457,6 +521,14 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = _string(key, value)
         elif key == "access_log_format":
             out[key] = parse_access_log_format(value)
+        elif key in ("max_header_size", "max_headers", "max_connections"):
+            out[key] = positive_int(key, value)
+        elif key == "max_body_size":
+            out[key] = byte_size(key, value)
+        elif key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
+            out[key] = positive_float(key, value)
+        elif key == "trusted_proxies":
+            out[key] = trusted_networks(key, value)
     return out
 
 

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from rrlb import __version__
+from rrlb.parser import CLIENT_ERROR_REASONS
 from rrlb.pool import DOWN, DRAINING, UP, Pool
 
 # Upper bounds (seconds) of the upstream latency histogram's buckets: the
@@ -91,6 +92,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, list[float]] = {}
         self.proxy_errors: dict[int, int] = dict.fromkeys(PROXY_ERRORS, 0)
+        self.client_errors: dict[str, int] = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
         self.access_log: Any = None
 
     # -- the request path ----------------------------------------------------
@@ -109,6 +111,9 @@ class Metrics:
             code = CLIENT_CLOSED
         exchange = request.exchange
         upstream_status = upstream_time = None
+        reason = request.client_error
+        if reason is not None:
+            self.client_errors[reason] = self.client_errors.get(reason, 0) + 1
         if exchange is None:
             key = NO_NODE
             url = None
@@ -141,7 +146,7 @@ class Metrics:
             access_log.append(
                 (
                     self.clock.seconds(),
-                    getattr(request.client, "host", None),
+                    request.real_client or getattr(request.client, "host", None),
                     method,
                     request.uri,
                     request.clientproto,
@@ -325,6 +330,17 @@ class RrlbCollector:
         for code, count in sorted(m.proxy_errors.items()):
             proxy_errors.add_metric([str(code)], count)
         yield proxy_errors
+        client_errors = CounterMetricFamily(
+            "rrlb_client_errors",
+            "Requests rrlb refused itself, by reason: a limit (header_too_large,"
+            " too_many_headers, uri_too_long, body_too_large), a timeout (header_timeout,"
+            " body_timeout) or a malformed request (bad_request, bad_framing,"
+            " unknown_coding, bad_version).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.client_errors.items()):
+            client_errors.add_metric([reason], count)
+        yield client_errors
 
         yield GaugeMetricFamily(
             "rrlb_client_connections", "Client connections open now.", value=m.connections()

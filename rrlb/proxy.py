@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from rrlb.channel import (
+    EDGE_UNTRUSTED,
+    ClientLimits,
+    ClientSite,
+    ProxyChannel,
+    error_response,
+)
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
@@ -65,30 +70,6 @@ class ProxySettings:
 
     node_host: bool = False
     retry_after: int = 1
-
-
-# RFC 9110's reason phrases where twisted.web still has RFC 2616's
-# ("Gateway Time-out").
-_PHRASES = {504: b"Gateway Timeout", 413: b"Content Too Large", 414: b"URI Too Long"}
-
-
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
-    """
-    Answer C{request} with a short plain-text error, unless its client is gone.
-    """
-    if request._disconnected or request.finished:
-        return
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
-    request.write(body)
-    request.finish()
 
 
 def _text(value: bytes) -> str:
@@ -217,6 +198,16 @@ class ProxyExchange:
             for value in values:
                 append(name + b": " + value + b"\r\n")
         xff = raw.get(b"X-Forwarded-For")
+        forwarded_host = self.host
+        edge = channel.edge
+        if edge:
+            # --trusted-proxies: rrlb is the edge. What an untrusted peer
+            # says of the client is dropped; a trusted one's is kept.
+            if edge == EDGE_UNTRUSTED:
+                xff = None
+            else:
+                proto = raw.get(b"X-Forwarded-Proto", (proto,))[-1]
+                forwarded_host = raw.get(b"X-Forwarded-Host", (forwarded_host,))[-1]
         if ip:
             xff_value = b", ".join(xff + [ip]) if xff else ip
         else:
@@ -224,7 +215,6 @@ class ProxyExchange:
         if xff_value is not None:
             append(b"X-Forwarded-For: " + xff_value + b"\r\n")
         append(b"X-Forwarded-Proto: " + proto + b"\r\n")
-        forwarded_host = self.host
         if forwarded_host is not None:
             append(b"X-Forwarded-Host: " + forwarded_host + b"\r\n")
         version = request.clientproto[5:] or b"1.1"
@@ -596,8 +586,23 @@ class ProxyRequest(server.Request):
     defaultContentType = None
     _parsePOSTFormSubmission = False
     exchange: Optional[ProxyExchange] = None
+    # The reason rrlb refused the request itself (see rrlb.parser), if it did.
+    client_error: Optional[str] = None
+    # The client behind trusted proxies (--trusted-proxies), if not the peer.
+    real_client: Optional[str] = None
 
     channel: Any
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # ProxyChannel has parsed and checked everything already; the
+        # proxy needs no query arguments or form parsing (Request's own
+        # version does both).
+        self.method = command
+        self.uri = path
+        self.clientproto = version
+        self.path = path.split(b"?", 1)[0]
+        self.args = {}
+        self.process()
 
     def process(self) -> None:
         self.site = self.channel.site
@@ -634,84 +639,11 @@ class ProxyRequest(server.Request):
             site.log(self)
 
 
-class ProxyChannel(http.HTTPChannel):
+class ProxySite(ClientSite):
     """
-    An HTTP/1.1 connection from a client.
-
-    It works out once per connection what every request on it forwards
-    (the scheme and the client address), and writes a response head as one
-    joined string rather than a sequence of some fifty small ones, which
-    Twisted checks piece by piece.
-    """
-
-    forwarded: tuple[bytes, bytes] = (b"http", b"")
-    transport: Any
-    site: ProxySite
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        host = getattr(self.transport.getPeer(), "host", None)
-        self.forwarded = (
-            b"https" if self.isSecure() else b"http",
-            host.encode("ascii") if isinstance(host, str) else b"",
-        )
-        channels = getattr(self.site, "channels", None)
-        if channels is not None:
-            channels.add(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        super().connectionLost(reason)
-        channels = getattr(self.site, "channels", None)
-        if channels is not None:
-            channels.discard(self)
-            if self.site.on_channel_lost is not None:
-                self.site.on_channel_lost()
-
-    def close_when_idle(self) -> None:
-        """
-        For a drain: close now if no request is in progress, else finish the
-        one in progress with C{Connection: close} and close after it.
-        """
-        if not self.requests:
-            self.loseConnection()
-            return
-        # allHeadersReceived sets persistent again for a request that was
-        # still arriving, so a drain calls this until the channel is gone.
-        self.persistent = False
-        if "writeHeaders" not in self.__dict__:
-            # Only a draining channel pays for the extra header.
-            cls_write = ProxyChannel.writeHeaders
-
-            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-                headers.setRawHeaders(b"Connection", [b"close"])
-                cls_write(self, version, code, reason, headers)
-
-            self.writeHeaders = write_closing  # type: ignore[method-assign]
-
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        # Twisted splits Connection on spaces, so "close, X-Hop" is missed.
-        connection = request.requestHeaders.getRawHeaders(b"Connection")
-        if version != b"HTTP/1.1":
-            return False
-        if connection and b"close" in connection_tokens(connection):
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            return False
-        return True
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        extend = parts.extend
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                extend((name, b": ", value, b"\r\n"))
-        parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
-
-
-class ProxySite(server.Site):
-    """
-    The listening side: L{ProxyRequest}s, and the access log handed in by
-    the service (none by default, which keeps the hot path free of it).
+    The listening side: L{ProxyChannel}s making L{ProxyRequest}s, the client
+    limits, and the access log handed in by the service (none by default,
+    which keeps the hot path free of it).
     """
 
     # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it.
@@ -720,13 +652,16 @@ class ProxySite(server.Site):
     displayTracebacks = False
 
     def __init__(
-        self, resource: RotatingProxy, access_log: Optional[Callable[[Any], None]] = None, **kw: Any
+        self,
+        resource: RotatingProxy,
+        access_log: Optional[Callable[[Any], None]] = None,
+        reactor: Any = None,
+        limits: ClientLimits = ClientLimits(),
     ) -> None:
-        server.Site.__init__(self, resource, **kw)
+        if reactor is None:
+            from twisted.internet import reactor
+        ClientSite.__init__(self, resource, reactor, limits)
         self.access_log = access_log
-        # Open client connections, for the drain at shutdown.
-        self.channels: set[ProxyChannel] = set()
-        self.on_channel_lost: Optional[Callable[[], None]] = None
 
     def log(self, request: Any) -> None:
         if self.access_log is not None:

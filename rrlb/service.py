@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -22,6 +22,7 @@ from twisted.web.client import Agent
 
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
+from rrlb.channel import ClientLimits
 from rrlb.config import Config, ConfigError, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.drain import Drain
@@ -50,6 +51,8 @@ class Listener(StreamServerEndpointService):
     """
 
     setting = "cannot listen"
+    # Called with the listening port once there is one.
+    on_port: Optional[Callable[[Any], Any]] = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -57,6 +60,8 @@ class Listener(StreamServerEndpointService):
         except Exception as e:
             # SystemExit prints its message and exits 1, under twistd and twist.
             raise SystemExit(f"{self.setting}: {e}") from None
+        if self.on_port is not None and self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self.on_port)
 
 
 # nginx's listen backlog. Twisted's default of 50 overflows when a few
@@ -125,7 +130,7 @@ class BalancerService(MultiService):
             tls_creator=self.tls.nodes,
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
-        self.site = ProxySite(self.proxy, reactor=reactor)
+        self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
         self.health_agent = Agent(
             reactor,
             contextFactory=self.tls.nodes.policy,
@@ -152,6 +157,7 @@ class BalancerService(MultiService):
                 self.site,
             )
             listener.setting = f"--listen: cannot listen on {description!r}"
+            listener.on_port = self.site.add_port
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -176,6 +182,19 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         self.notify = SystemdNotify(reactor, self.pool, environ or {}, pid)
         self.notify.setServiceParent(self)
+
+    @staticmethod
+    def client_limits(config: Config) -> ClientLimits:
+        return ClientLimits(
+            max_header_size=config.max_header_size,
+            max_headers=config.max_headers,
+            max_body_size=config.max_body_size,
+            header_timeout=config.client_header_timeout,
+            body_timeout=config.client_body_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            max_connections=config.max_connections,
+            trusted_proxies=config.trusted_proxies,
+        )
 
     @staticmethod
     def proxy_settings(config: Config) -> ProxySettings:
@@ -211,6 +230,7 @@ class BalancerService(MultiService):
         self.upstream.timeout = config.timeout
         self.upstream.max_idle_per_node = config.max_idle_per_node
         self.proxy.settings = self.proxy_settings(config)
+        self.site.set_limits(self.client_limits(config))
         self.checker.update(config.health)
         self._apply_access_log(config)
         if config.admin != self.config.admin:

@@ -15,16 +15,19 @@ from twisted.python import usage
 
 from rrlb import __version__
 from rrlb.accesslog import STDOUT
+from rrlb.channel import raise_fd_limit
 from rrlb.config import (
     Config,
     ConfigError,
     build_config,
+    byte_size,
     non_negative_int,
     parse_access_log_format,
     parse_health_path,
     parse_node,
     positive_float,
     positive_int,
+    trusted_networks,
 )
 from rrlb.notify import recover_listen_fds
 from rrlb.service import BalancerService
@@ -52,6 +55,14 @@ _TOP_OPTIONS = {
     "access-log-format": "access_log_format",
     "admin": "admin",
     "drain-timeout": "drain_timeout",
+    "max-header-size": "max_header_size",
+    "max-headers": "max_headers",
+    "max-body-size": "max_body_size",
+    "client-header-timeout": "client_header_timeout",
+    "client-body-timeout": "client_body_timeout",
+    "keepalive-timeout": "keepalive_timeout",
+    "max-connections": "max_connections",
+    "trusted-proxies": "trusted_proxies",
 }
 _HEALTH_OPTIONS = {
     "health-path": "path",
@@ -192,6 +203,66 @@ class Options(usage.Options):
             None,
             "PEM CA certificates that https nodes are verified against"
             " (default: the system trust store).",
+        ],
+        [
+            "max-header-size",
+            None,
+            None,
+            "Most bytes of a request line and its header lines; more gets 431"
+            " (default: 32768; a request line over 8192 gets 414).",
+            _coerce(positive_int, "--max-header-size"),
+        ],
+        [
+            "max-headers",
+            None,
+            None,
+            "Most header lines in a request; more gets 431 (default: 100).",
+            _coerce(positive_int, "--max-headers"),
+        ],
+        [
+            "max-body-size",
+            None,
+            None,
+            "Largest request body, in bytes or with K, M, G; more gets 413"
+            " (default: 0, no limit).",
+            _coerce(byte_size, "--max-body-size"),
+        ],
+        [
+            "client-header-timeout",
+            None,
+            None,
+            "Seconds a request head may take from its first byte; then 408 (default: 10).",
+            _coerce(positive_float, "--client-header-timeout"),
+        ],
+        [
+            "client-body-timeout",
+            None,
+            None,
+            "Seconds without a byte of the request body before 408 (default: 60).",
+            _coerce(positive_float, "--client-body-timeout"),
+        ],
+        [
+            "keepalive-timeout",
+            None,
+            None,
+            "Seconds an idle keep-alive client connection stays open (default: 60).",
+            _coerce(positive_float, "--keepalive-timeout"),
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections open at once; at the cap rrlb stops accepting"
+            " (default: 10000).",
+            _coerce(positive_int, "--max-connections"),
+        ],
+        [
+            "trusted-proxies",
+            None,
+            None,
+            "CIDR[,CIDR...]: proxies whose X-Forwarded-* headers are kept; from any"
+            " other peer they are replaced (default: unset, X-Forwarded-For is appended to).",
+            _coerce(trusted_networks, "--trusted-proxies"),
         ],
         [
             "demo",
@@ -341,6 +412,7 @@ def makeService(options: Options) -> BalancerService:
     """
     from twisted.internet import reactor
 
+    raise_fd_limit(options.config.max_connections)
     return BalancerService(
         options.config, reactor, options, environ=os.environ, pid=os.getpid(), handle_signals=True
     )

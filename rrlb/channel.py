@@ -1,0 +1,594 @@
+# -*- test-case-name: tests.test_limits,tests.test_framing -*-
+"""
+The client side of a connection: L{ProxyChannel} reads requests with the
+strict one-pass parser of L{rrlb.parser} instead of L{HTTPChannel}'s line
+by line parsing, and enforces the client limits (head size and count, body
+size, header, body and keep-alive timeouts); L{ClientSite} keeps the open
+channels, times them out in one sweep, and stops accepting at
+C{--max-connections}.
+
+Everything else of L{HTTPChannel} stays: L{twisted.web.http.Request}
+objects, response writing, and the backpressure between the transport and
+the request in progress.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+
+from rrlb._twisted import client_gone, set_raw_headers
+from rrlb.config import Network
+from rrlb.parser import (
+    BODY_TIMEOUT,
+    BODY_TOO_LARGE,
+    HEADER_TIMEOUT,
+    HEADER_TOO_LARGE,
+    MAX_REQUEST_LINE,
+    URI_TOO_LONG,
+    BadChunk,
+    BadRequest,
+    BodyTooLarge,
+    ChunkedDecoder,
+    RequestHead,
+    parse_request_head,
+)
+
+log = Logger()
+
+# How long a connection whose request was refused is read from (and the
+# bytes dropped) after the error response, so that a client still sending
+# its body gets to read the answer instead of a reset (nginx's
+# lingering_close).
+LINGER_TIMEOUT = 2.0
+# The most seconds between two sweeps over the open connections.
+MAX_SWEEP_INTERVAL = 1.0
+# Bytes of pipelined requests read ahead while one is in progress, before
+# the client is held back (twisted.web's _optimisticEagerReadSize).
+READ_AHEAD = 0x4000
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """
+    What a client may send, and for how long (see docs/security.md).
+
+    @ivar trusted_proxies: networks whose X-Forwarded-* headers are kept; an
+        empty tuple means the option is unset (X-Forwarded-For is appended
+        to, whoever sent it).
+    """
+
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_body_size: int = 0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 60.0
+    max_connections: int = 10000
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+# File descriptors kept beyond two per client connection (the client's and
+# its node connection): listeners, health probes, logs, the admin API.
+FD_RESERVE = 64
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """
+    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if
+    C{max_connections} still cannot fit in it.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    elif hard == resource.RLIM_INFINITY:
+        soft = hard
+    needed = 2 * max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warn(
+            "--max-connections {max} needs up to {needed} file descriptors (a client"
+            " and a node connection each), but the limit (RLIMIT_NOFILE) is {limit}:"
+            " raise it (LimitNOFILE= in the systemd unit) or lower --max-connections",
+            max=max_connections,
+            needed=needed,
+            limit=soft,
+        )
+
+
+# ProxyChannel.edge: what the X-Forwarded-* headers of its client are worth.
+EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
+EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
+EDGE_TRUSTED = 2  # a peer inside them: keep and append
+
+_IDLE, _HEAD, _BODY, _BUSY, _CLOSED = range(5)
+
+_PHRASES = {
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    504: b"Gateway Timeout",
+}
+
+
+def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
+    """
+    Answer C{request} with a short plain-text error, unless its client is gone.
+    """
+    if client_gone(request) or request.finished:
+        return
+    # RFC 9110's reason phrases where twisted.web still has RFC 2616's.
+    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
+    body = b"%d %s: %s\n" % (code, phrase, text.encode())
+    request.setResponseCode(code, phrase)
+    request.responseHeaders = Headers()
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
+    request.write(body)
+    request.finish()
+
+
+def is_trusted(host: Optional[str], networks: Sequence[Network]) -> bool:
+    """
+    Whether an address (text) is inside one of C{networks}.
+    """
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return any(address in network for network in networks)
+
+
+def real_client(peer: bytes, forwarded_for: list[bytes], networks: Sequence[Network]) -> bytes:
+    """
+    The client behind a chain of trusted proxies: the first address of
+    C{X-Forwarded-For} from the right (after the peer) that is not trusted,
+    or the leftmost one if every hop is trusted.
+    """
+    hops = [h.strip() for value in forwarded_for for h in value.split(b",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop.decode("latin-1"), networks):
+            return hop
+    return hops[0] if hops else peer
+
+
+class ProxyChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection from a client.
+
+    It works out once per connection what every request on it forwards
+    (the scheme and the client address, and whether the client's
+    X-Forwarded-* headers are trusted), parses each request head in one
+    pass, decodes the body itself, and writes a response head as one joined
+    string rather than a sequence of some fifty small ones, which Twisted
+    checks piece by piece.
+
+    @ivar deadline: when the sweep of L{ClientSite} times this connection
+        out (its idle, head, body or linger time runs out), or L{None}.
+    """
+
+    forwarded: tuple[bytes, bytes] = (b"http", b"")
+    edge = EDGE_OFF
+    deadline: Optional[float] = None
+    transport: Any
+    site: ClientSite
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = _IDLE
+        self._buffer = b""
+        self._left = 0
+        self._decoder: Optional[ChunkedDecoder] = None
+        self._head: Optional[RequestHead] = None
+
+    # -- the connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = self.site
+        self.clock = site.clock
+        host = getattr(self.transport.getPeer(), "host", None)
+        self.forwarded = (
+            b"https" if self.isSecure() else b"http",
+            host.encode("ascii") if isinstance(host, str) else b"",
+        )
+        trusted = site.limits.trusted_proxies
+        if trusted:
+            self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
+        # A connection that sends nothing is closed quietly after the header
+        # timeout, as nginx does.
+        self.deadline = self.clock.seconds() + site.limits.header_timeout
+        site.channel_opened(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._state = _CLOSED
+        self.deadline = None
+        super().connectionLost(reason)
+        self.site.channel_closed(self)
+
+    # -- reading requests -----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _BODY:
+            self._body_received(data)
+        elif state == _BUSY:
+            # A pipelined request: keep it for when this one is done, and
+            # hold the client back once there is more than a little.
+            self._buffer += data
+            if len(self._buffer) > READ_AHEAD and not self._waitingForTransport:
+                self._networkProducer.pauseProducing()
+        elif state != _CLOSED:
+            self._head_received(self._buffer + data if self._buffer else data)
+
+    def _head_received(self, buffer: bytes) -> None:
+        if self._state == _IDLE and buffer[:1] in (b"\r", b"\n"):
+            # Empty lines before a request line are ignored (RFC 9112 2.2).
+            buffer = buffer.lstrip(b"\r\n")
+            if not buffer:
+                return
+        limits = self.site.limits
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0 or end > limits.max_header_size:
+            self._buffer = buffer
+            if end < 0 and len(buffer) <= limits.max_header_size:
+                if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
+                    if len(buffer) > MAX_REQUEST_LINE + 1:
+                        self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
+                elif b"\n\n" in buffer or b"\r\n\n" in buffer:
+                    self._refuse(BadRequest(400, "bad_request", "bare LF in the request head"))
+                elif self._state == _IDLE:
+                    # The head is coming in pieces: it has header_timeout from
+                    # its first byte (slowloris).
+                    self._state = _HEAD
+                    self.deadline = self.clock.seconds() + limits.header_timeout
+                return
+            if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
+                self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
+            else:
+                self._refuse(BadRequest(431, HEADER_TOO_LARGE, "the request head is too large"))
+            return
+        self._buffer = b""
+        try:
+            head = parse_request_head(buffer[:end], limits.max_headers)
+        except BadRequest as e:
+            self._refuse(e)
+            return
+        self._start(head, buffer[end + 4 :], limits)
+
+    def _start(self, head: RequestHead, rest: bytes, limits: ClientLimits) -> None:
+        request: Any = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        set_raw_headers(request.requestHeaders, head.headers)
+        request.method = head.method
+        request.uri = head.target
+        request.clientproto = head.version
+        if self.edge == EDGE_TRUSTED:
+            xff = head.headers.get(b"X-Forwarded-For")
+            if xff:
+                request.real_client = real_client(
+                    self.forwarded[1], xff, limits.trusted_proxies
+                ).decode("latin-1")
+        self.persistent = head.persistent
+        if not head.persistent and head.version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        length = head.length
+        if length == 0:
+            self._state = _BUSY
+            self.deadline = None
+            self._handlingRequest = True
+            self._buffer = rest
+            request.content = None
+            request.requestReceived(head.method, head.target, head.version)
+            return
+        maximum = limits.max_body_size
+        if maximum and length is not None and length > maximum:
+            # Refused before reading a byte of it (and before 100 Continue).
+            self._refuse(BadRequest(413, BODY_TOO_LARGE, "the body is too large"), request)
+            return
+        request.gotLength(length)
+        if head.expect_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._head = head
+        self._state = _BODY
+        self.deadline = self.clock.seconds() + limits.body_timeout
+        if length is None:
+            self._decoder = ChunkedDecoder(request.handleContentChunk, self._body_done, maximum)
+        else:
+            self._left = length
+        if rest:
+            self._body_received(rest)
+
+    def _body_received(self, data: bytes) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                decoder.feed(data)
+            except BadChunk as e:
+                self._refuse(BadRequest(400, "bad_framing", str(e)), self.requests[-1])
+                return
+            except BodyTooLarge as e:
+                self._refuse(BadRequest(413, BODY_TOO_LARGE, str(e)), self.requests[-1])
+                return
+        else:
+            left = self._left
+            if len(data) < left:
+                self._left = left - len(data)
+                self.requests[-1].handleContentChunk(data)
+            else:
+                self._left = 0
+                self.requests[-1].handleContentChunk(data[:left])
+                self._body_done(data[left:])
+                return
+        if self._state == _BODY:
+            self.deadline = self.clock.seconds() + self.site.limits.body_timeout
+
+    def _body_done(self, rest: bytes) -> None:
+        head = self._head
+        assert head is not None
+        self._head = None
+        self._decoder = None
+        self._state = _BUSY
+        self.deadline = None
+        self._handlingRequest = True
+        self._buffer = rest
+        request = self.requests[-1]
+        request.content.seek(0, 0)
+        request.requestReceived(head.method, head.target, head.version)
+
+    def requestDone(self, request: Any) -> None:
+        """
+        The response to C{request} is complete: read the next request (the
+        pipelined one already here, or wait with the keep-alive timeout), or
+        close the connection.
+        """
+        if request is not self.requests[0]:
+            raise TypeError
+        del self.requests[0]
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if getattr(request, "client_error", None) is not None:
+            self._linger()
+            return
+        if not self.persistent or self._state == _CLOSED:
+            self._state = _CLOSED
+            self.loseConnection()
+            return
+        self._handlingRequest = False
+        self._state = _IDLE
+        self.deadline = self.clock.seconds() + self.site.limits.keepalive_timeout
+        buffered = self._buffer
+        if buffered:
+            self._buffer = b""
+            self._head_received(buffered)
+
+    # -- refusing ----------------------------------------------------------
+
+    def _refuse(self, error: BadRequest, request: Any = None) -> None:
+        """
+        Answer a request rrlb will not serve with C{error}'s status and
+        C{Connection: close}, count and log it, and close the connection
+        once the answer is out.
+        """
+        self._state = _CLOSED
+        self.deadline = None
+        self._decoder = None
+        self._buffer = b""
+        self.persistent = False
+        if request is None:
+            request = self.requestFactory(self, len(self.requests))
+            self.requests.append(request)
+            request.method = b"-"
+            request.uri = b"-"
+            request.clientproto = b"HTTP/1.1"
+        request.content = None
+        request.client_error = error.reason
+        self._handlingRequest = True
+        error_response(request, error.code, error.text, [(b"Connection", b"close")])
+
+    def _linger(self) -> None:
+        """
+        After an error response: send FIN, and read and drop what the client
+        still sends for up to L{LINGER_TIMEOUT}, so the answer is not lost
+        to a reset.
+        """
+        self._state = _CLOSED
+        transport: Any = self._networkProducer
+        transport.unregisterProducer()
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is None or not self.site.linger:
+            self.transport.loseConnection()
+            return
+        lose_write()
+        self.deadline = self.clock.seconds() + LINGER_TIMEOUT
+
+    def timed_out(self) -> None:
+        """
+        The deadline passed: what that means depends on what the connection
+        was doing.
+        """
+        state = self._state
+        if state == _HEAD:
+            self._refuse(BadRequest(408, HEADER_TIMEOUT, "the request head took too long"))
+        elif state == _BODY:
+            self._refuse(
+                BadRequest(408, BODY_TIMEOUT, "the request body took too long"), self.requests[-1]
+            )
+        elif state == _IDLE:
+            self._state = _CLOSED
+            self.loseConnection()
+        elif state == _CLOSED:
+            self.transport.abortConnection()
+
+    # -- drain ---------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        """
+        For a drain: close now if no request is in progress, else finish the
+        one in progress with C{Connection: close} and close after it.
+        """
+        if not self.requests:
+            self._state = _CLOSED
+            self.loseConnection()
+            return
+        self.persistent = False
+        if "writeHeaders" not in self.__dict__:
+            # Only a draining channel pays for the extra header.
+            cls_write = ProxyChannel.writeHeaders
+
+            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+                headers.setRawHeaders(b"Connection", [b"close"])
+                cls_write(self, version, code, reason, headers)
+
+            self.writeHeaders = write_closing  # type: ignore[method-assign]
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        extend = parts.extend
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+
+class ClientSite(server.Site):
+    """
+    A L{server.Site} that keeps its open channels: it times them out in one
+    sweep (no timer per connection or request), pauses its listening ports
+    at C{max_connections} and resumes them below it, and hands the drain
+    the channels to close.
+
+    @ivar ports: the listening ports to pause and resume (the service adds
+        them once they listen).
+    @ivar linger: read and drop what a refused client still sends before
+        closing (off in tests that use in-memory transports).
+    """
+
+    linger = True
+
+    def __init__(self, resource: Any, clock: Any, limits: ClientLimits, **kw: Any) -> None:
+        # No twisted.web timeout: the sweep does every client timeout.
+        server.Site.__init__(self, resource, timeout=None, reactor=clock, **kw)
+        self.clock = clock
+        self.limits = limits
+        self.channels: set[ProxyChannel] = set()
+        self.on_channel_lost: Optional[Callable[[], None]] = None
+        self.ports: list[Any] = []
+        self.paused = False
+        self._sweep_call: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.channels) >= self.limits.max_connections:
+            # Accepted in the same batch as the one that reached the cap
+            # (Twisted accepts several per wake-up): close it at once.
+            return None
+        return server.Site.buildProtocol(self, addr)
+
+    def add_port(self, port: Any) -> Any:
+        self.ports.append(port)
+        if self.paused:
+            port.stopReading()
+        return port
+
+    def channel_opened(self, channel: ProxyChannel) -> None:
+        channels = self.channels
+        channels.add(channel)
+        if len(channels) >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        if self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
+
+    def channel_closed(self, channel: ProxyChannel) -> None:
+        channels = self.channels
+        channels.discard(channel)
+        if not channels:
+            self.stop_sweeping()
+        if self.paused and len(channels) < self.limits.max_connections:
+            self.resume_accepting()
+        if self.on_channel_lost is not None:
+            self.on_channel_lost()
+
+    def pause_accepting(self) -> None:
+        """
+        Stop accepting: new clients wait in the kernel's listen backlog.
+        """
+        self.paused = True
+        log.warn(
+            "{count} client connections open (--max-connections): not accepting more"
+            " until one closes",
+            count=len(self.channels),
+        )
+        for port in self.ports:
+            port.stopReading()
+            # Twisted accepts up to numberAccepts clients per wake-up; take
+            # them one at a time from here on, so the cap holds.
+            port.numberAccepts = 1
+
+    def resume_accepting(self) -> None:
+        self.paused = False
+        log.info("below --max-connections again: accepting clients")
+        for port in self.ports:
+            if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
+                port.startReading()
+
+    def set_limits(self, limits: ClientLimits) -> None:
+        """
+        A reload: new limits apply to connections from now on; a lower
+        C{max_connections} pauses accepting until enough have closed.
+        """
+        self.limits = limits
+        over = len(self.channels) >= limits.max_connections
+        if over and not self.paused:
+            self.pause_accepting()
+        elif not over and self.paused:
+            self.resume_accepting()
+
+    # -- timeouts -------------------------------------------------------------
+
+    def sweep_interval(self) -> float:
+        limits = self.limits
+        shortest = min(
+            limits.header_timeout, limits.body_timeout, limits.keepalive_timeout, LINGER_TIMEOUT
+        )
+        return min(MAX_SWEEP_INTERVAL, shortest / 4)
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        now = self.clock.seconds()
+        expired = [c for c in self.channels if c.deadline is not None and now >= c.deadline]
+        for channel in expired:
+            channel.deadline = None
+            try:
+                channel.timed_out()
+            except Exception:
+                log.failure("timing out a client connection")
+        if self.channels:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
+
+    def stop_sweeping(self) -> None:
+        call, self._sweep_call = self._sweep_call, None
+        if call is not None and call.active():
+            call.cancel()
