@@ -191,6 +191,8 @@ class ProxyChannel(http.HTTPChannel):
 
     forwarded: tuple[bytes, bytes] = (b"http", b"")
     edge = EDGE_OFF
+    peer: Any = None
+    local: Any = None
     deadline: Optional[float] = None
     transport: Any
     site: ClientSite
@@ -209,7 +211,10 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionMade()
         site = self.site
         self.clock = site.clock
-        host = getattr(self.transport.getPeer(), "host", None)
+        # Every request on the connection has the same addresses.
+        self.peer = self.transport.getPeer()
+        self.local = self.transport.getHost()
+        host = getattr(self.peer, "host", None)
         self.forwarded = (
             b"https" if self.isSecure() else b"http",
             host.encode("ascii") if isinstance(host, str) else b"",

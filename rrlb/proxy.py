@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -592,6 +593,23 @@ class ProxyRequest(server.Request):
     real_client: Optional[str] = None
 
     channel: Any
+
+    def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
+        # What server.Request.__init__ sets, without asking the transport
+        # for the peer and host addresses again for every request (the
+        # channel has them); tests/test_twisted_private.py checks that this
+        # still sets every attribute Twisted's own does.
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.peer
+        self.host = channel.local
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._adapterCache = {}
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # ProxyChannel has parsed and checked everything already; the

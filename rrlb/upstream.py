@@ -33,7 +33,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder
-from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+
+from rrlb._twisted import HeaderNameError, canonical_name, name_cache
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
@@ -59,7 +60,7 @@ HOP_BY_HOP = frozenset(
 )
 
 # The same, as Twisted's Headers spells them.
-_HOP_BY_HOP_NAMES = frozenset(_nameEncoder.encode(name) for name in HOP_BY_HOP)
+_HOP_BY_HOP_NAMES = frozenset(canonical_name(name) for name in HOP_BY_HOP)
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
 
@@ -76,8 +77,8 @@ def _canonical(name: bytes) -> bytes:
     not a valid token, so that it matches nothing).
     """
     try:
-        return _nameEncoder.encode(name)
-    except InvalidHeaderName:
+        return canonical_name(name)
+    except HeaderNameError:
         return name
 
 
@@ -122,17 +123,19 @@ def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]
     code = int(status[1])
     reason = status[2] if len(status) == 3 else b""
     headers: dict[bytes, list[bytes]] = {}
-    encode = _nameEncoder.encode
+    names = name_cache()
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        try:
-            # Cached per distinct name; rejects names that are not tokens,
-            # which also catches obs-fold continuation lines.
-            key = encode(name)
-        except InvalidHeaderName:
-            raise BadResponse(f"bad header line {line[:80]!r}") from None
         if not sep:
             raise BadResponse(f"bad header line {line[:80]!r}")
+        key = names.get(name)
+        if key is None:
+            try:
+                # Rejects names that are not tokens, which also catches
+                # obs-fold continuation lines.
+                key = canonical_name(name)
+            except HeaderNameError:
+                raise BadResponse(f"bad header line {line[:80]!r}") from None
         values = headers.get(key)
         if values is None:
             headers[key] = [value.strip(b" \t")]
