@@ -73,9 +73,7 @@ class RequestQueue:
     def __len__(self) -> int:
         return len(self.waiting)
 
-    def wait(
-        self, deliver: Callable[[Node], None], expire: Callable[[], None]
-    ) -> Optional[Waiter]:
+    def wait(self, deliver: Callable[[Node], None], expire: Callable[[], None]) -> Optional[Waiter]:
         """
         Queue a request that found every node full.
 

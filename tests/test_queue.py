@@ -21,8 +21,7 @@ def full_pool(*names: str, limit: int = 1) -> Pool:
     A pool of nodes with C{limit} each, every one full.
     """
     pool = Pool(
-        NodeSpec(**{**parse_node(f"http://{n}").__dict__, "max_connections": limit})
-        for n in names
+        NodeSpec(**{**parse_node(f"http://{n}").__dict__, "max_connections": limit}) for n in names
     )
     for node in pool.nodes:
         node.in_flight = limit
