@@ -366,6 +366,46 @@ class VisibilityTests(OverloadCase):
         self.assertIn('<dd id="queue-length">1</dd>', page)
         self.assertIn('<td class="num">1 / 1</td>', page)
 
+    async def test_counters(self) -> None:
+        """
+        A retry and a retry the budget refused show in /metrics and /status,
+        and so does a queue timeout.
+        """
+        dead = await closed_port_url()
+        (live,) = await start_backends(self, "live")
+        balancer = await start_balancer(self, [dead, live.url], *QUIET_HEALTH, "--admin", ADMIN)
+        admin = await admin_url(balancer)
+        client = await self.client()
+        # The first GET goes to the dead node and is retried on live.
+        self.assertEqual((await client.request("GET", balancer.url + "/")).code, 200)
+        # The next one also starts at the dead node; with the budget spent
+        # it is not retried.
+        budget = balancer.service.proxy.budget
+        budget.active = 3
+        self.addCleanup(setattr, budget, "active", 0)
+        self.assertEqual((await client.request("GET", balancer.url + "/")).code, 502)
+        m = samples((await http_request(self, "GET", admin + "/metrics")).body.decode())
+        self.assertEqual(m[("rrlb_retries_total", ())], 1)
+        self.assertEqual(m[("rrlb_retries_refused_total", ())], 1)
+        status = json.loads((await http_request(self, "GET", admin + "/status")).body)
+        process = status["process"]
+        self.assertEqual((process["retries"], process["retries_refused"]), (1, 1))
+
+        (slow,) = await start_backends(self, "slow")
+        slow.delay = 5.0
+        full = await start_balancer(
+            self, [slow.url], "--max-conns-per-node", "1", "--queue-timeout", "0", "--admin", ADMIN
+        )
+        full_admin = await admin_url(full)
+        await self.hold(full)
+        await wait_until(lambda: self.node(full, slow).in_flight == 1, what="slow full")
+        self.assert503(await client.request("GET", full.url + "/"))
+        m = samples((await http_request(self, "GET", full_admin + "/metrics")).body.decode())
+        self.assertEqual(m[("rrlb_queue_timeouts_total", ())], 1)
+        self.assertEqual(m[("rrlb_queue_length", ())], 0)
+        status = json.loads((await http_request(self, "GET", full_admin + "/status")).body)
+        self.assertEqual(status["process"]["queue_timeouts"], 1)
+
 
 class ReloadTests(OverloadCase):
     """
