@@ -216,6 +216,11 @@ def _ms(seconds: Optional[float]) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
+def _in_flight(node: dict[str, Any]) -> str:
+    limit = node["max_connections"]
+    return f"{node['in_flight']} / {limit}" if limit else str(node["in_flight"])
+
+
 def _row(node: dict[str, Any], now: float) -> str:
     e = html.escape
     state = node["state"]
@@ -238,7 +243,7 @@ def _row(node: dict[str, Any], now: float) -> str:
     <td>{last}</td>
     <td class="num">{_ms(node["last_latency"])}</td>
     <td class="error">{e(node["last_error"] or "")}</td>
-    <td class="num">{node["in_flight"]}</td>
+    <td class="num">{_in_flight(node)}</td>
     <td class="num">{node["requests"]}</td>
     <td class="num">{node["errors"]}</td>
     <td><form method="post" action="/nodes/{node["id"]}/{action}"><button type="submit" class="{action}">{label}</button></form></td>
@@ -263,6 +268,7 @@ def render_page(status: dict[str, Any]) -> str:
         "upstream_connections": str(process["upstream_connections"]),
         "requests": str(process["requests"]),
         "retries": str(process["retries"]),
+        "queue_length": str(process["queue_length"]),
         "up": str(counts["up"]),
         "down": str(counts["down"]),
         "draining": str(counts[DRAINING]),

@@ -59,6 +59,9 @@ class NodeSpec:
     base_path: bytes
     weight: int = 1
     tls: NodeTLS = field(default_factory=NodeTLS)
+    # Requests in flight to the node at most (0: no limit); None follows
+    # max_conns_per_node.
+    max_connections: Optional[int] = None
 
     @property
     def key(self) -> str:
@@ -133,6 +136,11 @@ class Config:
     keepalive_timeout: float = 60.0
     max_connections: int = 10000
     trusted_proxies: tuple[Network, ...] = ()
+    # Overload: per-node limits, the queue, retries and their budget.
+    max_conns_per_node: int = 0
+    queue_timeout: float = 5.0
+    retries: int = 2
+    retry_budget: float = 20.0
 
 
 # The command-line names of the settings that can come from either place,
@@ -159,10 +167,14 @@ _TOP_KEYS = frozenset(
         "keepalive_timeout",
         "max_connections",
         "trusted_proxies",
+        "max_conns_per_node",
+        "queue_timeout",
+        "retries",
+        "retry_budget",
     }
 )
 _HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
-_NODE_KEYS = frozenset({"url", "weight", "tls"})
+_NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections"})
 _NODE_TLS_KEYS = frozenset({"verify", "ca_file", "server_name", "cert", "key"})
 _LISTEN_TLS_KEYS = frozenset({"cert", "key", "ca_file", "certificates"})
 _SNI_CERT_KEYS = frozenset({"cert", "key"})
@@ -254,6 +266,30 @@ def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
                 f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
             ) from None
     return tuple(networks)
+def non_negative_float(name: str, value: Any) -> float:
+    """
+    A number of seconds from 0.
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number >= 0 or not math.isfinite(number):
+        raise ConfigError(f"{name} must be a number of seconds of at least 0, not {value!r}")
+    return number
+
+
+def percent(name: str, value: Any) -> float:
+    """
+    A percentage from 0 to 100.
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 <= number <= 100:
+        raise ConfigError(f"{name} must be a percentage from 0 to 100, not {value!r}")
+    return number
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -305,6 +341,7 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
     One node: a URL, or a mapping C{{url: URL, weight: N, tls: {...}}}.
     """
     weight = 1
+    max_connections = None
     tls = default_tls or NodeTLS()
     if isinstance(value, dict):
         raw = _mapping(where, value, _NODE_KEYS)
@@ -312,6 +349,8 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
             raise ConfigError(f"{where} needs a url, got {value!r}")
         if "weight" in raw:
             weight = positive_int(f"{where}.weight", raw["weight"], MAX_WEIGHT)
+        if "max_connections" in raw:
+            max_connections = non_negative_int(f"{where}.max_connections", raw["max_connections"])
         if "tls" in raw:
             tls = parse_node_tls(f"{where}.tls", raw["tls"])
             if default_tls is not None and tls.ca_file is None:
@@ -355,6 +394,7 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
         base_path=base_path,
         weight=weight,
         tls=tls,
+        max_connections=max_connections,
     )
 
 
@@ -529,6 +569,12 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = positive_float(key, value)
         elif key == "trusted_proxies":
             out[key] = trusted_networks(key, value)
+        elif key in ("max_conns_per_node", "retries"):
+            out[key] = non_negative_int(key, value)
+        elif key == "queue_timeout":
+            out[key] = non_negative_float(key, value)
+        elif key == "retry_budget":
+            out[key] = percent(key, value)
     return out
 
 

@@ -79,6 +79,8 @@ class Metrics:
         clock: Any,
         stats: Any = None,
         checker: Any = None,
+        queue: Any = None,
+        budget: Any = None,
         connections: Callable[[], int] = lambda: 0,
         upstream_connections: Callable[[], int] = lambda: 0,
     ) -> None:
@@ -86,6 +88,8 @@ class Metrics:
         self.clock = clock
         self.stats = stats
         self.checker = checker
+        self.queue = queue
+        self.budget = budget
         self.connections = connections
         self.upstream_connections = upstream_connections
         self.started = clock.seconds()
@@ -184,6 +188,7 @@ class Metrics:
             "last_latency": node.last_latency,
             "last_error": node.last_error,
             "in_flight": node.in_flight,
+            "max_connections": node.limit,
             "requests": node.requests,
             "errors": node.errors,
         }
@@ -206,6 +211,9 @@ class Metrics:
                 "upstream_connections": self.upstream_connections(),
                 "requests": sum(self.requests.values()),
                 "retries": self.retries(),
+                "retries_refused": self.retries_refused(),
+                "queue_length": self.queue_length(),
+                "queue_timeouts": self.queue_timeouts(),
                 "nodes": states,
             },
             "nodes": nodes,
@@ -213,6 +221,15 @@ class Metrics:
 
     def retries(self) -> int:
         return int(getattr(self.stats, "retries", 0))
+
+    def retries_refused(self) -> int:
+        return int(getattr(self.budget, "refused", 0))
+
+    def queue_length(self) -> int:
+        return 0 if self.queue is None else len(self.queue)
+
+    def queue_timeouts(self) -> int:
+        return int(getattr(self.queue, "timeouts", 0))
 
     def health_results(self) -> dict[tuple[str, bool], int]:
         return dict(getattr(self.checker, "results", {}))
@@ -287,6 +304,11 @@ class RrlbCollector:
             "The node's state as the status page shows it: 1 for the current one.",
             labels=["node", "state"],
         )
+        node_in_flight = GaugeMetricFamily(
+            "rrlb_node_in_flight",
+            "Requests in flight to the node now (at most its max_connections, if set).",
+            labels=["node"],
+        )
         errors = CounterMetricFamily(
             "rrlb_node_errors",
             "Requests a node failed (refused, reset, bad response, timed out).",
@@ -295,6 +317,7 @@ class RrlbCollector:
         for node in nodes:
             key = node.key
             in_flight.add_metric([key], node.in_flight)
+            node_in_flight.add_metric([key], node.in_flight)
             healthy.add_metric([key], 1 if node.healthy else 0)
             in_rotation.add_metric([key], 1 if node.in_rotation else 0)
             current = node.state
@@ -302,6 +325,7 @@ class RrlbCollector:
                 state.add_metric([key, name], 1 if name == current else 0)
             errors.add_metric([key], node.errors)
         yield in_flight
+        yield node_in_flight
         yield healthy
         yield in_rotation
         yield state
@@ -320,6 +344,21 @@ class RrlbCollector:
             "rrlb_retries",
             "Requests retried on another node after the first failed to connect.",
             value=m.retries(),
+        )
+        yield CounterMetricFamily(
+            "rrlb_retries_refused",
+            "Retries not made because the retry budget was spent (the client got 502).",
+            value=m.retries_refused(),
+        )
+        yield GaugeMetricFamily(
+            "rrlb_queue_length",
+            "Requests waiting now because every node in rotation is full.",
+            value=m.queue_length(),
+        )
+        yield CounterMetricFamily(
+            "rrlb_queue_timeouts",
+            "Requests that waited the whole queue timeout and got 503.",
+            value=m.queue_timeouts(),
         )
         proxy_errors = CounterMetricFamily(
             "rrlb_proxy_errors",

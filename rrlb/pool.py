@@ -27,6 +27,8 @@ class Node:
     @ivar removed: no longer configured; it finishes its in-flight requests.
     @ivar successes: consecutive successful checks.
     @ivar failures: consecutive failed checks.
+    @ivar limit: requests in flight to it at most (0: no limit); set by the
+        pool from its spec's C{max_connections} or the pool's default.
     """
 
     __slots__ = (
@@ -50,6 +52,7 @@ class Node:
         "in_flight",
         "requests",
         "errors",
+        "limit",
     )
 
     def __init__(self, spec: NodeSpec, index: int = 0) -> None:
@@ -66,6 +69,7 @@ class Node:
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
+        self.limit = 0
         self.set_spec(spec)
 
     def set_spec(self, spec: NodeSpec) -> None:
@@ -132,13 +136,25 @@ class Pool:
 
     @ivar rise: consecutive successful checks that bring a node back.
     @ivar fall: consecutive failed checks that take a node out.
+    @ivar max_conns_per_node: the limit of nodes whose spec sets none (0: no
+        limit); applied by L{update}.
     """
 
     log = Logger()
 
-    def __init__(self, specs: Iterable[NodeSpec], rise: int = 2, fall: int = 3) -> None:
+    def __init__(
+        self,
+        specs: Iterable[NodeSpec],
+        rise: int = 2,
+        fall: int = 3,
+        max_conns_per_node: int = 0,
+    ) -> None:
         self.rise = rise
         self.fall = fall
+        self.max_conns_per_node = max_conns_per_node
+        # Whether any node has a limit: without one, pick() never looks at
+        # in-flight counts.
+        self._limited = False
         self.nodes: list[Node] = []
         self._by_key: dict[str, Node] = {}
         self._schedule: list[Node] = []
@@ -151,7 +167,8 @@ class Pool:
 
     def pick(self) -> Optional[Node]:
         """
-        The next node in rotation, or L{None} when no node is in rotation.
+        The next node in rotation with room for one more request, or L{None}
+        when no node is in rotation or every one is full (see L{serving}).
         """
         schedule = self._schedule
         if not schedule:
@@ -160,9 +177,35 @@ class Pool:
         if i >= len(schedule):
             i = 0
         node = schedule[i]
+        if self._limited and node.limit and node.in_flight >= node.limit:
+            return self._pick_with_room(i)
         self._next = i + 1
         self._last = node
         return node
+
+    def _pick_with_room(self, start: int) -> Optional[Node]:
+        """
+        The first node with room after position C{start} of the schedule,
+        going round once (HAProxy's maxconn: a full server is skipped).
+        """
+        schedule = self._schedule
+        size = len(schedule)
+        for step in range(1, size):
+            i = (start + step) % size
+            node = schedule[i]
+            if not node.limit or node.in_flight < node.limit:
+                self._next = i + 1
+                self._last = node
+                return node
+        return None
+
+    @property
+    def serving(self) -> bool:
+        """
+        Whether any node is in rotation (full or not): when L{pick} gives
+        L{None} and this is true, a request waits for a slot.
+        """
+        return bool(self._schedule)
 
     def pick_other(self, tried: Sequence[Node]) -> Optional[Node]:
         """
@@ -226,6 +269,11 @@ class Pool:
         removed = [n for n in self.nodes if n.key not in keys]
         for node in removed:
             node.removed = True
+        default = self.max_conns_per_node
+        for node in nodes:
+            own = node.spec.max_connections
+            node.limit = default if own is None else own
+        self._limited = any(n.limit for n in nodes)
         self.nodes = nodes
         self._by_key = {n.key: n for n in nodes}
         self._rebuild()

@@ -3,7 +3,8 @@
 The proxy: a L{ReverseProxyResource} subclass that picks one node per
 request from the pool and forwards the request to it exactly, streaming the
 response back with backpressure, retrying connect failures of idempotent
-requests on the next node and mapping failures to 502/503/504.
+requests on other nodes (within C{--retries} and the retry budget), queueing
+requests while every node is full, and mapping failures to 502/503/504.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rrlb.channel import (
 )
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
+from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
 log = Logger()
@@ -67,10 +69,12 @@ class ProxySettings:
 
     @ivar node_host: send each node its own host:port as C{Host} instead of
         the client's.
+    @ivar retries: other nodes an idempotent request is tried on at most.
     """
 
     node_host: bool = False
     retry_after: int = 1
+    retries: int = 2
 
 
 def _text(value: bytes) -> str:
@@ -330,12 +334,24 @@ class ProxyExchange:
         method allows it, else answer 502.
         """
         node = self.node
+        proxy = self.proxy
         why = describe_failure(reason)
         node.errors += 1
         if passive:
-            self.proxy.pool.mark(node, False, f"request failed: {why}")
-        if self.request.method in IDEMPOTENT:
-            other = self.proxy.pool.pick_other(self.tried)
+            proxy.pool.mark(node, False, f"request failed: {why}")
+        if self.request.method in IDEMPOTENT and self.retries < proxy.settings.retries:
+            other = proxy.pool.pick_other(self.tried)
+            # A request holds one place in the retry budget from its first
+            # retry until it ends, however many nodes it tries.
+            if other is not None and not self.retries:
+                in_flight = sum(n.in_flight for n in proxy.pool.nodes)
+                if not proxy.budget.try_start(in_flight):
+                    log.info(
+                        "not retrying {method} {uri}: the retry budget is spent",
+                        method=_text(self.request.method),
+                        uri=_text(self.request.uri),
+                    )
+                    other = None
             if other is not None:
                 log.info(
                     "retrying {method} {uri} on {other}: {node} failed: {why}",
@@ -347,7 +363,7 @@ class ProxyExchange:
                 )
                 node.in_flight -= 1
                 self.retries += 1
-                self.proxy.stats.retries += 1
+                proxy.stats.retries += 1
                 self.tried.append(other)
                 self.node = other
                 try:
@@ -357,6 +373,9 @@ class ProxyExchange:
                     log.failure("retrying on {node}", node=other.url)
                     self._end(ok=False)
                     error_response(self.request, 502, "the upstream node failed")
+                if proxy.queue.waiting:
+                    # The failed node has a free slot now.
+                    proxy.queue.dispatch()
                 return
         log.info(
             "{node} failed for {method} {uri}: {why}",
@@ -471,8 +490,14 @@ class ProxyExchange:
     def _end(self, ok: bool) -> None:
         self.finished = True
         self.node.in_flight -= 1
-        if self.proxy.on_done is not None:
-            self.proxy.on_done(self, ok)
+        proxy = self.proxy
+        if self.retries:
+            proxy.budget.ended()
+        if proxy.on_done is not None:
+            proxy.on_done(self, ok)
+        if proxy.queue.waiting:
+            # A slot is free: the oldest queued request takes it.
+            proxy.queue.dispatch()
 
     # -- IPushProducer, for the client's channel ------------------------------
 
@@ -534,6 +559,9 @@ class RotatingProxy(ReverseProxyResource):
         self.upstream = upstream
         self.settings = settings
         self.stats = ProxyStats()
+        # Overload control: empty and unused unless nodes have limits.
+        self.queue = RequestQueue(pool, reactor)
+        self.budget = RetryBudget()
         self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
         self._date_second = -1
         self._date = b""
@@ -562,6 +590,10 @@ class RotatingProxy(ReverseProxyResource):
             return server.NOT_DONE_YET
         node = self.pool.pick()
         if node is None:
+            if self.pool.serving:
+                # Every node in rotation is full: wait for a slot.
+                self._wait_for_node(request)
+                return server.NOT_DONE_YET
             error_response(
                 request,
                 503,
@@ -569,11 +601,39 @@ class RotatingProxy(ReverseProxyResource):
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
             )
             return server.NOT_DONE_YET
+        self._forward(request, node)
+        return server.NOT_DONE_YET
+
+    def _forward(self, request: Any, node: Node) -> None:
         exchange = ProxyExchange(self, request, node)
         if exchange.prepare():
             request.exchange = exchange
             exchange.start()
-        return server.NOT_DONE_YET
+
+    def _wait_for_node(self, request: Any) -> None:
+        """
+        Queue C{request} until a node has room, or answer 503 when the queue
+        timeout passes. While it waits it has no exchange (the access log
+        and metrics count a client that leaves as C{none}, 499).
+        """
+
+        def deliver(node: Node) -> None:
+            self._forward(request, node)
+
+        def expire() -> None:
+            error_response(
+                request,
+                503,
+                "every node is busy and the request waited the whole queue timeout",
+                [(b"Retry-After", b"%d" % self.settings.retry_after)],
+            )
+
+        waiter = self.queue.wait(deliver, expire)
+        if waiter is not None:
+            # A client that leaves is out of the queue at once (notifyFinish
+            # fails from Request.connectionLost); after delivery this is a
+            # no-op.
+            request.notifyFinish().addBoth(lambda _: self.queue.leave(waiter))
 
 
 class ProxyRequest(server.Request):

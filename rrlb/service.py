@@ -117,7 +117,9 @@ class BalancerService(MultiService):
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
-        self.pool = Pool(config.nodes, config.health.rise, config.health.fall)
+        self.pool = Pool(
+            config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node
+        )
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
         self.tls = BalancerTLS()
@@ -130,6 +132,8 @@ class BalancerService(MultiService):
             tls_creator=self.tls.nodes,
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
+        self.proxy.queue.timeout = config.queue_timeout
+        self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
         self.health_agent = Agent(
             reactor,
@@ -142,6 +146,8 @@ class BalancerService(MultiService):
             self.pool,
             reactor,
             stats=self.proxy.stats,
+            queue=self.proxy.queue,
+            budget=self.proxy.budget,
             checker=self.checker,
             connections=lambda: len(getattr(self.site, "channels", ())),
             upstream_connections=lambda: self.upstream.connection_count,
@@ -201,6 +207,7 @@ class BalancerService(MultiService):
         return ProxySettings(
             node_host=config.node_host,
             retry_after=max(1, int(config.health.interval + 0.999)),
+            retries=config.retries,
         )
 
     def _demo_ready(self, urls: list[str]) -> None:
@@ -222,6 +229,7 @@ class BalancerService(MultiService):
         commit_tls = self.tls.prepare(config, nodes)
         for key in commit_tls():
             self.upstream.drop_node(key)
+        self.pool.max_conns_per_node = config.max_conns_per_node
         _, removed = self.pool.update(nodes)
         for node in removed:
             self.upstream.drop_node(node.key)
@@ -231,6 +239,10 @@ class BalancerService(MultiService):
         self.upstream.max_idle_per_node = config.max_idle_per_node
         self.proxy.settings = self.proxy_settings(config)
         self.site.set_limits(self.client_limits(config))
+        self.proxy.queue.timeout = config.queue_timeout
+        self.proxy.budget.percent = config.retry_budget
+        # New nodes or higher limits may have room for queued requests.
+        self.proxy.queue.dispatch()
         self.checker.update(config.health)
         self._apply_access_log(config)
         if config.admin != self.config.admin:

@@ -21,10 +21,12 @@ from rrlb.config import (
     ConfigError,
     build_config,
     byte_size,
+    non_negative_float,
     non_negative_int,
     parse_access_log_format,
     parse_health_path,
     parse_node,
+    percent,
     positive_float,
     positive_int,
     trusted_networks,
@@ -63,6 +65,10 @@ _TOP_OPTIONS = {
     "keepalive-timeout": "keepalive_timeout",
     "max-connections": "max_connections",
     "trusted-proxies": "trusted_proxies",
+    "max-conns-per-node": "max_conns_per_node",
+    "queue-timeout": "queue_timeout",
+    "retries": "retries",
+    "retry-budget": "retry_budget",
 }
 _HEALTH_OPTIONS = {
     "health-path": "path",
@@ -270,6 +276,37 @@ class Options(usage.Options):
             None,
             "Start N demo backends on loopback and balance over them.",
             _coerce(positive_int, "--demo"),
+        ],
+        # Overload: per-node limits, the queue, retries and their budget.
+        [
+            "max-conns-per-node",
+            None,
+            None,
+            "Requests in flight to a node at most, for nodes without their own"
+            " max_connections (default: 0, no limit).",
+            _coerce(non_negative_int, "--max-conns-per-node"),
+        ],
+        [
+            "queue-timeout",
+            None,
+            None,
+            "Seconds a request waits when every node is full before it gets 503 (default: 5).",
+            _coerce(non_negative_float, "--queue-timeout"),
+        ],
+        [
+            "retries",
+            None,
+            None,
+            "Other nodes an idempotent request is tried on at most (default: 2).",
+            _coerce(non_negative_int, "--retries"),
+        ],
+        [
+            "retry-budget",
+            None,
+            None,
+            "Retries in flight at most, as a percentage of requests in flight;"
+            " 3 are always allowed (default: 20).",
+            _coerce(percent, "--retry-budget"),
         ],
     ]
 

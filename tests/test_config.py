@@ -599,3 +599,107 @@ class BuildConfigTests(unittest.TestCase):
         as one line without a traceback.
         """
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--nodes", "ftp://x"])
+
+
+class OverloadSettingsTests(unittest.TestCase, ConfigErrorAssertions):
+    """
+    Issue 11's settings: C{max_connections} per node, C{--max-conns-per-node},
+    C{--queue-timeout}, C{--retries} and C{--retry-budget}, as flags and as
+    YAML keys, and their errors.
+    """
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_defaults(self) -> None:
+        """
+        No limit, a 5 second queue timeout, 2 retries, a 20% retry budget.
+        """
+        config = parse("--nodes", "http://a")
+        self.assertEqual(config.max_conns_per_node, 0)
+        self.assertEqual(config.queue_timeout, 5.0)
+        self.assertEqual(config.retries, 2)
+        self.assertEqual(config.retry_budget, 20.0)
+        self.assertIsNone(config.nodes[0].max_connections)
+
+    def test_flags(self) -> None:
+        """
+        Every flag is parsed into its setting.
+        """
+        config = parse(
+            "--nodes",
+            "http://a",
+            "--max-conns-per-node",
+            "10",
+            "--queue-timeout",
+            "0.5",
+            "--retries",
+            "0",
+            "--retry-budget",
+            "12.5",
+        )
+        self.assertEqual(
+            (config.max_conns_per_node, config.queue_timeout, config.retries, config.retry_budget),
+            (10, 0.5, 0, 12.5),
+        )
+
+    def test_yaml(self) -> None:
+        """
+        The YAML keys have the flags' names with underscores, and a node
+        mapping may set its own C{max_connections}; flags win over the file.
+        """
+        path = self.write(
+            "nodes:\n"
+            "  - http://a\n"
+            "  - {url: 'http://b', max_connections: 4}\n"
+            "  - {url: 'http://c', max_connections: 0}\n"
+            "max_conns_per_node: 8\n"
+            "queue_timeout: 2\n"
+            "retries: 1\n"
+            "retry_budget: 50\n"
+        )
+        config = parse("--config", path)
+        self.assertEqual([n.max_connections for n in config.nodes], [None, 4, 0])
+        self.assertEqual(
+            (config.max_conns_per_node, config.queue_timeout, config.retries, config.retry_budget),
+            (8, 2.0, 1, 50.0),
+        )
+        config = parse("--config", path, "--retries", "3", "--max-conns-per-node", "0")
+        self.assertEqual((config.retries, config.max_conns_per_node), (3, 0))
+
+    def test_bad_flags(self) -> None:
+        """
+        Bad values are refused with one line naming the option and value.
+        """
+        cases = {
+            "--max-conns-per-node": ["-1", "1.5", "many", ""],
+            "--queue-timeout": ["-1", "soon", "nan", "inf"],
+            "--retries": ["-1", "2.5", "x"],
+            "--retry-budget": ["-1", "101", "lots", "nan"],
+        }
+        for option, values in cases.items():
+            for value in values:
+                message = parse_error("--nodes", "http://a", option, value)
+                self.assertClearError(message, option, repr(value))
+
+    def test_bad_yaml(self) -> None:
+        """
+        Bad YAML values are refused with one line naming the key and value.
+        """
+        node_limit = "nodes[0].max_connections"
+        for text, names in [
+            ("max_conns_per_node: -2\n", ("max_conns_per_node", "-2")),
+            ("queue_timeout: later\n", ("queue_timeout", "'later'")),
+            ("queue_timeout: -0.5\n", ("queue_timeout", "-0.5")),
+            ("retries: true\n", ("retries", "True")),
+            ("retry_budget: 150\n", ("retry_budget", "150")),
+            ("nodes: [{url: 'http://b', max_connections: -1}]\n", (node_limit, "-1")),
+            ("nodes: [{url: 'http://b', max_connections: x}]\n", (node_limit, "'x'")),
+        ]:
+            if not text.startswith("nodes"):
+                text = "nodes: [http://a]\n" + text
+            path = self.write(text)
+            self.assertClearError(parse_error("--config", path), *names)

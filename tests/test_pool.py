@@ -505,3 +505,115 @@ class MembershipTests(unittest.TestCase):
         self.assertIs(pool.pick_other([a]), b)
         self.assertIs(pool.pick_other([a, b]), c)
         self.assertIsNone(pool.pick_other([a, b, c]))
+
+
+def limited(*names: str, limits: Sequence[Optional[int]], default: int = 0) -> Pool:
+    """
+    A pool of nodes named by one letter with their own C{max_connections}
+    (L{None}: the pool's C{default}).
+    """
+    return Pool(
+        [
+            NodeSpec(**{**spec.__dict__, "max_connections": limit})
+            for spec, limit in zip(specs(*names), limits)
+        ],
+        max_conns_per_node=default,
+    )
+
+
+class LimitTests(unittest.TestCase):
+    """
+    Per-node connection limits: the rotation skips a full node.
+    """
+
+    def test_skips_full_node(self) -> None:
+        """
+        A node with as many requests in flight as its limit is skipped; the
+        next node with room takes its turn, and the cycle goes on from there.
+        """
+        pool = limited("a", "b", "c", limits=[1, 1, 1])
+        a, b, c = pool.nodes
+        a.in_flight = 1
+        self.assertEqual(picks(pool, 1), "b")
+        b.in_flight = 1
+        self.assertEqual(picks(pool, 1), "c")
+        a.in_flight = 0
+        self.assertEqual(picks(pool, 3), "aca")
+
+    def test_all_full(self) -> None:
+        """
+        When every node in rotation is full, C{pick} gives L{None} but the
+        pool is still L{Pool.serving}; when no node is in rotation it is not.
+        """
+        pool = limited("a", "b", limits=[2, 1])
+        a, b = pool.nodes
+        a.in_flight, b.in_flight = 2, 1
+        self.assertIsNone(pool.pick())
+        self.assertTrue(pool.serving)
+        b.in_flight = 0
+        self.assertEqual(picks(pool, 1), "b")
+        take_out(pool, a)
+        take_out(pool, b)
+        self.assertFalse(pool.serving)
+
+    def test_default_and_own_limit(self) -> None:
+        """
+        C{max_conns_per_node} is the limit of nodes without their own;
+        a node's own C{max_connections} wins, and 0 there means no limit.
+        """
+        pool = limited("a", "b", "c", limits=[None, 5, 0], default=2)
+        self.assertEqual([n.limit for n in pool.nodes], [2, 5, 0])
+        a, b, c = pool.nodes
+        c.in_flight = 1000
+        self.assertEqual(picks(pool, 3), "abc")
+
+    def test_no_limit_by_default(self) -> None:
+        """
+        Without limits, in-flight counts never keep a node from its turn.
+        """
+        pool = Pool(specs("a", "b"))
+        for node in pool.nodes:
+            node.in_flight = 10**6
+        self.assertEqual(picks(pool, 4), "abab")
+
+    def test_limits_follow_update(self) -> None:
+        """
+        An update (a reload) applies a changed default limit to every node
+        that keeps its state.
+        """
+        pool = Pool(specs("a", "b"))
+        a, b = pool.nodes
+        a.in_flight = 3
+        pool.max_conns_per_node = 3
+        pool.update(specs("a", "b"))
+        self.assertEqual(pool.nodes, [a, b])
+        self.assertEqual(picks(pool, 2), "bb")
+        pool.max_conns_per_node = 0
+        pool.update(specs("a", "b"))
+        self.assertEqual(picks(pool, 2), "ab")
+
+    def test_weighted_skip(self) -> None:
+        """
+        With weights, a full heavy node's turns go to the others.
+        """
+        pool = Pool(
+            [
+                NodeSpec(**{**spec.__dict__, "max_connections": 1})
+                for spec in specs("a", "b", weights=[3, 1])
+            ]
+        )
+        a, b = pool.nodes
+        a.in_flight = 1
+        self.assertEqual(picks(pool, 3), "bbb")
+
+    def test_pick_other_skips_full(self) -> None:
+        """
+        A retry never goes to a full node: L{Pool.pick_other} gives the next
+        untried node with room, or L{None}.
+        """
+        pool = limited("a", "b", "c", limits=[1, 1, 1])
+        a, b, c = pool.nodes
+        b.in_flight = 1
+        self.assertIs(pool.pick_other([a]), c)
+        c.in_flight = 1
+        self.assertIsNone(pool.pick_other([a]))

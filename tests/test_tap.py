@@ -224,6 +224,21 @@ class DemoTests(unittest.TestCase):
 TWISTD_EXITS_ON_USAGE_ERROR = twisted.version.major >= 26
 
 
+class OverloadOptionsTests(unittest.TestCase):
+    """
+    Issue 11's options are in C{--help}.
+    """
+
+    def test_help(self) -> None:
+        """
+        The help text lists C{--max-conns-per-node}, C{--queue-timeout},
+        C{--retries} and C{--retry-budget}.
+        """
+        text = str(tap.Options())
+        for option in ("--max-conns-per-node", "--queue-timeout", "--retries", "--retry-budget"):
+            self.assertIn(option, text)
+
+
 class CommandLineTests(unittest.TestCase):
     """
     The real command lines, as subprocesses.
@@ -277,6 +292,17 @@ class CommandLineTests(unittest.TestCase):
         """
         result = await run(*TWIST, "--nodes", "http://a", "--health-interval", "0")
         self.assertOneClearLine(result, "--health-interval", "'0'")
+
+    async def test_bad_overload_setting(self) -> None:
+        """
+        A bad overload setting (issue 11) stops start-up with one line
+        naming the option and the value, under both command lines.
+        """
+        for args in (TWIST, TWISTD):
+            result = await run(*args, "--nodes", "http://a", "--retry-budget", "101")
+            self.assertOneClearLine(result, "--retry-budget", "'101'", program=args[-1])
+        result = await run(*TWIST, "--nodes", "http://a", "--max-conns-per-node", "-1")
+        self.assertOneClearLine(result, "--max-conns-per-node", "'-1'")
 
     async def test_bad_yaml(self) -> None:
         """
