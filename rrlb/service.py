@@ -454,6 +454,7 @@ class BalancerService(MultiService):
             f"stopping: draining {len(self.site.channels)} connections for up to {timeout:g}s"
         )
         stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        self.site.close_parked()
         d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
         self._stopping_d = d
         d.addCallback(lambda _: self._drain(timeout))

@@ -32,9 +32,9 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
+from rrlb.parser import ChunkedDecoder
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
@@ -161,7 +161,7 @@ class UpstreamProtocol(Protocol):
         self._state = _IDLE
         self._buffer = b""
         self._remaining = 0
-        self._decoder: Optional[_ChunkedTransferDecoder] = None
+        self._decoder: Optional[ChunkedDecoder] = None
         self._keep_alive = True
         self._got_response = False
         self._head_request = False
@@ -242,7 +242,7 @@ class UpstreamProtocol(Protocol):
             self._head_received()
         elif state == _CHUNKED:
             try:
-                self._decoder.dataReceived(data)  # type: ignore[union-attr]
+                self._decoder.feed(data)  # type: ignore[union-attr]
             except Exception as e:
                 self._protocol_error(f"bad chunked body: {e}")
         elif state == _UNTIL_CLOSE:
@@ -318,7 +318,7 @@ class UpstreamProtocol(Protocol):
                 length = None
             if chunked:
                 self._state = _CHUNKED
-                self._decoder = _ChunkedTransferDecoder(
+                self._decoder = ChunkedDecoder(
                     self.exchange.response_body,
                     self._chunked_done,
                 )
