@@ -23,6 +23,7 @@ from rrlb.config import (
     parse_access_log_format,
     parse_health_path,
     parse_node,
+    parse_resolver,
     positive_float,
     positive_int,
 )
@@ -52,6 +53,7 @@ _TOP_OPTIONS = {
     "access-log-format": "access_log_format",
     "admin": "admin",
     "drain-timeout": "drain_timeout",
+    "dns-refresh": "dns_refresh",
 }
 _HEALTH_OPTIONS = {
     "health-path": "path",
@@ -194,6 +196,14 @@ class Options(usage.Options):
             " (default: the system trust store).",
         ],
         [
+            "dns-refresh",
+            None,
+            None,
+            "Longest time in seconds between two DNS lookups of a node name;"
+            " shorter TTLs win (default: 30).",
+            _coerce(positive_float, "--dns-refresh"),
+        ],
+        [
             "demo",
             None,
             None,
@@ -205,6 +215,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["resolvers"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -212,6 +223,16 @@ class Options(usage.Options):
         ssl:8443:privateKey=key.pem:certKey=cert.pem; repeatable (default: tcp:8080).
         """
         self["listen"].append(description)
+
+    def opt_resolver(self, server: str) -> None:
+        """
+        Name server HOST[:PORT] for nodes named by DNS, instead of those of
+        /etc/resolv.conf; repeatable.
+        """
+        try:
+            self["resolvers"].append(parse_resolver("--resolver", server))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_version(self) -> None:
         """
@@ -231,6 +252,8 @@ class Options(usage.Options):
                 top[field] = self[option]
         if self["listen"]:
             top["listen"] = tuple(self["listen"])
+        if self["resolvers"]:
+            top["resolvers"] = tuple(self["resolvers"])
         if self["nodes"] is not None:
             urls = [u for u in self["nodes"].split(",") if u.strip()]
             top["nodes"] = tuple(parse_node(u, "--nodes") for u in urls)
