@@ -22,8 +22,9 @@ from twisted.web.client import Agent
 
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
-from rrlb.config import Config, ConfigError, parse_node
+from rrlb.config import Config, ConfigError, NodeSpec, parse_node
 from rrlb.demo import DemoBackends
+from rrlb.discovery import DnsDiscovery, make_resolver
 from rrlb.drain import Drain
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.metrics import Metrics
@@ -112,6 +113,18 @@ class BalancerService(MultiService):
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
+        # Nodes named by DNS: looked up by the discovery service, which calls
+        # nodes_found when what it found changes. No resolver (nor a read of
+        # /etc/resolv.conf) unless some entry needs one.
+        self._resolvers = config.resolvers
+        self.discovery = DnsDiscovery(
+            reactor,
+            make_resolver(reactor, config.resolvers) if config.dns_nodes else None,
+            self.nodes_found,
+            config.dns_nodes,
+            config.dns_refresh,
+        )
+        self.discovery.setServiceParent(self)
         self.pool = Pool(config.nodes, config.health.rise, config.health.fall)
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
@@ -197,16 +210,16 @@ class BalancerService(MultiService):
 
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
-        nodes = config.nodes + tuple(
-            n for n in self.demo_nodes if n.key not in {c.key for c in config.nodes}
-        )
+        resolver = None
+        if config.dns_nodes and (
+            config.resolvers != self._resolvers or self.discovery.resolver is None
+        ):
+            resolver = make_resolver(self.reactor, config.resolvers)
+        self.discovery.configure(config.dns_nodes, config.dns_refresh, resolver)
+        self._resolvers = config.resolvers
+        nodes = self._node_set(config)
         commit_tls = self.tls.prepare(config, nodes)
-        for key in commit_tls():
-            self.upstream.drop_node(key)
-        _, removed = self.pool.update(nodes)
-        for node in removed:
-            self.upstream.drop_node(node.key)
-        self._retire(removed)
+        self._switch_nodes(nodes, commit_tls)
         self.upstream.connect_timeout = config.connect_timeout
         self.upstream.timeout = config.timeout
         self.upstream.max_idle_per_node = config.max_idle_per_node
@@ -216,6 +229,50 @@ class BalancerService(MultiService):
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
         self.config = dataclasses.replace(config)
+
+    def _node_set(self, config: Config) -> tuple[NodeSpec, ...]:
+        """
+        The nodes to run: the configured ones, the demo backends, then those
+        found in DNS; a node listed twice runs once (the first one).
+        """
+        nodes: dict[str, NodeSpec] = {}
+        for node in config.nodes + self.demo_nodes + self.discovery.nodes:
+            nodes.setdefault(node.key, node)
+        return tuple(nodes.values())
+
+    def _switch_nodes(self, nodes: tuple[NodeSpec, ...], commit_tls: Any) -> None:
+        """
+        Make C{nodes} the pool's node set: nodes that stay keep their health
+        state, removed ones finish their requests (see L{_retire}).
+        """
+        for key in commit_tls():
+            self.upstream.drop_node(key)
+        # A node whose send_proxy changed: its idle connections began with
+        # the old header (or none).
+        by_key = {n.key: n for n in nodes}
+        for node in self.pool.nodes:
+            spec = by_key.get(node.key)
+            if spec is not None and spec.send_proxy != node.spec.send_proxy:
+                self.upstream.drop_node(node.key)
+        _, removed = self.pool.update(nodes)
+        for node in removed:
+            self.upstream.drop_node(node.key)
+        self._retire(removed)
+
+    def nodes_found(self) -> None:
+        """
+        The nodes found in DNS changed: apply the new node set the way a
+        reload does, leaving every other setting as it is.
+        """
+        nodes = self._node_set(self.config)
+        try:
+            state = self.tls.nodes.prepare(nodes)
+        except ConfigError as e:
+            # A node TLS file went bad since the last reload: keep running.
+            self.log.error("nodes from DNS not applied: {error}", error=str(e))
+            return
+        self._switch_nodes(nodes, lambda: self.tls.nodes.commit(state))
+        self.notify.send_status()
 
     def _apply_access_log(self, config: Config) -> None:
         """
