@@ -70,7 +70,11 @@ def with_default_backlog(description: str) -> str:
     """
     A TCP or TLS listen description with C{backlog=511} unless it names one.
     """
-    kind = description.split(":", 1)[0].strip().lower()
+    kind, _, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy":
+        # The PROXY protocol wrapper: the backlog belongs to what it wraps.
+        return f"{kind}:{with_default_backlog(rest)}"
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
