@@ -31,6 +31,7 @@ from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Node, Pool
 from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
+from rrlb.proxyproto import ProbeEndpoints
 from rrlb.tls import BalancerTLS
 from rrlb.upstream import UpstreamPool
 
@@ -143,11 +144,13 @@ class BalancerService(MultiService):
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
         self.site = ProxySite(self.proxy, reactor=reactor)
-        self.health_agent = Agent(
+        # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
+        self.health_agent = Agent.usingEndpointFactory(
             reactor,
-            contextFactory=self.tls.nodes.policy,
+            ProbeEndpoints(
+                reactor, self.tls.nodes.policy, self._send_proxy_for, config.health.timeout
+            ),
             pool=QuietConnectionPool(reactor, persistent=False),
-            connectTimeout=config.health.timeout,
         )
         self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
         self.metrics = Metrics(
@@ -262,6 +265,17 @@ class BalancerService(MultiService):
         for node in removed:
             self.upstream.drop_node(node.key)
         self._retire(removed)
+
+    def _send_proxy_for(self, host: str, port: int) -> Optional[str]:
+        """
+        The C{send_proxy} setting of the node at C{host} and C{port} (for
+        the health checker's connections).
+        """
+        host = host.strip("[]").lower()
+        for node in self.pool.nodes:
+            if node.port == port and node.host.lower() == host:
+                return node.spec.send_proxy
+        return None
 
     def nodes_found(self) -> None:
         """
