@@ -901,6 +901,8 @@ def check_tls(config: Config) -> None:
         # wrong path should be caught where it was typed.
         load_certificates("--ca-file/tls.ca_file", config.tls.ca_file)
     NodeTLSClients().prepare(config.nodes)
+    # Nodes found in DNS use their entry's files: read them now too.
+    NodeTLSClients().prepare([d.template for d in config.dns_nodes])
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)

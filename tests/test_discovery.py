@@ -584,3 +584,44 @@ class DnsBalancingTests(unittest.TestCase):
         bodies = {(await http_request(self, "GET", balancer.url + "/")).body for _ in range(4)}
         self.assertEqual(bodies, {b"one", b"two"})
         self.assertEqual(len(balancer.service.pool.nodes), 2)
+
+    async def test_reload_adds_and_removes_dns_entries(self) -> None:
+        """
+        A reload that adds a DNS entry starts looking it up (with the
+        resolvers it names); one that removes it takes its nodes out.
+        """
+        static = await start_backend(self, "static")
+        found = await start_backend(self, "found")
+        dns_server = start_server(self)
+        dns_server.authority.set(SRV_NAME, srv("f.rrlb.test", found.port_number, ttl=1))
+        dns_server.authority.set("f.rrlb.test", a("127.0.0.1", 1))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"nodes: [{static.url}]\n")
+        balancer = await start_balancer(self, (), "--config", path, "--health-interval", "30")
+        service = balancer.service
+        with open(path, "w") as f:
+            f.write(
+                f"nodes: [{static.url}, {{srv: {SRV_NAME}}}]\nresolvers: ['{dns_server.address}']\n"
+            )
+        self.assertTrue(service.reload())
+        await wait_until(lambda: len(service.pool.nodes) == 2, what="the node from DNS")
+        self.assertEqual([n.url for n in service.pool.nodes], [static.url, found.url])
+        with open(path, "w") as f:
+            f.write(f"nodes: [{static.url}]\n")
+        self.assertTrue(service.reload())
+        self.assertEqual([n.url for n in service.pool.nodes], [static.url])
+
+    def test_bad_tls_file_of_a_dns_entry(self) -> None:
+        """
+        The TLS files of a DNS entry are read at start-up, so a bad one
+        stops rrlb before any node is found.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "nodes:\n  - {srv: _https._tcp.x.internal, scheme: https,"
+                " tls: {ca_file: /nonexistent/ca.pem}}\n"
+            )
+        message = parse_error("--config", path)
+        self.assertIn("/nonexistent/ca.pem", message)
