@@ -290,6 +290,8 @@ class BalancerService(MultiService):
             self.log.error("nodes from DNS not applied: {error}", error=str(e))
             return
         self._switch_nodes(nodes, lambda: self.tls.nodes.commit(state))
+        # Probe the nodes that came, stop probing those that went.
+        self.checker.sync()
         self.notify.send_status()
 
     def _apply_access_log(self, config: Config) -> None:

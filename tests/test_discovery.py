@@ -522,8 +522,9 @@ class DnsBalancingTests(unittest.TestCase):
     async def test_srv_nodes_join_and_leave(self) -> None:
         """
         Nodes named by SRV records take requests; when the records change a
-        node joins the rotation, one leaves and finishes its request in
-        flight, and the one that stays keeps its state.
+        node joins the rotation (and the health checks), one leaves and
+        finishes its request in flight, and the one that stays keeps its
+        state.
         """
         a_, b_, c_ = [await start_backend(self, name) for name in "abc"]
         dns_server = start_server(self)
@@ -554,6 +555,9 @@ class DnsBalancingTests(unittest.TestCase):
             srv("c.rrlb.test", c_.port_number, ttl=1),
         )
         await wait_until(lambda: {n.url for n in pool.nodes} == {b_.url, c_.url}, what="new set")
+        # The node that came is health-checked at once (the interval is 30 s).
+        await wait_until(lambda: c_.probes == 1, what="a probe of the new node")
+        self.assertEqual(set(balancer.service.checker._loops), {b_.url, c_.url})
         self.assertIs(pool.get(b_.url), node_b)
         self.assertTrue(node_b.drained)
         reply = await slow
