@@ -29,7 +29,7 @@ from rrlb.config import (
 )
 from rrlb.notify import recover_listen_fds
 from rrlb.service import BalancerService
-from rrlb.tls import check_tls, listen_endpoint, tls_on_tcp
+from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
 
 
 def _coerce(parse: Any, name: str) -> Any:
@@ -305,7 +305,7 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         descriptions = self.config.listen + ((self.config.admin,) if self.config.admin else ())
-        if any(d.lstrip().startswith("systemd:") for d in descriptions):
+        if any(listen_kind(d.lstrip())[1] == "systemd" for d in descriptions):
             recover_listen_fds(os.getpid())
         on_tcp = tls_on_tcp(self.config.listen, self.config.tls)
         for description in self.config.listen:
@@ -336,7 +336,7 @@ def check_endpoint(
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
     except (IndexError, KeyError) as e:
-        if description.startswith("systemd:"):
+        if listen_kind(description)[1] == "systemd":
             # twisted.python.systemd found no such inherited socket.
             raise usage.UsageError(
                 f"{name}: no socket from systemd for {description!r}"

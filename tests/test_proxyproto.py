@@ -38,6 +38,7 @@ from rrlb.proxyproto import (
 )
 from rrlb.service import with_default_backlog
 from rrlb.tls import listen_endpoint
+from tests.daemon import start_daemon
 from tests.helpers import (
     LOOPBACK,
     Backend,
@@ -483,6 +484,29 @@ class ReceiveTests(unittest.TestCase):
         request = backend.requests[0]
         self.assertEqual(request.header(b"X-Forwarded-For"), CLIENT_IP.encode())
         self.assertEqual(request.header(b"X-Forwarded-Proto"), b"https")
+
+
+class SocketActivationTests(unittest.TestCase):
+    """
+    C{haproxy:systemd:...}: the PROXY protocol on a socket from systemd, in
+    a real rrlb process.
+    """
+
+    async def test_haproxy_over_systemd_socket(self) -> None:
+        """
+        rrlb recovers the inherited socket under the C{haproxy:} prefix and
+        takes the client from the header.
+        """
+        backend = await start_backend(self, "a")
+        daemon = await start_daemon(
+            self, "--listen", "haproxy:systemd:domain=INET:index=0", "--nodes", backend.url
+        )
+        await daemon.wait_for_message("READY=1")
+        reply = await raw_request(self, daemon.port, V1_IN + GET_CLOSE)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertEqual(backend.requests[0].header(b"X-Forwarded-For"), CLIENT_IP.encode())
+        daemon.signal("TERM")
+        self.assertEqual(await daemon.exit_code(), 0)
 
 
 class SendTests(unittest.TestCase):
