@@ -628,3 +628,28 @@ class SendTests(unittest.TestCase):
         self.assertEqual(clients, [IPv4Address("TCP", LOOPBACK, client.transport.getHost().port)])
         await wait_until(lambda: backend.probes >= 1, what="a probe")
         self.assertTrue(balancer.service.pool.nodes[0].healthy)
+
+    async def test_reload_changes_version(self) -> None:
+        """
+        A reload that changes a node's C{send_proxy} closes its idle
+        connections, which began with the old header; the next request
+        opens one with the new.
+        """
+        node = await ProxyNode().start(self)
+        path = self.mktemp()
+
+        def write(version: str) -> None:
+            with open(path, "w") as f:
+                yaml.safe_dump({"nodes": [{"url": node.url, "send_proxy": version}]}, f)
+
+        write("v1")
+        balancer = await start_balancer(self, (), "--config", path, "--health-interval", "30")
+        client = await raw_connect(self, balancer.port)
+        first = await get(client)
+        self.assertEqual(balancer.service.upstream.idle_count(node.url), 1)
+        write("v2")
+        self.assertTrue(balancer.service.reload())
+        self.assertEqual(balancer.service.upstream.idle_count(node.url), 0)
+        second = await get(client)
+        self.assertNotEqual(first, second)
+        self.assertEqual(node.connections[int(second)].header[:2], ("v2", "PROXY"))
