@@ -259,7 +259,7 @@ class BalancerService(MultiService):
         by_key = {n.key: n for n in nodes}
         for node in self.pool.nodes:
             spec = by_key.get(node.key)
-            if spec is not None and spec.send_proxy != node.spec.send_proxy:
+            if spec is not None and spec.send_proxy != node.send_proxy:
                 self.upstream.drop_node(node.key)
         _, removed = self.pool.update(nodes)
         for node in removed:
@@ -274,7 +274,7 @@ class BalancerService(MultiService):
         host = host.strip("[]").lower()
         for node in self.pool.nodes:
             if node.port == port and node.host.lower() == host:
-                return node.spec.send_proxy
+                return node.send_proxy
         return None
 
     def nodes_found(self) -> None:

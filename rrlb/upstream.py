@@ -547,7 +547,8 @@ class UpstreamPool:
 
         @return: the connector of a new connection (to stop it), or L{None}.
         """
-        send_proxy = node.spec.send_proxy
+        # Nodes without the attribute (stand-ins in tests) send no header.
+        send_proxy = getattr(node, "send_proxy", None)
         if send_proxy is not None:
             return self._acquire_private(node, exchange, fresh, exchange.proxy_header(send_proxy))
         idle = None if fresh else self._idle.get(node.key)
