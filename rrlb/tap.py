@@ -226,8 +226,7 @@ class Options(usage.Options):
 
     def opt_resolver(self, server: str) -> None:
         """
-        Name server HOST[:PORT] for nodes named by DNS, instead of those of
-        /etc/resolv.conf; repeatable.
+        Name server HOST[:PORT] for DNS node entries (default: resolv.conf's); repeatable.
         """
         try:
             self["resolvers"].append(parse_resolver("--resolver", server))
