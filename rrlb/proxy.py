@@ -30,6 +30,7 @@ from rrlb.channel import (
 )
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
+from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
@@ -257,6 +258,14 @@ class ProxyExchange:
                 self.head_tail,
             )
         )
+
+    def proxy_header(self, version: str) -> bytes:
+        """
+        The PROXY protocol header naming this request's client, for a new
+        connection to a node with C{send_proxy} (see L{UpstreamPool.acquire}).
+        """
+        transport = self.request.channel.transport
+        return proxy_header(version, transport.getPeer(), transport.getHost())
 
     # -- driving it -----------------------------------------------------------
 

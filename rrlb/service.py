@@ -23,14 +23,16 @@ from twisted.web.client import Agent
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
 from rrlb.channel import ClientLimits
-from rrlb.config import Config, ConfigError, parse_node
+from rrlb.config import Config, ConfigError, NodeSpec, parse_node
 from rrlb.demo import DemoBackends
+from rrlb.discovery import DnsDiscovery, make_resolver
 from rrlb.drain import Drain
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Node, Pool
 from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
+from rrlb.proxyproto import ProbeEndpoints
 from rrlb.tls import BalancerTLS
 from rrlb.upstream import UpstreamPool
 
@@ -74,7 +76,11 @@ def with_default_backlog(description: str) -> str:
     """
     A TCP or TLS listen description with C{backlog=511} unless it names one.
     """
-    kind = description.split(":", 1)[0].strip().lower()
+    kind, _, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy":
+        # The PROXY protocol wrapper: the backlog belongs to what it wraps.
+        return f"{kind}:{with_default_backlog(rest)}"
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
@@ -117,6 +123,18 @@ class BalancerService(MultiService):
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
+        # Nodes named by DNS: looked up by the discovery service, which calls
+        # nodes_found when what it found changes. No resolver (nor a read of
+        # /etc/resolv.conf) unless some entry needs one.
+        self._resolvers = config.resolvers
+        self.discovery = DnsDiscovery(
+            reactor,
+            make_resolver(reactor, config.resolvers) if config.dns_nodes else None,
+            self.nodes_found,
+            config.dns_nodes,
+            config.dns_refresh,
+        )
+        self.discovery.setServiceParent(self)
         self.pool = Pool(
             config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node
         )
@@ -135,11 +153,13 @@ class BalancerService(MultiService):
         self.proxy.queue.timeout = config.queue_timeout
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
-        self.health_agent = Agent(
+        # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
+        self.health_agent = Agent.usingEndpointFactory(
             reactor,
-            contextFactory=self.tls.nodes.policy,
+            ProbeEndpoints(
+                reactor, self.tls.nodes.policy, self._send_proxy_for, config.health.timeout
+            ),
             pool=QuietConnectionPool(reactor, persistent=False),
-            connectTimeout=config.health.timeout,
         )
         self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
         self.metrics = Metrics(
@@ -223,17 +243,17 @@ class BalancerService(MultiService):
 
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
-        nodes = config.nodes + tuple(
-            n for n in self.demo_nodes if n.key not in {c.key for c in config.nodes}
-        )
+        resolver = None
+        if config.dns_nodes and (
+            config.resolvers != self._resolvers or self.discovery.resolver is None
+        ):
+            resolver = make_resolver(self.reactor, config.resolvers)
+        self.discovery.configure(config.dns_nodes, config.dns_refresh, resolver)
+        self._resolvers = config.resolvers
+        nodes = self._node_set(config)
         commit_tls = self.tls.prepare(config, nodes)
-        for key in commit_tls():
-            self.upstream.drop_node(key)
         self.pool.max_conns_per_node = config.max_conns_per_node
-        _, removed = self.pool.update(nodes)
-        for node in removed:
-            self.upstream.drop_node(node.key)
-        self._retire(removed)
+        self._switch_nodes(nodes, commit_tls)
         self.upstream.connect_timeout = config.connect_timeout
         self.upstream.timeout = config.timeout
         self.upstream.max_idle_per_node = config.max_idle_per_node
@@ -248,6 +268,63 @@ class BalancerService(MultiService):
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
         self.config = dataclasses.replace(config)
+
+    def _node_set(self, config: Config) -> tuple[NodeSpec, ...]:
+        """
+        The nodes to run: the configured ones, the demo backends, then those
+        found in DNS; a node listed twice runs once (the first one).
+        """
+        nodes: dict[str, NodeSpec] = {}
+        for node in config.nodes + self.demo_nodes + self.discovery.nodes:
+            nodes.setdefault(node.key, node)
+        return tuple(nodes.values())
+
+    def _switch_nodes(self, nodes: tuple[NodeSpec, ...], commit_tls: Any) -> None:
+        """
+        Make C{nodes} the pool's node set: nodes that stay keep their health
+        state, removed ones finish their requests (see L{_retire}).
+        """
+        for key in commit_tls():
+            self.upstream.drop_node(key)
+        # A node whose send_proxy changed: its idle connections began with
+        # the old header (or none).
+        by_key = {n.key: n for n in nodes}
+        for node in self.pool.nodes:
+            spec = by_key.get(node.key)
+            if spec is not None and spec.send_proxy != node.send_proxy:
+                self.upstream.drop_node(node.key)
+        _, removed = self.pool.update(nodes)
+        for node in removed:
+            self.upstream.drop_node(node.key)
+        self._retire(removed)
+
+    def _send_proxy_for(self, host: str, port: int) -> Optional[str]:
+        """
+        The C{send_proxy} setting of the node at C{host} and C{port} (for
+        the health checker's connections).
+        """
+        host = host.strip("[]").lower()
+        for node in self.pool.nodes:
+            if node.port == port and node.host.lower() == host:
+                return node.send_proxy
+        return None
+
+    def nodes_found(self) -> None:
+        """
+        The nodes found in DNS changed: apply the new node set the way a
+        reload does, leaving every other setting as it is.
+        """
+        nodes = self._node_set(self.config)
+        try:
+            state = self.tls.nodes.prepare(nodes)
+        except ConfigError as e:
+            # A node TLS file went bad since the last reload: keep running.
+            self.log.error("nodes from DNS not applied: {error}", error=str(e))
+            return
+        self._switch_nodes(nodes, lambda: self.tls.nodes.commit(state))
+        # Probe the nodes that came, stop probing those that went.
+        self.checker.sync()
+        self.notify.send_status()
 
     def _apply_access_log(self, config: Config) -> None:
         """
