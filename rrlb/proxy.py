@@ -21,6 +21,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from rrlb.body import StreamedBody
 from rrlb.channel import (
     EDGE_UNTRUSTED,
     ClientLimits,
@@ -228,18 +229,22 @@ class ProxyExchange:
         via_self = version + b" rrlb"
         append(b"Via: " + (b", ".join(via + [via_self]) if via else via_self) + b"\r\n")
 
-        content = request.content
-        size = 0
-        if content is not None:
-            content.seek(0, 2)
-            size = content.tell()
-            content.seek(0, 0)
-        if size or b"Content-Length" in raw or b"Transfer-Encoding" in raw:
-            append(b"Content-Length: %d\r\n" % size)
+        body = request.body
+        if body is None:
+            if b"Content-Length" in raw or b"Transfer-Encoding" in raw:
+                append(b"Content-Length: 0\r\n")
+        elif body.length is not None:
+            append(b"Content-Length: %d\r\n" % body.length)
+        elif body.complete:
+            # A chunked body that came whole with the head: its length.
+            append(b"Content-Length: %d\r\n" % body.received)
+        else:
+            # A chunked body still coming: chunked to the node too.
+            body.chunked = True
+            append(b"Transfer-Encoding: chunked\r\n")
         append(b"\r\n")
         self.head_tail = b"".join(parts)
-        if size:
-            self.body = content.read() if size <= 65536 else content
+        self.body = body
         return True
 
     def head_for(self, node: Node) -> bytes:
@@ -288,8 +293,9 @@ class ProxyExchange:
         self.upstream = protocol
         self.stale_retry = reused
         body = self.body
-        if body is not None and not isinstance(body, bytes):
-            body.seek(0, 0)
+        if body is not None and body.complete and not body.chunked:
+            # The whole body is here (it fits in what is kept): one write.
+            body = body.buffered()
         protocol.send(self, self.head_for(self.node), body, self.request.method == b"HEAD")
         self.proxy.upstream.watch(self)
 
@@ -329,13 +335,21 @@ class ProxyExchange:
             # the request went out, and the node may have acted on it, so
             # only an idempotent one is sent again, on a fresh connection.
             self.stale_retry = False
-            if self.request.method in IDEMPOTENT:
+            if self.request.method in IDEMPOTENT and self.replayable():
                 self.connector = self.proxy.upstream.acquire(self.node, self, fresh=True)
                 return
             # Not a sign the node is down: a keep-alive close raced the request.
             self._failed(reason, passive=False)
             return
         self._failed(reason, passive=True)
+
+    def replayable(self) -> bool:
+        """
+        Whether the request can be sent again: it has no body, or its body
+        still fits in what rrlb keeps of it (see L{rrlb.body}).
+        """
+        body = self.body
+        return body is None or body.replayable
 
     def _failed(self, reason: Failure, passive: bool) -> None:
         """
@@ -348,7 +362,11 @@ class ProxyExchange:
         node.errors += 1
         if passive:
             proxy.pool.mark(node, False, f"request failed: {why}")
-        if self.request.method in IDEMPOTENT and self.retries < proxy.settings.retries:
+        if (
+            self.request.method in IDEMPOTENT
+            and self.retries < proxy.settings.retries
+            and self.replayable()
+        ):
             other = proxy.pool.pick_other(self.tried)
             # A request holds one place in the retry budget from its first
             # retry until it ends, however many nodes it tries.
@@ -442,6 +460,14 @@ class ProxyExchange:
             request.finish()
 
     def timed_out(self) -> None:
+        body = self.body
+        if body is not None and body.consumer is not None and not body.complete:
+            if not body.node_full:
+                # The node takes the body as fast as it comes: it is the
+                # client that is slow, and the client body timeout is the
+                # one that applies.
+                self.proxy.upstream.watch(self)
+                return
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -660,6 +686,8 @@ class ProxyRequest(server.Request):
     client_error: Optional[str] = None
     # The client behind trusted proxies (--trusted-proxies), if not the peer.
     real_client: Optional[str] = None
+    # The body, streamed to the node as it arrives (None: no body).
+    body: Optional[StreamedBody] = None
 
     channel: Any
 
