@@ -116,7 +116,7 @@ EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
 EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
 EDGE_TRUSTED = 2  # a peer inside them: keep and append
 
-_IDLE, _HEAD, _BODY, _BUSY, _CLOSED = range(5)
+_IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
 
 _PHRASES = {
     408: b"Request Timeout",
@@ -426,6 +426,21 @@ class ProxyChannel(http.HTTPChannel):
             else:
                 self.transport.resumeProducing()
         self.deadline = None if holds else self.clock.seconds() + self.site.limits.body_timeout
+
+    def start_tunnel(self, head: bytes) -> bytes:
+        """
+        The node switched protocols: send the client C{head} (the 101),
+        read from now on for the tunnel (L{rrlb.tunnel}), and return what
+        the client already sent past its request.
+        """
+        self._state = _TUNNEL
+        self.deadline = None
+        self.persistent = False
+        self.transport.write(head)
+        buffered, self._buffer = self._buffer, b""
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        return buffered
 
     def send_continue(self) -> None:
         """

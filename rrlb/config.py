@@ -187,6 +187,8 @@ class Config:
     queue_timeout: float = 5.0
     retries: int = 2
     retry_budget: float = 20.0
+    # WebSocket tunnels: closed after this long with no byte either way.
+    tunnel_timeout: float = 3600.0
     # Nodes from DNS (rrlb.discovery): the entries, the longest time between
     # two lookups of a name, and the name servers (none: /etc/resolv.conf).
     dns_nodes: tuple[DnsNodes, ...] = ()
@@ -222,6 +224,7 @@ _TOP_KEYS = frozenset(
         "queue_timeout",
         "retries",
         "retry_budget",
+        "tunnel_timeout",
         "dns_refresh",
         "resolvers",
     }
@@ -738,7 +741,7 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = parse_resolvers(key, value)
         elif key == "health":
             out[key] = parse_health(value)
-        elif key in ("timeout", "connect_timeout", "drain_timeout"):
+        elif key in ("timeout", "connect_timeout", "drain_timeout", "tunnel_timeout"):
             out[key] = positive_float(key, value)
         elif key == "node_host":
             out[key] = _boolean(key, value)

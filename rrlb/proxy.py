@@ -33,6 +33,7 @@ from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
+from rrlb.tunnel import Tunnel, switching_head, upgrade_token
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
 log = Logger()
@@ -77,6 +78,7 @@ class ProxySettings:
     node_host: bool = False
     retry_after: int = 1
     retries: int = 2
+    tunnel_timeout: float = 3600.0
 
 
 def _text(value: bytes) -> str:
@@ -148,6 +150,8 @@ class ProxyExchange:
         "retries",
         "stale_retry",
         "paused",
+        "upgrade",
+        "tunnel",
     )
 
     def __init__(self, proxy: RotatingProxy, request: Any, node: Node) -> None:
@@ -168,6 +172,8 @@ class ProxyExchange:
         self.stale_retry = False
         self.paused = False
         self.body: Any = None
+        self.upgrade = False
+        self.tunnel: Optional[Tunnel] = None
 
     # -- building the upstream request ---------------------------------------
 
@@ -193,8 +199,13 @@ class ProxyExchange:
 
         drop = _SKIP_REQUEST
         connection = raw.get(b"Connection")
+        upgrade = None
         if connection:
             extra = connection_tokens(connection)
+            if b"upgrade" in extra and request.method == b"GET" and request.body is None:
+                # WebSocket: Connection: Upgrade and its Upgrade go to the
+                # node (rrlb.tunnel); other upgrade tokens (h2c) do not.
+                upgrade = upgrade_token(raw.get(b"Upgrade"))
             if extra:
                 drop = drop | {_canonical(t) for t in extra}
         parts: list[bytes] = []
@@ -229,6 +240,9 @@ class ProxyExchange:
         via_self = version + b" rrlb"
         append(b"Via: " + (b", ".join(via + [via_self]) if via else via_self) + b"\r\n")
 
+        if upgrade is not None:
+            append(b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+        self.upgrade = upgrade is not None
         body = request.body
         if body is None:
             if b"Content-Length" in raw or b"Transfer-Encoding" in raw:
@@ -444,6 +458,43 @@ class ProxyExchange:
         if has_body:
             request.registerProducer(self, True)
 
+    def switched(
+        self, protocol: UpstreamProtocol, reason: bytes, headers: dict[bytes, list[bytes]]
+    ) -> None:
+        """
+        The node answered 101 to an upgrade: pass the 101 on, and copy bytes
+        both ways from now on (L{rrlb.tunnel}).
+        """
+        proxy = self.proxy
+        proxy.upstream.unwatch(self)
+        request = self.request
+        self.upstream_status = 101
+        self.upstream_time = proxy.clock.seconds() - self.started
+        self.responded = True
+        request.code = 101
+        request.code_message = reason
+        request.startedWriting = True
+        channel = request.channel
+        buffered = channel.start_tunnel(switching_head(reason, headers))
+        tunnel = self.tunnel = Tunnel(
+            self, channel, protocol, proxy.clock, proxy.settings.tunnel_timeout, proxy.stats
+        )
+        channel.dataReceived = tunnel.from_client
+        protocol.tunnel = tunnel
+        if buffered:
+            tunnel.from_client(buffered)
+
+    def tunnel_closed(self) -> None:
+        """
+        The tunnel ended (either side closed, or it was idle too long).
+        """
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.close()
+        self.upstream = None
+        if not self.finished:
+            self._end(ok=True)
+
     def response_body(self, data: bytes) -> None:
         self.request.write(data)
 
@@ -508,6 +559,9 @@ class ProxyExchange:
         """
         if self.finished:
             return
+        if self.tunnel is not None:
+            self.tunnel_closed()
+            return
         self._end(ok=False)
         self.proxy.upstream.unwatch(self)
         upstream = self.upstream
@@ -565,6 +619,9 @@ class ProxyStats:
 
     def __init__(self) -> None:
         self.retries = 0
+        self.tunnels_open = 0
+        self.tunnel_bytes_to_node = 0
+        self.tunnel_bytes_to_client = 0
 
 
 class RotatingProxy(ReverseProxyResource):

@@ -228,6 +228,7 @@ class BalancerService(MultiService):
             node_host=config.node_host,
             retry_after=max(1, int(config.health.interval + 0.999)),
             retries=config.retries,
+            tunnel_timeout=config.tunnel_timeout,
         )
 
     def _demo_ready(self, urls: list[str]) -> None:

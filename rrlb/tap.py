@@ -68,6 +68,7 @@ _TOP_OPTIONS = {
     "trusted-proxies": "trusted_proxies",
     "max-conns-per-node": "max_conns_per_node",
     "queue-timeout": "queue_timeout",
+    "tunnel-timeout": "tunnel_timeout",
     "retries": "retries",
     "retry-budget": "retry_budget",
     "dns-refresh": "dns_refresh",
@@ -302,6 +303,14 @@ class Options(usage.Options):
             None,
             "Seconds a request waits when every node is full before it gets 503 (default: 5).",
             _coerce(non_negative_float, "--queue-timeout"),
+        ],
+        [
+            "tunnel-timeout",
+            None,
+            None,
+            "Seconds a WebSocket tunnel may pass no byte either way before it is"
+            " closed (default: 3600).",
+            _coerce(positive_float, "--tunnel-timeout"),
         ],
         [
             "retries",

@@ -61,7 +61,7 @@ HOP_BY_HOP = frozenset(
 # The same, as Twisted's Headers spells them.
 _HOP_BY_HOP_NAMES = frozenset(canonical_name(name) for name in HOP_BY_HOP)
 
-_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(6)
 
 
 class BadResponse(Exception):
@@ -164,6 +164,8 @@ class UpstreamProtocol(Protocol):
         self._keep_alive = True
         self._got_response = False
         self._head_request = False
+        # The tunnel this connection carries after a 101 (rrlb.tunnel).
+        self.tunnel: Any = None
         # The request body still streaming to the node, if any.
         self._body: Any = None
         self._chunked_body = False
@@ -271,6 +273,8 @@ class UpstreamProtocol(Protocol):
                 self._protocol_error(f"bad chunked body: {e}")
         elif state == _UNTIL_CLOSE:
             exchange.response_body(data)
+        elif state == _TUNNEL:
+            self.tunnel.from_node(data)
         else:
             self.transport.loseConnection()
 
@@ -291,13 +295,30 @@ class UpstreamProtocol(Protocol):
             self._buffer = buffer[end + 4 :]
             if 100 <= code < 200:
                 if code == 101:
-                    self._protocol_error("node switched protocols unasked")
+                    self._switched(reason, raw)
                     return
                 # An interim response (100 Continue, 103 Early Hints): the
                 # client already had its 100 from us; wait for the final one.
                 continue
             break
         self._start_body(version, code, reason, raw)
+
+    def _switched(self, reason: bytes, headers: dict[bytes, list[bytes]]) -> None:
+        """
+        A 101: from now on the connection is a tunnel (L{rrlb.tunnel}) if
+        the request asked to upgrade, else the node is broken.
+        """
+        exchange = self.exchange
+        if not getattr(exchange, "upgrade", False):
+            self._protocol_error("node switched protocols unasked")
+            return
+        self._state = _TUNNEL
+        self._keep_alive = False
+        rest = self._buffer
+        self._buffer = b""
+        exchange.switched(self, reason, headers)
+        if rest and self.tunnel is not None:
+            self.tunnel.from_node(rest)
 
     def _start_body(
         self, version: bytes, code: int, reason: bytes, headers: dict[bytes, list[bytes]]
@@ -450,6 +471,9 @@ class UpstreamProtocol(Protocol):
         if exchange is None:
             return
         self.exchange = None
+        if self._state == _TUNNEL:
+            exchange.tunnel_closed()
+            return
         self._stop_body()
         if self._state == _UNTIL_CLOSE and reason.check(error.ConnectionDone):
             # A body without a length ends with a clean close; a reset cuts it.
