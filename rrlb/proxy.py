@@ -818,10 +818,14 @@ class ProxySite(ClientSite):
     which keeps the hot path free of it).
     """
 
-    # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it.
+    # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it
+    # (with --http2, rrlb.http2.ALPNChannel).
     protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
     displayTracebacks = False
+    # Offered by ALPN on TLS listeners. Twisted's Site offers h2 whenever the
+    # h2 package is installed; rrlb only with --http2.
+    alpn: list[bytes] = [b"http/1.1"]
 
     def __init__(
         self,
@@ -838,3 +842,6 @@ class ProxySite(ClientSite):
     def log(self, request: Any) -> None:
         if self.access_log is not None:
             self.access_log(request)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return self.alpn

@@ -153,6 +153,12 @@ class BalancerService(MultiService):
         self.proxy.queue.timeout = config.queue_timeout
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
+        if config.http2:
+            # Only now: with --http2 off nothing of rrlb.http2 is imported.
+            from rrlb.http2 import ALPN_PROTOCOLS, ALPNChannel
+
+            self.site.protocol = ALPNChannel
+            self.site.alpn = ALPN_PROTOCOLS
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
         self.health_agent = Agent.usingEndpointFactory(
             reactor,
@@ -268,6 +274,9 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
+        if config.http2 != self.config.http2:
+            self.log.warn("http2 changes only with a restart")
+            config = dataclasses.replace(config, http2=self.config.http2)
         self.config = dataclasses.replace(config)
 
     def _node_set(self, config: Config) -> tuple[NodeSpec, ...]:

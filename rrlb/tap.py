@@ -101,6 +101,11 @@ class Options(usage.Options):
             None,
             "Send each node its own host:port as Host (default: the client's Host).",
         ],
+        [
+            "http2",
+            None,
+            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners (needs twisted[http2]).",
+        ],
     ]
     optParameters = [
         ["config", "c", None, "YAML configuration file; command-line flags override it."],
@@ -384,6 +389,8 @@ class Options(usage.Options):
                 seen.add(node.key)
         if self["node-host"]:
             top["node_host"] = True
+        if self["http2"]:
+            top["http2"] = True
         if self["demo"]:
             top["demo"] = self["demo"]
         tls = {
