@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Optional
 
+from h2.errors import ErrorCodes
 from priority import DuplicateStreamError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -236,8 +237,9 @@ class ProxyH2Connection(H2Connection):
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
         if self.going_away:
-            # Draining: the GOAWAY told the client no new stream is served.
-            self.conn.reset_stream(event.stream_id)
+            # Draining: the GOAWAY told the client no new stream is served;
+            # one sent meanwhile is refused (the client may retry it).
+            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
             self._tryToWriteControlData()
             return
         stream = ProxyH2Stream(
@@ -277,21 +279,38 @@ class ProxyH2Connection(H2Connection):
         if not self.streams:
             channel = self.channel
             if self.going_away:
-                self.transport.loseConnection()
+                self.close()
             elif channel._state != _CLOSED:
                 channel.deadline = channel.clock.seconds() + channel.site.limits.keepalive_timeout
 
     def go_away(self) -> None:
         """
-        For a drain: tell the client (GOAWAY) that no new stream will be
-        served, and close once the open ones are done.
+        For a drain: serve no new stream (each is refused with
+        REFUSED_STREAM, which a client may retry elsewhere), and say GOAWAY
+        and close once the open ones are done. The GOAWAY waits for them:
+        some clients (the h2 library's among them) take any GOAWAY as the
+        end of the connection, responses in flight included.
         """
-        if not self.going_away:
-            self.going_away = True
+        self.going_away = True
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        """
+        Say GOAWAY and close the connection.
+        """
+        try:
             self.conn.close_connection()
             self._tryToWriteControlData()
-        if not self.streams:
-            self.transport.loseConnection()
+        except Exception:
+            pass  # the connection is already closed
+        transport = self.transport
+        # TLS closes only once no producer is registered on it.
+        if getattr(transport, "producer", None) is not None or getattr(
+            transport, "_producer", None
+        ) is not None:
+            transport.unregisterProducer()
+        transport.loseConnection()
 
 
 class ALPNChannel(ProxyChannel):
@@ -339,8 +358,7 @@ class ALPNChannel(ProxyChannel):
             super().timed_out()
         elif not h2.streams:
             self._state = _CLOSED
-            h2.go_away()
-            self.transport.loseConnection()
+            h2.close()
 
     def close_when_idle(self) -> None:
         h2 = self.h2

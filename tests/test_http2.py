@@ -34,6 +34,7 @@ from tests.test_wire import (
     RecordedRequest,
     reactor,
     response,
+    sleep,
     wait_for,
 )
 
@@ -395,3 +396,70 @@ class HTTP2SettingTests(HTTP2Case):
         self.assertEqual((result.version, result.body), (b"HTTP/1.1", b"a"))
         self.assertIn(client.transport.negotiatedProtocol, (None, b"http/1.1"))
         await client.close()
+
+
+class HTTP2ConnectionLifeTests(HTTP2Case):
+    """
+    Limits, idle timeout and the drain for HTTP/2 connections.
+    """
+
+    async def test_max_body_size(self) -> None:
+        """
+        --max-body-size refuses an HTTP/2 body announced too large, and one
+        that grows past it while streaming, with 413 on that stream only.
+        """
+        node = await self.backend(lambda request, conn: None)
+        balancer = await self.h2_balancer([node.url], "--max-body-size", "1000")
+        client = await self.h2_connect(balancer.port)
+        _, announced = client.request(
+            b"POST", b"/a", None, ((b"content-length", b"5000"),), end=False
+        )
+        await announced.done
+        self.assertEqual(announced.status, 413)
+        stream, grown = client.request(b"POST", b"/b", b"y" * 600, end=False)
+        await wait_for(lambda: node.connections, "the request at the node")
+        client.send(stream, b"z" * 600)
+        await grown.done
+        self.assertEqual(grown.status, 413)
+        await wait_for(lambda: node.connections[0].closed, "the node's request to be cut")
+        _, after = client.request(b"GET", b"/c")
+        await wait_for(lambda: len(node.requests) >= 1, "the next request")
+        node.requests[-1].connection.transport.write(response(body=b"ok"))
+        await after.done
+        self.assertEqual((after.status, bytes(after.body)), (200, b"ok"))
+
+    async def test_idle_connection_closes(self) -> None:
+        """
+        An HTTP/2 connection with no stream open for --keepalive-timeout is
+        closed.
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "0.3")
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        await client.lost
+        await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
+
+    async def test_drain_waits_for_streams(self) -> None:
+        """
+        Stopping rrlb sends GOAWAY, lets the open stream finish, then closes
+        the connection.
+        """
+        held: list[BackendConnection] = []
+        node = await self.backend(lambda request, conn: held.append(conn))
+        balancer = await self.h2_balancer([node.url], "--drain-timeout", "5")
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/slow")
+        await wait_for(lambda: held, "the request at the node")
+        stopped: list[bool] = []
+        stopping = defer.maybeDeferred(balancer.service.stopService)
+        stopping.addBoth(lambda result: stopped.append(True) or result)
+        await sleep(0.3)
+        self.assertEqual(stopped, [])
+        self.assertFalse(answer.done.called)
+        held[0].transport.write(response(body=b"late"))
+        await answer.done
+        self.assertEqual(bytes(answer.body), b"late")
+        await client.lost
+        await wait_for(lambda: stopped, "the drain to end")
