@@ -34,7 +34,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection, H2Stream
 
-from rrlb._twisted import canonical_name, set_raw_headers
+from rrlb._twisted import canonical_name, header_values, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
 from rrlb.channel import (
     _CLOSED,
@@ -43,7 +43,7 @@ from rrlb.channel import (
     error_response,
     real_client,
 )
-from rrlb.parser import BODY_TOO_LARGE
+from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
@@ -75,8 +75,10 @@ class ProxyH2Stream(H2Stream):
         self.forwarded = channel.forwarded
         self.edge = channel.edge
         self.limits = site.limits
+        self.clock = channel.clock
         self._holds = 0
         self._unacked = 0
+        self._body_timer: Any = None
         # The stream is the transport of its request (H2Stream has None):
         # writing, closing and the addresses go through it, never to the
         # whole connection.
@@ -126,12 +128,12 @@ class ProxyH2Stream(H2Stream):
         """
         request = self._request
         if has_body:
-            lengths = request.requestHeaders._rawHeaders.get(b"Content-Length")
+            lengths = header_values(request.requestHeaders, b"Content-Length")
             length = None
             if lengths and lengths[0].isdigit():
                 length = int(lengths[0])
-            expect = request.requestHeaders._rawHeaders.get(b"Expect")
-            expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
+            expect = header_values(request.requestHeaders, b"Expect")
+            expect_continue = expect is not None and expect[0].lower() == b"100-continue"
             maximum = self.limits.max_body_size
             if maximum and length is not None and length > maximum:
                 request.client_error = BODY_TOO_LARGE
@@ -141,6 +143,7 @@ class ProxyH2Stream(H2Stream):
                 error_response(request, 413, "the body is too large")
                 return
             request.body = StreamedBody(self, length, expect_continue)
+            self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
         request.requestReceived(self.command, self.path, b"HTTP/2")
 
     # -- the body's source (rrlb.body) -----------------------------------------
@@ -167,14 +170,18 @@ class ProxyH2Stream(H2Stream):
         request = self._request
         body = request.body
         self._unacked += flowControlledLength
-        if body is None or body.complete:
-            # A body nobody forwards (rrlb answered already): let it come.
+        if body is None or body.complete or request.finished:
+            # A body nobody forwards (the response is out already): let it
+            # come, and drop it.
             self._open_window()
             return
         maximum = self.limits.max_body_size
         if maximum and body.received + len(data) > maximum:
             self._body_too_large()
             return
+        timer = self._body_timer
+        if timer is not None and timer.active():
+            timer.reset(self.limits.body_timeout)
         body.feed(data)
         if not self._holds & ~CONTINUE:
             # Reopen the window only as far as the node took the bytes: while
@@ -182,7 +189,26 @@ class ProxyH2Stream(H2Stream):
             self._open_window()
 
     def _body_too_large(self) -> None:
+        self._body_failed(413, BODY_TOO_LARGE, "the body is too large")
+
+    def _body_late(self) -> None:
+        """
+        --client-body-timeout passed with no body byte: unless rrlb itself
+        holds the client back (then it is not the client's fault), the
+        request is cut off, with 408 if no response started.
+        """
+        self._body_timer = None
+        body = self._request.body
+        if body is None or body.complete:
+            return
+        if self._holds:
+            self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
+            return
+        self._body_failed(408, BODY_TIMEOUT, "the request body took too long")
+
+    def _body_failed(self, code: int, reason: str, text: str) -> None:
         request = self._request
+        self._stop_body_timer()
         exchange = request.exchange
         if exchange is not None and not exchange.finished:
             exchange.client_gone()
@@ -190,13 +216,28 @@ class ProxyH2Stream(H2Stream):
         if request.startedWriting:
             self.abortConnection()
             return
-        request.client_error = BODY_TOO_LARGE
-        error_response(request, 413, "the body is too large")
+        request.client_error = reason
+        error_response(request, code, text)
+
+    def _stop_body_timer(self) -> None:
+        timer, self._body_timer = self._body_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def requestComplete(self) -> None:
+        self._stop_body_timer()
         body = self._request.body
         if body is not None and not body.complete:
             body.finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_body_timer()
+        super().connectionLost(reason)
+
+    def requestDone(self, request: Any) -> None:
+        # The response is complete: what is left of the body is not wanted.
+        self._stop_body_timer()
+        super().requestDone(request)
 
     # -- what the proxy calls on a channel -----------------------------------
 

@@ -109,6 +109,11 @@ class H2Client(Protocol):
     def cancel(self, stream: int) -> None:
         self.conn.reset_stream(stream)
         self.flush()
+        # h2 reports no event for a reset of our own: end the response here.
+        answer = self.responses[stream]
+        answer.reset = 8  # CANCEL
+        if not answer.done.called:
+            answer.done.callback(answer)
 
     def dataReceived(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
@@ -427,6 +432,24 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         node.requests[-1].connection.transport.write(response(body=b"ok"))
         await after.done
         self.assertEqual((after.status, bytes(after.body)), (200, b"ok"))
+
+    async def test_body_timeout(self) -> None:
+        """
+        An HTTP/2 body that stops coming for --client-body-timeout gets 408
+        and its node request is cut off; the connection carries on.
+        """
+        node = await self.backend(lambda request, conn: None)
+        balancer = await self.h2_balancer([node.url], "--client-body-timeout", "0.3")
+        client = await self.h2_connect(balancer.port)
+        _, stalled = client.request(
+            b"POST", b"/a", b"part", ((b"content-length", b"100"),), end=False
+        )
+        await wait_for(lambda: node.connections, "the request at the node")
+        await stalled.done
+        self.assertEqual(stalled.status, 408)
+        await wait_for(lambda: node.connections[0].closed, "the node's request to be cut")
+        self.assertEqual(balancer.service.pool.nodes[0].in_flight, 0)
+        self.assertEqual(len(balancer.service.site.channels), 1)
 
     async def test_idle_connection_closes(self) -> None:
         """
