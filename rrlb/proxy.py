@@ -21,7 +21,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from rrlb.body import StreamedBody
+from rrlb.body import KEEP, StreamedBody
 from rrlb.channel import (
     EDGE_UNTRUSTED,
     ClientLimits,
@@ -308,7 +308,10 @@ class ProxyExchange:
         self.stale_retry = reused
         body = self.body
         if body is not None and body.complete and not body.chunked:
-            # The whole body is here (it fits in what is kept): one write.
+            # The whole body came before the connection: one write. Past what
+            # is kept it is not sent again (README: only short bodies retry).
+            if body.received > KEEP:
+                body.spent = True
             body = body.buffered()
         protocol.send(self, self.head_for(self.node), body, self.request.method == b"HEAD")
         self.proxy.upstream.watch(self)

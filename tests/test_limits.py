@@ -86,6 +86,8 @@ class Swallow(Resource):
 
     isLeaf = True
 
+    attach = True
+
     def __init__(self) -> None:
         super().__init__()
         self.sinks: list[BodySink] = []
@@ -93,7 +95,7 @@ class Swallow(Resource):
     def render(self, request: Any) -> Any:
         sink = BodySink()
         self.sinks.append(sink)
-        if request.body is not None:
+        if request.body is not None and self.attach:
             request.body.attach(sink)
         return NOT_DONE_YET
 

@@ -15,8 +15,10 @@ from typing import Any, Callable, Optional
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
-from rrlb.body import KEEP
+from rrlb.body import CONTINUE, KEEP, NODE_FULL, WAITING, StreamedBody
+from tests.test_limits import BodySink, Harness, Swallow
 from tests.test_wire import (
     LOOPBACK,
     BackendConnection,
@@ -419,3 +421,132 @@ class StreamedLimitTests(WireCase):
         result = await second.response()
         assert result is not None
         self.assertEqual(result.body, expected.hexdigest().encode())
+
+
+class Source:
+    """
+    A stand-in for the client side of a body: records holds and 100s.
+    """
+
+    def __init__(self) -> None:
+        self.holds = 0
+        self.continues = 0
+
+    def hold(self, flag: int) -> None:
+        self.holds |= flag
+
+    def release(self, flag: int) -> None:
+        self.holds &= ~flag
+
+    def send_continue(self) -> None:
+        self.continues += 1
+
+
+class StreamedBodyUnitTests(unittest.TestCase):
+    """
+    L{StreamedBody} on its own: what it keeps, when it holds the client
+    back, and when it can be sent again.
+    """
+
+    def test_waits_for_a_consumer(self) -> None:
+        """
+        Bytes with no consumer are kept and hold the client back; a consumer
+        gets them at once, then the rest as it comes, and the hold goes.
+        """
+        source = Source()
+        body = StreamedBody(source, 10)
+        body.feed(b"abc")
+        self.assertEqual(source.holds, WAITING)
+        sink = BodySink()
+        body.attach(sink)
+        self.assertEqual((sink.data, source.holds), (b"abc", 0))
+        body.feed(b"defghij")
+        body.finish()
+        self.assertEqual((sink.data, sink.ended), (b"abcdefghij", True))
+
+    def test_short_body_replayable(self) -> None:
+        """
+        A body within KEEP can be given whole to a second consumer.
+        """
+        body = StreamedBody(Source(), KEEP)
+        first = BodySink()
+        body.attach(first)
+        body.feed(b"x" * KEEP)
+        body.detach(first)
+        self.assertTrue(body.replayable)
+        second = BodySink()
+        body.attach(second)
+        body.finish()
+        self.assertEqual((second.data, second.ended), (b"x" * KEEP, True))
+
+    def test_long_body_spent(self) -> None:
+        """
+        Once a byte past KEEP went to a consumer the body cannot be sent
+        again, and rrlb keeps no more than KEEP of it.
+        """
+        body = StreamedBody(Source(), KEEP + 10)
+        body.attach(BodySink())
+        body.feed(b"y" * (KEEP + 1))
+        self.assertFalse(body.replayable)
+        self.assertEqual(len(body.buffered()), KEEP)
+
+    def test_node_backpressure(self) -> None:
+        """
+        The consumer's connection pausing the body holds the client back
+        until it resumes (or the consumer goes).
+        """
+        source = Source()
+        body = StreamedBody(source, 100)
+        sink = BodySink()
+        body.attach(sink)
+        body.pauseProducing()
+        self.assertEqual((source.holds, body.node_full), (NODE_FULL, True))
+        body.resumeProducing()
+        self.assertEqual(source.holds, 0)
+        body.pauseProducing()
+        body.detach(sink)
+        self.assertEqual(source.holds, 0)
+
+    def test_expect_continue(self) -> None:
+        """
+        With Expect: 100-continue the 100 goes out when a consumer is
+        attached, and only if no body byte came first.
+        """
+        source = Source()
+        body = StreamedBody(source, 5, expect_continue=True)
+        self.assertEqual(source.holds, CONTINUE)
+        body.attach(BodySink())
+        self.assertEqual((source.continues, source.holds), (1, 0))
+        eager = Source()
+        body = StreamedBody(eager, 5, expect_continue=True)
+        body.feed(b"12")
+        body.attach(BodySink())
+        self.assertEqual(eager.continues, 0)
+
+
+class ChannelHoldTests(unittest.TestCase):
+    """
+    The channel's side of a held body, on a L{Clock}.
+    """
+
+    def test_no_body_timeout_while_held(self) -> None:
+        """
+        While rrlb holds the client back (here: no consumer yet) it reads
+        nothing and the body timeout does not run; once released the
+        timeout runs again from then.
+        """
+        swallow = Swallow()
+        swallow.attach = False
+        harness = Harness(swallow, body_timeout=10)
+        channel, transport = harness.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        self.assertEqual(transport.producerState, "paused")
+        harness.clock.advance(60)
+        self.assertEqual(transport.value(), b"")
+        request = channel.requests[0]
+        request.body.attach(BodySink())
+        self.assertEqual(transport.producerState, "producing")
+        harness.clock.advance(9)
+        self.assertEqual(transport.value(), b"")
+        harness.clock.advance(2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
