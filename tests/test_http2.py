@@ -486,3 +486,36 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         self.assertEqual(bytes(answer.body), b"late")
         await client.lost
         await wait_for(lambda: stopped, "the drain to end")
+
+
+class SecureWebSocketTests(HTTP2Case):
+    """
+    WebSocket over TLS on a listener that also offers h2.
+    """
+
+    async def test_wss_through_http2_listener(self) -> None:
+        """
+        A client that picks http/1.1 by ALPN can open a WebSocket tunnel
+        through a --http2 listener and echo a message.
+        """
+        from autobahn.twisted.websocket import WebSocketClientFactory
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from tests.test_websocket import Client, EchoFactory
+
+        echo = EchoFactory("a")
+        echo.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(echo)
+        self.addCleanup(echo.port.stopListening)
+        balancer = await self.h2_balancer([echo.node_url])
+        factory = WebSocketClientFactory(f"wss://a.test:{balancer.port}/chat")
+        factory.protocol = Client
+        trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
+        options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"http/1.1"])
+        endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, balancer.port, options)
+        client = await endpoint.connect(factory)
+        await client.opened
+        self.assertEqual(await client.message(1), (b"a", False))
+        client.sendMessage(b"over tls")
+        self.assertEqual(await client.message(2), (b"over tls", False))
+        client.sendClose(code=1000)
+        await client.closed

@@ -277,6 +277,40 @@ class StreamedBodyTests(WireCase):
         self.assertEqual(service.pool.nodes[0].in_flight, 0)
 
 
+class ExpectContinueQueueTests(WireCase):
+    """
+    100 Continue waits for a node connection, also while queued.
+    """
+
+    async def test_no_continue_while_queued(self) -> None:
+        """
+        A request with Expect: 100-continue waiting in the queue gets no
+        100 until a node slot frees and its connection is ready; then its
+        body goes through.
+        """
+        node = StreamNode()
+        node.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(node)
+        self.addCleanup(node.stop)
+        service, port = await self.balancer([node.url], "--max-conns-per-node", "1")
+        first = await self.client(port)
+        first.send(b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: node.connections and node.connections[0].head)
+        second = await self.client(port)
+        second.send(upload_head(5, b"/e", b"Expect: 100-continue"))
+        await wait_for(lambda: len(service.proxy.queue) == 1, "the upload to queue")
+        await sleep(0.2)
+        self.assertEqual(bytes(second.data), b"")
+        node.on_data = answer_when_complete(5)
+        node.connections[0].data.clear()
+        node.connections[0].transport.write(response())
+        await wait_for(lambda: b"100 Continue" in second.data, "100 Continue")
+        second.send(b"hello")
+        result = await second.response()
+        assert result is not None
+        self.assertEqual(result.interim, [100])
+        self.assertEqual(result.body, hashlib.sha256(b"hello").hexdigest().encode())
+
+
 class StreamedRetryTests(WireCase):
     """
     The first 64 KiB are kept for a retry; a longer body is never re-sent.
