@@ -366,9 +366,20 @@ class HTTP2SettingTests(HTTP2Case):
             "makeService(o)\n"
             "print('rrlb.http2' in sys.modules)\n"
         )
+        import rrlb
+
+        # The rrlb under test, wherever trial runs from.
+        top = os.path.dirname(os.path.dirname(os.path.abspath(rrlb.__file__)))
+        env = dict(os.environ, PYTHONPATH=top)
         out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, timeout=60, cwd=os.getcwd()
+            [sys.executable, "-c", code + "import rrlb; print(rrlb.__file__)\n"],
+            capture_output=True,
+            timeout=60,
+            env=env,
         )
+        lines = out.stdout.split()
+        self.assertEqual(lines[-1].decode(), os.path.abspath(rrlb.__file__), out.stderr)
+        out.stdout = lines[0]
         self.assertEqual(out.stdout.strip(), b"False", out.stderr)
 
     async def test_off_no_alpn_h2(self) -> None:
