@@ -402,6 +402,30 @@ class StreamedLimitTests(WireCase):
         await wait_for(lambda: node.connections[0].closed, "the node's connection to close")
         self.assertEqual(service.pool.nodes[0].in_flight, 0)
 
+    async def test_body_timeout_after_response_started(self) -> None:
+        """
+        A body that stalls after the node's response has started: no 408
+        can be sent, so the client's connection is closed (and the node's).
+        """
+        node = await self.stream_node()
+
+        def early(conn: StreamConnection) -> None:
+            if conn.head is not None and not conn.closed and b"early" not in conn.data:
+                conn.data += b"early"
+                conn.transport.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                )
+
+        node.on_data = early
+        service, port = await self.balancer([node.url], "--client-body-timeout", "0.3")
+        client = await self.client(port)
+        client.send(upload_head(100) + b"x" * 10)
+        await wait_for(lambda: client.closed, "rrlb to close the client connection")
+        self.assertIn(b"hello", bytes(client.data))
+        self.assertNotIn(b"408", bytes(client.data))
+        await wait_for(lambda: node.connections[0].closed, "the node's connection to close")
+        self.assertEqual(service.pool.nodes[0].in_flight, 0)
+
     async def test_slow_client_is_not_a_node_timeout(self) -> None:
         """
         A client that sends its body slowly, within --client-body-timeout
