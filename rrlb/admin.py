@@ -6,15 +6,19 @@ The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
     from here, refreshing itself every two seconds).
   - C{GET /status}: JSON of every node and of the process.
   - C{GET /metrics}: Prometheus text exposition, every name starting C{rrlb_}.
-  - C{GET /nodes/<id>}: one node's JSON.
-  - C{POST /nodes/<id>/drain}, C{POST /nodes/<id>/enable}: take a node out
-    of rotation by hand (its in-flight requests finish) and put it back.
+  - C{GET /nodes}: every node; C{GET /nodes/<pool>}: one pool's nodes.
+  - C{GET /nodes/<pool>/<id>} (or C{/nodes/<id>}): one node's JSON.
+  - C{POST /nodes/<pool>/<id>/drain}, C{POST /nodes/<pool>/<id>/enable}
+    (or without the pool): take a node out of rotation by hand (its
+    in-flight requests finish) and put it back.
 
-A node's C{<id>} is its position in the configured node list (C{0}, C{1},
-...), its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or
-its URL, percent-encoded. API errors are JSON C{{"error": "..."}}: 404 for an
-unknown path or node, 405 (with C{Allow}) for a wrong method, 409 for a name
-that matches several nodes, 403 for a cross-site browser request.
+A node's C{<id>} is its position in its pool's node list (C{0}, C{1}, ...),
+its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or its
+URL, percent-encoded. Without a pool, a position is in the first pool (the
+default one) and a name or URL may be in any pool, but only in one. API
+errors are JSON C{{"error": "..."}}: 404 for an unknown path, pool or node,
+405 (with C{Allow}) for a wrong method, 409 for a name that matches several
+nodes, 403 for a cross-site browser request.
 
 It reads the pool and L{Metrics}; it never touches the request path.
 """
@@ -34,7 +38,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from rrlb.metrics import Metrics, exposition, node_name
-from rrlb.pool import DRAINING, Node, Pool
+from rrlb.pool import DRAINING, Node, Pool, Pools
 
 JSON = b"application/json"
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
@@ -69,11 +73,38 @@ class ApiError(Exception):
         self.allow = allow
 
 
-def find_node(pool: Pool, ident: str) -> tuple[int, Node]:
+def find_node(pools: Pools, ident: str, pool_name: Optional[str] = None) -> tuple[int, Node]:
     """
-    The node C{ident} names (position, name or URL) and its position.
+    The node C{ident} names (position, name or URL) in pool C{pool_name},
+    or without one in the first pool (a position) or any pool (a name or
+    URL), and its position in its pool.
 
     @raise ApiError: 404 if none does, 409 if a name fits several.
+    """
+    if pool_name is not None:
+        pool = pools.get(pool_name)
+        if pool is None:
+            raise ApiError(404, f"no pool {pool_name!r} (pools: {', '.join(pools.by_name)})")
+        return find_in_pool(pool, ident)
+    if ident.isdigit() and ident.isascii() or len(pools) == 1:
+        return find_in_pool(next(iter(pools)), ident)
+    found = []
+    for pool in pools:
+        try:
+            found.append(find_in_pool(pool, ident))
+        except ApiError as e:
+            if e.code != 404:
+                raise
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ApiError(409, f"{ident!r} is in {len(found)} pools: use POOL/NODE")
+    raise ApiError(404, f"no node {ident!r}")
+
+
+def find_in_pool(pool: Pool, ident: str) -> tuple[int, Node]:
+    """
+    The node C{ident} names in C{pool}, and its position.
     """
     nodes = pool.nodes
     if ident.isdigit() and ident.isascii():
@@ -125,9 +156,9 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, pools: Pools, metrics: Metrics) -> None:
         super().__init__()
-        self.pool = pool
+        self.pools = pools
         self.metrics = metrics
 
     def render(self, request: Any) -> bytes:
@@ -157,14 +188,28 @@ class AdminResource(Resource):
                 return _json(request, 200, self.metrics.status()["nodes"])
             if len(path) == 2 and path[0] == "nodes":
                 self._allow(method, b"GET, HEAD")
-                index, node = find_node(self.pool, path[1])
+                pool = self.pools.get(path[1])
+                if pool is not None:
+                    return _json(
+                        request,
+                        200,
+                        [self.metrics.node_status(i, n) for i, n in enumerate(pool.nodes)],
+                    )
+                index, node = find_node(self.pools, path[1])
                 return _json(request, 200, self.metrics.node_status(index, node))
-            if len(path) == 3 and path[0] == "nodes" and path[2] in ACTIONS:
+            if len(path) == 3 and path[0] == "nodes" and path[2] not in ACTIONS:
+                index, node = find_node(self.pools, path[2], path[1])
+                self._allow(method, b"GET, HEAD")
+                return _json(request, 200, self.metrics.node_status(index, node))
+            if len(path) in (3, 4) and path[0] == "nodes" and path[-1] in ACTIONS:
                 self._allow(method, b"POST")
                 if _cross_site(request):
                     raise ApiError(403, "cross-site requests to the admin API are refused")
-                index, node = find_node(self.pool, path[1])
-                self.pool.set_drained(node, ACTIONS[path[2]])
+                pool_name = path[1] if len(path) == 4 else None
+                index, node = find_node(self.pools, path[-2], pool_name)
+                pool = self.pools.get(node.pool_name)
+                assert pool is not None
+                pool.set_drained(node, ACTIONS[path[-1]])
                 accept = request.getHeader(b"Accept") or b""
                 if b"text/html" in accept:
                     # A form on the status page, without script: back to it.
@@ -287,8 +332,8 @@ class AdminSite(server.Site):
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, pool: Pool, metrics: Metrics, **kw: Any) -> None:
-        super().__init__(AdminResource(pool, metrics), **kw)
+    def __init__(self, pools: Pools, metrics: Metrics, **kw: Any) -> None:
+        super().__init__(AdminResource(pools, metrics), **kw)
 
     def log(self, request: Any) -> None:
         pass

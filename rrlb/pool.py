@@ -8,7 +8,7 @@ passive health) tell it what they saw.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from twisted.logger import Logger
 
@@ -522,3 +522,52 @@ class Pool:
         self._rebuild()
         for listener in self._listeners:
             listener(node)
+
+
+class Pools:
+    """
+    Every pool by name, in configured order: what the admin API, metrics
+    and notifications read. A listener added here hears about every pool's
+    nodes, including pools a reload adds.
+    """
+
+    def __init__(self, pools: Iterable[Pool] = ()) -> None:
+        self.by_name: dict[str, Pool] = {}
+        self._listeners: list[Callable[[Node], None]] = []
+        self.set(pools)
+
+    def set(self, pools: Iterable[Pool]) -> None:
+        """
+        Make these the pools, in this order.
+        """
+        pools = list(pools)
+        for pool in pools:
+            if pool.name not in self.by_name:
+                for listener in self._listeners:
+                    pool.add_listener(listener)
+        self.by_name = {pool.name: pool for pool in pools}
+
+    def __iter__(self) -> Iterator[Pool]:
+        return iter(list(self.by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def get(self, name: str) -> Optional[Pool]:
+        return self.by_name.get(name)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """
+        Every pool's nodes, pool after pool.
+        """
+        return [node for pool in self.by_name.values() for node in pool.nodes]
+
+    def add_listener(self, listener: Callable[[Node], None]) -> None:
+        """
+        Call C{listener(node)} whenever a node of any pool enters or leaves
+        the rotation.
+        """
+        self._listeners.append(listener)
+        for pool in self.by_name.values():
+            pool.add_listener(listener)
