@@ -315,9 +315,9 @@ class PowerOfTwo(Policy):
         count = len(candidates)
         if count < 2:
             return candidates[0] if count else None
-        randrange = self.rng.randrange
-        i = randrange(count)
-        j = randrange(count - 1)
+        rand = self.rng.random
+        i = int(rand() * count)
+        j = int(rand() * (count - 1))
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]

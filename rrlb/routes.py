@@ -252,23 +252,28 @@ class Router(Generic[T]):
         The first route whose conditions all hold for C{request}.
         """
         host: Optional[bytes] = None
-        path: Optional[bytes] = None
+        path = b"/"
         if self.uses_host:
             host = self.request_host(request)
         if self.uses_path:
             path = self.request_path(request)
         headers = None
+        method = request.method
+        # The checks inline rather than as method calls: this runs per request.
         for route in self.routes:
             if route.is_default:
                 return route
-            if (route.hosts is not None or route.wildcards is not None) and not route.host_matches(
-                host
-            ):
+            exact = route.hosts
+            if exact is not None:
+                if host != exact:
+                    continue
+            elif route.wildcards is not None and not route.host_matches(host):
                 continue
-            if route.prefix is not None and not route.path_matches(path or b"/"):
+            prefix = route.prefix
+            if prefix and path != prefix and not path.startswith(route.prefix_slash):
                 continue
             methods = route.methods
-            if methods is not None and request.method not in methods:
+            if methods is not None and method not in methods:
                 continue
             if route.headers:
                 if headers is None:
