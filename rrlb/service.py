@@ -27,6 +27,7 @@ from rrlb.config import Config, ConfigError, NodeSpec, PoolConfig, all_pools, pa
 from rrlb.demo import DemoBackends
 from rrlb.drain import Drain
 from rrlb.health import HealthChecker, QuietConnectionPool
+from rrlb.history import History
 from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Node, Pool, Pools
@@ -191,10 +192,14 @@ class BalancerService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.admin_listener: Optional[Listener] = None
+        # The status page's charts, sampled once a second (only with --admin).
+        self.history: Optional[History] = None
         if config.admin:
+            self.history = History(self.pools, self.metrics, reactor)
+            self.history.setServiceParent(self)
             self.admin_listener = Listener(
                 serverFromString(reactor, config.admin),
-                AdminSite(self.pools, self.metrics, reactor=reactor),
+                AdminSite(self.pools, self.metrics, self.history, reactor=reactor),
             )
             self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
             self.admin_listener._raiseSynchronously = True

@@ -498,8 +498,8 @@ class PageTests(AdminCase):
         page = reply.body.decode("utf-8")
         self.assertEqual(page.count('<tr class="node '), 2)
         self.assertIn(f'<span class="full">{self.backends[0].url}</span>', page)
-        self.assertIn('action="/nodes/1/enable"', page)
-        self.assertIn('action="/nodes/0/drain"', page)
+        self.assertIn('action="/nodes/default/1/enable"', page)
+        self.assertIn('action="/nodes/default/0/drain"', page)
         self.assertNotIn("{{", page)
         self.assertNotIn(
             "http://", page.replace(self.backends[0].url, "").replace(self.backends[1].url, "")
