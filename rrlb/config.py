@@ -781,6 +781,13 @@ def check_pools(config: Config) -> None:
             f"routes: {len(names)} pools ({', '.join(names)}) but no routes to send requests"
             " to them (add routes:, or a route with only a pool as the default)"
         )
+    if not has_default and (
+        config.balance != "roundrobin" or config.sticky is not None or config.slow_start
+    ):
+        raise ConfigError(
+            "balance/sticky/slow_start at the top level apply to the top-level nodes"
+            " (--nodes), and there are none: set them in each pool instead"
+        )
     if config.hash_key != "source" and config.balance != "hash":
         raise ConfigError("hash_key/--hash-key is only used with balance: hash (--balance hash)")
     # One URL in two pools is two nodes (each pool checks its own), but

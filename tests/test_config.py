@@ -902,6 +902,7 @@ class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
             ("pools: {a: {nodes: [http://a]}, b: {nodes: [http://b]}}\n", "routes", "a, b"),
             ("nodes: [http://a]\npools: {default: {nodes: [http://b]}}\n", "pools.default"),
             ("nodes: [http://a]\nhash_key: uri\n", "hash_key"),
+            ("pools: {a: {nodes: [http://a]}}\nbalance: p2c\n", "balance", "each pool"),
             (
                 "pools: {a: {nodes: [https://x]},"
                 " b: {nodes: [{url: https://x, tls: {verify: false}}]}}\n"

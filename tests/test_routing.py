@@ -355,3 +355,38 @@ class PoolStateTests(RoutingCase):
         self.assertIn(
             'rrlb_requests_total{method="GET",node="none",pool="two",status="5xx"} 1.0', metrics
         )
+
+
+class PoolHealthTests(RoutingCase):
+    """
+    Each pool's nodes are checked with that pool's health settings.
+    """
+
+    async def test_own_health_settings(self) -> None:
+        """
+        A pool's health path and thresholds are its own; a pool without them
+        inherits the top-level ones; one URL in two pools is probed by each
+        with its own path.
+        """
+        a, b = await start_backends(self, "a", "b")
+        await self.start(
+            "health: {rise: 4}\n"
+            "pools:\n"
+            f"  api: {{nodes: [{a.url}, {b.url}], health: {{path: /healthz, fall: 1}}}}\n"
+            f"  web: {{nodes: [{b.url}]}}\n"
+            "routes: [{pool: web}]\n"
+        )
+        service = self.balancer.service
+        api, web = service.pools.by_name["api"], service.pools.by_name["web"]
+        self.assertEqual((api.rise, api.fall), (4, 1))
+        self.assertEqual((web.rise, web.fall), (4, 3))
+        await wait_until(
+            lambda: all(n.last_check is not None for n in api.nodes + web.nodes),
+            what="the first health checks of both pools",
+        )
+        self.assertEqual(set(a.probe_paths), {b"/healthz"})
+        self.assertEqual(set(b.probe_paths), {b"/healthz", b"/health"})
+        # fall: 1 in api: one failed probe takes a out of api.
+        a.healthy = False
+        await service.checkers["api"].probe(api.nodes[0])
+        self.assertFalse(api.nodes[0].healthy)
