@@ -390,3 +390,39 @@ class PoolHealthTests(RoutingCase):
         a.healthy = False
         await service.checkers["api"].probe(api.nodes[0])
         self.assertFalse(api.nodes[0].healthy)
+
+
+class PoolUpstreamSettingsTests(RoutingCase):
+    """
+    timeout, node_host and max_idle_per_node per pool.
+    """
+
+    async def test_timeout_and_node_host(self) -> None:
+        """
+        A pool's short timeout gives 504 for its slow node while another
+        pool with the top-level timeout waits for the same slowness; a
+        pool's node_host sends the node's own Host.
+        """
+        quick, patient = await start_backends(self, "quick", "patient")
+        quick.delay = patient.delay = 0.6
+        await self.start(
+            "timeout: 5\n"
+            "pools:\n"
+            f"  quick: {{nodes: [{quick.url}], timeout: 0.2, node_host: true,"
+            " connect_timeout: 1.5}\n"
+            f"  patient: {{nodes: [{patient.url}], max_idle_per_node: 0}}\n"
+            "routes: [{path_prefix: /quick, pool: quick}, {pool: patient}]\n"
+        )
+        self.assertEqual((await self.get("/quick", host=b"site.example")).code, 504)
+        self.assertEqual(
+            quick.requests[-1].header(b"Host"), f"127.0.0.1:{quick.port_number}".encode()
+        )
+        reply = await self.get("/other", host=b"site.example")
+        self.assertEqual((reply.code, reply.body), (200, b"patient"))
+        self.assertEqual(patient.requests[-1].header(b"Host"), b"site.example")
+        upstream = self.balancer.service.upstream
+        self.assertEqual(upstream.idle_caps, {patient.url: 0})
+        self.assertEqual(upstream.idle_count(patient.url), 0)
+        pools = self.balancer.service.pools.by_name
+        self.assertEqual(pools["quick"].nodes[0].connect_timeout, 1.5)
+        self.assertEqual(pools["patient"].nodes[0].connect_timeout, 5.0)
