@@ -45,6 +45,9 @@ HASH_POINTS_MAX = 4096
 # EWMA uses 10 s); a node not chosen for a while is tried again.
 EWMA_DECAY = 10.0
 
+# p2c: the cost of a node with requests in flight but no response time yet.
+P2C_PENALTY = 1e6
+
 # Slow start ramps a node's effective weight from this fraction of its weight.
 SLOW_START_FLOOR = 0.1
 
@@ -297,13 +300,17 @@ class PowerOfTwo(Policy):
 
     def cost(self, node: Node, now: float) -> float:
         """
-        The node's load: (in flight + 1) x its decayed response time.
+        The node's load: (in flight + 1) x its decayed response time. A
+        node with no response time yet costs nothing while idle (so it gets
+        tried) but a penalty once it has requests in flight (so a new node
+        is not flooded before its first answer), as in Finagle.
         """
         ewma = node.ewma
-        if ewma:
-            age = now - node.ewma_at
-            if age > 0:
-                ewma *= math.exp(-age / EWMA_DECAY)
+        if not ewma:
+            return P2C_PENALTY + node.in_flight if node.in_flight else 0.0
+        age = now - node.ewma_at
+        if age > 0:
+            ewma *= math.exp(-age / EWMA_DECAY)
         return (node.in_flight + 1) * ewma / self.weight(node, now)
 
     def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:

@@ -172,6 +172,23 @@ class PowerOfTwoTests(unittest.TestCase):
         a.in_flight = 5
         self.assertEqual({name(pool.pick()) for _ in range(10)}, {"b"})
 
+    def test_new_node_not_flooded(self) -> None:
+        """
+        A node with no response time yet gets one request, then waits for
+        its answer while the nodes with known times take the rest.
+        """
+        pool = pool_with("a", "b", "c", balance="p2c", rng=random.Random(4))
+        a, b, c = pool.nodes
+        pool.observe(a, 0.01)
+        pool.observe(b, 0.01)
+        got = []
+        for _ in range(30):
+            node = pool.pick()
+            assert node is not None
+            node.in_flight += 1
+            got.append(name(node))
+        self.assertEqual(got.count("c"), 1)
+
     def test_deterministic_with_seed(self) -> None:
         """
         The same seed gives the same picks.
