@@ -24,6 +24,8 @@ from bisect import bisect
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from rrlb._twisted import canonical_name, raw_headers
+
 if TYPE_CHECKING:
     from rrlb.pool import Node
 
@@ -83,8 +85,6 @@ def _canonical(name: str) -> bytes:
     """
     A header name the way the request's header dict keys it.
     """
-    from rrlb._twisted import canonical_name
-
     return canonical_name(name.encode("ascii"))
 
 
@@ -93,7 +93,7 @@ def cookie_value(request: Any, name: bytes) -> Optional[bytes]:
     The value of cookie C{name} in the request's C{Cookie} headers, or
     L{None}.
     """
-    values = request.requestHeaders._rawHeaders.get(b"Cookie")
+    values = raw_headers(request.requestHeaders).get(b"Cookie")
     if not values:
         return None
     prefix = name + b"="
@@ -142,7 +142,7 @@ def key_function(hash_key: str) -> Callable[[Any], Optional[bytes]]:
         canonical = _canonical(name)
 
         def header_key(request: Any) -> Optional[bytes]:
-            values = request.requestHeaders._rawHeaders.get(canonical)
+            values = raw_headers(request.requestHeaders).get(canonical)
             return values[0] if values else None
 
         return header_key

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any, Generic, Optional, Sequence, TypeVar
 
-from rrlb._twisted import canonical_name
+from rrlb._twisted import canonical_name, raw_headers
 
 T = TypeVar("T")
 
@@ -211,7 +211,7 @@ class Router(Generic[T]):
         """
         uri = request.uri
         if uri[:1] == b"/" or uri == b"*":
-            values = request.requestHeaders._rawHeaders.get(b"Host")
+            values = raw_headers(request.requestHeaders).get(b"Host")
             if not values:
                 return None
             raw = values[0]
@@ -277,7 +277,7 @@ class Router(Generic[T]):
                 continue
             if route.headers:
                 if headers is None:
-                    headers = request.requestHeaders._rawHeaders
+                    headers = raw_headers(request.requestHeaders)
                 if not all(value in headers.get(name, ()) for name, value in route.headers):
                     continue
             return route
