@@ -692,11 +692,17 @@ class ProxyRequest(server.Request):
         self.process()
 
     def process(self) -> None:
-        self.site = self.channel.site
+        site = self.site = self.channel.site
         self.prepath = []
         self.postpath = []
+        self.sitepath = []
         try:
-            self.render(self.site.getResourceFor(self))
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(self)
+            # RotatingProxy answers every path itself: no traversal (and no
+            # copy of prepath) per request.
+            self.render(resource)
         except Exception:
             self.processingFailed(Failure())
 
