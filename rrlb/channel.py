@@ -202,6 +202,7 @@ class ProxyChannel(http.HTTPChannel):
         super().__init__()
         self._state = _IDLE
         self._buffer = b""
+        self._scanned = 0
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
         self._head: Optional[RequestHead] = None
@@ -256,28 +257,34 @@ class ProxyChannel(http.HTTPChannel):
             if not buffer:
                 return
         limits = self.site.limits
-        end = buffer.find(b"\r\n\r\n")
+        # A head arriving in pieces is searched only where its end could be
+        # that was not searched before.
+        scanned = self._scanned
+        end = buffer.find(b"\r\n\r\n", scanned)
         if end < 0 or end > limits.max_header_size:
             self._buffer = buffer
             if end < 0 and len(buffer) <= limits.max_header_size:
                 if len(buffer) > MAX_REQUEST_LINE + 1 and (
-                    b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]
+                    buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
                 ):
                     self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
-                elif b"\n\n" in buffer:
+                elif buffer.find(b"\n\n", max(0, scanned - 1)) >= 0:
                     self._refuse(BadRequest(400, "bad_request", "bare LF in the request head"))
-                elif self._state == _IDLE:
-                    # The head is coming in pieces: it has header_timeout from
-                    # its first byte (slowloris).
-                    self._state = _HEAD
-                    self.deadline = self.clock.seconds() + limits.header_timeout
+                else:
+                    self._scanned = max(0, len(buffer) - 3)
+                    if self._state == _IDLE:
+                        # The head is coming in pieces: it has header_timeout
+                        # from its first byte (slowloris).
+                        self._state = _HEAD
+                        self.deadline = self.clock.seconds() + limits.header_timeout
                 return
-            if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
+            if buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
                 self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
             else:
                 self._refuse(BadRequest(431, HEADER_TOO_LARGE, "the request head is too large"))
             return
         self._buffer = b""
+        self._scanned = 0
         try:
             head = parse_request_head(buffer[:end], limits.max_headers)
         except BadRequest as e:

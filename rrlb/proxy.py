@@ -695,7 +695,7 @@ class ProxyRequest(server.Request):
         site = self.site = self.channel.site
         self.prepath = []
         self.postpath = []
-        self.sitepath = []
+        self.sitepath: list[bytes] = []
         try:
             resource = site.resource
             if not resource.isLeaf:

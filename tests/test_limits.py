@@ -189,6 +189,22 @@ class ClockTimeoutTests(unittest.TestCase):
             harness.lose(channel)
         self.assertEqual(harness.clock.getDelayedCalls(), [])
 
+    def test_head_byte_by_byte(self) -> None:
+        """
+        A head that arrives one byte at a time is read as if it came whole,
+        and a bare LF split across reads is still caught.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        for byte in b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"), transport.value())
+        self.assertEqual(harness.logged[0].uri, b"/a")
+        channel, transport = harness.connect()
+        for byte in b"GET /b HTTP/1.1\nHost: x\n\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
+
     def test_pipelined_requests(self) -> None:
         """
         Requests sent together are answered in order on one connection.
