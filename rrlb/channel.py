@@ -118,6 +118,7 @@ EDGE_TRUSTED = 2  # a peer inside them: keep and append
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED = range(5)
 
 _PHRASES = {
+    408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
@@ -201,6 +202,7 @@ class ProxyChannel(http.HTTPChannel):
         super().__init__()
         self._state = _IDLE
         self._buffer = b""
+        self._scanned = 0
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
         self._head: Optional[RequestHead] = None
@@ -255,27 +257,34 @@ class ProxyChannel(http.HTTPChannel):
             if not buffer:
                 return
         limits = self.site.limits
-        end = buffer.find(b"\r\n\r\n")
+        # A head arriving in pieces is searched only where its end could be
+        # that was not searched before.
+        scanned = self._scanned
+        end = buffer.find(b"\r\n\r\n", scanned)
         if end < 0 or end > limits.max_header_size:
             self._buffer = buffer
             if end < 0 and len(buffer) <= limits.max_header_size:
-                if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
-                    if len(buffer) > MAX_REQUEST_LINE + 1:
-                        self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
-                elif b"\n\n" in buffer or b"\r\n\n" in buffer:
+                if len(buffer) > MAX_REQUEST_LINE + 1 and (
+                    buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
+                ):
+                    self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
+                elif buffer.find(b"\n\n", max(0, scanned - 1)) >= 0:
                     self._refuse(BadRequest(400, "bad_request", "bare LF in the request head"))
-                elif self._state == _IDLE:
-                    # The head is coming in pieces: it has header_timeout from
-                    # its first byte (slowloris).
-                    self._state = _HEAD
-                    self.deadline = self.clock.seconds() + limits.header_timeout
+                else:
+                    self._scanned = max(0, len(buffer) - 3)
+                    if self._state == _IDLE:
+                        # The head is coming in pieces: it has header_timeout
+                        # from its first byte (slowloris).
+                        self._state = _HEAD
+                        self.deadline = self.clock.seconds() + limits.header_timeout
                 return
-            if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
+            if buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
                 self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
             else:
                 self._refuse(BadRequest(431, HEADER_TOO_LARGE, "the request head is too large"))
             return
         self._buffer = b""
+        self._scanned = 0
         try:
             head = parse_request_head(buffer[:end], limits.max_headers)
         except BadRequest as e:
@@ -502,15 +511,9 @@ class ClientSite(server.Site):
         self.channels: set[ProxyChannel] = set()
         self.on_channel_lost: Optional[Callable[[], None]] = None
         self.ports: list[Any] = []
+        self.parked: list[ProxyChannel] = []
         self.paused = False
         self._sweep_call: Any = None
-
-    def buildProtocol(self, addr: Any) -> Any:
-        if len(self.channels) >= self.limits.max_connections:
-            # Accepted in the same batch as the one that reached the cap
-            # (Twisted accepts several per wake-up): close it at once.
-            return None
-        return server.Site.buildProtocol(self, addr)
 
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
@@ -520,6 +523,15 @@ class ClientSite(server.Site):
 
     def channel_opened(self, channel: ProxyChannel) -> None:
         channels = self.channels
+        if len(channels) >= self.limits.max_connections:
+            # Twisted accepts several clients per wake-up, so a few may come
+            # in past the cap: they wait, unread, for a free place.
+            channel.deadline = None
+            channel.transport.pauseProducing()
+            self.parked.append(channel)
+            if not self.paused:
+                self.pause_accepting()
+            return
         channels.add(channel)
         if len(channels) >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
@@ -528,13 +540,34 @@ class ClientSite(server.Site):
 
     def channel_closed(self, channel: ProxyChannel) -> None:
         channels = self.channels
-        channels.discard(channel)
+        if channel in channels:
+            channels.discard(channel)
+        elif channel in self.parked:
+            self.parked.remove(channel)
+        room = self.limits.max_connections - len(channels)
+        while self.parked and room > 0:
+            waiting = self.parked.pop(0)
+            channels.add(waiting)
+            room -= 1
+            waiting.deadline = self.clock.seconds() + self.limits.header_timeout
+            waiting.transport.resumeProducing()
         if not channels:
             self.stop_sweeping()
-        if self.paused and len(channels) < self.limits.max_connections:
+        elif self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
+        if self.paused and room > 0:
             self.resume_accepting()
         if self.on_channel_lost is not None:
             self.on_channel_lost()
+
+    def close_parked(self) -> None:
+        """
+        At shutdown: close the clients waiting for a place (they sent
+        nothing that was read).
+        """
+        parked, self.parked = self.parked, []
+        for channel in parked:
+            channel.transport.abortConnection()
 
     def pause_accepting(self) -> None:
         """
@@ -548,15 +581,16 @@ class ClientSite(server.Site):
         )
         for port in self.ports:
             port.stopReading()
-            # Twisted accepts up to numberAccepts clients per wake-up; take
-            # them one at a time from here on, so the cap holds.
-            port.numberAccepts = 1
 
     def resume_accepting(self) -> None:
         self.paused = False
+        room = self.limits.max_connections - len(self.channels)
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
+                # Twisted accepts up to numberAccepts clients per wake-up:
+                # no more than there is room for.
+                port.numberAccepts = max(1, min(port.numberAccepts, room))
                 port.startReading()
 
     def set_limits(self, limits: ClientLimits) -> None:

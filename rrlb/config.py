@@ -62,6 +62,8 @@ class NodeSpec:
     # Requests in flight to the node at most (0: no limit); None follows
     # max_conns_per_node.
     max_connections: Optional[int] = None
+    # PROXY protocol version sent at the start of each connection (None: off).
+    send_proxy: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -78,6 +80,50 @@ class NodeSpec:
         if self.port != default:
             host = f"{host}:{self.port}"
         return host.encode("idna" if not host.isascii() else "ascii")
+
+
+@dataclass(frozen=True)
+class DnsNodes:
+    """
+    A node entry naming DNS records rather than one address:
+    C{{dns: NAME, port: N}} (a node per A/AAAA record) or C{{srv: NAME}} (a
+    node per SRV target, at its port). L{rrlb.discovery} resolves it.
+
+    @ivar weight: the entry's own C{weight}, which wins over SRV weights;
+        L{None} when not given.
+    @ivar template: every other setting of the entry (scheme, tls,
+        send_proxy, ...) as a node; each node found is a copy of it.
+    """
+
+    name: str
+    srv: bool
+    port: int
+    weight: Optional[int]
+    template: NodeSpec
+
+    @property
+    def setting(self) -> str:
+        return f"{'srv' if self.srv else 'dns'} {self.name}"
+
+    def node(self, address: str, port: int, weight: int = 1, target: str = "") -> NodeSpec:
+        """
+        The node for one address found: keyed by its URL with the address
+        itself in it, and verified (for https) against the DNS name unless
+        the entry names a C{tls.server_name}.
+        """
+        t = self.template
+        host = f"[{address}]" if ":" in address else address
+        tls = t.tls
+        if t.scheme == "https" and tls.server_name is None:
+            tls = dataclasses.replace(tls, server_name=(target or self.name).rstrip("."))
+        return dataclasses.replace(
+            t,
+            url=f"{t.scheme}://{host}:{port}{t.base_path.decode('ascii')}",
+            host=address,
+            port=port,
+            weight=self.weight if self.weight is not None else weight,
+            tls=tls,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +156,8 @@ class PoolConfig:
 
     name: str
     nodes: tuple[NodeSpec, ...] = ()
+    # Entries whose nodes come from DNS (rrlb.discovery).
+    dns_nodes: tuple[DnsNodes, ...] = ()
     health: HealthConfig = field(default_factory=HealthConfig)
     balance: str = "roundrobin"
     hash_key: str = "source"
@@ -183,6 +231,11 @@ class Config:
     queue_timeout: float = 5.0
     retries: int = 2
     retry_budget: float = 20.0
+    # Nodes from DNS (rrlb.discovery): the entries, the longest time between
+    # two lookups of a name, and the name servers (none: /etc/resolv.conf).
+    dns_nodes: tuple[DnsNodes, ...] = ()
+    dns_refresh: float = 30.0
+    resolvers: tuple[tuple[str, int], ...] = ()
     # Balancing of the default pool (nodes/--nodes), and the named pools and
     # the routes to them (docs: README "Routing").
     balance: str = "roundrobin"
@@ -221,6 +274,8 @@ _TOP_KEYS = frozenset(
         "queue_timeout",
         "retries",
         "retry_budget",
+        "dns_refresh",
+        "resolvers",
         "balance",
         "hash_key",
         "sticky",
@@ -247,7 +302,10 @@ _POOL_KEYS = frozenset(
 _ROUTE_KEYS = frozenset({"host", "path_prefix", "methods", "header", "strip_prefix", "pool"})
 _STICKY_KEYS = frozenset({"cookie"})
 _HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
-_NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections"})
+_NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections", "send_proxy"})
+# Keys of a DNS node entry besides the node keys (url excepted) it shares.
+_DNS_NODE_KEYS = frozenset({"dns", "srv", "port", "scheme"})
+SEND_PROXY_VERSIONS = ("v1", "v2")
 _NODE_TLS_KEYS = frozenset({"verify", "ca_file", "server_name", "cert", "key"})
 _LISTEN_TLS_KEYS = frozenset({"cert", "key", "ca_file", "certificates"})
 _SNI_CERT_KEYS = frozenset({"cert", "key"})
@@ -418,6 +476,7 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
     weight = 1
     max_connections = None
     tls = default_tls or NodeTLS()
+    send_proxy = None
     if isinstance(value, dict):
         raw = _mapping(where, value, _NODE_KEYS)
         if "url" not in raw:
@@ -430,6 +489,10 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
             tls = parse_node_tls(f"{where}.tls", raw["tls"])
             if default_tls is not None and tls.ca_file is None:
                 tls = dataclasses.replace(tls, ca_file=default_tls.ca_file)
+        if "send_proxy" in raw:
+            send_proxy = raw["send_proxy"]
+            if send_proxy not in SEND_PROXY_VERSIONS:
+                raise ConfigError(f"{where}.send_proxy must be v1 or v2, not {send_proxy!r}")
         value = raw["url"]
     if not isinstance(value, str):
         raise ConfigError(f"{where}: a node must be a URL, not {value!r}")
@@ -470,7 +533,129 @@ def parse_node(value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] 
         weight=weight,
         tls=tls,
         max_connections=max_connections,
+        send_proxy=send_proxy,
     )
+
+
+def _dns_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a DNS name, not {value!r}")
+    text = value.strip().rstrip(".").lower()
+    labels = text.split(".")
+    if len(text) > 253 or not all(
+        0 < len(label) <= 63 and label.isascii() and all(c.isalnum() or c in "-_" for c in label)
+        for label in labels
+    ):
+        raise ConfigError(f"{name} must be a DNS name, not {value!r}")
+    return text
+
+
+def parse_dns_node(
+    value: Mapping[str, Any], where: str = "nodes", default_tls: Optional[NodeTLS] = None
+) -> DnsNodes:
+    """
+    A node entry naming DNS records: C{{dns: NAME, port: N}} or C{{srv:
+    NAME}}, with C{scheme} (default http) and any node key but C{url}, which
+    apply to every node found.
+    """
+    allowed = (_NODE_KEYS - {"url"}) | _DNS_NODE_KEYS
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {where}.{unknown[0]} (known: {', '.join(sorted(allowed))})"
+        )
+    if "dns" in value and "srv" in value:
+        raise ConfigError(f"{where} may name dns or srv, not both")
+    srv = "srv" in value
+    name = _dns_name(f"{where}.{'srv' if srv else 'dns'}", value["srv" if srv else "dns"])
+    scheme = value.get("scheme", "http")
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"{where}.scheme must be http or https, not {scheme!r}")
+    port = 0
+    if srv:
+        if "port" in value:
+            raise ConfigError(f"{where}.port: an srv entry takes each target's port from DNS")
+    elif "port" not in value:
+        raise ConfigError(f"{where}.port: a dns entry needs the nodes' port")
+    else:
+        port = positive_int(f"{where}.port", value["port"], 65535)
+    # Every other key means what it means for one node: parse it as one.
+    node = {k: v for k, v in value.items() if k not in _DNS_NODE_KEYS}
+    node["url"] = f"{scheme}://{name}"
+    template = parse_node(node, where, default_tls)
+    weight = template.weight if "weight" in value else None
+    return DnsNodes(name=name, srv=srv, port=port, weight=weight, template=template)
+
+
+def parse_node_entries(
+    value: Any, where: str = "nodes", default_tls: Optional[NodeTLS] = None
+) -> tuple[tuple[NodeSpec, ...], tuple[DnsNodes, ...]]:
+    """
+    The YAML C{nodes} list: nodes (see L{parse_nodes}) and DNS entries.
+    """
+    if not isinstance(value, list):
+        return parse_nodes(value, where, default_tls), ()
+    plain = []
+    dns: list[DnsNodes] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, dict) and ("dns" in entry or "srv" in entry):
+            dns.append(parse_dns_node(entry, f"{where}[{i}]", default_tls))
+        else:
+            plain.append((i, entry))
+    nodes = tuple(parse_node(v, f"{where}[{i}]", default_tls) for i, v in plain)
+    _check_unique(nodes, where)
+    seen: set[tuple[str, bool, int]] = set()
+    for entry in dns:
+        if (entry.name, entry.srv, entry.port) in seen:
+            raise ConfigError(f"{where}: {entry.setting} is listed twice")
+        seen.add((entry.name, entry.srv, entry.port))
+    return nodes, tuple(dns)
+
+
+def _check_unique(nodes: tuple[NodeSpec, ...], where: str) -> None:
+    seen: set[str] = set()
+    for node in nodes:
+        if node.key in seen:
+            raise ConfigError(f"{where}: node {node.url!r} is listed twice")
+        seen.add(node.key)
+
+
+def parse_resolver(name: str, value: Any) -> tuple[str, int]:
+    """
+    A name server as C{HOST[:PORT]}: an IPv4 address, or an IPv6 one in
+    brackets when a port follows (C{[::1]:53}); the port defaults to 53.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be HOST[:PORT] with HOST an IP address, not {value!r}")
+    text = value.strip()
+    host, port_text = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                host = ""
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be HOST[:PORT] with HOST an IP address, not {value!r}"
+        ) from None
+    try:
+        port = positive_int(name, port_text, 65535)
+    except ConfigError:
+        raise ConfigError(f"{name}: bad port in {value!r}") from None
+    return str(address), port
+
+
+def parse_resolvers(name: str, value: Any) -> tuple[tuple[str, int], ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list of HOST[:PORT], not {value!r}")
+    return tuple(parse_resolver(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
 def parse_nodes(
@@ -484,11 +669,7 @@ def parse_nodes(
     if not isinstance(value, list):
         raise ConfigError(f"{where} must be a list of node URLs, not {value!r}")
     nodes = tuple(parse_node(v, f"{where}[{i}]", default_tls) for i, v in enumerate(value))
-    seen: set[str] = set()
-    for node in nodes:
-        if node.key in seen:
-            raise ConfigError(f"{where}: node {node.url!r} is listed twice")
-        seen.add(node.key)
+    _check_unique(nodes, where)
     return nodes
 
 
@@ -589,8 +770,8 @@ def parse_pools(value: Any) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
         for key, item in raw.items():
             name = f"{where}.{key}"
             if key == "nodes":
-                fields[key] = parse_nodes(item, name)
-                if not fields[key]:
+                fields[key], fields["dns_nodes"] = parse_node_entries(item, name)
+                if not fields[key] and not fields["dns_nodes"]:
                     raise ConfigError(f"{name}: a pool needs at least one node")
             elif key == "health":
                 health = parse_health(item, f"{name}")
@@ -696,6 +877,7 @@ def default_pool(config: Config, nodes: Optional[tuple[NodeSpec, ...]] = None) -
     return PoolConfig(
         name=DEFAULT_POOL,
         nodes=config.nodes if nodes is None else nodes,
+        dns_nodes=config.dns_nodes,
         health=config.health,
         balance=config.balance,
         hash_key=config.hash_key,
@@ -711,9 +893,10 @@ def default_pool(config: Config, nodes: Optional[tuple[NodeSpec, ...]] = None) -
 def has_default_pool(config: Config) -> bool:
     """
     Whether the top-level nodes make a pool: they do when there are any (or
-    demo backends will be), or when no named pool is configured.
+    demo backends or DNS entries will give some), or when no named pool is
+    configured.
     """
-    return bool(config.nodes) or bool(config.demo) or not config.pools
+    return bool(config.nodes or config.dns_nodes or config.demo) or not config.pools
 
 
 def all_pools(
@@ -894,16 +1077,24 @@ def with_tls_defaults(config: Config) -> Config:
     if not tls.ca_file:
         return config
 
-    def with_ca(nodes: tuple[NodeSpec, ...]) -> tuple[NodeSpec, ...]:
-        return tuple(
-            dataclasses.replace(n, tls=dataclasses.replace(n.tls, ca_file=tls.ca_file))
-            if n.tls.ca_file is None
-            else n
-            for n in nodes
-        )
+    def with_ca(n: NodeSpec) -> NodeSpec:
+        if n.tls.ca_file is not None:
+            return n
+        return dataclasses.replace(n, tls=dataclasses.replace(n.tls, ca_file=tls.ca_file))
 
-    pools = tuple(dataclasses.replace(p, nodes=with_ca(p.nodes)) for p in config.pools)
-    return dataclasses.replace(config, nodes=with_ca(config.nodes), pools=pools)
+    def dns_with_ca(entries: tuple[DnsNodes, ...]) -> tuple[DnsNodes, ...]:
+        return tuple(dataclasses.replace(d, template=with_ca(d.template)) for d in entries)
+
+    nodes = tuple(with_ca(n) for n in config.nodes)
+    pools = tuple(
+        dataclasses.replace(
+            p, nodes=tuple(with_ca(n) for n in p.nodes), dns_nodes=dns_with_ca(p.dns_nodes)
+        )
+        for p in config.pools
+    )
+    return dataclasses.replace(
+        config, nodes=nodes, dns_nodes=dns_with_ca(config.dns_nodes), pools=pools
+    )
 
 
 def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -917,7 +1108,11 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
         if key == "listen":
             out[key] = parse_listen(value)
         elif key == "nodes":
-            out[key] = parse_nodes(value, "nodes")
+            out[key], out["dns_nodes"] = parse_node_entries(value, "nodes")
+        elif key == "dns_refresh":
+            out[key] = positive_float(key, value)
+        elif key == "resolvers":
+            out[key] = parse_resolvers(key, value)
         elif key == "health":
             out[key] = parse_health(value)
         elif key in ("timeout", "connect_timeout", "drain_timeout"):
@@ -982,6 +1177,9 @@ def build_config(
         health = values.pop("health", {})
         pools = values.pop("pools", {})
     overrides = dict(overrides or {})
+    if "nodes" in overrides:
+        # --nodes replaces the whole YAML nodes list, DNS entries too.
+        values.pop("dns_nodes", None)
     tls_overrides = overrides.pop("tls", None)
     values.update(overrides)
     health.update(health_overrides or {})
@@ -994,7 +1192,7 @@ def build_config(
     if pools:
         config = dataclasses.replace(config, pools=resolve_pools(config, pools))
     config = with_tls_defaults(config)
-    if require_nodes and not config.nodes and not config.pools:
+    if require_nodes and not config.nodes and not config.dns_nodes and not config.pools:
         raise ConfigError(
             "nodes: no nodes given (use --nodes URL[,URL...], or nodes: or pools: in --config)"
         )

@@ -53,6 +53,7 @@ class Node:
         "base_path",
         "host_header",
         "weight",
+        "send_proxy",
         "healthy",
         "drained",
         "removed",
@@ -113,6 +114,7 @@ class Node:
         self.base_path = spec.base_path
         self.host_header = spec.hostport
         self.weight = spec.weight
+        self.send_proxy = spec.send_proxy
 
     @property
     def url(self) -> str:

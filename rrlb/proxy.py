@@ -30,6 +30,7 @@ from rrlb.channel import (
 )
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
+from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.routes import Route, Router
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
@@ -290,6 +291,14 @@ class ProxyExchange:
                 self.head_tail,
             )
         )
+
+    def proxy_header(self, version: str) -> bytes:
+        """
+        The PROXY protocol header naming this request's client, for a new
+        connection to a node with C{send_proxy} (see L{UpstreamPool.acquire}).
+        """
+        transport = self.request.channel.transport
+        return proxy_header(version, transport.getPeer(), transport.getHost())
 
     # -- driving it -----------------------------------------------------------
 
@@ -805,11 +814,17 @@ class ProxyRequest(server.Request):
         self.process()
 
     def process(self) -> None:
-        self.site = self.channel.site
+        site = self.site = self.channel.site
         self.prepath = []
         self.postpath = []
+        self.sitepath: list[bytes] = []
         try:
-            self.render(self.site.getResourceFor(self))
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(self)
+            # RotatingProxy answers every path itself: no traversal (and no
+            # copy of prepath) per request.
+            self.render(resource)
         except Exception:
             self.processingFailed(Failure())
 

@@ -23,8 +23,9 @@ from twisted.web.client import Agent
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
 from rrlb.channel import ClientLimits
-from rrlb.config import Config, ConfigError, NodeSpec, PoolConfig, all_pools, parse_node
+from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
+from rrlb.discovery import DnsDiscovery, make_resolver
 from rrlb.drain import Drain
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.history import History
@@ -32,6 +33,7 @@ from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
+from rrlb.proxyproto import ProbeEndpoints
 from rrlb.routes import Route, Router
 from rrlb.tls import BalancerTLS
 from rrlb.upstream import UpstreamPool
@@ -76,10 +78,24 @@ def with_default_backlog(description: str) -> str:
     """
     A TCP or TLS listen description with C{backlog=511} unless it names one.
     """
-    kind = description.split(":", 1)[0].strip().lower()
+    kind, _, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy":
+        # The PROXY protocol wrapper: the backlog belongs to what it wraps.
+        return f"{kind}:{with_default_backlog(rest)}"
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
+
+
+def _dns_entries(config: Config) -> tuple[DnsNodes, ...]:
+    """
+    Every DNS node entry, top-level and in pools, each name looked up once.
+    """
+    entries: dict[tuple[str, bool, int], DnsNodes] = {}
+    for entry in config.dns_nodes + tuple(d for p in config.pools for d in p.dns_nodes):
+        entries.setdefault((entry.name, entry.srv, entry.port), entry)
+    return tuple(entries.values())
 
 
 def _unique_nodes(pool_configs: tuple[PoolConfig, ...]) -> tuple[NodeSpec, ...]:
@@ -131,6 +147,20 @@ class BalancerService(MultiService):
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
+        # Nodes named by DNS (top-level and in pools): looked up by the
+        # discovery service, which calls nodes_found when what it found
+        # changes. No resolver (nor a read of /etc/resolv.conf) unless some
+        # entry needs one.
+        self._resolvers = config.resolvers
+        entries = _dns_entries(config)
+        self.discovery = DnsDiscovery(
+            reactor,
+            make_resolver(reactor, config.resolvers) if entries else None,
+            self.nodes_found,
+            entries,
+            config.dns_refresh,
+        )
+        self.discovery.setServiceParent(self)
         # Every pool by name; self.pool is the first (the default one when
         # there are top-level nodes) and self.checker its health checker.
         self.pools = Pools()
@@ -159,11 +189,13 @@ class BalancerService(MultiService):
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
-        self.health_agent = Agent(
+        # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
+        self.health_agent = Agent.usingEndpointFactory(
             reactor,
-            contextFactory=self.tls.nodes.policy,
+            ProbeEndpoints(
+                reactor, self.tls.nodes.policy, self._send_proxy_for, config.health.timeout
+            ),
             pool=QuietConnectionPool(reactor, persistent=False),
-            connectTimeout=config.health.timeout,
         )
         self.metrics = Metrics(
             self.pools,
@@ -251,10 +283,13 @@ class BalancerService(MultiService):
 
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
-        nodes = config.nodes + tuple(
-            n for n in self.demo_nodes if n.key not in {c.key for c in config.nodes}
-        )
-        pool_configs = all_pools(config, nodes)
+        entries = _dns_entries(config)
+        resolver = None
+        if entries and (config.resolvers != self._resolvers or self.discovery.resolver is None):
+            resolver = make_resolver(self.reactor, config.resolvers)
+        self.discovery.configure(entries, config.dns_refresh, resolver)
+        self._resolvers = config.resolvers
+        pool_configs = self._pool_configs(config)
         commit_tls = self.tls.prepare(config, _unique_nodes(pool_configs))
         for key in commit_tls():
             self.upstream.drop_node(key)
@@ -288,6 +323,13 @@ class BalancerService(MultiService):
             pool.max_conns_per_node = config.max_conns_per_node
             pool.set_thresholds(pc.health.rise, pc.health.fall)
             pool.configure(pc.balance, pc.hash_key, pc.sticky, pc.slow_start)
+            # A node whose send_proxy changed: its idle connections began
+            # with the old header (or none).
+            by_key = {n.key: n for n in pc.nodes}
+            for node in pool.nodes:
+                spec = by_key.get(node.key)
+                if spec is not None and spec.send_proxy != node.send_proxy:
+                    self.upstream.drop_node(node.key)
             _, gone = pool.update(pc.nodes)
             removed.extend(gone)
             for node in pool.nodes:
@@ -355,6 +397,50 @@ class BalancerService(MultiService):
         # New nodes or higher limits may have room for queued requests.
         for dest in destinations.values():
             dest.queue.dispatch()
+
+    def _pool_configs(self, config: Config) -> tuple[PoolConfig, ...]:
+        """
+        The pools to run: each with its configured nodes, then (for the
+        default pool) the demo backends, then the nodes found in DNS for its
+        entries; a node listed twice in a pool runs once (the first one).
+        """
+        out = []
+        for pc in all_pools(config, config.nodes + self.demo_nodes):
+            nodes: dict[str, NodeSpec] = {}
+            found = [n for entry in pc.dns_nodes for n in self.discovery.nodes_of(entry)]
+            for node in pc.nodes + tuple(found):
+                nodes.setdefault(node.key, node)
+            out.append(dataclasses.replace(pc, nodes=tuple(nodes.values())))
+        return tuple(out)
+
+    def _send_proxy_for(self, host: str, port: int) -> Optional[str]:
+        """
+        The C{send_proxy} setting of the node at C{host} and C{port} (for
+        the health checker's connections).
+        """
+        host = host.strip("[]").lower()
+        for node in self.pools.nodes:
+            if node.port == port and node.host.lower() == host:
+                return node.send_proxy
+        return None
+
+    def nodes_found(self) -> None:
+        """
+        The nodes found in DNS changed: apply the new node sets of the pools
+        the way a reload does, leaving every other setting as it is.
+        """
+        pool_configs = self._pool_configs(self.config)
+        try:
+            state = self.tls.nodes.prepare(_unique_nodes(pool_configs))
+        except ConfigError as e:
+            # A node TLS file went bad since the last reload: keep running.
+            self.log.error("nodes from DNS not applied: {error}", error=str(e))
+            return
+        for key in self.tls.nodes.commit(state):
+            self.upstream.drop_node(key)
+        # Probes start for the nodes that came and stop for those that went.
+        self._apply_pools(self.config, pool_configs)
+        self.notify.send_status()
 
     def _apply_access_log(self, config: Config) -> None:
         """
@@ -563,6 +649,7 @@ class BalancerService(MultiService):
             f"stopping: draining {len(self.site.channels)} connections for up to {timeout:g}s"
         )
         stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        self.site.close_parked()
         d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
         self._stopping_d = d
         d.addCallback(lambda _: self._drain(timeout))

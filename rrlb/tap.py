@@ -28,6 +28,7 @@ from rrlb.config import (
     parse_hash_key,
     parse_health_path,
     parse_node,
+    parse_resolver,
     percent,
     positive_float,
     positive_int,
@@ -35,7 +36,7 @@ from rrlb.config import (
 )
 from rrlb.notify import recover_listen_fds
 from rrlb.service import BalancerService
-from rrlb.tls import check_tls, listen_endpoint, tls_on_tcp
+from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
 
 
 def _coerce(parse: Any, name: str) -> Any:
@@ -73,6 +74,7 @@ _TOP_OPTIONS = {
     "retry-budget": "retry_budget",
     "balance": "balance",
     "hash-key": "hash_key",
+    "dns-refresh": "dns_refresh",
 }
 _HEALTH_OPTIONS = {
     "health-path": "path",
@@ -275,6 +277,14 @@ class Options(usage.Options):
             _coerce(trusted_networks, "--trusted-proxies"),
         ],
         [
+            "dns-refresh",
+            None,
+            None,
+            "Longest time in seconds between two DNS lookups of a node name;"
+            " shorter TTLs win (default: 30).",
+            _coerce(positive_float, "--dns-refresh"),
+        ],
+        [
             "demo",
             None,
             None,
@@ -334,6 +344,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["resolvers"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -341,6 +352,15 @@ class Options(usage.Options):
         ssl:8443:privateKey=key.pem:certKey=cert.pem; repeatable (default: tcp:8080).
         """
         self["listen"].append(description)
+
+    def opt_resolver(self, server: str) -> None:
+        """
+        Name server HOST[:PORT] for DNS node entries (default: resolv.conf's); repeatable.
+        """
+        try:
+            self["resolvers"].append(parse_resolver("--resolver", server))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_version(self) -> None:
         """
@@ -360,6 +380,8 @@ class Options(usage.Options):
                 top[field] = self[option]
         if self["listen"]:
             top["listen"] = tuple(self["listen"])
+        if self["resolvers"]:
+            top["resolvers"] = tuple(self["resolvers"])
         if self["nodes"] is not None:
             urls = [u for u in self["nodes"].split(",") if u.strip()]
             top["nodes"] = tuple(parse_node(u, "--nodes") for u in urls)
@@ -411,7 +433,7 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         descriptions = self.config.listen + ((self.config.admin,) if self.config.admin else ())
-        if any(d.lstrip().startswith("systemd:") for d in descriptions):
+        if any(listen_kind(d.lstrip())[1] == "systemd" for d in descriptions):
             recover_listen_fds(os.getpid())
         on_tcp = tls_on_tcp(self.config.listen, self.config.tls)
         for description in self.config.listen:
@@ -442,7 +464,7 @@ def check_endpoint(
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
     except (IndexError, KeyError) as e:
-        if description.startswith("systemd:"):
+        if listen_kind(description)[1] == "systemd":
             # twisted.python.systemd found no such inherited socket.
             raise usage.UsageError(
                 f"{name}: no socket from systemd for {description!r}"

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -65,6 +65,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from rrlb.config import Config, ConfigError, ListenTLS, NodeSpec, NodeTLS
+from rrlb.proxyproto import ProxyHeaderEndpoint
 
 log = Logger()
 
@@ -748,6 +749,18 @@ _SSL_KEYS = frozenset(
 _TCP_KEYS = frozenset({"port", "interface", "backlog"})
 
 
+def listen_kind(description: str) -> tuple[bool, str, str]:
+    """
+    Whether a listen description starts with the PROXY protocol's
+    C{haproxy:}, the kind of endpoint under it (C{tcp}, C{ssl}, ...), and its
+    description without the prefix.
+    """
+    kind, _, rest = description.partition(":")
+    if kind.strip().lower() == "haproxy":
+        return True, rest.split(":", 1)[0].strip().lower(), rest
+    return False, kind.strip().lower(), description
+
+
 def tls_on_tcp(listen: Sequence[str], listen_tls: ListenTLS) -> bool:
     """
     Whether C{tcp:} listeners serve TLS: a certificate is given and no
@@ -755,7 +768,7 @@ def tls_on_tcp(listen: Sequence[str], listen_tls: ListenTLS) -> bool:
     """
     if not listen_tls.cert:
         return False
-    return not any(d.split(":", 1)[0].strip().lower() == "ssl" for d in listen)
+    return not any(listen_kind(d)[1] == "ssl" for d in listen)
 
 
 def listen_endpoint(
@@ -767,12 +780,26 @@ def listen_endpoint(
 
     @raise ConfigError: a TLS setting or file of the listener is wrong.
     """
-    kind = description.split(":", 1)[0].strip().lower()
+    proxied, kind, inner = listen_kind(description)
     if kind == "ssl" or (kind == "tcp" and on_tcp):
-        args, kwargs = split_description(description)
+        args, kwargs = split_description(inner)
         known = _SSL_KEYS if kind == "ssl" else _TCP_KEYS
         if set(kwargs) <= known and len(args) <= 2:
-            return _tls_endpoint(reactor, description, args[1:], kwargs, listen_tls)
+            endpoint, server = _tls_endpoint(
+                reactor, description, args[1:], kwargs, listen_tls, proxied
+            )
+            if proxied:
+                # The PROXY header comes in the clear, before the TLS handshake.
+                return ProxyHeaderEndpoint(endpoint, reactor, server), server
+            return endpoint, server
+        if proxied:
+            unknown = ", ".join(sorted(set(kwargs) - known)) or "more than a port"
+            raise ConfigError(
+                f"--listen {description!r}: a TLS listener behind haproxy: takes"
+                f" only {', '.join(sorted(known))} (not {unknown})"
+            )
+    if proxied:
+        return ProxyHeaderEndpoint(serverFromString(reactor, inner), reactor), None
     return serverFromString(reactor, description), None
 
 
@@ -782,7 +809,12 @@ def _tls_endpoint(
     args: list[str],
     kwargs: dict[str, str],
     listen_tls: ListenTLS,
+    plain: bool = False,
 ) -> tuple[IStreamServerEndpoint, ServerTLS]:
+    """
+    A TLS listener serving rrlb's L{ServerTLS}; with C{plain}, the TCP
+    endpoint under it, for a caller that adds TLS itself.
+    """
     name = f"--listen {description!r}"
     port_text = args[0] if args else kwargs.get("port", "")
     try:
@@ -810,9 +842,10 @@ def _tls_endpoint(
             " or --tls-cert/--tls-key (tls: {cert, key} in the YAML file)"
         )
     server = ServerTLS(name, files, kwargs.get("dhParameters"), listen_tls)
-    endpoint = SSL4ServerEndpoint(
-        reactor, port, server, backlog=backlog, interface=kwargs.get("interface", "")
-    )
+    interface = kwargs.get("interface", "")
+    if plain:
+        return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface), server
+    endpoint = SSL4ServerEndpoint(reactor, port, server, backlog=backlog, interface=interface)
     return endpoint, server
 
 
@@ -868,11 +901,14 @@ def check_tls(config: Config) -> None:
         # wrong path should be caught where it was typed.
         load_certificates("--ca-file/tls.ca_file", config.tls.ca_file)
     NodeTLSClients().prepare(config.nodes + tuple(n for p in config.pools for n in p.nodes))
+    # Nodes found in DNS use their entry's files: read them now too.
+    dns_nodes = config.dns_nodes + tuple(d for p in config.pools for d in p.dns_nodes)
+    NodeTLSClients().prepare([d.template for d in dns_nodes])
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)
     for description in config.listen:
-        kind = description.split(":", 1)[0].strip().lower()
+        kind = listen_kind(description)[1]
         if kind == "ssl" or (kind == "tcp" and on_tcp):
             try:
                 # Endpoints are only built here, never listened on: no reactor.

@@ -32,9 +32,9 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
+from rrlb.parser import ChunkedDecoder
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
@@ -161,7 +161,7 @@ class UpstreamProtocol(Protocol):
         self._state = _IDLE
         self._buffer = b""
         self._remaining = 0
-        self._decoder: Optional[_ChunkedTransferDecoder] = None
+        self._decoder: Optional[ChunkedDecoder] = None
         self._keep_alive = True
         self._got_response = False
         self._head_request = False
@@ -170,6 +170,9 @@ class UpstreamProtocol(Protocol):
         self.paused = False
         self.idle_round = 0
         self.requests = 0
+        # The PROXY header this connection began with (send_proxy): it is
+        # pooled for requests of that client connection only.
+        self.proxy_header: Optional[bytes] = None
 
     # -- sending --------------------------------------------------------------
 
@@ -242,7 +245,7 @@ class UpstreamProtocol(Protocol):
             self._head_received()
         elif state == _CHUNKED:
             try:
-                self._decoder.dataReceived(data)  # type: ignore[union-attr]
+                self._decoder.feed(data)  # type: ignore[union-attr]
             except Exception as e:
                 self._protocol_error(f"bad chunked body: {e}")
         elif state == _UNTIL_CLOSE:
@@ -318,7 +321,7 @@ class UpstreamProtocol(Protocol):
                 length = None
             if chunked:
                 self._state = _CHUNKED
-                self._decoder = _ChunkedTransferDecoder(
+                self._decoder = ChunkedDecoder(
                     self.exchange.response_body,
                     self._chunked_done,
                 )
@@ -411,6 +414,12 @@ class UpstreamProtocol(Protocol):
         # trips through the reactor per megabyte streamed. recv() returns
         # what is there, so small responses cost nothing more.
         self.transport.bufferSize = READ_SIZE
+        factory = self.factory
+        if factory.proxy_header is not None:
+            # HAProxy's send-proxy: the header first, in the clear, then TLS.
+            self.transport.write(factory.proxy_header)
+            if factory.tls is not None:
+                self.transport.startTLS(factory.tls)
         self.pool._connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -460,14 +469,24 @@ class _ConnectFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, pool: UpstreamPool, key: str, exchange: Any) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        key: str,
+        exchange: Any,
+        proxy_header: Optional[bytes] = None,
+        tls: Any = None,
+    ) -> None:
         self.pool = pool
         self.key = key
         self.exchange = exchange
+        self.proxy_header = proxy_header
+        self.tls = tls
 
     def buildProtocol(self, addr: Any) -> UpstreamProtocol:
         protocol = UpstreamProtocol(self.pool, self.key)
         protocol.factory = self
+        protocol.proxy_header = self.proxy_header
         return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -512,6 +531,10 @@ class UpstreamPool:
         # (nginx's send_timeout); never less than the response timeout.
         self.send_timeout = SEND_TIMEOUT
         self._idle: dict[str, list[UpstreamProtocol]] = {}
+        # Idle connections that began with a PROXY header, per node, keyed by
+        # that header (client address and port): never shared between
+        # clients, as HAProxy does not share them. Oldest first.
+        self._private: dict[str, dict[bytes, UpstreamProtocol]] = {}
         self._connections: set[UpstreamProtocol] = set()
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._watched: set[Any] = set()
@@ -529,6 +552,10 @@ class UpstreamPool:
 
         @return: the connector of a new connection (to stop it), or L{None}.
         """
+        # Nodes without the attribute (stand-ins in tests) send no header.
+        send_proxy = getattr(node, "send_proxy", None)
+        if send_proxy is not None:
+            return self._acquire_private(node, exchange, fresh, exchange.proxy_header(send_proxy))
         idle = None if fresh else self._idle.get(node.key)
         while idle:
             protocol = idle.pop()
@@ -554,10 +581,55 @@ class UpstreamPool:
             )
         return self.reactor.connectTCP(node.host, node.port, factory, timeout=connect_timeout)
 
+    def _acquire_private(self, node: Any, exchange: Any, fresh: bool, header: bytes) -> Any:
+        """
+        L{acquire} for a node with C{send_proxy}: the idle connection that
+        began with the same header (the same client connection), or a new
+        one that begins with it.
+        """
+        private = None if fresh else self._private.get(node.key)
+        protocol = private.pop(header, None) if private else None
+        if protocol is not None:
+            protocol.idle = False
+            if not private:
+                del self._private[node.key]
+            if _still_open(protocol):
+                exchange.connected(protocol, True)
+                return None
+            protocol.transport.abortConnection()
+        tls = None
+        if node.scheme == "https":
+            tls = self.tls_creator(node) if self.tls_creator else None
+            if tls is None:
+                from twisted.internet.ssl import optionsForClientTLS
+
+                tls = optionsForClientTLS(node.host)
+        factory = _ConnectFactory(self, node.key, exchange, header, tls)
+        self.new_connections += 1
+        return self.reactor.connectTCP(node.host, node.port, factory, timeout=self.connect_timeout)
+
+    def _release_private(self, protocol: UpstreamProtocol, header: bytes) -> None:
+        private = self._private.setdefault(protocol.key, {})
+        previous = private.pop(header, None)
+        if previous is not None:
+            previous.idle = False
+            previous.transport.loseConnection()
+        protocol.idle = True
+        private[header] = protocol
+        if len(private) > self.max_idle_per_node:
+            # At most max_idle_per_node per node: the oldest client's goes.
+            oldest = private.pop(next(iter(private)))
+            oldest.idle = False
+            oldest.transport.loseConnection()
+
     def release(self, protocol: UpstreamProtocol) -> None:
         """
         Take back a connection whose response is complete.
         """
+        header = protocol.proxy_header
+        if header is not None and self.max_idle_per_node:
+            self._release_private(protocol, header)
+            return
         idle = self._idle.get(protocol.key)
         if idle is None:
             idle = self._idle[protocol.key] = []
@@ -606,19 +678,27 @@ class UpstreamPool:
         """
         Close the idle connections of a node that is gone.
         """
-        for protocol in self._idle.pop(key, []):
+        for protocol in self._idle.pop(key, []) + list(self._private.pop(key, {}).values()):
             protocol.idle = False
             protocol.transport.loseConnection()
 
     def _forget_idle(self, protocol: UpstreamProtocol) -> None:
         if protocol.idle:
             protocol.idle = False
+            header = protocol.proxy_header
+            if header is not None:
+                private = self._private.get(protocol.key)
+                if private and private.get(header) is protocol:
+                    del private[header]
+                    if not private:
+                        del self._private[protocol.key]
+                return
             idle = self._idle.get(protocol.key)
             if idle and protocol in idle:
                 idle.remove(protocol)
 
     def idle_count(self, key: str) -> int:
-        return len(self._idle.get(key, ()))
+        return len(self._idle.get(key, ())) + len(self._private.get(key, ()))
 
     @property
     def connection_count(self) -> int:
@@ -636,11 +716,7 @@ class UpstreamPool:
 
     def _lost(self, protocol: UpstreamProtocol) -> None:
         self._connections.discard(protocol)
-        if protocol.idle:
-            protocol.idle = False
-            idle = self._idle.get(protocol.key)
-            if idle and protocol in idle:
-                idle.remove(protocol)
+        self._forget_idle(protocol)
         if not self._connections and self._closed_waiters:
             waiters, self._closed_waiters = self._closed_waiters, []
             for d in waiters:
@@ -651,7 +727,7 @@ class UpstreamPool:
         Close every connection; fires when all are gone.
         """
         self._stop_sweeping()
-        for key in list(self._idle):
+        for key in list(self._idle) + list(self._private):
             self.drop_node(key)
         for protocol in list(self._connections):
             protocol.transport.abortConnection()

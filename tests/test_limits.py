@@ -1,0 +1,689 @@
+"""
+The client limits and timeouts (issue 10): each with C{task.Clock} on an
+in-memory transport where time matters, and over real loopback sockets
+where the wire does: the status, C{Connection: close}, no node contacted,
+a normal request still served, and the refusal counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.resource import Resource
+
+from rrlb.channel import ClientLimits, is_trusted, raise_fd_limit, real_client
+from rrlb.config import ConfigError, byte_size, trusted_networks
+from rrlb.parser import MAX_REQUEST_LINE
+from rrlb.proxy import ProxyChannel, ProxySite
+from tests.helpers import (
+    LogCapture,
+    balancer_options,
+    http_request,
+    parse_error,
+    raw_connect,
+    raw_request,
+    sleep,
+    split_response,
+    start_backend,
+    start_balancer,
+    wait_until,
+)
+from tests.test_admin import admin_url, samples
+
+reactor: Any = _reactor
+
+GOOD = b"GET /ok HTTP/1.1\r\nHost: good\r\nConnection: close\r\n\r\n"
+
+
+class Answer(Resource):
+    """
+    Answers every request with C{ok}.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"ok"
+
+
+class Harness:
+    """
+    A L{ProxySite} on a L{Clock}, with channels on in-memory transports.
+    """
+
+    def __init__(self, **limits: Any) -> None:
+        self.clock = Clock()
+        self.logged: list[Any] = []
+        self.site = ProxySite(
+            Answer(),  # type: ignore[arg-type]
+            access_log=self.logged.append,
+            reactor=self.clock,
+            limits=ClientLimits(**limits),
+        )
+
+    def connect(self) -> tuple[ProxyChannel, StringTransport]:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(peer)
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer
+        )
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def lose(self, channel: ProxyChannel) -> None:
+        channel.connectionLost(Failure(error.ConnectionDone()))
+
+
+class ClockTimeoutTests(unittest.TestCase):
+    """
+    The header, body and keep-alive timeouts, driven by a L{Clock}.
+    """
+
+    def test_silent_connection_closed_quietly(self) -> None:
+        """
+        A connection that sends nothing is closed after the header timeout,
+        with no response.
+        """
+        harness = Harness(header_timeout=10)
+        channel, transport = harness.connect()
+        harness.clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        harness.clock.advance(1.5)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        harness.lose(channel)
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_header_timeout(self) -> None:
+        """
+        A head not complete within the header timeout of its first byte
+        gets 408 with Connection: close, is logged and counted, and the
+        connection closes.
+        """
+        harness = Harness(header_timeout=10)
+        channel, transport = harness.connect()
+        harness.clock.advance(5)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHo")
+        harness.clock.advance(9)
+        self.assertEqual(transport.value(), b"")
+        harness.clock.advance(2)
+        status, headers, body = split_response(transport.value())
+        self.assertEqual(status, b"HTTP/1.1 408 Request Timeout")
+        self.assertIn((b"Connection", b"close"), headers)
+        self.assertTrue(body.startswith(b"408 Request Timeout: "))
+        self.assertTrue(transport.disconnecting)
+        (request,) = harness.logged
+        self.assertEqual(request.client_error, "header_timeout")
+
+    def test_slow_head_on_keepalive(self) -> None:
+        """
+        On a keep-alive connection the header timeout of each request counts
+        from that request's first byte, not from the connection's start.
+        """
+        harness = Harness(header_timeout=10, keepalive_timeout=60)
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        transport.clear()
+        harness.clock.advance(30)
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\n")
+        harness.clock.advance(9)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"Host: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        transport.clear()
+        channel.dataReceived(b"G")
+        harness.clock.advance(11)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_body_timeout(self) -> None:
+        """
+        No body byte for the body timeout: 408, counted as body_timeout.
+        Every byte that arrives starts the wait again.
+        """
+        harness = Harness(body_timeout=60)
+        channel, transport = harness.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        harness.clock.advance(59)
+        channel.dataReceived(b"6")
+        harness.clock.advance(59)
+        self.assertEqual(transport.value(), b"")
+        harness.clock.advance(2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertEqual(harness.logged[0].client_error, "body_timeout")
+        self.assertEqual(harness.logged[0].method, b"POST")
+
+    def test_keepalive_timeout(self) -> None:
+        """
+        An idle keep-alive connection is closed quietly after the
+        keep-alive timeout.
+        """
+        harness = Harness(keepalive_timeout=60, header_timeout=10)
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        transport.clear()
+        harness.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(harness.logged), 1)
+
+    def test_sweep_stops_with_the_last_connection(self) -> None:
+        """
+        No timer is left once every connection is gone.
+        """
+        harness = Harness()
+        channels = [harness.connect()[0] for _ in range(3)]
+        self.assertEqual(len(harness.clock.getDelayedCalls()), 1)
+        for channel in channels:
+            harness.lose(channel)
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_head_byte_by_byte(self) -> None:
+        """
+        A head that arrives one byte at a time is read as if it came whole,
+        and a bare LF split across reads is still caught.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        for byte in b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"), transport.value())
+        self.assertEqual(harness.logged[0].uri, b"/a")
+        channel, transport = harness.connect()
+        for byte in b"GET /b HTTP/1.1\nHost: x\n\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
+
+    def test_pipelined_requests(self) -> None:
+        """
+        Requests sent together are answered in order on one connection.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
+        self.assertEqual([r.uri for r in harness.logged], [b"/1", b"/2", b"/3"])
+        self.assertTrue(transport.disconnecting)
+
+
+class SizeLimitTests(unittest.TestCase):
+    """
+    Head and body limits over real loopback sockets.
+    """
+
+    async def start(self, *args: str) -> Any:
+        self.backend = await start_backend(self, "a")
+        self.balancer = await start_balancer(self, [self.backend.url], *args)
+        return self.balancer
+
+    async def refused(self, data: bytes, code: int, phrase: bytes) -> list[tuple[bytes, bytes]]:
+        received = await raw_request(self, self.balancer.port, data)
+        status, headers, body = split_response(received)
+        self.assertEqual(status, b"HTTP/1.1 %d %s" % (code, phrase), received[:200])
+        self.assertIn((b"Connection", b"close"), headers)
+        self.assertTrue(body.startswith(b"%d %s: " % (code, phrase)), body)
+        self.assertEqual(self.backend.requests, [])
+        good = await raw_request(self, self.balancer.port, GOOD)
+        self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
+        self.backend.requests.clear()
+        return headers
+
+    async def test_huge_header_line(self) -> None:
+        """
+        One 64 KiB header line gets 431 (not a dropped connection).
+        """
+        await self.start()
+        await self.refused(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+            431,
+            b"Request Header Fields Too Large",
+        )
+
+    async def test_max_header_size(self) -> None:
+        """
+        The request line and header lines may be --max-header-size bytes in
+        all; one more gets 431.
+        """
+        await self.start("--max-header-size", "200")
+        line = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: "
+        fits = line + b"a" * (200 - len(line)) + b"\r\n\r\n"
+        received = await raw_request(self, self.balancer.port, fits)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.backend.requests.clear()
+        await self.refused(
+            line + b"a" * (201 - len(line)) + b"\r\n\r\n", 431, b"Request Header Fields Too Large"
+        )
+
+    async def test_long_request_line(self) -> None:
+        """
+        A request line over 8192 bytes gets 414, whether or not its head
+        has ended.
+        """
+        await self.start()
+        target = b"/" + b"a" * MAX_REQUEST_LINE
+        await self.refused(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, b"URI Too Long")
+        await self.refused(b"GET " + target, 414, b"URI Too Long")
+
+    async def test_max_headers(self) -> None:
+        """
+        More than --max-headers header lines gets 431.
+        """
+        await self.start("--max-headers", "5")
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"X-A: 1\r\n" * 3
+        received = await raw_request(self, self.balancer.port, head + b"\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.backend.requests.clear()
+        await self.refused(head + b"X-B: 2\r\n\r\n", 431, b"Request Header Fields Too Large")
+
+    async def test_body_length_over_limit(self) -> None:
+        """
+        A Content-Length over --max-body-size gets 413 up front: no 100
+        Continue, no node contacted, even if the body never comes.
+        """
+        await self.start("--max-body-size", "1K")
+        await self.refused(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 1025\r\nExpect: 100-continue\r\n\r\n",
+            413,
+            b"Content Too Large",
+        )
+
+    async def test_body_at_limit(self) -> None:
+        """
+        A body of exactly --max-body-size bytes goes through.
+        """
+        await self.start("--max-body-size", "1K")
+        received = await raw_request(
+            self,
+            self.balancer.port,
+            b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 1024\r\nConnection: close\r\n\r\n"
+            + b"b" * 1024,
+        )
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertEqual(self.backend.requests[0].body, b"b" * 1024)
+
+    async def test_chunked_body_over_limit(self) -> None:
+        """
+        A chunked body gets 413 as soon as it passes --max-body-size, while
+        the client is still sending, and the client reads the answer.
+        """
+        await self.start("--max-body-size", "1K")
+        client = await raw_connect(self, self.balancer.port)
+        client.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        client.send(b"200\r\n" + b"c" * 512 + b"\r\n")
+        client.send(b"201\r\n" + b"c" * 513 + b"\r\n")
+        received = await client.wait_for(lambda r: b"\r\n\r\n" in r)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 Content Too Large"), received)
+        for _ in range(10):  # still sending: the answer is not lost to a reset
+            client.send(b"400\r\n" + b"c" * 1024 + b"\r\n")
+        await client.closed
+        self.assertEqual(self.backend.requests, [])
+
+
+class ClientErrorRecordTests(unittest.TestCase):
+    """
+    Refused requests are counted in /metrics by reason and written to the
+    access log.
+    """
+
+    async def test_counted_and_logged(self) -> None:
+        """
+        rrlb_client_errors_total counts each reason (every reason exported,
+        zero until seen) and the access log has a line per refusal.
+        """
+        backend = await start_backend(self, "a")
+        log_path = self.mktemp()
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--admin",
+            "tcp:0:interface=127.0.0.1",
+            "--access-log",
+            log_path,
+            "--access-log-format",
+            "json",
+            "--max-body-size",
+            "10",
+        )
+        await raw_request(self, balancer.port, b"GET / HTTP/1.1\r\nHost : x\r\n\r\n")
+        await raw_request(
+            self, balancer.port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+        )
+        await raw_request(
+            self, balancer.port, b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x\r\n\r\n"
+        )
+        admin = await admin_url(balancer)
+        text = (await http_request(self, "GET", admin + "/metrics")).body.decode()
+        found = samples(text)
+
+        def count(reason: str) -> float:
+            return found[("rrlb_client_errors_total", (("reason", reason),))]
+
+        self.assertEqual(count("bad_request"), 1)
+        self.assertEqual(count("body_too_large"), 1)
+        self.assertEqual(count("unknown_coding"), 1)
+        self.assertEqual(count("header_timeout"), 0)
+        balancer.service.access_log.flush()
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f]
+        self.assertEqual(sorted(r["status"] for r in records), [400, 413, 501])
+        upload = [r for r in records if r["status"] == 413][0]
+        self.assertEqual((upload["method"], upload["uri"]), ("POST", "/up"))
+        self.assertEqual(upload["remote_addr"], "127.0.0.1")
+        self.assertIsNone(upload["node"])
+
+
+class HeaderTimeoutWireTests(unittest.TestCase):
+    """
+    The header timeout over real sockets, and slowloris.
+    """
+
+    async def test_slow_head_gets_408(self) -> None:
+        """
+        A head that does not complete in time gets 408 and the connection
+        closes; no node sees anything.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--client-header-timeout", "0.3")
+        client = await raw_connect(self, balancer.port)
+        client.send(b"GET / HTTP/1.1\r\n")
+        received = await client.closed
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received)
+        self.assertEqual(backend.requests, [])
+
+    async def test_slowloris(self) -> None:
+        """
+        500 connections dribbling their heads a byte at a time are all
+        closed by the header timeout, while a normal client's requests keep
+        succeeding.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--client-header-timeout", "1.5")
+        clients = [await raw_connect(self, balancer.port) for _ in range(500)]
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        started = reactor.seconds()
+        served = 0
+        step = 0
+        while not all(c.closed.called for c in clients):
+            self.assertLess(reactor.seconds() - started, 10, "slowloris connections still open")
+            for client in clients:
+                if not client.closed.called:
+                    client.send(head[step : step + 1])
+            step += 1
+            reply = await raw_request(self, balancer.port, GOOD)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            served += 1
+            await sleep(0.05)
+        elapsed = reactor.seconds() - started
+        self.assertGreater(elapsed, 1.4)
+        self.assertGreater(served, 5)
+        for client in clients:
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
+        self.assertEqual({r.uri for r in backend.requests}, {b"/ok"})
+        await wait_until(lambda: not balancer.service.site.channels, what="channels to go")
+
+
+class ConnectionCapTests(unittest.TestCase):
+    """
+    --max-connections: rrlb stops accepting at the cap and starts again
+    below it.
+    """
+
+    async def test_cap(self) -> None:
+        """
+        With more clients than the cap, the extra ones wait unaccepted (in
+        the kernel's backlog) until others close; then they are served, and
+        the process idles once everything has closed.
+        """
+        backend = await start_backend(self, "a")
+        logs = LogCapture.install(self)
+        balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
+        site = balancer.service.site
+        clients = [await raw_connect(self, balancer.port) for _ in range(8)]
+        await wait_until(lambda: len(site.channels) == 5, what="five accepted")
+        await sleep(0.3)
+        self.assertEqual(len(site.channels), 5)
+        self.assertTrue(site.paused)
+        for client in clients[5:]:
+            client.send(GOOD)
+        await sleep(0.3)
+        self.assertEqual([c.received for c in clients[5:]], [b""] * 3)
+        for client in clients[:5]:
+            client.send(GOOD)
+
+        # The first five got their answers and closed; the last three were
+        # let in as places came free.
+        for client in clients:
+            received = await client.closed
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertEqual([r.uri for r in backend.requests if r.uri == b"/ok"], [b"/ok"] * 8)
+        await wait_until(lambda: not site.channels, what="every channel closed")
+        self.assertFalse(site.paused)
+        self.assertTrue(any("not accepting more" in m for m in logs.messages()))
+        cpu = time.process_time()
+        await sleep(1.0)
+        self.assertLess(time.process_time() - cpu, 0.3, "the reactor is busy with nothing")
+        good = await raw_request(self, balancer.port, GOOD)
+        self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
+
+    async def test_lower_cap_on_reload(self) -> None:
+        """
+        Lowering the cap below the open connections stops accepting until
+        enough have closed.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url])
+        site = balancer.service.site
+        clients = [await raw_connect(self, balancer.port) for _ in range(3)]
+        await wait_until(lambda: len(site.channels) == 3, what="three accepted")
+        site.set_limits(ClientLimits(max_connections=2))
+        self.assertTrue(site.paused)
+        await clients[0].close()
+        await clients[1].close()
+        await wait_until(lambda: not site.paused, what="accepting again")
+
+
+class TrustedProxiesTests(unittest.TestCase):
+    """
+    --trusted-proxies: X-Forwarded-* from untrusted peers are replaced, from
+    trusted ones kept and appended to.
+    """
+
+    FORWARDED = (
+        b"GET / HTTP/1.1\r\nHost: edge.example\r\nConnection: close\r\n"
+        b"X-Forwarded-For: 203.0.113.9, 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: www.example\r\n\r\n"
+    )
+
+    async def forwarded(self, *args: str) -> Any:
+        backend = await start_backend(self, "a")
+        log_path = self.mktemp()
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--access-log",
+            log_path,
+            "--access-log-format",
+            "json",
+            *args,
+        )
+        reply = await raw_request(self, balancer.port, self.FORWARDED)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        balancer.service.access_log.flush()
+        with open(log_path) as f:
+            (record,) = [json.loads(line) for line in f]
+        return backend.requests[0], record
+
+    async def test_unset_appends(self) -> None:
+        """
+        Without the option, X-Forwarded-For is appended to as before.
+        """
+        request, record = await self.forwarded()
+        self.assertEqual(request.header(b"x-forwarded-for"), b"203.0.113.9, 10.1.2.3, 127.0.0.1")
+        self.assertEqual(request.header(b"x-forwarded-proto"), b"http")
+        self.assertEqual(record["remote_addr"], "127.0.0.1")
+
+    async def test_untrusted_peer_replaced(self) -> None:
+        """
+        From a peer outside the trusted networks, what it says of the client
+        is dropped and replaced by what rrlb saw.
+        """
+        request, record = await self.forwarded("--trusted-proxies", "10.0.0.0/8,192.168.0.0/16")
+        self.assertEqual(request.header(b"x-forwarded-for"), b"127.0.0.1")
+        self.assertEqual(request.header(b"x-forwarded-proto"), b"http")
+        self.assertEqual(request.header(b"x-forwarded-host"), b"edge.example")
+        self.assertEqual(record["remote_addr"], "127.0.0.1")
+
+    async def test_trusted_peer_kept(self) -> None:
+        """
+        From a trusted peer they are kept and appended to, and the access log
+        shows the first untrusted address from the right.
+        """
+        request, record = await self.forwarded("--trusted-proxies", "127.0.0.0/8, 10.0.0.0/8")
+        self.assertEqual(request.header(b"x-forwarded-for"), b"203.0.113.9, 10.1.2.3, 127.0.0.1")
+        self.assertEqual(request.header(b"x-forwarded-proto"), b"https")
+        self.assertEqual(request.header(b"x-forwarded-host"), b"www.example")
+        self.assertEqual(record["remote_addr"], "203.0.113.9")
+
+    def test_real_client(self) -> None:
+        """
+        The real client is the first untrusted hop from the right, or the
+        leftmost if all are trusted.
+        """
+        nets = trusted_networks("t", "10.0.0.0/8, ::1")
+        self.assertEqual(real_client(b"10.0.0.1", [b"1.2.3.4, 10.9.9.9"], nets), b"1.2.3.4")
+        self.assertEqual(real_client(b"10.0.0.1", [b"1.2.3.4", b"5.6.7.8"], nets), b"5.6.7.8")
+        self.assertEqual(real_client(b"10.0.0.1", [b"10.1.1.1, 10.2.2.2"], nets), b"10.1.1.1")
+        self.assertEqual(real_client(b"10.0.0.1", [b" , "], nets), b"10.0.0.1")
+        self.assertTrue(is_trusted("::ffff:10.1.2.3", nets))
+        self.assertTrue(is_trusted("::1", nets))
+        self.assertFalse(is_trusted("garbage", nets))
+
+
+class LimitSettingsTests(unittest.TestCase):
+    """
+    The options, their YAML keys and their defaults.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        The defaults are the issue's.
+        """
+        config = balancer_options("--nodes", "http://127.0.0.1:9").config
+        self.assertEqual(
+            (
+                config.max_header_size,
+                config.max_headers,
+                config.max_body_size,
+                config.client_header_timeout,
+                config.client_body_timeout,
+                config.keepalive_timeout,
+                config.max_connections,
+                config.trusted_proxies,
+            ),
+            (32768, 100, 0, 10.0, 60.0, 60.0, 10000, ()),
+        )
+
+    def test_yaml_keys(self) -> None:
+        """
+        Every option is also the YAML key with underscores; flags win.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "nodes: [http://127.0.0.1:9]\nmax_header_size: 1000\nmax_headers: 7\n"
+                "max_body_size: 2M\nclient_header_timeout: 1.5\nclient_body_timeout: 2\n"
+                "keepalive_timeout: 3\nmax_connections: 50\n"
+                "trusted_proxies: [10.0.0.0/8, '::1']\n"
+            )
+        config = balancer_options("--config", path, "--max-headers", "9").config
+        self.assertEqual(config.max_header_size, 1000)
+        self.assertEqual(config.max_headers, 9)
+        self.assertEqual(config.max_body_size, 2 * 1024 * 1024)
+        self.assertEqual(
+            (config.client_header_timeout, config.client_body_timeout, config.keepalive_timeout),
+            (1.5, 2.0, 3.0),
+        )
+        self.assertEqual(config.max_connections, 50)
+        self.assertEqual([str(n) for n in config.trusted_proxies], ["10.0.0.0/8", "::1/128"])
+
+    def test_sizes(self) -> None:
+        """
+        Sizes take K, M and G (powers of 1024), any case, and plain bytes.
+        """
+        self.assertEqual(byte_size("s", "0"), 0)
+        self.assertEqual(byte_size("s", "512"), 512)
+        self.assertEqual(byte_size("s", "10k"), 10240)
+        self.assertEqual(byte_size("s", "10M"), 10 * 1024**2)
+        self.assertEqual(byte_size("s", "1G"), 1024**3)
+        self.assertEqual(byte_size("s", "2MB"), 2 * 1024**2)
+        self.assertEqual(byte_size("s", 7), 7)
+        for bad in ("", "M", "-1", "1.5M", "10T", "ten", True, None):
+            self.assertRaises(ConfigError, byte_size, "s", bad)
+
+    def test_bad_values_name_the_setting(self) -> None:
+        """
+        A bad value is one line naming the option (or YAML key).
+        """
+        node = ("--nodes", "http://127.0.0.1:9")
+        self.assertIn("--max-body-size", parse_error(*node, "--max-body-size", "lots"))
+        self.assertIn("--max-headers", parse_error(*node, "--max-headers", "0"))
+        self.assertIn("--max-connections", parse_error(*node, "--max-connections", "-3"))
+        self.assertIn("--keepalive-timeout", parse_error(*node, "--keepalive-timeout", "0"))
+        self.assertIn(
+            "--client-header-timeout", parse_error(*node, "--client-header-timeout", "x")
+        )
+        self.assertIn("--trusted-proxies", parse_error(*node, "--trusted-proxies", "10.0.0/33"))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nodes: [http://127.0.0.1:9]\nmax_body_size: huge\n")
+        self.assertIn("max_body_size", parse_error("--config", path))
+
+
+class FileLimitTests(unittest.TestCase):
+    """
+    RLIMIT_NOFILE at start-up.
+    """
+
+    def test_raised_to_hard(self) -> None:
+        """
+        The soft limit is raised to the hard one.
+        """
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if hard != resource.RLIM_INFINITY and hard > 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        raise_fd_limit(10)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+
+    def test_warns_when_too_small(self) -> None:
+        """
+        One warning when --max-connections cannot fit in the limit.
+        """
+        import resource
+
+        logs = LogCapture.install(self)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY:
+            raise unittest.SkipTest("no file descriptor limit here")
+        raise_fd_limit(hard)
+        warnings = [m for m in logs.messages() if "--max-connections" in m]
+        self.assertEqual(len(warnings), 1, warnings)
+        raise_fd_limit(10)
+        self.assertEqual(len([m for m in logs.messages() if "--max-connections" in m]), 1)
+
