@@ -16,11 +16,13 @@ from tests.helpers import (
     Balancer,
     LogCapture,
     http_request,
+    parse_error,
     start_backends,
     start_balancer,
     wait_until,
 )
 from tests.test_admin import ADMIN, admin_url
+from tests.test_discovery import SRV_NAME, a, srv, start_server
 
 
 class RoutingCase(unittest.TestCase):
@@ -426,3 +428,50 @@ class PoolUpstreamSettingsTests(RoutingCase):
         pools = self.balancer.service.pools.by_name
         self.assertEqual(pools["quick"].nodes[0].connect_timeout, 1.5)
         self.assertEqual(pools["patient"].nodes[0].connect_timeout, 5.0)
+
+
+class PoolDnsTests(RoutingCase):
+    """
+    DNS node entries (rrlb.discovery) inside a pool.
+    """
+
+    async def test_srv_entry_in_pool(self) -> None:
+        """
+        A pool's srv: entry gives that pool the nodes found, following the
+        records as they change; other pools keep their own nodes.
+        """
+        one, two, web = await start_backends(self, "one", "two", "web")
+        dns_server = start_server(self)
+        auth = dns_server.authority
+        auth.set(SRV_NAME, srv("one.rrlb.test", one.port_number, ttl=1))
+        auth.set("one.rrlb.test", a("127.0.0.1", 1))
+        auth.set("two.rrlb.test", a("127.0.0.1", 1))
+        await self.start(
+            f"resolvers: ['{dns_server.address}']\n"
+            f"pools:\n  api: {{nodes: [{{srv: {SRV_NAME}}}], balance: leastconn}}\n"
+            f"  web: {{nodes: [{web.url}]}}\n"
+            "routes: [{path_prefix: /api, pool: api}, {pool: web}]\n"
+        )
+        pools = self.balancer.service.pools.by_name
+        await wait_until(lambda: len(pools["api"].nodes) == 1, what="the api node from DNS")
+        self.assertEqual((await self.get("/api/x")).body, b"one")
+        auth.set(
+            SRV_NAME,
+            srv("one.rrlb.test", one.port_number, ttl=1),
+            srv("two.rrlb.test", two.port_number, ttl=1),
+        )
+        await wait_until(lambda: len(pools["api"].nodes) == 2, what="a second api node")
+        self.assertEqual({(await self.get("/api/x")).body for _ in range(4)}, {b"one", b"two"})
+        self.assertEqual([n.url for n in pools["web"].nodes], [web.url])
+        self.assertEqual((await self.get("/x")).body, b"web")
+        self.assertEqual({n.pool_name for n in pools["api"].nodes}, {"api"})
+        self.assertIn("api", self.balancer.service.checkers)
+
+    def test_dns_entry_errors_name_the_pool(self) -> None:
+        """
+        A bad DNS entry in a pool names pools.NAME.nodes[i].
+        """
+        message = parse_error(
+            "--config", self.write("pools: {api: {nodes: [{dns: api.internal}]}}\n")
+        )
+        self.assertIn("pools.api.nodes[0].port", message)
