@@ -98,7 +98,7 @@ def cookie_value(request: Any, name: bytes) -> Optional[bytes]:
         return None
     prefix = name + b"="
     for value in values:
-        if prefix not in value:
+        if value.find(prefix) < 0:
             continue
         for part in value.split(b";"):
             part = part.strip()

@@ -68,9 +68,9 @@ def normalize_path(path: bytes) -> bytes:
     6.2.2.2) and dot segments removed (5.2.4). Everything else stays as
     sent, so the result can be forwarded as a request target.
     """
-    if b"%" in path:
+    if _PERCENT_BYTE in path:
         path = _PERCENT.sub(_decode_unreserved, path)
-    if b"/." not in path:
+    if path.find(b"/.") < 0:
         return path
     out: list[bytes] = []
     segments = path.split(b"/")[1:]
@@ -89,8 +89,15 @@ def normalize_path(path: bytes) -> bytes:
     return b"/" + b"/".join(out)
 
 
+_PERCENT_BYTE = ord("%")
+_DOT_BYTE = ord(".")
+
+
 def _needs_normalizing(path: bytes) -> bool:
-    return b"%" in path or b"/." in path
+    # Membership of an int is several times cheaper than of a bytes string
+    # (no buffer protocol): most paths have no "%" and at most a file
+    # extension's ".".
+    return _PERCENT_BYTE in path or (_DOT_BYTE in path and path.find(b"/.") >= 0)
 
 
 class Route(Generic[T]):
@@ -200,6 +207,21 @@ class Router(Generic[T]):
 
     def __init__(self, routes: Sequence[Route[T]]) -> None:
         self.routes = tuple(routes)
+        # Each route's fields in a tuple: unpacking one is cheaper than
+        # reading the attributes one by one, per route, per request.
+        self._compiled = tuple(
+            (
+                r.is_default,
+                r.hosts,
+                r.wildcards,
+                r.prefix or None,
+                r.prefix_slash,
+                r.methods,
+                r.headers,
+                r,
+            )
+            for r in routes
+        )
         self.uses_host = any(r.hosts is not None or r.wildcards is not None for r in routes)
         self.uses_path = any(r.prefix is not None for r in routes)
         self._hosts: dict[bytes, bytes] = {}
@@ -260,25 +282,37 @@ class Router(Generic[T]):
         headers = None
         method = request.method
         # The checks inline rather than as method calls: this runs per request.
-        for route in self.routes:
-            if route.is_default:
+        for (
+            is_default,
+            exact,
+            wildcards,
+            prefix,
+            prefix_slash,
+            methods,
+            wanted,
+            route,
+        ) in self._compiled:
+            if is_default:
                 return route
-            exact = route.hosts
             if exact is not None:
                 if host != exact:
                     continue
-            elif route.wildcards is not None and not route.host_matches(host):
+            elif wildcards is not None and not route.host_matches(host):
                 continue
-            prefix = route.prefix
-            if prefix and path != prefix and not path.startswith(route.prefix_slash):
+            if prefix is not None and path != prefix and not path.startswith(prefix_slash):
                 continue
-            methods = route.methods
             if methods is not None and method not in methods:
                 continue
-            if route.headers:
+            if wanted:
                 if headers is None:
                     headers = raw_headers(request.requestHeaders)
-                if not all(value in headers.get(name, ()) for name, value in route.headers):
+                missing = False
+                for name, value in wanted:
+                    values = headers.get(name)
+                    if values is None or value not in values:
+                        missing = True
+                        break
+                if missing:
                     continue
             return route
         return None
