@@ -979,15 +979,14 @@ def check_pools(config: Config) -> None:
     for pool in all_pools(config):
         for i, node in enumerate(pool.nodes):
             first = seen.setdefault(node.key, (pool.name, node))
-            if first[0] != pool.name and first[1].tls != node.tls:
-                where = (
-                    "nodes"
-                    if pool.name == DEFAULT_POOL and not config.pools
-                    else (f"pools.{pool.name}.nodes")
-                )
+            other = first[1]
+            if first[0] != pool.name and (
+                other.tls != node.tls or other.send_proxy != node.send_proxy
+            ):
+                where = "nodes" if pool.name == DEFAULT_POOL else f"pools.{pool.name}.nodes"
                 raise ConfigError(
                     f"{where}[{i}]: {node.url!r} is also in pool {first[0]!r} with other"
-                    " tls settings; a node URL connects one way in every pool"
+                    " tls or send_proxy settings; a node URL connects one way in every pool"
                 )
 
 

@@ -902,6 +902,12 @@ class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
             ("pools: {a: {nodes: [http://a]}, b: {nodes: [http://b]}}\n", "routes", "a, b"),
             ("nodes: [http://a]\npools: {default: {nodes: [http://b]}}\n", "pools.default"),
             ("nodes: [http://a]\nhash_key: uri\n", "hash_key"),
+            (
+                "pools: {a: {nodes: [http://x]}, b: {nodes: [{url: http://x, send_proxy: v2}]}}\n"
+                "routes: [{pool: a}]\n",
+                "pools.b.nodes[0]",
+                "send_proxy",
+            ),
             ("pools: {a: {nodes: [http://a]}}\nbalance: p2c\n", "balance", "each pool"),
             (
                 "pools: {a: {nodes: [https://x]},"
