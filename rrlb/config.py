@@ -743,9 +743,16 @@ def parse_sticky(name: str, value: Any) -> str:
 
 
 def _pool_name(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or not set(value) <= _POOL_NAME:
+    # Not all digits: /nodes/0 in the admin API is a node's position.
+    if (
+        not isinstance(value, str)
+        or not value
+        or not set(value) <= _POOL_NAME
+        or value.isdigit()
+    ):
         raise ConfigError(
-            f"{name}: a pool name must be letters, digits, '-', '_' or '.', not {value!r}"
+            f"{name}: a pool name must be letters, digits, '-', '_' or '.' (not only"
+            f" digits), not {value!r}"
         )
     return value
 

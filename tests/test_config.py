@@ -879,6 +879,7 @@ class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
                 "a b",
             ),
             ("pools: {'a/b': {nodes: [http://a]}}\n", "pools", "a/b"),
+            ("pools: {'7': {nodes: [http://a]}}\n", "pools", "'7'"),
             ("pools: {api: {nodes: [http://a]}}\nroutes: [{pool: web}]\n", "routes[0].pool", "web"),
             (
                 "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, host: 'a/b'}]\n",
