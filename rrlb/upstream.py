@@ -218,8 +218,12 @@ class UpstreamProtocol(Protocol):
             self.pool._forget_idle(self)
             self.transport.abortConnection()
             return
-        exchange.active = True
         state = self._state
+        if state != _HEAD:
+            # Progress for the silence timeout between body chunks. Bytes of
+            # a head are not: --timeout bounds the wait for the whole head,
+            # or a node sending a byte a second could hold it for ever.
+            exchange.active = True
         if state == _LENGTH:
             remaining = self._remaining - len(data)
             if remaining > 0:
@@ -270,6 +274,8 @@ class UpstreamProtocol(Protocol):
                 # client already had its 100 from us; wait for the final one.
                 continue
             break
+        # The head is complete: the body's silence timeout starts now.
+        self.exchange.active = True
         self._start_body(version, code, reason, raw)
 
     def _start_body(

@@ -452,6 +452,19 @@ class OneBytePerSecondTests(FaultCase):
 
         send(0)
 
+    async def test_head_alone(self) -> None:
+        """
+        A head that trickles in a byte a second never arrives in time: 504
+        once --timeout has passed since the request went out, although a
+        byte came every second (--timeout bounds the wait for the head, and
+        only the silence between body chunks).
+        """
+        backend = await self.backend(lambda r, conn: self.dribble(response(), conn))
+        _, port = await self.balancer([backend.url], "--timeout", "1.5", "--fall", "9")
+        started = reactor.seconds()
+        self.assertPlainTextError(await self.exchange(port, get(b"/")), 504)
+        self.assertLess(reactor.seconds() - started, 4.0)
+
     async def test_body_alone(self) -> None:
         """
         A head sent at once and a body a byte a second, with --timeout
