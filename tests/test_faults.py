@@ -315,6 +315,29 @@ class ResettingNodeTests(FaultCase):
         backend = await self.backend(handler)
         return backend
 
+    async def test_alone(self) -> None:
+        """
+        With a new connection per request (--max-idle-per-node 0), GETs
+        alternate between 200 and a plain-text 502 (there is no other node
+        to retry on) and a POST on a reset connection gets 502. Each reset
+        counts as a failed check: a successful request is not a check, so
+        with no probe passing in between (none run here) the node leaves
+        the rotation at its C{fall}th reset, here the fifth.
+        """
+        backend = await self.resetting_node()
+        service, port = await self.balancer(
+            [backend.url], "--max-idle-per-node", "0", "--fall", "5"
+        )
+        codes = []
+        for _ in range(6):
+            result = await self.exchange(port, get(b"/"))
+            assert result is not None
+            codes.append(result.code)
+        self.assertEqual(codes, [200, 502] * 3)
+        await self.exchange(port, get(b"/"))  # connection 7 answers, 8 resets
+        self.assertPlainTextError(await self.exchange(port, post(b"/p", b"x")), 502)
+        self.assertTrue(self.pool_node(service, backend).healthy)
+
     async def test_one_of_three_under_load(self) -> None:
         """
         Every GET is answered 200: those on a reset connection are sent to
