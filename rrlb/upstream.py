@@ -255,8 +255,10 @@ class UpstreamProtocol(Protocol):
         while True:
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_SIZE:
+            if end < 0 or end > MAX_HEAD_SIZE:
+                # The limit holds however the head arrives: in pieces, or
+                # complete in one read of up to READ_SIZE bytes.
+                if end > MAX_HEAD_SIZE or len(buffer) > MAX_HEAD_SIZE:
                     self._protocol_error("response head too large")
                 return
             self._got_response = True

@@ -405,6 +405,25 @@ class HugeHeadNodeTests(FaultCase):
             self.assertIn(b"too large", result.body)
         await wait_for(lambda: service.upstream.connection_count == 0, "node connections closed")
 
+    async def test_complete_in_one_read(self) -> None:
+        """
+        A 100 KiB head that arrives whole in one read is refused like one
+        that arrives in pieces: the 64 KiB limit does not depend on how
+        the bytes came.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> bytes:
+            line = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+            return b"HTTP/1.1 200 OK\r\n" + line * 100 + b"Content-Length: 2\r\n\r\nok"
+
+        backend = await self.backend(handler)
+        _, port = await self.balancer([backend.url])
+        for _ in range(3):
+            result = await self.exchange(port, get(b"/"))
+            self.assertPlainTextError(result, 502)
+            assert result is not None
+            self.assertIn(b"too large", result.body)
+
     async def test_one_of_three_under_load(self) -> None:
         """
         Every GET is answered 200: a head that never ends within 64 KiB is
