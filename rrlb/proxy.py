@@ -723,6 +723,11 @@ class ProxySite(server.Site):
         self, resource: RotatingProxy, access_log: Optional[Callable[[Any], None]] = None, **kw: Any
     ) -> None:
         server.Site.__init__(self, resource, **kw)
+        # Bodies are forwarded, never parsed as forms. Newer Twisted copies
+        # this Site setting into every request, over ProxyRequest's class
+        # attribute; parsing costs memory on large uploads, and Twisted's
+        # Content-Type parser raises on some valid values (obs-text 0x85).
+        self._parsePOSTFormSubmission = False
         self.access_log = access_log
         # Open client connections, for the drain at shutdown.
         self.channels: set[ProxyChannel] = set()

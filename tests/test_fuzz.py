@@ -368,3 +368,35 @@ def check_returned(tc: Any, sent: FuzzRequest, response: FuzzResponse, got: Any)
         tc.assertEqual(received.pop(b"content-length"), [b"%d" % len(sent.body)])
     tc.assertEqual(received, by_name(response.headers))
     tc.assertEqual(got.body, sent.body)
+
+
+class FoundByFuzzingTests(WireCase):
+    """
+    Requests bench/fuzz found a problem with, kept as fixed examples.
+    """
+
+    async def test_form_post_with_obs_text_content_type(self) -> None:
+        """
+        A POST with a form Content-Type holding obs-text (valid in a field
+        value) is forwarded as it came, body untouched. Twisted parses form
+        bodies unless its Site says not to, and its Content-Type parser
+        raised on byte 0x85 (a line break to Python's str.splitlines):
+        the connection was dropped with a traceback in the log.
+        """
+        backend = await self.backend()
+        _, port = await self.balancer([backend.url])
+        body = b"a=1&b=%C3%A9"
+        for ctype in (
+            b"application/x-www-form-urlencoded; charset=\x85",
+            b"multipart/form-data; boundary=\x85\xff",
+        ):
+            request = (
+                b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (ctype, len(body), body)
+            )
+            result = await self.exchange(port, request)
+            assert result is not None
+            self.assertEqual(result.code, 200)
+            self.assertEqual(backend.requests[-1].header(b"content-type"), [ctype])
+            self.assertEqual(backend.requests[-1].body, body)
+        self.assertEqual(self.flushLoggedErrors(), [])
