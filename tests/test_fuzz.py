@@ -20,13 +20,15 @@ example database is kept, so CI runs the same examples every time.
 
 from __future__ import annotations
 
+import os
 import string
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, threads
+from twisted.internet import defer, threads, utils
 
 from tests.test_wire import (
     BackendConnection,
@@ -35,6 +37,10 @@ from tests.test_wire import (
     by_name,
     reactor,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# bench/fuzz's run in the test suite: short, and always the same mutations.
+RAW_FUZZ_ARGS = ("--duration", "3", "--seed", "11")
 
 # Kept modest so the whole module runs in well under 30 s on a loaded CI machine.
 MAX_EXAMPLES = 300
@@ -97,7 +103,10 @@ def cased(name: str) -> st.SearchStrategy[bytes]:
     )
 
 
-token = st.text(TCHAR, min_size=1, max_size=20).filter(lambda n: n.lower() not in SPECIAL)
+random_token = st.text(TCHAR, min_size=1, max_size=20).filter(lambda n: n.lower() not in SPECIAL)
+# Random names, and common ones Twisted or rrlb might look at.
+COMMON = ["Content-Type", "Cookie", "Accept", "Authorization", "User-Agent", "Range", "Date"]
+token = st.one_of(random_token, st.sampled_from(COMMON))
 # The node sends no Date (rrlb adds one) and rrlb sets the framing.
 response_token = token.filter(lambda n: n.lower() != "date")
 
@@ -368,6 +377,34 @@ def check_returned(tc: Any, sent: FuzzRequest, response: FuzzResponse, got: Any)
         tc.assertEqual(received.pop(b"content-length"), [b"%d" % len(sent.body)])
     tc.assertEqual(received, by_name(response.headers))
     tc.assertEqual(got.body, sent.body)
+
+
+class RawFuzzerTests(WireCase):
+    """
+    bench/fuzz, run for a few seconds against a real rrlb process.
+    """
+
+    timeout = 90
+
+    async def test_bench_fuzz(self) -> None:
+        """
+        bench/fuzz throws mutated requests at an rrlb process and its nodes
+        (subprocesses on loopback) for three seconds and exits 0: rrlb is
+        still running, a normal request gets 200, no traceback in its log.
+        Its table of mutations and answers is printed.
+        """
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(ROOT, "bench", "fuzz"), "--python", sys.executable, *RAW_FUZZ_ARGS],
+            env=dict(os.environ),
+            path=ROOT,
+        )
+        text = out.decode("utf-8", "replace")
+        print("\n" + text)
+        self.assertEqual(code, 0, text + err.decode("utf-8", "replace"))
+        self.assertIn("| valid ", text)
+        for check in ("still running", "gets 200", "no traceback"):
+            self.assertRegex(text, r"- ok +[^\n]*" + check)
 
 
 class FoundByFuzzingTests(WireCase):
