@@ -15,6 +15,9 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import resource, server
 
+# Close idle keep-alive connections after this long, as most servers do:
+# the soak checks that rrlb lets go of them (its file descriptors come back).
+IDLE_TIMEOUT_S = 5
 MAX_BIG = 64 << 20
 BLOCK = b"b" * 65536
 SMALL = b"x" * 99 + b"\n"
@@ -80,7 +83,7 @@ class Node(resource.Resource):
 def main():
     port = int(sys.argv[1])
     name = sys.argv[2] if len(sys.argv) > 2 else f"node-{port}"
-    site = server.Site(Node(name))
+    site = server.Site(Node(name), timeout=IDLE_TIMEOUT_S)
     site.log = lambda request: None
     TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(site).addErrback(
         lambda f: (print(f"cannot listen on {port}: {f.value}", file=sys.stderr), reactor.stop())
