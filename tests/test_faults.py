@@ -157,10 +157,12 @@ class FaultCase(WireCase):
         self.addCleanup(client.close)
         return client
 
-    async def one(self, client: HTTPClient, url: str, method: str = "GET") -> Outcome:
+    async def get(self, client: HTTPClient, url: str) -> Outcome:
+        """
+        One GET, bounded by C{CLIENT_TIMEOUT}; its L{Outcome}.
+        """
         started = reactor.seconds()
-        body = b"data" if method == "POST" else None
-        d = defer.Deferred.fromCoroutine(client.request(method, url, body=body))
+        d = defer.Deferred.fromCoroutine(client.request("GET", url))
         d.addTimeout(CLIENT_TIMEOUT, reactor)
         try:
             reply = await d
@@ -192,7 +194,7 @@ class FaultCase(WireCase):
             for i in todo:
                 if until is not None and until():
                     return
-                outcomes[i] = await self.one(client, f"http://{LOOPBACK}:{port}/load/{i}")
+                outcomes[i] = await self.get(client, f"http://{LOOPBACK}:{port}/load/{i}")
 
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(worker()) for _ in range(concurrency)]
