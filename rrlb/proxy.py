@@ -876,6 +876,10 @@ class ProxySite(ClientSite):
         if reactor is None:
             from twisted.internet import reactor
         ClientSite.__init__(self, resource, reactor, limits)
+        # Bodies are forwarded, never parsed as forms (ProxyRequest skips
+        # Request.requestReceived's parsing; this is for any code path that
+        # reads the Site's setting).
+        self._parsePOSTFormSubmission = False
         self.access_log = access_log
 
     def log(self, request: Any) -> None:

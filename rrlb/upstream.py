@@ -224,8 +224,12 @@ class UpstreamProtocol(Protocol):
             self.pool._forget_idle(self)
             self.transport.abortConnection()
             return
-        exchange.active = True
         state = self._state
+        if state != _HEAD:
+            # Progress for the silence timeout between body chunks. Bytes of
+            # a head are not: --timeout bounds the wait for the whole head,
+            # or a node sending a byte a second could hold it for ever.
+            exchange.active = True
         if state == _LENGTH:
             remaining = self._remaining - len(data)
             if remaining > 0:
@@ -257,8 +261,10 @@ class UpstreamProtocol(Protocol):
         while True:
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_SIZE:
+            if end < 0 or end > MAX_HEAD_SIZE:
+                # The limit holds however the head arrives: in pieces, or
+                # complete in one read of up to READ_SIZE bytes.
+                if end > MAX_HEAD_SIZE or len(buffer) > MAX_HEAD_SIZE:
                     self._protocol_error("response head too large")
                 return
             self._got_response = True
@@ -276,6 +282,8 @@ class UpstreamProtocol(Protocol):
                 # client already had its 100 from us; wait for the final one.
                 continue
             break
+        # The head is complete: the body's silence timeout starts now.
+        self.exchange.active = True
         self._start_body(version, code, reason, raw)
 
     def _start_body(
