@@ -85,7 +85,9 @@ class Metrics:
         budget: Any = None,
         connections: Callable[[], int] = lambda: 0,
         upstream_connections: Callable[[], int] = lambda: 0,
+        clients: Callable[[], list[dict[str, Any]]] = lambda: [],
     ) -> None:
+        self.clients = clients
         self.pools = pools
         self.clock = clock
         self.stats = stats
@@ -235,6 +237,7 @@ class Metrics:
             },
             "pools": pools,
             "nodes": nodes,
+            "clients": self.clients(),
         }
 
     def retries(self) -> int:

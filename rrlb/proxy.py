@@ -64,6 +64,13 @@ _SKIP_REQUEST = frozenset(
 )
 
 
+# What a client may claim about itself, lower-cased with "_" as "-": from
+# an untrusted peer under --trusted-proxies these are dropped.
+_CLIENT_CLAIMS = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     """
@@ -233,22 +240,37 @@ class ProxyExchange:
                 drop = drop | {_canonical(t) for t in extra}
         parts: list[bytes] = []
         append = parts.append
-        for name, values in raw.items():
-            if name in drop:
-                continue
-            for value in values:
-                append(name + b": " + value + b"\r\n")
+        edge = channel.edge
+        if edge == EDGE_UNTRUSTED:
+            # --trusted-proxies, and the peer is not one: what it says of the
+            # client goes, in any spelling a node might read as the same
+            # (Forwarded, X_Forwarded_For, which CGI-style servers fold into
+            # the same variable).
+            for name, values in raw.items():
+                if name in drop or name.replace(b"_", b"-").lower() in _CLIENT_CLAIMS:
+                    continue
+                for value in values:
+                    append(name + b": " + value + b"\r\n")
+        else:
+            for name, values in raw.items():
+                if name in drop:
+                    continue
+                for value in values:
+                    append(name + b": " + value + b"\r\n")
         xff = raw.get(b"X-Forwarded-For")
         forwarded_host = self.host
-        edge = channel.edge
         if edge:
-            # --trusted-proxies: rrlb is the edge. What an untrusted peer
-            # says of the client is dropped; a trusted one's is kept.
             if edge == EDGE_UNTRUSTED:
                 xff = None
             else:
-                proto = raw.get(b"X-Forwarded-Proto", (proto,))[-1]
-                forwarded_host = raw.get(b"X-Forwarded-Host", (forwarded_host,))[-1]
+                # A trusted peer's own claims are kept, and rrlb's appended
+                # (each proxy of a chain adds its hop, as X-Forwarded-For).
+                claimed = raw.get(b"X-Forwarded-Proto")
+                if claimed:
+                    proto = b", ".join(claimed + [proto])
+                claimed = raw.get(b"X-Forwarded-Host")
+                if claimed and forwarded_host is not None:
+                    forwarded_host = b", ".join(claimed + [forwarded_host])
         if ip:
             xff_value = b", ".join(xff + [ip]) if xff else ip
         else:
@@ -679,14 +701,8 @@ class RotatingProxy(ReverseProxyResource):
         return self._date
 
     def render(self, request: Any) -> int:
-        if request.method == b"CONNECT":
-            error_response(
-                request,
-                405,
-                "CONNECT is not supported: this is not a forward proxy",
-                [(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")],
-            )
-            return server.NOT_DONE_YET
+        # CONNECT and malformed targets never get here: the channel's parser
+        # refuses them (rrlb.parser).
         router = self.router
         route: Optional[Route[Destination]]
         if router is None:

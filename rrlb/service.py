@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
-from rrlb.channel import ClientLimits
+from rrlb.channel import ClientLimits, connections_that_fit
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
@@ -206,6 +206,7 @@ class BalancerService(MultiService):
             checkers=lambda: list(self.checkers.values()),
             connections=lambda: len(getattr(self.site, "channels", ())),
             upstream_connections=lambda: self.upstream.connection_count,
+            clients=self.site.client_list,
         )
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
@@ -258,7 +259,7 @@ class BalancerService(MultiService):
             header_timeout=config.client_header_timeout,
             body_timeout=config.client_body_timeout,
             keepalive_timeout=config.keepalive_timeout,
-            max_connections=config.max_connections,
+            max_connections=connections_that_fit(config.max_connections),
             trusted_proxies=config.trusted_proxies,
         )
 
