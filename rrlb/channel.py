@@ -25,7 +25,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
-from rrlb.config import Network
+from rrlb.config import Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -70,13 +70,14 @@ class ClientLimits:
         to, whoever sent it).
     """
 
-    max_header_size: int = 32768
-    max_headers: int = 100
-    max_body_size: int = 0
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    keepalive_timeout: float = 60.0
-    max_connections: int = 10000
+    # The defaults are rrlb.config's, where the options are.
+    max_header_size: int = Config.max_header_size
+    max_headers: int = Config.max_headers
+    max_body_size: int = Config.max_body_size
+    header_timeout: float = Config.client_header_timeout
+    body_timeout: float = Config.client_body_timeout
+    keepalive_timeout: float = Config.keepalive_timeout
+    max_connections: int = Config.max_connections
     trusted_proxies: tuple[Network, ...] = ()
 
 
