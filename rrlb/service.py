@@ -135,9 +135,7 @@ class BalancerService(MultiService):
             config.dns_refresh,
         )
         self.discovery.setServiceParent(self)
-        self.pool = Pool(
-            config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node
-        )
+        self.pool = self.make_pool(config)
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
         self.tls = BalancerTLS()
@@ -162,36 +160,24 @@ class BalancerService(MultiService):
             pool=QuietConnectionPool(reactor, persistent=False),
         )
         self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
-        self.metrics = Metrics(
-            self.pool,
-            reactor,
-            stats=self.proxy.stats,
-            queue=self.proxy.queue,
-            budget=self.proxy.budget,
-            checker=self.checker,
-            connections=lambda: len(getattr(self.site, "channels", ())),
-            upstream_connections=lambda: self.upstream.connection_count,
-        )
+        self.metrics = self.make_metrics()
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
-        self.checker.setServiceParent(self)
-        self.listeners = []
+        if self.checks_health:
+            self.checker.setServiceParent(self)
+        self.listeners: list[Listener] = []
         for description in config.listen:
-            listener = Listener(
-                self.tls.listen_endpoint(reactor, with_default_backlog(description), config),
-                self.site,
-            )
+            listener = Listener(self.listen_endpoint(len(self.listeners), description), self.site)
             listener.setting = f"--listen: cannot listen on {description!r}"
-            listener.on_port = self.site.add_port
+            listener.on_port = self.port_listening
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.admin_listener: Optional[Listener] = None
         if config.admin:
             self.admin_listener = Listener(
-                serverFromString(reactor, config.admin),
-                AdminSite(self.pool, self.metrics, reactor=reactor),
+                serverFromString(reactor, config.admin), self.admin_site()
             )
             self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
             self.admin_listener._raiseSynchronously = True
@@ -208,6 +194,51 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         self.notify = SystemdNotify(reactor, self.pool, environ or {}, pid)
         self.notify.setServiceParent(self)
+
+    # -- what a variant of the service changes (rrlb.workers) ---------------
+
+    # Whether this process runs the health checker (a worker does not: its
+    # main process sends it the nodes' health).
+    checks_health = True
+
+    def make_pool(self, config: Config) -> Pool:
+        return Pool(config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node)
+
+    def make_metrics(self) -> Metrics:
+        return Metrics(
+            self.pool,
+            self.reactor,
+            stats=self.proxy.stats,
+            queue=self.proxy.queue,
+            budget=self.proxy.budget,
+            checker=self.checker,
+            connections=lambda: len(getattr(self.site, "channels", ())),
+            upstream_connections=lambda: self.upstream.connection_count,
+        )
+
+    def listen_endpoint(self, index: int, description: str) -> Any:
+        """
+        The endpoint of the C{index}th C{--listen} description.
+        """
+        return self.tls.listen_endpoint(
+            self.reactor, with_default_backlog(description), self.config
+        )
+
+    def port_listening(self, port: Any) -> Any:
+        """
+        A listener got its port.
+        """
+        return self.site.add_port(port)
+
+    def admin_site(self) -> Any:
+        return AdminSite(self.pool, self.metrics, reactor=self.reactor)
+
+    def readiness(self) -> list[defer.Deferred[Any]]:
+        """
+        What has to happen before systemd is told C{READY=1}: every listener
+        bound.
+        """
+        return list(self._listening())
 
     @staticmethod
     def client_limits(config: Config) -> ClientLimits:
@@ -499,7 +530,7 @@ class BalancerService(MultiService):
         self.stopping = False
         super().startService()
         self._install_signals()
-        listening = list(self._listening())
+        listening = self.readiness()
         # twistd starts services before the reactor runs and installs its
         # SIGTERM/SIGINT handlers: tell systemd READY=1 only once it does.
         when_running = getattr(self.reactor, "callWhenRunning", None)
