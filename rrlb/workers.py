@@ -1,0 +1,1228 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{--workers N}: one main process and N worker processes.
+
+The main process binds every listener (or takes them from systemd), stops
+reading from them and hands them to the workers, which adopt them
+(C{reactor.adoptStreamPort}; TLS and the PROXY header are wrapped in the
+worker) and serve all the traffic. The main process serves none: it owns
+the configuration, the health checker, DNS discovery, the admin endpoint
+and systemd's notifications, and starts, restarts and stops the workers.
+
+Each worker talks to the main process over its own socketpair with
+L{twisted.protocols.amp}:
+
+  - main -> worker: L{Configure} (the configuration, at start and after a
+    reload or a change of the node set), L{NodeStates} (health and drain
+    changes, as they happen), L{GetCounters} (on each admin scrape), L{Stop};
+  - worker -> main: L{NodeFailed} (a passive failure the proxy saw).
+
+So the request path of a worker is the single-process one: it picks from
+its own L{Pool}, whose health state the main process sets, and counts in
+its own L{Metrics}, which the main process reads only when scraped.
+
+The configuration travels pickled: it goes only from the main process to
+the children it started, on a socket nobody else holds, and both run the
+same code. What workers send back (counters, failures) is JSON or plain AMP
+values, so the main process never unpickles anything a worker sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any, Callable, Iterable, Optional, Sequence, cast
+
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web import server
+from zope.interface import implementer
+
+from rrlb.admin import AdminResource, AdminSite
+from rrlb.config import Config, ConfigError, NodeSpec
+from rrlb.metrics import PROXY_ERRORS, Metrics
+from rrlb.parser import CLIENT_ERROR_REASONS
+from rrlb.pool import Node, Pool
+from rrlb.proxyproto import ProxyHeaderEndpoint
+from rrlb.service import BalancerService, with_default_backlog
+from rrlb.tls import listen_endpoint, listen_kind, split_description, tls_on_tcp
+
+log = Logger()
+
+# The worker's end of its channel, and its first listening socket (the
+# others follow in --listen order).
+CHANNEL_FD = 3
+FIRST_LISTEN_FD = 4
+
+# Restart backoff: a worker that dies after serving for STABLE_AFTER seconds
+# is restarted at once; one that dies sooner waits BACKOFF_FIRST seconds,
+# doubled on each further early death up to BACKOFF_MAX.
+STABLE_AFTER = 10.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+
+# How long an admin scrape waits for a worker's counters.
+GATHER_TIMEOUT = 2.0
+# At shutdown, how much longer than drain_timeout the workers get before
+# they are killed.
+STOP_GRACE = 5.0
+
+# The kinds of listener whose socket the workers can share.
+SHARED_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
+
+
+# -- the wire ---------------------------------------------------------------------
+
+
+class _Chunked(amp.Argument):
+    """
+    A value of any size: AMP limits one value to 64 KiB, so it is sent as
+    C{name} (the number of chunks) and C{name.0}, C{name.1}, ...
+    """
+
+    def encode(self, value: Any) -> bytes:
+        raise NotImplementedError()
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError()
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        data = self.encode(objects[name.decode("ascii")])
+        size = amp.MAX_VALUE_LENGTH
+        chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+        strings[name] = b"%d" % len(chunks)
+        for i, chunk in enumerate(chunks):
+            strings[b"%s.%d" % (name, i)] = chunk
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        count = int(strings[name])
+        data = b"".join(strings[b"%s.%d" % (name, i)] for i in range(count))
+        objects[name.decode("ascii")] = self.decode(data)
+
+
+class Pickled(_Chunked):
+    """
+    A Python value, pickled: only ever sent from the main process to its
+    own workers.
+    """
+
+    def encode(self, value: Any) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+class Json(_Chunked):
+    """
+    A JSON value.
+    """
+
+    def encode(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+    def decode(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class ConfigRefused(Exception):
+    """
+    A worker could not apply a configuration (say, a TLS file went bad
+    between the main process's check and the worker's read).
+    """
+
+
+class Configure(amp.Command):
+    """
+    Main -> worker: run this configuration (the first one starts serving).
+    C{reload}: a reload (apply every setting) rather than a new node set.
+    C{states}: every node's C{[key, healthy, drained]}. C{count}: count
+    requests for the admin endpoint.
+    """
+
+    arguments = [
+        (b"config", Pickled()),
+        (b"states", Json()),
+        (b"reload", amp.Boolean()),
+        (b"count", amp.Boolean()),
+    ]
+    response = [(b"pid", amp.Integer())]
+    errors = {ConfigRefused: b"CONFIG_REFUSED"}
+
+
+class NodeStates(amp.Command):
+    """
+    Main -> worker: nodes whose health or drain state changed.
+    """
+
+    arguments = [(b"states", Json())]
+    requiresAnswer = False
+
+
+class GetCounters(amp.Command):
+    """
+    Main -> worker: the worker's counters, for an admin scrape.
+    """
+
+    response = [(b"counters", Json())]
+
+
+class Stop(amp.Command):
+    """
+    Main -> worker: stop accepting, drain, exit.
+    """
+
+    requiresAnswer = False
+
+
+class NodeFailed(amp.Command):
+    """
+    Worker -> main: a request to this node failed (passive health).
+    """
+
+    arguments = [(b"key", amp.Unicode()), (b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+def node_states(nodes: Iterable[Node]) -> list[list[Any]]:
+    return [[n.key, n.healthy, n.drained] for n in nodes]
+
+
+# -- counters -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Counters:
+    """
+    What a worker counted, in a form that adds up. Gauges (open
+    connections, queue length, requests in flight) are left out of the
+    counts kept for workers that died.
+    """
+
+    requests: dict[tuple[str, str, int], int] = dataclasses.field(default_factory=dict)
+    latency: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    proxy_errors: dict[int, int] = dataclasses.field(default_factory=dict)
+    client_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    retries: int = 0
+    retries_refused: int = 0
+    queue_timeouts: int = 0
+    queue_length: int = 0
+    connections: int = 0
+    upstream_connections: int = 0
+    # node key -> [in flight, requests, errors]
+    nodes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, metrics: Metrics, pool: Pool) -> Counters:
+        return cls(
+            requests=dict(metrics.requests),
+            latency={k: list(v) for k, v in metrics.latency.items()},
+            proxy_errors=dict(metrics.proxy_errors),
+            client_errors=dict(metrics.client_errors),
+            retries=metrics.retries(),
+            retries_refused=metrics.retries_refused(),
+            queue_timeouts=metrics.queue_timeouts(),
+            queue_length=metrics.queue_length(),
+            connections=metrics.connections(),
+            upstream_connections=metrics.upstream_connections(),
+            nodes={n.key: [n.in_flight, n.requests, n.errors] for n in pool.nodes},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        value = dataclasses.asdict(self)
+        value["requests"] = [[*key, count] for key, count in self.requests.items()]
+        value["proxy_errors"] = [[code, count] for code, count in self.proxy_errors.items()]
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Counters:
+        counters = cls(**value)
+        counters.requests = {(k, m, int(c)): int(n) for k, m, c, n in value["requests"]}
+        counters.proxy_errors = {int(c): int(n) for c, n in value["proxy_errors"]}
+        return counters
+
+    def add(self, other: Counters, gauges: bool = True) -> None:
+        for key, count in other.requests.items():
+            self.requests[key] = self.requests.get(key, 0) + count
+        for node, buckets in other.latency.items():
+            mine = self.latency.get(node)
+            if mine is None:
+                self.latency[node] = list(buckets)
+            else:
+                self.latency[node] = [a + b for a, b in zip(mine, buckets)]
+        for code, count in other.proxy_errors.items():
+            self.proxy_errors[code] = self.proxy_errors.get(code, 0) + count
+        for reason, count in other.client_errors.items():
+            self.client_errors[reason] = self.client_errors.get(reason, 0) + count
+        self.retries += other.retries
+        self.retries_refused += other.retries_refused
+        self.queue_timeouts += other.queue_timeouts
+        for node, (in_flight, requests, errors) in other.nodes.items():
+            counts = self.nodes.setdefault(node, [0, 0, 0])
+            counts[1] += requests
+            counts[2] += errors
+            if gauges:
+                counts[0] += in_flight
+        if gauges:
+            self.queue_length += other.queue_length
+            self.connections += other.connections
+            self.upstream_connections += other.upstream_connections
+
+
+class _NodeTotals:
+    """
+    A node of the main process's pool with the workers' counts.
+    """
+
+    def __init__(self, node: Node, counts: Sequence[int]) -> None:
+        self.node = node
+        self.in_flight, self.requests, self.errors = counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.node, name)
+
+
+class _PoolTotals:
+    def __init__(self, pool: Pool, totals: Counters) -> None:
+        self.pool = pool
+        self.totals = totals
+
+    def wrap(self, node: Any) -> _NodeTotals:
+        node = getattr(node, "node", node)
+        return _NodeTotals(node, self.totals.nodes.get(node.key, (0, 0, 0)))
+
+    @property
+    def nodes(self) -> list[_NodeTotals]:
+        return [self.wrap(n) for n in self.pool.nodes]
+
+
+class _Gauges:
+    """
+    The scalar totals, shaped as L{Metrics} reads its proxy's stats, queue
+    and retry budget.
+    """
+
+    def __init__(self, totals: Counters) -> None:
+        self.totals = totals
+
+    @property
+    def retries(self) -> int:
+        return self.totals.retries
+
+    @property
+    def refused(self) -> int:
+        return self.totals.retries_refused
+
+    @property
+    def timeouts(self) -> int:
+        return self.totals.queue_timeouts
+
+    def __len__(self) -> int:
+        return self.totals.queue_length
+
+
+class WorkersMetrics(Metrics):
+    """
+    The main process's metrics: its pool's health and its checker's
+    results, with every worker's counts added up (see L{WorkerSupervisor.gather}).
+    """
+
+    def __init__(self, pool: Pool, clock: Any, checker: Any, supervisor: WorkerSupervisor) -> None:
+        self.totals = Counters()
+        self.supervisor = supervisor
+        self.view = _PoolTotals(pool, self.totals)
+        gauges = _Gauges(self.totals)
+        super().__init__(
+            self.view,  # type: ignore[arg-type]
+            clock,
+            stats=gauges,
+            checker=checker,
+            queue=gauges,
+            budget=gauges,
+            connections=lambda: self.totals.connections,
+            upstream_connections=lambda: self.totals.upstream_connections,
+        )
+
+    def load(self, totals: Counters) -> None:
+        self.totals = self.view.totals = totals
+        self.requests = totals.requests
+        self.latency = totals.latency
+        self.proxy_errors = dict.fromkeys(PROXY_ERRORS, 0)
+        self.proxy_errors.update(totals.proxy_errors)
+        self.client_errors = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
+        self.client_errors.update(totals.client_errors)
+        gauges = _Gauges(totals)
+        self.stats = self.queue = self.budget = gauges
+
+    def node_status(self, index: int, node: Any) -> dict[str, Any]:
+        return super().node_status(index, self.view.wrap(node))
+
+    def status(self) -> dict[str, Any]:
+        document = super().status()
+        document["workers"] = self.supervisor.describe()
+        return document
+
+
+class MainAdminResource(AdminResource):
+    """
+    The admin tree of the main process: every answer waits for fresh counts
+    from the workers first.
+    """
+
+    def __init__(self, pool: Pool, metrics: WorkersMetrics) -> None:
+        super().__init__(pool, metrics)
+        self.workers_metrics = metrics
+
+    def render(self, request: Any) -> Any:
+        if request.postpath == [b"status.css"]:
+            return super().render(request)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(totals: Counters) -> None:
+            if gone:
+                return
+            self.workers_metrics.load(totals)
+            body = AdminResource.render(self, request)
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def failed(reason: Failure) -> None:
+            log.failure("admin request", reason)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        self.workers_metrics.supervisor.gather().addCallback(answer).addErrback(failed)
+        return server.NOT_DONE_YET
+
+
+class MainAdminSite(AdminSite):
+    def __init__(self, pool: Pool, metrics: WorkersMetrics, **kw: Any) -> None:
+        server.Site.__init__(self, MainAdminResource(pool, metrics), **kw)
+
+
+# -- restarts -------------------------------------------------------------------------
+
+
+class RestartBackoff:
+    """
+    When to restart a worker that died: at once if it had served for
+    C{stable} seconds, else after C{first} seconds, doubled on each further
+    early death, at most C{maximum}.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        first: float = BACKOFF_FIRST,
+        maximum: float = BACKOFF_MAX,
+        stable: float = STABLE_AFTER,
+    ) -> None:
+        self.clock = clock
+        self.first = first
+        self.maximum = maximum
+        self.stable = stable
+        self.early_deaths = 0
+        self.last_start = clock.seconds()
+
+    def started(self) -> None:
+        self.last_start = self.clock.seconds()
+
+    def delay(self) -> float:
+        """
+        The worker died now: seconds until it is started again.
+        """
+        if self.clock.seconds() - self.last_start >= self.stable:
+            self.early_deaths = 0
+            return 0.0
+        self.early_deaths += 1
+        return min(self.maximum, self.first * 2 ** (self.early_deaths - 1))
+
+
+# -- the main process ----------------------------------------------------------------
+
+STARTING = "starting"
+SERVING = "serving"
+RESTARTING = "restarting"
+STOPPED = "stopped"
+
+
+class _Single(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+class _QuietAMP(amp.AMP):
+    """
+    AMP without its log lines for every connection made and lost (a worker
+    restart would log four).
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class MainChannel(_QuietAMP):
+    """
+    The main process's end of one worker's channel.
+    """
+
+    def __init__(self, supervisor: WorkerSupervisor, slot: WorkerSlot) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        self.slot = slot
+
+    @NodeFailed.responder
+    def node_failed(self, key: str, reason: str) -> dict[str, Any]:
+        self.supervisor.node_failed(key, reason)
+        return {}
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    One run of a worker process.
+    """
+
+    def __init__(self, supervisor: WorkerSupervisor, slot: WorkerSlot) -> None:
+        self.supervisor = supervisor
+        self.slot = slot
+        self.pid: Optional[int] = None
+        self.ended = False
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        self.supervisor.ended(self.slot, self, reason)
+
+
+@dataclasses.dataclass
+class WorkerSlot:
+    """
+    Worker number C{index} across its restarts.
+    """
+
+    index: int
+    backoff: RestartBackoff
+    state: str = STARTING
+    process: Optional[WorkerProcess] = None
+    channel: Optional[MainChannel] = None
+    restarts: int = 0
+    started: Optional[float] = None
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    call: Any = None
+
+
+def worker_environ(environ: dict[str, str]) -> dict[str, str]:
+    """
+    A worker's environment: the main process's, without systemd's variables
+    (only the main process talks to systemd), and with rrlb importable
+    however the main process found it.
+    """
+    env = {
+        k: v for k, v in environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))
+    }
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+class WorkerSupervisor(Service):
+    """
+    Starts C{count} workers on the listening sockets of the main process,
+    keeps them configured and told of node state, restarts those that die,
+    and stops them all at shutdown.
+    """
+
+    def __init__(self, main: MainService, reactor: Any, count: int) -> None:
+        self.main = main
+        self.reactor = reactor
+        self.slots = [WorkerSlot(i, RestartBackoff(reactor)) for i in range(count)]
+        self.stopping = False
+        # Counts of workers that died (so totals never go down).
+        self.departed = Counters()
+        self._ready: list[defer.Deferred[Any]] = []
+        self._all_served = False
+        self._stopped: Optional[defer.Deferred[None]] = None
+        self._kill_call: Any = None
+
+    # -- start ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.stopping = False
+        for slot in self.slots:
+            self.spawn(slot)
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        slot.call = None
+        if self.stopping:
+            return
+        fds = self.main.listen_fds()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CHANNEL_FD: child.fileno()}
+        for i, fd in enumerate(fds):
+            child_fds[FIRST_LISTEN_FD + i] = fd
+        argv = [sys.executable, "-m", "rrlb.workers", str(slot.index), str(len(fds))]
+        process = WorkerProcess(self, slot)
+        try:
+            transport = self.reactor.spawnProcess(
+                process,
+                sys.executable,
+                argv,
+                env=worker_environ(dict(os.environ)),
+                childFDs=child_fds,
+            )
+        except Exception:
+            log.failure("cannot start worker {index}", index=slot.index)
+            parent.close()
+            self._restart_later(slot)
+            return
+        finally:
+            child.close()
+        process.pid = transport.pid
+        slot.process = process
+        slot.state = STARTING
+        slot.started = self.reactor.seconds()
+        slot.backoff.started()
+        channel = MainChannel(self, slot)
+        slot.channel = channel
+        self.reactor.adoptStreamConnection(parent.fileno(), socket.AF_UNIX, _Single(channel))
+        parent.close()
+        d = channel.callRemote(
+            Configure,
+            config=self.main.worker_config(),
+            states=node_states(self.main.pool.nodes),
+            reload=False,
+            count=self.main.counts_requests,
+        )
+        d.addCallbacks(self._serving, self._start_failed, (slot, process), None, (slot, process))
+
+    def _serving(self, answer: dict[str, Any], slot: WorkerSlot, process: WorkerProcess) -> None:
+        if slot.process is not process or process.ended:
+            return
+        slot.state = SERVING
+        log.info("worker {index} (pid {pid}) is serving", index=slot.index, pid=answer.get("pid"))
+        if all(s.state == SERVING for s in self.slots) and not self._all_served:
+            self._all_served = True
+            ready, self._ready = self._ready, []
+            for d in ready:
+                d.callback(True)
+
+    def _start_failed(self, reason: Failure, slot: WorkerSlot, process: WorkerProcess) -> None:
+        if slot.process is process and not process.ended:
+            log.error(
+                "worker {index} (pid {pid}) did not start: {error}",
+                index=slot.index,
+                pid=process.pid,
+                error=reason.getErrorMessage(),
+            )
+
+    def serving(self) -> defer.Deferred[Any]:
+        """
+        A Deferred that fires once every worker serves (for C{READY=1}).
+        """
+        if self._all_served:
+            return defer.succeed(True)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._ready.append(d)
+        return d
+
+    # -- a worker's end -------------------------------------------------------------
+
+    def ended(self, slot: WorkerSlot, process: WorkerProcess, reason: Failure) -> None:
+        if slot.process is not process:
+            return
+        slot.process = None
+        channel, slot.channel = slot.channel, None
+        if channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()
+        self.departed.add(slot.counters, gauges=False)
+        slot.counters = Counters()
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"killed by signal {sig}" if sig else f"exited with code {code}"
+        if self.stopping:
+            slot.state = STOPPED
+            log.info("worker {index} (pid {pid}) {how}", index=slot.index, pid=process.pid, how=how)
+            self._check_stopped()
+            return
+        delay = slot.backoff.delay()
+        log.warn(
+            "worker {index} (pid {pid}) {how}; its in-flight requests are lost;"
+            " restarting it {when}",
+            index=slot.index,
+            pid=process.pid,
+            how=how,
+            when=f"in {delay:g}s" if delay else "now",
+        )
+        slot.restarts += 1
+        self._restart_later(slot, delay)
+
+    def _restart_later(self, slot: WorkerSlot, delay: float = BACKOFF_FIRST) -> None:
+        slot.state = RESTARTING
+        slot.call = self.reactor.callLater(delay, self.spawn, slot)
+
+    # -- what the workers are told ------------------------------------------------------
+
+    def channels(self) -> list[MainChannel]:
+        return [s.channel for s in self.slots if s.channel is not None]
+
+    def configure_all(self, reload: bool) -> None:
+        """
+        Send every worker the main process's configuration and node states.
+        """
+        config = self.main.worker_config()
+        states = node_states(self.main.pool.nodes)
+        for slot in self.slots:
+            channel = slot.channel
+            if channel is None:
+                continue
+            d = channel.callRemote(
+                Configure,
+                config=config,
+                states=states,
+                reload=reload,
+                count=self.main.counts_requests,
+            )
+            d.addErrback(self._configure_failed, slot)
+
+    def _configure_failed(self, reason: Failure, slot: WorkerSlot) -> None:
+        if reason.check(error.ConnectionDone, error.ConnectionLost):
+            return
+        log.error(
+            "worker {index} kept its configuration: {error}",
+            index=slot.index,
+            error=reason.getErrorMessage(),
+        )
+
+    def node_changed(self, node: Node) -> None:
+        states = node_states([node])
+        for channel in self.channels():
+            channel.callRemote(NodeStates, states=states)
+
+    def node_failed(self, key: str, reason: str) -> None:
+        node = self.main.pool.get(key)
+        if node is not None and not node.removed:
+            self.main.pool.mark(node, False, reason)
+
+    # -- counters -----------------------------------------------------------------------
+
+    def gather(self) -> defer.Deferred[Counters]:
+        """
+        Ask every serving worker for its counters; the totals of all of them
+        (a worker that does not answer in time counts with what it said
+        last), plus those of workers that died.
+        """
+        calls = []
+        for slot in self.slots:
+            if slot.channel is None or slot.state != SERVING:
+                continue
+            d = slot.channel.callRemote(GetCounters)
+            d.addTimeout(GATHER_TIMEOUT, self.reactor)
+            d.addCallbacks(self._got_counters, self._no_counters, (slot,), None, (slot,))
+            calls.append(d)
+        return defer.DeferredList(calls).addCallback(lambda _: self.totals())
+
+    def _got_counters(self, answer: dict[str, Any], slot: WorkerSlot) -> None:
+        slot.counters = Counters.from_json(answer["counters"])
+
+    def _no_counters(self, reason: Failure, slot: WorkerSlot) -> None:
+        log.warn(
+            "worker {index} gave no counters: {error}",
+            index=slot.index,
+            error=reason.getErrorMessage(),
+        )
+
+    def totals(self) -> Counters:
+        totals = Counters()
+        totals.add(self.departed, gauges=False)
+        for slot in self.slots:
+            totals.add(slot.counters)
+        return totals
+
+    def describe(self) -> list[dict[str, Any]]:
+        """
+        The workers as C{/status} shows them.
+        """
+        return [
+            {
+                "index": slot.index,
+                "pid": slot.process.pid if slot.process is not None else None,
+                "state": slot.state,
+                "restarts": slot.restarts,
+                "started": slot.started,
+                "requests": sum(slot.counters.requests.values()),
+                "connections": slot.counters.connections,
+            }
+            for slot in self.slots
+        ]
+
+    # -- stop -----------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Tell every worker to drain and exit; wait for them (killing those
+        still running C{drain_timeout} plus L{STOP_GRACE} seconds later).
+        """
+        super().stopService()
+        self.stopping = True
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.cancel()
+        for slot in self.slots:
+            if slot.call is not None and slot.call.active():
+                slot.call.cancel()
+            slot.call = None
+            if slot.process is None:
+                slot.state = STOPPED
+        done: defer.Deferred[None] = defer.Deferred()
+        self._stopped = done
+        for slot in self.slots:
+            if slot.process is None:
+                continue
+            if slot.channel is not None and slot.state == SERVING:
+                slot.channel.callRemote(Stop)
+            else:
+                self._signal(slot, "TERM")
+        self._kill_call = self.reactor.callLater(
+            self.main.config.drain_timeout + STOP_GRACE, self._kill_remaining
+        )
+        self._check_stopped()
+        return done
+
+    def _signal(self, slot: WorkerSlot, name: str) -> None:
+        process = slot.process
+        if process is None or process.transport is None:
+            return
+        try:
+            process.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+    def _kill_remaining(self) -> None:
+        self._kill_call = None
+        for slot in self.slots:
+            if slot.process is not None:
+                log.warn("worker {index} still running: killing it", index=slot.index)
+                self._signal(slot, "KILL")
+
+    def _check_stopped(self) -> None:
+        if self._stopped is None or any(s.process is not None for s in self.slots):
+            return
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        done, self._stopped = self._stopped, None
+        done.callback(None)
+
+
+def bind_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint the main process binds for a C{--listen} description: the
+    socket only, without the TLS or PROXY header the workers wrap around it.
+    """
+    proxied, kind, inner = listen_kind(with_default_backlog(description))
+    if kind == "ssl":
+        args, kwargs = split_description(inner)
+        port = args[1] if len(args) > 1 else kwargs.get("port", "")
+        return TCP4ServerEndpoint(
+            reactor,
+            int(port),
+            backlog=int(kwargs.get("backlog", "50")),
+            interface=kwargs.get("interface", ""),
+        )
+    from twisted.internet.endpoints import serverFromString
+
+    return serverFromString(reactor, inner)
+
+
+def check_listeners(config: Config) -> None:
+    """
+    Refuse listeners whose sockets workers cannot share.
+
+    @raise ConfigError: naming the listener.
+    """
+    on_tcp = tls_on_tcp(config.listen, config.tls)
+    for description in config.listen:
+        kind = listen_kind(description)[1]
+        if kind not in SHARED_KINDS:
+            raise ConfigError(
+                f"--workers: the listener {description!r} cannot be shared with worker"
+                f" processes (only {', '.join(SHARED_KINDS)} listeners can)"
+            )
+        if kind == "ssl" or (kind == "tcp" and on_tcp):
+            if listen_endpoint(None, description, config.tls, on_tcp)[1] is None:
+                raise ConfigError(
+                    f"--workers: the listener {description!r} has TLS settings rrlb does"
+                    " not serve itself, so worker processes cannot take it over"
+                )
+
+
+class MainService(BalancerService):
+    """
+    The main process of C{--workers N}: a L{BalancerService} that binds the
+    listeners without serving them, checks health, answers the admin
+    endpoint and tells systemd, and runs a L{WorkerSupervisor}.
+    """
+
+    def __init__(self, config: Config, reactor: Any, *args: Any, **kw: Any) -> None:
+        self.supervisor = WorkerSupervisor(self, reactor, config.workers)
+        self.ports: list[Any] = []
+        super().__init__(config, reactor, *args, **kw)
+        self.supervisor.setServiceParent(self)
+        self.pool.add_listener(self.supervisor.node_changed)
+
+    @property
+    def counts_requests(self) -> bool:
+        return self.config.admin is not None
+
+    def make_metrics(self) -> Metrics:
+        return WorkersMetrics(self.pool, self.reactor, self.checker, self.supervisor)
+
+    def listen_endpoint(self, index: int, description: str) -> Any:
+        return bind_endpoint(self.reactor, description)
+
+    def port_listening(self, port: Any) -> Any:
+        # The workers accept; this process only holds the socket.
+        port.stopReading()
+        self.ports.append(port)
+        return port
+
+    def listen_fds(self) -> list[int]:
+        return [port.fileno() for port in self.ports]
+
+    def admin_site(self) -> Any:
+        assert isinstance(self.metrics, WorkersMetrics)
+        return MainAdminSite(self.pool, self.metrics, reactor=self.reactor)
+
+    def readiness(self) -> list[defer.Deferred[Any]]:
+        return super().readiness() + [self.supervisor.serving()]
+
+    def _apply_access_log(self, config: Config) -> None:
+        # The workers write the access log.
+        pass
+
+    def _retire(self, removed: list[Node]) -> None:
+        # The workers let removed nodes finish their requests.
+        for node in removed:
+            self.log.info("node {node} removed", node=node.url)
+
+    def worker_config(self) -> Config:
+        """
+        The configuration a worker runs: this one, with the nodes found in
+        DNS and the demo backends as plain nodes (a worker neither looks up
+        names nor starts backends) and no admin endpoint.
+        """
+        return dataclasses.replace(
+            self.config, nodes=self._node_set(self.config), dns_nodes=(), demo=0, admin=None
+        )
+
+    def apply(self, config: Config) -> None:
+        if config.workers != self.config.workers:
+            self.log.warn(
+                "the number of workers changes only with a restart ({old} -> {new})",
+                old=self.config.workers,
+                new=config.workers,
+            )
+            config = dataclasses.replace(config, workers=self.config.workers)
+        super().apply(config)
+        self.supervisor.configure_all(reload=True)
+
+    def nodes_found(self) -> None:
+        super().nodes_found()
+        self.supervisor.configure_all(reload=False)
+
+
+# -- a worker process -------------------------------------------------------------
+
+
+class WorkerPool(Pool):
+    """
+    A worker's pool: its health state comes from the main process
+    (L{apply_states}); a failure the proxy sees is reported there rather than
+    counted here.
+    """
+
+    report: Optional[Callable[[str, str], None]] = None
+
+    def mark(
+        self,
+        node: Node,
+        ok: bool,
+        reason: str = "",
+        when: Optional[float] = None,
+        latency: Optional[float] = None,
+    ) -> None:
+        if not ok and self.report is not None and not node.removed:
+            self.report(node.key, reason)
+
+    def apply_states(self, states: Iterable[Sequence[Any]]) -> None:
+        for key, healthy, drained in states:
+            node = self.get(key)
+            if node is None or (node.healthy, node.drained) == (healthy, drained):
+                continue
+            node.healthy = healthy
+            node.drained = drained
+            self._changed(node)
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSEndpoint:
+    def __init__(self, wrapped: IStreamServerEndpoint, tls: Any) -> None:
+        self.wrapped = wrapped
+        self.tls = tls
+
+    def listen(self, factory: Any) -> Any:
+        return self.wrapped.listen(TLSMemoryBIOFactory(self.tls, False, factory))
+
+
+def adopted_endpoint(
+    reactor: Any, description: str, fd: int, config: Config
+) -> tuple[IStreamServerEndpoint, Any]:
+    """
+    The endpoint of a worker for the listening socket C{fd} the main process
+    bound for C{description}, with its TLS (the L{rrlb.tls.ServerTLS}, also
+    returned) and PROXY header as that description asks.
+    """
+    proxied, kind, _ = listen_kind(description)
+    on_tcp = tls_on_tcp(config.listen, config.tls)
+    tls = None
+    if kind == "ssl" or (kind == "tcp" and on_tcp):
+        # Only built, never listened on: the TLS side of the listener.
+        tls = listen_endpoint(None, description, config.tls, on_tcp)[1]
+    family = socket.socket(fileno=os.dup(fd))
+    try:
+        base: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family.family)
+    finally:
+        family.close()
+    if proxied:
+        return ProxyHeaderEndpoint(base, reactor, tls), tls
+    if tls is not None:
+        return _TLSEndpoint(base, tls), tls
+    return base, None
+
+
+class WorkerService(BalancerService):
+    """
+    A worker: the single-process service tree serving the listening sockets
+    the main process passed (C{listen_fds}, in C{--listen} order), without a
+    health checker, admin endpoint or systemd notifications of its own.
+    """
+
+    checks_health = False
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        listen_fds: Sequence[int],
+        count: bool = False,
+        handle_signals: bool = False,
+    ) -> None:
+        self.listen_fds = list(listen_fds)
+        self.count_requests = count
+        super().__init__(config, reactor, handle_signals=handle_signals)
+
+    def make_pool(self, config: Config) -> Pool:
+        return WorkerPool(
+            config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node
+        )
+
+    def listen_endpoint(self, index: int, description: str) -> Any:
+        endpoint, tls = adopted_endpoint(
+            self.reactor, description, self.listen_fds[index], self.config
+        )
+        if tls is not None:
+            # Re-read on reload, as BalancerTLS.listen_endpoint would.
+            self.tls.listeners.append(tls)
+        return endpoint
+
+    def _apply_access_log(self, config: Config) -> None:
+        super()._apply_access_log(config)
+        if self.count_requests:
+            self.site.access_log = self.metrics.record
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # The main process reloads and tells the workers.
+        pass
+
+    def set_nodes(self, nodes: Sequence[NodeSpec]) -> None:
+        """
+        A new node set (found in DNS by the main process): applied the way
+        a single process applies one.
+        """
+        self.config = dataclasses.replace(self.config, nodes=tuple(nodes))
+        self.nodes_found()
+
+    def counters(self) -> Counters:
+        return Counters.of(self.metrics, self.pool)
+
+
+class WorkerChannel(_QuietAMP):
+    """
+    A worker's end of its channel: builds and runs its L{WorkerService} as
+    the main process says.
+    """
+
+    def __init__(self, reactor: Any, listen_fds: Sequence[int]) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.listen_fds = listen_fds
+        self.service: Optional[WorkerService] = None
+        self.exit_code = 0
+        self._stopping = False
+
+    @Configure.responder
+    def configure(
+        self, config: Config, states: list[Any], reload: bool, count: bool
+    ) -> dict[str, Any]:
+        service = self.service
+        if service is None:
+            try:
+                service = WorkerService(
+                    config, self.reactor, self.listen_fds, count=count, handle_signals=True
+                )
+                assert isinstance(service.pool, WorkerPool)
+                service.pool.report = self.report
+                service.pool.apply_states(states)
+                service.startService()
+            except (Exception, SystemExit) as e:
+                log.failure("starting the worker")
+                self.exit_code = 1
+                self.stop()
+                raise ConfigRefused(str(e)) from None
+            self.service = service
+            self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+            return {"pid": os.getpid()}
+        service.count_requests = count
+        try:
+            if reload:
+                service.apply(config)
+            else:
+                service.set_nodes(config.nodes)
+        except Exception as e:
+            log.error("configuration not applied: {error}", error=str(e))
+            raise ConfigRefused(str(e)) from None
+        assert isinstance(service.pool, WorkerPool)
+        service.pool.apply_states(states)
+        return {"pid": os.getpid()}
+
+    @NodeStates.responder
+    def node_states(self, states: list[Any]) -> dict[str, Any]:
+        if self.service is not None:
+            assert isinstance(self.service.pool, WorkerPool)
+            self.service.pool.apply_states(states)
+        return {}
+
+    @GetCounters.responder
+    def get_counters(self) -> dict[str, Any]:
+        counters = self.service.counters() if self.service is not None else Counters()
+        return {"counters": counters.to_json()}
+
+    @Stop.responder
+    def stop_command(self) -> dict[str, Any]:
+        self.stop()
+        return {}
+
+    def report(self, key: str, reason: str) -> None:
+        if self.transport is not None and not self._stopping:
+            self.callRemote(NodeFailed, key=key, reason=reason)
+
+    def stop(self) -> None:
+        """
+        Drain and exit (the reactor's shutdown stops the service).
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        # The main process is gone: nobody would restart or stop this one.
+        self.reactor.callLater(0, self.stop)
+
+
+def _log_observer(index: int) -> Any:
+    from twisted.logger import (
+        FilteringLogObserver,
+        ILogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        textFileLogObserver,
+    )
+
+    text = textFileLogObserver(sys.stderr)
+
+    def observe(event: dict[str, Any]) -> None:
+        event = dict(event)
+        event["log_system"] = f"rrlb worker {index}"
+        text(event)
+
+    return FilteringLogObserver(
+        cast(ILogObserver, observe), [LogLevelFilterPredicate(LogLevel.info)]
+    )
+
+
+def run_worker(argv: Sequence[str]) -> int:
+    """
+    A worker process: C{python -m rrlb.workers INDEX LISTENERS}, with its
+    channel on L{CHANNEL_FD} and the listening sockets from
+    L{FIRST_LISTEN_FD} on, as L{WorkerSupervisor.spawn} starts it.
+    """
+    from twisted.internet import reactor as _reactor
+    from twisted.logger import globalLogBeginner
+
+    reactor: Any = _reactor
+
+    index, listeners = int(argv[0]), int(argv[1])
+    globalLogBeginner.beginLoggingTo([_log_observer(index)], redirectStandardIO=False)
+    # A terminal's hangup or a SIGHUP to the process group: the main process
+    # decides about reloads.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    fds = list(range(FIRST_LISTEN_FD, FIRST_LISTEN_FD + listeners))
+    channel = WorkerChannel(reactor, fds)
+
+    # SIGTERM or SIGINT (systemd signals every process of the unit, a
+    # terminal the whole process group) stop the worker as the main
+    # process's Stop does, once: Twisted's own handler would stop the
+    # reactor a second time.
+    def stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(channel.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _Single(channel))
+    os.close(CHANNEL_FD)
+    reactor.run(installSignalHandlers=False)
+    return channel.exit_code
+
+
+if __name__ == "__main__":
+    from rrlb.workers import run_worker as _run
+
+    raise SystemExit(_run(sys.argv[1:]))
