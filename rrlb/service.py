@@ -240,6 +240,13 @@ class BalancerService(MultiService):
         """
         return list(self._listening())
 
+    def applied_everywhere(self) -> defer.Deferred[Any]:
+        """
+        Fires once the configuration applied last runs in every process
+        (here, at once), for C{READY=1} after a reload.
+        """
+        return defer.succeed(None)
+
     @staticmethod
     def client_limits(config: Config) -> ClientLimits:
         return ClientLimits(
@@ -425,7 +432,7 @@ class BalancerService(MultiService):
             removed=len(before - after),
         )
         self.notify.note = ""
-        self.notify.reloaded()
+        self.applied_everywhere().addBoth(lambda _: self.notify.reloaded())
         return True
 
     def _sighup(self, signum: int, frame: Any) -> None:

@@ -688,12 +688,16 @@ class WorkerSupervisor(Service):
     def channels(self) -> list[MainChannel]:
         return [s.channel for s in self.slots if s.channel is not None]
 
-    def configure_all(self, reload: bool) -> None:
+    def configure_all(self, reload: bool) -> defer.Deferred[Any]:
         """
         Send every worker the main process's configuration and node states.
+
+        @return: a Deferred that fires once every worker answered (or
+            L{GATHER_TIMEOUT} seconds passed); it never fails.
         """
         config = self.main.worker_config()
         states = node_states(self.main.pool.nodes)
+        answers = []
         for slot in self.slots:
             channel = slot.channel
             if channel is None:
@@ -705,7 +709,10 @@ class WorkerSupervisor(Service):
                 reload=reload,
                 count=self.main.counts_requests,
             )
+            d.addTimeout(GATHER_TIMEOUT, self.reactor)
             d.addErrback(self._configure_failed, slot)
+            answers.append(d)
+        return defer.DeferredList(answers)
 
     def _configure_failed(self, reason: Failure, slot: WorkerSlot) -> None:
         if reason.check(error.ConnectionDone, error.ConnectionLost):
@@ -889,6 +896,7 @@ class MainService(BalancerService):
     def __init__(self, config: Config, reactor: Any, *args: Any, **kw: Any) -> None:
         self.supervisor = WorkerSupervisor(self, reactor, config.workers)
         self.ports: list[Any] = []
+        self._applied: defer.Deferred[Any] = defer.succeed(None)
         super().__init__(config, reactor, *args, **kw)
         self.supervisor.setServiceParent(self)
         self.pool.add_listener(self.supervisor.node_changed)
@@ -947,7 +955,11 @@ class MainService(BalancerService):
             )
             config = dataclasses.replace(config, workers=self.config.workers)
         super().apply(config)
-        self.supervisor.configure_all(reload=True)
+        self._applied = self.supervisor.configure_all(reload=True)
+
+    def applied_everywhere(self) -> defer.Deferred[Any]:
+        # The workers answered the last configuration.
+        return self._applied
 
     def nodes_found(self) -> None:
         super().nodes_found()

@@ -1,0 +1,627 @@
+"""
+Tests for L{rrlb.workers}: the restart backoff on a L{task.Clock}, counters
+adding up, the AMP arguments, a worker's pool, and real rrlb processes with
+C{--workers 2} (a main process and two workers) over loopback.
+
+Which worker accepts a connection is the kernel's choice; to send requests
+through one worker, the tests stop the others with C{SIGSTOP} for a moment
+(a stopped process accepts nothing, so the one left takes every connection)
+and continue them with C{SIGCONT}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from typing import Any, Optional, Sequence
+
+from twisted.internet import task
+from twisted.protocols import amp
+from twisted.trial import unittest
+
+from rrlb.config import Config, ConfigError, build_config, parse_node, parse_workers
+from rrlb.metrics import Metrics
+from rrlb.pool import Node
+from rrlb.workers import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    STABLE_AFTER,
+    Configure,
+    Counters,
+    RestartBackoff,
+    WorkerPool,
+    check_listeners,
+    worker_environ,
+)
+from tests.daemon import Daemon, start_daemon
+from tests.helpers import (
+    LOOPBACK,
+    closed_port_url,
+    http_request,
+    parse_error,
+    sleep,
+    start_backends,
+    wait_until,
+)
+
+
+class RestartBackoffTests(unittest.TestCase):
+    """
+    A worker that dies after serving a while is restarted at once; early
+    deaths wait longer each time, up to a cap.
+    """
+
+    def test_stable_worker_restarts_at_once(self) -> None:
+        """
+        A death L{STABLE_AFTER} seconds or more after the start: no delay.
+        """
+        clock = task.Clock()
+        backoff = RestartBackoff(clock)
+        clock.advance(STABLE_AFTER)
+        self.assertEqual(backoff.delay(), 0.0)
+
+    def test_early_deaths_back_off(self) -> None:
+        """
+        Each death soon after a start doubles the delay, from
+        L{BACKOFF_FIRST} to L{BACKOFF_MAX}.
+        """
+        clock = task.Clock()
+        backoff = RestartBackoff(clock)
+        delays = []
+        for _ in range(8):
+            clock.advance(0.5)
+            delay = backoff.delay()
+            delays.append(delay)
+            clock.advance(delay)
+            backoff.started()
+        self.assertEqual(delays[:4], [BACKOFF_FIRST * 2**i for i in range(4)])
+        self.assertEqual(delays[-1], BACKOFF_MAX)
+        self.assertEqual(sorted(delays), delays)
+
+    def test_stable_run_resets(self) -> None:
+        """
+        After a run that lasted, the next death restarts at once again and
+        a following early one waits L{BACKOFF_FIRST}.
+        """
+        clock = task.Clock()
+        backoff = RestartBackoff(clock)
+        for _ in range(3):
+            clock.advance(1)
+            backoff.delay()
+            backoff.started()
+        clock.advance(STABLE_AFTER)
+        self.assertEqual(backoff.delay(), 0.0)
+        backoff.started()
+        clock.advance(1)
+        self.assertEqual(backoff.delay(), BACKOFF_FIRST)
+
+
+class CountersTests(unittest.TestCase):
+    """
+    Workers' counters survive JSON and add up; the counts of a worker that
+    died are kept without its gauges.
+    """
+
+    def sample(self, n: int) -> Counters:
+        return Counters(
+            requests={("http://a", "GET", 200): n, ("none", "GET", 503): 1},
+            latency={"http://a": [float(n)] * 15},
+            proxy_errors={502: n, 503: 1, 504: 0},
+            client_errors={"header_timeout": n},
+            retries=n,
+            retries_refused=1,
+            queue_timeouts=2,
+            queue_length=3,
+            connections=4,
+            upstream_connections=5,
+            nodes={"http://a": [1, n, 2]},
+        )
+
+    def test_json_round_trip(self) -> None:
+        """
+        C{to_json} then C{from_json} through real JSON gives the same counts.
+        """
+        counters = self.sample(7)
+        again = Counters.from_json(json.loads(json.dumps(counters.to_json())))
+        self.assertEqual(again, counters)
+
+    def test_add(self) -> None:
+        """
+        Counts and gauges of two workers add up.
+        """
+        total = Counters()
+        total.add(self.sample(1))
+        total.add(self.sample(2))
+        self.assertEqual(total.requests[("http://a", "GET", 200)], 3)
+        self.assertEqual(total.requests[("none", "GET", 503)], 2)
+        self.assertEqual(total.latency["http://a"], [3.0] * 15)
+        self.assertEqual(total.proxy_errors, {502: 3, 503: 2, 504: 0})
+        self.assertEqual(total.client_errors, {"header_timeout": 3})
+        self.assertEqual((total.retries, total.retries_refused, total.queue_timeouts), (3, 2, 4))
+        self.assertEqual(
+            (total.queue_length, total.connections, total.upstream_connections), (6, 8, 10)
+        )
+        self.assertEqual(total.nodes, {"http://a": [2, 3, 4]})
+
+    def test_add_without_gauges(self) -> None:
+        """
+        The counts of a worker that died stay; its gauges (connections,
+        queue, requests in flight) do not.
+        """
+        total = Counters()
+        total.add(self.sample(5), gauges=False)
+        self.assertEqual(total.requests[("http://a", "GET", 200)], 5)
+        self.assertEqual(
+            (total.queue_length, total.connections, total.upstream_connections), (0, 0, 0)
+        )
+        self.assertEqual(total.nodes, {"http://a": [0, 5, 2]})
+
+    def test_of_metrics(self) -> None:
+        """
+        A worker's L{Metrics} and pool become L{Counters}.
+        """
+        pool = WorkerPool([parse_node("http://127.0.0.1:1")])
+        metrics = Metrics(pool, task.Clock(), connections=lambda: 3)
+        metrics.requests[("http://127.0.0.1:1", "GET", 200)] = 4
+        pool.nodes[0].requests = 4
+        counters = Counters.of(metrics, pool)
+        self.assertEqual(counters.requests, {("http://127.0.0.1:1", "GET", 200): 4})
+        self.assertEqual(counters.connections, 3)
+        self.assertEqual(counters.nodes, {"http://127.0.0.1:1": [0, 4, 0]})
+
+
+class WireTests(unittest.TestCase):
+    """
+    The AMP arguments carry values larger than AMP's 64 KiB per value.
+    """
+
+    def test_large_configuration(self) -> None:
+        """
+        A configuration of 3000 nodes (well over 64 KiB pickled) and their
+        states go through L{Configure}'s box and come back equal.
+        """
+        nodes = tuple(parse_node(f"http://10.0.{i // 250}.{i % 250}:8080") for i in range(3000))
+        config = Config(nodes=nodes)
+        states = [[n.key, True, i % 2 == 0] for i, n in enumerate(nodes)]
+        proto = amp.AMP()
+        box = Configure.makeArguments(
+            {"config": config, "states": states, "reload": True, "count": False}, proto
+        )
+        self.assertGreater(sum(len(v) for v in box.values()), amp.MAX_VALUE_LENGTH)
+        self.assertTrue(all(len(v) <= amp.MAX_VALUE_LENGTH for v in box.values()))
+        # Through the bytes of the wire, as AMP parses them.
+        (parsed,) = amp.parseString(box.serialize())
+        arguments = Configure.parseArguments(parsed, proto)
+        self.assertEqual(arguments["config"], config)
+        self.assertEqual(arguments["states"], states)
+        self.assertIs(arguments["reload"], True)
+
+
+class WorkerPoolTests(unittest.TestCase):
+    """
+    A worker's pool takes its health from the main process and reports
+    failures there instead of counting them.
+    """
+
+    def setUp(self) -> None:
+        self.pool = WorkerPool([parse_node("http://127.0.0.1:1"), parse_node("http://127.0.0.1:2")])
+        self.reports: list[tuple[str, str]] = []
+        self.pool.report = lambda key, reason: self.reports.append((key, reason))
+        self.changed: list[Node] = []
+        self.pool.add_listener(self.changed.append)
+
+    def test_failures_reported(self) -> None:
+        """
+        A failure is reported, not counted: the node stays in rotation
+        however many there are; successes are not reported.
+        """
+        a = self.pool.nodes[0]
+        for _ in range(5):
+            self.pool.mark(a, False, "request failed: connection refused")
+        self.pool.mark(a, True)
+        self.assertEqual(self.reports, [(a.key, "request failed: connection refused")] * 5)
+        self.assertTrue(a.in_rotation)
+        self.assertEqual(a.failures, 0)
+
+    def test_states_applied(self) -> None:
+        """
+        States from the main process change the rotation and tell the
+        pool's listeners (the queue, for one); unknown keys are ignored.
+        """
+        a, b = self.pool.nodes
+        self.pool.apply_states([[b.key, False, False], ["http://gone", False, True]])
+        self.assertEqual([self.pool.pick() for _ in range(3)], [a, a, a])
+        self.assertEqual(self.changed, [b])
+        self.pool.apply_states([[b.key, True, False], [a.key, True, True]])
+        self.assertEqual([self.pool.pick() for _ in range(2)], [b, b])
+        self.assertTrue(a.drained)
+        # The same states again change nothing.
+        self.pool.apply_states([[b.key, True, False]])
+        self.assertEqual(self.changed, [b, b, a])
+
+
+class OptionTests(unittest.TestCase):
+    """
+    C{--workers N}, YAML C{workers}, C{auto}, and the listeners workers can
+    share.
+    """
+
+    def test_parse(self) -> None:
+        """
+        A whole number from 1, or C{auto} for one per CPU.
+        """
+        self.assertEqual(parse_workers("--workers", "4"), 4)
+        self.assertEqual(parse_workers("workers", 2), 2)
+        self.assertEqual(parse_workers("--workers", "auto"), max(1, os.cpu_count() or 1))
+        for bad in ("0", "-1", "x", "1.5", True, 100000):
+            with self.assertRaises(ConfigError) as e:
+                parse_workers("--workers", bad)
+            self.assertIn("--workers", str(e.exception))
+
+    def test_default_and_yaml(self) -> None:
+        """
+        One by default; the YAML key and the flag set it, the flag winning.
+        """
+        self.assertEqual(build_config(None, {"nodes": (parse_node("http://a"),)}).workers, 1)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nodes: [http://a]\nworkers: 3\n")
+        self.assertEqual(build_config(path).workers, 3)
+        self.assertEqual(build_config(path, {"workers": 2}).workers, 2)
+        with open(path, "w") as f:
+            f.write("nodes: [http://a]\nworkers: none\n")
+        with self.assertRaises(ConfigError) as e:
+            build_config(path)
+        self.assertIn("workers", str(e.exception))
+
+    def test_bad_flag(self) -> None:
+        """
+        A bad C{--workers} is a usage error naming it.
+        """
+        self.assertIn("--workers", parse_error("--nodes", "http://a", "--workers", "zero"))
+
+    def test_unshared_listener(self) -> None:
+        """
+        Listeners of kinds the workers cannot adopt are refused, naming them.
+        """
+        check_listeners(Config(listen=("tcp:80", "haproxy:tcp:81", "unix:/tmp/x", "tcp6:82")))
+        with self.assertRaises(ConfigError) as e:
+            check_listeners(Config(listen=("tcp:80", "stdio:")))
+        self.assertIn("'stdio:'", str(e.exception))
+
+    def test_worker_environment(self) -> None:
+        """
+        Workers do not get systemd's variables and can import rrlb.
+        """
+        env = worker_environ(
+            {"NOTIFY_SOCKET": "/x", "LISTEN_FDS": "1", "WATCHDOG_USEC": "1", "PATH": "/bin"}
+        )
+        self.assertEqual(env["PATH"], "/bin")
+        self.assertNotIn("NOTIFY_SOCKET", env)
+        self.assertNotIn("LISTEN_FDS", env)
+        self.assertNotIn("WATCHDOG_USEC", env)
+        import rrlb
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(rrlb.__file__)))
+        self.assertEqual(env["PYTHONPATH"].split(os.pathsep)[0], root)
+
+
+# -- real processes -------------------------------------------------------------------
+
+
+def write_config(path: str, nodes: Sequence[str], extra: str = "") -> None:
+    with open(path, "w") as f:
+        f.write("nodes:\n")
+        for url in nodes:
+            f.write(f"  - {url}\n")
+        f.write("health: {path: /health}\n")
+        f.write(extra)
+
+
+class WorkersTestCase(unittest.TestCase):
+    """
+    Starts rrlb with C{--workers 2} and an admin endpoint, and reads its
+    C{/status}.
+    """
+
+    daemon: Daemon
+    admin: str
+
+    async def start(self, *args: str) -> Daemon:
+        self.admin = (await closed_port_url()).replace("http", "tcp", 1)
+        port = self.admin.rsplit(":", 1)[1]
+        self.admin_url = f"http://{LOOPBACK}:{port}"
+        self.daemon = await start_daemon(
+            self,
+            "--workers",
+            "2",
+            "--admin",
+            f"tcp:{port}:interface={LOOPBACK}",
+            "--drain-timeout",
+            "3",
+            *args,
+        )
+        self.addCleanup(self.kill_workers)
+        self.worker_pids: set[int] = set()
+        await self.daemon.wait_for_message("READY=1")
+        return self.daemon
+
+    def kill_workers(self) -> None:
+        # Workers end when the main process does; this is for a test that
+        # failed with one of them stopped, or the main process killed.
+        for pid in self.worker_pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+
+    async def status(self) -> dict[str, Any]:
+        reply = await http_request(self, "GET", self.admin_url + "/status")
+        self.assertEqual(reply.code, 200)
+        status: dict[str, Any] = json.loads(reply.body)
+        self.worker_pids.update(w["pid"] for w in status["workers"] if w["pid"])
+        return status
+
+    async def pids(self) -> list[int]:
+        workers = (await self.status())["workers"]
+        self.assertEqual([w["state"] for w in workers], ["serving", "serving"])
+        return [w["pid"] for w in workers]
+
+    async def via(self, index: int, count: int, path: str = "/") -> list[bytes]:
+        """
+        The bodies of C{count} requests on fresh connections, all accepted
+        by worker C{index} (the other one is stopped meanwhile).
+        """
+        pids = await self.pids()
+        others = [pid for i, pid in enumerate(pids) if i != index]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            replies = [
+                await http_request(self, "GET", self.daemon.url + path) for _ in range(count)
+            ]
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+        return [r.body for r in replies]
+
+    async def every_worker(self, count: int = 4) -> list[set[bytes]]:
+        return [set(await self.via(i, count)) for i in range(2)]
+
+
+class WorkerProcessTests(WorkersTestCase):
+    """
+    With C{--workers 2}: both workers serve, the main process counts for
+    them and tells them of health, drains and reloads; it stops them and
+    restarts those that die.
+    """
+
+    async def test_both_serve_and_counts_add_up(self) -> None:
+        """
+        At C{READY=1} both workers serve. Requests through each are counted
+        by it, and C{/status}, C{/nodes} and C{/metrics} of the main process
+        add them up.
+        """
+        (a,) = await start_backends(self, "a")
+        daemon = await self.start("--nodes", a.url, "--health-path", "/health")
+        # The main process logs each worker serving before it says READY=1.
+        self.assertEqual(daemon.output.count(b"is serving"), 2)
+        status = await self.status()
+        self.assertEqual([w["state"] for w in status["workers"]], ["serving", "serving"])
+        pids = [w["pid"] for w in status["workers"]]
+        self.assertEqual(len(set(pids)), 2)
+        self.assertNotIn(None, pids)
+
+        self.assertEqual(await self.via(0, 3), [b"a"] * 3)
+        self.assertEqual(await self.via(1, 5), [b"a"] * 5)
+
+        status = await self.status()
+        self.assertEqual([w["requests"] for w in status["workers"]], [3, 5])
+        self.assertEqual(status["process"]["requests"], 8)
+        self.assertEqual(status["nodes"][0]["requests"], 8)
+        self.assertEqual(len(a.requests), 8)
+        node = json.loads((await http_request(self, "GET", self.admin_url + "/nodes/0")).body)
+        self.assertEqual(node["requests"], 8)
+        metrics = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
+        self.assertIn(
+            f'rrlb_requests_total{{method="GET",node="{a.url}",status="2xx"}} 8.0', metrics
+        )
+        self.assertIn(f'rrlb_upstream_latency_seconds_count{{node="{a.url}"}} 8.0', metrics)
+        page = (await http_request(self, "GET", self.admin_url + "/")).body
+        self.assertIn(b"127.0.0.1", page)
+        # The main process serves no traffic: every request reached a worker.
+        self.assertEqual(self.daemon.messages.count(b"READY=1"), 1)
+
+    async def test_health_and_passive_failures(self) -> None:
+        """
+        A node failing its checks (made by the main process) leaves the
+        rotation of every worker; a node whose requests fail in a worker is
+        reported to the main process, which takes it out, in every worker.
+        """
+        a, b, c = await start_backends(self, "a", "b", "c")
+        await self.start(
+            "--nodes",
+            f"{a.url},{b.url},{c.url}",
+            "--health-path",
+            "/health",
+            "--health-interval",
+            "0.2",
+            "--fall",
+            "2",
+            "--rise",
+            "1",
+        )
+        self.assertEqual(await self.every_worker(6), [{b"a", b"b", b"c"}] * 2)
+        probes = b.probes
+        await sleep(1.0)
+        # One checker: about five rounds in a second, not ten.
+        self.assertLess(b.probes - probes, 9)
+
+        b.healthy = False
+
+        async def b_down() -> bool:
+            return (await self.status())["nodes"][1]["state"] == "down"
+
+        await wait_for_value(b_down, "b down")
+        self.assertEqual(await self.every_worker(6), [{b"a", b"c"}] * 2)
+
+        # c now resets every request: passive failures, seen by the workers.
+        def reset(request: Any) -> Any:
+            request.transport.abortConnection()
+            from twisted.web import server
+
+            return server.NOT_DONE_YET
+
+        c.handler = reset
+        # GETs are retried on a: the clients see no failure.
+        self.assertEqual(set(await self.via(0, 3)) | set(await self.via(1, 3)), {b"a"})
+
+        async def c_down() -> bool:
+            node = (await self.status())["nodes"][2]
+            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+
+        await wait_for_value(c_down, "c taken out by passive failures")
+        reached = len(c.requests)
+        self.assertEqual(await self.every_worker(4), [{b"a"}] * 2)
+        self.assertEqual(len(c.requests), reached)
+        status = await self.status()
+        self.assertGreaterEqual(status["nodes"][2]["errors"], 2)
+
+    async def test_drain_api_reaches_every_worker(self) -> None:
+        """
+        C{POST /nodes/<id>/drain} takes the node out in every worker and
+        C{enable} puts it back.
+        """
+        a, b = await start_backends(self, "a", "b")
+        await self.start("--nodes", f"{a.url},{b.url}", "--health-path", "/health")
+        reply = await http_request(self, "POST", self.admin_url + "/nodes/1/drain")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(json.loads(reply.body)["state"], "draining")
+        self.assertEqual(await self.every_worker(), [{b"a"}] * 2)
+        reply = await http_request(self, "POST", self.admin_url + "/nodes/1/enable")
+        self.assertEqual(json.loads(reply.body)["state"], "up")
+        self.assertEqual(await self.every_worker(), [{b"a", b"b"}] * 2)
+
+    async def test_sighup(self) -> None:
+        """
+        SIGHUP: the main process reads the file once and every worker runs
+        it; a bad file changes nothing anywhere.
+        """
+        a, b = await start_backends(self, "a", "b")
+        path = os.path.abspath(self.mktemp())
+        write_config(path, [a.url])
+        daemon = await self.start("--config", path)
+        self.assertEqual(await self.every_worker(), [{b"a"}] * 2)
+
+        write_config(path, [b.url], "timeout: 7\n")
+        daemon.signal("HUP")
+        await wait_until(lambda: daemon.messages.count(b"READY=1") == 2, what="the reload")
+        self.assertEqual(await self.every_worker(), [{b"b"}] * 2)
+        self.assertEqual(daemon.output.count(b"configuration reloaded"), 1)
+
+        with open(path, "w") as f:
+            f.write(f"nodes: [{a.url}]\ntimeout: -1\n")
+        daemon.signal("HUP")
+        await wait_until(lambda: daemon.messages.count(b"READY=1") == 3, what="the rejection")
+        self.assertEqual(daemon.output.count(b"reload rejected"), 1)
+        self.assertEqual(await self.every_worker(), [{b"b"}] * 2)
+        status = await self.status()
+        self.assertEqual([n["url"] for n in status["nodes"]], [b.url])
+        self.assertEqual([w["restarts"] for w in status["workers"]], [0, 0])
+
+    async def test_sigterm_drains_and_exits_0(self) -> None:
+        """
+        SIGTERM: the request in flight in a worker finishes, every worker
+        exits, then the main process, with 0.
+        """
+        (a,) = await start_backends(self, "a")
+        a.delay = 0.5
+        daemon = await self.start("--nodes", a.url, "--health-path", "/health")
+        pids = await self.pids()
+        from twisted.internet.defer import Deferred
+
+        slow = Deferred.fromCoroutine(http_request(self, "GET", daemon.url + "/slow"))
+        await wait_until(lambda: a.requests, what="the request at a")
+        daemon.signal("TERM")
+        reply = await slow
+        self.assertEqual((reply.code, reply.body), (200, b"a"))
+        self.assertEqual(await daemon.exit_code(), 0)
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+        self.assertEqual(daemon.output.count(b"exited with code 0"), 2)
+        self.assertNotIn(b"Traceback", daemon.output)
+        states = [m for m in daemon.messages if not m.startswith((b"STATUS=", b"WATCHDOG="))]
+        self.assertEqual(states, [b"READY=1", b"STOPPING=1"])
+
+    async def test_dead_worker_restarted(self) -> None:
+        """
+        A killed worker is logged and restarted (later each time it dies
+        soon after a start) while the other serves on; nothing else is lost.
+        """
+        (a,) = await start_backends(self, "a")
+        daemon = await self.start("--nodes", a.url, "--health-path", "/health")
+        first = (await self.pids())[0]
+        os.kill(first, signal.SIGKILL)
+        # Meanwhile the other worker serves every request.
+        for _ in range(3):
+            self.assertEqual((await http_request(self, "GET", daemon.url + "/")).body, b"a")
+
+        async def restarted(old: int) -> Optional[int]:
+            workers = (await self.status())["workers"]
+            w = workers[0]
+            if w["state"] == "serving" and w["pid"] not in (None, old):
+                return int(w["pid"])
+            return None
+
+        second = await wait_for_value(lambda: restarted(first), "worker 0 restarted")
+        self.assertIn(f"worker 0 (pid {first}) killed by signal 9".encode(), daemon.output)
+        self.assertIn(b"restarting it in 1s", daemon.output)
+        os.kill(second, signal.SIGKILL)
+        third = await wait_for_value(lambda: restarted(second), "worker 0 restarted again")
+        self.assertIn(b"restarting it in 2s", daemon.output)
+        status = await self.status()
+        self.assertEqual([w["restarts"] for w in status["workers"]], [2, 0])
+        self.assertNotIn(third, (first, second))
+        self.assertEqual(await self.every_worker(2), [{b"a"}] * 2)
+        self.assertEqual(self.daemon.messages.count(b"READY=1"), 1)
+
+    async def test_workers_end_with_the_main_process(self) -> None:
+        """
+        When the main process dies (SIGKILL, no drain), its workers notice
+        their channel closing and exit rather than serve on unsupervised.
+        """
+        (a,) = await start_backends(self, "a")
+        daemon = await self.start("--nodes", a.url, "--health-path", "/health")
+        pids = await self.pids()
+        daemon.signal("KILL")
+        await daemon.exit_code()
+        await wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to exit")
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether process C{pid} runs (a zombie nobody reaped yet does not).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+async def wait_for_value(get: Any, what: str, timeout: float = 10.0) -> Any:
+    """
+    Poll the coroutine function C{get} until it returns something true.
+    """
+    from tests.helpers import reactor
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await get()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await sleep(0.05)
