@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -578,7 +578,12 @@ class WorkerSupervisor(Service):
         slot.call = None
         if self.stopping:
             return
-        fds = self.main.listen_fds()
+        try:
+            fds = self.main.listen_fds(slot.index)
+        except OSError as e:
+            log.error("cannot listen for worker {index}: {error}", index=slot.index, error=e)
+            self._restart_later(slot, slot.backoff.delay())
+            return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CHANNEL_FD: child.fileno()}
         for i, fd in enumerate(fds):
@@ -659,6 +664,8 @@ class WorkerSupervisor(Service):
             channel.transport.loseConnection()
         self.departed.add(slot.counters, gauges=False)
         slot.counters = Counters()
+        if not self.stopping:
+            self.main.worker_gone(slot.index)
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"killed by signal {sig}" if sig else f"exited with code {code}"
@@ -844,20 +851,96 @@ class WorkerSupervisor(Service):
         done.callback(None)
 
 
-def bind_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+class SocketGroup:
+    """
+    The listening sockets of one TCP listener of the main process: one per
+    worker, all bound to the same address with C{SO_REUSEPORT}, so the
+    kernel spreads new connections evenly over the workers. (On one shared
+    socket, whichever worker is awake first takes a whole burst of clients;
+    on a small machine, where the other waits for a core, that was every one
+    of wrk's connections.)
+
+    Also the listening port L{Listener} sees: C{stopListening} closes them.
+    """
+
+    def __init__(self, family: int, interface: str, port: int, backlog: int, count: int) -> None:
+        self.family = family
+        self.interface = interface
+        self.backlog = backlog
+        self.sockets: list[Optional[socket.socket]] = []
+        self.port = port
+        for _ in range(count):
+            self.sockets.append(self._bind())
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.interface, self.port))
+            sock.listen(self.backlog)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        # Port 0: the first socket chose the port, the others join it.
+        self.port = sock.getsockname()[1]
+        return sock
+
+    def fileno_for(self, index: int) -> int:
+        sock = self.sockets[index]
+        if sock is None:
+            sock = self.sockets[index] = self._bind()
+        return sock.fileno()
+
+    def worker_gone(self, index: int) -> None:
+        """
+        Close the socket of a worker that died, so that new connections go
+        to the others until it is back (those it had queued are reset); its
+        successor gets a new one.
+        """
+        sock, self.sockets[index] = self.sockets[index], None
+        if sock is not None:
+            sock.close()
+
+    def stopReading(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        for i in range(len(self.sockets)):
+            self.worker_gone(i)
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        kind = IPv6Address if self.family == socket.AF_INET6 else IPv4Address
+        return kind("TCP", self.interface, self.port)
+
+
+@implementer(IStreamServerEndpoint)
+class SocketGroupEndpoint:
+    def __init__(self, family: int, interface: str, port: int, backlog: int, count: int) -> None:
+        self.args = (family, interface, port, backlog, count)
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        return defer.execute(SocketGroup, *self.args)
+
+
+def bind_endpoint(reactor: Any, description: str, workers: int) -> IStreamServerEndpoint:
     """
     The endpoint the main process binds for a C{--listen} description: the
-    socket only, without the TLS or PROXY header the workers wrap around it.
+    sockets only, without the TLS or PROXY header the workers wrap around
+    them. TCP listeners get a L{SocketGroup}; the others (systemd's,
+    UNIX sockets) one socket the workers share.
     """
     proxied, kind, inner = listen_kind(with_default_backlog(description))
-    if kind == "ssl":
+    if kind in ("tcp", "tcp6", "ssl") and hasattr(socket, "SO_REUSEPORT"):
         args, kwargs = split_description(inner)
         port = args[1] if len(args) > 1 else kwargs.get("port", "")
-        return TCP4ServerEndpoint(
-            reactor,
-            int(port),
-            backlog=int(kwargs.get("backlog", "50")),
-            interface=kwargs.get("interface", ""),
+        interface = kwargs.get("interface", "::" if kind == "tcp6" else "")
+        family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
+        return SocketGroupEndpoint(
+            family, interface, int(port), int(kwargs.get("backlog", "50")), workers
         )
     from twisted.internet.endpoints import serverFromString
 
@@ -909,16 +992,27 @@ class MainService(BalancerService):
         return WorkersMetrics(self.pool, self.reactor, self.checker, self.supervisor)
 
     def listen_endpoint(self, index: int, description: str) -> Any:
-        return bind_endpoint(self.reactor, description)
+        return bind_endpoint(self.reactor, description, self.config.workers)
 
     def port_listening(self, port: Any) -> Any:
-        # The workers accept; this process only holds the socket.
+        # The workers accept; this process only holds the sockets.
         port.stopReading()
         self.ports.append(port)
         return port
 
-    def listen_fds(self) -> list[int]:
-        return [port.fileno() for port in self.ports]
+    def listen_fds(self, index: int) -> list[int]:
+        """
+        The listening sockets of worker C{index}, in C{--listen} order.
+        """
+        return [
+            port.fileno_for(index) if isinstance(port, SocketGroup) else port.fileno()
+            for port in self.ports
+        ]
+
+    def worker_gone(self, index: int) -> None:
+        for port in self.ports:
+            if isinstance(port, SocketGroup):
+                port.worker_gone(index)
 
     def admin_site(self) -> Any:
         assert isinstance(self.metrics, WorkersMetrics)
@@ -1035,6 +1129,23 @@ def adopted_endpoint(
     return base, None
 
 
+def accept_one_at_a_time(port: Any) -> None:
+    """
+    Make C{port} accept one client per wake-up (nginx's C{multi_accept
+    off}). Every worker is woken for each client on the listening socket
+    they share; Twisted's port accepts up to a hundred in a loop, so the
+    first worker awake took a whole burst (all of wrk's 64 connections).
+    One at a time, the least busy worker takes the next client.
+    """
+    read = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = doRead
+
+
 class WorkerService(BalancerService):
     """
     A worker: the single-process service tree serving the listening sockets
@@ -1069,6 +1180,10 @@ class WorkerService(BalancerService):
             # Re-read on reload, as BalancerTLS.listen_endpoint would.
             self.tls.listeners.append(tls)
         return endpoint
+
+    def port_listening(self, port: Any) -> Any:
+        accept_one_at_a_time(port)
+        return super().port_listening(port)
 
     def _apply_access_log(self, config: Config) -> None:
         super()._apply_access_log(config)

@@ -587,6 +587,46 @@ class WorkerProcessTests(WorkersTestCase):
         self.assertEqual(await self.every_worker(2), [{b"a"}] * 2)
         self.assertEqual(self.daemon.messages.count(b"READY=1"), 1)
 
+    async def test_tcp_listener_socket_per_worker(self) -> None:
+        """
+        A C{tcp:} listener gets one socket per worker (C{SO_REUSEPORT}): the
+        kernel spreads clients over both. The socket of a worker that died
+        is closed at once, so clients go to the other until it is back.
+        """
+        (a,) = await start_backends(self, "a")
+        port = int((await closed_port_url()).rsplit(":", 1)[1])
+        daemon = await self.start(
+            "--nodes",
+            a.url,
+            "--health-path",
+            "/health",
+            "--listen",
+            f"tcp:{port}:interface={LOOPBACK}",
+        )
+        daemon.port = port
+
+        async def requests(count: int) -> set[bytes]:
+            return {(await http_request(self, "GET", daemon.url + "/")).body for _ in range(count)}
+
+        self.assertEqual(await requests(40), {b"a"})
+        workers = (await self.status())["workers"]
+        self.assertEqual(sum(w["requests"] for w in workers), 40)
+        # Two sockets hashed over forty source ports: all on one is 2**-39.
+        self.assertTrue(all(w["requests"] > 0 for w in workers), workers)
+
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        await daemon.wait_for_output("killed by signal 9")
+        self.assertEqual(await requests(20), {b"a"})
+
+        async def back() -> bool:
+            w = (await self.status())["workers"][0]
+            return bool(w["state"] == "serving" and w["pid"] != workers[0]["pid"])
+
+        await wait_for_value(back, "worker 0 back")
+        before = (await self.status())["workers"][0]["requests"]
+        self.assertEqual(await requests(40), {b"a"})
+        self.assertGreater((await self.status())["workers"][0]["requests"], before)
+
     async def test_workers_end_with_the_main_process(self) -> None:
         """
         When the main process dies (SIGKILL, no drain), its workers notice
