@@ -404,7 +404,10 @@ class WorkerProcessTests(WorkersTestCase):
         add them up.
         """
         (a,) = await start_backends(self, "a")
-        daemon = await self.start("--nodes", a.url, "--health-path", "/health")
+        access_log = os.path.abspath(self.mktemp())
+        daemon = await self.start(
+            "--nodes", a.url, "--health-path", "/health", "--access-log", access_log
+        )
         # The main process logs each worker serving before it says READY=1.
         self.assertEqual(daemon.output.count(b"is serving"), 2)
         status = await self.status()
@@ -430,8 +433,17 @@ class WorkerProcessTests(WorkersTestCase):
         self.assertIn(f'rrlb_upstream_latency_seconds_count{{node="{a.url}"}} 8.0', metrics)
         page = (await http_request(self, "GET", self.admin_url + "/")).body
         self.assertIn(b"127.0.0.1", page)
-        # The main process serves no traffic: every request reached a worker.
-        self.assertEqual(self.daemon.messages.count(b"READY=1"), 1)
+
+        # Both workers append to the access log, whole lines each.
+        def lines() -> list[str]:
+            with open(access_log) as f:
+                return f.read().splitlines()
+
+        await wait_until(lambda: len(lines()) == 8, what="eight access log lines")
+        for line in lines():
+            self.assertTrue(line.startswith("127.0.0.1 - - ["), line)
+            self.assertIn(f'node="{a.url}" upstream_status=200', line)
+        self.assertEqual(sum('"GET / HTTP/1.1" 200' in line for line in lines()), 8)
 
     async def test_health_and_passive_failures(self) -> None:
         """
