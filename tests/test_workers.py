@@ -41,6 +41,7 @@ from tests.helpers import (
     closed_port_url,
     http_request,
     parse_error,
+    raw_request,
     sleep,
     start_backends,
     wait_until,
@@ -638,6 +639,75 @@ class WorkerProcessTests(WorkersTestCase):
         before = (await self.status())["workers"][0]["requests"]
         self.assertEqual(await requests(40), {b"a"})
         self.assertGreater((await self.status())["workers"][0]["requests"], before)
+
+    async def test_tls_and_proxy_listeners(self) -> None:
+        """
+        Workers serve rrlb's TLS on an C{ssl:} listener and read the PROXY
+        header on a C{haproxy:} one, each adopted from the main process.
+        """
+        from tests.test_proxyproto import CLIENT_IP, GET_CLOSE, V1_IN
+        from tests.test_tls import certs, https_get
+
+        (a,) = await start_backends(self, "a")
+        issued = certs().node
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        with open(cert, "wb") as f:
+            f.write(issued.cert_pem)
+        with open(key, "wb") as f:
+            f.write(issued.key_pem)
+        tls_port = int((await closed_port_url()).rsplit(":", 1)[1])
+        proxied_port = int((await closed_port_url()).rsplit(":", 1)[1])
+        await self.start(
+            "--nodes", a.url, "--health-path", "/health",
+            "--listen", f"ssl:{tls_port}:interface={LOOPBACK}",
+            "--listen", f"haproxy:tcp:{proxied_port}:interface={LOOPBACK}",
+            "--tls-cert", cert, "--tls-key", key,
+        )  # fmt: skip
+        for _ in range(6):
+            code, body, _ = await https_get(self, f"https://{LOOPBACK}:{tls_port}/", certs().ca)
+            self.assertEqual((code, body), (200, b"a"))
+        reply = await raw_request(self, proxied_port, V1_IN + GET_CLOSE)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertEqual(a.requests[-1].header(b"X-Forwarded-For"), CLIENT_IP.encode())
+        self.assertEqual(a.requests[0].header(b"X-Forwarded-Proto"), b"https")
+
+    async def test_nodes_from_dns(self) -> None:
+        """
+        The main process looks the names up; the nodes it finds, and the
+        changes, reach every worker.
+        """
+        from tests.test_discovery import SRV_NAME, srv, start_server
+        from tests.test_discovery import a as a_record
+
+        a, b, c = await start_backends(self, "a", "b", "c")
+        dns_server = start_server(self)
+        auth = dns_server.authority
+        for name in ("a", "b", "c"):
+            auth.set(f"{name}.rrlb.test", a_record("127.0.0.1", 1))
+        auth.set(
+            SRV_NAME,
+            srv("a.rrlb.test", a.port_number, ttl=1),
+            srv("b.rrlb.test", b.port_number, ttl=1),
+        )
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(f"nodes:\n  - {{srv: {SRV_NAME}}}\nresolvers: ['{dns_server.address}']\n")
+        await self.start("--config", path, "--health-path", "/health")
+
+        async def nodes(urls: set[str]) -> bool:
+            return {n["url"] for n in (await self.status())["nodes"]} == urls
+
+        await wait_for_value(lambda: nodes({a.url, b.url}), "a and b from DNS")
+        self.assertEqual(await self.every_worker(), [{b"a", b"b"}] * 2)
+        auth.set(
+            SRV_NAME,
+            srv("b.rrlb.test", b.port_number, ttl=1),
+            srv("c.rrlb.test", c.port_number, ttl=1),
+        )
+        await wait_for_value(lambda: nodes({b.url, c.url}), "b and c from DNS")
+        self.assertEqual(await self.every_worker(), [{b"b", b"c"}] * 2)
 
     async def test_workers_end_with_the_main_process(self) -> None:
         """
