@@ -416,6 +416,13 @@ class BalancerService(MultiService):
                 new=", ".join(config.listen),
             )
             config = dataclasses.replace(config, listen=self.config.listen)
+        if config.workers != self.config.workers:
+            self.log.warn(
+                "reload: workers changed ({old} -> {new}); restart rrlb to apply it",
+                old=self.config.workers,
+                new=config.workers,
+            )
+            config = dataclasses.replace(config, workers=self.config.workers)
         before = {n.key for n in self.pool.nodes}
         try:
             self.apply(config)

@@ -1041,13 +1041,6 @@ class MainService(BalancerService):
         )
 
     def apply(self, config: Config) -> None:
-        if config.workers != self.config.workers:
-            self.log.warn(
-                "the number of workers changes only with a restart ({old} -> {new})",
-                old=self.config.workers,
-                new=config.workers,
-            )
-            config = dataclasses.replace(config, workers=self.config.workers)
         super().apply(config)
         self._applied = self.supervisor.configure_all(reload=True)
 

@@ -38,12 +38,14 @@ from rrlb.workers import (
 from tests.daemon import Daemon, start_daemon
 from tests.helpers import (
     LOOPBACK,
+    LogCapture,
     closed_port_url,
     http_request,
     parse_error,
     raw_request,
     sleep,
     start_backends,
+    start_balancer,
     wait_until,
 )
 
@@ -291,6 +293,21 @@ class OptionTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as e:
             check_listeners(Config(listen=("tcp:80", "stdio:")))
         self.assertIn("'stdio:'", str(e.exception))
+
+    async def test_reload_keeps_worker_count(self) -> None:
+        """
+        A reload that changes C{workers} says it needs a restart and keeps
+        the running count (here one process, which stays one).
+        """
+        (a,) = await start_backends(self, "a")
+        path = self.mktemp()
+        write_config(path, [a.url])
+        balancer = await start_balancer(self, (), "--config", path)
+        logs = LogCapture.install(self)
+        write_config(path, [a.url], "workers: 4\n")
+        self.assertTrue(balancer.service.reload())
+        self.assertEqual(balancer.service.config.workers, 1)
+        self.assertIn("reload: workers changed (1 -> 4); restart rrlb to apply it", logs.messages())
 
     def test_worker_environment(self) -> None:
         """
