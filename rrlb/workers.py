@@ -944,7 +944,29 @@ def bind_endpoint(reactor: Any, description: str, workers: int) -> IStreamServer
         )
     from twisted.internet.endpoints import serverFromString
 
-    return serverFromString(reactor, inner)
+    return _Held(serverFromString(reactor, inner))
+
+
+class HeldForWorkers(Factory):
+    """
+    The factory of a listening socket the main process only holds: it stops
+    reading at once (see L{MainService.port_listening}), so it never builds
+    a protocol; its name is what Twisted's "starting on" line shows.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        return None
+
+
+@implementer(IStreamServerEndpoint)
+class _Held:
+    def __init__(self, wrapped: IStreamServerEndpoint) -> None:
+        self.wrapped = wrapped
+
+    def listen(self, factory: Any) -> Any:
+        return self.wrapped.listen(HeldForWorkers())
 
 
 def check_listeners(config: Config) -> None:

@@ -294,6 +294,30 @@ class OptionTests(unittest.TestCase):
             check_listeners(Config(listen=("tcp:80", "stdio:")))
         self.assertIn("'stdio:'", str(e.exception))
 
+    def test_one_worker_is_one_process(self) -> None:
+        """
+        The default builds today's L{BalancerService}, and rrlb.workers is
+        not even imported.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import sys\n"
+            "from rrlb.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(['--nodes', 'http://127.0.0.1:1', '--listen', 'tcp:0'])\n"
+            "service = makeService(options)\n"
+            "print(type(service).__name__, 'rrlb.workers' in sys.modules)\n"
+        )
+        import rrlb
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(rrlb.__file__)))
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
+        )
+        self.assertEqual(out.stdout.split(), ["BalancerService", "False"], out.stderr)
+
     async def test_reload_keeps_worker_count(self) -> None:
         """
         A reload that changes C{workers} says it needs a restart and keeps
