@@ -888,9 +888,27 @@ class SocketGroup:
         return sock
 
     def fileno_for(self, index: int) -> int:
+        """
+        The socket of worker C{index}: a new one after L{worker_gone}, or,
+        if binding again fails (privileges dropped since start-up, for a
+        port below 1024), another worker's, which they then share.
+        """
         sock = self.sockets[index]
         if sock is None:
-            sock = self.sockets[index] = self._bind()
+            try:
+                sock = self.sockets[index] = self._bind()
+            except OSError as e:
+                shared = next((s for s in self.sockets if s is not None), None)
+                if shared is None:
+                    raise
+                log.warn(
+                    "cannot bind port {port} again for worker {index} ({error});"
+                    " it shares another worker's socket",
+                    port=self.port,
+                    index=index,
+                    error=e.strerror or e,
+                )
+                return shared.fileno()
         return sock.fileno()
 
     def worker_gone(self, index: int) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from typing import Any, Optional, Sequence
 
 from twisted.internet import task
@@ -31,6 +32,7 @@ from rrlb.workers import (
     Configure,
     Counters,
     RestartBackoff,
+    SocketGroup,
     WorkerPool,
     check_listeners,
     worker_environ,
@@ -243,6 +245,45 @@ class WorkerPoolTests(unittest.TestCase):
         # The same states again change nothing.
         self.pool.apply_states([[b.key, True, False]])
         self.assertEqual(self.changed, [b, b, a])
+
+
+class SocketGroupTests(unittest.TestCase):
+    """
+    A TCP listener of the main process: a socket per worker on one port.
+    """
+
+    def test_sockets(self) -> None:
+        """
+        Each worker's socket listens on the same port (port 0 chose it);
+        that of a worker gone is closed and bound again for its successor;
+        if that fails, the successor shares another worker's socket.
+        """
+        group = SocketGroup(socket.AF_INET, LOOPBACK, 0, 16, 2)
+        self.addCleanup(group.stopListening)
+        first = [group.fileno_for(i) for i in range(2)]
+        ports = {s.getsockname()[1] for s in group.sockets if s is not None}
+        self.assertEqual(ports, {group.port})
+        self.assertNotEqual(group.port, 0)
+        self.assertEqual(group.getHost().port, group.port)
+
+        old = group.sockets[0]
+        assert old is not None
+        group.worker_gone(0)
+        self.assertEqual(old.fileno(), -1)
+        again = group.fileno_for(0)
+        self.assertEqual(group.sockets[0].getsockname()[1], group.port)  # type: ignore[union-attr]
+        self.assertNotIn(again, first[1:])
+
+        def refuse() -> socket.socket:
+            raise OSError(13, "Permission denied")
+
+        group.worker_gone(0)
+        group._bind = refuse  # type: ignore[method-assign]
+        logs = LogCapture.install(self)
+        self.assertEqual(group.fileno_for(0), first[1])
+        self.assertIn("shares another worker's socket", logs.messages()[0])
+        group.stopListening()
+        self.assertEqual(group.sockets, [None, None])
 
 
 class OptionTests(unittest.TestCase):
