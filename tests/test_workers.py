@@ -325,6 +325,8 @@ class OptionTests(unittest.TestCase):
         A bad C{--workers} is a usage error naming it.
         """
         self.assertIn("--workers", parse_error("--nodes", "http://a", "--workers", "zero"))
+        message = parse_error("--nodes", "http://a", "--workers", "2", "--listen", "stdio:")
+        self.assertIn("--workers: the listener 'stdio:' cannot be shared", message)
 
     def test_unshared_listener(self) -> None:
         """
