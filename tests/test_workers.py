@@ -34,6 +34,7 @@ from rrlb.workers import (
     RestartBackoff,
     SocketGroup,
     WorkerPool,
+    WorkerSupervisor,
     check_listeners,
     worker_environ,
 )
@@ -245,6 +246,163 @@ class WorkerPoolTests(unittest.TestCase):
         # The same states again change nothing.
         self.pool.apply_states([[b.key, True, False]])
         self.assertEqual(self.changed, [b, b, a])
+
+
+class _FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _FakeReactor(task.Clock):
+    """
+    A clock that records the processes it is asked to start and connects
+    their channels to in-memory transports.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, _FakeProcess]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, **kw: Any) -> Any:
+        process = _FakeProcess(1000 + len(self.spawned))
+        protocol.transport = process
+        self.spawned.append((protocol, process))
+        return process
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        from twisted.internet.testing import StringTransport
+
+        factory.buildProtocol(None).makeConnection(StringTransport())
+
+
+class _FakeMain:
+    def __init__(self) -> None:
+        self.config = Config(drain_timeout=3)
+        self.pool = WorkerPool([parse_node("http://127.0.0.1:1")])
+        self.counts_requests = False
+        self.gone: list[int] = []
+
+    def listen_fds(self, index: int) -> list[int]:
+        return []
+
+    def worker_config(self) -> Config:
+        return self.config
+
+    def worker_gone(self, index: int) -> None:
+        self.gone.append(index)
+
+
+def _ended(protocol: Any, code: Optional[int] = None, sig: Optional[int] = None) -> None:
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    protocol.processEnded(Failure(ProcessTerminated(code, sig)))
+
+
+class SupervisorTests(unittest.TestCase):
+    """
+    L{WorkerSupervisor} on a clock: READY once every worker serves, a dead
+    worker restarted after its backoff, none at shutdown, and workers that
+    do not stop are killed.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = _FakeReactor()
+        self.main = _FakeMain()
+        self.supervisor = WorkerSupervisor(self.main, self.reactor, 2)  # type: ignore[arg-type]
+        self.supervisor.startService()
+        self.addCleanup(self.cleanup)
+
+    def cleanup(self) -> None:
+        if self.supervisor.running:
+            self.supervisor.stopService()
+            for protocol, _ in self.reactor.spawned:
+                if not protocol.ended:
+                    _ended(protocol, 0)
+
+    def serve(self, index: int) -> None:
+        slot = self.supervisor.slots[index]
+        assert slot.process is not None
+        self.supervisor._serving({"pid": slot.process.pid}, slot, slot.process)
+
+    def test_ready_when_every_worker_serves(self) -> None:
+        """
+        L{WorkerSupervisor.serving} fires once both workers answered their
+        first configuration, not before.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        ready = self.supervisor.serving()
+        self.serve(0)
+        self.assertNoResult(ready)
+        self.serve(1)
+        self.assertIs(self.successResultOf(ready), True)
+        self.assertIs(self.successResultOf(self.supervisor.serving()), True)
+
+    def test_restart_after_backoff(self) -> None:
+        """
+        A worker that dies soon after its start is started again after
+        L{BACKOFF_FIRST} seconds; its socket is given up at once, and its
+        counts stay in the totals.
+        """
+        self.serve(0)
+        self.serve(1)
+        slot = self.supervisor.slots[0]
+        slot.counters = Counters(requests={("k", "GET", 200): 5}, connections=2)
+        self.reactor.advance(1)
+        _ended(self.reactor.spawned[0][0], sig=9)
+        self.assertEqual(self.main.gone, [0])
+        self.assertEqual(slot.state, "restarting")
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(BACKOFF_FIRST - 0.01)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual((slot.state, slot.restarts), ("starting", 1))
+        totals = self.supervisor.totals()
+        self.assertEqual(totals.requests, {("k", "GET", 200): 5})
+        self.assertEqual(totals.connections, 0)
+        # Dying at once again waits twice as long.
+        _ended(self.reactor.spawned[2][0], code=1)
+        self.reactor.advance(2 * BACKOFF_FIRST - 0.01)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_stop(self) -> None:
+        """
+        At shutdown no worker is restarted; the stop waits for every worker
+        and kills those still running after drain_timeout + L{STOP_GRACE}.
+        """
+        self.serve(0)
+        self.serve(1)
+        stopped = self.supervisor.stopService()
+        _ended(self.reactor.spawned[0][0], 0)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertNoResult(stopped)
+        self.assertEqual(self.reactor.spawned[1][1].signals, ["KILL"])
+        self.assertEqual(self.reactor.spawned[0][1].signals, [])
+        _ended(self.reactor.spawned[1][0], sig=9)
+        self.successResultOf(stopped)
+
+    def test_stop_while_restarting(self) -> None:
+        """
+        A restart pending at shutdown is cancelled; a worker not serving yet
+        gets SIGTERM.
+        """
+        self.serve(0)
+        _ended(self.reactor.spawned[0][0], sig=9)
+        stopped = self.supervisor.stopService()
+        self.assertEqual(self.reactor.spawned[1][1].signals, ["TERM"])
+        _ended(self.reactor.spawned[1][0], 0)
+        self.successResultOf(stopped)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class SocketGroupTests(unittest.TestCase):
