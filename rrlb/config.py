@@ -326,6 +326,8 @@ def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
                 f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
             ) from None
     return tuple(networks)
+
+
 # Most worker processes: far more than any machine has cores, so a typo
 # (--workers 1000) is refused rather than forking a thousand processes.
 MAX_WORKERS = 256
