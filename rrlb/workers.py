@@ -1080,6 +1080,15 @@ class MainService(BalancerService):
             self.config, nodes=self._node_set(self.config), dns_nodes=(), demo=0, admin=None
         )
 
+    def stopService(self) -> defer.Deferred[None]:
+        # What systemd shows while the workers drain (the main process has
+        # no connections of its own to count).
+        self.notify.stopping(
+            f"stopping: {self.config.workers} workers draining their connections"
+            f" for up to {self.config.drain_timeout:g}s"
+        )
+        return super().stopService()
+
     def apply(self, config: Config) -> None:
         super().apply(config)
         self._applied = self.supervisor.configure_all(reload=True)

@@ -809,6 +809,10 @@ class WorkerProcessTests(WorkersTestCase):
         self.assertNotIn(b"Traceback", daemon.output)
         states = [m for m in daemon.messages if not m.startswith((b"STATUS=", b"WATCHDOG="))]
         self.assertEqual(states, [b"READY=1", b"STOPPING=1"])
+        self.assertIn(
+            b"STATUS=stopping: 2 workers draining their connections for up to 3s",
+            daemon.messages,
+        )
 
     async def test_dead_worker_restarted(self) -> None:
         """
