@@ -55,8 +55,8 @@ _UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 Entry = tuple[
     float,  # time the response ended
     Optional[str],  # client address
-    bytes,  # method
-    bytes,  # request target
+    Optional[bytes],  # method (None: a refused head without a readable request line)
+    Optional[bytes],  # request target (likewise)
     bytes,  # protocol
     int,  # status sent (499: client gone first)
     int,  # body bytes sent
@@ -134,8 +134,8 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
         % (
             clock.ascii(host),
             clock.combined,
-            _escape(method),
-            _escape(uri),
+            _escape(method) if method is not None else b"-",
+            _escape(uri) if uri is not None else b"-",
             _escape(proto),
             code,
             size,

@@ -6,15 +6,19 @@ The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
     from here, refreshing itself every two seconds).
   - C{GET /status}: JSON of every node and of the process.
   - C{GET /metrics}: Prometheus text exposition, every name starting C{rrlb_}.
-  - C{GET /nodes/<id>}: one node's JSON.
-  - C{POST /nodes/<id>/drain}, C{POST /nodes/<id>/enable}: take a node out
-    of rotation by hand (its in-flight requests finish) and put it back.
+  - C{GET /nodes}: every node; C{GET /nodes/<pool>}: one pool's nodes.
+  - C{GET /nodes/<pool>/<id>} (or C{/nodes/<id>}): one node's JSON.
+  - C{POST /nodes/<pool>/<id>/drain}, C{POST /nodes/<pool>/<id>/enable}
+    (or without the pool): take a node out of rotation by hand (its
+    in-flight requests finish) and put it back.
 
-A node's C{<id>} is its position in the configured node list (C{0}, C{1},
-...), its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or
-its URL, percent-encoded. API errors are JSON C{{"error": "..."}}: 404 for an
-unknown path or node, 405 (with C{Allow}) for a wrong method, 409 for a name
-that matches several nodes, 403 for a cross-site browser request.
+A node's C{<id>} is its position in its pool's node list (C{0}, C{1}, ...),
+its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or its
+URL, percent-encoded. Without a pool, a position is in the first pool (the
+default one) and a name or URL may be in any pool, but only in one. API
+errors are JSON C{{"error": "..."}}: 404 for an unknown path, pool or node,
+405 (with C{Allow}) for a wrong method, 409 for a name that matches several
+nodes, 403 for a cross-site browser request.
 
 It reads the pool and L{Metrics}; it never touches the request path.
 """
@@ -27,14 +31,15 @@ import html
 import json
 import re
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from rrlb.history import HISTORY_SAMPLES, History, NodeHistory
 from rrlb.metrics import Metrics, exposition, node_name
-from rrlb.pool import DRAINING, Node, Pool
+from rrlb.pool import DRAINING, Node, Pool, Pools
 
 JSON = b"application/json"
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
@@ -69,11 +74,38 @@ class ApiError(Exception):
         self.allow = allow
 
 
-def find_node(pool: Pool, ident: str) -> tuple[int, Node]:
+def find_node(pools: Pools, ident: str, pool_name: Optional[str] = None) -> tuple[int, Node]:
     """
-    The node C{ident} names (position, name or URL) and its position.
+    The node C{ident} names (position, name or URL) in pool C{pool_name},
+    or without one in the first pool (a position) or any pool (a name or
+    URL), and its position in its pool.
 
     @raise ApiError: 404 if none does, 409 if a name fits several.
+    """
+    if pool_name is not None:
+        pool = pools.get(pool_name)
+        if pool is None:
+            raise ApiError(404, f"no pool {pool_name!r} (pools: {', '.join(pools.by_name)})")
+        return find_in_pool(pool, ident)
+    if ident.isdigit() and ident.isascii() or len(pools) == 1:
+        return find_in_pool(next(iter(pools)), ident)
+    found = []
+    for pool in pools:
+        try:
+            found.append(find_in_pool(pool, ident))
+        except ApiError as e:
+            if e.code != 404:
+                raise
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ApiError(409, f"{ident!r} is in {len(found)} pools: use POOL/NODE")
+    raise ApiError(404, f"no node {ident!r}")
+
+
+def find_in_pool(pool: Pool, ident: str) -> tuple[int, Node]:
+    """
+    The node C{ident} names in C{pool}, and its position.
     """
     nodes = pool.nodes
     if ident.isdigit() and ident.isascii():
@@ -125,10 +157,11 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, pools: Pools, metrics: Metrics, history: Optional[History] = None) -> None:
         super().__init__()
-        self.pool = pool
+        self.pools = pools
         self.metrics = metrics
+        self.history = history
 
     def render(self, request: Any) -> bytes:
         request.setHeader(b"Cache-Control", b"no-store")
@@ -157,14 +190,28 @@ class AdminResource(Resource):
                 return _json(request, 200, self.metrics.status()["nodes"])
             if len(path) == 2 and path[0] == "nodes":
                 self._allow(method, b"GET, HEAD")
-                index, node = find_node(self.pool, path[1])
+                pool = self.pools.get(path[1])
+                if pool is not None:
+                    return _json(
+                        request,
+                        200,
+                        [self.metrics.node_status(i, n) for i, n in enumerate(pool.nodes)],
+                    )
+                index, node = find_node(self.pools, path[1])
                 return _json(request, 200, self.metrics.node_status(index, node))
-            if len(path) == 3 and path[0] == "nodes" and path[2] in ACTIONS:
+            if len(path) == 3 and path[0] == "nodes" and path[2] not in ACTIONS:
+                index, node = find_node(self.pools, path[2], path[1])
+                self._allow(method, b"GET, HEAD")
+                return _json(request, 200, self.metrics.node_status(index, node))
+            if len(path) in (3, 4) and path[0] == "nodes" and path[-1] in ACTIONS:
                 self._allow(method, b"POST")
                 if _cross_site(request):
                     raise ApiError(403, "cross-site requests to the admin API are refused")
-                index, node = find_node(self.pool, path[1])
-                self.pool.set_drained(node, ACTIONS[path[2]])
+                pool_name = path[1] if len(path) == 4 else None
+                index, node = find_node(self.pools, path[-2], pool_name)
+                pool = self.pools.get(node.pool_name)
+                assert pool is not None
+                pool.set_drained(node, ACTIONS[path[-1]])
                 accept = request.getHeader(b"Accept") or b""
                 if b"text/html" in accept:
                     # A form on the status page, without script: back to it.
@@ -190,7 +237,7 @@ class AdminResource(Resource):
         request.setHeader(b"Content-Security-Policy", PAGE_POLICY)
         request.setHeader(b"X-Frame-Options", b"DENY")
         request.setHeader(b"Referrer-Policy", b"no-referrer")
-        return render_page(self.metrics.status()).encode("utf-8")
+        return render_page(self.metrics.status(), self.history).encode("utf-8")
 
 
 # -- the page ---------------------------------------------------------------------
@@ -221,7 +268,60 @@ def _in_flight(node: dict[str, Any]) -> str:
     return f"{node['in_flight']} / {limit}" if limit else str(node["in_flight"])
 
 
-def _row(node: dict[str, Any], now: float) -> str:
+# Chart geometry: one x unit per sample, drawn 150 x 32 CSS pixels.
+CHART_HEIGHT = 40
+
+
+def _number(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def chart(values: Sequence[Optional[float]], kind: str, label: str, unit: str, scale: float) -> str:
+    """
+    An inline SVG line chart of C{values} (oldest first; L{None} breaks the
+    line), right-aligned on a five-minute axis, with its latest and highest
+    values in words for screen readers and as a caption.
+    """
+    count = len(values)
+    offset = HISTORY_SAMPLES - count
+    top = max((v for v in values if v is not None), default=0.0)
+    span = top if top > 0 else 1.0
+    parts = []
+    pen_down = False
+    for i, value in enumerate(values):
+        if value is None:
+            pen_down = False
+            continue
+        y = CHART_HEIGHT - 1 - (CHART_HEIGHT - 2) * value / span
+        parts.append(f"{'L' if pen_down else 'M'}{offset + i} {y:.1f}")
+        pen_down = True
+    last = next((v for v in reversed(values) if v is not None), None)
+    now_text = "–" if last is None else f"{_number(last * scale)} {unit}"
+    peak = f"{_number(top * scale)} {unit}"
+    words = f"{label}, last 5 minutes: now {now_text}, highest {peak}"
+    return (
+        f'<figure class="chart {kind}" data-samples="{count}">'
+        f'<svg viewBox="0 0 {HISTORY_SAMPLES} {CHART_HEIGHT}" preserveAspectRatio="none"'
+        f' role="img" aria-label="{html.escape(words)}">'
+        f'<path class="line" d="{" ".join(parts)}"/></svg>'
+        f"<figcaption>{html.escape(label)} <b>{html.escape(now_text)}</b>"
+        f" <span>max {html.escape(peak)}</span></figcaption></figure>"
+    )
+
+
+def _charts(history: Optional[NodeHistory]) -> str:
+    if history is None:
+        return '<span class="muted">collecting…</span>'
+    return chart(list(history.rps), "rps", "req/s", "", 1.0) + chart(
+        list(history.p99), "p99", "p99", "ms", 1000.0
+    )
+
+
+def _row(node: dict[str, Any], now: float, history: Optional[NodeHistory] = None) -> str:
     e = html.escape
     state = node["state"]
     if node["healthy"]:
@@ -233,8 +333,9 @@ def _row(node: dict[str, Any], now: float) -> str:
     else:
         last = f"{max(0.0, now - node['last_check']):.1f} s ago"
     action, label = ("enable", "Enable") if node["drained"] else ("drain", "Drain")
+    pool = e(node["pool"])
     return f"""
-   <tr class="node state-{state}" data-node-id="{node["id"]}" data-state="{state}">
+   <tr class="node state-{state}" data-node-id="{node["id"]}" data-state="{state}" data-pool="{pool}">
     <td class="num">{node["id"]}</td>
     <td class="url"><span class="name">{e(node["name"])}</span><br><span class="full">{e(node["url"])}</span></td>
     <td><span class="state {state}">{state.upper()}</span></td>
@@ -246,21 +347,58 @@ def _row(node: dict[str, Any], now: float) -> str:
     <td class="num">{_in_flight(node)}</td>
     <td class="num">{node["requests"]}</td>
     <td class="num">{node["errors"]}</td>
-    <td><form method="post" action="/nodes/{node["id"]}/{action}"><button type="submit" class="{action}">{label}</button></form></td>
+    <td class="charts">{_charts(history)}</td>
+    <td><form method="post" action="/nodes/{pool}/{node["id"]}/{action}"><button type="submit" class="{action}">{label}</button></form></td>
    </tr>"""  # noqa: E501
 
 
-def render_page(status: dict[str, Any]) -> str:
+_TABLE_HEAD = """
+   <thead>
+    <tr>
+     <th>#</th><th>node</th><th>state</th><th>weight</th><th>health checks</th>
+     <th>last check</th><th>latency</th><th>last error</th><th>in flight</th>
+     <th>requests</th><th>errors</th><th>last 5 minutes</th><th></th>
+    </tr>
+   </thead>"""
+
+
+def _policy(pool: dict[str, Any]) -> str:
+    words = [pool["balance"]]
+    if pool["hash_key"]:
+        words.append(f"on {pool['hash_key']}")
+    if pool["sticky_cookie"]:
+        words.append(f"sticky cookie {pool['sticky_cookie']}")
+    if pool["slow_start"]:
+        words.append(f"slow start {pool['slow_start']:g} s")
+    return ", ".join(words)
+
+
+def _pool_section(pool: dict[str, Any], now: float, history: Optional[History]) -> str:
+    e = html.escape
+    rows = "".join(
+        _row(n, now, history.get((n["pool"], n["url"])) if history is not None else None)
+        for n in pool["nodes"]
+    ) or ('\n   <tr><td colspan="13" class="empty">no nodes configured</td></tr>')
+    up = sum(1 for n in pool["nodes"] if n["state"] == "up")
+    return f"""
+  <section class="pool" data-pool="{e(pool["name"])}">
+   <h2>{e(pool["name"])} <span class="policy">{e(_policy(pool))}</span>
+    <span class="count">{up}/{len(pool["nodes"])} up</span></h2>
+   <table class="nodes">{_TABLE_HEAD}
+   <tbody>{rows}
+   </tbody>
+   </table>
+  </section>"""
+
+
+def render_page(status: dict[str, Any], history: Optional[History] = None) -> str:
     """
-    The status page for a C{/status} document.
+    The status page for a C{/status} document, with charts from C{history}.
     """
     process = status["process"]
-    nodes = status["nodes"]
     counts = process["nodes"]
     now = process["time"]
-    rows = "".join(_row(n, now) for n in nodes) or (
-        '\n   <tr><td colspan="12" class="empty">no nodes configured</td></tr>'
-    )
+    pools = "".join(_pool_section(p, now, history) for p in status["pools"])
     values = {
         "version": html.escape(process["version"]),
         "uptime": _duration(process["uptime"]),
@@ -272,7 +410,7 @@ def render_page(status: dict[str, Any]) -> str:
         "up": str(counts["up"]),
         "down": str(counts["down"]),
         "draining": str(counts[DRAINING]),
-        "rows": rows,
+        "pools": pools,
     }
     # One pass, so nothing a value holds (a node URL) is ever substituted.
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)
@@ -287,8 +425,10 @@ class AdminSite(server.Site):
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, pool: Pool, metrics: Metrics, **kw: Any) -> None:
-        super().__init__(AdminResource(pool, metrics), **kw)
+    def __init__(
+        self, pools: Pools, metrics: Metrics, history: Optional[History] = None, **kw: Any
+    ) -> None:
+        super().__init__(AdminResource(pools, metrics, history), **kw)
 
     def log(self, request: Any) -> None:
         pass

@@ -27,8 +27,11 @@ from twisted.web.http_headers import Headers
 from rrlb._twisted import client_gone, set_raw_headers
 from rrlb.config import Network
 from rrlb.parser import (
+    BAD_FRAMING,
+    BAD_REQUEST,
     BODY_TIMEOUT,
     BODY_TOO_LARGE,
+    HEAD_BYTES,
     HEADER_TIMEOUT,
     HEADER_TOO_LARGE,
     MAX_REQUEST_LINE,
@@ -48,6 +51,8 @@ log = Logger()
 # its body gets to read the answer instead of a reset (nginx's
 # lingering_close).
 LINGER_TIMEOUT = 2.0
+# The most bytes of a refused request's target written to the access log.
+MAX_LOGGED_TARGET = 2048
 # The most seconds between two sweeps over the open connections.
 MAX_SWEEP_INTERVAL = 1.0
 # Bytes of pipelined requests read ahead while one is in progress, before
@@ -80,10 +85,27 @@ class ClientLimits:
 FD_RESERVE = 64
 
 
+def connections_that_fit(max_connections: int) -> int:
+    """
+    C{max_connections}, or fewer if that many cannot have their file
+    descriptors under the soft C{RLIMIT_NOFILE} (HAProxy lowers its maxconn
+    the same way).
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return max_connections
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+
+
 def raise_fd_limit(max_connections: int) -> None:
     """
     Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if
-    C{max_connections} still cannot fit in it.
+    C{max_connections} still cannot fit in it (rrlb then uses the cap
+    L{connections_that_fit} gives).
     """
     try:
         import resource
@@ -103,10 +125,12 @@ def raise_fd_limit(max_connections: int) -> None:
         log.warn(
             "--max-connections {max} needs up to {needed} file descriptors (a client"
             " and a node connection each), but the limit (RLIMIT_NOFILE) is {limit}:"
-            " raise it (LimitNOFILE= in the systemd unit) or lower --max-connections",
+            " accepting at most {fits} client connections; raise the limit"
+            " (LimitNOFILE= in the systemd unit) or lower --max-connections",
             max=max_connections,
             needed=needed,
             limit=soft,
+            fits=connections_that_fit(max_connections),
         )
 
 
@@ -116,6 +140,9 @@ EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
 EDGE_TRUSTED = 2  # a peer inside them: keep and append
 
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED = range(5)
+_STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing")
+# Client connections /status lists at most.
+MAX_LISTED_CLIENTS = 100
 
 _PHRASES = {
     408: b"Request Timeout",
@@ -146,6 +173,20 @@ def error_response(request: Any, code: int, text: str, headers: Any = ()) -> Non
     request.finish()
 
 
+def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], bytes]:
+    """
+    Method, target and version of the request line at the start of a head
+    that was refused, as far as they can be read (L{None} if not), for the
+    access log.
+    """
+    line = head[: head.find(b"\r\n")] if b"\r\n" in head[:MAX_REQUEST_LINE + 2] else b""
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        return None, None, b"HTTP/1.1"
+    method, target, version = parts
+    return method[:32], target[:MAX_LOGGED_TARGET], version[:16]
+
+
 def is_trusted(host: Optional[str], networks: Sequence[Network]) -> bool:
     """
     Whether an address (text) is inside one of C{networks}.
@@ -166,13 +207,23 @@ def real_client(peer: bytes, forwarded_for: list[bytes], networks: Sequence[Netw
     """
     The client behind a chain of trusted proxies: the first address of
     C{X-Forwarded-For} from the right (after the peer) that is not trusted,
-    or the leftmost one if every hop is trusted.
+    or the leftmost one if every hop is trusted. The walk stops at a hop
+    that is not an IP address; the answer is then the last address before
+    it (the peer's, if none).
     """
-    hops = [h.strip() for value in forwarded_for for h in value.split(b",") if h.strip()]
-    for hop in reversed(hops):
-        if not is_trusted(hop.decode("latin-1"), networks):
-            return hop
-    return hops[0] if hops else peer
+    client = peer
+    for value in reversed(forwarded_for):
+        for hop in reversed(value.split(b",")):
+            try:
+                address = ipaddress.ip_address(hop.strip().decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                # Not an address: nothing to its left can be believed, and
+                # nothing but an address may stand in the log.
+                return client
+            client = str(address).encode("ascii")
+            if not is_trusted(client.decode("ascii"), networks):
+                return client
+    return client
 
 
 class ProxyChannel(http.HTTPChannel):
@@ -194,6 +245,10 @@ class ProxyChannel(http.HTTPChannel):
     edge = EDGE_OFF
     peer: Any = None
     local: Any = None
+    # For /status: when it opened, who the client is, requests answered.
+    opened = 0.0
+    client_address = ""
+    served = 0
     deadline: Optional[float] = None
     transport: Any
     site: ClientSite
@@ -202,6 +257,7 @@ class ProxyChannel(http.HTTPChannel):
         super().__init__()
         self._state = _IDLE
         self._buffer = b""
+        self._scanned = 0
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
         self._head: Optional[RequestHead] = None
@@ -220,12 +276,14 @@ class ProxyChannel(http.HTTPChannel):
             b"https" if self.isSecure() else b"http",
             host.encode("ascii") if isinstance(host, str) else b"",
         )
+        self.client_address = host if isinstance(host, str) else ""
         trusted = site.limits.trusted_proxies
         if trusted:
             self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
         # A connection that sends nothing is closed quietly after the header
         # timeout, as nginx does.
-        self.deadline = self.clock.seconds() + site.limits.header_timeout
+        self.opened = now = self.clock.seconds()
+        self.deadline = now + site.limits.header_timeout
         site.channel_opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -256,33 +314,44 @@ class ProxyChannel(http.HTTPChannel):
             if not buffer:
                 return
         limits = self.site.limits
-        end = buffer.find(b"\r\n\r\n")
+        # A head arriving in pieces is searched only where its end could be
+        # that was not searched before.
+        scanned = self._scanned
+        end = buffer.find(b"\r\n\r\n", scanned)
         if end < 0 or end > limits.max_header_size:
             self._buffer = buffer
             if end < 0 and len(buffer) <= limits.max_header_size:
                 if len(buffer) > MAX_REQUEST_LINE + 1 and (
-                    b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]
+                    buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
                 ):
                     self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
-                elif b"\n\n" in buffer:
-                    self._refuse(BadRequest(400, "bad_request", "bare LF in the request head"))
-                elif self._state == _IDLE:
-                    # The head is coming in pieces: it has header_timeout from
-                    # its first byte (slowloris).
-                    self._state = _HEAD
-                    self.deadline = self.clock.seconds() + limits.header_timeout
+                elif buffer.find(b"\n\n", max(0, scanned - 1)) >= 0:
+                    self._refuse(BadRequest(400, BAD_REQUEST, "bare LF in the request head"))
+                elif buffer[scanned:].translate(None, HEAD_BYTES):
+                    # Control bytes (a TLS handshake on a plain port, say):
+                    # no need to wait for the end of a head that cannot be.
+                    self._refuse(BadRequest(400, BAD_REQUEST, "control bytes in the request head"))
+                else:
+                    self._scanned = max(0, len(buffer) - 3)
+                    if self._state == _IDLE:
+                        # The head is coming in pieces: it has header_timeout
+                        # from its first byte (slowloris).
+                        self._state = _HEAD
+                        self.deadline = self.clock.seconds() + limits.header_timeout
                 return
-            if b"\r\n" not in buffer[: MAX_REQUEST_LINE + 2]:
+            if buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
                 self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
             else:
                 self._refuse(BadRequest(431, HEADER_TOO_LARGE, "the request head is too large"))
             return
-        self._buffer = b""
+        self._scanned = 0
         try:
             head = parse_request_head(buffer[:end], limits.max_headers)
         except BadRequest as e:
+            self._buffer = buffer
             self._refuse(e)
             return
+        self._buffer = b""
         self._start(head, buffer[end + 4 :], limits)
 
     def _start(self, head: RequestHead, rest: bytes, limits: ClientLimits) -> None:
@@ -295,9 +364,9 @@ class ProxyChannel(http.HTTPChannel):
         if self.edge == EDGE_TRUSTED:
             xff = head.headers.get(b"X-Forwarded-For")
             if xff:
-                request.real_client = real_client(
+                request.real_client = self.client_address = real_client(
                     self.forwarded[1], xff, limits.trusted_proxies
-                ).decode("latin-1")
+                ).decode("ascii")
         self.persistent = head.persistent
         if not head.persistent and head.version == b"HTTP/1.1":
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
@@ -334,7 +403,7 @@ class ProxyChannel(http.HTTPChannel):
             try:
                 decoder.feed(data)
             except BadChunk as e:
-                self._refuse(BadRequest(400, "bad_framing", str(e)), self.requests[-1])
+                self._refuse(BadRequest(400, BAD_FRAMING, str(e)), self.requests[-1])
                 return
             except BodyTooLarge as e:
                 self._refuse(BadRequest(413, BODY_TOO_LARGE, str(e)), self.requests[-1])
@@ -374,6 +443,7 @@ class ProxyChannel(http.HTTPChannel):
         if request is not self.requests[0]:
             raise TypeError
         del self.requests[0]
+        self.served += 1
         if not self._waitingForTransport:
             self._networkProducer.resumeProducing()
         if getattr(request, "client_error", None) is not None:
@@ -399,6 +469,7 @@ class ProxyChannel(http.HTTPChannel):
         C{Connection: close}, count and log it, and close the connection
         once the answer is out.
         """
+        head = self._buffer
         self._state = _CLOSED
         self.deadline = None
         self._decoder = None
@@ -407,13 +478,15 @@ class ProxyChannel(http.HTTPChannel):
         if request is None:
             request = self.requestFactory(self, len(self.requests))
             self.requests.append(request)
-            request.method = b"-"
-            request.uri = b"-"
-            request.clientproto = b"HTTP/1.1"
+            # For the access log: what can be read of the request line.
+            request.method, request.uri, version = request_line_of(head)
+            request.clientproto = version if version in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
         request.content = None
         request.client_error = error.reason
         self._handlingRequest = True
-        error_response(request, error.code, error.text, [(b"Connection", b"close")])
+        error_response(
+            request, error.code, error.text, ((b"Connection", b"close"),) + error.headers
+        )
 
     def _linger(self) -> None:
         """
@@ -552,6 +625,25 @@ class ClientSite(server.Site):
             self.resume_accepting()
         if self.on_channel_lost is not None:
             self.on_channel_lost()
+
+    def client_list(self, limit: int = MAX_LISTED_CLIENTS) -> list[dict[str, Any]]:
+        """
+        The open client connections for C{/status} (the longest-open first,
+        at most C{limit}): who the client is (behind trusted proxies: the
+        real client of its latest request), its peer, what it is doing and
+        how many requests it has had answered.
+        """
+        listed = sorted(self.channels, key=lambda c: c.opened)[:limit]
+        return [
+            {
+                "client": channel.client_address,
+                "peer": channel.forwarded[1].decode("ascii", "replace"),
+                "state": _STATE_NAMES[channel._state],
+                "requests": channel.served,
+                "since": channel.opened,
+            }
+            for channel in listed
+        ]
 
     def close_parked(self) -> None:
         """

@@ -140,6 +140,50 @@ class HealthConfig:
     fall: int = 3
 
 
+BALANCE_POLICIES = ("roundrobin", "leastconn", "p2c", "hash")
+DEFAULT_POOL = "default"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """
+    One pool of nodes with its own health checks, policy and upstream
+    settings, each inherited from the top level unless the pool sets it.
+
+    @ivar sticky: the sticky cookie's name, or L{None}.
+    @ivar slow_start: seconds over which a node that comes back ramps from
+        10% to 100% of its weight (0: none).
+    """
+
+    name: str
+    nodes: tuple[NodeSpec, ...] = ()
+    # Entries whose nodes come from DNS (rrlb.discovery).
+    dns_nodes: tuple[DnsNodes, ...] = ()
+    health: HealthConfig = field(default_factory=HealthConfig)
+    balance: str = "roundrobin"
+    hash_key: str = "source"
+    sticky: Optional[str] = None
+    slow_start: float = 0.0
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    node_host: bool = False
+    max_idle_per_node: int = 32
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """
+    One route: its conditions (none: the default route) and its pool.
+    """
+
+    pool: str
+    host: Optional[str] = None
+    path_prefix: Optional[str] = None
+    methods: tuple[str, ...] = ()
+    header: tuple[tuple[str, str], ...] = ()
+    strip_prefix: bool = False
+
+
 @dataclass(frozen=True)
 class ListenTLS:
     """
@@ -195,6 +239,14 @@ class Config:
     resolvers: tuple[tuple[str, int], ...] = ()
     # Worker processes serving traffic (rrlb.workers); 1 is one process.
     workers: int = 1
+    # Balancing of the default pool (nodes/--nodes), and the named pools and
+    # the routes to them (docs: README "Routing").
+    balance: str = "roundrobin"
+    hash_key: str = "source"
+    sticky: Optional[str] = None
+    slow_start: float = 0.0
+    pools: tuple[PoolConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
 
 
 # The command-line names of the settings that can come from either place,
@@ -228,8 +280,31 @@ _TOP_KEYS = frozenset(
         "dns_refresh",
         "resolvers",
         "workers",
+        "balance",
+        "hash_key",
+        "sticky",
+        "slow_start",
+        "pools",
+        "routes",
     }
 )
+# What a pool may set; everything but nodes is inherited from the top level.
+_POOL_KEYS = frozenset(
+    {
+        "nodes",
+        "health",
+        "balance",
+        "hash_key",
+        "sticky",
+        "slow_start",
+        "timeout",
+        "connect_timeout",
+        "node_host",
+        "max_idle_per_node",
+    }
+)
+_ROUTE_KEYS = frozenset({"host", "path_prefix", "methods", "header", "strip_prefix", "pool"})
+_STICKY_KEYS = frozenset({"cookie"})
 _HEALTH_KEYS = frozenset({"path", "interval", "timeout", "rise", "fall"})
 _NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections", "send_proxy"})
 # Keys of a DNS node entry besides the node keys (url excepted) it shares.
@@ -631,14 +706,14 @@ def parse_health_path(name: str, value: Any) -> str:
     return path
 
 
-def parse_health(value: Any) -> dict[str, Any]:
+def parse_health(value: Any, where: str = "health") -> dict[str, Any]:
     """
     The YAML C{health} mapping, as keyword arguments of L{HealthConfig}.
     """
-    raw = _mapping("health", value, _HEALTH_KEYS)
+    raw = _mapping(where, value, _HEALTH_KEYS)
     out: dict[str, Any] = {}
     for key, item in raw.items():
-        name = f"health.{key}"
+        name = f"{where}.{key}"
         if key == "path":
             out[key] = parse_health_path(name, item)
         elif key in ("interval", "timeout"):
@@ -646,6 +721,304 @@ def parse_health(value: Any) -> dict[str, Any]:
         else:
             out[key] = positive_int(name, item)
     return out
+
+
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_POOL_NAME = frozenset("-_.0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _token(name: str, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or not set(value) <= _TOKEN:
+        raise ConfigError(f"{name} must be {what} (letters, digits and -._~ etc.), not {value!r}")
+    return value
+
+
+def parse_balance(name: str, value: Any) -> str:
+    """
+    A balancing policy: roundrobin, leastconn, p2c or hash.
+    """
+    if value not in BALANCE_POLICIES:
+        raise ConfigError(f"{name} must be one of {', '.join(BALANCE_POLICIES)}, not {value!r}")
+    return str(value)
+
+
+def parse_hash_key(name: str, value: Any) -> str:
+    """
+    What C{balance: hash} hashes: source, uri, header:NAME or cookie:NAME.
+    """
+    if value in ("source", "uri"):
+        return str(value)
+    if isinstance(value, str) and ":" in value:
+        kind, _, key = value.partition(":")
+        if kind in ("header", "cookie"):
+            _token(name, key, f"{kind}:NAME with a valid {kind} name")
+            return f"{kind}:{key}"
+    raise ConfigError(f"{name} must be source, uri, header:NAME or cookie:NAME, not {value!r}")
+
+
+def parse_sticky(name: str, value: Any) -> str:
+    """
+    C{sticky: {cookie: NAME}}, as the cookie name.
+    """
+    raw = _mapping(name, value, _STICKY_KEYS)
+    if "cookie" not in raw:
+        raise ConfigError(f"{name} needs a cookie name, like {{cookie: SERVERID}}")
+    return _token(f"{name}.cookie", raw["cookie"], "a cookie name")
+
+
+def _pool_name(name: str, value: Any) -> str:
+    # Not all digits: /nodes/0 in the admin API is a node's position.
+    if (
+        not isinstance(value, str)
+        or not value
+        or not set(value) <= _POOL_NAME
+        or value.isdigit()
+    ):
+        raise ConfigError(
+            f"{name}: a pool name must be letters, digits, '-', '_' or '.' (not only"
+            f" digits), not {value!r}"
+        )
+    return value
+
+
+def parse_pools(value: Any) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """
+    The YAML C{pools} mapping: pool name -> (its own L{PoolConfig} fields,
+    its own L{HealthConfig} fields), to be completed from the top level by
+    L{resolve_pools}.
+    """
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"pools must be a mapping of pool names to pools, not {value!r}")
+    out = {}
+    for pool_name, raw_pool in value.items():
+        pool_name = _pool_name("pools", pool_name)
+        where = f"pools.{pool_name}"
+        raw = _mapping(where, raw_pool, _POOL_KEYS)
+        if "nodes" not in raw:
+            raise ConfigError(f"{where}.nodes: a pool needs nodes")
+        fields: dict[str, Any] = {}
+        health: dict[str, Any] = {}
+        for key, item in raw.items():
+            name = f"{where}.{key}"
+            if key == "nodes":
+                fields[key], fields["dns_nodes"] = parse_node_entries(item, name)
+                if not fields[key] and not fields["dns_nodes"]:
+                    raise ConfigError(f"{name}: a pool needs at least one node")
+            elif key == "health":
+                health = parse_health(item, f"{name}")
+            elif key == "balance":
+                fields[key] = parse_balance(name, item)
+            elif key == "hash_key":
+                fields[key] = parse_hash_key(name, item)
+            elif key == "sticky":
+                fields[key] = parse_sticky(name, item)
+            elif key == "slow_start":
+                fields[key] = non_negative_float(name, item)
+            elif key in ("timeout", "connect_timeout"):
+                fields[key] = positive_float(name, item)
+            elif key == "node_host":
+                fields[key] = _boolean(name, item)
+            elif key == "max_idle_per_node":
+                fields[key] = non_negative_int(name, item)
+        if "hash_key" in fields and fields.get("balance") != "hash":
+            raise ConfigError(f"{where}.hash_key is only used with balance: hash")
+        out[pool_name] = (fields, health)
+    return out
+
+
+def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
+    """
+    The YAML C{routes} list (their pools are checked by L{build_config}).
+    """
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"routes must be a list of routes like {{host: ..., pool: ...}}, not {value!r}"
+        )
+    routes = []
+    for i, item in enumerate(value):
+        where = f"routes[{i}]"
+        raw = _mapping(where, item, _ROUTE_KEYS)
+        if "pool" not in raw:
+            raise ConfigError(f"{where} needs a pool")
+        kwargs: dict[str, Any] = {"pool": _pool_name(f"{where}.pool", raw["pool"])}
+        if "host" in raw:
+            kwargs["host"] = parse_route_host(f"{where}.host", raw["host"])
+        if "path_prefix" in raw:
+            prefix = _string(f"{where}.path_prefix", raw["path_prefix"])
+            if (
+                not prefix.startswith("/")
+                or not prefix.isascii()
+                or any(c in _BAD_URL_CHARS or not c.isprintable() or c in "?#" for c in prefix)
+            ):
+                raise ConfigError(
+                    f"{where}.path_prefix must be a percent-encoded path starting with '/',"
+                    f" not {prefix!r}"
+                )
+            kwargs["path_prefix"] = prefix
+        if "methods" in raw:
+            methods = raw["methods"]
+            if isinstance(methods, str):
+                methods = [methods]
+            if not isinstance(methods, list) or not methods:
+                raise ConfigError(f"{where}.methods must be a list of methods, not {methods!r}")
+            kwargs["methods"] = tuple(
+                _token(f"{where}.methods", m, "an HTTP method").upper() for m in methods
+            )
+        if "header" in raw:
+            header = raw["header"]
+            if not isinstance(header, dict) or not header:
+                raise ConfigError(
+                    f"{where}.header must be a mapping of header names to values, not {header!r}"
+                )
+            pairs = []
+            for name, wanted in header.items():
+                _token(f"{where}.header", name, "a header name")
+                if isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+                    wanted = str(wanted)
+                if not isinstance(wanted, str) or any(c in wanted for c in "\r\n\0"):
+                    raise ConfigError(f"{where}.header.{name} must be a string, not {wanted!r}")
+                pairs.append((name, wanted))
+            kwargs["header"] = tuple(pairs)
+        if "strip_prefix" in raw:
+            kwargs["strip_prefix"] = _boolean(f"{where}.strip_prefix", raw["strip_prefix"])
+            if kwargs["strip_prefix"] and "path_prefix" not in kwargs:
+                raise ConfigError(f"{where}.strip_prefix needs a path_prefix")
+        routes.append(RouteConfig(**kwargs))
+    return tuple(routes)
+
+
+def parse_route_host(name: str, value: Any) -> str:
+    """
+    A route's host: a name (any case, no port) or C{*.} and a name.
+    """
+    host = _string(name, value).strip().lower().rstrip(".")
+    bare = host[2:] if host.startswith("*.") else host
+    if not bare or "*" in bare or ":" in bare.strip("[]") and not bare.startswith("["):
+        raise ConfigError(f"{name} must be a host name, or *.name for one label, not {value!r}")
+    if any(c in _BAD_URL_CHARS or c in "/?#@" or not c.isprintable() for c in bare):
+        raise ConfigError(f"{name} must be a host name, or *.name for one label, not {value!r}")
+    return host
+
+
+def default_pool(config: Config, nodes: Optional[tuple[NodeSpec, ...]] = None) -> PoolConfig:
+    """
+    The pool of the top-level nodes (C{nodes:}, C{--nodes}), with the
+    top-level settings.
+    """
+    return PoolConfig(
+        name=DEFAULT_POOL,
+        nodes=config.nodes if nodes is None else nodes,
+        dns_nodes=config.dns_nodes,
+        health=config.health,
+        balance=config.balance,
+        hash_key=config.hash_key,
+        sticky=config.sticky,
+        slow_start=config.slow_start,
+        timeout=config.timeout,
+        connect_timeout=config.connect_timeout,
+        node_host=config.node_host,
+        max_idle_per_node=config.max_idle_per_node,
+    )
+
+
+def has_default_pool(config: Config) -> bool:
+    """
+    Whether the top-level nodes make a pool: they do when there are any (or
+    demo backends or DNS entries will give some), or when no named pool is
+    configured.
+    """
+    return bool(config.nodes or config.dns_nodes or config.demo) or not config.pools
+
+
+def all_pools(
+    config: Config, default_nodes: Optional[tuple[NodeSpec, ...]] = None
+) -> tuple[PoolConfig, ...]:
+    """
+    Every pool to run: the default one (if any) first, then the named ones.
+    """
+    if has_default_pool(config):
+        return (default_pool(config, default_nodes),) + config.pools
+    return config.pools
+
+
+def resolve_pools(
+    config: Config, raw: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> tuple[PoolConfig, ...]:
+    """
+    Complete parsed pools with the top-level settings they do not set.
+    """
+    inherited = {
+        "balance": "roundrobin",
+        "hash_key": "source",
+        "sticky": None,
+        "slow_start": 0.0,
+        "timeout": config.timeout,
+        "connect_timeout": config.connect_timeout,
+        "node_host": config.node_host,
+        "max_idle_per_node": config.max_idle_per_node,
+    }
+    pools = []
+    for name, (fields, health) in raw.items():
+        pools.append(
+            PoolConfig(
+                name=name,
+                health=dataclasses.replace(config.health, **health),
+                **{**inherited, **fields},
+            )
+        )
+    return tuple(pools)
+
+
+def check_pools(config: Config) -> None:
+    """
+    Check how pools and routes fit together.
+
+    @raise ConfigError: a route names an unknown pool, a pool is called
+        C{default} beside top-level nodes, or requests would have nowhere
+        to go.
+    """
+    names = [p.name for p in config.pools]
+    has_default = has_default_pool(config)
+    if has_default and DEFAULT_POOL in names:
+        raise ConfigError(
+            f"pools.{DEFAULT_POOL}: that name is the pool of the top-level nodes"
+            " (nodes:, --nodes); give this pool another name"
+        )
+    known = ([DEFAULT_POOL] if has_default else []) + names
+    for i, route in enumerate(config.routes):
+        if route.pool not in known:
+            raise ConfigError(
+                f"routes[{i}].pool: no pool {route.pool!r} (pools: {', '.join(known) or 'none'})"
+            )
+    if not config.routes and not has_default and len(names) > 1:
+        raise ConfigError(
+            f"routes: {len(names)} pools ({', '.join(names)}) but no routes to send requests"
+            " to them (add routes:, or a route with only a pool as the default)"
+        )
+    if not has_default and (
+        config.balance != "roundrobin" or config.sticky is not None or config.slow_start
+    ):
+        raise ConfigError(
+            "balance/sticky/slow_start at the top level apply to the top-level nodes"
+            " (--nodes), and there are none: set them in each pool instead"
+        )
+    if config.hash_key != "source" and config.balance != "hash":
+        raise ConfigError("hash_key/--hash-key is only used with balance: hash (--balance hash)")
+    # One URL in two pools is two nodes (each pool checks its own), but
+    # they share keep-alive connections, so they must connect alike.
+    seen: dict[str, tuple[str, NodeSpec]] = {}
+    for pool in all_pools(config):
+        for i, node in enumerate(pool.nodes):
+            first = seen.setdefault(node.key, (pool.name, node))
+            other = first[1]
+            if first[0] != pool.name and (
+                other.tls != node.tls or other.send_proxy != node.send_proxy
+            ):
+                where = "nodes" if pool.name == DEFAULT_POOL else f"pools.{pool.name}.nodes"
+                raise ConfigError(
+                    f"{where}[{i}]: {node.url!r} is also in pool {first[0]!r} with other"
+                    " tls or send_proxy settings; a node URL connects one way in every pool"
+                )
 
 
 def parse_listen(value: Any) -> tuple[str, ...]:
@@ -739,11 +1112,19 @@ def with_tls_defaults(config: Config) -> Config:
             return n
         return dataclasses.replace(n, tls=dataclasses.replace(n.tls, ca_file=tls.ca_file))
 
+    def dns_with_ca(entries: tuple[DnsNodes, ...]) -> tuple[DnsNodes, ...]:
+        return tuple(dataclasses.replace(d, template=with_ca(d.template)) for d in entries)
+
     nodes = tuple(with_ca(n) for n in config.nodes)
-    dns_nodes = tuple(
-        dataclasses.replace(d, template=with_ca(d.template)) for d in config.dns_nodes
+    pools = tuple(
+        dataclasses.replace(
+            p, nodes=tuple(with_ca(n) for n in p.nodes), dns_nodes=dns_with_ca(p.dns_nodes)
+        )
+        for p in config.pools
     )
-    return dataclasses.replace(config, nodes=nodes, dns_nodes=dns_nodes)
+    return dataclasses.replace(
+        config, nodes=nodes, dns_nodes=dns_with_ca(config.dns_nodes), pools=pools
+    )
 
 
 def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -790,6 +1171,18 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = percent(key, value)
         elif key == "workers":
             out[key] = parse_workers(key, value)
+        elif key == "balance":
+            out[key] = parse_balance(key, value)
+        elif key == "hash_key":
+            out[key] = parse_hash_key(key, value)
+        elif key == "sticky":
+            out[key] = parse_sticky(key, value)
+        elif key == "slow_start":
+            out[key] = non_negative_float(key, value)
+        elif key == "pools":
+            out[key] = parse_pools(value)
+        elif key == "routes":
+            out[key] = parse_routes(value)
     return out
 
 
@@ -810,9 +1203,11 @@ def build_config(
     """
     values: dict[str, Any] = {}
     health: dict[str, Any] = {}
+    pools: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     if path is not None:
         values = _from_yaml(load_yaml(path))
         health = values.pop("health", {})
+        pools = values.pop("pools", {})
     overrides = dict(overrides or {})
     if "nodes" in overrides:
         # --nodes replaces the whole YAML nodes list, DNS entries too.
@@ -825,7 +1220,13 @@ def build_config(
     elif tls_overrides:
         # --tls-cert, --tls-key and --ca-file each win over their YAML key.
         values["tls"] = dataclasses.replace(values.get("tls", ListenTLS()), **tls_overrides)
-    config = with_tls_defaults(Config(health=HealthConfig(**health), **values))
-    if require_nodes and not config.nodes and not config.dns_nodes:
-        raise ConfigError("nodes: no nodes given (use --nodes URL[,URL...] or nodes: in --config)")
+    config = Config(health=HealthConfig(**health), **values)
+    if pools:
+        config = dataclasses.replace(config, pools=resolve_pools(config, pools))
+    config = with_tls_defaults(config)
+    if require_nodes and not config.nodes and not config.dns_nodes and not config.pools:
+        raise ConfigError(
+            "nodes: no nodes given (use --nodes URL[,URL...], or nodes: or pools: in --config)"
+        )
+    check_pools(config)
     return config

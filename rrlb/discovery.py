@@ -201,6 +201,16 @@ class DnsDiscovery(Service):
             self._cancel(name)
         return self._collect()
 
+    def nodes_of(self, entry: DnsNodes) -> list[NodeSpec]:
+        """
+        The nodes found for C{entry}, made from its own template: pools that
+        list one name with different node settings each get theirs.
+        """
+        name = self._names.get(self._key(entry))
+        if name is None:
+            return []
+        return [entry.node(a, port, weight, target) for a, port, weight, target in name.found]
+
     def _collect(self) -> bool:
         nodes: list[NodeSpec] = []
         seen: set[str] = set()

@@ -91,8 +91,8 @@ class HealthChecker(Service):
         self._agent = agent
         self._loops: dict[str, tuple[Node, LoopingCall]] = {}
         self._probes: dict[str, defer.Deferred[Any]] = {}
-        # (node key, passed) -> probes, for the metrics.
-        self.results: dict[tuple[str, bool], int] = {}
+        # ((pool, node key), passed) -> probes, for the metrics.
+        self.results: dict[tuple[tuple[str, str], bool], int] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -216,7 +216,7 @@ class HealthChecker(Service):
                 ok, reason = False, f"HTTP {result}"
             if node.removed:
                 return
-            counted = (node.key, ok)
+            counted = (node.label, ok)
             self.results[counted] = self.results.get(counted, 0) + 1
             self.pool.mark(node, ok, reason, when=now, latency=latency)
 

@@ -27,7 +27,7 @@ from prometheus_client.exposition import generate_latest
 
 from rrlb import __version__
 from rrlb.parser import CLIENT_ERROR_REASONS
-from rrlb.pool import DOWN, DRAINING, UP, Pool
+from rrlb.pool import DOWN, DRAINING, UP, Pools
 
 # Upper bounds (seconds) of the upstream latency histogram's buckets: the
 # time from sending a request to a node until its response head arrived.
@@ -65,9 +65,11 @@ class Metrics:
     """
     The counters, and the read side over them and the pool.
 
-    @ivar requests: C{(node key, method class, status)} -> requests, where
-        status is the code the client got (or L{CLIENT_CLOSED}).
-    @ivar latency: node key -> bucket counts (one per L{LATENCY_BUCKETS}
+    @ivar requests: C{((pool, node key), method class, status)} -> requests,
+        where status is the code the client got (or L{CLIENT_CLOSED}); the
+        node key is L{NO_NODE} for responses rrlb made without a node, and
+        so is the pool when no route matched.
+    @ivar latency: C{(pool, node key)} -> bucket counts (one per L{LATENCY_BUCKETS}
         bound, then +Inf, not cumulative) followed by the sum of seconds.
     @ivar proxy_errors: status code -> responses rrlb made itself with it.
     @ivar access_log: where L{record} hands each request's fields, if on.
@@ -75,26 +77,28 @@ class Metrics:
 
     def __init__(
         self,
-        pool: Pool,
+        pools: Pools,
         clock: Any,
         stats: Any = None,
-        checker: Any = None,
-        queue: Any = None,
+        checkers: Callable[[], list[Any]] = lambda: [],
+        queues: Callable[[], list[Any]] = lambda: [],
         budget: Any = None,
         connections: Callable[[], int] = lambda: 0,
         upstream_connections: Callable[[], int] = lambda: 0,
+        clients: Callable[[], list[dict[str, Any]]] = lambda: [],
     ) -> None:
-        self.pool = pool
+        self.clients = clients
+        self.pools = pools
         self.clock = clock
         self.stats = stats
-        self.checker = checker
-        self.queue = queue
+        self.checkers = checkers
+        self.queues = queues
         self.budget = budget
         self.connections = connections
         self.upstream_connections = upstream_connections
         self.started = clock.seconds()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}
+        self.requests: dict[tuple[tuple[str, str], str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}
         self.proxy_errors: dict[int, int] = dict.fromkeys(PROXY_ERRORS, 0)
         self.client_errors: dict[str, int] = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
         self.access_log: Any = None
@@ -119,13 +123,13 @@ class Metrics:
         if reason is not None:
             self.client_errors[reason] = self.client_errors.get(reason, 0) + 1
         if exchange is None:
-            key = NO_NODE
+            key = (request.pool_name or NO_NODE, NO_NODE)
             url = None
             if code in self.proxy_errors:
                 self.proxy_errors[code] += 1
         else:
             node = exchange.node
-            key = node.key
+            key = node.label
             url = node.spec.url
             upstream_status = exchange.upstream_status
             upstream_time = exchange.upstream_time
@@ -175,6 +179,7 @@ class Metrics:
         """
         return {
             "id": index,
+            "pool": node.pool_name,
             "name": node_name(node),
             "url": node.url,
             "state": node.state,
@@ -197,7 +202,21 @@ class Metrics:
         """
         The C{/status} document: every node, and the process.
         """
-        nodes = [self.node_status(i, n) for i, n in enumerate(self.pool.nodes)]
+        pools = []
+        nodes = []
+        for pool in self.pools:
+            in_pool = [self.node_status(i, n) for i, n in enumerate(pool.nodes)]
+            nodes.extend(in_pool)
+            pools.append(
+                {
+                    "name": pool.name,
+                    "balance": pool.balance,
+                    "hash_key": pool.hash_key if pool.balance == "hash" else None,
+                    "sticky_cookie": pool.sticky.name if pool.sticky is not None else None,
+                    "slow_start": pool.slow_start.seconds if pool.slow_start is not None else 0,
+                    "nodes": in_pool,
+                }
+            )
         states = {UP: 0, DOWN: 0, DRAINING: 0}
         for node in nodes:
             states[node["state"]] += 1
@@ -216,7 +235,9 @@ class Metrics:
                 "queue_timeouts": self.queue_timeouts(),
                 "nodes": states,
             },
+            "pools": pools,
             "nodes": nodes,
+            "clients": self.clients(),
         }
 
     def retries(self) -> int:
@@ -226,13 +247,16 @@ class Metrics:
         return int(getattr(self.budget, "refused", 0))
 
     def queue_length(self) -> int:
-        return 0 if self.queue is None else len(self.queue)
+        return sum(len(queue) for queue in self.queues())
 
     def queue_timeouts(self) -> int:
-        return int(getattr(self.queue, "timeouts", 0))
+        return sum(int(getattr(queue, "timeouts", 0)) for queue in self.queues())
 
-    def health_results(self) -> dict[tuple[str, bool], int]:
-        return dict(getattr(self.checker, "results", {}))
+    def health_results(self) -> dict[tuple[tuple[str, str], bool], int]:
+        results: dict[tuple[tuple[str, str], bool], int] = {}
+        for checker in self.checkers():
+            results.update(getattr(checker, "results", {}))
+        return results
 
 
 def node_name(node: Any) -> str:
@@ -255,17 +279,18 @@ class RrlbCollector:
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        nodes = list(m.pool.nodes)
+        nodes = list(m.pools.nodes)
 
         requests = CounterMetricFamily(
             "rrlb_requests",
-            "Requests answered, by node (none: answered by rrlb without a node),"
-            " method class and status class (499: the client left first).",
-            labels=["node", "method", "status"],
+            "Requests answered, by pool (none: no route matched), node (none: answered"
+            " by rrlb without a node), method class and status class (499: the client"
+            " left first).",
+            labels=["pool", "node", "method", "status"],
         )
-        by_class: dict[tuple[str, str, str], int] = {}
-        for (key, method, code), count in m.requests.items():
-            label = (key, method, status_class(code))
+        by_class: dict[tuple[str, str, str, str], int] = {}
+        for ((pool, key), method, code), count in m.requests.items():
+            label = (pool, key, method, status_class(code))
             by_class[label] = by_class.get(label, 0) + count
         for label, count in sorted(by_class.items()):
             requests.add_metric(list(label), count)
@@ -274,56 +299,58 @@ class RrlbCollector:
         latency = HistogramMetricFamily(
             "rrlb_upstream_latency_seconds",
             "Time from sending a request to a node until its response head arrived.",
-            labels=["node"],
+            labels=["pool", "node"],
         )
-        for key, counts in sorted(m.latency.items()):
+        for (pool, key), counts in sorted(m.latency.items()):
             cumulative = 0.0
             buckets = []
             bounds: tuple[float, ...] = LATENCY_BUCKETS + (float("inf"),)
             for bound, in_bucket in zip(bounds, counts):
                 cumulative += in_bucket
                 buckets.append((_bound(bound), cumulative))
-            latency.add_metric([key], buckets, sum_value=counts[-1])
+            latency.add_metric([pool, key], buckets, sum_value=counts[-1])
         yield latency
 
         in_flight = GaugeMetricFamily(
-            "rrlb_in_flight_requests", "Requests being served by a node now.", labels=["node"]
+            "rrlb_in_flight_requests",
+            "Requests being served by a node now.",
+            labels=["pool", "node"],
         )
         healthy = GaugeMetricFamily(
             "rrlb_node_healthy",
             "1 if the node's health checks say it is up, else 0.",
-            labels=["node"],
+            labels=["pool", "node"],
         )
         in_rotation = GaugeMetricFamily(
             "rrlb_node_in_rotation",
             "1 if the node gets new requests now (healthy and not drained), else 0.",
-            labels=["node"],
+            labels=["pool", "node"],
         )
         state = GaugeMetricFamily(
             "rrlb_node_state",
             "The node's state as the status page shows it: 1 for the current one.",
-            labels=["node", "state"],
+            labels=["pool", "node", "state"],
         )
         node_in_flight = GaugeMetricFamily(
             "rrlb_node_in_flight",
             "Requests in flight to the node now (at most its max_connections, if set).",
-            labels=["node"],
+            labels=["pool", "node"],
         )
         errors = CounterMetricFamily(
             "rrlb_node_errors",
             "Requests a node failed (refused, reset, bad response, timed out).",
-            labels=["node"],
+            labels=["pool", "node"],
         )
         for node in nodes:
-            key = node.key
-            in_flight.add_metric([key], node.in_flight)
-            node_in_flight.add_metric([key], node.in_flight)
-            healthy.add_metric([key], 1 if node.healthy else 0)
-            in_rotation.add_metric([key], 1 if node.in_rotation else 0)
+            labels = [node.pool_name, node.key]
+            in_flight.add_metric(labels, node.in_flight)
+            node_in_flight.add_metric(labels, node.in_flight)
+            healthy.add_metric(labels, 1 if node.healthy else 0)
+            in_rotation.add_metric(labels, 1 if node.in_rotation else 0)
             current = node.state
             for name in (UP, DOWN, DRAINING):
-                state.add_metric([key, name], 1 if name == current else 0)
-            errors.add_metric([key], node.errors)
+                state.add_metric(labels + [name], 1 if name == current else 0)
+            errors.add_metric(labels, node.errors)
         yield in_flight
         yield node_in_flight
         yield healthy
@@ -334,10 +361,10 @@ class RrlbCollector:
         checks = CounterMetricFamily(
             "rrlb_health_checks",
             "Active health checks, by node and result (pass or fail).",
-            labels=["node", "result"],
+            labels=["pool", "node", "result"],
         )
-        for (key, ok), count in sorted(m.health_results().items()):
-            checks.add_metric([key, "pass" if ok else "fail"], count)
+        for ((pool, key), ok), count in sorted(m.health_results().items()):
+            checks.add_metric([pool, key, "pass" if ok else "fail"], count)
         yield checks
 
         yield CounterMetricFamily(

@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rrlb.pool import Node, Pool
+from rrlb.pool import Node, Pool, Pools
 
 # Ping the watchdog twice per WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
 WATCHDOG_FRACTION = 0.5
@@ -120,7 +120,7 @@ class Notifier:
             self._socket = None
 
 
-def pool_status(pool: Pool) -> str:
+def pool_status(pool: Pool | Pools) -> str:
     """
     The one-line summary shown by C{systemctl status}: healthy nodes / total.
     """
@@ -172,7 +172,7 @@ class SystemdNotify(Service):
     def __init__(
         self,
         reactor: IReactorTime,
-        pool: Pool,
+        pool: Pool | Pools,
         environ: Mapping[str, str],
         pid: int,
         notifier: Optional[Notifier] = None,

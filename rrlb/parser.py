@@ -35,11 +35,14 @@ class BadRequest(Exception):
     C{text} the words the client gets.
     """
 
-    def __init__(self, code: int, reason: str, text: str) -> None:
+    def __init__(
+        self, code: int, reason: str, text: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         super().__init__(text)
         self.code = code
         self.reason = reason
         self.text = text
+        self.headers = headers
 
 
 # Reasons (metric labels) of the client errors rrlb answers itself.
@@ -53,8 +56,10 @@ BAD_REQUEST = "bad_request"
 BAD_FRAMING = "bad_framing"
 UNKNOWN_CODING = "unknown_coding"
 BAD_VERSION = "bad_version"
+BAD_METHOD = "method_not_allowed"
 CLIENT_ERROR_REASONS = (
     BAD_REQUEST,
+    BAD_METHOD,
     BAD_FRAMING,
     UNKNOWN_CODING,
     BAD_VERSION,
@@ -79,12 +84,18 @@ def _byte_set(*ranges: tuple[int, int], extra: bytes = b"") -> bytes:
 # obs-text (0x80-0xFF, allowed in field values). Deleting them with
 # bytes.translate leaves exactly the forbidden ones (NUL and other controls).
 _HEAD_BYTES = _byte_set((0x20, 0x7E), (0x80, 0xFF), extra=b"\t\r\n")
+HEAD_BYTES = _HEAD_BYTES
 # tchar (RFC 9110 5.6.2): what a method or field name is made of.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # What a request target is made of: visible ASCII only (RFC 9112 3.2).
 _TARGET_BYTES = _byte_set((0x21, 0x7E))
-# What a Host value is made of: reg-name, IP literals, a port (RFC 3986 3.2.2).
-_HOST_BYTES = _TCHAR.replace(b"|", b"").replace(b"`", b"").replace(b"^", b"") + b":[]=;,()"
+# A Host value (RFC 9110 7.2): uri-host (a reg-name, or an IP literal in
+# brackets) and an optional port.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?\Z"
+)
+_ABSOLUTE = (b"http://", b"https://")
+_ALLOW = ((b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),)
 
 _VERSIONS = {b"HTTP/1.1": b"HTTP/1.1", b"HTTP/1.0": b"HTTP/1.0"}
 _VERSION_RE = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
@@ -160,6 +171,20 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         raise _bad("malformed method")
     if not target or target.translate(None, _TARGET_BYTES):
         raise _bad("malformed request target")
+    if method == b"CONNECT":
+        raise BadRequest(
+            405, BAD_METHOD, "CONNECT is not supported: this is not a forward proxy", _ALLOW
+        )
+    if target[:1] != b"/":
+        # Not origin-form: absolute-form, or * for OPTIONS (RFC 9112 3.2).
+        if target == b"*":
+            if method != b"OPTIONS":
+                raise _bad("* is a request target for OPTIONS only")
+        elif not target[:8].lower().startswith(_ABSOLUTE) or target.split(b"/", 3)[2][:1] in (
+            b"",
+            b"?",
+        ):
+            raise _bad("malformed request target")
     known = _VERSIONS.get(version)
     if known is None:
         if _VERSION_RE.match(version):
@@ -224,7 +249,7 @@ def _framing(
             raise _bad("an HTTP/1.1 request needs a Host header")
     elif len(hosts) != 1:
         raise _bad("more than one Host header")
-    elif hosts[0].translate(None, _HOST_BYTES):
+    elif _HOST.match(hosts[0]) is None:
         raise _bad("malformed Host header")
 
     length: Optional[int] = 0

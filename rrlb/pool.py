@@ -7,10 +7,22 @@ passive health) tell it what they saw.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+import random
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from twisted.logger import Logger
 
+from rrlb.balance import (
+    Policy,
+    RoundRobin,
+    SlowStart,
+    Sticky,
+    has_room,
+    make_policy,
+    observe,
+    plain_weight,
+    sticky_id,
+)
 from rrlb.config import NodeSpec
 
 UP = "up"
@@ -54,10 +66,28 @@ class Node:
         "requests",
         "errors",
         "limit",
+        "pool_name",
+        "label",
+        "up_since",
+        "ewma",
+        "ewma_at",
+        "sticky_id",
+        "connect_timeout",
     )
 
-    def __init__(self, spec: NodeSpec, index: int = 0) -> None:
+    def __init__(self, spec: NodeSpec, index: int = 0, pool_name: str = "default") -> None:
         self.key = spec.key
+        self.pool_name = pool_name
+        # (pool, key): what metrics count it under, built once.
+        self.label = (pool_name, spec.key)
+        # When it came back into rotation, while it slow-starts.
+        self.up_since: Optional[float] = None
+        # Peak EWMA of response times (p2c) and when it was last updated.
+        self.ewma = 0.0
+        self.ewma_at = 0.0
+        self.sticky_id = sticky_id(spec.key).encode("ascii")
+        # The pool's connect timeout (None: the upstream client's default).
+        self.connect_timeout: Optional[float] = None
         self.index = index
         self.healthy = True
         self.drained = False
@@ -136,10 +166,16 @@ class Pool:
     On a rebuild the cycle resumes after the node picked last, in configured
     order, so no node gets two turns in a row because another left.
 
+    A pool with another C{balance} policy, a sticky cookie or slow start
+    (L{configure}) hands picks to L{rrlb.balance} instead.
+
+    @ivar name: the pool's name (C{default} for C{--nodes}).
     @ivar rise: consecutive successful checks that bring a node back.
     @ivar fall: consecutive failed checks that take a node out.
     @ivar max_conns_per_node: the limit of nodes whose spec sets none (0: no
         limit); applied by L{update}.
+    @ivar latency_aware: whether the policy wants response times
+        (L{observe}).
     """
 
     log = Logger()
@@ -150,7 +186,11 @@ class Pool:
         rise: int = 2,
         fall: int = 3,
         max_conns_per_node: int = 0,
+        name: str = "default",
+        clock: Any = None,
     ) -> None:
+        self.name = name
+        self.clock = clock
         self.rise = rise
         self.fall = fall
         self.max_conns_per_node = max_conns_per_node
@@ -159,19 +199,81 @@ class Pool:
         self._limited = False
         self.nodes: list[Node] = []
         self._by_key: dict[str, Node] = {}
+        self._by_sticky: dict[bytes, Node] = {}
         self._schedule: list[Node] = []
+        self._live: list[Node] = []
         self._next = 0
         self._last: Optional[Node] = None
         self._listeners: list[Callable[[Node], None]] = []
+        # Policies (see configure): none by default, and pick() then only
+        # tests _custom.
+        self.balance = "roundrobin"
+        self.hash_key = "source"
+        self.policy: Optional[Policy] = None
+        self.sticky: Optional[Sticky] = None
+        self.slow_start: Optional[SlowStart] = None
+        self.latency_aware = False
+        self._custom = False
+        self._ramp = RoundRobin()
         self.update(specs)
+
+    def configure(
+        self,
+        balance: str = "roundrobin",
+        hash_key: str = "source",
+        sticky: Optional[str] = None,
+        slow_start: float = 0.0,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        """
+        Take the pool's balancing settings (at start-up and on reload). A
+        policy whose settings did not change keeps its state.
+        """
+        if (
+            balance != self.balance
+            or hash_key != self.hash_key
+            or (self.policy is None and balance != "roundrobin")
+        ):
+            self.policy = make_policy(balance, hash_key, rng)
+        self.balance = balance
+        self.hash_key = hash_key
+        if sticky is None:
+            self.sticky = None
+        elif self.sticky is None or self.sticky.name != sticky:
+            self.sticky = Sticky(sticky)
+        if slow_start > 0 and self.clock is not None:
+            if self.slow_start is None:
+                self.slow_start = SlowStart(slow_start, self.clock)
+            self.slow_start.seconds = slow_start
+        else:
+            self.slow_start = None
+            for node in self.nodes:
+                node.up_since = None
+        weight = self.slow_start.weight if self.slow_start is not None else plain_weight
+        for policy in (self.policy, self._ramp):
+            if policy is not None:
+                policy.weight = weight
+                policy.clock = self.clock
+        self.latency_aware = balance == "p2c"
+        self._custom = (
+            self.policy is not None or self.sticky is not None or self.slow_start is not None
+        )
+        self._rebuild()
 
     # -- the rotation -------------------------------------------------------
 
-    def pick(self) -> Optional[Node]:
+    def pick(self, request: Any = None) -> Optional[Node]:
         """
         The next node in rotation with room for one more request, or L{None}
         when no node is in rotation or every one is full (see L{serving}).
+
+        @param request: what policies that look at the request read (see
+            L{rrlb.balance}); round robin ignores it.
         """
+        if self._custom:
+            return self._pick_custom(request)
+        # The default: the next entry of the schedule (kept inline, as this
+        # runs once per request; _scheduled is the same for _pick_custom).
         schedule = self._schedule
         if not schedule:
             return None
@@ -184,6 +286,52 @@ class Pool:
         self._next = i + 1
         self._last = node
         return node
+
+    def _scheduled(self) -> Optional[Node]:
+        schedule = self._schedule
+        if not schedule:
+            return None
+        i = self._next
+        if i >= len(schedule):
+            i = 0
+        node = schedule[i]
+        if self._limited and node.limit and node.in_flight >= node.limit:
+            return self._pick_with_room(i)
+        self._next = i + 1
+        self._last = node
+        return node
+
+    def _pick_custom(self, request: Any) -> Optional[Node]:
+        sticky = self.sticky
+        if sticky is not None and request is not None:
+            value = sticky.value(request)
+            if value is not None:
+                node = self._by_sticky.get(value)
+                if node is not None and node.in_rotation and has_room(node):
+                    return node
+        policy = self.policy
+        if policy is not None:
+            return policy.pick(self._live, request)
+        if self.slow_start is not None and any(n.up_since is not None for n in self._live):
+            return self._ramp.pick(self._live, request)
+        return self._scheduled()
+
+    def sticky_header(self, request: Any, node: Node) -> Optional[bytes]:
+        """
+        The C{Set-Cookie} value to send with C{node}'s response, or L{None}
+        when the pool has no sticky cookie or the request's already names
+        C{node}.
+        """
+        sticky = self.sticky
+        if sticky is None or sticky.value(request) == node.sticky_id:
+            return None
+        return sticky.header(node)
+
+    def observe(self, node: Node, seconds: float) -> None:
+        """
+        A response head came from C{node} after C{seconds} (for p2c).
+        """
+        observe(node, seconds, self.clock.seconds() if self.clock is not None else 0.0)
 
     def _pick_with_room(self, start: int) -> Optional[Node]:
         """
@@ -214,6 +362,9 @@ class Pool:
         The next node in rotation that is not in C{tried} (for a retry), or
         L{None}.
         """
+        if self._custom:
+            others = [n for n in self._live if n not in tried]
+            return (self.policy or self._ramp).pick(others, None)
         for _ in range(len(self._schedule)):
             node = self.pick()
             if node is None or node not in tried:
@@ -222,6 +373,10 @@ class Pool:
 
     def _rebuild(self) -> None:
         live = [n for n in self.nodes if n.in_rotation]
+        self._live = live
+        if self.policy is not None:
+            self.policy.rebuild(live)
+        self._ramp.rebuild(live)
         if len({n.weight for n in live}) > 1:
             schedule = smooth_weighted_order(live)
         else:
@@ -258,10 +413,13 @@ class Pool:
         old = self._by_key
         nodes = []
         added = []
+        # Nodes a reload adds ramp up like ones that came back (not at start).
+        ramp = self._ramping_now() if self.nodes else None
         for index, spec in enumerate(specs):
             node = old.get(spec.key)
             if node is None:
-                node = Node(spec, index)
+                node = Node(spec, index, self.name)
+                node.up_since = ramp
                 added.append(node)
             else:
                 node.set_spec(spec)
@@ -278,6 +436,7 @@ class Pool:
         self._limited = any(n.limit for n in nodes)
         self.nodes = nodes
         self._by_key = {n.key: n for n in nodes}
+        self._by_sticky = {n.sticky_id: n for n in nodes}
         self._rebuild()
         return added, removed
 
@@ -309,6 +468,7 @@ class Pool:
             node.last_error = None
             if not node.healthy and node.successes >= self.rise:
                 node.healthy = True
+                node.up_since = self._ramping_now()
                 self.log.info(
                     "node {node} is up: {successes} checks in a row passed ({reason})",
                     node=node.url,
@@ -336,12 +496,23 @@ class Pool:
         """
         if node.drained != drained:
             node.drained = drained
+            if not drained:
+                node.up_since = self._ramping_now()
             self.log.info(
                 "node {node} {what} by the operator",
                 node=node.url,
                 what="drained" if drained else "enabled",
             )
             self._changed(node)
+
+    def _ramping_now(self) -> Optional[float]:
+        """
+        When a node entering the rotation now starts its slow start, or
+        L{None} without slow start.
+        """
+        if self.slow_start is None:
+            return None
+        return float(self.clock.seconds())
 
     def add_listener(self, listener: Callable[[Node], None]) -> None:
         """
@@ -353,3 +524,52 @@ class Pool:
         self._rebuild()
         for listener in self._listeners:
             listener(node)
+
+
+class Pools:
+    """
+    Every pool by name, in configured order: what the admin API, metrics
+    and notifications read. A listener added here hears about every pool's
+    nodes, including pools a reload adds.
+    """
+
+    def __init__(self, pools: Iterable[Pool] = ()) -> None:
+        self.by_name: dict[str, Pool] = {}
+        self._listeners: list[Callable[[Node], None]] = []
+        self.set(pools)
+
+    def set(self, pools: Iterable[Pool]) -> None:
+        """
+        Make these the pools, in this order.
+        """
+        pools = list(pools)
+        for pool in pools:
+            if pool.name not in self.by_name:
+                for listener in self._listeners:
+                    pool.add_listener(listener)
+        self.by_name = {pool.name: pool for pool in pools}
+
+    def __iter__(self) -> Iterator[Pool]:
+        return iter(list(self.by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def get(self, name: str) -> Optional[Pool]:
+        return self.by_name.get(name)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """
+        Every pool's nodes, pool after pool.
+        """
+        return [node for pool in self.by_name.values() for node in pool.nodes]
+
+    def add_listener(self, listener: Callable[[Node], None]) -> None:
+        """
+        Call C{listener(node)} whenever a node of any pool enters or leaves
+        the rotation.
+        """
+        self._listeners.append(listener)
+        for pool in self.by_name.values():
+            pool.add_listener(listener)

@@ -32,6 +32,7 @@ from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
+from rrlb.routes import Route, Router
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
 log = Logger()
@@ -63,6 +64,13 @@ _SKIP_REQUEST = frozenset(
 )
 
 
+# What a client may claim about itself, lower-cased with "_" as "-": from
+# an untrusted peer under --trusted-proxies these are dropped.
+_CLIENT_CLAIMS = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     """
@@ -76,6 +84,32 @@ class ProxySettings:
     node_host: bool = False
     retry_after: int = 1
     retries: int = 2
+
+
+class Destination:
+    """
+    One pool as the proxy uses it: the pool (nodes and policy), the queue
+    of its requests waiting for a node with room (a full pool queues only
+    its own), and its upstream settings.
+
+    @ivar timeout: its response timeout, or L{None} for the upstream
+        client's.
+    """
+
+    __slots__ = ("name", "pool", "queue", "node_host", "timeout")
+
+    def __init__(
+        self,
+        pool: Pool,
+        queue: RequestQueue,
+        node_host: bool = False,
+        timeout: Optional[float] = None,
+    ) -> None:
+        self.name = pool.name
+        self.pool = pool
+        self.queue = queue
+        self.node_host = node_host
+        self.timeout = timeout
 
 
 def _text(value: bytes) -> str:
@@ -128,6 +162,8 @@ class ProxyExchange:
 
     __slots__ = (
         "proxy",
+        "dest",
+        "timeout",
         "request",
         "node",
         "tried",
@@ -149,8 +185,14 @@ class ProxyExchange:
         "paused",
     )
 
-    def __init__(self, proxy: RotatingProxy, request: Any, node: Node) -> None:
+    def __init__(
+        self, proxy: RotatingProxy, request: Any, node: Node, dest: Optional[Destination] = None
+    ) -> None:
         self.proxy = proxy
+        if dest is None:
+            dest = proxy.default
+        self.dest = dest
+        self.timeout = dest.timeout
         self.request = request
         self.node = node
         self.tried: list[Node] = [node]
@@ -198,22 +240,37 @@ class ProxyExchange:
                 drop = drop | {_canonical(t) for t in extra}
         parts: list[bytes] = []
         append = parts.append
-        for name, values in raw.items():
-            if name in drop:
-                continue
-            for value in values:
-                append(name + b": " + value + b"\r\n")
+        edge = channel.edge
+        if edge == EDGE_UNTRUSTED:
+            # --trusted-proxies, and the peer is not one: what it says of the
+            # client goes, in any spelling a node might read as the same
+            # (Forwarded, X_Forwarded_For, which CGI-style servers fold into
+            # the same variable).
+            for name, values in raw.items():
+                if name in drop or name.replace(b"_", b"-").lower() in _CLIENT_CLAIMS:
+                    continue
+                for value in values:
+                    append(name + b": " + value + b"\r\n")
+        else:
+            for name, values in raw.items():
+                if name in drop:
+                    continue
+                for value in values:
+                    append(name + b": " + value + b"\r\n")
         xff = raw.get(b"X-Forwarded-For")
         forwarded_host = self.host
-        edge = channel.edge
         if edge:
-            # --trusted-proxies: rrlb is the edge. What an untrusted peer
-            # says of the client is dropped; a trusted one's is kept.
             if edge == EDGE_UNTRUSTED:
                 xff = None
             else:
-                proto = raw.get(b"X-Forwarded-Proto", (proto,))[-1]
-                forwarded_host = raw.get(b"X-Forwarded-Host", (forwarded_host,))[-1]
+                # A trusted peer's own claims are kept, and rrlb's appended
+                # (each proxy of a chain adds its hop, as X-Forwarded-For).
+                claimed = raw.get(b"X-Forwarded-Proto")
+                if claimed:
+                    proto = b", ".join(claimed + [proto])
+                claimed = raw.get(b"X-Forwarded-Host")
+                if claimed and forwarded_host is not None:
+                    forwarded_host = b", ".join(claimed + [forwarded_host])
         if ip:
             xff_value = b", ".join(xff + [ip]) if xff else ip
         else:
@@ -243,9 +300,7 @@ class ProxyExchange:
         return True
 
     def head_for(self, node: Node) -> bytes:
-        host = (
-            node.host_header if (self.proxy.settings.node_host or self.host is None) else self.host
-        )
+        host = node.host_header if (self.dest.node_host or self.host is None) else self.host
         return b"".join(
             (
                 self.request.method,
@@ -280,7 +335,7 @@ class ProxyExchange:
         if self.finished:
             # The client left while we were connecting: keep the connection
             # only if its node is still configured.
-            if self.proxy.pool.get(self.node.key) is self.node:
+            if self.dest.pool.get(self.node.key) is self.node:
                 self.proxy.upstream.release(protocol)
             else:
                 protocol.transport.loseConnection()
@@ -344,17 +399,17 @@ class ProxyExchange:
         """
         node = self.node
         proxy = self.proxy
+        pool = self.dest.pool
         why = describe_failure(reason)
         node.errors += 1
         if passive:
-            proxy.pool.mark(node, False, f"request failed: {why}")
+            pool.mark(node, False, f"request failed: {why}")
         if self.request.method in IDEMPOTENT and self.retries < proxy.settings.retries:
-            other = proxy.pool.pick_other(self.tried)
+            other = pool.pick_other(self.tried)
             # A request holds one place in the retry budget from its first
             # retry until it ends, however many nodes it tries.
             if other is not None and not self.retries:
-                in_flight = sum(n.in_flight for n in proxy.pool.nodes)
-                if not proxy.budget.try_start(in_flight):
+                if not proxy.budget.try_start(proxy.in_flight()):
                     log.info(
                         "not retrying {method} {uri}: the retry budget is spent",
                         method=_text(self.request.method),
@@ -382,9 +437,10 @@ class ProxyExchange:
                     log.failure("retrying on {node}", node=other.url)
                     self._end(ok=False)
                     error_response(self.request, 502, "the upstream node failed")
-                if proxy.queue.waiting:
+                queue = self.dest.queue
+                if queue.waiting:
                     # The failed node has a free slot now.
-                    proxy.queue.dispatch()
+                    queue.dispatch()
                 return
         log.info(
             "{node} failed for {method} {uri}: {why}",
@@ -409,9 +465,16 @@ class ProxyExchange:
         request = self.request
         self.upstream_status = code
         self.upstream_time = self.proxy.clock.seconds() - self.started
+        pool = self.dest.pool
+        if pool.latency_aware:
+            pool.observe(self.node, self.upstream_time)
         if request._disconnected:
             return
         self.responded = True
+        if pool.sticky is not None:
+            cookie = pool.sticky_header(request, self.node)
+            if cookie is not None:
+                headers.setdefault(b"Set-Cookie", []).append(cookie)
         request.setResponseCode(code, reason)
         if b"Date" not in headers:
             headers[b"Date"] = [self.proxy.date()]
@@ -472,7 +535,7 @@ class ProxyExchange:
             self._end(ok=False)
             self.request.channel.loseConnection()
         else:
-            self.proxy.pool.mark(node, False, "response timed out")
+            self.dest.pool.mark(node, False, "response timed out")
             self._end(ok=False)
             error_response(self.request, 504, "the upstream node did not answer in time")
 
@@ -504,9 +567,10 @@ class ProxyExchange:
             proxy.budget.ended()
         if proxy.on_done is not None:
             proxy.on_done(self, ok)
-        if proxy.queue.waiting:
-            # A slot is free: the oldest queued request takes it.
-            proxy.queue.dispatch()
+        queue = self.dest.queue
+        if queue.waiting:
+            # A slot is free: the oldest request queued for this pool takes it.
+            queue.dispatch()
 
     # -- IPushProducer, for the client's channel ------------------------------
 
@@ -543,9 +607,14 @@ class ProxyStats:
 
 class RotatingProxy(ReverseProxyResource):
     """
-    The root resource: every path of every request goes to the next node of
-    the pool. It stays a L{ReverseProxyResource} in the resource tree, but
-    forwards through L{UpstreamPool} rather than C{ProxyClientFactory}.
+    The root resource: every request goes to the node its pool picks. The
+    pool is the default one, or with routes (L{set_routes}) the one of the
+    first route that matches. It stays a L{ReverseProxyResource} in the
+    resource tree, but forwards through L{UpstreamPool} rather than
+    C{ProxyClientFactory}.
+
+    @ivar pool: the default pool (the first, without a default).
+    @ivar queue: the default pool's queue.
     """
 
     isLeaf = True
@@ -564,19 +633,62 @@ class RotatingProxy(ReverseProxyResource):
         self.path = b""
         self.reactor = reactor
         self.clock = reactor
-        self.pool = pool
         self.upstream = upstream
         self.settings = settings
         self.stats = ProxyStats()
-        # Overload control: empty and unused unless nodes have limits.
-        self.queue = RequestQueue(pool, reactor)
         self.budget = RetryBudget()
+        # Overload control: each pool's queue is empty and unused unless
+        # its nodes have limits.
+        self.destinations: dict[str, Destination] = {}
+        self.default = self.destination(pool, settings.node_host)
+        self.pool = pool
+        self.queue = self.default.queue
+        # No routes: every request goes to the default pool.
+        self.router: Optional[Router[Destination]] = None
         self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
         self._date_second = -1
         self._date = b""
 
     def getChild(self, path: bytes, request: Any) -> RotatingProxy:
         return self
+
+    def destination(
+        self, pool: Pool, node_host: bool = False, timeout: Optional[float] = None
+    ) -> Destination:
+        """
+        The L{Destination} of C{pool} (made with its queue the first time),
+        with these settings.
+        """
+        dest = self.destinations.get(pool.name)
+        if dest is None or dest.pool is not pool:
+            dest = Destination(pool, RequestQueue(pool, self.clock), node_host, timeout)
+            self.destinations[pool.name] = dest
+        dest.node_host = node_host
+        dest.timeout = timeout
+        return dest
+
+    def set_routes(
+        self,
+        router: Optional[Router[Destination]],
+        default: Destination,
+        destinations: Optional[dict[str, Destination]] = None,
+    ) -> None:
+        """
+        Route requests with C{router} (L{None}: all to C{default}); the
+        pools not in C{destinations} are forgotten.
+        """
+        if destinations is not None:
+            self.destinations = dict(destinations)
+        self.router = router
+        self.default = default
+        self.pool = default.pool
+        self.queue = default.queue
+
+    def in_flight(self) -> int:
+        """
+        Requests in flight to the nodes of every pool.
+        """
+        return sum(n.in_flight for d in self.destinations.values() for n in d.pool.nodes)
 
     def date(self) -> bytes:
         """
@@ -589,19 +701,26 @@ class RotatingProxy(ReverseProxyResource):
         return self._date
 
     def render(self, request: Any) -> int:
-        if request.method == b"CONNECT":
-            error_response(
-                request,
-                405,
-                "CONNECT is not supported: this is not a forward proxy",
-                [(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")],
-            )
-            return server.NOT_DONE_YET
-        node = self.pool.pick()
+        # CONNECT and malformed targets never get here: the channel's parser
+        # refuses them (rrlb.parser).
+        router = self.router
+        route: Optional[Route[Destination]]
+        if router is None:
+            dest = self.default
+            route = None
+        else:
+            route = router.match(request)
+            if route is None:
+                error_response(request, 404, "no route for this request")
+                return server.NOT_DONE_YET
+            dest = route.target
+        pool = dest.pool
+        node = pool.pick(request)
         if node is None:
-            if self.pool.serving:
+            request.pool_name = dest.name
+            if pool.serving:
                 # Every node in rotation is full: wait for a slot.
-                self._wait_for_node(request)
+                self._wait_for_node(request, dest, route)
                 return server.NOT_DONE_YET
             error_response(
                 request,
@@ -610,24 +729,41 @@ class RotatingProxy(ReverseProxyResource):
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
             )
             return server.NOT_DONE_YET
-        self._forward(request, node)
+        self._forward(request, node, dest, route)
         return server.NOT_DONE_YET
 
-    def _forward(self, request: Any, node: Node) -> None:
-        exchange = ProxyExchange(self, request, node)
+    def _forward(
+        self,
+        request: Any,
+        node: Node,
+        dest: Optional[Destination] = None,
+        route: Optional[Route[Destination]] = None,
+    ) -> None:
+        exchange = ProxyExchange(self, request, node, dest)
         if exchange.prepare():
+            if route is not None and route.strip_prefix:
+                exchange.target = route.strip(exchange.target)
             request.exchange = exchange
             exchange.start()
 
-    def _wait_for_node(self, request: Any) -> None:
+    def _wait_for_node(
+        self,
+        request: Any,
+        dest: Optional[Destination] = None,
+        route: Optional[Route[Destination]] = None,
+    ) -> None:
         """
         Queue C{request} until a node has room, or answer 503 when the queue
         timeout passes. While it waits it has no exchange (the access log
         and metrics count a client that leaves as C{none}, 499).
         """
 
+        if dest is None:
+            dest = self.default
+        queue = dest.queue
+
         def deliver(node: Node) -> None:
-            self._forward(request, node)
+            self._forward(request, node, dest, route)
 
         def expire() -> None:
             error_response(
@@ -637,12 +773,12 @@ class RotatingProxy(ReverseProxyResource):
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
             )
 
-        waiter = self.queue.wait(deliver, expire)
+        waiter = queue.wait(deliver, expire)
         if waiter is not None:
             # A client that leaves is out of the queue at once (notifyFinish
             # fails from Request.connectionLost); after delivery this is a
             # no-op.
-            request.notifyFinish().addBoth(lambda _: self.queue.leave(waiter))
+            request.notifyFinish().addBoth(lambda _: queue.leave(waiter))
 
 
 class ProxyRequest(server.Request):
@@ -660,6 +796,8 @@ class ProxyRequest(server.Request):
     client_error: Optional[str] = None
     # The client behind trusted proxies (--trusted-proxies), if not the peer.
     real_client: Optional[str] = None
+    # The pool of a request answered without a node (503, queue timeout).
+    pool_name: Optional[str] = None
 
     channel: Any
 
@@ -692,11 +830,17 @@ class ProxyRequest(server.Request):
         self.process()
 
     def process(self) -> None:
-        self.site = self.channel.site
+        site = self.site = self.channel.site
         self.prepath = []
         self.postpath = []
+        self.sitepath: list[bytes] = []
         try:
-            self.render(self.site.getResourceFor(self))
+            resource = site.resource
+            if not resource.isLeaf:
+                resource = site.getResourceFor(self)
+            # RotatingProxy answers every path itself: no traversal (and no
+            # copy of prepath) per request.
+            self.render(resource)
         except Exception:
             self.processingFailed(Failure())
 
@@ -748,6 +892,10 @@ class ProxySite(ClientSite):
         if reactor is None:
             from twisted.internet import reactor
         ClientSite.__init__(self, resource, reactor, limits)
+        # Bodies are forwarded, never parsed as forms (ProxyRequest skips
+        # Request.requestReceived's parsing; this is for any code path that
+        # reads the Site's setting).
+        self._parsePOSTFormSubmission = False
         self.access_log = access_log
 
     def log(self, request: Any) -> None:

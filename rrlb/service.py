@@ -22,17 +22,19 @@ from twisted.web.client import Agent
 
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
-from rrlb.channel import ClientLimits
-from rrlb.config import Config, ConfigError, NodeSpec, parse_node
+from rrlb.channel import ClientLimits, connections_that_fit
+from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
 from rrlb.drain import Drain
 from rrlb.health import HealthChecker, QuietConnectionPool
+from rrlb.history import History
 from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
-from rrlb.pool import Node, Pool
-from rrlb.proxy import ProxySettings, ProxySite, RotatingProxy
+from rrlb.pool import Node, Pool, Pools
+from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
 from rrlb.proxyproto import ProbeEndpoints
+from rrlb.routes import Route, Router
 from rrlb.tls import BalancerTLS
 from rrlb.upstream import UpstreamPool
 
@@ -86,6 +88,28 @@ def with_default_backlog(description: str) -> str:
     return description
 
 
+def _dns_entries(config: Config) -> tuple[DnsNodes, ...]:
+    """
+    Every DNS node entry, top-level and in pools, each name looked up once.
+    """
+    entries: dict[tuple[str, bool, int], DnsNodes] = {}
+    for entry in config.dns_nodes + tuple(d for p in config.pools for d in p.dns_nodes):
+        entries.setdefault((entry.name, entry.srv, entry.port), entry)
+    return tuple(entries.values())
+
+
+def _unique_nodes(pool_configs: tuple[PoolConfig, ...]) -> tuple[NodeSpec, ...]:
+    """
+    Every pool's nodes, each URL once (pools that share one share its
+    connections).
+    """
+    seen: dict[str, NodeSpec] = {}
+    for pc in pool_configs:
+        for spec in pc.nodes:
+            seen.setdefault(spec.key, spec)
+    return tuple(seen.values())
+
+
 class BalancerService(MultiService):
     """
     The whole balancer: owns the current L{Config} and applies a new one to
@@ -123,23 +147,33 @@ class BalancerService(MultiService):
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
-        # Nodes named by DNS: looked up by the discovery service, which calls
-        # nodes_found when what it found changes. No resolver (nor a read of
-        # /etc/resolv.conf) unless some entry needs one.
+        # Nodes named by DNS (top-level and in pools): looked up by the
+        # discovery service, which calls nodes_found when what it found
+        # changes. No resolver (nor a read of /etc/resolv.conf) unless some
+        # entry needs one.
         self._resolvers = config.resolvers
+        entries = _dns_entries(config)
         self.discovery = DnsDiscovery(
             reactor,
-            make_resolver(reactor, config.resolvers) if config.dns_nodes else None,
+            make_resolver(reactor, config.resolvers) if entries else None,
             self.nodes_found,
-            config.dns_nodes,
+            entries,
             config.dns_refresh,
         )
         self.discovery.setServiceParent(self)
-        self.pool = self.make_pool(config)
+        # Every pool by name; self.pool is the first (the default one when
+        # there are top-level nodes) and self.checker its health checker.
+        self.pools = Pools()
+        self.checkers: dict[str, HealthChecker] = {}
+        pool_configs = self.initial_pools(config)
+        first = pool_configs[0]
+        self.pool = self.new_pool(first.name)
+        self.pool.set_thresholds(first.health.rise, first.health.fall)
+        self.pool.max_conns_per_node = config.max_conns_per_node
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
         self.tls = BalancerTLS()
-        self.tls.prepare(config, config.nodes)()
+        self.tls.prepare(config, _unique_nodes(pool_configs))()
         self.upstream = UpstreamPool(
             reactor,
             connect_timeout=config.connect_timeout,
@@ -148,7 +182,6 @@ class BalancerService(MultiService):
             tls_creator=self.tls.nodes,
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
-        self.proxy.queue.timeout = config.queue_timeout
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
@@ -159,13 +192,12 @@ class BalancerService(MultiService):
             ),
             pool=QuietConnectionPool(reactor, persistent=False),
         )
-        self.checker = HealthChecker(self.pool, config.health, reactor, self.health_agent)
         self.metrics = self.make_metrics()
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
-        if self.checks_health:
-            self.checker.setServiceParent(self)
+        self.checker: Optional[HealthChecker] = None
+        self._apply_pools(config, pool_configs)
         self.listeners: list[Listener] = []
         for description in config.listen:
             listener = Listener(self.listen_endpoint(len(self.listeners), description), self.site)
@@ -175,9 +207,13 @@ class BalancerService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.admin_listener: Optional[Listener] = None
+        # The status page's charts, sampled once a second (only with --admin).
+        self.history: Optional[History] = None
         if config.admin:
+            self.history = self.make_history()
+            self.history.setServiceParent(self)
             self.admin_listener = Listener(
-                serverFromString(reactor, config.admin), self.admin_site()
+                serverFromString(reactor, config.admin), self.admin_site(self.history)
             )
             self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
             self.admin_listener._raiseSynchronously = True
@@ -192,29 +228,42 @@ class BalancerService(MultiService):
                 )
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
-        self.notify = SystemdNotify(reactor, self.pool, environ or {}, pid)
+        self.notify = SystemdNotify(reactor, self.pools, environ or {}, pid)
         self.notify.setServiceParent(self)
 
     # -- what a variant of the service changes (rrlb.workers) ---------------
 
-    # Whether this process runs the health checker (a worker does not: its
+    # Whether this process runs the health checkers (a worker does not: its
     # main process sends it the nodes' health).
     checks_health = True
 
-    def make_pool(self, config: Config) -> Pool:
-        return Pool(config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node)
+    def initial_pools(self, config: Config) -> tuple[PoolConfig, ...]:
+        """
+        The pools to start with (no demo backends or DNS answers yet).
+        """
+        return all_pools(config)
+
+    def new_pool(self, name: str) -> Pool:
+        """
+        A new, empty pool named C{name} (L{_apply_pools} configures it).
+        """
+        return Pool((), name=name, clock=self.reactor)
 
     def make_metrics(self) -> Metrics:
         return Metrics(
-            self.pool,
+            self.pools,
             self.reactor,
             stats=self.proxy.stats,
-            queue=self.proxy.queue,
+            queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
-            checker=self.checker,
+            checkers=lambda: list(self.checkers.values()),
             connections=lambda: len(getattr(self.site, "channels", ())),
             upstream_connections=lambda: self.upstream.connection_count,
+            clients=self.site.client_list,
         )
+
+    def make_history(self) -> History:
+        return History(self.pools, self.metrics, self.reactor)
 
     def listen_endpoint(self, index: int, description: str) -> Any:
         """
@@ -230,8 +279,8 @@ class BalancerService(MultiService):
         """
         return self.site.add_port(port)
 
-    def admin_site(self) -> Any:
-        return AdminSite(self.pool, self.metrics, reactor=self.reactor)
+    def admin_site(self, history: Optional[History]) -> Any:
+        return AdminSite(self.pools, self.metrics, history, reactor=self.reactor)
 
     def readiness(self) -> list[defer.Deferred[Any]]:
         """
@@ -256,7 +305,7 @@ class BalancerService(MultiService):
             header_timeout=config.client_header_timeout,
             body_timeout=config.client_body_timeout,
             keepalive_timeout=config.keepalive_timeout,
-            max_connections=config.max_connections,
+            max_connections=connections_that_fit(config.max_connections),
             trusted_proxies=config.trusted_proxies,
         )
 
@@ -281,60 +330,136 @@ class BalancerService(MultiService):
 
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
+        entries = _dns_entries(config)
         resolver = None
-        if config.dns_nodes and (
-            config.resolvers != self._resolvers or self.discovery.resolver is None
-        ):
+        if entries and (config.resolvers != self._resolvers or self.discovery.resolver is None):
             resolver = make_resolver(self.reactor, config.resolvers)
-        self.discovery.configure(config.dns_nodes, config.dns_refresh, resolver)
+        self.discovery.configure(entries, config.dns_refresh, resolver)
         self._resolvers = config.resolvers
-        nodes = self._node_set(config)
-        commit_tls = self.tls.prepare(config, nodes)
-        self.pool.max_conns_per_node = config.max_conns_per_node
-        self._switch_nodes(nodes, commit_tls)
+        pool_configs = self._pool_configs(config)
+        commit_tls = self.tls.prepare(config, _unique_nodes(pool_configs))
+        for key in commit_tls():
+            self.upstream.drop_node(key)
         self.upstream.connect_timeout = config.connect_timeout
-        self.upstream.timeout = config.timeout
         self.upstream.max_idle_per_node = config.max_idle_per_node
         self.proxy.settings = self.proxy_settings(config)
         self.site.set_limits(self.client_limits(config))
-        self.proxy.queue.timeout = config.queue_timeout
         self.proxy.budget.percent = config.retry_budget
-        # New nodes or higher limits may have room for queued requests.
-        self.proxy.queue.dispatch()
-        self.checker.update(config.health)
+        self._apply_pools(config, pool_configs)
         self._apply_access_log(config)
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
         self.config = dataclasses.replace(config)
 
-    def _node_set(self, config: Config) -> tuple[NodeSpec, ...]:
+    def _apply_pools(self, config: Config, pool_configs: tuple[PoolConfig, ...]) -> None:
         """
-        The nodes to run: the configured ones, the demo backends, then those
-        found in DNS; a node listed twice runs once (the first one).
+        Make the pools, their checkers and the routes those of
+        C{pool_configs} and C{config.routes}. Pools that stay keep their
+        nodes' state (as do nodes that stay in them); pools that go take
+        their nodes out of rotation, and those nodes finish their requests.
         """
-        nodes: dict[str, NodeSpec] = {}
-        for node in config.nodes + self.demo_nodes + self.discovery.nodes:
-            nodes.setdefault(node.key, node)
-        return tuple(nodes.values())
+        removed: list[Node] = []
+        pools = []
+        destinations: dict[str, Destination] = {}
+        for pc in pool_configs:
+            pool = self.pools.get(pc.name)
+            if pool is None:
+                pool = self.pool if not self.pools and pc.name == self.pool.name else None
+            if pool is None:
+                pool = self.new_pool(pc.name)
+            pool.max_conns_per_node = config.max_conns_per_node
+            pool.set_thresholds(pc.health.rise, pc.health.fall)
+            pool.configure(pc.balance, pc.hash_key, pc.sticky, pc.slow_start)
+            # A node whose send_proxy changed: its idle connections began
+            # with the old header (or none).
+            by_key = {n.key: n for n in pc.nodes}
+            for node in pool.nodes:
+                spec = by_key.get(node.key)
+                if spec is not None and spec.send_proxy != node.send_proxy:
+                    self.upstream.drop_node(node.key)
+            _, gone = pool.update(pc.nodes)
+            removed.extend(gone)
+            for node in pool.nodes:
+                node.connect_timeout = pc.connect_timeout
+            pools.append(pool)
+            dest = self.proxy.destination(pool, pc.node_host, pc.timeout)
+            dest.queue.timeout = config.queue_timeout
+            destinations[pc.name] = dest
+        for name, pool in self.pools.by_name.items():
+            if name not in destinations:
+                _, gone = pool.update(())
+                removed.extend(gone)
+                self.log.info("pool {pool} removed", pool=name)
+        self.pools.set(pools)
+        self.pool = pools[0]
 
-    def _switch_nodes(self, nodes: tuple[NodeSpec, ...], commit_tls: Any) -> None:
-        """
-        Make C{nodes} the pool's node set: nodes that stay keep their health
-        state, removed ones finish their requests (see L{_retire}).
-        """
-        for key in commit_tls():
-            self.upstream.drop_node(key)
-        # A node whose send_proxy changed: its idle connections began with
-        # the old header (or none).
-        by_key = {n.key: n for n in nodes}
-        for node in self.pool.nodes:
-            spec = by_key.get(node.key)
-            if spec is not None and spec.send_proxy != node.send_proxy:
-                self.upstream.drop_node(node.key)
-        _, removed = self.pool.update(nodes)
+        # A worker process has no checkers (rrlb.workers).
+        for pc in pool_configs if self.checks_health else ():
+            checker = self.checkers.get(pc.name)
+            pool = self.pools.by_name[pc.name]
+            if checker is None or checker.pool is not pool:
+                checker = HealthChecker(pool, pc.health, self.reactor, self.health_agent)
+                self.checkers[pc.name] = checker
+                checker.setServiceParent(self)
+            else:
+                checker.update(pc.health)
+        for name in list(self.checkers):
+            if name not in destinations:
+                self.checkers.pop(name).disownServiceParent()
+        self.checker = self.checkers.get(pools[0].name)
+
+        router: Optional[Router[Destination]] = None
+        if config.routes:
+            router = Router(
+                [
+                    Route(
+                        destinations[r.pool],
+                        r.pool,
+                        host=r.host,
+                        path_prefix=r.path_prefix,
+                        methods=r.methods,
+                        header=r.header,
+                        strip_prefix=r.strip_prefix,
+                    )
+                    for r in config.routes
+                ]
+            )
+        self.proxy.set_routes(router, destinations[pools[0].name], destinations)
+
+        # Upstream settings that differ by pool: idle connections per node
+        # (the largest of its pools'), and the response timeout sweep runs
+        # often enough for the shortest timeout.
+        caps: dict[str, int] = {}
+        for pc in pool_configs:
+            for spec in pc.nodes:
+                caps[spec.key] = max(caps.get(spec.key, 0), pc.max_idle_per_node)
+        self.upstream.idle_caps = {
+            key: cap for key, cap in caps.items() if cap != config.max_idle_per_node
+        }
+        self.upstream.timeout = min(pc.timeout for pc in pool_configs)
+        in_use = {n.key for n in self.pools.nodes}
         for node in removed:
-            self.upstream.drop_node(node.key)
+            if node.key not in in_use:
+                self.upstream.drop_node(node.key)
         self._retire(removed)
+        # New nodes or higher limits may have room for queued requests.
+        for dest in destinations.values():
+            dest.queue.dispatch()
+
+    def _pool_configs(self, config: Config) -> tuple[PoolConfig, ...]:
+        """
+        The pools to run: each with its configured nodes, then (for the
+        default pool) the demo backends, then the nodes found in DNS for its
+        entries; a node listed twice in a pool runs once (the first one).
+        """
+        out = []
+        for pc in all_pools(config, config.nodes + self.demo_nodes):
+            nodes: dict[str, NodeSpec] = {}
+            found = [n for entry in pc.dns_nodes for n in self.discovery.nodes_of(entry)]
+            for node in pc.nodes + tuple(found):
+                nodes.setdefault(node.key, node)
+            out.append(dataclasses.replace(pc, nodes=tuple(nodes.values())))
+        return tuple(out)
 
     def _send_proxy_for(self, host: str, port: int) -> Optional[str]:
         """
@@ -342,26 +467,27 @@ class BalancerService(MultiService):
         the health checker's connections).
         """
         host = host.strip("[]").lower()
-        for node in self.pool.nodes:
+        for node in self.pools.nodes:
             if node.port == port and node.host.lower() == host:
                 return node.send_proxy
         return None
 
     def nodes_found(self) -> None:
         """
-        The nodes found in DNS changed: apply the new node set the way a
-        reload does, leaving every other setting as it is.
+        The nodes found in DNS changed: apply the new node sets of the pools
+        the way a reload does, leaving every other setting as it is.
         """
-        nodes = self._node_set(self.config)
+        pool_configs = self._pool_configs(self.config)
         try:
-            state = self.tls.nodes.prepare(nodes)
+            state = self.tls.nodes.prepare(_unique_nodes(pool_configs))
         except ConfigError as e:
             # A node TLS file went bad since the last reload: keep running.
             self.log.error("nodes from DNS not applied: {error}", error=str(e))
             return
-        self._switch_nodes(nodes, lambda: self.tls.nodes.commit(state))
-        # Probe the nodes that came, stop probing those that went.
-        self.checker.sync()
+        for key in self.tls.nodes.commit(state):
+            self.upstream.drop_node(key)
+        # Probes start for the nodes that came and stop for those that went.
+        self._apply_pools(self.config, pool_configs)
         self.notify.send_status()
 
     def _apply_access_log(self, config: Config) -> None:
@@ -423,7 +549,7 @@ class BalancerService(MultiService):
                 new=config.workers,
             )
             config = dataclasses.replace(config, workers=self.config.workers)
-        before = {n.key for n in self.pool.nodes}
+        before = {n.label for n in self.pools.nodes}
         try:
             self.apply(config)
         except Exception:
@@ -431,10 +557,12 @@ class BalancerService(MultiService):
             self.notify.note = "last reload failed, see the log"
             self.notify.reloaded()
             return False
-        after = {n.key for n in self.pool.nodes}
+        after = {n.label for n in self.pools.nodes}
         self.log.info(
-            "configuration reloaded: {count} nodes ({added} added, {removed} removed)",
+            "configuration reloaded: {count} nodes in {pools} pools ({added} added,"
+            " {removed} removed)",
             count=len(after),
+            pools=len(self.pools),
             added=len(after - before),
             removed=len(before - after),
         )
@@ -517,7 +645,7 @@ class BalancerService(MultiService):
         for node in self.retired:
             if node.in_flight > 0:
                 remaining.append(node)
-            elif self.pool.get(node.key) is None:
+            elif not any(pool.get(node.key) is not None for pool in self.pools):
                 self.upstream.drop_node(node.key)
                 self.log.info("node {node} removed; its last request finished", node=node.url)
         self.retired = remaining
@@ -530,7 +658,7 @@ class BalancerService(MultiService):
         """
         Requests being forwarded now, including those of removed nodes.
         """
-        return sum(n.in_flight for n in self.pool.nodes) + sum(n.in_flight for n in self.retired)
+        return sum(n.in_flight for n in self.pools.nodes) + sum(n.in_flight for n in self.retired)
 
     def _listening(self, service: Any = None) -> Iterator[defer.Deferred[Any]]:
         for child in service if service is not None else self:

@@ -24,6 +24,8 @@ from rrlb.config import (
     non_negative_float,
     non_negative_int,
     parse_access_log_format,
+    parse_balance,
+    parse_hash_key,
     parse_health_path,
     parse_node,
     parse_resolver,
@@ -71,6 +73,8 @@ _TOP_OPTIONS = {
     "queue-timeout": "queue_timeout",
     "retries": "retries",
     "retry-budget": "retry_budget",
+    "balance": "balance",
+    "hash-key": "hash_key",
     "dns-refresh": "dns_refresh",
     "workers": "workers",
 }
@@ -327,6 +331,23 @@ class Options(usage.Options):
             "Retries in flight at most, as a percentage of requests in flight;"
             " 3 are always allowed (default: 20).",
             _coerce(percent, "--retry-budget"),
+        ],
+        # Balancing of the --nodes pool (pools: in YAML set their own).
+        [
+            "balance",
+            None,
+            None,
+            "How the --nodes pool picks a node: roundrobin, leastconn, p2c or hash"
+            " (default: roundrobin).",
+            _coerce(parse_balance, "--balance"),
+        ],
+        [
+            "hash-key",
+            None,
+            None,
+            "What --balance hash hashes: source, uri, header:NAME or cookie:NAME"
+            " (default: source).",
+            _coerce(parse_hash_key, "--hash-key"),
         ],
     ]
 

@@ -900,9 +900,10 @@ def check_tls(config: Config) -> None:
         # Read even when no node is https now: a reload may add one, and a
         # wrong path should be caught where it was typed.
         load_certificates("--ca-file/tls.ca_file", config.tls.ca_file)
-    NodeTLSClients().prepare(config.nodes)
+    NodeTLSClients().prepare(config.nodes + tuple(n for p in config.pools for n in p.nodes))
     # Nodes found in DNS use their entry's files: read them now too.
-    NodeTLSClients().prepare([d.template for d in config.dns_nodes])
+    dns_nodes = config.dns_nodes + tuple(d for p in config.pools for d in p.dns_nodes)
+    NodeTLSClients().prepare([d.template for d in dns_nodes])
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)

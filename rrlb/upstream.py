@@ -224,8 +224,12 @@ class UpstreamProtocol(Protocol):
             self.pool._forget_idle(self)
             self.transport.abortConnection()
             return
-        exchange.active = True
         state = self._state
+        if state != _HEAD:
+            # Progress for the silence timeout between body chunks. Bytes of
+            # a head are not: --timeout bounds the wait for the whole head,
+            # or a node sending a byte a second could hold it for ever.
+            exchange.active = True
         if state == _LENGTH:
             remaining = self._remaining - len(data)
             if remaining > 0:
@@ -257,8 +261,10 @@ class UpstreamProtocol(Protocol):
         while True:
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_SIZE:
+            if end < 0 or end > MAX_HEAD_SIZE:
+                # The limit holds however the head arrives: in pieces, or
+                # complete in one read of up to READ_SIZE bytes.
+                if end > MAX_HEAD_SIZE or len(buffer) > MAX_HEAD_SIZE:
                     self._protocol_error("response head too large")
                 return
             self._got_response = True
@@ -276,6 +282,8 @@ class UpstreamProtocol(Protocol):
                 # client already had its 100 from us; wait for the final one.
                 continue
             break
+        # The head is complete: the body's silence timeout starts now.
+        self.exchange.active = True
         self._start_body(version, code, reason, raw)
 
     def _start_body(
@@ -524,6 +532,8 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.max_idle_per_node = max_idle_per_node
+        # Node key -> its pool's max_idle_per_node, where that differs.
+        self.idle_caps: dict[str, int] = {}
         self.tls_creator = tls_creator
         # How long a client that paused its response may read nothing
         # (nginx's send_timeout); never less than the response timeout.
@@ -566,6 +576,8 @@ class UpstreamPool:
             protocol.transport.abortConnection()
         factory = _ConnectFactory(self, node.key, exchange)
         self.new_connections += 1
+        # The node's pool's connect timeout, if it has its own.
+        connect_timeout = getattr(node, "connect_timeout", None) or self.connect_timeout
         if node.scheme == "https":
             creator = self.tls_creator(node) if self.tls_creator else None
             if creator is None:
@@ -573,9 +585,9 @@ class UpstreamPool:
 
                 creator = optionsForClientTLS(node.host)
             return self.reactor.connectSSL(
-                node.host, node.port, factory, creator, timeout=self.connect_timeout
+                node.host, node.port, factory, creator, timeout=connect_timeout
             )
-        return self.reactor.connectTCP(node.host, node.port, factory, timeout=self.connect_timeout)
+        return self.reactor.connectTCP(node.host, node.port, factory, timeout=connect_timeout)
 
     def _acquire_private(self, node: Any, exchange: Any, fresh: bool, header: bytes) -> Any:
         """
@@ -629,7 +641,7 @@ class UpstreamPool:
         idle = self._idle.get(protocol.key)
         if idle is None:
             idle = self._idle[protocol.key] = []
-        cap = self.max_idle_per_node
+        cap = self.idle_caps.get(protocol.key, self.max_idle_per_node)
         if cap == 0:
             protocol.transport.loseConnection()
             return
@@ -656,10 +668,11 @@ class UpstreamPool:
         """
         self._trim_call = None
         cutoff = self._trim_round
-        cap = self.max_idle_per_node
+        caps = self.idle_caps
+        default_cap = self.max_idle_per_node
         over = False
-        for idle in self._idle.values():
-            excess = len(idle) - cap
+        for key, idle in self._idle.items():
+            excess = len(idle) - caps.get(key, default_cap)
             while excess > 0 and idle[0].idle_round < cutoff:
                 protocol = idle.pop(0)
                 protocol.idle = False
@@ -761,8 +774,10 @@ class UpstreamPool:
         for exchange in self._watched:
             if exchange.active or exchange.deadline is None:
                 exchange.active = False
+                # The exchange's pool's own timeout, if it has one.
+                own = getattr(exchange, "timeout", None) or timeout
                 exchange.deadline = now + (
-                    send_timeout if getattr(exchange, "paused", False) else timeout
+                    max(own, send_timeout) if getattr(exchange, "paused", False) else own
                 )
             elif now >= exchange.deadline:
                 expired.append(exchange)

@@ -376,7 +376,9 @@ class AccessLogOverLoopbackTests(unittest.TestCase):
         self.assertEqual(record["uri"], "/slow")
         self.assertEqual(record["node"], backend.url)
         self.assertIsNone(record["upstream_status"])
-        self.assertEqual(balancer.service.metrics.requests, {(backend.url, "GET", 499): 1})
+        self.assertEqual(
+            balancer.service.metrics.requests, {(("default", backend.url), "GET", 499): 1}
+        )
 
     async def test_written_while_running(self) -> None:
         """

@@ -175,7 +175,12 @@ class StatusTests(AdminCase):
         self.assertEqual(status["nodes"][0]["in_flight"], 1)
         self.assertGreaterEqual(status["process"]["connections"], 1)
         metrics = await self.metrics()
-        self.assertEqual(metrics[("rrlb_in_flight_requests", (("node", self.backends[0].url),))], 1)
+        self.assertEqual(
+            metrics[
+                ("rrlb_in_flight_requests", (("node", self.backends[0].url), ("pool", "default")))
+            ],
+            1,
+        )
         await client.close()
         await wait_until(lambda: node.in_flight == 0, what="the request to end")
 
@@ -225,24 +230,51 @@ class MetricsTests(AdminCase):
         m = await self.metrics()
 
         def requests(node: str, method: str, status: str) -> float:
-            key = ("rrlb_requests_total", (("method", method), ("node", node), ("status", status)))
+            key = (
+                "rrlb_requests_total",
+                (("method", method), ("node", node), ("pool", "default"), ("status", status)),
+            )
             return m.get(key, 0)
 
         # Rotation a, b, a, b, ...: GETs go to a, POSTs to b, PROPFIND to a.
         self.assertEqual(requests(a.url, "GET", "2xx"), 3)
         self.assertEqual(requests(b.url, "POST", "4xx"), 3)
         self.assertEqual(requests(a.url, "other", "2xx"), 1)
-        self.assertEqual(m[("rrlb_upstream_latency_seconds_count", (("node", a.url),))], 4)
-        self.assertEqual(m[("rrlb_upstream_latency_seconds_count", (("node", b.url),))], 3)
         self.assertEqual(
-            m[("rrlb_upstream_latency_seconds_bucket", (("le", "+Inf"), ("node", a.url)))], 4
+            m[("rrlb_upstream_latency_seconds_count", (("node", a.url), ("pool", "default")))], 4
         )
-        self.assertGreater(m[("rrlb_upstream_latency_seconds_sum", (("node", a.url),))], 0)
-        self.assertEqual(m[("rrlb_node_healthy", (("node", a.url),))], 1)
-        self.assertEqual(m[("rrlb_in_flight_requests", (("node", b.url),))], 0)
-        self.assertEqual(m[("rrlb_node_state", (("node", a.url), ("state", "up")))], 1)
-        self.assertEqual(m[("rrlb_node_state", (("node", a.url), ("state", "down")))], 0)
-        self.assertEqual(m[("rrlb_health_checks_total", (("node", a.url), ("result", "pass")))], 1)
+        self.assertEqual(
+            m[("rrlb_upstream_latency_seconds_count", (("node", b.url), ("pool", "default")))], 3
+        )
+        self.assertEqual(
+            m[
+                (
+                    "rrlb_upstream_latency_seconds_bucket",
+                    (("le", "+Inf"), ("node", a.url), ("pool", "default")),
+                )
+            ],
+            4,
+        )
+        self.assertGreater(
+            m[("rrlb_upstream_latency_seconds_sum", (("node", a.url), ("pool", "default")))], 0
+        )
+        self.assertEqual(m[("rrlb_node_healthy", (("node", a.url), ("pool", "default")))], 1)
+        self.assertEqual(m[("rrlb_in_flight_requests", (("node", b.url), ("pool", "default")))], 0)
+        self.assertEqual(
+            m[("rrlb_node_state", (("node", a.url), ("pool", "default"), ("state", "up")))], 1
+        )
+        self.assertEqual(
+            m[("rrlb_node_state", (("node", a.url), ("pool", "default"), ("state", "down")))], 0
+        )
+        self.assertEqual(
+            m[
+                (
+                    "rrlb_health_checks_total",
+                    (("node", a.url), ("pool", "default"), ("result", "pass")),
+                )
+            ],
+            1,
+        )
         self.assertEqual(m[("rrlb_info", (("version", __version__),))], 1)
 
     async def test_proxy_errors_and_retries(self) -> None:
@@ -286,10 +318,21 @@ class MetricsTests(AdminCase):
         self.assertEqual(m[("rrlb_proxy_errors_total", (("code", "502"),))], 1)
         self.assertEqual(m[("rrlb_proxy_errors_total", (("code", "503"),))], 1)
         self.assertEqual(m[("rrlb_proxy_errors_total", (("code", "504"),))], 0)
-        key = ("rrlb_requests_total", (("method", "GET"), ("node", "none"), ("status", "5xx")))
+        key = (
+            "rrlb_requests_total",
+            (("method", "GET"), ("node", "none"), ("pool", "default"), ("status", "5xx")),
+        )
         self.assertEqual(m[key], 1)
-        self.assertEqual(m[("rrlb_node_errors_total", (("node", dead),))], 2)
-        self.assertEqual(m[("rrlb_health_checks_total", (("node", dead), ("result", "fail")))], 1)
+        self.assertEqual(m[("rrlb_node_errors_total", (("node", dead), ("pool", "default")))], 2)
+        self.assertEqual(
+            m[
+                (
+                    "rrlb_health_checks_total",
+                    (("node", dead), ("pool", "default"), ("result", "fail")),
+                )
+            ],
+            1,
+        )
 
     async def test_gateway_timeout_counted(self) -> None:
         """
@@ -338,8 +381,10 @@ class DrainTests(AdminCase):
             [("draining", True), ("up", False)],
         )
         m = await self.metrics()
-        self.assertEqual(m[("rrlb_node_state", (("node", a.url), ("state", "draining")))], 1)
-        self.assertEqual(m[("rrlb_node_in_rotation", (("node", a.url),))], 0)
+        self.assertEqual(
+            m[("rrlb_node_state", (("node", a.url), ("pool", "default"), ("state", "draining")))], 1
+        )
+        self.assertEqual(m[("rrlb_node_in_rotation", (("node", a.url), ("pool", "default")))], 0)
         page = (await self.get("/")).body.decode("utf-8")
         self.assertIn('data-node-id="0" data-state="draining"', page)
         self.assertIn("DRAINING", page)
@@ -350,7 +395,9 @@ class DrainTests(AdminCase):
         bodies = [(await self.proxied("GET", "/")).body for _ in range(4)]
         self.assertEqual(sorted(bodies), [b"a", b"a", b"b", b"b"])
         m = await self.metrics()
-        self.assertEqual(m[("rrlb_node_state", (("node", a.url), ("state", "up")))], 1)
+        self.assertEqual(
+            m[("rrlb_node_state", (("node", a.url), ("pool", "default"), ("state", "up")))], 1
+        )
 
     async def test_in_flight_finishes(self) -> None:
         """
@@ -451,8 +498,8 @@ class PageTests(AdminCase):
         page = reply.body.decode("utf-8")
         self.assertEqual(page.count('<tr class="node '), 2)
         self.assertIn(f'<span class="full">{self.backends[0].url}</span>', page)
-        self.assertIn('action="/nodes/1/enable"', page)
-        self.assertIn('action="/nodes/0/drain"', page)
+        self.assertIn('action="/nodes/default/1/enable"', page)
+        self.assertIn('action="/nodes/default/0/drain"', page)
         self.assertNotIn("{{", page)
         self.assertNotIn(
             "http://", page.replace(self.backends[0].url, "").replace(self.backends[1].url, "")

@@ -11,7 +11,15 @@ from typing import Any
 from twisted.python import usage
 from twisted.trial import unittest
 
-from rrlb.config import Config, ConfigError, HealthConfig, build_config, parse_node
+from rrlb.config import (
+    Config,
+    ConfigError,
+    HealthConfig,
+    RouteConfig,
+    all_pools,
+    build_config,
+    parse_node,
+)
 from rrlb.tap import Options
 
 from .helpers import parse_error
@@ -703,3 +711,219 @@ class OverloadSettingsTests(unittest.TestCase, ConfigErrorAssertions):
                 text = "nodes: [http://a]\n" + text
             path = self.write(text)
             self.assertClearError(parse_error("--config", path), *names)
+
+
+ISSUE_POOLS = """\
+pools:
+  api:
+    nodes: [http://10.0.0.1:8080, {url: http://10.0.0.2:8080, weight: 2}]
+    balance: leastconn
+    health: {path: /healthz, interval: 2}
+  static:
+    nodes: [http://10.0.1.1:80]
+routes:
+  - {host: api.example.com, pool: api}
+  - {path_prefix: /static/, pool: static, strip_prefix: true}
+  - {header: {X-Canary: "1"}, pool: api}
+  - {pool: static}            # no match fields: the default
+"""
+
+
+class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
+    """
+    pools:, routes:, balance:, hash_key:, sticky:, slow_start:, --balance
+    and --hash-key.
+    """
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def error(self, text: str, *args: str) -> str:
+        return parse_error("--config", self.write(text), *args)
+
+    def test_issue_example(self) -> None:
+        """
+        The issue's file: two pools with their own settings, inheriting the
+        top-level ones, and four routes in order.
+        """
+        config = parse("--config", self.write("timeout: 7\nhealth: {rise: 5}\n" + ISSUE_POOLS))
+        api, static = config.pools
+        self.assertEqual(config.nodes, ())
+        self.assertEqual(api.name, "api")
+        self.assertEqual(
+            [(n.url, n.weight) for n in api.nodes],
+            [("http://10.0.0.1:8080", 1), ("http://10.0.0.2:8080", 2)],
+        )
+        self.assertEqual(api.balance, "leastconn")
+        self.assertEqual(api.health, HealthConfig("/healthz", 2.0, 2.0, 5, 3))
+        self.assertEqual(api.timeout, 7.0)
+        self.assertEqual(static.balance, "roundrobin")
+        self.assertEqual(static.health, HealthConfig(rise=5))
+        self.assertEqual([r.pool for r in config.routes], ["api", "static", "api", "static"])
+        self.assertEqual(config.routes[0].host, "api.example.com")
+        self.assertEqual(config.routes[1].path_prefix, "/static/")
+        self.assertTrue(config.routes[1].strip_prefix)
+        self.assertEqual(config.routes[2].header, (("X-Canary", "1"),))
+        self.assertEqual(config.routes[3], RouteConfig(pool="static"))
+
+    def test_pool_settings(self) -> None:
+        """
+        Every per-pool key is read.
+        """
+        config = parse(
+            "--config",
+            self.write(
+                "pools:\n"
+                "  p:\n"
+                "    nodes: [http://a]\n"
+                "    balance: hash\n"
+                "    hash_key: header:X-User\n"
+                "    sticky: {cookie: SRV}\n"
+                "    slow_start: 30\n"
+                "    timeout: 3\n"
+                "    connect_timeout: 1\n"
+                "    node_host: true\n"
+                "    max_idle_per_node: 4\n"
+            ),
+        )
+        (pool,) = config.pools
+        self.assertEqual(
+            (
+                pool.balance,
+                pool.hash_key,
+                pool.sticky,
+                pool.slow_start,
+                pool.timeout,
+                pool.connect_timeout,
+                pool.node_host,
+                pool.max_idle_per_node,
+            ),
+            ("hash", "header:X-User", "SRV", 30.0, 3.0, 1.0, True, 4),
+        )
+
+    def test_default_pool_flags(self) -> None:
+        """
+        --balance and --hash-key set the --nodes pool's policy; YAML has
+        the same keys at the top level.
+        """
+        config = parse("--nodes", "http://a", "--balance", "hash", "--hash-key", "cookie:sid")
+        self.assertEqual((config.balance, config.hash_key), ("hash", "cookie:sid"))
+        (pool,) = all_pools(config)
+        self.assertEqual(
+            (pool.name, pool.balance, pool.hash_key), ("default", "hash", "cookie:sid")
+        )
+        config = parse(
+            "--config",
+            self.write("nodes: [http://a]\nbalance: p2c\nsticky: {cookie: lb}\nslow_start: 5\n"),
+        )
+        (pool,) = all_pools(config)
+        self.assertEqual((pool.balance, pool.sticky, pool.slow_start), ("p2c", "lb", 5.0))
+
+    def test_nodes_and_pools(self) -> None:
+        """
+        Top-level nodes are the pool named default, which routes may name.
+        """
+        config = parse(
+            "--config",
+            self.write(
+                "nodes: [http://a]\npools: {b: {nodes: [http://b]}}\n"
+                "routes: [{host: b, pool: b}, {pool: default}]\n"
+            ),
+        )
+        self.assertEqual([p.name for p in all_pools(config)], ["default", "b"])
+
+    def test_same_url_in_two_pools(self) -> None:
+        """
+        One URL may be in two pools (two nodes, each checked by its pool).
+        """
+        config = parse(
+            "--config",
+            self.write(
+                "pools: {a: {nodes: [http://x]}, b: {nodes: [http://x]}}\nroutes: [{pool: a}]\n"
+            ),
+        )
+        self.assertEqual([p.nodes[0].url for p in config.pools], ["http://x", "http://x"])
+
+    def test_errors_name_the_pool_or_route(self) -> None:
+        """
+        Every mistake is one line naming the pool or route and the value.
+        """
+        cases = [
+            ("pools: {api: {nodes: [http://a, ftp://b]}}\n", "pools.api.nodes[1]:", "ftp://b"),
+            (
+                "pools: {api: {nodes: [http://a, {url: http://b, weight: 0}]}}\n",
+                "pools.api.nodes[1].weight",
+                "0",
+            ),
+            ("pools: {api: {nodes: []}}\n", "pools.api.nodes"),
+            ("pools: {api: {balance: random, nodes: [http://a]}}\n", "pools.api.balance", "random"),
+            ("pools: {api: {nodes: [http://a], colour: red}}\n", "pools.api.colour"),
+            (
+                "pools: {api: {nodes: [http://a], health: {interval: -1}}}\n",
+                "pools.api.health.interval",
+                "-1",
+            ),
+            ("pools: {api: {nodes: [http://a], hash_key: uri}}\n", "pools.api.hash_key"),
+            (
+                "pools: {api: {nodes: [http://a], balance: hash, hash_key: body}}\n",
+                "pools.api.hash_key",
+                "body",
+            ),
+            ("pools: {api: {nodes: [http://a], sticky: {}}}\n", "pools.api.sticky"),
+            (
+                "pools: {api: {nodes: [http://a], sticky: {cookie: 'a b'}}}\n",
+                "pools.api.sticky.cookie",
+                "a b",
+            ),
+            ("pools: {'a/b': {nodes: [http://a]}}\n", "pools", "a/b"),
+            ("pools: {'7': {nodes: [http://a]}}\n", "pools", "'7'"),
+            ("pools: {api: {nodes: [http://a]}}\nroutes: [{pool: web}]\n", "routes[0].pool", "web"),
+            (
+                "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, host: 'a/b'}]\n",
+                "routes[0].host",
+                "a/b",
+            ),
+            (
+                "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, path_prefix: static}]\n",
+                "routes[0].path_prefix",
+                "static",
+            ),
+            (
+                "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, strip_prefix: true}]\n",
+                "routes[0].strip_prefix",
+            ),
+            (
+                "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, port: 1}]\n",
+                "routes[0].port",
+            ),
+            ("pools: {api: {nodes: [http://a]}}\nroutes: [{host: a}]\n", "routes[0]", "pool"),
+            ("pools: {a: {nodes: [http://a]}, b: {nodes: [http://b]}}\n", "routes", "a, b"),
+            ("nodes: [http://a]\npools: {default: {nodes: [http://b]}}\n", "pools.default"),
+            ("nodes: [http://a]\nhash_key: uri\n", "hash_key"),
+            (
+                "pools: {a: {nodes: [http://x]}, b: {nodes: [{url: http://x, send_proxy: v2}]}}\n"
+                "routes: [{pool: a}]\n",
+                "pools.b.nodes[0]",
+                "send_proxy",
+            ),
+            ("pools: {a: {nodes: [http://a]}}\nbalance: p2c\n", "balance", "each pool"),
+            (
+                "pools: {a: {nodes: [https://x]},"
+                " b: {nodes: [{url: https://x, tls: {verify: false}}]}}\n"
+                "routes: [{pool: a}]\n",
+                "pools.b.nodes[0]",
+                "https://x",
+            ),
+        ]
+        for text, *names in cases:
+            self.assertClearError(self.error(text), *names)
+
+    def test_bad_flags(self) -> None:
+        """
+        --balance and --hash-key values are checked.
+        """
+        self.assertIn("--balance", parse_error("--nodes", "http://a", "--balance", "random"))
+        self.assertIn("--hash-key", parse_error("--nodes", "http://a", "--hash-key", "x"))

@@ -20,10 +20,17 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from rrlb.channel import ClientLimits, is_trusted, raise_fd_limit, real_client
+from rrlb.channel import (
+    ClientLimits,
+    connections_that_fit,
+    is_trusted,
+    raise_fd_limit,
+    real_client,
+)
 from rrlb.config import ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
+from rrlb.service import BalancerService
 from tests.helpers import (
     LogCapture,
     balancer_options,
@@ -188,6 +195,22 @@ class ClockTimeoutTests(unittest.TestCase):
         for channel in channels:
             harness.lose(channel)
         self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_head_byte_by_byte(self) -> None:
+        """
+        A head that arrives one byte at a time is read as if it came whole,
+        and a bare LF split across reads is still caught.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        for byte in b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"), transport.value())
+        self.assertEqual(harness.logged[0].uri, b"/a")
+        channel, transport = harness.connect()
+        for byte in b"GET /b HTTP/1.1\nHost: x\n\n":
+            channel.dataReceived(bytes([byte]))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
 
     def test_pipelined_requests(self) -> None:
         """
@@ -364,6 +387,8 @@ class ClientErrorRecordTests(unittest.TestCase):
         with open(log_path) as f:
             records = [json.loads(line) for line in f]
         self.assertEqual(sorted(r["status"] for r in records), [400, 413, 501])
+        bad = [r for r in records if r["status"] == 400][0]
+        self.assertEqual((bad["method"], bad["uri"], bad["protocol"]), ("GET", "/", "HTTP/1.1"))
         upload = [r for r in records if r["status"] == 413][0]
         self.assertEqual((upload["method"], upload["uri"]), ("POST", "/up"))
         self.assertEqual(upload["remote_addr"], "127.0.0.1")
@@ -489,7 +514,8 @@ class TrustedProxiesTests(unittest.TestCase):
     FORWARDED = (
         b"GET / HTTP/1.1\r\nHost: edge.example\r\nConnection: close\r\n"
         b"X-Forwarded-For: 203.0.113.9, 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"
-        b"X-Forwarded-Host: www.example\r\n\r\n"
+        b"X-Forwarded-Host: www.example\r\nForwarded: for=198.51.100.1\r\n"
+        b"X_Forwarded_For: 198.51.100.2\r\n\r\n"
     )
 
     async def forwarded(self, *args: str) -> Any:
@@ -527,6 +553,8 @@ class TrustedProxiesTests(unittest.TestCase):
         """
         request, record = await self.forwarded("--trusted-proxies", "10.0.0.0/8,192.168.0.0/16")
         self.assertEqual(request.header(b"x-forwarded-for"), b"127.0.0.1")
+        self.assertIsNone(request.header(b"forwarded"))
+        self.assertIsNone(request.header(b"x_forwarded_for"))
         self.assertEqual(request.header(b"x-forwarded-proto"), b"http")
         self.assertEqual(request.header(b"x-forwarded-host"), b"edge.example")
         self.assertEqual(record["remote_addr"], "127.0.0.1")
@@ -538,9 +566,35 @@ class TrustedProxiesTests(unittest.TestCase):
         """
         request, record = await self.forwarded("--trusted-proxies", "127.0.0.0/8, 10.0.0.0/8")
         self.assertEqual(request.header(b"x-forwarded-for"), b"203.0.113.9, 10.1.2.3, 127.0.0.1")
-        self.assertEqual(request.header(b"x-forwarded-proto"), b"https")
-        self.assertEqual(request.header(b"x-forwarded-host"), b"www.example")
+        self.assertEqual(request.header(b"x-forwarded-proto"), b"https, http")
+        self.assertEqual(request.header(b"x-forwarded-host"), b"www.example, edge.example")
         self.assertEqual(record["remote_addr"], "203.0.113.9")
+
+    async def test_status_shows_real_client(self) -> None:
+        """
+        /status lists open client connections with the real client behind
+        trusted proxies, its peer, its state and its answered requests.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--admin",
+            "tcp:0:interface=127.0.0.1",
+            "--trusted-proxies",
+            "127.0.0.0/8",
+        )
+        client = await raw_connect(self, balancer.port)
+        client.send(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9, 127.0.0.5\r\n\r\n"
+        )
+        await client.wait_for(lambda r: r.endswith(b"a"))
+        admin = await admin_url(balancer)
+        status = json.loads((await http_request(self, "GET", admin + "/status")).body)
+        (listed,) = [c for c in status["clients"] if c["client"] == "203.0.113.9"]
+        self.assertEqual(listed["peer"], "127.0.0.1")
+        self.assertEqual(listed["state"], "idle")
+        self.assertEqual(listed["requests"], 1)
 
     def test_real_client(self) -> None:
         """
@@ -552,6 +606,11 @@ class TrustedProxiesTests(unittest.TestCase):
         self.assertEqual(real_client(b"10.0.0.1", [b"1.2.3.4", b"5.6.7.8"], nets), b"5.6.7.8")
         self.assertEqual(real_client(b"10.0.0.1", [b"10.1.1.1, 10.2.2.2"], nets), b"10.1.1.1")
         self.assertEqual(real_client(b"10.0.0.1", [b" , "], nets), b"10.0.0.1")
+        # The walk stops at a hop that is not an address: never log one.
+        self.assertEqual(real_client(b"10.0.0.1", [b"1.2.3.4, junk, 10.9.9.9"], nets), b"10.9.9.9")
+        self.assertEqual(real_client(b"10.0.0.1", [b'9.9.9.9 - - [01/Jan"'], nets), b"10.0.0.1")
+        self.assertEqual(real_client(b"10.0.0.1", [b"1.1.1.1:1234"], nets), b"10.0.0.1")
+        self.assertEqual(real_client(b"10.0.0.1", [b"2001:DB8::1"], nets), b"2001:db8::1")
         self.assertTrue(is_trusted("::ffff:10.1.2.3", nets))
         self.assertTrue(is_trusted("::1", nets))
         self.assertFalse(is_trusted("garbage", nets))
@@ -668,6 +727,22 @@ class FileLimitTests(unittest.TestCase):
         raise_fd_limit(hard)
         warnings = [m for m in logs.messages() if "--max-connections" in m]
         self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("accepting at most", warnings[0])
         raise_fd_limit(10)
         self.assertEqual(len([m for m in logs.messages() if "--max-connections" in m]), 1)
+
+    def test_cap_fits_the_limit(self) -> None:
+        """
+        A --max-connections that cannot fit is lowered to what can: two
+        descriptors per connection and a reserve.
+        """
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1064, hard))
+        self.assertEqual(connections_that_fit(10000), 500)
+        self.assertEqual(connections_that_fit(300), 300)
+        config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
+        self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
 

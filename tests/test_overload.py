@@ -359,7 +359,9 @@ class VisibilityTests(OverloadCase):
         m = samples((await http_request(self, "GET", admin + "/metrics")).body.decode())
         self.assertEqual(m[("rrlb_queue_length", ())], 1)
         self.assertEqual(m[("rrlb_queue_timeouts_total", ())], 0)
-        self.assertEqual(m[("rrlb_node_in_flight", (("node", backend.url),))], 1)
+        self.assertEqual(
+            m[("rrlb_node_in_flight", (("node", backend.url), ("pool", "default")))], 1
+        )
         self.assertEqual(m[("rrlb_retries_total", ())], 0)
         self.assertEqual(m[("rrlb_retries_refused_total", ())], 0)
         page = (await http_request(self, "GET", admin + "/")).body.decode()

@@ -21,7 +21,7 @@ from twisted.internet import reactor as _reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.helpers import start_backends, start_balancer, wait_until
+from tests.helpers import HTTPClient, sleep, start_backends, start_balancer, wait_until
 from tests.test_admin import ADMIN, admin_url
 
 reactor: Any = _reactor
@@ -162,7 +162,7 @@ class StatusPageBrowserTests(unittest.TestCase):
         self.assertIn(">DRAINING</span>", dom)
         for backend in (up, down, drained):
             self.assertIn(backend.url, dom)
-        self.assertIn('action="/nodes/2/enable"', dom)
+        self.assertIn('action="/nodes/default/2/enable"', dom)
         self.assertIn("HTTP 503", dom)
         self.assertIn("1 up", dom)
         self.assertIn("1 down", dom)
@@ -183,3 +183,79 @@ class StatusPageBrowserTests(unittest.TestCase):
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertGreater(os.path.getsize(screenshot), 10_000)
+
+    async def test_charts_render_and_move(self) -> None:
+        """
+        With two pools, the page groups nodes by pool and draws per node a
+        requests-per-second and a p99 chart that the browser lays out (each
+        line has a size); after more traffic and a few seconds the lines
+        have moved, and the slowed-down node's p99 stands out.
+        """
+        fast, slow, other = await start_backends(self, "fast", "slow", "other")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"pools:\n  api: {{nodes: [{fast.url}, {slow.url}]}}\n"
+                f"  web: {{nodes: [{other.url}]}}\n"
+                "routes: [{path_prefix: /api, pool: api}, {pool: web}]\n"
+            )
+        balancer = await start_balancer(self, (), "--config", path, "--admin", ADMIN)
+        url = await admin_url(balancer) + "/"
+        client = HTTPClient()
+        self.addCleanup(client.close)
+
+        async def traffic(count: int) -> None:
+            for _ in range(count):
+                await client.request("GET", balancer.url + "/api/x")
+                await client.request("GET", balancer.url + "/x")
+
+        history = balancer.service.history
+        assert history is not None
+        await traffic(20)
+        await sleep(1.2)
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+
+        async def dump(name: str) -> str:
+            code, dom, err = await run_browser(
+                self.browser_args(os.path.join(work, name))
+                + ["--virtual-time-budget=3000", "--dump-dom", url],
+                work,
+            )
+            self.assertEqual(code, 0, err[-2000:])
+            return dom
+
+        def lines(dom: str) -> dict[tuple[str, str], str]:
+            found = re.findall(
+                r'<tr class="node[^"]*" data-node-id="(\d+)"[^>]*data-pool="(\w+)">(.*?)</tr>',
+                dom,
+                re.S,
+            )
+            return {(pool, node): row for node, pool, row in found}
+
+        first = await dump("profile-1")
+        sections = re.findall(r'<section class="pool" data-pool="(\w+)"', first)
+        self.assertEqual(sections, ["api", "web"])
+        rows = lines(first)
+        self.assertEqual(set(rows), {("api", "0"), ("api", "1"), ("web", "0")})
+        for row in rows.values():
+            drawn = re.findall(r'<figure class="chart (rps|p99)"[^>]*data-drawn="(\d+)x(\d+)"', row)
+            self.assertEqual([kind for kind, _, _ in drawn], ["rps", "p99"], row)
+            # The rps line spans the samples so far: wider than nothing.
+            self.assertGreater(int(drawn[0][1]), 0, row)
+
+        slow.delay = 0.3
+        await traffic(6)
+        await sleep(2.2)
+        second = await dump("profile-2")
+        before, after = lines(first), lines(second)
+        for key in before:
+            path_before = re.search(r'class="line" d="([^"]*)"', before[key])
+            path_after = re.search(r'class="line" d="([^"]*)"', after[key])
+            assert path_before is not None and path_after is not None
+            self.assertNotEqual(path_before.group(1), path_after.group(1), key)
+        captions = re.findall(r"p99 <b>([^<]*)</b>", after[("api", "1")])
+        self.assertEqual(len(captions), 1)
+        self.assertTrue(captions[0].endswith(" ms"), captions)
+        slow_p99 = float(captions[0].split()[0])
+        self.assertGreater(slow_p99, 100.0)

@@ -210,13 +210,17 @@ class RawBackend(Factory):
         self.requests: list[RecordedRequest] = []
         self.connections: list[BackendConnection] = []
         self.port: Any = None
+        self._url: Optional[str] = None
 
     def buildProtocol(self, addr: Any) -> BackendConnection:
         return BackendConnection(self)
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port.getHost().port}"
+        # Remembered, so it is still known after the port stopped listening.
+        if self._url is None:
+            self._url = f"http://{LOOPBACK}:{self.port.getHost().port}"
+        return self._url
 
     @property
     def open_connections(self) -> list[BackendConnection]:
@@ -224,7 +228,8 @@ class RawBackend(Factory):
 
     async def stop(self) -> None:
         if self.port is not None:
-            await self.port.stopListening()
+            # None, not a Deferred, when it already stopped (a killed node).
+            await defer.maybeDeferred(self.port.stopListening)
         waits = []
         for connection in self.connections:
             if not connection.closed:
