@@ -12,14 +12,20 @@ and systemd's notifications, and starts, restarts and stops the workers.
 Each worker talks to the main process over its own socketpair with
 L{twisted.protocols.amp}:
 
-  - main -> worker: L{Configure} (the configuration, at start and after a
-    reload or a change of the node set), L{NodeStates} (health and drain
-    changes, as they happen), L{GetCounters} (on each admin scrape), L{Stop};
+  - main -> worker: L{Configure} (the configuration and every pool with
+    its node set, at start and after a reload or a change of the nodes
+    found in DNS), L{NodeStates} (health and drain changes, as they
+    happen), L{GetCounters} (on each admin scrape, and once a second for
+    the status page's charts), L{Stop};
   - worker -> main: L{NodeFailed} (a passive failure the proxy saw).
 
-So the request path of a worker is the single-process one: it picks from
-its own L{Pool}, whose health state the main process sets, and counts in
-its own L{Metrics}, which the main process reads only when scraped.
+A node is named on the wire by its pool and its key (its URL): one URL in
+two pools is two nodes, with their own health, drain state and counts.
+
+So the request path of a worker is the single-process one: routes pick one
+of its own L{Pool}s, whose health state the main process sets, and it
+counts in its own L{Metrics}, which the main process reads and adds up
+(by pool and node) only when asked.
 
 The configuration travels pickled: it goes only from the main process to
 the children it started, on a socket nobody else holds, and both run the
@@ -36,12 +42,12 @@ import pickle
 import signal
 import socket
 import sys
-from typing import Any, Callable, Iterable, Optional, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -51,10 +57,12 @@ from twisted.web import server
 from zope.interface import implementer
 
 from rrlb.admin import AdminResource, AdminSite
-from rrlb.config import Config, ConfigError, NodeSpec
+from rrlb.channel import MAX_LISTED_CLIENTS
+from rrlb.config import Config, ConfigError, PoolConfig
+from rrlb.history import History
 from rrlb.metrics import PROXY_ERRORS, Metrics
 from rrlb.parser import CLIENT_ERROR_REASONS
-from rrlb.pool import Node, Pool
+from rrlb.pool import Node, Pool, Pools
 from rrlb.proxyproto import ProxyHeaderEndpoint
 from rrlb.service import BalancerService, with_default_backlog
 from rrlb.tls import listen_endpoint, listen_kind, split_description, tls_on_tcp
@@ -147,13 +155,17 @@ class ConfigRefused(Exception):
 class Configure(amp.Command):
     """
     Main -> worker: run this configuration (the first one starts serving).
-    C{reload}: a reload (apply every setting) rather than a new node set.
-    C{states}: every node's C{[key, healthy, drained]}. C{count}: count
-    requests for the admin endpoint.
+    C{pools}: the pools to run as the main process runs them, each with its
+    node set (the demo backends and the nodes found in DNS included: a
+    worker neither starts backends nor looks up names). C{reload}: a reload
+    (apply every setting) rather than a new node set. C{states}: every
+    node's C{[pool, key, healthy, drained]}. C{count}: count requests for
+    the admin endpoint.
     """
 
     arguments = [
         (b"config", Pickled()),
+        (b"pools", Pickled()),
         (b"states", Json()),
         (b"reload", amp.Boolean()),
         (b"count", amp.Boolean()),
@@ -164,7 +176,8 @@ class Configure(amp.Command):
 
 class NodeStates(amp.Command):
     """
-    Main -> worker: nodes whose health or drain state changed.
+    Main -> worker: nodes whose health or drain state changed, each
+    C{[pool, key, healthy, drained]}.
     """
 
     arguments = [(b"states", Json())]
@@ -173,9 +186,11 @@ class NodeStates(amp.Command):
 
 class GetCounters(amp.Command):
     """
-    Main -> worker: the worker's counters, for an admin scrape.
+    Main -> worker: the worker's counters, for an admin scrape (with its
+    client connections if C{clients}) or the status page's charts.
     """
 
+    arguments = [(b"clients", amp.Boolean(optional=True))]
     response = [(b"counters", Json())]
 
 
@@ -189,43 +204,67 @@ class Stop(amp.Command):
 
 class NodeFailed(amp.Command):
     """
-    Worker -> main: a request to this node failed (passive health).
+    Worker -> main: a request to node C{key} of pool C{pool} failed
+    (passive health).
     """
 
-    arguments = [(b"key", amp.Unicode()), (b"reason", amp.Unicode())]
+    arguments = [
+        (b"pool", amp.Unicode()),
+        (b"key", amp.Unicode()),
+        (b"reason", amp.Unicode()),
+    ]
     requiresAnswer = False
 
 
 def node_states(nodes: Iterable[Node]) -> list[list[Any]]:
-    return [[n.key, n.healthy, n.drained] for n in nodes]
+    """
+    The states L{Configure} and L{NodeStates} carry: a node is named by its
+    pool and key (one URL may be a node of two pools).
+    """
+    return [[n.pool_name, n.key, n.healthy, n.drained] for n in nodes]
 
 
 # -- counters -----------------------------------------------------------------------
+
+Label = tuple[str, str]
 
 
 @dataclasses.dataclass
 class Counters:
     """
-    What a worker counted, in a form that adds up. Gauges (open
-    connections, queue length, requests in flight) are left out of the
+    What a worker counted, in a form that adds up. Nodes are keyed by
+    C{(pool, node key)} as L{Metrics} keys them. Gauges (open connections,
+    queue lengths, requests in flight, the client list) are left out of the
     counts kept for workers that died.
+
+    @ivar queues: pool -> C{[queue length, queue timeouts]}.
+    @ivar nodes: C{(pool, node key)} -> C{[in flight, requests, errors]}.
     """
 
-    requests: dict[tuple[str, str, int], int] = dataclasses.field(default_factory=dict)
-    latency: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    requests: dict[tuple[Label, str, int], int] = dataclasses.field(default_factory=dict)
+    latency: dict[Label, list[float]] = dataclasses.field(default_factory=dict)
     proxy_errors: dict[int, int] = dataclasses.field(default_factory=dict)
     client_errors: dict[str, int] = dataclasses.field(default_factory=dict)
     retries: int = 0
     retries_refused: int = 0
-    queue_timeouts: int = 0
-    queue_length: int = 0
+    queues: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     connections: int = 0
     upstream_connections: int = 0
-    # node key -> [in flight, requests, errors]
-    nodes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    nodes: dict[Label, list[int]] = dataclasses.field(default_factory=dict)
+    clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def of(cls, metrics: Metrics, pool: Pool) -> Counters:
+    def of(
+        cls,
+        metrics: Metrics,
+        pools: Pools,
+        queues: Mapping[str, Any],
+        clients: Optional[list[dict[str, Any]]] = None,
+    ) -> Counters:
+        """
+        The counters of a worker's L{Metrics}, its pools and their queues
+        (pool name -> L{rrlb.queue.RequestQueue}).
+        """
         return cls(
             requests=dict(metrics.requests),
             latency={k: list(v) for k, v in metrics.latency.items()},
@@ -233,57 +272,80 @@ class Counters:
             client_errors=dict(metrics.client_errors),
             retries=metrics.retries(),
             retries_refused=metrics.retries_refused(),
-            queue_timeouts=metrics.queue_timeouts(),
-            queue_length=metrics.queue_length(),
+            queues={name: [len(q), int(q.timeouts)] for name, q in queues.items()},
             connections=metrics.connections(),
             upstream_connections=metrics.upstream_connections(),
-            nodes={n.key: [n.in_flight, n.requests, n.errors] for n in pool.nodes},
+            nodes={n.label: [n.in_flight, n.requests, n.errors] for n in pools.nodes},
+            clients=list(clients or ()),
         )
 
     def to_json(self) -> dict[str, Any]:
-        value = dataclasses.asdict(self)
-        value["requests"] = [[*key, count] for key, count in self.requests.items()]
-        value["proxy_errors"] = [[code, count] for code, count in self.proxy_errors.items()]
-        return value
+        # JSON has no tuple keys: the keyed counts travel as rows.
+        return {
+            "requests": [[p, k, m, c, n] for ((p, k), m, c), n in self.requests.items()],
+            "latency": [[p, k, b] for (p, k), b in self.latency.items()],
+            "proxy_errors": [[code, n] for code, n in self.proxy_errors.items()],
+            "client_errors": self.client_errors,
+            "retries": self.retries,
+            "retries_refused": self.retries_refused,
+            "queues": self.queues,
+            "connections": self.connections,
+            "upstream_connections": self.upstream_connections,
+            "nodes": [[p, k, *counts] for (p, k), counts in self.nodes.items()],
+            "clients": self.clients,
+        }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Counters:
-        counters = cls(**value)
-        counters.requests = {(k, m, int(c)): int(n) for k, m, c, n in value["requests"]}
-        counters.proxy_errors = {int(c): int(n) for c, n in value["proxy_errors"]}
-        return counters
+        return cls(
+            requests={((p, k), m, int(c)): int(n) for p, k, m, c, n in value["requests"]},
+            latency={(p, k): [float(x) for x in b] for p, k, b in value["latency"]},
+            proxy_errors={int(c): int(n) for c, n in value["proxy_errors"]},
+            client_errors={str(r): int(n) for r, n in value["client_errors"].items()},
+            retries=int(value["retries"]),
+            retries_refused=int(value["retries_refused"]),
+            queues={str(p): [int(x) for x in q] for p, q in value["queues"].items()},
+            connections=int(value["connections"]),
+            upstream_connections=int(value["upstream_connections"]),
+            nodes={(p, k): [int(x) for x in counts] for p, k, *counts in value["nodes"]},
+            clients=list(value["clients"]),
+        )
 
     def add(self, other: Counters, gauges: bool = True) -> None:
         for key, count in other.requests.items():
             self.requests[key] = self.requests.get(key, 0) + count
-        for node, buckets in other.latency.items():
-            mine = self.latency.get(node)
+        for label, buckets in other.latency.items():
+            mine = self.latency.get(label)
             if mine is None:
-                self.latency[node] = list(buckets)
+                self.latency[label] = list(buckets)
             else:
-                self.latency[node] = [a + b for a, b in zip(mine, buckets)]
+                self.latency[label] = [a + b for a, b in zip(mine, buckets)]
         for code, count in other.proxy_errors.items():
             self.proxy_errors[code] = self.proxy_errors.get(code, 0) + count
         for reason, count in other.client_errors.items():
             self.client_errors[reason] = self.client_errors.get(reason, 0) + count
         self.retries += other.retries
         self.retries_refused += other.retries_refused
-        self.queue_timeouts += other.queue_timeouts
-        for node, (in_flight, requests, errors) in other.nodes.items():
-            counts = self.nodes.setdefault(node, [0, 0, 0])
+        for pool, (length, timeouts) in other.queues.items():
+            queue = self.queues.setdefault(pool, [0, 0])
+            queue[1] += timeouts
+            if gauges:
+                queue[0] += length
+        for label, (in_flight, requests, errors) in other.nodes.items():
+            counts = self.nodes.setdefault(label, [0, 0, 0])
             counts[1] += requests
             counts[2] += errors
             if gauges:
                 counts[0] += in_flight
         if gauges:
-            self.queue_length += other.queue_length
             self.connections += other.connections
             self.upstream_connections += other.upstream_connections
+            self.clients.extend(other.clients)
 
 
 class _NodeTotals:
     """
-    A node of the main process's pool with the workers' counts.
+    A node of the main process's pools with the workers' counts.
     """
 
     def __init__(self, node: Node, counts: Sequence[int]) -> None:
@@ -295,76 +357,109 @@ class _NodeTotals:
 
 
 class _PoolTotals:
-    def __init__(self, pool: Pool, totals: Counters) -> None:
-        self.pool = pool
-        self.totals = totals
+    """
+    A pool of the main process whose nodes carry the workers' counts.
+    """
 
-    def wrap(self, node: Any) -> _NodeTotals:
-        node = getattr(node, "node", node)
-        return _NodeTotals(node, self.totals.nodes.get(node.key, (0, 0, 0)))
+    def __init__(self, pool: Pool, view: PoolsTotals) -> None:
+        self.pool = pool
+        self.view = view
 
     @property
     def nodes(self) -> list[_NodeTotals]:
-        return [self.wrap(n) for n in self.pool.nodes]
+        return [self.view.wrap(n) for n in self.pool.nodes]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
 
 
-class _Gauges:
+class PoolsTotals:
     """
-    The scalar totals, shaped as L{Metrics} reads its proxy's stats, queue
-    and retry budget.
+    The main process's L{Pools} as L{Metrics} and L{History} read them:
+    the health and drain state of its own nodes, with the requests, errors
+    and requests in flight the workers counted (the main process's nodes
+    serve nothing).
     """
 
-    def __init__(self, totals: Counters) -> None:
-        self.totals = totals
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+        self.totals = Counters()
 
-    @property
-    def retries(self) -> int:
-        return self.totals.retries
+    def wrap(self, node: Any) -> _NodeTotals:
+        node = getattr(node, "node", node)
+        return _NodeTotals(node, self.totals.nodes.get(node.label, (0, 0, 0)))
 
-    @property
-    def refused(self) -> int:
-        return self.totals.retries_refused
-
-    @property
-    def timeouts(self) -> int:
-        return self.totals.queue_timeouts
+    def __iter__(self) -> Iterator[_PoolTotals]:
+        return iter([_PoolTotals(pool, self) for pool in self.pools])
 
     def __len__(self) -> int:
-        return self.totals.queue_length
+        return len(self.pools)
+
+    def get(self, name: str) -> Optional[_PoolTotals]:
+        pool = self.pools.get(name)
+        return None if pool is None else _PoolTotals(pool, self)
+
+    @property
+    def nodes(self) -> list[_NodeTotals]:
+        return [self.wrap(n) for n in self.pools.nodes]
 
 
 class WorkersMetrics(Metrics):
     """
-    The main process's metrics: its pool's health and its checker's
-    results, with every worker's counts added up (see L{WorkerSupervisor.gather}).
+    The main process's metrics: its pools' health and its checkers'
+    results, with every worker's counts added up (L{load}, after
+    L{WorkerSupervisor.gather}).
     """
 
-    def __init__(self, pool: Pool, clock: Any, checker: Any, supervisor: WorkerSupervisor) -> None:
-        self.totals = Counters()
+    def __init__(
+        self,
+        pools: Pools,
+        clock: Any,
+        checkers: Callable[[], list[Any]],
+        supervisor: WorkerSupervisor,
+    ) -> None:
         self.supervisor = supervisor
-        self.view = _PoolTotals(pool, self.totals)
-        gauges = _Gauges(self.totals)
+        self.view = PoolsTotals(pools)
         super().__init__(
             self.view,  # type: ignore[arg-type]
             clock,
-            stats=gauges,
-            checker=checker,
-            queue=gauges,
-            budget=gauges,
+            checkers=checkers,
             connections=lambda: self.totals.connections,
             upstream_connections=lambda: self.totals.upstream_connections,
+            clients=lambda: self.totals.clients,
         )
 
+    @property
+    def totals(self) -> Counters:
+        return self.view.totals
+
+    def refresh(self, clients: bool = True) -> defer.Deferred[None]:
+        """
+        Fresh counts from the workers (and their client lists if
+        C{clients}), then L{load}ed.
+        """
+        return self.supervisor.gather(clients).addCallback(self.load)
+
     def load(self, totals: Counters) -> None:
-        self.totals = self.view.totals = totals
+        self.view.totals = totals
         self.requests = totals.requests
         self.latency = totals.latency
         self.proxy_errors = dict.fromkeys(PROXY_ERRORS, 0)
         self.proxy_errors.update(totals.proxy_errors)
         self.client_errors = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
         self.client_errors.update(totals.client_errors)
-        gauges = _Gauges(totals)
-        self.stats = self.queue = self.budget = gauges
+
+    def retries(self) -> int:
+        return self.totals.retries
+
+    def retries_refused(self) -> int:
+        return self.totals.retries_refused
+
+    def queue_length(self) -> int:
+        return sum(length for length, _ in self.totals.queues.values())
+
+    def queue_timeouts(self) -> int:
+        return sum(timeouts for _, timeouts in self.totals.queues.values())
 
     def node_status(self, index: int, node: Any) -> dict[str, Any]:
         return super().node_status(index, self.view.wrap(node))
@@ -375,14 +470,37 @@ class WorkersMetrics(Metrics):
         return document
 
 
+class WorkersHistory(History):
+    """
+    The status page's charts in the main process: each sample first gathers
+    the workers' counts (without their client lists), so the charts show
+    what every worker served. A sample that waits for a slow worker delays
+    the next one rather than overlapping it.
+    """
+
+    metrics: WorkersMetrics
+
+    def __init__(self, metrics: WorkersMetrics, clock: IReactorTime) -> None:
+        super().__init__(metrics.view, metrics, clock)  # type: ignore[arg-type]
+
+    def sample(self) -> defer.Deferred[None]:  # type: ignore[override]
+        d = self.metrics.refresh(clients=False)
+        d.addCallback(lambda _: History.sample(self))
+        d.addErrback(lambda f: self.log.failure("sampling the workers' counts", f))
+        return d
+
+
 class MainAdminResource(AdminResource):
     """
     The admin tree of the main process: every answer waits for fresh counts
-    from the workers first.
+    from the workers first. The drain API acts on the main process's pools,
+    whose listener sends the change to every worker.
     """
 
-    def __init__(self, pool: Pool, metrics: WorkersMetrics) -> None:
-        super().__init__(pool, metrics)
+    def __init__(
+        self, pools: Pools, metrics: WorkersMetrics, history: Optional[History] = None
+    ) -> None:
+        super().__init__(pools, metrics, history)
         self.workers_metrics = metrics
 
     def render(self, request: Any) -> Any:
@@ -391,10 +509,9 @@ class MainAdminResource(AdminResource):
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def answer(totals: Counters) -> None:
+        def answer(_: None) -> None:
             if gone:
                 return
-            self.workers_metrics.load(totals)
             body = AdminResource.render(self, request)
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.write(body)
@@ -406,13 +523,19 @@ class MainAdminResource(AdminResource):
                 request.setResponseCode(500)
                 request.finish()
 
-        self.workers_metrics.supervisor.gather().addCallback(answer).addErrback(failed)
+        self.workers_metrics.refresh().addCallback(answer).addErrback(failed)
         return server.NOT_DONE_YET
 
 
 class MainAdminSite(AdminSite):
-    def __init__(self, pool: Pool, metrics: WorkersMetrics, **kw: Any) -> None:
-        server.Site.__init__(self, MainAdminResource(pool, metrics), **kw)
+    def __init__(
+        self,
+        pools: Pools,
+        metrics: WorkersMetrics,
+        history: Optional[History] = None,
+        **kw: Any,
+    ) -> None:
+        server.Site.__init__(self, MainAdminResource(pools, metrics, history), **kw)
 
 
 # -- restarts -------------------------------------------------------------------------
@@ -494,8 +617,8 @@ class MainChannel(_QuietAMP):
         self.slot = slot
 
     @NodeFailed.responder
-    def node_failed(self, key: str, reason: str) -> dict[str, Any]:
-        self.supervisor.node_failed(key, reason)
+    def node_failed(self, pool: str, key: str, reason: str) -> dict[str, Any]:
+        self.supervisor.node_failed(pool, key, reason)
         return {}
 
 
@@ -529,6 +652,8 @@ class WorkerSlot:
     restarts: int = 0
     started: Optional[float] = None
     counters: Counters = dataclasses.field(default_factory=Counters)
+    # Its client connections as of the last scrape that asked for them.
+    clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     call: Any = None
 
 
@@ -617,7 +742,8 @@ class WorkerSupervisor(Service):
         d = channel.callRemote(
             Configure,
             config=self.main.worker_config(),
-            states=node_states(self.main.pool.nodes),
+            pools=self.main.worker_pools(),
+            states=node_states(self.main.pools.nodes),
             reload=False,
             count=self.main.counts_requests,
         )
@@ -664,6 +790,7 @@ class WorkerSupervisor(Service):
             channel.transport.loseConnection()
         self.departed.add(slot.counters, gauges=False)
         slot.counters = Counters()
+        slot.clients = []
         if not self.stopping:
             self.main.worker_gone(slot.index)
         code = getattr(reason.value, "exitCode", None)
@@ -703,7 +830,8 @@ class WorkerSupervisor(Service):
             L{GATHER_TIMEOUT} seconds passed); it never fails.
         """
         config = self.main.worker_config()
-        states = node_states(self.main.pool.nodes)
+        pools = self.main.worker_pools()
+        states = node_states(self.main.pools.nodes)
         answers = []
         for slot in self.slots:
             channel = slot.channel
@@ -712,6 +840,7 @@ class WorkerSupervisor(Service):
             d = channel.callRemote(
                 Configure,
                 config=config,
+                pools=pools,
                 states=states,
                 reload=reload,
                 count=self.main.counts_requests,
@@ -735,31 +864,44 @@ class WorkerSupervisor(Service):
         for channel in self.channels():
             channel.callRemote(NodeStates, states=states)
 
-    def node_failed(self, key: str, reason: str) -> None:
-        node = self.main.pool.get(key)
-        if node is not None and not node.removed:
-            self.main.pool.mark(node, False, reason)
+    def node_failed(self, pool_name: str, key: str, reason: str) -> None:
+        """
+        A worker saw a request to node C{key} of pool C{pool_name} fail:
+        that pool's node counts a failed check (the same URL in another pool
+        is another node, with its own health).
+        """
+        pool = self.main.pools.get(pool_name)
+        node = pool.get(key) if pool is not None else None
+        if pool is not None and node is not None and not node.removed:
+            pool.mark(node, False, reason)
 
     # -- counters -----------------------------------------------------------------------
 
-    def gather(self) -> defer.Deferred[Counters]:
+    def gather(self, clients: bool = True) -> defer.Deferred[Counters]:
         """
-        Ask every serving worker for its counters; the totals of all of them
-        (a worker that does not answer in time counts with what it said
-        last), plus those of workers that died.
+        Ask every serving worker for its counters (and its client
+        connections if C{clients}); the totals of all of them (a worker that
+        does not answer in time counts with what it said last), plus those
+        of workers that died.
         """
         calls = []
         for slot in self.slots:
             if slot.channel is None or slot.state != SERVING:
                 continue
-            d = slot.channel.callRemote(GetCounters)
+            d = slot.channel.callRemote(GetCounters, clients=clients)
             d.addTimeout(GATHER_TIMEOUT, self.reactor)
-            d.addCallbacks(self._got_counters, self._no_counters, (slot,), None, (slot,))
+            d.addCallbacks(self._got_counters, self._no_counters, (slot, clients), None, (slot,))
             calls.append(d)
         return defer.DeferredList(calls).addCallback(lambda _: self.totals())
 
-    def _got_counters(self, answer: dict[str, Any], slot: WorkerSlot) -> None:
-        slot.counters = Counters.from_json(answer["counters"])
+    def _got_counters(self, answer: dict[str, Any], slot: WorkerSlot, clients: bool) -> None:
+        counters = Counters.from_json(answer["counters"])
+        # The client list is kept apart: a gather for the charts (without
+        # it) may answer between those of a scrape.
+        if clients:
+            slot.clients = counters.clients
+        counters.clients = []
+        slot.counters = counters
 
     def _no_counters(self, reason: Failure, slot: WorkerSlot) -> None:
         log.warn(
@@ -773,6 +915,10 @@ class WorkerSupervisor(Service):
         totals.add(self.departed, gauges=False)
         for slot in self.slots:
             totals.add(slot.counters)
+            totals.clients.extend({**client, "worker": slot.index} for client in slot.clients)
+        # The longest-open first, as one process lists them, and as many.
+        totals.clients.sort(key=lambda c: c.get("since") or 0.0)
+        del totals.clients[MAX_LISTED_CLIENTS:]
         return totals
 
     def describe(self) -> list[dict[str, Any]]:
@@ -1012,8 +1158,9 @@ def check_listeners(config: Config) -> None:
 class MainService(BalancerService):
     """
     The main process of C{--workers N}: a L{BalancerService} that binds the
-    listeners without serving them, checks health, answers the admin
-    endpoint and tells systemd, and runs a L{WorkerSupervisor}.
+    listeners without serving them, checks the health of every pool's
+    nodes, answers the admin endpoint and tells systemd, and runs a
+    L{WorkerSupervisor}.
     """
 
     def __init__(self, config: Config, reactor: Any, *args: Any, **kw: Any) -> None:
@@ -1022,14 +1169,21 @@ class MainService(BalancerService):
         self._applied: defer.Deferred[Any] = defer.succeed(None)
         super().__init__(config, reactor, *args, **kw)
         self.supervisor.setServiceParent(self)
-        self.pool.add_listener(self.supervisor.node_changed)
+        # Every pool's nodes, those of pools a reload adds included.
+        self.pools.add_listener(self.supervisor.node_changed)
 
     @property
     def counts_requests(self) -> bool:
         return self.config.admin is not None
 
     def make_metrics(self) -> Metrics:
-        return WorkersMetrics(self.pool, self.reactor, self.checker, self.supervisor)
+        return WorkersMetrics(
+            self.pools, self.reactor, lambda: list(self.checkers.values()), self.supervisor
+        )
+
+    def make_history(self) -> History:
+        assert isinstance(self.metrics, WorkersMetrics)
+        return WorkersHistory(self.metrics, self.reactor)
 
     def listen_endpoint(self, index: int, description: str) -> Any:
         return bind_endpoint(self.reactor, description, self.config.workers)
@@ -1054,9 +1208,9 @@ class MainService(BalancerService):
             if isinstance(port, SocketGroup):
                 port.worker_gone(index)
 
-    def admin_site(self) -> Any:
+    def admin_site(self, history: Optional[History]) -> Any:
         assert isinstance(self.metrics, WorkersMetrics)
-        return MainAdminSite(self.pool, self.metrics, reactor=self.reactor)
+        return MainAdminSite(self.pools, self.metrics, history, reactor=self.reactor)
 
     def readiness(self) -> list[defer.Deferred[Any]]:
         return super().readiness() + [self.supervisor.serving()]
@@ -1072,12 +1226,26 @@ class MainService(BalancerService):
 
     def worker_config(self) -> Config:
         """
-        The configuration a worker runs: this one, with the nodes found in
-        DNS and the demo backends as plain nodes (a worker neither looks up
-        names nor starts backends) and no admin endpoint.
+        The configuration a worker runs: this one without DNS entries, demo
+        backends or an admin endpoint (a worker neither looks up names nor
+        starts backends nor answers the admin API). Its pools and their
+        nodes come with it (L{worker_pools}).
         """
         return dataclasses.replace(
-            self.config, nodes=self._node_set(self.config), dns_nodes=(), demo=0, admin=None
+            self.config,
+            dns_nodes=(),
+            pools=tuple(dataclasses.replace(pc, dns_nodes=()) for pc in self.config.pools),
+            demo=0,
+            admin=None,
+        )
+
+    def worker_pools(self) -> tuple[PoolConfig, ...]:
+        """
+        The pools the workers run: this process's, in order, each with the
+        node set it runs now (configured, demo and found in DNS).
+        """
+        return tuple(
+            dataclasses.replace(pc, dns_nodes=()) for pc in self._pool_configs(self.config)
         )
 
     def stopService(self) -> defer.Deferred[None]:
@@ -1108,11 +1276,13 @@ class MainService(BalancerService):
 class WorkerPool(Pool):
     """
     A worker's pool: its health state comes from the main process
-    (L{apply_states}); a failure the proxy sees is reported there rather than
+    (L{apply_state}); a failure the proxy sees is reported there rather than
     counted here.
+
+    @ivar report: called with the node and the reason of each failure.
     """
 
-    report: Optional[Callable[[str, str], None]] = None
+    report: Optional[Callable[[Node, str], None]] = None
 
     def mark(
         self,
@@ -1123,16 +1293,33 @@ class WorkerPool(Pool):
         latency: Optional[float] = None,
     ) -> None:
         if not ok and self.report is not None and not node.removed:
-            self.report(node.key, reason)
+            self.report(node, reason)
 
-    def apply_states(self, states: Iterable[Sequence[Any]]) -> None:
-        for key, healthy, drained in states:
-            node = self.get(key)
-            if node is None or (node.healthy, node.drained) == (healthy, drained):
-                continue
-            node.healthy = healthy
-            node.drained = drained
-            self._changed(node)
+    def apply_state(self, key: str, healthy: bool, drained: bool) -> None:
+        """
+        The main process says node C{key} is (or is not) healthy and
+        drained; one that comes back into rotation slow-starts as
+        L{Pool.mark} and L{Pool.set_drained} would start it.
+        """
+        node = self.get(key)
+        if node is None or (node.healthy, node.drained) == (healthy, drained):
+            return
+        if (healthy and not node.healthy) or (node.drained and not drained):
+            node.up_since = self._ramping_now()
+        node.healthy = healthy
+        node.drained = drained
+        self._changed(node)
+
+
+def apply_states(pools: Pools, states: Iterable[Sequence[Any]]) -> None:
+    """
+    Apply C{[pool, key, healthy, drained]} states to the pools they name;
+    pools and nodes a worker does not have (yet) are skipped.
+    """
+    for pool_name, key, healthy, drained in states:
+        pool = pools.get(pool_name)
+        if isinstance(pool, WorkerPool):
+            pool.apply_state(key, healthy, drained)
 
 
 @implementer(IStreamServerEndpoint)
@@ -1191,8 +1378,13 @@ def accept_one_at_a_time(port: Any) -> None:
 class WorkerService(BalancerService):
     """
     A worker: the single-process service tree serving the listening sockets
-    the main process passed (C{listen_fds}, in C{--listen} order), without a
-    health checker, admin endpoint or systemd notifications of its own.
+    the main process passed (C{listen_fds}, in C{--listen} order), without
+    health checkers, DNS lookups, an admin endpoint or systemd
+    notifications of its own. It runs the pools the main process sends
+    (C{pools}, with their node sets), whose nodes' health comes from there.
+
+    @param report: called with a node and the reason when a request to it
+        failed (passive health, decided by the main process).
     """
 
     checks_health = False
@@ -1202,17 +1394,27 @@ class WorkerService(BalancerService):
         config: Config,
         reactor: Any,
         listen_fds: Sequence[int],
+        pools: Sequence[PoolConfig],
         count: bool = False,
         handle_signals: bool = False,
+        report: Optional[Callable[[Node, str], None]] = None,
     ) -> None:
         self.listen_fds = list(listen_fds)
         self.count_requests = count
+        self.main_pools = tuple(pools)
+        self.report = report
         super().__init__(config, reactor, handle_signals=handle_signals)
 
-    def make_pool(self, config: Config) -> Pool:
-        return WorkerPool(
-            config.nodes, config.health.rise, config.health.fall, config.max_conns_per_node
-        )
+    def initial_pools(self, config: Config) -> tuple[PoolConfig, ...]:
+        return self.main_pools
+
+    def _pool_configs(self, config: Config) -> tuple[PoolConfig, ...]:
+        return self.main_pools
+
+    def new_pool(self, name: str) -> Pool:
+        pool = WorkerPool((), name=name, clock=self.reactor)
+        pool.report = self.report
+        return pool
 
     def listen_endpoint(self, index: int, description: str) -> Any:
         endpoint, tls = adopted_endpoint(
@@ -1236,16 +1438,33 @@ class WorkerService(BalancerService):
         # The main process reloads and tells the workers.
         pass
 
-    def set_nodes(self, nodes: Sequence[NodeSpec]) -> None:
+    def configure(self, config: Config, pools: Sequence[PoolConfig], reload: bool) -> None:
         """
-        A new node set (found in DNS by the main process): applied the way
-        a single process applies one.
-        """
-        self.config = dataclasses.replace(self.config, nodes=tuple(nodes))
-        self.nodes_found()
+        Run C{pools}: with C{reload}, as a single process applies a reload
+        of C{config}; without, as it applies nodes found in DNS.
 
-    def counters(self) -> Counters:
-        return Counters.of(self.metrics, self.pool)
+        @raise ConfigError: a TLS file cannot be used; nothing changed.
+        """
+        previous, self.main_pools = self.main_pools, tuple(pools)
+        try:
+            if reload:
+                self.apply(config)
+            else:
+                self.nodes_found()
+        except Exception:
+            self.main_pools = previous
+            raise
+
+    def apply_states(self, states: Iterable[Sequence[Any]]) -> None:
+        apply_states(self.pools, states)
+
+    def counters(self, clients: bool = False) -> Counters:
+        return Counters.of(
+            self.metrics,
+            self.pools,
+            {name: dest.queue for name, dest in self.proxy.destinations.items()},
+            self.site.client_list() if clients else None,
+        )
 
 
 class WorkerChannel(_QuietAMP):
@@ -1264,17 +1483,26 @@ class WorkerChannel(_QuietAMP):
 
     @Configure.responder
     def configure(
-        self, config: Config, states: list[Any], reload: bool, count: bool
+        self,
+        config: Config,
+        pools: tuple[PoolConfig, ...],
+        states: list[Any],
+        reload: bool,
+        count: bool,
     ) -> dict[str, Any]:
         service = self.service
         if service is None:
             try:
                 service = WorkerService(
-                    config, self.reactor, self.listen_fds, count=count, handle_signals=True
+                    config,
+                    self.reactor,
+                    self.listen_fds,
+                    pools,
+                    count=count,
+                    handle_signals=True,
+                    report=self.report,
                 )
-                assert isinstance(service.pool, WorkerPool)
-                service.pool.report = self.report
-                service.pool.apply_states(states)
+                service.apply_states(states)
                 service.startService()
             except (Exception, SystemExit) as e:
                 log.failure("starting the worker")
@@ -1286,27 +1514,23 @@ class WorkerChannel(_QuietAMP):
             return {"pid": os.getpid()}
         service.count_requests = count
         try:
-            if reload:
-                service.apply(config)
-            else:
-                service.set_nodes(config.nodes)
+            service.configure(config, pools, reload)
         except Exception as e:
             log.error("configuration not applied: {error}", error=str(e))
             raise ConfigRefused(str(e)) from None
-        assert isinstance(service.pool, WorkerPool)
-        service.pool.apply_states(states)
+        service.apply_states(states)
         return {"pid": os.getpid()}
 
     @NodeStates.responder
     def node_states(self, states: list[Any]) -> dict[str, Any]:
         if self.service is not None:
-            assert isinstance(self.service.pool, WorkerPool)
-            self.service.pool.apply_states(states)
+            self.service.apply_states(states)
         return {}
 
     @GetCounters.responder
-    def get_counters(self) -> dict[str, Any]:
-        counters = self.service.counters() if self.service is not None else Counters()
+    def get_counters(self, clients: Optional[bool] = None) -> dict[str, Any]:
+        service = self.service
+        counters = service.counters(bool(clients)) if service is not None else Counters()
         return {"counters": counters.to_json()}
 
     @Stop.responder
@@ -1314,9 +1538,9 @@ class WorkerChannel(_QuietAMP):
         self.stop()
         return {}
 
-    def report(self, key: str, reason: str) -> None:
+    def report(self, node: Node, reason: str) -> None:
         if self.transport is not None and not self._stopping:
-            self.callRemote(NodeFailed, key=key, reason=reason)
+            self.callRemote(NodeFailed, pool=node.pool_name, key=node.key, reason=reason)
 
     def stop(self) -> None:
         """

@@ -14,17 +14,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 from typing import Any, Optional, Sequence
+from urllib.parse import quote
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.protocols import amp
 from twisted.trial import unittest
 
-from rrlb.config import Config, ConfigError, build_config, parse_node, parse_workers
-from rrlb.metrics import Metrics
-from rrlb.pool import Node
+from rrlb.config import Config, ConfigError, PoolConfig, build_config, parse_node, parse_workers
+from rrlb.metrics import Metrics, exposition
+from rrlb.pool import Node, Pool, Pools
+from rrlb.queue import RequestQueue
 from rrlb.workers import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -34,7 +37,10 @@ from rrlb.workers import (
     RestartBackoff,
     SocketGroup,
     WorkerPool,
+    WorkersHistory,
+    WorkersMetrics,
     WorkerSupervisor,
+    apply_states,
     check_listeners,
     worker_environ,
 )
@@ -45,6 +51,7 @@ from tests.helpers import (
     closed_port_url,
     http_request,
     parse_error,
+    raw_connect,
     raw_request,
     sleep,
     start_backends,
@@ -106,23 +113,27 @@ class RestartBackoffTests(unittest.TestCase):
 
 class CountersTests(unittest.TestCase):
     """
-    Workers' counters survive JSON and add up; the counts of a worker that
-    died are kept without its gauges.
+    Workers' counters survive JSON and add up with their pool dimension;
+    the counts of a worker that died are kept without its gauges.
     """
 
     def sample(self, n: int) -> Counters:
         return Counters(
-            requests={("http://a", "GET", 200): n, ("none", "GET", 503): 1},
-            latency={"http://a": [float(n)] * 15},
+            requests={
+                (("api", "http://a"), "GET", 200): n,
+                (("web", "http://a"), "GET", 200): 1,
+                (("none", "none"), "GET", 404): 1,
+            },
+            latency={("api", "http://a"): [float(n)] * 15, ("web", "http://a"): [1.0] * 15},
             proxy_errors={502: n, 503: 1, 504: 0},
             client_errors={"header_timeout": n},
             retries=n,
             retries_refused=1,
-            queue_timeouts=2,
-            queue_length=3,
+            queues={"api": [3, 2], "web": [0, 1]},
             connections=4,
             upstream_connections=5,
-            nodes={"http://a": [1, n, 2]},
+            nodes={("api", "http://a"): [1, n, 2], ("web", "http://a"): [0, 1, 0]},
+            clients=[{"client": "127.0.0.1", "since": float(n)}],
         )
 
     def test_json_round_trip(self) -> None:
@@ -135,47 +146,181 @@ class CountersTests(unittest.TestCase):
 
     def test_add(self) -> None:
         """
-        Counts and gauges of two workers add up.
+        Counts and gauges of two workers add up, each node of each pool on
+        its own (one URL in two pools is two nodes).
         """
         total = Counters()
         total.add(self.sample(1))
         total.add(self.sample(2))
-        self.assertEqual(total.requests[("http://a", "GET", 200)], 3)
-        self.assertEqual(total.requests[("none", "GET", 503)], 2)
-        self.assertEqual(total.latency["http://a"], [3.0] * 15)
+        self.assertEqual(total.requests[(("api", "http://a"), "GET", 200)], 3)
+        self.assertEqual(total.requests[(("web", "http://a"), "GET", 200)], 2)
+        self.assertEqual(total.requests[(("none", "none"), "GET", 404)], 2)
+        self.assertEqual(total.latency[("api", "http://a")], [3.0] * 15)
+        self.assertEqual(total.latency[("web", "http://a")], [2.0] * 15)
         self.assertEqual(total.proxy_errors, {502: 3, 503: 2, 504: 0})
         self.assertEqual(total.client_errors, {"header_timeout": 3})
-        self.assertEqual((total.retries, total.retries_refused, total.queue_timeouts), (3, 2, 4))
+        self.assertEqual((total.retries, total.retries_refused), (3, 2))
+        self.assertEqual(total.queues, {"api": [6, 4], "web": [0, 2]})
+        self.assertEqual((total.connections, total.upstream_connections), (8, 10))
         self.assertEqual(
-            (total.queue_length, total.connections, total.upstream_connections), (6, 8, 10)
+            total.nodes, {("api", "http://a"): [2, 3, 4], ("web", "http://a"): [0, 2, 0]}
         )
-        self.assertEqual(total.nodes, {"http://a": [2, 3, 4]})
+        self.assertEqual(len(total.clients), 2)
 
     def test_add_without_gauges(self) -> None:
         """
         The counts of a worker that died stay; its gauges (connections,
-        queue, requests in flight) do not.
+        queue lengths, requests in flight, clients) do not.
         """
         total = Counters()
         total.add(self.sample(5), gauges=False)
-        self.assertEqual(total.requests[("http://a", "GET", 200)], 5)
-        self.assertEqual(
-            (total.queue_length, total.connections, total.upstream_connections), (0, 0, 0)
-        )
-        self.assertEqual(total.nodes, {"http://a": [0, 5, 2]})
+        self.assertEqual(total.requests[(("api", "http://a"), "GET", 200)], 5)
+        self.assertEqual((total.connections, total.upstream_connections), (0, 0))
+        self.assertEqual(total.queues, {"api": [0, 2], "web": [0, 1]})
+        self.assertEqual(total.nodes[("api", "http://a")], [0, 5, 2])
+        self.assertEqual(total.clients, [])
 
     def test_of_metrics(self) -> None:
         """
-        A worker's L{Metrics} and pool become L{Counters}.
+        A worker's L{Metrics}, pools and queues become L{Counters}.
         """
-        pool = WorkerPool([parse_node("http://127.0.0.1:1")])
-        metrics = Metrics(pool, task.Clock(), connections=lambda: 3)
-        metrics.requests[("http://127.0.0.1:1", "GET", 200)] = 4
+        pool = WorkerPool([parse_node("http://127.0.0.1:1")], name="api")
+        pools = Pools([pool])
+        metrics = Metrics(pools, task.Clock(), connections=lambda: 3)
+        metrics.requests[(("api", "http://127.0.0.1:1"), "GET", 200)] = 4
         pool.nodes[0].requests = 4
-        counters = Counters.of(metrics, pool)
-        self.assertEqual(counters.requests, {("http://127.0.0.1:1", "GET", 200): 4})
+        queue = RequestQueue(pool, task.Clock())
+        queue.timeouts = 2
+        counters = Counters.of(metrics, pools, {"api": queue}, [{"client": "x"}])
+        self.assertEqual(counters.requests, {(("api", "http://127.0.0.1:1"), "GET", 200): 4})
         self.assertEqual(counters.connections, 3)
-        self.assertEqual(counters.nodes, {"http://127.0.0.1:1": [0, 4, 0]})
+        self.assertEqual(counters.queues, {"api": [0, 2]})
+        self.assertEqual(counters.nodes, {("api", "http://127.0.0.1:1"): [0, 4, 0]})
+        self.assertEqual(counters.clients, [{"client": "x"}])
+
+
+class _FakeSupervisor:
+    """
+    Answers L{WorkerSupervisor.gather} with counts that grow by C{step}
+    requests to every node each time (or, with C{hold}, not yet).
+    """
+
+    def __init__(self, totals: Counters, step: int = 0) -> None:
+        self.totals = totals
+        self.step = step
+        self.asked: list[bool] = []
+        self.hold: Optional[defer.Deferred[Counters]] = None
+
+    def gather(self, clients: bool = True) -> defer.Deferred[Counters]:
+        self.asked.append(clients)
+        for counts in self.totals.nodes.values():
+            counts[1] += self.step
+        if self.hold is not None:
+            return self.hold
+        return defer.succeed(self.totals)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"index": 0, "state": "serving"}]
+
+
+def two_pools() -> Pools:
+    a, b = parse_node("http://127.0.0.1:1"), parse_node("http://127.0.0.1:2")
+    return Pools([Pool([a, b], name="api"), Pool([b], name="web")])
+
+
+class MainMetricsTests(unittest.TestCase):
+    """
+    The main process's C{/status}, C{/metrics} and charts read the workers'
+    counts, added up, by pool.
+    """
+
+    def totals(self) -> Counters:
+        a, b = "http://127.0.0.1:1", "http://127.0.0.1:2"
+        return Counters(
+            requests={(("api", b), "GET", 200): 5, (("web", b), "GET", 200): 7},
+            latency={("web", b): [1.0] + [0.0] * 13 + [0.001]},
+            proxy_errors={503: 2},
+            client_errors={"bad_request": 3},
+            retries=4,
+            retries_refused=1,
+            queues={"api": [2, 1], "web": [1, 3]},
+            connections=6,
+            nodes={("api", a): [0, 0, 0], ("api", b): [1, 5, 1], ("web", b): [2, 7, 0]},
+            clients=[{"client": "127.0.0.1", "worker": 1}],
+        )
+
+    def test_status_and_metrics(self) -> None:
+        """
+        C{/status} has each pool's nodes with their own counts (one URL in
+        two pools twice), the process totals, the workers' clients and the
+        workers; C{/metrics} has the same by pool label.
+        """
+        pools = two_pools()
+        metrics = WorkersMetrics(pools, task.Clock(), lambda: [], _FakeSupervisor(Counters()))  # type: ignore[arg-type]
+        metrics.load(self.totals())
+        status = metrics.status()
+        self.assertEqual(
+            [
+                [(n["pool"], n["requests"], n["in_flight"]) for n in p["nodes"]]
+                for p in status["pools"]
+            ],
+            [[("api", 0, 0), ("api", 5, 1)], [("web", 7, 2)]],
+        )
+        process = status["process"]
+        self.assertEqual(
+            (process["requests"], process["retries"], process["retries_refused"]), (12, 4, 1)
+        )
+        self.assertEqual((process["queue_length"], process["queue_timeouts"]), (3, 4))
+        self.assertEqual(process["connections"], 6)
+        self.assertEqual(status["clients"], [{"client": "127.0.0.1", "worker": 1}])
+        self.assertEqual(status["workers"], [{"index": 0, "state": "serving"}])
+        # A node as the admin API finds it (the main process's own node).
+        web_b = pools.by_name["web"].nodes[0]
+        self.assertEqual(metrics.node_status(0, web_b)["requests"], 7)
+
+        text = exposition(metrics).decode()
+        self.assertIn(
+            'rrlb_requests_total{method="GET",node="http://127.0.0.1:2",pool="web",'
+            'status="2xx"} 7.0',
+            text,
+        )
+        self.assertIn('rrlb_node_errors_total{node="http://127.0.0.1:2",pool="api"} 1.0', text)
+        self.assertIn(
+            'rrlb_upstream_latency_seconds_count{node="http://127.0.0.1:2",pool="web"} 1.0', text
+        )
+        self.assertIn('rrlb_client_errors_total{reason="bad_request"} 3.0', text)
+        self.assertIn('rrlb_client_errors_total{reason="header_timeout"} 0.0', text)
+        self.assertIn('rrlb_proxy_errors_total{code="503"} 2.0', text)
+        self.assertIn("rrlb_queue_timeouts_total 4.0", text)
+        self.assertIn("rrlb_queue_length 3.0", text)
+        self.assertIn("rrlb_retries_refused_total 1.0", text)
+
+    def test_history_gathers(self) -> None:
+        """
+        The charts' sampler gathers the workers' counts (without their
+        clients) for each sample: the requests per second are the workers'
+        summed; a sample waiting for a worker holds back the next.
+        """
+        clock = task.Clock()
+        supervisor = _FakeSupervisor(self.totals(), step=10)
+        metrics = WorkersMetrics(two_pools(), clock, lambda: [], supervisor)  # type: ignore[arg-type]
+        history = WorkersHistory(metrics, clock)
+        history.startService()
+        self.addCleanup(history.stopService)
+        clock.advance(1)
+        clock.advance(1)
+        web_b = history.get(("web", "http://127.0.0.1:2"))
+        assert web_b is not None
+        self.assertEqual(list(web_b.rps), [0.0, 10.0, 10.0])
+        self.assertEqual(supervisor.asked, [False] * 3)
+
+        supervisor.hold = defer.Deferred()
+        clock.advance(1)
+        clock.advance(1)
+        self.assertEqual(len(supervisor.asked), 4)
+        self.assertEqual(len(web_b.rps), 3)
+        supervisor.hold.callback(supervisor.totals)
+        self.assertEqual(list(web_b.rps), [0.0, 10.0, 10.0, 10.0])
 
 
 class WireTests(unittest.TestCase):
@@ -185,15 +330,18 @@ class WireTests(unittest.TestCase):
 
     def test_large_configuration(self) -> None:
         """
-        A configuration of 3000 nodes (well over 64 KiB pickled) and their
-        states go through L{Configure}'s box and come back equal.
+        A configuration of 3000 nodes (well over 64 KiB pickled), its pools
+        and the nodes' states go through L{Configure}'s box and come back
+        equal.
         """
         nodes = tuple(parse_node(f"http://10.0.{i // 250}.{i % 250}:8080") for i in range(3000))
         config = Config(nodes=nodes)
-        states = [[n.key, True, i % 2 == 0] for i, n in enumerate(nodes)]
+        pools = (PoolConfig("default", nodes), PoolConfig("api", nodes[:10]))
+        states = [["default", n.key, True, i % 2 == 0] for i, n in enumerate(nodes)]
         proto = amp.AMP()
         box = Configure.makeArguments(
-            {"config": config, "states": states, "reload": True, "count": False}, proto
+            {"config": config, "pools": pools, "states": states, "reload": True, "count": False},
+            proto,
         )
         self.assertGreater(sum(len(v) for v in box.values()), amp.MAX_VALUE_LENGTH)
         self.assertTrue(all(len(v) <= amp.MAX_VALUE_LENGTH for v in box.values()))
@@ -201,51 +349,84 @@ class WireTests(unittest.TestCase):
         (parsed,) = amp.parseString(box.serialize())
         arguments = Configure.parseArguments(parsed, proto)
         self.assertEqual(arguments["config"], config)
+        self.assertEqual(arguments["pools"], pools)
         self.assertEqual(arguments["states"], states)
         self.assertIs(arguments["reload"], True)
 
 
 class WorkerPoolTests(unittest.TestCase):
     """
-    A worker's pool takes its health from the main process and reports
+    A worker's pools take their health from the main process and report
     failures there instead of counting them.
     """
 
     def setUp(self) -> None:
-        self.pool = WorkerPool([parse_node("http://127.0.0.1:1"), parse_node("http://127.0.0.1:2")])
-        self.reports: list[tuple[str, str]] = []
-        self.pool.report = lambda key, reason: self.reports.append((key, reason))
+        specs = [parse_node("http://127.0.0.1:1"), parse_node("http://127.0.0.1:2")]
+        self.clock = task.Clock()
+        self.pool = WorkerPool(specs, name="api", clock=self.clock)
+        # The same URLs in another pool: other nodes.
+        self.other = WorkerPool(specs, name="web", clock=self.clock)
+        self.pools = Pools([self.pool, self.other])
+        self.reports: list[tuple[str, str, str]] = []
+        for pool in self.pools:
+            assert isinstance(pool, WorkerPool)
+            pool.report = lambda node, reason: self.reports.append(
+                (node.pool_name, node.key, reason)
+            )
         self.changed: list[Node] = []
-        self.pool.add_listener(self.changed.append)
+        self.pools.add_listener(self.changed.append)
 
     def test_failures_reported(self) -> None:
         """
-        A failure is reported, not counted: the node stays in rotation
-        however many there are; successes are not reported.
+        A failure is reported with its node's pool, not counted: the node
+        stays in rotation however many there are; successes are not
+        reported.
         """
         a = self.pool.nodes[0]
         for _ in range(5):
             self.pool.mark(a, False, "request failed: connection refused")
         self.pool.mark(a, True)
-        self.assertEqual(self.reports, [(a.key, "request failed: connection refused")] * 5)
+        self.assertEqual(self.reports, [("api", a.key, "request failed: connection refused")] * 5)
         self.assertTrue(a.in_rotation)
         self.assertEqual(a.failures, 0)
 
     def test_states_applied(self) -> None:
         """
-        States from the main process change the rotation and tell the
-        pool's listeners (the queue, for one); unknown keys are ignored.
+        States from the main process change the rotation of the pool they
+        name, not of another pool with the same URL, and tell the pools'
+        listeners (the queue, for one); unknown pools and keys are ignored.
         """
         a, b = self.pool.nodes
-        self.pool.apply_states([[b.key, False, False], ["http://gone", False, True]])
+        apply_states(
+            self.pools,
+            [["api", b.key, False, False], ["api", "http://gone", False, True], ["x", b.key, 0, 1]],
+        )
         self.assertEqual([self.pool.pick() for _ in range(3)], [a, a, a])
+        self.assertEqual(len({self.other.pick() for _ in range(2)}), 2)
         self.assertEqual(self.changed, [b])
-        self.pool.apply_states([[b.key, True, False], [a.key, True, True]])
+        apply_states(self.pools, [["api", b.key, True, False], ["api", a.key, True, True]])
         self.assertEqual([self.pool.pick() for _ in range(2)], [b, b])
         self.assertTrue(a.drained)
+        self.assertFalse(self.other.nodes[0].drained)
         # The same states again change nothing.
-        self.pool.apply_states([[b.key, True, False]])
+        apply_states(self.pools, [["api", b.key, True, False]])
         self.assertEqual(self.changed, [b, b, a])
+
+    def test_slow_start_after_state(self) -> None:
+        """
+        With slow start, a node the main process says is back (healthy, or
+        enabled after a drain) ramps up from then, as in one process.
+        """
+        self.pool.configure(slow_start=10)
+        a, b = self.pool.nodes
+        self.clock.advance(100)
+        apply_states(self.pools, [["api", b.key, False, False], ["api", a.key, True, True]])
+        self.assertIsNone(b.up_since)
+        apply_states(self.pools, [["api", b.key, True, False]])
+        self.assertEqual(b.up_since, 100)
+        self.clock.advance(5)
+        apply_states(self.pools, [["api", a.key, True, False]])
+        self.assertEqual(a.up_since, 105)
 
 
 class _FakeProcess:
@@ -282,7 +463,7 @@ class _FakeReactor(task.Clock):
 class _FakeMain:
     def __init__(self) -> None:
         self.config = Config(drain_timeout=3)
-        self.pool = WorkerPool([parse_node("http://127.0.0.1:1")])
+        self.pools = Pools([WorkerPool([parse_node("http://127.0.0.1:1")])])
         self.counts_requests = False
         self.gone: list[int] = []
 
@@ -291,6 +472,9 @@ class _FakeMain:
 
     def worker_config(self) -> Config:
         return self.config
+
+    def worker_pools(self) -> tuple[PoolConfig, ...]:
+        return (PoolConfig("default", self.config.nodes),)
 
     def worker_gone(self, index: int) -> None:
         self.gone.append(index)
@@ -351,7 +535,7 @@ class SupervisorTests(unittest.TestCase):
         self.serve(0)
         self.serve(1)
         slot = self.supervisor.slots[0]
-        slot.counters = Counters(requests={("k", "GET", 200): 5}, connections=2)
+        slot.counters = Counters(requests={(("p", "k"), "GET", 200): 5}, connections=2)
         self.reactor.advance(1)
         _ended(self.reactor.spawned[0][0], sig=9)
         self.assertEqual(self.main.gone, [0])
@@ -363,7 +547,7 @@ class SupervisorTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.spawned), 3)
         self.assertEqual((slot.state, slot.restarts), ("starting", 1))
         totals = self.supervisor.totals()
-        self.assertEqual(totals.requests, {("k", "GET", 200): 5})
+        self.assertEqual(totals.requests, {(("p", "k"), "GET", 200): 5})
         self.assertEqual(totals.connections, 0)
         # Dying at once again waits twice as long.
         _ended(self.reactor.spawned[2][0], code=1)
@@ -616,6 +800,12 @@ class WorkersTestCase(unittest.TestCase):
         The bodies of C{count} requests on fresh connections, all accepted
         by worker C{index} (the other one is stopped meanwhile).
         """
+        return [body for _, body in await self.via_replies(index, count, path)]
+
+    async def via_replies(self, index: int, count: int, path: str = "/") -> list[tuple[int, bytes]]:
+        """
+        The status codes and bodies of L{via}'s requests.
+        """
         pids = await self.pids()
         others = [pid for i, pid in enumerate(pids) if i != index]
         for pid in others:
@@ -627,10 +817,10 @@ class WorkersTestCase(unittest.TestCase):
         finally:
             for pid in others:
                 os.kill(pid, signal.SIGCONT)
-        return [r.body for r in replies]
+        return [(r.code, r.body) for r in replies]
 
-    async def every_worker(self, count: int = 4) -> list[set[bytes]]:
-        return [set(await self.via(i, count)) for i in range(2)]
+    async def every_worker(self, count: int = 4, path: str = "/") -> list[set[bytes]]:
+        return [set(await self.via(i, count, path)) for i in range(2)]
 
 
 class WorkerProcessTests(WorkersTestCase):
@@ -671,9 +861,12 @@ class WorkerProcessTests(WorkersTestCase):
         self.assertEqual(node["requests"], 8)
         metrics = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
         self.assertIn(
-            f'rrlb_requests_total{{method="GET",node="{a.url}",status="2xx"}} 8.0', metrics
+            f'rrlb_requests_total{{method="GET",node="{a.url}",pool="default",status="2xx"}} 8.0',
+            metrics,
         )
-        self.assertIn(f'rrlb_upstream_latency_seconds_count{{node="{a.url}"}} 8.0', metrics)
+        self.assertIn(
+            f'rrlb_upstream_latency_seconds_count{{node="{a.url}",pool="default"}} 8.0', metrics
+        )
         page = (await http_request(self, "GET", self.admin_url + "/")).body
         self.assertIn(b"127.0.0.1", page)
 
@@ -966,6 +1159,258 @@ class WorkerProcessTests(WorkersTestCase):
         daemon.signal("KILL")
         await daemon.exit_code()
         await wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to exit")
+
+
+def pools_yaml(api: Sequence[str], web: Sequence[str], extra: str = "") -> str:
+    """
+    Two pools, C{api} (for C{/api/}) and C{web} (everything else).
+    """
+    return (
+        "pools:\n"
+        f"  api: {{nodes: [{', '.join(api)}]}}\n"
+        f"  web: {{nodes: [{', '.join(web)}]}}\n"
+        "routes:\n"
+        "  - {path_prefix: /api/, pool: api}\n"
+        "  - {pool: web}\n" + extra
+    )
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """
+    The sum of the samples of C{name} whose labels include C{labels}.
+    """
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        names, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in names for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def chart_peak(page: str, pool: str, index: int) -> Optional[float]:
+    """
+    The highest req/s the status page's chart shows for node C{index} of
+    C{pool}, or L{None} while it has none.
+    """
+    row = re.search(
+        rf'<tr class="node[^"]*" data-node-id="{index}" data-state="\w+"'
+        rf' data-pool="{pool}">(.*?)</tr>',
+        page,
+        re.S,
+    )
+    assert row is not None, page
+    peak = re.search(r'aria-label="req/s, last 5 minutes: now [^,]*, highest ([0-9.]+)', row[1])
+    return float(peak[1]) if peak else None
+
+
+class WorkerPoolsTests(WorkersTestCase):
+    """
+    Pools and routes with C{--workers 2}: every worker routes to every
+    pool; health, passive failures and drains of one pool's node reach
+    every worker and leave the same URL in another pool alone; the admin
+    endpoint adds the workers' counts up by pool; a reload of pools and
+    routes reaches every worker.
+    """
+
+    async def start_pools(self, yaml: str, *args: str) -> Daemon:
+        self.config_path = os.path.abspath(self.mktemp())
+        with open(self.config_path, "w") as f:
+            f.write(yaml)
+        return await self.start("--config", self.config_path, *args)
+
+    async def node(self, pool: str, index: int) -> dict[str, Any]:
+        reply = await http_request(self, "GET", f"{self.admin_url}/nodes/{pool}/{index}")
+        self.assertEqual(reply.code, 200, reply.body)
+        node: dict[str, Any] = json.loads(reply.body)
+        return node
+
+    async def test_pools_health_metrics_and_drain(self) -> None:
+        """
+        Both pools are served by both workers. A node failing its checks in
+        one pool (made once, by the main process) is out of that pool in
+        every worker. C{/metrics} and C{/status} count by pool, summed over
+        the workers, and the status page charts them. C{POST
+        /nodes/POOL/ID/drain} takes that pool's node out in every worker,
+        not the same URL in the other pool.
+        """
+        a, b, c = await start_backends(self, "a", "b", "c")
+        await self.start_pools(
+            pools_yaml([a.url, b.url], [b.url, c.url]),
+            "--health-path", "/health", "--health-interval", "0.2", "--fall", "2", "--rise", "1",
+        )  # fmt: skip
+        status = await self.status()
+        self.assertEqual([p["name"] for p in status["pools"]], ["api", "web"])
+        self.assertEqual(
+            [(n["pool"], n["url"]) for n in status["nodes"]],
+            [("api", a.url), ("api", b.url), ("web", b.url), ("web", c.url)],
+        )
+        sent = {"api": 0, "web": 0}
+
+        async def every_worker(count: int, path: str) -> list[set[bytes]]:
+            sent["api" if path.startswith("/api/") else "web"] += 2 * count
+            return await self.every_worker(count, path)
+
+        self.assertEqual(await every_worker(4, "/api/x"), [{b"a", b"b"}] * 2)
+        self.assertEqual(await every_worker(4, "/x"), [{b"b", b"c"}] * 2)
+
+        # The counts of both workers, by pool.
+        text = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
+        self.assertEqual(metric(text, "rrlb_requests_total", pool="api", status="2xx"), 8)
+        self.assertEqual(metric(text, "rrlb_requests_total", pool="web", status="2xx"), 8)
+        for pool in ("api", "web"):
+            self.assertEqual(
+                metric(text, "rrlb_requests_total", pool=pool, node=b.url, status="2xx"), 4
+            )
+            self.assertEqual(
+                metric(text, "rrlb_upstream_latency_seconds_count", pool=pool, node=b.url), 4
+            )
+        status = await self.status()
+        self.assertEqual([w["requests"] for w in status["workers"]], [8, 8])
+        self.assertEqual(status["process"]["requests"], 16)
+        self.assertEqual([n["requests"] for n in status["nodes"]], [4, 4, 4, 4])
+        self.assertEqual([n["requests"] for n in status["pools"][1]["nodes"]], [4, 4])
+
+        # The status page's charts: the main process samples the summed
+        # counts once a second.
+        await every_worker(4, "/x")
+
+        async def charted() -> bool:
+            page = (await http_request(self, "GET", self.admin_url + "/")).body.decode()
+            peak = chart_peak(page, "web", 0)
+            return peak is not None and peak > 0
+
+        await wait_for_value(charted, "web's first node charted")
+
+        # a fails its checks: out of api in every worker.
+        a.healthy = False
+
+        async def a_down() -> bool:
+            return (await self.node("api", 0))["state"] == "down"
+
+        await wait_for_value(a_down, "a down")
+        self.assertEqual(await every_worker(4, "/api/x"), [{b"b"}] * 2)
+        self.assertEqual(await every_worker(4, "/x"), [{b"b", b"c"}] * 2)
+
+        # b drained in web only: api keeps it, in every worker.
+        reply = await http_request(self, "POST", self.admin_url + "/nodes/web/0/drain")
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(json.loads(reply.body)["state"], "draining")
+        self.assertEqual((await self.node("api", 1))["state"], "up")
+        self.assertEqual(await every_worker(4, "/x"), [{b"c"}] * 2)
+        self.assertEqual(await every_worker(4, "/api/x"), [{b"b"}] * 2)
+        # By its URL, percent-encoded, this time.
+        ident = quote(b.url, safe="")
+        reply = await http_request(self, "POST", self.admin_url + f"/nodes/web/{ident}/enable")
+        self.assertEqual(json.loads(reply.body)["state"], "up")
+        self.assertEqual(await every_worker(4, "/x"), [{b"b", b"c"}] * 2)
+
+        text = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
+        for pool, count in sent.items():
+            self.assertEqual(metric(text, "rrlb_requests_total", pool=pool), count)
+        self.assertEqual(metric(text, "rrlb_node_healthy", pool="api", node=a.url), 0)
+        self.assertEqual(metric(text, "rrlb_node_healthy", pool="api", node=b.url), 1)
+
+    async def test_passive_failures_mark_their_pool(self) -> None:
+        """
+        Requests to b through pool api fail in the workers: the main process
+        takes api's b out (in every worker), and web's b, the same URL,
+        stays in rotation.
+        """
+        a, b, c = await start_backends(self, "a", "b", "c")
+
+        def reset_api(request: Any) -> Any:
+            from twisted.web import server
+
+            if request.path.startswith(b"/api/"):
+                request.transport.abortConnection()
+                return server.NOT_DONE_YET
+            return b"b"
+
+        b.handler = reset_api
+        # Checks far apart: the passing checks of b do not bring it back
+        # during the test.
+        await self.start_pools(
+            pools_yaml([a.url, b.url], [b.url, c.url]),
+            "--health-path", "/health", "--health-interval", "5", "--fall", "2", "--rise", "3",
+        )  # fmt: skip
+        # GETs are retried on a: the clients see no failure.
+        self.assertEqual(set(await self.via(0, 4, "/api/x")) | set(await self.via(1, 4, "/api/x")),
+                         {b"a"})  # fmt: skip
+
+        async def b_down() -> bool:
+            node = await self.node("api", 1)
+            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+
+        await wait_for_value(b_down, "api's b taken out by passive failures")
+        web_b = await self.node("web", 0)
+        self.assertEqual((web_b["state"], web_b["errors"]), ("up", 0))
+        self.assertGreaterEqual((await self.node("api", 1))["errors"], 2)
+        reached = len(b.requests)
+        self.assertEqual(await self.every_worker(4, "/api/x"), [{b"a"}] * 2)
+        self.assertEqual(len(b.requests), reached)
+        self.assertEqual(await self.every_worker(4, "/x"), [{b"b", b"c"}] * 2)
+
+    async def test_reload_pools_and_routes(self) -> None:
+        """
+        SIGHUP with other pools and routes: every worker routes by the new
+        ones; a pool the reload added reports its nodes' state changes to
+        every worker (its drain takes effect everywhere).
+        """
+        a, b, c = await start_backends(self, "a", "b", "c")
+        daemon = await self.start_pools(pools_yaml([a.url], [b.url]), "--health-path", "/health")
+        self.assertEqual(await self.every_worker(2, "/api/x"), [{b"a"}] * 2)
+        self.assertEqual(await self.every_worker(2, "/static/x"), [{b"b"}] * 2)
+
+        with open(self.config_path, "w") as f:
+            f.write(
+                "pools:\n"
+                f"  web: {{nodes: [{b.url}, {c.url}]}}\n"
+                f"  static: {{nodes: [{a.url}]}}\n"
+                "routes:\n"
+                "  - {path_prefix: /static/, pool: static}\n"
+                "  - {pool: web}\n"
+            )
+        daemon.signal("HUP")
+        await wait_until(lambda: daemon.messages.count(b"READY=1") == 2, what="the reload")
+        self.assertEqual(await self.every_worker(2, "/static/x"), [{b"a"}] * 2)
+        self.assertEqual(await self.every_worker(4, "/api/x"), [{b"b", b"c"}] * 2)
+        status = await self.status()
+        self.assertEqual([p["name"] for p in status["pools"]], ["web", "static"])
+
+        reply = await http_request(self, "POST", self.admin_url + "/nodes/static/0/drain")
+        self.assertEqual(reply.code, 200, reply.body)
+        for index in range(2):
+            self.assertEqual(
+                [r[0] for r in await self.via_replies(index, 2, "/static/x")], [503, 503]
+            )
+
+    async def test_clients_of_every_worker(self) -> None:
+        """
+        C{/status} lists the client connections of every worker, each with
+        the worker that has it.
+        """
+        (a,) = await start_backends(self, "a")
+        daemon = await self.start_pools(pools_yaml([a.url], [a.url]), "--health-path", "/health")
+        pids = await self.pids()
+        clients = []
+        for index in range(2):
+            others = [pid for i, pid in enumerate(pids) if i != index]
+            for pid in others:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                client = await raw_connect(self, daemon.port)
+                client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                await client.wait_for(lambda data: data.endswith(b"a"))
+            finally:
+                for pid in others:
+                    os.kill(pid, signal.SIGCONT)
+            clients.append(client)
+        listed = (await self.status())["clients"]
+        self.assertEqual(sorted(c["worker"] for c in listed), [0, 1])
+        self.assertEqual({(c["peer"], c["requests"]) for c in listed}, {(LOOPBACK, 1)})
+        self.assertEqual(sorted(c["since"] for c in listed), [c["since"] for c in listed])
 
 
 def alive(pid: int) -> bool:
