@@ -904,6 +904,9 @@ class WorkerSupervisor(Service):
         slot.counters = counters
 
     def _no_counters(self, reason: Failure, slot: WorkerSlot) -> None:
+        if reason.check(error.ConnectionDone, error.ConnectionLost):
+            # The worker ended (a stop, or a death ended() reports).
+            return
         log.warn(
             "worker {index} gave no counters: {error}",
             index=slot.index,

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from urllib.parse import quote
 
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -555,6 +556,45 @@ class SupervisorTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.spawned), 3)
         self.reactor.advance(0.01)
         self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_gather(self) -> None:
+        """
+        L{WorkerSupervisor.gather} adds up the serving workers' answers and
+        asks for their clients only when told to; a worker whose channel
+        closes meanwhile (it ended) counts with what it said last, quietly.
+        """
+        self.serve(0)
+        self.serve(1)
+        asked: list[tuple[int, Any]] = []
+        answers: list[defer.Deferred[dict[str, Any]]] = []
+        for slot in self.supervisor.slots:
+            assert slot.channel is not None
+
+            def call(command: Any, index: int = slot.index, **kw: Any) -> Any:
+                asked.append((index, kw.get("clients")))
+                answers.append(defer.Deferred())
+                return answers[-1]
+
+            slot.channel.callRemote = call  # type: ignore[method-assign]
+        self.supervisor.slots[1].counters = Counters(requests={(("p", "k"), "GET", 200): 2})
+        logs = LogCapture.install(self)
+        gathered = self.supervisor.gather(clients=False)
+        self.assertEqual(asked, [(0, False), (1, False)])
+        counters = Counters(
+            requests={(("p", "k"), "GET", 200): 3}, clients=[{"client": "a", "since": 1.0}]
+        )
+        answers[0].callback({"counters": counters.to_json()})
+        answers[1].errback(ConnectionLost())
+        totals = self.successResultOf(gathered)
+        self.assertEqual(totals.requests, {(("p", "k"), "GET", 200): 5})
+        self.assertEqual(totals.clients, [])
+        self.assertEqual(logs.messages(), [])
+        # Asked for them, the clients come with their worker's index.
+        gathered = self.supervisor.gather()
+        answers[2].callback({"counters": counters.to_json()})
+        answers[3].callback({"counters": Counters().to_json()})
+        totals = self.successResultOf(gathered)
+        self.assertEqual(totals.clients, [{"client": "a", "since": 1.0, "worker": 0}])
 
     def test_stop(self) -> None:
         """
