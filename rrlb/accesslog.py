@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import time
 from typing import Any, BinaryIO, Callable, Optional
 
@@ -194,6 +195,28 @@ FORMATTERS: dict[str, Callable[[Entry, Optional[_Clock]], bytes]] = {
 }
 
 
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+def line_pieces(data: bytes, size: int) -> list[bytes]:
+    """
+    C{data} cut after newlines into pieces of at most C{size} bytes (a line
+    longer than that is a piece of its own).
+    """
+    pieces = []
+    start = 0
+    while len(data) - start > size:
+        end = data.rfind(b"\n", start, start + size)
+        end = data.find(b"\n", start + size) if end < 0 else end
+        if end < 0:
+            break
+        pieces.append(data[start : end + 1])
+        start = end + 1
+    if start < len(data):
+        pieces.append(data[start:])
+    return pieces
+
+
 def open_log(path: str) -> BinaryIO:
     """
     Open C{path} for appending, or a duplicate of standard output for C{-}:
@@ -274,8 +297,17 @@ class AccessLog(Service):
                     out.write(data)
             else:
                 assert out is not None
-                out.write(data)
-                out.flush()
+                if self.path == STDOUT and len(data) > PIPE_BUF:
+                    # Standard output is a pipe that worker processes share
+                    # (--workers): a write of up to PIPE_BUF bytes is never
+                    # interleaved with another's, so write whole lines in
+                    # pieces that size.
+                    for piece in line_pieces(data, PIPE_BUF):
+                        out.write(piece)
+                        out.flush()
+                else:
+                    out.write(data)
+                    out.flush()
         except Exception as e:
             if not self._failed:
                 self._failed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
@@ -240,6 +241,8 @@ class Config:
     dns_nodes: tuple[DnsNodes, ...] = ()
     dns_refresh: float = 30.0
     resolvers: tuple[tuple[str, int], ...] = ()
+    # Worker processes serving traffic (rrlb.workers); 1 is one process.
+    workers: int = 1
     # Balancing of the default pool (nodes/--nodes), and the named pools and
     # the routes to them (docs: README "Routing").
     balance: str = "roundrobin"
@@ -282,6 +285,7 @@ _TOP_KEYS = frozenset(
         "http2",
         "dns_refresh",
         "resolvers",
+        "workers",
         "balance",
         "hash_key",
         "sticky",
@@ -403,6 +407,26 @@ def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
                 f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
             ) from None
     return tuple(networks)
+
+
+# Most worker processes: far more than any machine has cores, so a typo
+# (--workers 1000) is refused rather than forking a thousand processes.
+MAX_WORKERS = 256
+
+
+def parse_workers(name: str, value: Any) -> int:
+    """
+    The number of worker processes: a whole number, or C{auto} for one per
+    CPU.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        return positive_int(name, value, MAX_WORKERS)
+    except ConfigError:
+        raise ConfigError(
+            f"{name} must be auto or a whole number from 1 to {MAX_WORKERS}, not {value!r}"
+        ) from None
 
 
 def non_negative_float(name: str, value: Any) -> float:
@@ -1151,6 +1175,8 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = non_negative_float(key, value)
         elif key == "retry_budget":
             out[key] = percent(key, value)
+        elif key == "workers":
+            out[key] = parse_workers(key, value)
         elif key == "balance":
             out[key] = parse_balance(key, value)
         elif key == "hash_key":

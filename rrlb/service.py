@@ -165,16 +165,11 @@ class BalancerService(MultiService):
         # there are top-level nodes) and self.checker its health checker.
         self.pools = Pools()
         self.checkers: dict[str, HealthChecker] = {}
-        pool_configs = all_pools(config)
+        pool_configs = self.initial_pools(config)
         first = pool_configs[0]
-        self.pool = Pool(
-            (),
-            first.health.rise,
-            first.health.fall,
-            config.max_conns_per_node,
-            name=first.name,
-            clock=reactor,
-        )
+        self.pool = self.new_pool(first.name)
+        self.pool.set_thresholds(first.health.rise, first.health.fall)
+        self.pool.max_conns_per_node = config.max_conns_per_node
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
         self.tls = BalancerTLS()
@@ -203,30 +198,17 @@ class BalancerService(MultiService):
             ),
             pool=QuietConnectionPool(reactor, persistent=False),
         )
-        self.metrics = Metrics(
-            self.pools,
-            reactor,
-            stats=self.proxy.stats,
-            queues=lambda: [d.queue for d in self.proxy.destinations.values()],
-            budget=self.proxy.budget,
-            checkers=lambda: list(self.checkers.values()),
-            connections=lambda: len(getattr(self.site, "channels", ())),
-            upstream_connections=lambda: self.upstream.connection_count,
-            clients=self.site.client_list,
-        )
+        self.metrics = self.make_metrics()
         self.demo_nodes: tuple[Any, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
+        self.checker: Optional[HealthChecker] = None
         self._apply_pools(config, pool_configs)
-        self.checker = self.checkers[first.name]
-        self.listeners = []
+        self.listeners: list[Listener] = []
         for description in config.listen:
-            listener = Listener(
-                self.tls.listen_endpoint(reactor, with_default_backlog(description), config),
-                self.site,
-            )
+            listener = Listener(self.listen_endpoint(len(self.listeners), description), self.site)
             listener.setting = f"--listen: cannot listen on {description!r}"
-            listener.on_port = self.site.add_port
+            listener.on_port = self.port_listening
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -234,11 +216,10 @@ class BalancerService(MultiService):
         # The status page's charts, sampled once a second (only with --admin).
         self.history: Optional[History] = None
         if config.admin:
-            self.history = History(self.pools, self.metrics, reactor)
+            self.history = self.make_history()
             self.history.setServiceParent(self)
             self.admin_listener = Listener(
-                serverFromString(reactor, config.admin),
-                AdminSite(self.pools, self.metrics, self.history, reactor=reactor),
+                serverFromString(reactor, config.admin), self.admin_site(self.history)
             )
             self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
             self.admin_listener._raiseSynchronously = True
@@ -255,6 +236,71 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         self.notify = SystemdNotify(reactor, self.pools, environ or {}, pid)
         self.notify.setServiceParent(self)
+
+    # -- what a variant of the service changes (rrlb.workers) ---------------
+
+    # Whether this process runs the health checkers (a worker does not: its
+    # main process sends it the nodes' health).
+    checks_health = True
+
+    def initial_pools(self, config: Config) -> tuple[PoolConfig, ...]:
+        """
+        The pools to start with (no demo backends or DNS answers yet).
+        """
+        return all_pools(config)
+
+    def new_pool(self, name: str) -> Pool:
+        """
+        A new, empty pool named C{name} (L{_apply_pools} configures it).
+        """
+        return Pool((), name=name, clock=self.reactor)
+
+    def make_metrics(self) -> Metrics:
+        return Metrics(
+            self.pools,
+            self.reactor,
+            stats=self.proxy.stats,
+            queues=lambda: [d.queue for d in self.proxy.destinations.values()],
+            budget=self.proxy.budget,
+            checkers=lambda: list(self.checkers.values()),
+            connections=lambda: len(getattr(self.site, "channels", ())),
+            upstream_connections=lambda: self.upstream.connection_count,
+            clients=self.site.client_list,
+        )
+
+    def make_history(self) -> History:
+        return History(self.pools, self.metrics, self.reactor)
+
+    def listen_endpoint(self, index: int, description: str) -> Any:
+        """
+        The endpoint of the C{index}th C{--listen} description.
+        """
+        return self.tls.listen_endpoint(
+            self.reactor, with_default_backlog(description), self.config
+        )
+
+    def port_listening(self, port: Any) -> Any:
+        """
+        A listener got its port.
+        """
+        return self.site.add_port(port)
+
+    def admin_site(self, history: Optional[History]) -> Any:
+        return AdminSite(self.pools, self.metrics, history, reactor=self.reactor)
+
+    def readiness(self) -> list[defer.Deferred[Any]]:
+        """
+        What has to happen before systemd is told C{READY=1}: every listener
+        bound.
+        """
+        return list(self._listening())
+
+    def applied_everywhere(self) -> defer.Deferred[Any]:
+        """
+        Fires once the configuration applied last runs in every process
+        (here, at once), for C{READY=1} after a reload.
+        """
+        return defer.succeed(None)
 
     @staticmethod
     def client_limits(config: Config) -> ClientLimits:
@@ -330,7 +376,7 @@ class BalancerService(MultiService):
             if pool is None:
                 pool = self.pool if not self.pools and pc.name == self.pool.name else None
             if pool is None:
-                pool = Pool((), name=pc.name, clock=self.reactor)
+                pool = self.new_pool(pc.name)
             pool.max_conns_per_node = config.max_conns_per_node
             pool.set_thresholds(pc.health.rise, pc.health.fall)
             pool.configure(pc.balance, pc.hash_key, pc.sticky, pc.slow_start)
@@ -357,7 +403,8 @@ class BalancerService(MultiService):
         self.pools.set(pools)
         self.pool = pools[0]
 
-        for pc in pool_configs:
+        # A worker process has no checkers (rrlb.workers).
+        for pc in pool_configs if self.checks_health else ():
             checker = self.checkers.get(pc.name)
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
@@ -369,7 +416,7 @@ class BalancerService(MultiService):
         for name in list(self.checkers):
             if name not in destinations:
                 self.checkers.pop(name).disownServiceParent()
-        self.checker = self.checkers[pools[0].name]
+        self.checker = self.checkers.get(pools[0].name)
 
         router: Optional[Router[Destination]] = None
         if config.routes:
@@ -505,6 +552,13 @@ class BalancerService(MultiService):
                 new=", ".join(config.listen),
             )
             config = dataclasses.replace(config, listen=self.config.listen)
+        if config.workers != self.config.workers:
+            self.log.warn(
+                "reload: workers changed ({old} -> {new}); restart rrlb to apply it",
+                old=self.config.workers,
+                new=config.workers,
+            )
+            config = dataclasses.replace(config, workers=self.config.workers)
         before = {n.label for n in self.pools.nodes}
         try:
             self.apply(config)
@@ -523,7 +577,7 @@ class BalancerService(MultiService):
             removed=len(before - after),
         )
         self.notify.note = ""
-        self.notify.reloaded()
+        self.applied_everywhere().addBoth(lambda _: self.notify.reloaded())
         return True
 
     def _sighup(self, signum: int, frame: Any) -> None:
@@ -628,7 +682,7 @@ class BalancerService(MultiService):
         self.stopping = False
         super().startService()
         self._install_signals()
-        listening = list(self._listening())
+        listening = self.readiness()
         # twistd starts services before the reactor runs and installs its
         # SIGTERM/SIGINT handlers: tell systemd READY=1 only once it does.
         when_running = getattr(self.reactor, "callWhenRunning", None)

@@ -29,6 +29,7 @@ from rrlb.config import (
     parse_health_path,
     parse_node,
     parse_resolver,
+    parse_workers,
     percent,
     positive_float,
     positive_int,
@@ -76,6 +77,7 @@ _TOP_OPTIONS = {
     "balance": "balance",
     "hash-key": "hash_key",
     "dns-refresh": "dns_refresh",
+    "workers": "workers",
 }
 _HEALTH_OPTIONS = {
     "health-path": "path",
@@ -291,6 +293,14 @@ class Options(usage.Options):
             _coerce(positive_float, "--dns-refresh"),
         ],
         [
+            "workers",
+            None,
+            None,
+            "Worker processes serving traffic, or auto for one per CPU; the main"
+            " process keeps the listeners, health checks and admin (default: 1).",
+            _coerce(parse_workers, "--workers"),
+        ],
+        [
             "demo",
             None,
             None,
@@ -456,6 +466,13 @@ class Options(usage.Options):
             check_endpoint(reactor, description, tls=(self.config.tls, on_tcp))
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
+        if self.config.workers > 1:
+            from rrlb.workers import check_listeners
+
+            try:
+                check_listeners(self.config)
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if self.config.access_log not in (None, STDOUT):
             check_log_path(
                 self.config.access_log, "--access-log" if self["access-log"] else "access_log"
@@ -504,11 +521,23 @@ def check_log_path(path: str, name: str) -> None:
 
 def makeService(options: Options) -> BalancerService:
     """
-    Build rrlb's service tree from parsed options.
+    Build rrlb's service tree from parsed options: with C{--workers} above
+    1, the main process of L{rrlb.workers} (imported only then).
     """
     from twisted.internet import reactor
 
     raise_fd_limit(options.config.max_connections)
+    if options.config.workers > 1:
+        from rrlb.workers import MainService
+
+        return MainService(
+            options.config,
+            reactor,
+            options,
+            environ=os.environ,
+            pid=os.getpid(),
+            handle_signals=True,
+        )
     return BalancerService(
         options.config, reactor, options, environ=os.environ, pid=os.getpid(), handle_signals=True
     )

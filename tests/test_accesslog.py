@@ -506,3 +506,31 @@ class AccessLogReloadTests(unittest.TestCase):
         self.assertIn('"GET /one HTTP/1.1"', line)
         (record,) = [json.loads(line) for line in _read(second)]
         self.assertEqual(record["uri"], "/two")
+
+
+class LinePiecesTests(unittest.TestCase):
+    """
+    Batches for standard output are written in whole lines of at most
+    C{PIPE_BUF} bytes, so worker processes sharing the pipe never split
+    each other's lines.
+    """
+
+    def test_pieces(self) -> None:
+        """
+        Every piece ends a line and fits; together they are the batch.
+        """
+        from rrlb.accesslog import line_pieces
+
+        data = b"".join(b"x" * (i % 50) + b"\n" for i in range(300))
+        pieces = line_pieces(data, 100)
+        self.assertEqual(b"".join(pieces), data)
+        self.assertTrue(all(len(p) <= 100 and p.endswith(b"\n") for p in pieces))
+        self.assertGreater(len(pieces), 70)
+
+    def test_long_line(self) -> None:
+        """
+        A line longer than the size is a piece of its own.
+        """
+        from rrlb.accesslog import line_pieces
+
+        self.assertEqual(line_pieces(b"a" * 300 + b"\nb\n", 100), [b"a" * 300 + b"\n", b"b\n"])
