@@ -19,6 +19,10 @@ failing requests quietly.
     the channel's parsing but keeps its backpressure between the transport
     and the request, which reads these.
   - L{Request._disconnected}: whether the client went away.
+  - With C{--http2} only, L{rrlb.http2} subclasses the private
+    L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
+    overrides the event handlers of C{H2Connection} and C{H2Stream} named in
+    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE}.
 """
 
 from __future__ import annotations
@@ -91,3 +95,32 @@ def header_values(headers: Headers, name: bytes) -> Optional[list[bytes]]:
     The values of a header given by its canonical name, or L{None}.
     """
     return headers._rawHeaders.get(name)
+
+
+# What rrlb.http2 overrides and uses of twisted.web._http2 (see the module
+# docstring); the test checks that the installed Twisted still has them.
+H2_OVERRIDES = {
+    "H2Connection": (
+        "_requestReceived",
+        "_requestDataReceived",
+        "_requestEnded",
+        "_requestAborted",
+        "_requestDone",
+    ),
+    "H2Stream": ("_convertHeaders", "receiveDataChunk", "requestComplete", "writeHeaders"),
+}
+H2_STATE = {
+    "H2Connection": (
+        "_streamCleanupCallbacks",
+        "_outboundStreamQueues",
+        "_tryToWriteControlData",
+        "_send100Continue",
+        "_streamIsActive",
+        "openStreamWindow",
+        "writeHeaders",
+        "priority",
+        "streams",
+        "conn",
+    ),
+    "H2Stream": ("_conn", "_request", "streamID", "command", "path"),
+}

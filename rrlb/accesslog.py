@@ -66,6 +66,8 @@ Entry = tuple[
     Optional[int],  # upstream status
     Optional[float],  # upstream time
 ]
+# A WebSocket tunnel's entry has one more field: (bytes to the node, bytes
+# to the client, seconds open).
 
 
 def _hex(match: re.Match[bytes]) -> bytes:
@@ -125,12 +127,12 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
     """
     One entry as a combined-format line with rrlb's fields, with its newline.
     """
-    when, host, method, uri, proto, code, size, referer, agent, node, ustatus, utime = entry
+    when, host, method, uri, proto, code, size, referer, agent, node, ustatus, utime = entry[:12]
     if clock is None:
         clock = _Clock()
     clock.set(when)
-    return (
-        b'%s - - [%s] "%s %s %s" %d %d "%s" "%s" node="%s" upstream_status=%s upstream_time=%s\n'
+    line = (
+        b'%s - - [%s] "%s %s %s" %d %d "%s" "%s" node="%s" upstream_status=%s upstream_time=%s'
         % (
             clock.ascii(host),
             clock.combined,
@@ -146,13 +148,21 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
             b"-" if utime is None else b"%.3f" % utime,
         )
     )
+    if len(entry) > 12:
+        to_node, to_client, duration = entry[12]  # type: ignore[misc]
+        line += b" tunnel_bytes_to_node=%d tunnel_bytes_to_client=%d tunnel_time=%.3f" % (
+            to_node,
+            to_client,
+            duration,
+        )
+    return line + b"\n"
 
 
 def format_json(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
     """
     One entry as a JSON object on one line, with its newline.
     """
-    when, host, method, uri, proto, code, size, referer, agent, node, ustatus, utime = entry
+    when, host, method, uri, proto, code, size, referer, agent, node, ustatus, utime = entry[:12]
     if clock is None:
         clock = _Clock()
     clock.set(when)
@@ -171,6 +181,11 @@ def format_json(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
         "upstream_status": ustatus,
         "upstream_time": None if utime is None else round(utime, 6),
     }
+    if len(entry) > 12:
+        to_node, to_client, duration = entry[12]  # type: ignore[misc]
+        record["tunnel_bytes_to_node"] = to_node
+        record["tunnel_bytes_to_client"] = to_client
+        record["tunnel_time"] = round(duration, 6)
     return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
 
 

@@ -25,6 +25,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
+from rrlb.body import CONTINUE, StreamedBody
 from rrlb.config import Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
@@ -140,8 +141,8 @@ EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
 EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
 EDGE_TRUSTED = 2  # a peer inside them: keep and append
 
-_IDLE, _HEAD, _BODY, _BUSY, _CLOSED = range(5)
-_STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing")
+_IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
+_STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
 # Client connections /status lists at most.
 MAX_LISTED_CLIENTS = 100
 
@@ -261,7 +262,8 @@ class ProxyChannel(http.HTTPChannel):
         self._scanned = 0
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
-        self._head: Optional[RequestHead] = None
+        self._holds = 0
+        self._paused = False
 
     # -- the connection -------------------------------------------------------
 
@@ -385,18 +387,25 @@ class ProxyChannel(http.HTTPChannel):
             # Refused before reading a byte of it (and before 100 Continue).
             self._refuse(BadRequest(413, BODY_TOO_LARGE, "the body is too large"), request)
             return
-        request.gotLength(length)
-        if head.expect_continue:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._head = head
+        # The body streams to the node as it arrives (rrlb.body): the
+        # request is forwarded as soon as its head is in, and the channel
+        # reads the body only as fast as the node takes it.
+        request.content = None
         self._state = _BODY
+        self._handlingRequest = True
         self.deadline = self.clock.seconds() + limits.body_timeout
+        body = request.body = StreamedBody(self, length, head.expect_continue)
         if length is None:
-            self._decoder = ChunkedDecoder(request.handleContentChunk, self._body_done, maximum)
+            self._decoder = ChunkedDecoder(body.feed, self._body_done, maximum)
         else:
             self._left = length
         if rest:
+            # What came with the head is in the body before the request is
+            # forwarded: a small body that came whole goes out with the head.
             self._body_received(rest)
+            if self._state == _CLOSED:
+                return
+        request.requestReceived(head.method, head.target, head.version)
 
     def _body_received(self, data: bytes) -> None:
         decoder = self._decoder
@@ -404,36 +413,111 @@ class ProxyChannel(http.HTTPChannel):
             try:
                 decoder.feed(data)
             except BadChunk as e:
-                self._refuse(BadRequest(400, BAD_FRAMING, str(e)), self.requests[-1])
+                self._body_failed(BadRequest(400, BAD_FRAMING, str(e)))
                 return
             except BodyTooLarge as e:
-                self._refuse(BadRequest(413, BODY_TOO_LARGE, str(e)), self.requests[-1])
+                self._body_failed(BadRequest(413, BODY_TOO_LARGE, str(e)))
                 return
         else:
             left = self._left
+            request = self.requests[-1]
             if len(data) < left:
                 self._left = left - len(data)
-                self.requests[-1].handleContentChunk(data)
+                request.body.feed(data)
             else:
                 self._left = 0
-                self.requests[-1].handleContentChunk(data[:left])
+                request.body.feed(data[:left])
                 self._body_done(data[left:])
                 return
-        if self._state == _BODY:
+        if self._state == _BODY and not self._holds:
             self.deadline = self.clock.seconds() + self.site.limits.body_timeout
 
     def _body_done(self, rest: bytes) -> None:
-        head = self._head
-        assert head is not None
-        self._head = None
         self._decoder = None
         self._state = _BUSY
         self.deadline = None
-        self._handlingRequest = True
         self._buffer = rest
+        self._holds = 0
+        if self._paused:
+            # Nothing more of this request to read: take pipelined bytes
+            # (up to READ_AHEAD) as a request without a body would.
+            self._paused = False
+            if not self._waitingForTransport:
+                self.transport.resumeProducing()
+        self.requests[-1].body.finish()
+
+    def _body_failed(self, error: BadRequest) -> None:
+        """
+        The body broke a limit or its framing while it was streaming: the
+        node's request is cancelled, and the client gets C{error} if no
+        response has started yet, else the connection closes.
+        """
         request = self.requests[-1]
-        request.content.seek(0, 0)
-        request.requestReceived(head.method, head.target, head.version)
+        exchange = getattr(request, "exchange", None)
+        if exchange is not None and not exchange.finished:
+            exchange.client_gone()
+        if request.startedWriting:
+            self._state = _CLOSED
+            self.deadline = None
+            self._decoder = None
+            request.client_error = error.reason
+            self.transport.abortConnection()
+            return
+        self._refuse(error, request)
+
+    # -- holding the client back (rrlb.body) ---------------------------------
+
+    def hold(self, flag: int) -> None:
+        """
+        Hold the client back for the reason C{flag}: stop reading its body
+        (except while only waiting to send 100 Continue, when it is not
+        sending). The body timeout does not run while the client is held.
+        """
+        self._holds |= flag
+        self._read_body()
+
+    def release(self, flag: int) -> None:
+        """
+        The reason C{flag} to hold the client back is gone.
+        """
+        if self._holds & flag:
+            self._holds &= ~flag
+            self._read_body()
+
+    def _read_body(self) -> None:
+        if self._state != _BODY:
+            return
+        holds = self._holds
+        pause = bool(holds & ~CONTINUE)
+        if pause != self._paused:
+            self._paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+        self.deadline = None if holds else self.clock.seconds() + self.site.limits.body_timeout
+
+    def start_tunnel(self, head: bytes) -> bytes:
+        """
+        The node switched protocols: send the client C{head} (the 101),
+        read from now on for the tunnel (L{rrlb.tunnel}), and return what
+        the client already sent past its request.
+        """
+        self._state = _TUNNEL
+        self.deadline = None
+        self.persistent = False
+        self.transport.write(head)
+        buffered, self._buffer = self._buffer, b""
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        return buffered
+
+    def send_continue(self) -> None:
+        """
+        Tell a client that sent C{Expect: 100-continue} to send its body.
+        """
+        if self._state == _BODY:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def requestDone(self, request: Any) -> None:
         """
@@ -448,6 +532,17 @@ class ProxyChannel(http.HTTPChannel):
         if not self._waitingForTransport:
             self._networkProducer.resumeProducing()
         if getattr(request, "client_error", None) is not None:
+            self._linger()
+            return
+        if self._state == _BODY:
+            # The response ended before the request body did (the node, or
+            # rrlb, answered without reading it all): the rest of the body
+            # is read and dropped for a while, then the connection closes.
+            self._decoder = None
+            self._holds = 0
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
             self._linger()
             return
         if not self.persistent or self._state == _CLOSED:
@@ -476,6 +571,11 @@ class ProxyChannel(http.HTTPChannel):
         self._decoder = None
         self._buffer = b""
         self.persistent = False
+        self._holds = 0
+        if self._paused:
+            # Read again, so that lingering drains what the client still sends.
+            self._paused = False
+            self.transport.resumeProducing()
         if request is None:
             request = self.requestFactory(self, len(self.requests))
             self.requests.append(request)
@@ -514,9 +614,7 @@ class ProxyChannel(http.HTTPChannel):
         if state == _HEAD:
             self._refuse(BadRequest(408, HEADER_TIMEOUT, "the request head took too long"))
         elif state == _BODY:
-            self._refuse(
-                BadRequest(408, BODY_TIMEOUT, "the request body took too long"), self.requests[-1]
-            )
+            self._body_failed(BadRequest(408, BODY_TIMEOUT, "the request body took too long"))
         elif state == _IDLE:
             self._state = _CLOSED
             self.loseConnection()

@@ -232,6 +232,10 @@ class Config:
     queue_timeout: float = 5.0
     retries: int = 2
     retry_budget: float = 20.0
+    # WebSocket tunnels: closed after this long with no byte either way.
+    tunnel_timeout: float = 3600.0
+    # HTTP/2 for clients on TLS listeners (ALPN h2), rrlb.http2.
+    http2: bool = False
     # Nodes from DNS (rrlb.discovery): the entries, the longest time between
     # two lookups of a name, and the name servers (none: /etc/resolv.conf).
     dns_nodes: tuple[DnsNodes, ...] = ()
@@ -277,6 +281,8 @@ _TOP_KEYS = frozenset(
         "queue_timeout",
         "retries",
         "retry_budget",
+        "tunnel_timeout",
+        "http2",
         "dns_refresh",
         "resolvers",
         "workers",
@@ -1145,9 +1151,9 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = parse_resolvers(key, value)
         elif key == "health":
             out[key] = parse_health(value)
-        elif key in ("timeout", "connect_timeout", "drain_timeout"):
+        elif key in ("timeout", "connect_timeout", "drain_timeout", "tunnel_timeout"):
             out[key] = positive_float(key, value)
-        elif key == "node_host":
+        elif key in ("node_host", "http2"):
             out[key] = _boolean(key, value)
         elif key == "max_idle_per_node":
             out[key] = non_negative_int(key, value)

@@ -151,22 +151,24 @@ class Metrics:
             headers = request.requestHeaders._rawHeaders
             referer = headers.get(b"Referer")
             agent = headers.get(b"User-Agent")
-            access_log.append(
-                (
-                    self.clock.seconds(),
-                    request.real_client or getattr(request.client, "host", None),
-                    method,
-                    request.uri,
-                    request.clientproto,
-                    code,
-                    request.sentLength,
-                    referer[0] if referer else None,
-                    agent[0] if agent else None,
-                    url,
-                    upstream_status,
-                    upstream_time,
-                )
+            entry: Any = (
+                self.clock.seconds(),
+                request.real_client or getattr(request.client, "host", None),
+                method,
+                request.uri,
+                request.clientproto,
+                code,
+                request.sentLength,
+                referer[0] if referer else None,
+                agent[0] if agent else None,
+                url,
+                upstream_status,
+                upstream_time,
             )
+            if code == 101 and exchange is not None and exchange.tunnel is not None:
+                # A WebSocket tunnel: its bytes each way and how long it was open.
+                entry += (exchange.tunnel.summary(),)
+            access_log.append(entry)
 
     # -- the read side -------------------------------------------------------
 
@@ -233,6 +235,7 @@ class Metrics:
                 "retries_refused": self.retries_refused(),
                 "queue_length": self.queue_length(),
                 "queue_timeouts": self.queue_timeouts(),
+                "tunnels_open": self.tunnels_open(),
                 "nodes": states,
             },
             "pools": pools,
@@ -245,6 +248,19 @@ class Metrics:
 
     def retries_refused(self) -> int:
         return int(getattr(self.budget, "refused", 0))
+
+    def tunnels_open(self) -> int:
+        return int(getattr(self.stats, "tunnels_open", 0))
+
+    def tunnel_bytes(self) -> dict[str, int]:
+        """
+        Bytes copied through WebSocket tunnels, by direction.
+        """
+        stats = self.stats
+        return {
+            "to_node": int(getattr(stats, "tunnel_bytes_to_node", 0)),
+            "to_client": int(getattr(stats, "tunnel_bytes_to_client", 0)),
+        }
 
     def queue_length(self) -> int:
         return sum(len(queue) for queue in self.queues())
@@ -382,6 +398,20 @@ class RrlbCollector:
             "Requests waiting now because every node in rotation is full.",
             value=m.queue_length(),
         )
+        yield GaugeMetricFamily(
+            "rrlb_tunnels_open",
+            "WebSocket (Upgrade) tunnels open now.",
+            value=m.tunnels_open(),
+        )
+        tunnel_bytes = CounterMetricFamily(
+            "rrlb_tunnel_bytes",
+            "Bytes copied through WebSocket tunnels, by direction (to_node: from"
+            " clients to nodes; to_client: from nodes to clients).",
+            labels=["direction"],
+        )
+        for direction, count in m.tunnel_bytes().items():
+            tunnel_bytes.add_metric([direction], count)
+        yield tunnel_bytes
         yield CounterMetricFamily(
             "rrlb_queue_timeouts",
             "Requests that waited the whole queue timeout and got 503.",

@@ -21,6 +21,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from rrlb.body import KEEP, StreamedBody
 from rrlb.channel import (
     EDGE_UNTRUSTED,
     ClientLimits,
@@ -33,6 +34,7 @@ from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.routes import Route, Router
+from rrlb.tunnel import Tunnel, switching_head, upgrade_token
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
 log = Logger()
@@ -84,6 +86,7 @@ class ProxySettings:
     node_host: bool = False
     retry_after: int = 1
     retries: int = 2
+    tunnel_timeout: float = 3600.0
 
 
 class Destination:
@@ -183,6 +186,8 @@ class ProxyExchange:
         "retries",
         "stale_retry",
         "paused",
+        "upgrade",
+        "tunnel",
     )
 
     def __init__(
@@ -209,6 +214,8 @@ class ProxyExchange:
         self.stale_retry = False
         self.paused = False
         self.body: Any = None
+        self.upgrade = False
+        self.tunnel: Optional[Tunnel] = None
 
     # -- building the upstream request ---------------------------------------
 
@@ -234,8 +241,13 @@ class ProxyExchange:
 
         drop = _SKIP_REQUEST
         connection = raw.get(b"Connection")
+        upgrade = None
         if connection:
             extra = connection_tokens(connection)
+            if b"upgrade" in extra and request.method == b"GET" and request.body is None:
+                # WebSocket: Connection: Upgrade and its Upgrade go to the
+                # node (rrlb.tunnel); other upgrade tokens (h2c) do not.
+                upgrade = upgrade_token(raw.get(b"Upgrade"))
             if extra:
                 drop = drop | {_canonical(t) for t in extra}
         parts: list[bytes] = []
@@ -285,18 +297,25 @@ class ProxyExchange:
         via_self = version + b" rrlb"
         append(b"Via: " + (b", ".join(via + [via_self]) if via else via_self) + b"\r\n")
 
-        content = request.content
-        size = 0
-        if content is not None:
-            content.seek(0, 2)
-            size = content.tell()
-            content.seek(0, 0)
-        if size or b"Content-Length" in raw or b"Transfer-Encoding" in raw:
-            append(b"Content-Length: %d\r\n" % size)
+        if upgrade is not None:
+            append(b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+        self.upgrade = upgrade is not None
+        body = request.body
+        if body is None:
+            if b"Content-Length" in raw or b"Transfer-Encoding" in raw:
+                append(b"Content-Length: 0\r\n")
+        elif body.length is not None:
+            append(b"Content-Length: %d\r\n" % body.length)
+        elif body.complete:
+            # A chunked body that came whole with the head: its length.
+            append(b"Content-Length: %d\r\n" % body.received)
+        else:
+            # A chunked body still coming: chunked to the node too.
+            body.chunked = True
+            append(b"Transfer-Encoding: chunked\r\n")
         append(b"\r\n")
         self.head_tail = b"".join(parts)
-        if size:
-            self.body = content.read() if size <= 65536 else content
+        self.body = body
         return True
 
     def head_for(self, node: Node) -> bytes:
@@ -343,8 +362,12 @@ class ProxyExchange:
         self.upstream = protocol
         self.stale_retry = reused
         body = self.body
-        if body is not None and not isinstance(body, bytes):
-            body.seek(0, 0)
+        if body is not None and body.complete and not body.chunked:
+            # The whole body came before the connection: one write. Past what
+            # is kept it is not sent again (README: only short bodies retry).
+            if body.received > KEEP:
+                body.spent = True
+            body = body.buffered()
         protocol.send(self, self.head_for(self.node), body, self.request.method == b"HEAD")
         self.proxy.upstream.watch(self)
 
@@ -384,13 +407,21 @@ class ProxyExchange:
             # the request went out, and the node may have acted on it, so
             # only an idempotent one is sent again, on a fresh connection.
             self.stale_retry = False
-            if self.request.method in IDEMPOTENT:
+            if self.request.method in IDEMPOTENT and self.replayable():
                 self.connector = self.proxy.upstream.acquire(self.node, self, fresh=True)
                 return
             # Not a sign the node is down: a keep-alive close raced the request.
             self._failed(reason, passive=False)
             return
         self._failed(reason, passive=True)
+
+    def replayable(self) -> bool:
+        """
+        Whether the request can be sent again: it has no body, or its body
+        still fits in what rrlb keeps of it (see L{rrlb.body}).
+        """
+        body = self.body
+        return body is None or body.replayable
 
     def _failed(self, reason: Failure, passive: bool) -> None:
         """
@@ -404,7 +435,11 @@ class ProxyExchange:
         node.errors += 1
         if passive:
             pool.mark(node, False, f"request failed: {why}")
-        if self.request.method in IDEMPOTENT and self.retries < proxy.settings.retries:
+        if (
+            self.request.method in IDEMPOTENT
+            and self.retries < proxy.settings.retries
+            and self.replayable()
+        ):
             other = pool.pick_other(self.tried)
             # A request holds one place in the retry budget from its first
             # retry until it ends, however many nodes it tries.
@@ -489,6 +524,43 @@ class ProxyExchange:
         if has_body:
             request.registerProducer(self, True)
 
+    def switched(
+        self, protocol: UpstreamProtocol, reason: bytes, headers: dict[bytes, list[bytes]]
+    ) -> None:
+        """
+        The node answered 101 to an upgrade: pass the 101 on, and copy bytes
+        both ways from now on (L{rrlb.tunnel}).
+        """
+        proxy = self.proxy
+        proxy.upstream.unwatch(self)
+        request = self.request
+        self.upstream_status = 101
+        self.upstream_time = proxy.clock.seconds() - self.started
+        self.responded = True
+        request.code = 101
+        request.code_message = reason
+        request.startedWriting = True
+        channel = request.channel
+        buffered = channel.start_tunnel(switching_head(reason, headers))
+        tunnel = self.tunnel = Tunnel(
+            self, channel, protocol, proxy.clock, proxy.settings.tunnel_timeout, proxy.stats
+        )
+        channel.dataReceived = tunnel.from_client
+        protocol.tunnel = tunnel
+        if buffered:
+            tunnel.from_client(buffered)
+
+    def tunnel_closed(self) -> None:
+        """
+        The tunnel ended (either side closed, or it was idle too long).
+        """
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.close()
+        self.upstream = None
+        if not self.finished:
+            self._end(ok=True)
+
     def response_body(self, data: bytes) -> None:
         self.request.write(data)
 
@@ -505,6 +577,14 @@ class ProxyExchange:
             request.finish()
 
     def timed_out(self) -> None:
+        body = self.body
+        if body is not None and body.consumer is not None and not body.complete:
+            if not body.node_full:
+                # The node takes the body as fast as it comes: it is the
+                # client that is slow, and the client body timeout is the
+                # one that applies.
+                self.proxy.upstream.watch(self)
+                return
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -544,6 +624,9 @@ class ProxyExchange:
         The client went away: cancel the upstream request and its connection.
         """
         if self.finished:
+            return
+        if self.tunnel is not None:
+            self.tunnel_closed()
             return
         self._end(ok=False)
         self.proxy.upstream.unwatch(self)
@@ -603,6 +686,9 @@ class ProxyStats:
 
     def __init__(self) -> None:
         self.retries = 0
+        self.tunnels_open = 0
+        self.tunnel_bytes_to_node = 0
+        self.tunnel_bytes_to_client = 0
 
 
 class RotatingProxy(ReverseProxyResource):
@@ -796,6 +882,8 @@ class ProxyRequest(server.Request):
     client_error: Optional[str] = None
     # The client behind trusted proxies (--trusted-proxies), if not the peer.
     real_client: Optional[str] = None
+    # The body, streamed to the node as it arrives (None: no body).
+    body: Optional[StreamedBody] = None
     # The pool of a request answered without a node (503, queue timeout).
     pool_name: Optional[str] = None
 
@@ -877,10 +965,14 @@ class ProxySite(ClientSite):
     which keeps the hot path free of it).
     """
 
-    # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it.
+    # A plain HTTP/1.1 channel: no HTTP/2 negotiation wrapper around it
+    # (with --http2, rrlb.http2.ALPNChannel).
     protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
     displayTracebacks = False
+    # Offered by ALPN on TLS listeners. Twisted's Site offers h2 whenever the
+    # h2 package is installed; rrlb only with --http2.
+    alpn: list[bytes] = [b"http/1.1"]
 
     def __init__(
         self,
@@ -901,3 +993,6 @@ class ProxySite(ClientSite):
     def log(self, request: Any) -> None:
         if self.access_log is not None:
             self.access_log(request)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return self.alpn

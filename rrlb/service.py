@@ -184,6 +184,12 @@ class BalancerService(MultiService):
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
+        if config.http2:
+            # Only now: with --http2 off nothing of rrlb.http2 is imported.
+            from rrlb.http2 import ALPN_PROTOCOLS, ALPNChannel
+
+            self.site.protocol = ALPNChannel
+            self.site.alpn = ALPN_PROTOCOLS
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
         self.health_agent = Agent.usingEndpointFactory(
             reactor,
@@ -315,6 +321,7 @@ class BalancerService(MultiService):
             node_host=config.node_host,
             retry_after=max(1, int(config.health.interval + 0.999)),
             retries=config.retries,
+            tunnel_timeout=config.tunnel_timeout,
         )
 
     def _demo_ready(self, urls: list[str]) -> None:
@@ -349,6 +356,9 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
+        if config.http2 != self.config.http2:
+            self.log.warn("http2 changes only with a restart")
+            config = dataclasses.replace(config, http2=self.config.http2)
         self.config = dataclasses.replace(config)
 
     def _apply_pools(self, config: Config, pool_configs: tuple[PoolConfig, ...]) -> None:

@@ -71,6 +71,7 @@ _TOP_OPTIONS = {
     "trusted-proxies": "trusted_proxies",
     "max-conns-per-node": "max_conns_per_node",
     "queue-timeout": "queue_timeout",
+    "tunnel-timeout": "tunnel_timeout",
     "retries": "retries",
     "retry-budget": "retry_budget",
     "balance": "balance",
@@ -105,6 +106,11 @@ class Options(usage.Options):
             "node-host",
             None,
             "Send each node its own host:port as Host (default: the client's Host).",
+        ],
+        [
+            "http2",
+            None,
+            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners (needs twisted[http2]).",
         ],
     ]
     optParameters = [
@@ -318,6 +324,14 @@ class Options(usage.Options):
             _coerce(non_negative_float, "--queue-timeout"),
         ],
         [
+            "tunnel-timeout",
+            None,
+            None,
+            "Seconds a WebSocket tunnel may pass no byte either way before it is"
+            " closed (default: 3600).",
+            _coerce(positive_float, "--tunnel-timeout"),
+        ],
+        [
             "retries",
             None,
             None,
@@ -406,6 +420,8 @@ class Options(usage.Options):
                 seen.add(node.key)
         if self["node-host"]:
             top["node_host"] = True
+        if self["http2"]:
+            top["http2"] = True
         if self["demo"]:
             top["demo"] = self["demo"]
         tls = {

@@ -30,7 +30,6 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
@@ -62,7 +61,7 @@ HOP_BY_HOP = frozenset(
 # The same, as Twisted's Headers spells them.
 _HOP_BY_HOP_NAMES = frozenset(canonical_name(name) for name in HOP_BY_HOP)
 
-_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(6)
 
 
 class BadResponse(Exception):
@@ -165,8 +164,12 @@ class UpstreamProtocol(Protocol):
         self._keep_alive = True
         self._got_response = False
         self._head_request = False
-        self._body_sender: Optional[defer.Deferred[Any]] = None
-        self._file_sender: Optional[FileSender] = None
+        # The tunnel this connection carries after a 101 (rrlb.tunnel).
+        self.tunnel: Any = None
+        # The request body still streaming to the node, if any.
+        self._body: Any = None
+        self._chunked_body = False
+        self._producing = False
         self.paused = False
         self.idle_round = 0
         self.requests = 0
@@ -179,7 +182,8 @@ class UpstreamProtocol(Protocol):
     def send(self, exchange: Any, head: bytes, body: Any, head_request: bool) -> None:
         """
         Send a request: C{head} is the request line and header block; C{body}
-        is L{None}, C{bytes} or a file to stream from its current position.
+        is L{None}, C{bytes}, or a L{rrlb.body.StreamedBody} whose bytes
+        follow as the client sends them.
         """
         self.exchange = exchange
         self._state = _HEAD
@@ -193,27 +197,46 @@ class UpstreamProtocol(Protocol):
             self.transport.write(head + body)
         else:
             self.transport.write(head)
-            self._file_sender = FileSender()
-            self._body_sender = self._file_sender.beginFileTransfer(body, self.transport)
-            self._body_sender.addBoth(self._body_sent)
+            self._chunked_body = body.chunked
+            self._body = body
+            body.attach(self)
 
-    def _body_sent(self, result: Any) -> None:
-        self._body_sender = None
-        self._file_sender = None
-        if isinstance(result, Failure):
-            self._keep_alive = False
+    # -- the streamed body's consumer (rrlb.body) ---------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            # Bytes the node takes are progress (see UpstreamPool._sweep).
+            exchange.active = True
+        if self._chunked_body:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def body_end(self) -> None:
+        self._body = None
+        if self._chunked_body:
+            self.transport.write(b"0\r\n\r\n")
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._producing = True
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
 
     def _stop_body(self) -> None:
         """
-        Stop streaming the request body (the node answered, or the request
-        was dropped): the file may be closed before the sender would next
-        read it.
+        Take no more of the request body (the node answered, or the request
+        was dropped): the connection cannot carry another request.
         """
-        sender = self._file_sender
-        if sender is not None:
+        body = self._body
+        if body is not None:
+            self._body = None
             self._keep_alive = False
-            self.transport.unregisterProducer()
-            sender.stopProducing()
+            body.detach(self)
 
     # -- receiving ------------------------------------------------------------
 
@@ -254,6 +277,8 @@ class UpstreamProtocol(Protocol):
                 self._protocol_error(f"bad chunked body: {e}")
         elif state == _UNTIL_CLOSE:
             exchange.response_body(data)
+        elif state == _TUNNEL:
+            self.tunnel.from_node(data)
         else:
             self.transport.loseConnection()
 
@@ -276,7 +301,7 @@ class UpstreamProtocol(Protocol):
             self._buffer = buffer[end + 4 :]
             if 100 <= code < 200:
                 if code == 101:
-                    self._protocol_error("node switched protocols unasked")
+                    self._switched(reason, raw)
                     return
                 # An interim response (100 Continue, 103 Early Hints): the
                 # client already had its 100 from us; wait for the final one.
@@ -285,6 +310,23 @@ class UpstreamProtocol(Protocol):
         # The head is complete: the body's silence timeout starts now.
         self.exchange.active = True
         self._start_body(version, code, reason, raw)
+
+    def _switched(self, reason: bytes, headers: dict[bytes, list[bytes]]) -> None:
+        """
+        A 101: from now on the connection is a tunnel (L{rrlb.tunnel}) if
+        the request asked to upgrade, else the node is broken.
+        """
+        exchange = self.exchange
+        if not getattr(exchange, "upgrade", False):
+            self._protocol_error("node switched protocols unasked")
+            return
+        self._state = _TUNNEL
+        self._keep_alive = False
+        rest = self._buffer
+        self._buffer = b""
+        exchange.switched(self, reason, headers)
+        if rest and self.tunnel is not None:
+            self.tunnel.from_node(rest)
 
     def _start_body(
         self, version: bytes, code: int, reason: bytes, headers: dict[bytes, list[bytes]]
@@ -371,9 +413,9 @@ class UpstreamProtocol(Protocol):
             # pool reading, or the next request on it would never see its
             # response.
             self.resume_reading()
-        if self._keep_alive and self._body_sender is None and self.transport is not None:
+        if self._keep_alive and self._body is None and self.transport is not None:
             self.pool.release(self)
-        elif self._file_sender is not None:
+        elif self._body is not None:
             # The node answered before taking the whole body: the rest of it
             # is not wanted, and the connection cannot carry another request.
             self._stop_body()
@@ -388,6 +430,7 @@ class UpstreamProtocol(Protocol):
         self.exchange = None
         self._state = _IDLE
         self._keep_alive = False
+        self._stop_body()
         self.transport.abortConnection()
         if exchange is not None:
             exchange.upstream_lost(Failure(BadResponse(why)), self._got_response)
@@ -436,6 +479,9 @@ class UpstreamProtocol(Protocol):
         if exchange is None:
             return
         self.exchange = None
+        if self._state == _TUNNEL:
+            exchange.tunnel_closed()
+            return
         self._stop_body()
         if self._state == _UNTIL_CLOSE and reason.check(error.ConnectionDone):
             # A body without a length ends with a clean close; a reset cuts it.
@@ -787,7 +833,8 @@ class UpstreamPool:
                 exchange.timed_out()
             except Exception:
                 self.log.failure("timing out {exchange}", exchange=exchange)
-        self._sweep_call = self.clock.callLater(self.granularity, self._sweep)
+        if self._sweep_call is None:  # timed_out may watch again, and schedule it
+            self._sweep_call = self.clock.callLater(self.granularity, self._sweep)
 
     def _stop_sweeping(self) -> None:
         for call in (self._sweep_call, self._trim_call):

@@ -252,6 +252,9 @@ class Counters:
     upstream_connections: int = 0
     nodes: dict[Label, list[int]] = dataclasses.field(default_factory=dict)
     clients: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # WebSocket tunnels: open now (a gauge), bytes to nodes and to clients.
+    tunnels_open: int = 0
+    tunnel_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(
@@ -277,6 +280,8 @@ class Counters:
             upstream_connections=metrics.upstream_connections(),
             nodes={n.label: [n.in_flight, n.requests, n.errors] for n in pools.nodes},
             clients=list(clients or ()),
+            tunnels_open=metrics.tunnels_open(),
+            tunnel_bytes=metrics.tunnel_bytes(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -293,6 +298,8 @@ class Counters:
             "upstream_connections": self.upstream_connections,
             "nodes": [[p, k, *counts] for (p, k), counts in self.nodes.items()],
             "clients": self.clients,
+            "tunnels_open": self.tunnels_open,
+            "tunnel_bytes": self.tunnel_bytes,
         }
 
     @classmethod
@@ -309,6 +316,8 @@ class Counters:
             upstream_connections=int(value["upstream_connections"]),
             nodes={(p, k): [int(x) for x in counts] for p, k, *counts in value["nodes"]},
             clients=list(value["clients"]),
+            tunnels_open=int(value.get("tunnels_open", 0)),
+            tunnel_bytes={str(d): int(n) for d, n in value.get("tunnel_bytes", {}).items()},
         )
 
     def add(self, other: Counters, gauges: bool = True) -> None:
@@ -337,10 +346,13 @@ class Counters:
             counts[2] += errors
             if gauges:
                 counts[0] += in_flight
+        for direction, count in other.tunnel_bytes.items():
+            self.tunnel_bytes[direction] = self.tunnel_bytes.get(direction, 0) + count
         if gauges:
             self.connections += other.connections
             self.upstream_connections += other.upstream_connections
             self.clients.extend(other.clients)
+            self.tunnels_open += other.tunnels_open
 
 
 class _NodeTotals:
@@ -457,6 +469,12 @@ class WorkersMetrics(Metrics):
 
     def queue_length(self) -> int:
         return sum(length for length, _ in self.totals.queues.values())
+
+    def tunnels_open(self) -> int:
+        return self.totals.tunnels_open
+
+    def tunnel_bytes(self) -> dict[str, int]:
+        return {"to_node": 0, "to_client": 0, **self.totals.tunnel_bytes}
 
     def queue_timeouts(self) -> int:
         return sum(timeouts for _, timeouts in self.totals.queues.values())

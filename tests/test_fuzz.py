@@ -319,7 +319,8 @@ class ProxyingRulesTests(WireCase):
         hop-by-hop headers or those named in Connection, X-Forwarded-For
         with the client appended, X-Forwarded-Proto http, X-Forwarded-Host,
         Via extended with "1.1 rrlb", and the body with a Content-Length
-        (never chunked). The client gets the node's status, reason, its
+        (or chunked, for a chunked body that was still arriving when the
+        head went out: streamed bodies). The client gets the node's status, reason, its
         end-to-end headers and the body exactly, without the node's
         hop-by-hop headers.
         """
@@ -361,7 +362,13 @@ def check_forwarded(tc: Any, sent: FuzzRequest, got: RecordedRequest) -> None:
     tc.assertEqual(received.pop(b"x-forwarded-proto"), [b"http"])
     tc.assertEqual(received.pop(b"x-forwarded-host"), [sent.host])
     tc.assertEqual(received.pop(b"via"), [b", ".join(sent.via + [b"1.1 rrlb"])])
-    if sent.body or sent.framing != "none":
+    if sent.framing == "chunked" and b"transfer-encoding" in received:
+        # A chunked body still arriving when rrlb forwarded the head goes
+        # to the node chunked (streamed bodies, issue 12); RawBackend
+        # decoded it into got.body.
+        tc.assertEqual(received.pop(b"transfer-encoding"), [b"chunked"])
+        tc.assertNotIn(b"content-length", received)
+    elif sent.body or sent.framing != "none":
         tc.assertEqual(received.pop(b"content-length"), [b"%d" % len(sent.body)])
     tc.assertEqual(received, by_name(sent.headers))
     tc.assertEqual(got.body, sent.body)

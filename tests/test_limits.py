@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from rrlb.channel import (
     ClientLimits,
@@ -62,16 +63,60 @@ class Answer(Resource):
         return b"ok"
 
 
+class BodySink:
+    """
+    A consumer of streamed request bodies (L{rrlb.body}) that takes every
+    byte as it comes.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended = False
+
+    def body_data(self, data: bytes) -> None:
+        self.data += data
+
+    def body_end(self) -> None:
+        self.ended = True
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+class Swallow(Resource):
+    """
+    Takes each request's body into a L{BodySink} and never answers.
+    """
+
+    isLeaf = True
+
+    attach = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sinks: list[BodySink] = []
+
+    def render(self, request: Any) -> Any:
+        sink = BodySink()
+        self.sinks.append(sink)
+        if request.body is not None and self.attach:
+            request.body.attach(sink)
+        return NOT_DONE_YET
+
+
 class Harness:
     """
     A L{ProxySite} on a L{Clock}, with channels on in-memory transports.
     """
 
-    def __init__(self, **limits: Any) -> None:
+    def __init__(self, resource: Any = None, **limits: Any) -> None:
         self.clock = Clock()
         self.logged: list[Any] = []
         self.site = ProxySite(
-            Answer(),  # type: ignore[arg-type]
+            resource or Answer(),
             access_log=self.logged.append,
             reactor=self.clock,
             limits=ClientLimits(**limits),
@@ -157,7 +202,7 @@ class ClockTimeoutTests(unittest.TestCase):
         No body byte for the body timeout: 408, counted as body_timeout.
         Every byte that arrives starts the wait again.
         """
-        harness = Harness(body_timeout=60)
+        harness = Harness(Swallow(), body_timeout=60)
         channel, transport = harness.connect()
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
         harness.clock.advance(59)

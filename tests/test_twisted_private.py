@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -142,3 +143,45 @@ class EndpointServiceTests(unittest.TestCase):
         service = StreamServerEndpointService(None, None)
         self.assertIsNone(service._waitingForPort)
         self.assertFalse(service._raiseSynchronously)
+
+
+class HTTP2Tests(unittest.TestCase):
+    """
+    What rrlb.http2 leans on in Twisted's private HTTP/2 module.
+    """
+
+    def test_names(self) -> None:
+        """
+        Every method rrlb.http2 overrides and every attribute it uses is
+        still there.
+        """
+        try:
+            from twisted.web import _http2
+        except ImportError:
+            raise unittest.SkipTest("twisted[http2] is not installed") from None
+        import h2.config
+        import h2.connection
+
+        for cls, names in _twisted.H2_OVERRIDES.items():
+            for name in names:
+                self.assertTrue(callable(getattr(getattr(_http2, cls), name, None)), name)
+        clock = Clock()
+        connection = _http2.H2Connection(clock)
+        connection.requestFactory = lambda channel, queued: http.Request(channel, queued)
+        connection.makeConnection(StringTransport())
+        for name in _twisted.H2_STATE["H2Connection"]:
+            self.assertTrue(hasattr(connection, name), name)
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        client.initiate_connection()
+        client.send_headers(
+            1, [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"),
+                (b":authority", b"x")],
+        )  # fmt: skip
+        connection.dataReceived(client.data_to_send())
+        (stream,) = connection.streams.values()
+        for name in _twisted.H2_STATE["H2Stream"]:
+            self.assertTrue(hasattr(stream, name), name)
+        connection.connectionLost(Failure(ConnectionDone()))
+        clock.advance(1)

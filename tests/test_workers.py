@@ -135,6 +135,8 @@ class CountersTests(unittest.TestCase):
             upstream_connections=5,
             nodes={("api", "http://a"): [1, n, 2], ("web", "http://a"): [0, 1, 0]},
             clients=[{"client": "127.0.0.1", "since": float(n)}],
+            tunnels_open=1,
+            tunnel_bytes={"to_node": n, "to_client": 10 * n},
         )
 
     def test_json_round_trip(self) -> None:
@@ -167,6 +169,8 @@ class CountersTests(unittest.TestCase):
             total.nodes, {("api", "http://a"): [2, 3, 4], ("web", "http://a"): [0, 2, 0]}
         )
         self.assertEqual(len(total.clients), 2)
+        self.assertEqual(total.tunnels_open, 2)
+        self.assertEqual(total.tunnel_bytes, {"to_node": 3, "to_client": 30})
 
     def test_add_without_gauges(self) -> None:
         """
@@ -180,6 +184,8 @@ class CountersTests(unittest.TestCase):
         self.assertEqual(total.queues, {"api": [0, 2], "web": [0, 1]})
         self.assertEqual(total.nodes[("api", "http://a")], [0, 5, 2])
         self.assertEqual(total.clients, [])
+        self.assertEqual(total.tunnels_open, 0)
+        self.assertEqual(total.tunnel_bytes, {"to_node": 5, "to_client": 50})
 
     def test_of_metrics(self) -> None:
         """

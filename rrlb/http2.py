@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.test_http2 -*-
+"""
+HTTP/2 for clients (C{--http2}): TLS listeners offer C{h2} and C{http/1.1}
+by ALPN, and a client that picks C{h2} is served by Twisted's own HTTP/2
+connection (L{twisted.web._http2}), each stream a request proxied to a node
+over the same pooled HTTP/1.1 connections as any other.
+
+Imported only when C{--http2} is on: nothing of HTTP/2 (nor the C{h2}
+package) is loaded otherwise.
+
+ - L{ALPNChannel}: the site's channel when HTTP/2 is on. It is an ordinary
+   L{ProxyChannel} unless the TLS handshake chose C{h2}; then it hands the
+   connection to a L{ProxyH2Connection} and stays the site's record of the
+   connection (timeouts, the connection cap, the drain).
+ - L{ProxyH2Stream}: one stream, and what the proxy needs of a channel
+   (addresses, the forwarded scheme and client, the edge). Its request body
+   streams to the node (L{rrlb.body}); HTTP/2 flow control is the
+   backpressure both ways: a held body leaves the client's window closed,
+   a client that reads slowly pauses its stream's producer (the node).
+ - Connection-specific headers are translated as RFC 9113 section 8.2.2
+   says: none goes to an HTTP/2 client, C{:authority} becomes C{Host}, and
+   cookie fields split by HTTP/2 are joined again (section 8.2.3).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Optional
+
+from h2.errors import ErrorCodes
+from priority import DuplicateStreamError
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web._http2 import H2Connection, H2Stream
+
+from rrlb._twisted import canonical_name, header_values, set_raw_headers
+from rrlb.body import CONTINUE, StreamedBody
+from rrlb.channel import (
+    _CLOSED,
+    EDGE_TRUSTED,
+    ProxyChannel,
+    error_response,
+    real_client,
+)
+from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
+
+# Offered by ALPN on TLS listeners, in order of preference.
+ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
+
+# Response headers that never go to an HTTP/2 client (RFC 9113 8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+class ProxyH2Stream(H2Stream):
+    """
+    One HTTP/2 stream: a request, and the channel the proxy sees for it.
+    """
+
+    def __init__(
+        self,
+        streamID: int,
+        connection: ProxyH2Connection,
+        headers: Any,
+        requestFactory: Any,
+        site: Any,
+        factory: Any,
+    ) -> None:
+        channel = connection.channel
+        # What ProxyRequest and ProxyExchange ask of a channel, once per stream.
+        self.peer = channel.peer
+        self.local = channel.local
+        self.forwarded = channel.forwarded
+        self.edge = channel.edge
+        self.limits = site.limits
+        self.clock = channel.clock
+        self._holds = 0
+        self._unacked = 0
+        self._body_timer: Any = None
+        # The stream is the transport of its request (H2Stream has None):
+        # writing, closing and the addresses go through it, never to the
+        # whole connection.
+        self.transport = self  # type: ignore[assignment]
+        super().__init__(streamID, connection, headers, requestFactory, site, factory)
+
+    def _convertHeaders(self, headers: Any) -> None:
+        request = self._request
+        raw: dict[bytes, list[bytes]] = {}
+        authority = None
+        cookies: list[bytes] = []
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    self.command = value
+                elif name == b":path":
+                    self.path = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"cookie":
+                cookies.append(value)
+                continue
+            key = canonical_name(name)
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+            else:
+                values.append(value)
+        if cookies:
+            raw[b"Cookie"] = [b"; ".join(cookies)]
+        if authority is not None:
+            raw[b"Host"] = [authority]
+        set_raw_headers(request.requestHeaders, raw)
+        request.content = None
+        if self.edge == EDGE_TRUSTED:
+            xff = raw.get(b"X-Forwarded-For")
+            if xff:
+                request.real_client = real_client(
+                    self.forwarded[1], xff, self.limits.trusted_proxies
+                ).decode("latin-1")
+
+    def start(self, has_body: bool) -> None:
+        """
+        The request head is in: forward it now, its body (if any) following
+        as it arrives.
+        """
+        request = self._request
+        if has_body:
+            lengths = header_values(request.requestHeaders, b"Content-Length")
+            length = None
+            if lengths and lengths[0].isdigit():
+                length = int(lengths[0])
+            expect = header_values(request.requestHeaders, b"Expect")
+            expect_continue = expect is not None and expect[0].lower() == b"100-continue"
+            maximum = self.limits.max_body_size
+            if maximum and length is not None and length > maximum:
+                request.client_error = BODY_TOO_LARGE
+                request.method = self.command
+                request.uri = self.path
+                request.clientproto = b"HTTP/2"
+                error_response(request, 413, "the body is too large")
+                return
+            request.body = StreamedBody(self, length, expect_continue)
+            self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
+        request.requestReceived(self.command, self.path, b"HTTP/2")
+
+    # -- the body's source (rrlb.body) -----------------------------------------
+
+    def hold(self, flag: int) -> None:
+        self._holds |= flag
+
+    def release(self, flag: int) -> None:
+        if self._holds & flag:
+            self._holds &= ~flag
+            if not self._holds & ~CONTINUE:
+                self._open_window()
+
+    def send_continue(self) -> None:
+        self._conn._send100Continue(self.streamID)
+
+    def _open_window(self) -> None:
+        unacked = self._unacked
+        if unacked and self._conn._streamIsActive(self.streamID):
+            self._unacked = 0
+            self._conn.openStreamWindow(self.streamID, unacked)
+
+    def receiveDataChunk(self, data: bytes, flowControlledLength: int) -> None:
+        request = self._request
+        body = request.body
+        self._unacked += flowControlledLength
+        if body is None or body.complete or request.finished:
+            # A body nobody forwards (the response is out already): let it
+            # come, and drop it.
+            self._open_window()
+            return
+        maximum = self.limits.max_body_size
+        if maximum and body.received + len(data) > maximum:
+            self._body_too_large()
+            return
+        timer = self._body_timer
+        if timer is not None and timer.active():
+            timer.reset(self.limits.body_timeout)
+        body.feed(data)
+        if not self._holds & ~CONTINUE:
+            # Reopen the window only as far as the node took the bytes: while
+            # the body is held the client's window stays closed.
+            self._open_window()
+
+    def _body_too_large(self) -> None:
+        self._body_failed(413, BODY_TOO_LARGE, "the body is too large")
+
+    def _body_late(self) -> None:
+        """
+        --client-body-timeout passed with no body byte: unless rrlb itself
+        holds the client back (then it is not the client's fault), the
+        request is cut off, with 408 if no response started.
+        """
+        self._body_timer = None
+        body = self._request.body
+        if body is None or body.complete:
+            return
+        if self._holds:
+            self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
+            return
+        self._body_failed(408, BODY_TIMEOUT, "the request body took too long")
+
+    def _body_failed(self, code: int, reason: str, text: str) -> None:
+        request = self._request
+        self._stop_body_timer()
+        exchange = request.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.client_gone()
+        request.body.complete = True
+        if request.startedWriting:
+            self.abortConnection()
+            return
+        request.client_error = reason
+        error_response(request, code, text)
+
+    def _stop_body_timer(self) -> None:
+        timer, self._body_timer = self._body_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def requestComplete(self) -> None:
+        self._stop_body_timer()
+        body = self._request.body
+        if body is not None and not body.complete:
+            body.finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_body_timer()
+        super().connectionLost(reason)
+
+    def requestDone(self, request: Any) -> None:
+        # The response is complete: what is left of the body is not wanted.
+        self._stop_body_timer()
+        super().requestDone(request)
+
+    # -- what the proxy calls on a channel -----------------------------------
+
+    def loseConnection(self) -> None:
+        # rrlb closes a request's channel only to cut a response short:
+        # for one stream of many, that is a reset of the stream.
+        self.abortConnection()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        self._conn.writeHeaders(
+            version,
+            code,
+            reason,
+            [
+                (name, value)
+                for name, values in headers.getAllRawHeaders()
+                if name.lower() not in _CONNECTION_SPECIFIC
+                for value in values
+            ],
+            self.streamID,
+        )
+
+
+class ProxyH2Connection(H2Connection):
+    """
+    An HTTP/2 connection of a client, driven by its L{ALPNChannel}.
+    """
+
+    transport: Any
+    requestFactory: Any
+    site: Any
+
+    def __init__(self, reactor: Any, channel: ALPNChannel) -> None:
+        super().__init__(reactor)
+        self.channel = channel
+        self.going_away = False
+
+    def _requestReceived(self, event: Any) -> None:
+        self.channel.deadline = None
+        if self.going_away:
+            # Draining: the GOAWAY told the client no new stream is served;
+            # one sent meanwhile is refused (the client may retry it).
+            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
+            self._tryToWriteControlData()
+            return
+        stream = ProxyH2Stream(
+            event.stream_id, self, event.headers, self.requestFactory, self.site, self.factory
+        )
+        self.streams[event.stream_id] = stream
+        # The rest as H2Connection._requestReceived does it, with rrlb's stream.
+        self._streamCleanupCallbacks[event.stream_id] = Deferred()
+        self._outboundStreamQueues[event.stream_id] = deque()
+        try:
+            self.priority.insert_stream(event.stream_id)
+        except DuplicateStreamError:
+            pass
+        else:
+            self.priority.block(event.stream_id)
+        stream.start(has_body=event.stream_ended is None)
+
+    def _requestDataReceived(self, event: Any) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            # A stream rrlb refused or already finished.
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        stream.receiveDataChunk(event.data, event.flow_controlled_length)
+
+    def _requestEnded(self, event: Any) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.requestComplete()
+
+    def _requestAborted(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+
+    def _requestDone(self, streamID: int) -> None:
+        super()._requestDone(streamID)
+        if not self.streams:
+            channel = self.channel
+            if self.going_away:
+                self.close()
+            elif channel._state != _CLOSED:
+                channel.deadline = channel.clock.seconds() + channel.site.limits.keepalive_timeout
+
+    def go_away(self) -> None:
+        """
+        For a drain: serve no new stream (each is refused with
+        REFUSED_STREAM, which a client may retry elsewhere), and say GOAWAY
+        and close once the open ones are done. The GOAWAY waits for them:
+        some clients (the h2 library's among them) take any GOAWAY as the
+        end of the connection, responses in flight included.
+        """
+        self.going_away = True
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        """
+        Say GOAWAY and close the connection.
+        """
+        try:
+            self.conn.close_connection()
+            self._tryToWriteControlData()
+        except Exception:
+            pass  # the connection is already closed
+        transport = self.transport
+        # TLS closes only once no producer is registered on it.
+        if getattr(transport, "producer", None) is not None or getattr(
+            transport, "_producer", None
+        ) is not None:
+            transport.unregisterProducer()
+        transport.loseConnection()
+
+
+class ALPNChannel(ProxyChannel):
+    """
+    A client connection on a site with HTTP/2 on: HTTP/1.1 as
+    L{ProxyChannel} serves it, unless the TLS handshake chose C{h2}.
+
+    The choice is made on the first bytes from the client (the handshake is
+    over by then); from then on reads go straight to the chosen protocol.
+    """
+
+    h2: Optional[ProxyH2Connection] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            h2 = self._start_h2()
+            self.dataReceived = h2.dataReceived  # type: ignore[method-assign]
+        else:
+            self.dataReceived = super().dataReceived  # type: ignore[method-assign]
+        self.dataReceived(data)
+
+    def _start_h2(self) -> ProxyH2Connection:
+        transport = self.transport
+        # The HTTP/1.1 channel registered itself as the transport's producer;
+        # the HTTP/2 connection takes its place.
+        transport.unregisterProducer()
+        h2 = self.h2 = ProxyH2Connection(self.clock, self)
+        h2.requestFactory = self.requestFactory
+        h2.site = self.site
+        h2.factory = self.factory
+        h2.makeConnection(transport)
+        transport.registerProducer(h2, True)
+        self.deadline = self.clock.seconds() + self.site.limits.keepalive_timeout
+        return h2
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+        h2 = self.h2
+        if h2 is not None:
+            h2.connectionLost(reason)
+        super().connectionLost(reason)
+
+    def timed_out(self) -> None:
+        h2 = self.h2
+        if h2 is None:
+            super().timed_out()
+        elif not h2.streams:
+            self._state = _CLOSED
+            h2.close()
+
+    def close_when_idle(self) -> None:
+        h2 = self.h2
+        if h2 is None:
+            super().close_when_idle()
+        else:
+            h2.go_away()

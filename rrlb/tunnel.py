@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""
+Upgrade tunnels (WebSocket): after a node answered C{101 Switching
+Protocols} to a client's C{Upgrade: websocket}, bytes are copied both ways
+between the client's connection and the node's until either side closes,
+with backpressure in both directions, and closed after C{--tunnel-timeout}
+seconds with no byte either way.
+
+The tunnel stays a request in flight on its node (the drain at shutdown
+waits for it, C{/status} shows it) and gets one access-log line when it
+ends, written by the request as for any other (status 101, the bytes each
+way, how long it was open).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+# Upgrade tokens rrlb forwards; any other (h2c, TLS/1.0) is dropped as the
+# hop-by-hop header it is.
+TUNNEL_TOKENS = frozenset({b"websocket"})
+
+# The hop-by-hop headers of a 101 that are not passed on (Upgrade and
+# Connection are: they say what the connection switched to).
+_DROP_101 = frozenset(
+    {
+        b"Keep-Alive",
+        b"Proxy-Connection",
+        b"Te",
+        b"Trailer",
+        b"Transfer-Encoding",
+        b"Content-Length",
+        b"Proxy-Authenticate",
+        b"Proxy-Authorization",
+    }
+)
+
+
+def upgrade_token(values: Optional[list[bytes]]) -> Optional[bytes]:
+    """
+    The token of an C{Upgrade} request header rrlb tunnels (as the client
+    spelt it), or L{None}.
+    """
+    if not values:
+        return None
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip()
+            if token.lower() in TUNNEL_TOKENS:
+                return token
+    return None
+
+
+def switching_head(reason: bytes, headers: dict[bytes, list[bytes]]) -> bytes:
+    """
+    The C{101} response head a client gets: the node's, less the
+    hop-by-hop headers other than Upgrade and Connection.
+    """
+    parts = [b"HTTP/1.1 101 ", reason or b"Switching Protocols", b"\r\n"]
+    for name, values in headers.items():
+        if name in _DROP_101:
+            continue
+        for value in values:
+            parts.extend((name, b": ", value, b"\r\n"))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+@implementer(IPushProducer)
+class _Reader:
+    """
+    Pauses and resumes reading from one side when the other side's write
+    buffer fills and drains.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Tunnel:
+    """
+    One open tunnel between a client connection (its channel) and a node
+    connection (an L{rrlb.upstream.UpstreamProtocol} in tunnel mode).
+
+    @ivar to_node: bytes copied from the client to the node.
+    @ivar to_client: bytes copied from the node to the client.
+    """
+
+    def __init__(
+        self, exchange: Any, channel: Any, upstream: Any, clock: Any, timeout: float, stats: Any
+    ) -> None:
+        self.exchange = exchange
+        self.channel = channel
+        self.upstream = upstream
+        self.clock = clock
+        self.timeout = timeout
+        self.stats = stats
+        self.opened = self.last = clock.seconds()
+        self.to_node = 0
+        self.to_client = 0
+        self.closed = False
+        self._client = channel.transport
+        self._node = upstream.transport
+        # Node -> client: a full client buffer pauses the channel, which
+        # pauses its request producer: reading from the node.
+        channel.registerProducer(_Reader(self._node), True)
+        # Client -> node: a full node buffer pauses reading from the client.
+        self._node.registerProducer(_Reader(self._client), True)
+        self._timer = clock.callLater(timeout, self._check_idle)
+        stats.tunnels_open += 1
+
+    def summary(self) -> tuple[int, int, float]:
+        """
+        Bytes to the node, bytes to the client, and seconds open (for the
+        access log).
+        """
+        return (self.to_node, self.to_client, self.clock.seconds() - self.opened)
+
+    def from_client(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.to_node += len(data)
+        self.stats.tunnel_bytes_to_node += len(data)
+        self.last = self.clock.seconds()
+        self._node.write(data)
+
+    def from_node(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.to_client += len(data)
+        self.stats.tunnel_bytes_to_client += len(data)
+        self.last = self.clock.seconds()
+        self.exchange.request.sentLength += len(data)
+        self._client.write(data)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        idle_until = self.last + self.timeout
+        now = self.clock.seconds()
+        if now < idle_until:
+            self._timer = self.clock.callLater(idle_until - now, self._check_idle)
+            return
+        # No byte either way for the whole timeout: close both sides.
+        self.close()
+
+    def close(self) -> None:
+        """
+        End the tunnel (one side closed, or it was idle too long): close
+        both sides once what is buffered for them has gone out.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.stats.tunnels_open -= 1
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._node.loseConnection()
+        self._client.loseConnection()
