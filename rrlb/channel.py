@@ -272,22 +272,30 @@ class ProxyChannel(http.HTTPChannel):
         site = self.site
         self.clock = site.clock
         # Every request on the connection has the same addresses.
-        self.peer = self.transport.getPeer()
         self.local = self.transport.getHost()
-        host = getattr(self.peer, "host", None)
-        self.forwarded = (
-            b"https" if self.isSecure() else b"http",
-            host.encode("ascii") if isinstance(host, str) else b"",
-        )
-        self.client_address = host if isinstance(host, str) else ""
-        trusted = site.limits.trusted_proxies
-        if trusted:
-            self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
+        self.set_peer(self.transport.getPeer())
         # A connection that sends nothing is closed quietly after the header
         # timeout, as nginx does.
         self.opened = now = self.clock.seconds()
         self.deadline = now + site.limits.header_timeout
         site.channel_opened(self)
+
+    def set_peer(self, peer: Any) -> None:
+        """
+        Take C{peer} as the client's address: for X-Forwarded-For, the access
+        log, /status and --trusted-proxies. (A C{haproxy:} listener sets the
+        address its PROXY header carried.)
+        """
+        self.peer = peer
+        host = getattr(peer, "host", None)
+        self.forwarded = (
+            b"https" if self.isSecure() else b"http",
+            host.encode("ascii") if isinstance(host, str) else b"",
+        )
+        self.client_address = host if isinstance(host, str) else ""
+        trusted = self.site.limits.trusted_proxies
+        if trusted:
+            self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _CLOSED

@@ -784,6 +784,9 @@ def _pool_name(name: str, value: Any) -> str:
             f"{name}: a pool name must be letters, digits, '-', '_' or '.' (not only"
             f" digits), not {value!r}"
         )
+    if value == "none":
+        # The pool label of answers that had no pool (rrlb.metrics.NO_NODE).
+        raise ConfigError(f"{name}: 'none' is reserved (the metrics' label for no pool)")
     return value
 
 

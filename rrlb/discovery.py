@@ -43,16 +43,39 @@ LOOKUP_TIMEOUT = (1.0, 3.0)
 Found = tuple[str, int, int, str]
 
 
+class TCPResolver(client.Resolver):
+    """
+    A L{client.Resolver} that asks over TCP (RFC 7766: every name server
+    answers there too), on one connection it keeps while the server does.
+
+    Over UDP, Twisted's resolver opens a port per query (a fresh source port
+    against spoofed answers), and Twisted logs four lines for each: with
+    names re-resolved every few seconds that buries rrlb's own log. A TCP
+    connection logs nothing once its factory is quiet, and needs no source
+    port games: an answer can only come back on it.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        factory: Any = self.factory
+        factory.noisy = False
+
+    def queryUDP(self, queries: Any, timeout: Any = None) -> Any:
+        timeouts: Sequence[float] = timeout if timeout is not None else self.timeout  # type: ignore[assignment]
+        return self.queryTCP(queries, sum(timeouts))
+
+
 def make_resolver(reactor: Any, servers: Sequence[tuple[str, int]] = ()) -> Any:
     """
     The resolver rrlb uses: C{/etc/hosts} first, then the given name servers,
-    or those of C{/etc/resolv.conf}. No cache: rrlb keeps what it found
-    until the TTL runs out, and a cache would only hand the same answers back.
+    or those of C{/etc/resolv.conf}, over TCP (L{TCPResolver}). No cache:
+    rrlb keeps what it found until the TTL runs out, and a cache would only
+    hand the same answers back.
     """
     if servers:
-        dns_resolver = client.Resolver(servers=list(servers), reactor=reactor)
+        dns_resolver = TCPResolver(servers=list(servers), reactor=reactor)
     else:
-        dns_resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        dns_resolver = TCPResolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolve.ResolverChain([hosts.Resolver(file=b"/etc/hosts"), dns_resolver])
 
 
@@ -292,7 +315,9 @@ class DnsDiscovery(Service):
         if not self._current(name):
             return
         why = describe_lookup_failure(reason)
-        if why != name.error:
+        # Logged when lookups start failing, not again while they keep
+        # failing (whatever the reason of each: timed out, refused).
+        if name.error is None:
             self.log.warn(
                 "DNS lookup of {setting} failed: {why}; keeping its {count} nodes"
                 " until a lookup succeeds",

@@ -20,6 +20,7 @@ do: a node that takes PROXY connections only refuses any other.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from typing import Any, Callable, Optional
@@ -51,6 +52,30 @@ _V2_TCP6 = 0x21
 _V2_UNSPEC = 0x00
 
 
+def checked_address(address: Any) -> Any:
+    """
+    C{address} (a Twisted address from a PROXY header) if it is an IP
+    address of the family its type names with a port from 0 to 65535, in
+    the usual spelling (an IPv6 address compressed); L{None} if not. Other
+    kinds of address (a UNIX socket, v2's LOCAL) are taken as they are.
+    """
+    family = _family(address)
+    if family is None:
+        return address
+    try:
+        parsed = ipaddress.ip_address(address.host)
+    except ValueError:
+        return None
+    if (parsed.version == 4) != (family == socket.AF_INET):
+        return None
+    if not 0 <= address.port <= 65535:
+        return None
+    spelled = str(parsed)
+    if spelled == address.host:
+        return address
+    return type(address)("TCP", spelled, address.port)
+
+
 def _family(address: Any) -> Optional[int]:
     if isinstance(address, IPv4Address):
         return socket.AF_INET
@@ -67,7 +92,12 @@ def proxy_header(version: str, source: Any, destination: Any) -> bytes:
     an unknown source, which the node treats as a connection of its own.
     """
     family = _family(source)
-    if family is None or family != _family(destination):
+    if (
+        family is None
+        or family != _family(destination)
+        or checked_address(source) is None
+        or checked_address(destination) is None
+    ):
         return b"PROXY UNKNOWN\r\n" if version == "v1" else V2_SIGNATURE + b"\x21\x00\x00\x00"
     src_host = source.host.split("%", 1)[0]
     dst_host = destination.host.split("%", 1)[0]
@@ -127,6 +157,13 @@ class _AwaitProxyHeader(Protocol):
             self._timer.cancel()
             self._timer = None
         wrapper: Any = self.transport
+        # Twisted's parser takes the header's words as they are: what it
+        # carries must be an address of the family it names and a port, or
+        # the connection is dropped like one with a broken header.
+        client = checked_address(wrapper.getPeer())
+        if client is None:
+            wrapper.abortConnection()
+            return
         channel = self.wrapped_factory.buildProtocol(self.addr)
         if channel is None:
             wrapper.loseConnection()
@@ -135,6 +172,9 @@ class _AwaitProxyHeader(Protocol):
         # TLS protocol) is documented: point it at the channel directly.
         wrapper.wrappedProtocol = channel
         channel.makeConnection(wrapper)
+        set_peer = getattr(channel, "set_peer", None)
+        if set_peer is not None and client is not wrapper.getPeer():
+            set_peer(client)  # the address in its usual spelling
         channel.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

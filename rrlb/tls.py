@@ -900,10 +900,16 @@ def check_tls(config: Config) -> None:
         # Read even when no node is https now: a reload may add one, and a
         # wrong path should be caught where it was typed.
         load_certificates("--ca-file/tls.ca_file", config.tls.ca_file)
-    NodeTLSClients().prepare(config.nodes + tuple(n for p in config.pools for n in p.nodes))
-    # Nodes found in DNS use their entry's files: read them now too.
-    dns_nodes = config.dns_nodes + tuple(d for p in config.pools for d in p.dns_nodes)
-    NodeTLSClients().prepare([d.template for d in dns_nodes])
+    # Each group of nodes on its own, so an error names where the node is
+    # configured (pools.api: node https://...: tls.ca_file: ...). Nodes found
+    # in DNS use their entry's files: read them now too.
+    groups = [("", config.nodes, config.dns_nodes)]
+    groups += [(f"pools.{p.name}: ", p.nodes, p.dns_nodes) for p in config.pools]
+    for where, nodes, dns_nodes in groups:
+        try:
+            NodeTLSClients().prepare(tuple(nodes) + tuple(d.template for d in dns_nodes))
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)

@@ -847,6 +847,22 @@ class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
         )
         self.assertEqual([p.nodes[0].url for p in config.pools], ["http://x", "http://x"])
 
+    def test_tls_file_errors_name_the_pool(self) -> None:
+        """
+        A TLS file of a node in a pool that cannot be read is refused with
+        one line naming the pool.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "pools:\n  api:\n    nodes: [http://127.0.0.1:9,"
+                " {url: 'https://127.0.0.1:10', tls: {ca_file: /nonexistent/ca.pem}}]\n"
+            )
+        message = parse_error("--config", path)
+        self.assertIn("pools.api: ", message)
+        self.assertIn("tls.ca_file", message)
+        self.assertIn("/nonexistent/ca.pem", message)
+
     def test_errors_name_the_pool_or_route(self) -> None:
         """
         Every mistake is one line naming the pool or route and the value.
@@ -880,6 +896,7 @@ class PoolsAndRoutesTests(unittest.TestCase, ConfigErrorAssertions):
             ),
             ("pools: {'a/b': {nodes: [http://a]}}\n", "pools", "a/b"),
             ("pools: {'7': {nodes: [http://a]}}\n", "pools", "'7'"),
+            ("pools: {none: {nodes: [http://a]}}\n", "pools", "'none'", "reserved"),
             ("pools: {api: {nodes: [http://a]}}\nroutes: [{pool: web}]\n", "routes[0].pool", "web"),
             (
                 "pools: {api: {nodes: [http://a]}}\nroutes: [{pool: api, host: 'a/b'}]\n",

@@ -297,6 +297,23 @@ class HeaderTests(unittest.TestCase):
             parse_header(proxy_header("v2", unix, unix))[0], ("v2", "PROXY", None, None, None, None)
         )
 
+    def test_never_raises(self) -> None:
+        """
+        Addresses that are not what their type says (or a port out of
+        range) make an unknown-source header, never an exception.
+        """
+        bad = IPv4Address("TCP", "foo", 1)
+        good = IPv4Address("TCP", "127.0.0.1", 2)
+        for source, destination in (
+            (bad, good),
+            (good, IPv4Address("TCP", "127.0.0.1", 99999)),
+            (IPv6Address("TCP", "1.2.3.4", 1), IPv6Address("TCP", "::1", 2)),
+        ):
+            self.assertEqual(proxy_header("v1", source, destination), b"PROXY UNKNOWN\r\n")
+            self.assertEqual(
+                parse_header(proxy_header("v2", source, destination))[0][2:], (None,) * 4
+            )
+
     def test_local(self) -> None:
         """
         A health check's header: in v1 the connection's own addresses, in v2
@@ -441,6 +458,45 @@ class ReceiveTests(unittest.TestCase):
         for data in (GET_CLOSE, b"PROXY TCP4 nonsense here\r\n" + GET_CLOSE):
             self.assertEqual(await raw_request(self, balancer.port, data), b"")
         self.assertEqual(backend.requests, [])
+
+    async def test_bad_addresses_refused(self) -> None:
+        """
+        A header whose words parse but are not addresses of the family it
+        names, or whose port is out of range, is a broken header: the
+        connection is closed and nothing reaches a node (Twisted's parser
+        alone would take them as they are).
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--listen", HAPROXY_LISTEN)
+        for header in (
+            b"PROXY TCP4 foo bar 1 2\r\n",
+            b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n",
+            b"PROXY TCP4 6.6.6.6,7.7.7.7 127.0.0.1 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 99999 8471\r\n",
+            b"PROXY TCP6 1.2.3.4 127.0.0.1 1 2\r\n",
+        ):
+            self.assertEqual(await raw_request(self, balancer.port, header + GET_CLOSE), b"")
+        self.assertEqual(backend.requests, [])
+
+    async def test_ipv6_spelled_once(self) -> None:
+        """
+        An IPv6 client from a v1 or a v2 header is forwarded in the usual
+        compressed spelling either way.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--listen", HAPROXY_LISTEN)
+        v1 = b"PROXY TCP6 2001:db8:0:0:0:0:0:1 ::1 5000 80\r\n"
+        v2 = V2_SIGNATURE + bytes([0x21, 0x21, 0, 36])
+        v2 += socket.inet_pton(socket.AF_INET6, "2001:db8::1") + socket.inet_pton(
+            socket.AF_INET6, "::1"
+        )
+        v2 += struct.pack("!HH", 5000, 80)
+        for header in (v1, v2):
+            reply = await raw_request(self, balancer.port, header + GET_CLOSE)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertEqual(
+            [r.header(b"X-Forwarded-For") for r in backend.requests], [b"2001:db8::1"] * 2
+        )
 
     async def test_header_timeout(self) -> None:
         """
