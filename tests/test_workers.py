@@ -943,8 +943,10 @@ class WorkerProcessTests(WorkersTestCase):
             "0.2",
             "--fall",
             "2",
+            # c keeps passing its probes while its requests fail: a node
+            # taken out must not come back within the test.
             "--rise",
-            "1",
+            "1000",
         )
         self.assertEqual(await self.every_worker(6), [{b"a", b"b", b"c"}] * 2)
         probes = b.probes
@@ -976,6 +978,15 @@ class WorkerProcessTests(WorkersTestCase):
             return bool(node["state"] == "down" and "request failed" in node["last_error"])
 
         await wait_for_value(c_down, "c taken out by passive failures")
+
+        # The main process tells the workers over AMP: wait until both act
+        # on it (a request in between may still try c and be retried on a).
+        async def c_out_everywhere() -> bool:
+            before = len(c.requests)
+            await self.every_worker(2)
+            return len(c.requests) == before
+
+        await wait_for_value(c_out_everywhere, "every worker to take c out")
         reached = len(c.requests)
         self.assertEqual(await self.every_worker(4), [{b"a"}] * 2)
         self.assertEqual(len(c.requests), reached)
