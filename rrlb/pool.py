@@ -190,6 +190,8 @@ class Pool:
         clock: Any = None,
     ) -> None:
         self.name = name
+        # Log lines of a named pool say which (one URL may be in several).
+        self._where = "" if name == "default" else f"pool {name}: "
         self.clock = clock
         self.rise = rise
         self.fall = fall
@@ -470,7 +472,8 @@ class Pool:
                 node.healthy = True
                 node.up_since = self._ramping_now()
                 self.log.info(
-                    "node {node} is up: {successes} checks in a row passed ({reason})",
+                    "{where}node {node} is up: {successes} checks in a row passed ({reason})",
+                    where=self._where,
                     node=node.url,
                     successes=node.successes,
                     reason=reason or "ok",
@@ -483,7 +486,9 @@ class Pool:
             if node.healthy and node.failures >= self.fall:
                 node.healthy = False
                 self.log.warn(
-                    "node {node} is down: {failures} checks in a row failed, last: {reason}",
+                    "{where}node {node} is down: {failures} checks in a row failed,"
+                    " last: {reason}",
+                    where=self._where,
                     node=node.url,
                     failures=node.failures,
                     reason=reason,
@@ -499,7 +504,8 @@ class Pool:
             if not drained:
                 node.up_since = self._ramping_now()
             self.log.info(
-                "node {node} {what} by the operator",
+                "{where}node {node} {what} by the operator",
+                where=self._where,
                 node=node.url,
                 what="drained" if drained else "enabled",
             )

@@ -617,3 +617,28 @@ class LimitTests(unittest.TestCase):
         self.assertIs(pool.pick_other([a]), c)
         c.in_flight = 1
         self.assertIsNone(pool.pick_other([a]))
+
+
+class PoolLogTests(unittest.TestCase):
+    """
+    Health log lines say which pool a node is in, when it is a named one.
+    """
+
+    def test_named_pool_in_log_lines(self) -> None:
+        """
+        The default pool's lines are as before; a named pool's start with
+        its name (one URL may be a node of several pools).
+        """
+        logs = LogCapture.install(self)
+        default = Pool(specs("a"), rise=1, fall=1)
+        api = Pool(specs("a"), rise=1, fall=1, name="api")
+        for pool in (default, api):
+            pool.mark(pool.nodes[0], False, "refused")
+            pool.mark(pool.nodes[0], True)
+            pool.set_drained(pool.nodes[0], True)
+        messages = logs.messages()
+        down = [m for m in messages if "is down" in m]
+        self.assertEqual(len(down), 2)
+        self.assertTrue(down[0].startswith("node http://a"), down[0])
+        self.assertTrue(down[1].startswith("pool api: node http://a"), down[1])
+        self.assertEqual(len([m for m in messages if m.startswith("pool api: ")]), 3)
