@@ -180,11 +180,20 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         if target == b"*":
             if method != b"OPTIONS":
                 raise _bad("* is a request target for OPTIONS only")
-        elif not target[:8].lower().startswith(_ABSOLUTE) or target.split(b"/", 3)[2][:1] in (
-            b"",
-            b"?",
-        ):
+        elif not target[:8].lower().startswith(_ABSOLUTE):
             raise _bad("malformed request target")
+        else:
+            # Absolute-form: its authority stands in for Host (RFC 9112
+            # 3.2.2), so it is held to the same grammar, without userinfo.
+            rest = target.split(b"://", 1)[1]
+            end = len(rest)
+            for sep in (b"/", b"?"):
+                i = rest.find(sep)
+                if 0 <= i < end:
+                    end = i
+            authority = rest[:end]
+            if not authority or _HOST.match(authority) is None:
+                raise _bad("malformed authority in the request target")
     known = _VERSIONS.get(version)
     if known is None:
         if _VERSION_RE.match(version):
@@ -425,8 +434,13 @@ class ChunkedDecoder:
                     self.on_done(data)
                     return
                 name, sep, _ = line.partition(b":")
-                if not sep or not name or name.translate(None, _TCHAR) or (
-                    line.translate(None, _HEAD_BYTES)
+                if (
+                    not sep
+                    or not name
+                    or name.translate(None, _TCHAR)
+                    or line.translate(None, _HEAD_BYTES)
+                    or b"\r" in line
+                    or b"\n" in line
                 ):
                     raise BadChunk("malformed trailer field")
             else:

@@ -61,6 +61,12 @@ HOP_BY_HOP = frozenset(
 # The same, as Twisted's Headers spells them.
 _HOP_BY_HOP_NAMES = frozenset(canonical_name(name) for name in HOP_BY_HOP)
 
+# Connection tokens that never remove a header: its own options, and the
+# framing, which is read before the hop-by-hop headers go.
+_NOT_DROPPED_BY_CONNECTION = frozenset(
+    {b"close", b"keep-alive", b"transfer-encoding", b"content-length"}
+)
+
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(6)
 
 
@@ -335,16 +341,20 @@ class UpstreamProtocol(Protocol):
         chunked = other_coding = False
         if not _HOP_BY_HOP_NAMES.isdisjoint(headers):
             connection = headers.get(b"Connection")
-            if connection:
-                tokens = connection_tokens(connection)
-                for token in tokens - {b"close", b"keep-alive"}:
-                    # Headers named in Connection are hop-by-hop too.
-                    headers.pop(_canonical(token), None)
+            # The framing first: a Connection header naming Transfer-Encoding
+            # or Content-Length must not take away how the body is delimited
+            # (that would read chunk syntax as the body, and the rest of it as
+            # the next response on this connection).
             coding = headers.get(b"Transfer-Encoding")
             if coding:
                 last = coding[-1].rsplit(b",", 1)[-1].strip().lower()
                 chunked = last == b"chunked"
                 other_coding = not chunked
+            if connection:
+                tokens = connection_tokens(connection)
+                for token in tokens - _NOT_DROPPED_BY_CONNECTION:
+                    # Headers named in Connection are hop-by-hop too.
+                    headers.pop(_canonical(token), None)
             for name in _HOP_BY_HOP_NAMES.intersection(headers):
                 del headers[name]
         length = None
@@ -358,6 +368,10 @@ class UpstreamProtocol(Protocol):
         self._keep_alive = (
             b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         )
+        if (chunked or other_coding) and version != b"HTTP/1.1":
+            # Transfer-Encoding in an HTTP/1.0 message: its framing is faulty
+            # (RFC 9112 6.1): read this one, never another on this connection.
+            self._keep_alive = False
         has_body = not (self._head_request or code in (204, 304))
         if has_body and other_coding:
             # A coding rrlb cannot undo (gzip as a transfer coding): passing

@@ -109,8 +109,9 @@ class RequestHeadTests(unittest.TestCase):
         Expect: 100-continue is noticed in HTTP/1.1 only.
         """
         self.assertTrue(
-            parse(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 1")
-            .expect_continue
+            parse(
+                b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 1"
+            ).expect_continue
         )
         self.assertFalse(
             parse(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1").expect_continue
@@ -235,6 +236,17 @@ class RefusedHeadTests(unittest.TestCase):
             self.refused(b"GET " + target + b" HTTP/1.1\r\nHost: x")
         self.refused(b"GET  / HTTP/1.1\r\nHost: x")
 
+    def test_absolute_form_authority(self) -> None:
+        """
+        The authority of an absolute-form target stands in for Host, so it
+        is held to Host's grammar, and may not carry userinfo.
+        """
+        self.assertEqual(
+            parse(b"GET http://a.example:80?x HTTP/1.1\r\nHost: x").target[:8], b"http://a"
+        )
+        for target in (b'http://a<b>{c}|d"x:1:2/p', b"http://u@x/p", b"http://x:abc/", b"http://"):
+            self.refused(b"GET " + target + b" HTTP/1.1\r\nHost: x")
+
     def test_bad_request_lines(self) -> None:
         """
         A request line that is not three parts split by single spaces: 400;
@@ -301,7 +313,7 @@ class ChunkedDecoderTests(unittest.TestCase):
         """
         The data of every chunk, and what follows the body, in any split.
         """
-        body = b"5\r\nhello\r\n1A;name=value;q=\"a \\\"b\"\r\n" + b"x" * 26 + b"\r\n0\r\n\r\nNEXT"
+        body = b'5\r\nhello\r\n1A;name=value;q="a \\"b"\r\n' + b"x" * 26 + b"\r\n0\r\n\r\nNEXT"
         for step in (0, 1, 2, 3, 7):
             self.assertEqual(self.decode(body, step=step), (b"hello" + b"x" * 26, b"NEXT"))
 
@@ -322,7 +334,7 @@ class ChunkedDecoderTests(unittest.TestCase):
             b"-5\r\nhello\r\n",
             b"0x5\r\nhello\r\n",
             b"5;\r\nhello\r\n",
-            b"5;a=\"b\r\nhello\r\n",
+            b'5;a="b\r\nhello\r\n',
             b"5;a b\r\nhello\r\n",
             b"5\nhello\r\n",
             b"5\r\nhelloXX",
@@ -330,6 +342,8 @@ class ChunkedDecoderTests(unittest.TestCase):
             b"1" * 17 + b"\r\n",
             b"0\r\nbad trailer\r\n\r\n",
             b"0\r\nX-T: \x00\r\n\r\n",
+            b"0\r\nX: a\nGET /smuggled HTTP/1.1\r\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
             b"1" * 5000,
         ):
             decoder = ChunkedDecoder(lambda d: None, lambda r: None)

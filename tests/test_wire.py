@@ -1069,6 +1069,49 @@ class ResponseForwardingTests(WireCase):
             self.assertNotIn(b"ext=1", result.raw)
             self.assertNotIn(b"X-Sum", result.raw)
 
+    async def test_connection_cannot_remove_framing(self) -> None:
+        """
+        A response whose Connection header names Transfer-Encoding (or
+        Content-Length) is still read by its chunked framing: the chunk
+        syntax is never taken for the body, and what follows it is never
+        served as another client's response.
+        """
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        backend = await self.backend(
+            lambda request, conn: (
+                b"HTTP/1.1 200 OK\r\nConnection: Transfer-Encoding, Content-Length"
+                b"\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n" + body
+            )
+        )
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(get(b"/one") + get(b"/two"))
+        for _ in range(2):
+            result = await client.response()
+            assert result is not None
+            self.assertEqual(result.body, b"hello")
+        self.assertEqual(len(backend.connections), 1)
+
+    async def test_http10_response_with_coding_not_reused(self) -> None:
+        """
+        An HTTP/1.0 response with Transfer-Encoding has faulty framing (RFC
+        9112 6.1): it is read, and its connection is never used again.
+        """
+        backend = await self.backend(
+            lambda request, conn: (
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+            )
+        )
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(get(b"/one") + get(b"/two"))
+        for _ in range(2):
+            result = await client.response()
+            assert result is not None
+            self.assertEqual(result.body, b"hi")
+        self.assertEqual(len(backend.connections), 2)
+
     async def test_chunked_upstream_response_to_http10_client(self) -> None:
         """
         An HTTP/1.0 client gets a chunked node response unchunked, ended by
