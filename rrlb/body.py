@@ -39,6 +39,11 @@ WAITING = 1  # no consumer yet
 NODE_FULL = 2  # the node's connection has a full write buffer
 CONTINUE = 4  # Expect: 100-continue, and the 100 has not been sent
 
+# How long rrlb waits for the node's own answer to Expect: 100-continue (its
+# 100, or a final answer refusing the body) before telling the client to go
+# on itself, for nodes that ignore Expect (curl waits 1 s on its own side).
+CONTINUE_WAIT = 0.5
+
 
 @implementer(IPushProducer)
 class StreamedBody:
@@ -66,6 +71,7 @@ class StreamedBody:
         "consumer",
         "node_full",
         "expect_continue",
+        "_continue_call",
         "_kept",
         "_pending",
     )
@@ -80,6 +86,7 @@ class StreamedBody:
         self.consumer: Any = None
         self.node_full = False
         self.expect_continue = expect_continue
+        self._continue_call: Any = None
         self._kept = bytearray()
         self._pending: list[bytes] = []
         if expect_continue:
@@ -139,10 +146,14 @@ class StreamedBody:
         """
         self.consumer = consumer
         if self.expect_continue:
-            self.expect_continue = False
-            if not self.received:
-                self.source.send_continue()
-            self.source.release(CONTINUE)
+            clock = getattr(self.source, "clock", None)
+            if self.received or clock is None:
+                self.go_on()
+            elif self._continue_call is None:
+                # The node got Expect: 100-continue too: its 100 (go_on) or
+                # its final answer (no_continue) decides; if neither comes
+                # soon, rrlb tells the client to go on.
+                self._continue_call = clock.callLater(CONTINUE_WAIT, self.go_on)
         data = self.buffered()
         if self._pending:
             self.spent = True
@@ -157,6 +168,31 @@ class StreamedBody:
             consumer.body_data(data)
         self.source.release(WAITING)
 
+    def go_on(self) -> None:
+        """
+        Tell a client waiting on C{Expect: 100-continue} to send its body
+        (the node said 100 Continue, or did not answer in L{CONTINUE_WAIT}).
+        """
+        self._cancel_continue()
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self.received:
+                self.source.send_continue()
+            self.source.release(CONTINUE)
+
+    def no_continue(self) -> None:
+        """
+        The node gave its final answer before asking for the body: the client
+        gets that answer instead of a 100 Continue, and sends no body.
+        """
+        self._cancel_continue()
+        self.expect_continue = False
+
+    def _cancel_continue(self) -> None:
+        call, self._continue_call = self._continue_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def detach(self, consumer: Any) -> None:
         """
         C{consumer} takes no more of the body (its connection ended, or the
@@ -165,6 +201,8 @@ class StreamedBody:
         if self.consumer is not consumer:
             return
         self.consumer = None
+        # A retry asks its own node again.
+        self._cancel_continue()
         if not self.complete:
             try:
                 consumer.unregisterProducer()

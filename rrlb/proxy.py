@@ -306,6 +306,9 @@ class ProxyExchange:
                 append(b"Content-Length: 0\r\n")
         elif body.length is not None:
             append(b"Content-Length: %d\r\n" % body.length)
+            if body.expect_continue:
+                # The node answers the Expect (rrlb.body.go_on/no_continue).
+                append(b"Expect: 100-continue\r\n")
         elif body.complete:
             # A chunked body that came whole with the head: its length.
             append(b"Content-Length: %d\r\n" % body.received)
@@ -313,10 +316,20 @@ class ProxyExchange:
             # A chunked body still coming: chunked to the node too.
             body.chunked = True
             append(b"Transfer-Encoding: chunked\r\n")
+            if body.expect_continue:
+                append(b"Expect: 100-continue\r\n")
         append(b"\r\n")
         self.head_tail = b"".join(parts)
         self.body = body
         return True
+
+    def interim_continue(self) -> None:
+        """
+        The node answered C{Expect: 100-continue} with 100 Continue.
+        """
+        body = self.body
+        if body is not None:
+            body.go_on()
 
     def head_for(self, node: Node) -> bytes:
         host = node.host_header if (self.dest.node_host or self.host is None) else self.host
@@ -498,6 +511,9 @@ class ProxyExchange:
         self, code: int, reason: bytes, headers: dict[bytes, list[bytes]], has_body: bool
     ) -> None:
         request = self.request
+        body = self.body
+        if body is not None and body.expect_continue:
+            body.no_continue()
         self.upstream_status = code
         self.upstream_time = self.proxy.clock.seconds() - self.started
         pool = self.dest.pool

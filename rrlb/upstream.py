@@ -309,8 +309,15 @@ class UpstreamProtocol(Protocol):
                 if code == 101:
                     self._switched(reason, raw)
                     return
-                # An interim response (100 Continue, 103 Early Hints): the
-                # client already had its 100 from us; wait for the final one.
+                # An interim response: a 100 Continue tells a client waiting
+                # on Expect to send its body (rrlb.body); others (103 Early
+                # Hints) are not passed on. Then wait for the final one.
+                if code == 100:
+                    interim = getattr(self.exchange, "interim_continue", None)
+                    if interim is not None:
+                        interim()
+                    if self.exchange is None:
+                        return
                 continue
             break
         # The head is complete: the body's silence timeout starts now.

@@ -171,6 +171,9 @@ class BackendConnection(Protocol):
             self._need = int(length[0]) if length else 0
             if values(headers, b"transfer-encoding"):
                 self._need = -1
+            if self.backend.interim and values(headers, b"expect"):
+                # A node that answers Expect: 100-continue itself.
+                self.transport.write(self.backend.interim)
         head, method, target, version, headers = self._head
         if self._need >= 0:
             if len(buf) < self._need:
@@ -204,6 +207,9 @@ class RawBackend(Factory):
     """
 
     noisy = False
+
+    # Written as soon as a request head with Expect arrives (a 100 Continue).
+    interim = b""
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
@@ -417,8 +423,9 @@ class WireCase(unittest.TestCase):
 
     timeout = 30
 
-    async def backend(self, handler: Optional[Handler] = None) -> RawBackend:
+    async def backend(self, handler: Optional[Handler] = None, interim: bytes = b"") -> RawBackend:
         backend = RawBackend(handler or (lambda request, conn: response()))
+        backend.interim = interim
         backend.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(backend)
         self.addCleanup(backend.stop)
         return backend
@@ -826,8 +833,9 @@ class RequestForwardingTests(WireCase):
 
     async def test_expect_100_continue(self) -> None:
         """
-        A client that sends Expect: 100-continue gets 100 Continue, then
-        its body reaches the node and the node's answer comes back.
+        A client that sends Expect: 100-continue gets 100 Continue (here
+        from rrlb, as this node never answers the Expect itself), then its
+        body reaches the node and the node's answer comes back.
         """
         backend = await self.backend(lambda request, conn: response(body=b"got " + request.body))
         _, port = await self.balancer([backend.url])
@@ -845,7 +853,29 @@ class RequestForwardingTests(WireCase):
         self.assertEqual(result.code, 200)
         self.assertEqual(result.body, b"got hello")
         self.assertEqual(backend.requests[0].body, b"hello")
-        self.assertEqual(backend.requests[0].header(b"expect"), [])
+        self.assertEqual(backend.requests[0].header(b"expect"), [b"100-continue"])
+
+    async def test_expect_100_continue_from_the_node(self) -> None:
+        """
+        A node that answers Expect: 100-continue with its own 100 Continue
+        has it passed on to the client at once, once only.
+        """
+        backend = await self.backend(
+            lambda request, conn: response(body=b"got " + request.body),
+            interim=b"HTTP/1.1 100 Continue\r\n\r\n",
+        )
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(
+            b"POST /e HTTP/1.1\r\nHost: client.example\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
+        await wait_for(lambda: b"\r\n\r\n" in client.data, "100 Continue")
+        client.send(b"hello")
+        result = await client.response()
+        assert result is not None
+        self.assertEqual(result.body, b"got hello")
+        self.assertEqual(bytes(client.data).count(b"100 Continue"), 1)
 
     async def test_absolute_form_target(self) -> None:
         """
