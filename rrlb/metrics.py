@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from rrlb import __version__
+from rrlb._twisted import client_gone, raw_headers
 from rrlb.parser import CLIENT_ERROR_REASONS
 from rrlb.pool import DOWN, DRAINING, UP, Pools
 
@@ -115,7 +116,7 @@ class Metrics:
         off) mid-body is counted with the status it was sent.
         """
         code = request.code
-        if request._disconnected and not request.startedWriting:
+        if client_gone(request) and not request.startedWriting:
             code = CLIENT_CLOSED
         exchange = request.exchange
         upstream_status = upstream_time = None
@@ -148,7 +149,7 @@ class Metrics:
         requests[counter] = requests.get(counter, 0) + 1
         access_log = self.access_log
         if access_log is not None:
-            headers = request.requestHeaders._rawHeaders
+            headers = raw_headers(request.requestHeaders)
             referer = headers.get(b"Referer")
             agent = headers.get(b"User-Agent")
             entry: Any = (

@@ -21,6 +21,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP, StreamedBody
 from rrlb.channel import (
     EDGE_UNTRUSTED,
@@ -232,7 +233,7 @@ class ProxyExchange:
             return False
         self.target = target
         headers = request.requestHeaders
-        raw = headers._rawHeaders  # one pass over the dict Headers keeps
+        raw = raw_headers(headers)  # one pass over the dict Headers keeps
         host_values = raw.get(b"Host")
         client_host = host_values[0] if host_values else None
         self.host = authority if authority is not None else client_host
@@ -519,7 +520,7 @@ class ProxyExchange:
         pool = self.dest.pool
         if pool.latency_aware:
             pool.observe(self.node, self.upstream_time)
-        if request._disconnected:
+        if client_gone(request):
             return
         self.responded = True
         if pool.sticky is not None:
@@ -532,11 +533,12 @@ class ProxyExchange:
         # The upstream parser already keyed the headers by canonical name and
         # refused CR, LF and NUL, which is what Headers.addRawHeader checks:
         # hand the dict over whole instead of re-adding it value by value.
-        closing = request.responseHeaders._rawHeaders.get(b"Connection")
+        response_headers = request.responseHeaders
+        closing = raw_headers(response_headers).get(b"Connection")
         if closing is not None:
             # Twisted's own "Connection: close" for a client that asked for it.
             headers[b"Connection"] = closing
-        request.responseHeaders._rawHeaders = headers
+        set_raw_headers(response_headers, headers)
         if has_body:
             request.registerProducer(self, True)
 
@@ -589,7 +591,7 @@ class ProxyExchange:
         self._end(ok=True)
         if request.producer is not None:
             request.unregisterProducer()
-        if not request._disconnected:
+        if not client_gone(request):
             request.finish()
 
     def timed_out(self) -> None:
