@@ -19,6 +19,7 @@ from rrlb.channel import raise_fd_limit
 from rrlb.config import (
     Config,
     ConfigError,
+    admin_host_names,
     build_config,
     byte_size,
     non_negative_float,
@@ -34,6 +35,7 @@ from rrlb.config import (
     positive_float,
     positive_int,
     trusted_networks,
+    with_admin_token,
 )
 from rrlb.notify import recover_listen_fds
 from rrlb.service import BalancerService
@@ -60,6 +62,8 @@ _TOP_OPTIONS = {
     "access-log": "access_log",
     "access-log-format": "access_log_format",
     "admin": "admin",
+    "admin-hosts": "admin_hosts",
+    "admin-token-file": "admin_token_file",
     "drain-timeout": "drain_timeout",
     "max-header-size": "max_header_size",
     "max-headers": "max_headers",
@@ -196,6 +200,21 @@ class Options(usage.Options):
             None,
             "Endpoint for the admin API and status page,"
             " e.g. tcp:8081:interface=127.0.0.1 (default: off).",
+        ],
+        [
+            "admin-hosts",
+            None,
+            None,
+            "NAME[,NAME...]: Host names the admin endpoint answers to besides localhost"
+            " and IP addresses; any other gets 421 (default: none).",
+            _coerce(admin_host_names, "--admin-hosts"),
+        ],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "File holding a bearer token every admin request must send as"
+            " Authorization: Bearer TOKEN; read at start-up and on reload (default: none).",
         ],
         [
             "drain-timeout",
@@ -449,7 +468,8 @@ class Options(usage.Options):
         # Certificate, key and CA files are read now, so a bad one is refused
         # at start-up and on reload before anything changes.
         check_tls(config)
-        return config
+        name = "--admin-token-file" if self["admin-token-file"] else "admin_token_file"
+        return with_admin_token(config, name)
 
     def postOptions(self) -> None:
         try:
