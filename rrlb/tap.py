@@ -114,7 +114,7 @@ class Options(usage.Options):
         [
             "http2",
             None,
-            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners (needs twisted[http2]).",
+            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners.",
         ],
     ]
     optParameters = [
@@ -486,6 +486,8 @@ class Options(usage.Options):
             check_endpoint(reactor, description, tls=(self.config.tls, on_tcp))
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
+        if self.config.http2:
+            check_http2("--http2" if self["http2"] else "http2")
         if self.config.workers > 1:
             from rrlb.workers import check_listeners
 
@@ -526,6 +528,21 @@ def check_endpoint(
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
     except Exception as e:
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
+
+
+def check_http2(name: str) -> None:
+    """
+    Load rrlb's HTTP/2 support now, so that a missing C{h2} package (a
+    dependency, so only in a broken install) stops start-up with one line
+    rather than a traceback when the service is built.
+    """
+    try:
+        import rrlb.http2  # noqa: F401
+    except ImportError as e:
+        raise usage.UsageError(
+            f"{name}: HTTP/2 support cannot be loaded ({e});"
+            " reinstall rrlb, or pip install 'twisted[http2]'"
+        ) from None
 
 
 def check_log_path(path: str, name: str) -> None:
