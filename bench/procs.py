@@ -72,7 +72,7 @@ def start_node(python, port, name, log_path):
 
 
 def start_rrlb(python, port, args, log_path):
-    """`python -m twisted rrlb --listen tcp:PORT:interface=127.0.0.1 ARGS`, as tests/daemon.py."""
+    """`python -m twisted rrlb --listen tcp:PORT:interface=127.0.0.1 ARGS`, as start_daemon does."""
     argv = [python, "-m", "twisted", "--log-format", "text", "rrlb"]
     argv += ["--listen", f"tcp:{port}:interface={LOOPBACK}", *args]
     proc = _spawn(argv, log_path)

@@ -21,8 +21,7 @@ from rrlb.config import (
     parse_node,
 )
 from rrlb.tap import Options
-
-from .helpers import parse_error
+from tests.support import parse_error
 
 
 def parse(*args: str) -> Config:

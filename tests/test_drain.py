@@ -18,14 +18,14 @@ from rrlb.config import build_config
 from rrlb.drain import DRAIN_POLL, Drain
 from rrlb.service import BalancerService
 from rrlb.tap import Options
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     HTTPClient,
     raw_connect,
     reactor,
     start_backend,
     start_balancer,
+    start_daemon,
     wait_until,
 )
 

@@ -7,8 +7,8 @@ one of three nodes under a bounded load of concurrent GETs (what the other
 requests see while it misbehaves). The last test kills one of three nodes
 and starts it again, twice, under load.
 
-The nodes are L{tests.test_wire.RawBackend}s with a handler that
-misbehaves; the load is L{tests.helpers.HTTPClient} with automatic retries
+The nodes are L{tests.support.RawBackend}s with a handler that
+misbehaves; the load is L{tests.support.HTTPClient} with automatic retries
 off, so every failure rrlb lets through is seen.
 """
 
@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from tests.helpers import HTTPClient
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
+    HTTPClient,
     RawBackend,
     RecordedRequest,
     WireCase,

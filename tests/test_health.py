@@ -22,8 +22,7 @@ from zope.interface import implementer
 from rrlb.config import HealthConfig, parse_node
 from rrlb.health import HealthChecker, describe_failure
 from rrlb.pool import Node, Pool
-
-from .helpers import LogCapture
+from tests.support import LogCapture
 
 
 @implementer(IResponse)

@@ -24,17 +24,23 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 
-from tests.helpers import Balancer, start_balancer
-from tests.test_tls import TLSCase
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
+    Balancer,
+    Client,
+    EchoFactory,
     RawBackend,
-    RawClient,
     RecordedRequest,
+    TLSCase,
+    WireClient,
+    balancer_options,
+    https_get,
+    parse_error,
     reactor,
     response,
     sleep,
+    start_balancer,
     wait_for,
 )
 
@@ -294,7 +300,6 @@ class HTTP2Tests(HTTP2Case):
         """
         A client offering only http/1.1 by ALPN is served HTTP/1.1 as before.
         """
-        from tests.test_tls import https_get
 
         node = await self.backend(named(b"a"))
         balancer = await self.h2_balancer([node.url])
@@ -344,7 +349,6 @@ class HTTP2SettingTests(HTTP2Case):
         """
         --http2 and YAML http2: true turn it on; it is off by default.
         """
-        from tests.helpers import balancer_options, parse_error
 
         nodes = ("--nodes", "http://127.0.0.1:9")
         self.assertFalse(balancer_options(*nodes).config.http2)
@@ -405,7 +409,7 @@ class HTTP2SettingTests(HTTP2Case):
             "a.test", trustRoot=trust, acceptableProtocols=[b"h2", b"http/1.1"]
         )
         endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, balancer.port, options)
-        client = await connectProtocol(endpoint, RawClient())
+        client = await connectProtocol(endpoint, WireClient())
         client.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
         result = await client.response()
         assert result is not None
@@ -511,8 +515,6 @@ class SecureWebSocketTests(HTTP2Case):
         """
         from autobahn.twisted.websocket import WebSocketClientFactory
         from twisted.internet.endpoints import TCP4ServerEndpoint
-
-        from tests.test_websocket import Client, EchoFactory
 
         echo = EchoFactory("a")
         echo.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(echo)

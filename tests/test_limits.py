@@ -11,15 +11,8 @@ import json
 import time
 from typing import Any
 
-from twisted.internet import error
 from twisted.internet import reactor as _reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from rrlb.channel import (
     ClientLimits,
@@ -30,109 +23,28 @@ from rrlb.channel import (
 )
 from rrlb.config import ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
-from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
-from tests.helpers import (
+from tests.support import (
+    Harness,
     LogCapture,
+    Swallow,
+    admin_url,
     balancer_options,
     http_request,
     parse_error,
     raw_connect,
     raw_request,
+    samples,
     sleep,
     split_response,
     start_backend,
     start_balancer,
     wait_until,
 )
-from tests.test_admin import admin_url, samples
 
 reactor: Any = _reactor
 
 GOOD = b"GET /ok HTTP/1.1\r\nHost: good\r\nConnection: close\r\n\r\n"
-
-
-class Answer(Resource):
-    """
-    Answers every request with C{ok}.
-    """
-
-    isLeaf = True
-
-    def render(self, request: Any) -> bytes:
-        return b"ok"
-
-
-class BodySink:
-    """
-    A consumer of streamed request bodies (L{rrlb.body}) that takes every
-    byte as it comes.
-    """
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended = False
-
-    def body_data(self, data: bytes) -> None:
-        self.data += data
-
-    def body_end(self) -> None:
-        self.ended = True
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-
-class Swallow(Resource):
-    """
-    Takes each request's body into a L{BodySink} and never answers.
-    """
-
-    isLeaf = True
-
-    attach = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sinks: list[BodySink] = []
-
-    def render(self, request: Any) -> Any:
-        sink = BodySink()
-        self.sinks.append(sink)
-        if request.body is not None and self.attach:
-            request.body.attach(sink)
-        return NOT_DONE_YET
-
-
-class Harness:
-    """
-    A L{ProxySite} on a L{Clock}, with channels on in-memory transports.
-    """
-
-    def __init__(self, resource: Any = None, **limits: Any) -> None:
-        self.clock = Clock()
-        self.logged: list[Any] = []
-        self.site = ProxySite(
-            resource or Answer(),
-            access_log=self.logged.append,
-            reactor=self.clock,
-            limits=ClientLimits(**limits),
-        )
-
-    def connect(self) -> tuple[ProxyChannel, StringTransport]:
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
-        channel = self.site.buildProtocol(peer)
-        transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer
-        )
-        channel.makeConnection(transport)
-        return channel, transport
-
-    def lose(self, channel: ProxyChannel) -> None:
-        channel.connectionLost(Failure(error.ConnectionDone()))
 
 
 class ClockTimeoutTests(unittest.TestCase):

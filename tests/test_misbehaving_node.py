@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial import unittest
 
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _ConnectFactory
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     RecordedRequest,

@@ -27,13 +27,13 @@ from rrlb.notify import (
 )
 from rrlb.pool import Pool
 from rrlb.service import BalancerService
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
     LogCapture,
     balancer_options,
     http_request,
     reactor,
     start_backend,
+    start_daemon,
     wait_until,
 )
 

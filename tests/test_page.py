@@ -21,8 +21,15 @@ from twisted.internet import reactor as _reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.helpers import HTTPClient, sleep, start_backends, start_balancer, wait_until
-from tests.test_admin import ADMIN, admin_url
+from tests.support import (
+    ADMIN,
+    HTTPClient,
+    admin_url,
+    sleep,
+    start_backends,
+    start_balancer,
+    wait_until,
+)
 
 reactor: Any = _reactor
 

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from rrlb.service import BalancerService
 from rrlb.tap import Options
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     Balancer,
     HTTPClient,
@@ -26,6 +26,7 @@ from tests.helpers import (
     sleep,
     start_backends,
     start_balancer,
+    start_daemon,
     wait_until,
 )
 
@@ -369,7 +370,6 @@ class SignalTests(unittest.TestCase):
         SIGHUP to a real rrlb process reloads its file: RELOADING=1, then
         READY=1, and the new node serves.
         """
-        from tests.daemon import start_daemon
 
         a, b = await start_backends(self, "a", "b")
         path = os.path.abspath(self.mktemp())

@@ -18,12 +18,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rrlb.body import CONTINUE, KEEP, NODE_FULL, WAITING, StreamedBody
-from tests.test_limits import BodySink, Harness, Swallow
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
+    BodySink,
     BulkProducer,
+    Harness,
     RecordedRequest,
+    Swallow,
     WireCase,
     chunked_body,
     decode_chunked,

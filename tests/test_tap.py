@@ -27,8 +27,7 @@ from rrlb import tap
 from rrlb.health import HealthChecker
 from rrlb.pool import Pool
 from rrlb.service import BalancerService
-
-from .helpers import (
+from tests.support import (
     LOOPBACK,
     WAIT_TIMEOUT,
     HTTPClient,

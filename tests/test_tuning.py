@@ -12,12 +12,12 @@ from twisted.trial import unittest
 
 from rrlb.service import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool, UpstreamProtocol
-from tests.test_wire import (
+from tests.support import (
     BackendConnection,
     BulkProducer,
-    RawClient,
     RecordedRequest,
     WireCase,
+    WireClient,
     get,
     reactor,
     wait_for,
@@ -181,7 +181,7 @@ class StalledClientTests(WireCase):
         service.upstream.send_timeout = 0.5
         client = await self.client(port)
 
-        def on_data(c: RawClient) -> None:
+        def on_data(c: WireClient) -> None:
             c.transport.pauseProducing()  # never reads again
             c.data.clear()
 

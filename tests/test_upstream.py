@@ -2,7 +2,7 @@
 Behaviour the speed work on the upstream side could break: connection reuse,
 stale pooled connections, the idle cap, backpressure from a slow reader, and
 clients that leave. Real loopback sockets, raw backends and clients from
-L{tests.test_wire}.
+L{tests.support}.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from rrlb.config import parse_node
 from rrlb.pool import Node
 from rrlb.tap import Options
 from rrlb.upstream import UpstreamPool, UpstreamProtocol
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     BulkProducer,
-    RawClient,
     RecordedRequest,
     WireCase,
+    WireClient,
     client_buffered,
     get,
     post,
@@ -303,7 +303,7 @@ class BackpressureTests(WireCase):
         got = {"head": b"", "bytes": 0}
         digest = hashlib.sha256()
 
-        def on_data(c: RawClient) -> None:
+        def on_data(c: WireClient) -> None:
             data = bytes(c.data)
             c.data.clear()
             if not got["head"]:

@@ -10,101 +10,36 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
-    WebSocketClientProtocol,
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
 )
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
 
 from rrlb.accesslog import format_combined, format_json
-from tests.helpers import balancer_options, http_request, parse_error, start_balancer
-from tests.test_admin import admin_url, samples
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     BulkProducer,
+    Client,
+    EchoFactory,
     RecordedRequest,
     WireCase,
+    admin_url,
+    balancer_options,
+    http_request,
+    parse_error,
     reactor,
     read_then_pause,
     response,
+    samples,
     sleep,
+    start_balancer,
     wait_for,
 )
-
-
-class EchoNode(WebSocketServerProtocol):
-    """
-    Says its node's name when the tunnel opens, then echoes every message.
-    """
-
-    def onOpen(self) -> None:
-        self.factory.opened += 1
-        self.sendMessage(self.factory.name.encode())
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(payload, isBinary)
-
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self.factory.closes.append((wasClean, code, reason))
-
-
-class EchoFactory(WebSocketServerFactory):
-    protocol = EchoNode
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.opened = 0
-        self.closes: list[tuple[bool, Optional[int], Optional[str]]] = []
-        self.port: Any = None
-
-    @property
-    def node_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port.getHost().port}"
-
-
-class Client(WebSocketClientProtocol):
-    """
-    Keeps what it receives; C{opened}, C{closed} and C{next_message()}
-    are Deferreds a test waits on.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[tuple[bytes, bool]] = []
-        self.pongs: list[bytes] = []
-        self.opened: defer.Deferred[Client] = defer.Deferred()
-        self.closed: defer.Deferred[tuple[bool, Optional[int], Optional[str]]] = defer.Deferred()
-        self.response: Any = None
-
-    def onConnect(self, response: Any) -> None:
-        self.response = response
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.messages.append((payload, isBinary))
-
-    def onPong(self, payload: bytes) -> None:
-        self.pongs.append(payload)
-
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(reason))
-        if not self.closed.called:
-            self.closed.callback((wasClean, code, reason))
-
-    async def message(self, count: int = 1) -> tuple[bytes, bool]:
-        await wait_for(lambda: len(self.messages) >= count, f"message {count}")
-        return self.messages[count - 1]
 
 
 class WebSocketCase(WireCase):

@@ -46,21 +46,32 @@ from rrlb.workers import (
     check_listeners,
     worker_environ,
 )
-from tests.daemon import Daemon, start_daemon
-from tests.helpers import (
+from tests.support import (
+    CLIENT_IP,
+    GET_CLOSE,
     LOOPBACK,
+    SRV_NAME,
+    V1_IN,
+    Daemon,
     LogCapture,
     balancer_options,
+    certs,
     closed_port_url,
     http_request,
+    https_get,
     parse_error,
     raw_connect,
     raw_request,
+    reactor,
     sleep,
+    srv,
     start_backends,
     start_balancer,
+    start_daemon,
+    start_server,
     wait_until,
 )
+from tests.support import a as a_record
 
 
 class RestartBackoffTests(unittest.TestCase):
@@ -1186,8 +1197,6 @@ class WorkerProcessTests(WorkersTestCase):
         Workers serve rrlb's TLS on an C{ssl:} listener and read the PROXY
         header on a C{haproxy:} one, each adopted from the main process.
         """
-        from tests.test_proxyproto import CLIENT_IP, GET_CLOSE, V1_IN
-        from tests.test_tls import certs, https_get
 
         (a,) = await start_backends(self, "a")
         issued = certs().node
@@ -1219,8 +1228,6 @@ class WorkerProcessTests(WorkersTestCase):
         The main process looks the names up; the nodes it finds, and the
         changes, reach every worker.
         """
-        from tests.test_discovery import SRV_NAME, srv, start_server
-        from tests.test_discovery import a as a_record
 
         a, b, c = await start_backends(self, "a", "b", "c")
         dns_server = start_server(self)
@@ -1530,7 +1537,6 @@ async def wait_for_value(get: Any, what: str, timeout: float = 10.0) -> Any:
     """
     Poll the coroutine function C{get} until it returns something true.
     """
-    from tests.helpers import reactor
 
     deadline = reactor.seconds() + timeout
     while True:
