@@ -10,10 +10,13 @@ connections, cancel pending timers) with C{testcase.addCleanup}.
 
 Waiting: nothing here sleeps for a fixed time and then looks. L{wait_until}
 and L{wait_for} poll a condition with a bounded wait; time-driven behaviour
-runs on a L{twisted.internet.task.Clock} (L{Harness}).
+runs on a L{twisted.internet.task.Clock} (L{Harness}, L{clock_on}). A check
+that bytes stopped flowing first waits until nothing can move them (L{stuck}
+senders, paused readers: L{reads}), then lets the reactor go round
+(L{reactor_turns}) and looks.
 
 The pieces, by section:
-  - waiting and logs: L{wait_until}, L{wait_for}, L{LogCapture};
+  - waiting and logs: L{wait_until}, L{wait_for}, L{stuck}, L{LogCapture};
   - loopback HTTP through twisted.web: L{Backend}/L{start_backend} (a
     recording backend), L{Balancer}/L{start_balancer} (the real service tree
     from command-line style arguments), L{http_request}/L{HTTPClient},
@@ -35,6 +38,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import select
 import shutil
 import socket
 import sys
@@ -149,6 +153,76 @@ async def wait_until(
     @raise AssertionError: if it is still false after C{timeout} seconds.
     """
     await wait_for(condition, what, timeout)
+
+
+async def wait_for_value(get: Any, what: str, timeout: float = WAIT_TIMEOUT) -> Any:
+    """
+    Poll the coroutine function C{get} until it returns something true
+    (returning it); fail after C{timeout}.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await get()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await sleep(POLL_INTERVAL)
+
+
+async def reactor_turns(count: int = 3) -> None:
+    """
+    Let the reactor go round C{count} times, reads and writes included: a
+    byte that could move has moved. For checks that something stays still
+    once L{stuck} and L{reads} say nothing can move it.
+    """
+    for _ in range(count):
+        d: defer.Deferred[None] = defer.Deferred()
+        reactor.callLater(0, d.callback, None)
+        await d
+
+
+def reads(transport: Any) -> bool:
+    """
+    Whether the reactor reads from C{transport} (it is not paused).
+    """
+    return transport in reactor.getReaders()
+
+
+def stuck(transport: Any) -> bool:
+    """
+    Whether C{transport} has bytes queued that its socket does not take:
+    it waits to write, and the kernel's buffers on the way to the peer are
+    full, so nothing more leaves until the peer reads.
+    """
+    if transport not in reactor.getWriters():
+        return False
+    _, writable, _ = select.select([], [transport.getHandle()], [], 0)
+    return not writable
+
+
+def clock_on(service: Any) -> Clock:
+    """
+    Put the response timeouts of C{service}'s upstream client on a fresh
+    L{Clock} for the test to drive (before any request is made).
+    """
+    clock = Clock()
+    service.upstream.clock = clock
+    return clock
+
+
+def rrlb_end(service: Any, peer: Any) -> Any:
+    """
+    rrlb's own transport of the connection whose other end is C{peer} (a
+    test client's transport, or a test node's).
+    """
+    host, remote = peer.getHost(), peer.getPeer()
+    ends = [channel.transport for channel in service.site.channels]
+    ends += [protocol.transport for protocol in service.upstream._connections]
+    for end in ends:
+        if end is not None and end.getPeer() == host and end.getHost() == remote:
+            return end
+    raise AssertionError(f"no connection of rrlb's is the other end of {peer}")
 
 
 # == loopback HTTP through twisted.web =================================================
@@ -1190,7 +1264,15 @@ class WireCase(unittest.TestCase):
     async def client(self, port: int) -> WireClient:
         client = WireClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), client)
-        self.addCleanup(client.close)
+
+        async def close() -> None:
+            if not client.closed and client.transport in reactor.getWriters():
+                # Bytes still queued (a test that stopped half way through an
+                # upload): a polite close would wait for them for ever.
+                client.transport.abortConnection()
+            await client.close()
+
+        self.addCleanup(close)
         return client
 
     async def exchange(

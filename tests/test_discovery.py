@@ -28,7 +28,6 @@ from tests.support import (
     http_request,
     parse_error,
     reactor,
-    sleep,
     srv,
     start_backend,
     start_balancer,
@@ -497,12 +496,18 @@ class DnsBalancingTests(unittest.TestCase):
         except Exception as e:  # pragma: no cover - a host without 127.0.0.2
             raise unittest.SkipTest(f"cannot listen on 127.0.0.2:{number}: {e}") from None
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(second.stop()))
+        logs = LogCapture.install(self)
         dns_server = start_server(self)
         dns_server.authority.set(NAME, a("127.0.0.1", 1), a("127.0.0.2", 1))
         balancer = await self.start(dns_server, f"{{dns: {NAME}, port: {number}}}")
         await wait_until(lambda: len(balancer.service.pool.nodes) == 2, what="nodes from DNS")
         await dns_server.stop()
-        await sleep(1.5)
+        # The lookup after the records' 1-second TTL is when the nodes could
+        # go; wait until it has failed.
+        await wait_until(
+            lambda: any(f"DNS lookup of dns {NAME} failed" in m for m in logs.messages()),
+            what="a failed lookup after the TTL",
+        )
         bodies = {(await http_request(self, "GET", balancer.url + "/")).body for _ in range(4)}
         self.assertEqual(bodies, {b"one", b"two"})
         self.assertEqual(len(balancer.service.pool.nodes), 2)

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 
+from rrlb.drain import DRAIN_POLL
 from tests.support import (
     LOOPBACK,
     BackendConnection,
@@ -39,7 +40,6 @@ from tests.support import (
     parse_error,
     reactor,
     response,
-    sleep,
     start_balancer,
     wait_for,
 )
@@ -72,6 +72,9 @@ class H2Client(Protocol):
         self.conn = h2.connection.H2Connection(config=config)
         self.responses: dict[int, H2Response] = {}
         self.lost: defer.Deferred[None] = defer.Deferred()
+        # The error code of each GOAWAY received.
+        self.goaways: list[int] = []
+        self._pings: dict[bytes, defer.Deferred[None]] = {}
 
     def connectionMade(self) -> None:
         self.conn.initiate_connection()
@@ -112,6 +115,19 @@ class H2Client(Protocol):
         self.conn.send_data(stream, data, end_stream=end)
         self.flush()
 
+    def ping(self) -> defer.Deferred[None]:
+        """
+        Send a PING; the Deferred fires when its ACK comes back, which shows
+        the server read and answered everything sent before it.
+        """
+        if self.lost.called:
+            return defer.fail(ConnectionError("the connection is closed"))
+        opaque = b"%08d" % len(self._pings)
+        self._pings[opaque] = d = defer.Deferred()
+        self.conn.ping(opaque)
+        self.flush()
+        return d
+
     def cancel(self, stream: int) -> None:
         self.conn.reset_stream(stream)
         self.flush()
@@ -140,12 +156,19 @@ class H2Client(Protocol):
                 answer.reset = event.error_code
                 if not answer.done.called:
                     answer.done.callback(answer)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaways.append(event.error_code)
+            elif isinstance(event, h2.events.PingAckReceived):
+                self._pings.pop(event.ping_data).callback(None)
         self.flush()
 
     def connectionLost(self, reason: Failure) -> None:
         for answer in self.responses.values():
             if not answer.done.called:
                 answer.done.errback(reason)
+        pings, self._pings = self._pings, {}
+        for d in pings.values():
+            d.errback(reason)
         self.lost.callback(None)
 
 
@@ -491,15 +514,26 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         _, answer = client.request(b"GET", b"/slow")
         await wait_for(lambda: held, "the request at the node")
         stopped: list[bool] = []
-        stopping = defer.maybeDeferred(balancer.service.stopService)
+        service = balancer.service
+        stopping = defer.maybeDeferred(service.stopService)
         stopping.addBoth(lambda result: stopped.append(True) or result)
-        await sleep(0.3)
+        (channel,) = service.site.channels
+        await wait_for(lambda: channel.h2.going_away, "the drain to ask the connection to end")
+        # The drain asks again every DRAIN_POLL: let it ask a few times, then
+        # a PING answered shows the connection outlived every ask.
+        await wait_for(
+            lambda: service.drain is None or service.drain.elapsed >= 3 * DRAIN_POLL,
+            "the drain to look at the connection again",
+        )
+        await client.ping()
+        self.assertEqual(client.goaways, [])
         self.assertEqual(stopped, [])
         self.assertFalse(answer.done.called)
         held[0].transport.write(response(body=b"late"))
         await answer.done
         self.assertEqual(bytes(answer.body), b"late")
         await client.lost
+        self.assertEqual(client.goaways, [0])
         await wait_for(lambda: stopped, "the drain to end")
 
 

@@ -8,7 +8,6 @@ a normal request still served, and the refusal counted and logged.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -35,7 +34,6 @@ from tests.support import (
     raw_connect,
     raw_request,
     samples,
-    sleep,
     split_response,
     start_backend,
     start_balancer,
@@ -389,10 +387,11 @@ class HeaderTimeoutWireTests(unittest.TestCase):
                 if not client.closed.called:
                     client.send(head[step : step + 1])
             step += 1
+            # The normal client's answer paces the rounds: one byte per
+            # slow connection per request served.
             reply = await raw_request(self, balancer.port, GOOD)
             self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
             served += 1
-            await sleep(0.05)
         elapsed = reactor.seconds() - started
         self.assertGreater(elapsed, 1.4)
         self.assertGreater(served, 5)
@@ -400,6 +399,16 @@ class HeaderTimeoutWireTests(unittest.TestCase):
             self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
         self.assertEqual({r.uri for r in backend.requests}, {b"/ok"})
         await wait_until(lambda: not balancer.service.site.channels, what="channels to go")
+
+
+def unread(site: Any) -> list[Any]:
+    """
+    The listening ports and parked client connections of C{site} that the
+    reactor still reads: none while it is at its connection cap.
+    """
+    readers = reactor.getReaders()
+    waiting = list(site.ports) + [channel.transport for channel in site.parked]
+    return [r for r in waiting if r in readers]
 
 
 class ConnectionCapTests(unittest.TestCase):
@@ -420,12 +429,20 @@ class ConnectionCapTests(unittest.TestCase):
         site = balancer.service.site
         clients = [await raw_connect(self, balancer.port) for _ in range(8)]
         await wait_until(lambda: len(site.channels) == 5, what="five accepted")
-        await sleep(0.3)
-        self.assertEqual(len(site.channels), 5)
+        # Nothing can let another one in: the listening port is out of the
+        # reactor's readers, and a client accepted past the cap in the same
+        # wake-up is parked with its reading paused.
         self.assertTrue(site.paused)
+        self.assertEqual(unread(site), [])
+        self.assertEqual(len(site.channels), 5)
         for client in clients[5:]:
             client.send(GOOD)
-        await sleep(0.3)
+        # A keep-alive request sent after theirs on an accepted connection is
+        # answered while they still have nothing.
+        clients[0].send(b"GET /first HTTP/1.1\r\nHost: good\r\n\r\n")
+        await clients[0].wait_for(lambda data: data.endswith(b"\r\n\r\na"))
+        self.assertTrue(clients[0].received.startswith(b"HTTP/1.1 200 "), clients[0].received)
+        self.assertEqual(unread(site), [])
         self.assertEqual([c.received for c in clients[5:]], [b""] * 3)
         for client in clients[:5]:
             client.send(GOOD)
@@ -439,9 +456,12 @@ class ConnectionCapTests(unittest.TestCase):
         await wait_until(lambda: not site.channels, what="every channel closed")
         self.assertFalse(site.paused)
         self.assertTrue(any("not accepting more" in m for m in logs.messages()))
-        cpu = time.process_time()
-        await sleep(1.0)
-        self.assertLess(time.process_time() - cpu, 0.3, "the reactor is busy with nothing")
+        # The reactor is not kept busy with nothing: the site has no
+        # connection, parked or open, and no sweep timer left, and its port
+        # is back among the readers, accepting.
+        self.assertEqual(site.parked, [])
+        self.assertIsNone(site._sweep_call)
+        self.assertEqual([p for p in site.ports if p not in reactor.getReaders()], [])
         good = await raw_request(self, balancer.port, GOOD)
         self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
 

@@ -23,7 +23,6 @@ from tests.support import (
     LogCapture,
     http_request,
     reactor,
-    sleep,
     start_backends,
     start_balancer,
     start_daemon,
@@ -134,7 +133,11 @@ class ReloadTests(unittest.TestCase):
 
         workers = [defer.Deferred.fromCoroutine(worker()) for _ in range(6)]
         for i in range(10):
-            await sleep(0.05)
+            # Each reload comes with requests in flight and answers since the last.
+            await wait_until(
+                lambda want=len(replies) + 3: len(replies) >= want,
+                what="answers since the last reload",
+            )
             write_config(path, sets[i % len(sets)], f"timeout: {10 + i}\n")
             self.assertTrue(service.reload())
         done = True

@@ -33,8 +33,9 @@ from tests.support import (
     post,
     reactor,
     read_then_pause,
+    reads,
     response,
-    sleep,
+    rrlb_end,
     wait_for,
 )
 
@@ -811,12 +812,17 @@ class FailureTests(WireCase):
             conn.transport.loseConnection()  # once the 16 MB are written
 
         backend = await self.backend(handler)
-        _, port = await self.balancer([backend.url])
+        service, port = await self.balancer([backend.url])
         client = await self.client(port)
         received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: received["n"], "the start of the response")
-        await sleep(0.3)  # let rrlb's buffer to this client fill up
+        # rrlb's buffer to this client fills up, and it pauses the node.
+        await wait_for(
+            lambda: backend.connections
+            and not reads(rrlb_end(service, backend.connections[0].transport)),
+            "rrlb to stop reading from the node",
+        )
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, "rrlb to close the client connection")
         self.assertLess(received["n"], 64 << 20)

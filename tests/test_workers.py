@@ -62,13 +62,13 @@ from tests.support import (
     parse_error,
     raw_connect,
     raw_request,
-    reactor,
-    sleep,
+    samples,
     srv,
     start_backends,
     start_balancer,
     start_daemon,
     start_server,
+    wait_for_value,
     wait_until,
 )
 from tests.support import a as a_record
@@ -977,10 +977,22 @@ class WorkerProcessTests(WorkersTestCase):
             "1000",
         )
         self.assertEqual(await self.every_worker(6), [{b"a", b"b", b"c"}] * 2)
+
+        async def checks_of_b() -> float:
+            text = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
+            labels = (("node", b.url), ("pool", "default"), ("result", "pass"))
+            return samples(text).get(("rrlb_health_checks_total", labels), 0.0)
+
+        first = await checks_of_b()
+
+        async def five_more_rounds() -> bool:
+            return await checks_of_b() >= first + 5
+
+        await wait_for_value(five_more_rounds, "five more rounds of health checks")
+        # One checker, the main process's: after five more of its rounds, b
+        # has had no probe but the ones it counts (and one on its way).
         probes = b.probes
-        await sleep(1.0)
-        # One checker: about five rounds in a second, not ten.
-        self.assertLess(b.probes - probes, 9)
+        self.assertLessEqual(probes - await checks_of_b(), 1)
 
         b.healthy = False
 
@@ -1003,7 +1015,7 @@ class WorkerProcessTests(WorkersTestCase):
 
         async def c_down() -> bool:
             node = (await self.status())["nodes"][2]
-            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+            return node["state"] == "down" and "request failed" in (node["last_error"] or "")
 
         await wait_for_value(c_down, "c taken out by passive failures")
 
@@ -1450,7 +1462,7 @@ class WorkerPoolsTests(WorkersTestCase):
 
         async def b_down() -> bool:
             node = await self.node("api", 1)
-            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+            return node["state"] == "down" and "request failed" in (node["last_error"] or "")
 
         await wait_for_value(b_down, "api's b taken out by passive failures")
         web_b = await self.node("web", 0)
@@ -1531,18 +1543,3 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-async def wait_for_value(get: Any, what: str, timeout: float = 10.0) -> Any:
-    """
-    Poll the coroutine function C{get} until it returns something true.
-    """
-
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await get()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await sleep(0.05)
