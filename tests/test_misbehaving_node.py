@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _ConnectFactory
@@ -216,7 +216,7 @@ class UnsolicitedBytesTests(unittest.TestCase):
         It is closed and taken out of the pool at once, so the next request
         gets a new connection instead of a closing one.
         """
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         pool = UpstreamPool(reactor)
         protocol = UpstreamProtocol(pool, "k")
         protocol.factory = _ConnectFactory(pool, "k", None)  # type: ignore[attr-defined]
@@ -229,3 +229,4 @@ class UnsolicitedBytesTests(unittest.TestCase):
         pool.acquire(Node(), exchange)
         self.assertEqual(exchange.got, [])
         self.assertEqual(len(reactor.tcpClients), 1)
+
