@@ -512,6 +512,9 @@ class ProxyExchange:
         why = describe_failure(reason)
         log.warn("bad response from {node}: {why}", node=self.node.url, why=why)
         self.node.errors += 1
+        # A node that answers with what HTTP does not allow is failing, as
+        # HAProxy's observe layer7 counts it (passive health).
+        self.dest.pool.mark(self.node, False, f"bad response: {why}")
         self._end(ok=False)
         error_response(self.request, 502, f"the upstream node sent a bad response ({why})")
 

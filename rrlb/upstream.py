@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
-from rrlb.parser import ChunkedDecoder
+from rrlb.parser import HEAD_BYTES, ChunkedDecoder
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
@@ -45,6 +45,8 @@ IDLE_TRIM_DELAY = 1.0
 INLINE_BODY_SIZE = 65536
 # A node that sends bytes after its responses is logged at most this often.
 STRAY_LOG_INTERVAL = 60.0
+# Header lines in a response at most, unless told (--max-headers).
+MAX_HEADERS = 100
 
 # Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
 HOP_BY_HOP = frozenset(
@@ -103,7 +105,9 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]]]:
+def parse_head(
+    block: bytes, max_headers: int = MAX_HEADERS
+) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]]]:
     """
     Split a response head (without its blank line) into version, code,
     reason and the headers, keyed by Twisted's canonical names with every
@@ -111,18 +115,25 @@ def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]
     without another pass.
 
     @raise BadResponse: for anything that is not a well-formed HTTP/1.x head,
-        including a bare CR, LF or NUL that could split a header downstream.
+        including a bare CR or LF that could split a header downstream, any
+        other control byte but HTAB (NUL, ESC, VT, DEL...: the request
+        head's rule, L{rrlb.parser}), and more than C{max_headers} lines.
     """
-    if b"\0" in block or block.count(b"\n") != block.count(b"\r\n") or (
-        block.count(b"\r") != block.count(b"\r\n")
-    ):
-        raise BadResponse("stray CR, LF or NUL in the response head")
+    if block.translate(None, HEAD_BYTES):
+        raise BadResponse("control byte in the response head")
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        raise BadResponse("stray CR or LF in the response head")
+    if crlf > max_headers:
+        raise BadResponse(f"more than {max_headers} header lines")
     lines = block.split(b"\r\n")
     status = lines[0].split(b" ", 2)
     version = status[0]
     if (
         len(status) < 2
+        or len(version) != 8
         or not version.startswith(b"HTTP/1.")
+        or not version[7:].isdigit()
         or len(status[1]) != 3
         or not status[1].isdigit()
         or not 100 <= int(status[1]) <= 599
@@ -310,7 +321,7 @@ class UpstreamProtocol(Protocol):
                 return
             self._got_response = True
             try:
-                version, code, reason, raw = parse_head(buffer[:end])
+                version, code, reason, raw = parse_head(buffer[:end], self.pool.max_headers)
             except BadResponse as e:
                 self._protocol_error(str(e))
                 return
@@ -366,9 +377,15 @@ class UpstreamProtocol(Protocol):
             # the next response on this connection).
             coding = headers.get(b"Transfer-Encoding")
             if coding:
-                last = coding[-1].rsplit(b",", 1)[-1].strip().lower()
-                chunked = last == b"chunked"
-                other_coding = not chunked
+                if coding != [b"chunked"]:
+                    codings = [c.strip().lower() for v in coding for c in v.split(b",")]
+                    # The last coding frames the body (chunked, or until the
+                    # close); any other one rrlb cannot undo (gzip, chunked
+                    # twice), and its body is refused below.
+                    chunked = codings[-1] == b"chunked"
+                    other_coding = codings != [b"chunked"]
+                else:
+                    chunked = True
             if connection:
                 tokens = connection_tokens(connection)
                 for token in tokens - _NOT_DROPPED_BY_CONNECTION:
@@ -379,11 +396,15 @@ class UpstreamProtocol(Protocol):
         length = None
         lengths = headers.get(b"Content-Length")
         if lengths:
-            values = {v.strip() for value in lengths for v in value.split(b",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                self._protocol_error(f"bad Content-Length {lengths[0][:40]!r}")
+            # Strict (RFC 9112 6.3 lets a recipient refuse or fold them): two
+            # Content-Length lines or a list are refused even when equal, as
+            # nginx does; HAProxy folds equal ones. A node that sends them is
+            # broken, and a client behind rrlb must never see two.
+            if len(lengths) != 1 or not lengths[0].isdigit():
+                what = "two Content-Length values" if len(lengths) > 1 else "bad Content-Length"
+                self._protocol_error(f"{what} {b', '.join(lengths)[:40]!r}")
                 return
-            length = int(values.pop())
+            length = int(lengths[0])
         self._keep_alive = (
             b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         )
@@ -602,6 +623,7 @@ class UpstreamPool:
         timeout: float = 30.0,
         max_idle_per_node: int = 32,
         tls_creator: Optional[Callable[[Any], Any]] = None,
+        max_headers: int = MAX_HEADERS,
     ) -> None:
         self.reactor: Any = reactor
         self.clock: IReactorTime = reactor
@@ -611,6 +633,8 @@ class UpstreamPool:
         # Node key -> its pool's max_idle_per_node, where that differs.
         self.idle_caps: dict[str, int] = {}
         self.tls_creator = tls_creator
+        # Header lines a response may have (--max-headers, as for requests).
+        self.max_headers = max_headers
         # Node key -> when its stray bytes were last logged.
         self._stray_logged: dict[str, float] = {}
         # How long a client that paused its response may read nothing
