@@ -376,11 +376,18 @@ class HeaderTimeoutWireTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         balancer = await start_balancer(self, [backend.url], "--client-header-timeout", "1.5")
-        clients = [await raw_connect(self, balancer.port) for _ in range(500)]
         head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        clients = []
+        for _ in range(500):
+            # Each starts its head at once: a connection that has sent
+            # nothing is idle, and closed without a 408 (on a loaded machine
+            # connecting 500 can take longer than the timeout).
+            client = await raw_connect(self, balancer.port)
+            client.send(head[:1])
+            clients.append(client)
         started = reactor.seconds()
         served = 0
-        step = 0
+        step = 1
         while not all(c.closed.called for c in clients):
             self.assertLess(reactor.seconds() - started, 10, "slowloris connections still open")
             for client in clients:
