@@ -107,6 +107,8 @@ LOOPBACK = "127.0.0.1"
 # hang fails the test well before trial's own two-minute timeout.
 WAIT_TIMEOUT = 10.0
 WAIT = WAIT_TIMEOUT
+# rrlb as a process (with --workers, three of them) until it says READY=1.
+START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.005
 # The User-Agent prefix of rrlb's health probes.
 PROBE_AGENT = b"rrlb-health"
@@ -1442,25 +1444,33 @@ class Daemon(ProcessProtocol):
     def lines(self) -> list[str]:
         return self.output.decode("utf-8", "replace").splitlines()
 
-    async def wait_for_message(self, message: str, timeout: float = WAIT_TIMEOUT) -> None:
+    async def wait_for_message(self, message: str, timeout: float = START_TIMEOUT) -> None:
+        """
+        Wait until rrlb sends C{message} to the notify socket (C{READY=1}
+        comes once every process is up: allow for a loaded machine).
+        """
         wanted = message.encode("utf-8")
-        await wait_until(
-            lambda: wanted in self.messages or not self.running,
-            timeout,
-            f"{message} from rrlb; its output:\n{self.output.decode('utf-8', 'replace')}",
+        await self._wait(
+            lambda: wanted in self.messages or not self.running, timeout, f"{message} from rrlb"
         )
         if wanted not in self.messages:
-            raise AssertionError(
-                f"rrlb exited before sending {message}; its output:\n"
-                + self.output.decode("utf-8", "replace")
-            )
+            raise AssertionError(f"rrlb exited before sending {message}; its output:\n{self.text}")
 
     async def wait_for_output(self, text: str, timeout: float = WAIT_TIMEOUT) -> None:
-        await wait_until(
-            lambda: text.encode("utf-8") in self.output,
-            timeout,
-            f"{text!r} in rrlb's output:\n{self.output.decode('utf-8', 'replace')}",
+        await self._wait(
+            lambda: text.encode("utf-8") in self.output, timeout, f"{text!r} in rrlb's output"
         )
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    async def _wait(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
+        try:
+            await wait_for(condition, what, timeout)
+        except AssertionError as e:
+            # The output as it is now, not as it was when the wait began.
+            raise AssertionError(f"{e}; rrlb's output:\n{self.text}") from None
 
     async def exit_code(self, timeout: float = WAIT_TIMEOUT) -> Optional[int]:
         """
