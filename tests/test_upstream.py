@@ -450,6 +450,14 @@ class BackpressureTests(WireCase):
         received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
+        # Mid-body and held back by the client: it has the start of the
+        # response (and reads no more), and rrlb reads no more from the node.
+        # (The node's producer pauses on its own first writes: not enough.)
+        (node,) = backend.connections
+        rrlb_node = rrlb_end(service, node.transport)
+        await wait_for(
+            lambda: received["n"] and not reads(rrlb_node), "rrlb to hold the node back"
+        )
         (upstream,) = service.upstream._connections
         # What the timeout sweep does to an exchange that made no progress.
         upstream.exchange.timed_out()
