@@ -69,6 +69,8 @@ class ClientLimits:
     @ivar trusted_proxies: networks whose X-Forwarded-* headers are kept; an
         empty tuple means the option is unset (X-Forwarded-For is appended
         to, whoever sent it).
+    @ivar proxy_protocol_from: the peers a C{haproxy:} listener takes a
+        PROXY header from (L{rrlb.proxyproto}); empty: any peer.
     """
 
     # The defaults are rrlb.config's, where the options are.
@@ -80,6 +82,7 @@ class ClientLimits:
     keepalive_timeout: float = Config.keepalive_timeout
     max_connections: int = Config.max_connections
     trusted_proxies: tuple[Network, ...] = ()
+    proxy_protocol_from: tuple[Network, ...] = ()
 
 
 # File descriptors kept beyond two per client connection (the client's and
@@ -668,8 +671,15 @@ class ClientSite(server.Site):
     at C{max_connections} and resumes them below it, and hands the drain
     the channels to close.
 
+    A connection on a C{haproxy:} listener holds its place from accept: it
+    is in L{waiting} until its PROXY header has come (L{rrlb.proxyproto}),
+    then in L{channels}.
+
     @ivar ports: the listening ports to pause and resume (the service adds
         them once they listen).
+    @ivar waiting: connections waiting for their PROXY header.
+    @ivar parked: connections accepted past the cap (Twisted accepts several
+        per wake-up), unread until a place is free.
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
     """
@@ -682,11 +692,19 @@ class ClientSite(server.Site):
         self.clock = clock
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
+        self.waiting: set[Any] = set()
         self.on_channel_lost: Optional[Callable[[], None]] = None
         self.ports: list[Any] = []
-        self.parked: list[ProxyChannel] = []
+        self.parked: list[Any] = []
         self.paused = False
         self._sweep_call: Any = None
+
+    @property
+    def open_count(self) -> int:
+        """
+        The client connections that hold a place under C{max_connections}.
+        """
+        return len(self.channels) + len(self.waiting)
 
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
@@ -694,36 +712,75 @@ class ClientSite(server.Site):
             port.stopReading()
         return port
 
+    def _park(self, connection: Any) -> None:
+        # Twisted accepts several clients per wake-up, so a few may come in
+        # past the cap: they wait, unread, for a free place.
+        connection.transport.pauseProducing()
+        self.parked.append(connection)
+        if not self.paused:
+            self.pause_accepting()
+
     def channel_opened(self, channel: ProxyChannel) -> None:
         channels = self.channels
-        if len(channels) >= self.limits.max_connections:
-            # Twisted accepts several clients per wake-up, so a few may come
-            # in past the cap: they wait, unread, for a free place.
-            channel.deadline = None
-            channel.transport.pauseProducing()
-            self.parked.append(channel)
-            if not self.paused:
-                self.pause_accepting()
-            return
-        channels.add(channel)
-        if len(channels) >= self.limits.max_connections and not self.paused:
+        if channel not in channels:
+            # (One that waited for its PROXY header is in already.)
+            if self.open_count >= self.limits.max_connections:
+                channel.deadline = None
+                self._park(channel)
+                return
+            channels.add(channel)
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
 
-    def channel_closed(self, channel: ProxyChannel) -> None:
+    def header_awaited(self, connection: Any) -> bool:
+        """
+        C{connection} was accepted on a C{haproxy:} listener and waits for
+        its PROXY header: it holds a place from now on.
+
+        @return: whether it has one; if not, it is parked (unread) until a
+            place is free, and then its C{admitted()} is called.
+        """
+        if self.open_count >= self.limits.max_connections:
+            self._park(connection)
+            return False
+        self.waiting.add(connection)
+        if self.open_count >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        return True
+
+    def header_arrived(self, connection: Any, channel: ProxyChannel) -> None:
+        """
+        The PROXY header of C{connection} came: C{channel}, about to be
+        connected, takes over its place.
+        """
+        self.waiting.discard(connection)
+        self.channels.add(channel)
+
+    def channel_closed(self, channel: Any) -> None:
+        """
+        C{channel} (a L{ProxyChannel}, or a connection still waiting for its
+        PROXY header) is gone: its place goes to the first parked one.
+        """
         channels = self.channels
         if channel in channels:
             channels.discard(channel)
+        elif channel in self.waiting:
+            self.waiting.discard(channel)
         elif channel in self.parked:
             self.parked.remove(channel)
-        room = self.limits.max_connections - len(channels)
+        room = self.limits.max_connections - self.open_count
         while self.parked and room > 0:
-            waiting = self.parked.pop(0)
-            channels.add(waiting)
+            parked = self.parked.pop(0)
             room -= 1
-            waiting.deadline = self.clock.seconds() + self.limits.header_timeout
-            waiting.transport.resumeProducing()
+            if isinstance(parked, ProxyChannel):
+                channels.add(parked)
+                parked.deadline = self.clock.seconds() + self.limits.header_timeout
+            else:
+                self.waiting.add(parked)
+                parked.admitted()
+            parked.transport.resumeProducing()
         if not channels:
             self.stop_sweeping()
         elif self._sweep_call is None:
@@ -755,11 +812,13 @@ class ClientSite(server.Site):
     def close_parked(self) -> None:
         """
         At shutdown: close the clients waiting for a place (they sent
-        nothing that was read).
+        nothing that was read), and those still waiting for their PROXY
+        header (no request of theirs has begun).
         """
         parked, self.parked = self.parked, []
-        for channel in parked:
-            channel.transport.abortConnection()
+        waiting, self.waiting = self.waiting, set()
+        for connection in parked + list(waiting):
+            connection.transport.abortConnection()
 
     def pause_accepting(self) -> None:
         """
@@ -769,14 +828,14 @@ class ClientSite(server.Site):
         log.warn(
             "{count} client connections open (--max-connections): not accepting more"
             " until one closes",
-            count=len(self.channels),
+            count=self.open_count,
         )
         for port in self.ports:
             port.stopReading()
 
     def resume_accepting(self) -> None:
         self.paused = False
-        room = self.limits.max_connections - len(self.channels)
+        room = self.limits.max_connections - self.open_count
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
@@ -791,7 +850,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = len(self.channels) >= limits.max_connections
+        over = self.open_count >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

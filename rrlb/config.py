@@ -227,6 +227,8 @@ class Config:
     keepalive_timeout: float = 60.0
     max_connections: int = 10000
     trusted_proxies: tuple[Network, ...] = ()
+    # The peers a haproxy: listener takes a PROXY header from; empty: any.
+    proxy_protocol_from: tuple[Network, ...] = ()
     # Overload: per-node limits, the queue, retries and their budget.
     max_conns_per_node: int = 0
     queue_timeout: float = 5.0
@@ -277,6 +279,7 @@ _TOP_KEYS = frozenset(
         "keepalive_timeout",
         "max_connections",
         "trusted_proxies",
+        "proxy_protocol_from",
         "max_conns_per_node",
         "queue_timeout",
         "retries",
@@ -1170,7 +1173,7 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = byte_size(key, value)
         elif key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
             out[key] = positive_float(key, value)
-        elif key == "trusted_proxies":
+        elif key in ("trusted_proxies", "proxy_protocol_from"):
             out[key] = trusted_networks(key, value)
         elif key in ("max_conns_per_node", "retries"):
             out[key] = non_negative_int(key, value)

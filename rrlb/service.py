@@ -263,7 +263,7 @@ class BalancerService(MultiService):
             queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
             checkers=lambda: list(self.checkers.values()),
-            connections=lambda: len(getattr(self.site, "channels", ())),
+            connections=lambda: getattr(self.site, "open_count", 0),
             upstream_connections=lambda: self.upstream.connection_count,
             clients=self.site.client_list,
         )
@@ -313,6 +313,7 @@ class BalancerService(MultiService):
             keepalive_timeout=config.keepalive_timeout,
             max_connections=connections_that_fit(config.max_connections),
             trusted_proxies=config.trusted_proxies,
+            proxy_protocol_from=config.proxy_protocol_from,
         )
 
     @staticmethod
