@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import Config, Network
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -80,7 +80,7 @@ class ClientLimits:
     header_timeout: float = Config.client_header_timeout
     body_timeout: float = Config.client_body_timeout
     keepalive_timeout: float = Config.keepalive_timeout
-    max_connections: int = Config.max_connections
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     trusted_proxies: tuple[Network, ...] = ()
     proxy_protocol_from: tuple[Network, ...] = ()
 
@@ -90,27 +90,30 @@ class ClientLimits:
 FD_RESERVE = 64
 
 
-def connections_that_fit(max_connections: int) -> int:
+def connections_that_fit(max_connections: Optional[int]) -> int:
     """
-    C{max_connections}, or fewer if that many cannot have their file
-    descriptors under the soft C{RLIMIT_NOFILE} (HAProxy lowers its maxconn
-    the same way).
+    The cap on client connections: C{max_connections}, or fewer if that many
+    cannot have their file descriptors under the soft C{RLIMIT_NOFILE}
+    (HAProxy lowers its maxconn the same way). Unset (L{None}), it is what
+    the limit fits, at most L{DEFAULT_MAX_CONNECTIONS}.
     """
+    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
     try:
         import resource
     except ImportError:  # not on POSIX
-        return max_connections
+        return wanted
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
-        return max_connections
-    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+        return wanted
+    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
 
 
-def raise_fd_limit(max_connections: int) -> None:
+def raise_fd_limit(max_connections: Optional[int]) -> None:
     """
-    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if
-    C{max_connections} still cannot fit in it (rrlb then uses the cap
-    L{connections_that_fit} gives).
+    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if a
+    C{max_connections} the operator set still cannot fit in it (rrlb then
+    uses the cap L{connections_that_fit} gives). Unset, the cap is what
+    fits, and nothing is said.
     """
     try:
         import resource
@@ -125,6 +128,8 @@ def raise_fd_limit(max_connections: int) -> None:
             pass
     elif hard == resource.RLIM_INFINITY:
         soft = hard
+    if max_connections is None:
+        return
     needed = 2 * max_connections + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warn(

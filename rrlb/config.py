@@ -19,6 +19,9 @@ import yaml
 
 DEFAULT_LISTEN = ("tcp:8080",)
 MAX_WEIGHT = 256
+# Client connections at most when max_connections is not set and the file
+# descriptor limit fits more (rrlb.channel.connections_that_fit).
+DEFAULT_MAX_CONNECTIONS = 10000
 
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -225,7 +228,9 @@ class Config:
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 60.0
-    max_connections: int = 10000
+    # None: what the file descriptor limit fits, at most
+    # DEFAULT_MAX_CONNECTIONS (rrlb.channel.connections_that_fit).
+    max_connections: Optional[int] = None
     trusted_proxies: tuple[Network, ...] = ()
     # The peers a haproxy: listener takes a PROXY header from; empty: any.
     proxy_protocol_from: tuple[Network, ...] = ()

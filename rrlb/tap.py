@@ -277,7 +277,7 @@ class Options(usage.Options):
             None,
             None,
             "Most client connections open at once; at the cap rrlb stops accepting"
-            " (default: 10000).",
+            " (default: what the file descriptor limit fits, at most 10000).",
             _coerce(positive_int, "--max-connections"),
         ],
         [

@@ -28,10 +28,11 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import ConfigError, byte_size, trusted_networks
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
     balancer_options,
@@ -682,7 +683,7 @@ class LimitSettingsTests(unittest.TestCase):
                 config.max_connections,
                 config.trusted_proxies,
             ),
-            (32768, 100, 0, 10.0, 60.0, 60.0, 10000, ()),
+            (32768, 100, 0, 10.0, 60.0, 60.0, None, ()),
         )
 
     def test_yaml_keys(self) -> None:
@@ -790,4 +791,46 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
         self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
+
+    def test_default_is_what_fits(self) -> None:
+        """
+        Without C{--max-connections}, the cap is what the limit fits, at
+        most L{DEFAULT_MAX_CONNECTIONS}; and nothing is said about it.
+        """
+        import resource
+
+        logs = LogCapture.install(self)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1064, hard))
+        self.assertEqual(connections_that_fit(None), 500)
+        config = balancer_options("--nodes", "http://127.0.0.1:9").config
+        self.assertIsNone(config.max_connections)
+        self.assertEqual(BalancerService.client_limits(config).max_connections, 500)
+        if hard == resource.RLIM_INFINITY or hard >= 2 * DEFAULT_MAX_CONNECTIONS + 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2 * DEFAULT_MAX_CONNECTIONS + 64, hard))
+            self.assertEqual(connections_that_fit(None), DEFAULT_MAX_CONNECTIONS)
+        raise_fd_limit(None)
+        self.assertEqual([m for m in logs.messages() if "RLIMIT_NOFILE" in m], [])
+
+    async def test_default_quiet_at_start(self) -> None:
+        """
+        rrlb started under a descriptor limit of 1000 without
+        C{--max-connections} says nothing about the limit; with a
+        C{--max-connections} that does not fit, it says so once, with the
+        cap it uses instead.
+        """
+        backend = await start_backend(self, "a")
+        quiet = await start_daemon(self, "--nodes", backend.url, nofile=1000)
+        await quiet.wait_for_message("READY=1")
+        self.assertNotIn(b"RLIMIT_NOFILE", quiet.output)
+        reply = await http_request(self, "GET", quiet.url + "/")
+        self.assertEqual(reply.body, b"a")
+        loud = await start_daemon(
+            self, "--nodes", backend.url, "--max-connections", "1000", nofile=1000
+        )
+        await loud.wait_for_message("READY=1")
+        self.assertEqual(loud.output.count(b"RLIMIT_NOFILE"), 1, loud.output)
+        self.assertIn(b"--max-connections 1000 needs up to 2064", loud.output)
+        self.assertIn(b"accepting at most 468 client connections", loud.output)
 
