@@ -1,0 +1,277 @@
+"""
+Tests for L{rrlb.failures}: a connection to a node that fails because rrlb
+is out of a local resource (EMFILE and its kind) is rrlb's problem, not the
+node's. Over real sockets, with the descriptor limit of a real rrlb process
+(or of this one) lowered until no descriptor is free: requests get 503,
+probes mark nothing, nodes stay in rotation, one log line per burst, and
+traffic flows again as soon as descriptors are free.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+from typing import Any, Callable
+
+from twisted.internet import error, task
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.client import ResponseNeverReceived
+
+from rrlb.failures import BURST_GAP, LocalErrors, local_errno
+from tests.daemon import start_daemon
+from tests.helpers import (
+    LOOPBACK,
+    LogCapture,
+    RawClient,
+    closed_port_url,
+    raw_connect,
+    split_response,
+    start_backend,
+    start_balancer,
+    wait_until,
+)
+
+LOCAL_LINE = "This is rrlb's own limit"
+
+
+def lowest_free_fd(pid: int) -> int:
+    """
+    The lowest descriptor number process C{pid} has free: with its soft
+    C{RLIMIT_NOFILE} there, it can open no descriptor at all.
+    """
+    directory = f"/proc/{pid}/fd"
+    used = set()
+    for name in os.listdir(directory):
+        try:
+            # Listing our own descriptors takes one for a moment: skip it.
+            os.readlink(os.path.join(directory, name))
+        except OSError:
+            continue
+        used.add(int(name))
+    free = 0
+    while free in used:
+        free += 1
+    return free
+
+
+def exhaust_descriptors(testcase: unittest.TestCase, pid: int) -> Callable[[], None]:
+    """
+    Lower the soft C{RLIMIT_NOFILE} of process C{pid} so that it can open no
+    more descriptors; return what puts the limit back (also done at
+    cleanup).
+    """
+    if not os.path.isdir(f"/proc/{pid}/fd") or not hasattr(resource, "prlimit"):
+        raise unittest.SkipTest("needs Linux's /proc and prlimit")
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+
+    def restore() -> None:
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        except ProcessLookupError:
+            pass
+
+    testcase.addCleanup(restore)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), limits[1]))
+    return restore
+
+
+def one_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes, bytes]:
+    """
+    The first complete response (with Content-Length) in C{data}: status
+    line, headers, body, and the bytes after it; status line C{b""} while
+    it is incomplete.
+    """
+    status, headers, rest = split_response(data)
+    named = {name.lower(): value for name, value in headers}
+    length = int(named.get(b"content-length", b"-1"))
+    if b"\r\n\r\n" not in data or length < 0 or len(rest) < length:
+        return b"", {}, b"", data
+    return status, named, rest[:length], rest[length:]
+
+
+class Exchange:
+    """
+    Keep-alive GETs on one raw connection.
+    """
+
+    def __init__(self, client: RawClient, host: str) -> None:
+        self.client = client
+        self.host = host.encode()
+        self.used = 0
+
+    async def get(self, path: str) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        self.client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), self.host))
+
+        def complete(data: bytes) -> bool:
+            return bool(one_response(data[self.used :])[0])
+
+        data = await self.client.wait_for(complete)
+        status, headers, body, rest = one_response(data[self.used :])
+        self.used = len(data) - len(rest)
+        return status, headers, body
+
+
+class LocalErrnoTests(unittest.TestCase):
+    """
+    Which failures are local resource errors.
+    """
+
+    def test_connect_errors(self) -> None:
+        """
+        A failed C{socket()} (Twisted's L{error.ConnectBindError}) or
+        C{connect()} with a local errno is one, also inside an agent's
+        L{ResponseNeverReceived}; a refused or timed-out connection is not.
+        """
+        emfile = Failure(error.ConnectBindError(errno.EMFILE, "Too many open files"))
+        self.assertEqual(local_errno(emfile), errno.EMFILE)
+        for code in (errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL):
+            failure = Failure(error.getConnectError((code, os.strerror(code))))
+            self.assertEqual(local_errno(failure), code)
+        self.assertEqual(local_errno(Failure(OSError(errno.ENOBUFS, "x"))), errno.ENOBUFS)
+        self.assertEqual(local_errno(Failure(ResponseNeverReceived([emfile]))), errno.EMFILE)
+        refused = error.getConnectError((errno.ECONNREFUSED, "refused"))
+        for other in (refused, error.TimeoutError(), error.ConnectionLost(), ValueError()):
+            self.assertIsNone(local_errno(Failure(other)))
+        self.assertIsNone(local_errno(Failure(ResponseNeverReceived([Failure(refused)]))))
+
+
+class LocalErrorsTests(unittest.TestCase):
+    """
+    L{LocalErrors} logs a burst once, and says when it is over.
+    """
+
+    def test_once_per_burst(self) -> None:
+        """
+        Many errors close together are one line; once none has come for
+        L{BURST_GAP}, one more line counts them; the next error starts a
+        new burst.
+        """
+        logs = LogCapture.install(self)
+        clock = task.Clock()
+        errors = LocalErrors(clock)
+        for _ in range(50):
+            errors.failed(errno.EMFILE, "a request to http://127.0.0.1:1")
+            clock.advance(0.1)
+        (line,) = [m for m in logs.messages() if LOCAL_LINE in m]
+        self.assertIn("EMFILE (Too many open files)", line)
+        self.assertIn("a request to http://127.0.0.1:1", line)
+        self.assertIn("LimitNOFILE=", line)
+        clock.advance(BURST_GAP - 0.2)
+        self.assertEqual([m for m in logs.messages() if "stopped" in m], [])
+        clock.advance(0.2)
+        (over,) = [m for m in logs.messages() if "stopped" in m]
+        self.assertIn("50 connections", over)
+        errors.failed(errno.EADDRNOTAVAIL, "a health check of http://127.0.0.1:1")
+        self.assertEqual(len([m for m in logs.messages() if LOCAL_LINE in m]), 2)
+        self.assertEqual(errors.count, 51)
+
+    def test_stop_cancels(self) -> None:
+        """
+        Stopping the service leaves no timer behind.
+        """
+        clock = task.Clock()
+        errors = LocalErrors(clock)
+        errors.startService()
+        errors.failed(errno.EMFILE, "x")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        errors.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OutOfDescriptorsTests(unittest.TestCase):
+    """
+    rrlb out of file descriptors, over real sockets.
+    """
+
+    async def test_daemon_requests(self) -> None:
+        """
+        A real rrlb process that can open no descriptor answers requests
+        on an open connection with 503 and one log line, leaves the node
+        healthy and in rotation with no error counted (as its C{/status}
+        says meanwhile), and serves again as soon as it can open one, with
+        no probe in between.
+        """
+        backend = await start_backend(self, "a")
+        admin_port = int((await closed_port_url()).rsplit(":", 1)[1])
+        daemon = await start_daemon(
+            self,
+            "--nodes",
+            backend.url,
+            "--health-path",
+            "/health",
+            "--health-interval",
+            "3600",
+            "--fall",
+            "1",
+            "--max-idle-per-node",
+            "0",
+            "--admin",
+            f"tcp:{admin_port}:interface={LOOPBACK}",
+        )
+        await daemon.wait_for_message("READY=1")
+        admin = Exchange(await raw_connect(self, admin_port), f"{LOOPBACK}:{admin_port}")
+
+        async def status() -> dict[str, Any]:
+            line, _, body = await admin.get("/status")
+            self.assertIn(b" 200 ", line)
+            document: dict[str, Any] = json.loads(body)
+            return document
+
+        # The start-up probe has passed; no other comes during the test.
+        for _ in range(100):
+            if (await status())["nodes"][0]["last_check"] is not None:
+                break
+        client = Exchange(await raw_connect(self, daemon.port), "rrlb.test")
+        self.assertEqual((await client.get("/"))[2], b"a")
+        for _ in range(100):
+            if (await status())["process"]["upstream_connections"] == 0:
+                break
+        restore = exhaust_descriptors(self, daemon.transport.pid)
+        for _ in range(3):
+            line, headers, body = await client.get("/")
+            self.assertTrue(line.startswith(b"HTTP/1.1 503 "), line)
+            self.assertEqual(headers[b"retry-after"], b"1")
+            self.assertIn(b"try again", body)
+        await daemon.wait_for_output(LOCAL_LINE)
+        (node,) = (await status())["nodes"]
+        self.assertEqual(
+            (node["healthy"], node["in_rotation"], node["consecutive_failures"], node["errors"]),
+            (True, True, 0, 0),
+        )
+        self.assertEqual(daemon.output.count(LOCAL_LINE.encode()), 1, daemon.output)
+        self.assertIn(b"EMFILE", daemon.output)
+        restore()
+        self.assertEqual((await client.get("/"))[2], b"a")
+        self.assertEqual(backend.probes, 1)
+
+    async def test_probe(self) -> None:
+        """
+        A health probe that cannot open a connection marks nothing: the
+        node stays healthy with no failure counted, even with C{--fall 1},
+        and the probe after it passes.
+        """
+        logs = LogCapture.install(self)
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self, [backend.url], "--health-interval", "3600", "--fall", "1"
+        )
+        checker = balancer.service.checker
+        assert checker is not None
+        (node,) = balancer.service.pool.nodes
+        await wait_until(lambda: node.last_check is not None, what="the start-up probe")
+        results = dict(checker.results)
+        restore = exhaust_descriptors(self, os.getpid())
+        try:
+            # Bounded by the health timeout.
+            await checker.probe(node)
+        finally:
+            restore()
+        self.assertEqual((node.healthy, node.failures, node.last_error), (True, 0, None))
+        self.assertEqual(checker.results, results)
+        self.assertEqual(len([m for m in logs.messages() if LOCAL_LINE in m]), 1)
+        await checker.probe(node)
+        self.assertEqual(backend.probes, 2)
+        self.assertTrue(node.healthy)
