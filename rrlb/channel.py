@@ -713,6 +713,17 @@ class ClientSite(server.Site):
 
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
+        read = getattr(port, "doRead", None)
+        if read is not None and hasattr(port, "numberAccepts"):
+            # Twisted's port accepts up to numberAccepts clients per wake-up
+            # (a hundred at first): never more than there are places for,
+            # or a burst would hold descriptors past the cap, parked.
+            def doRead() -> Any:
+                room = self.limits.max_connections - self.open_count
+                port.numberAccepts = max(1, min(port.numberAccepts, room))
+                return read()
+
+            port.doRead = doRead
         if self.paused:
             port.stopReading()
         return port
@@ -840,13 +851,9 @@ class ClientSite(server.Site):
 
     def resume_accepting(self) -> None:
         self.paused = False
-        room = self.limits.max_connections - self.open_count
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
-                # Twisted accepts up to numberAccepts clients per wake-up:
-                # no more than there is room for.
-                port.numberAccepts = max(1, min(port.numberAccepts, room))
                 port.startReading()
 
     def set_limits(self, limits: ClientLimits) -> None:

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -533,6 +533,25 @@ class ConnectionCapTests(unittest.TestCase):
         self.assertLess(time.process_time() - cpu, 0.3, "the reactor is busy with nothing")
         good = await raw_request(self, balancer.port, GOOD)
         self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
+
+    async def test_burst_waits_in_the_backlog(self) -> None:
+        """
+        Of 200 clients that connect at once, rrlb takes no more from the
+        kernel than the cap: the rest wait in the backlog, not in rrlb's
+        descriptors (Twisted would accept up to a hundred per wake-up).
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
+        site = balancer.service.site
+        clients = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(raw_connect(self, balancer.port)) for _ in range(200)]
+        )
+        self.assertEqual(len(clients), 200)
+        # A round trip elsewhere: rrlb has had its turns at the backlog.
+        self.assertEqual((await http_request(self, "GET", backend.url + "/")).body, b"a")
+        self.assertEqual(site.open_count, 5)
+        self.assertTrue(site.paused)
+        self.assertLessEqual(len(site.parked), 1)
 
     async def test_lower_cap_on_reload(self) -> None:
         """
