@@ -34,7 +34,9 @@ from importlib import resources
 from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
-from twisted.web import server
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from rrlb.history import HISTORY_SAMPLES, History, NodeHistory
@@ -416,19 +418,52 @@ def render_page(status: dict[str, Any], history: Optional[History] = None) -> st
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)
 
 
+# The admin endpoint's connections are not under --max-connections: their
+# descriptors come out of rrlb.channel.FD_RESERVE. So at most this many are
+# open (more are closed at once), each for at most this long idle (Twisted's
+# default is twelve hours).
+ADMIN_MAX_CONNECTIONS = 16
+ADMIN_IDLE_TIMEOUT = 60.0
+
+
+class AdminChannel(http.HTTPChannel):
+    """
+    An admin connection: counted by its L{AdminSite} while it is open.
+    """
+
+    site: AdminSite
+
+    def connectionMade(self) -> None:
+        self.site.open_connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.open_connections -= 1
+        super().connectionLost(reason)
+
+
 class AdminSite(server.Site):
     """
     The admin endpoint's site: quiet (scrapes every few seconds would flood
-    the log) and never a traceback.
+    the log), never a traceback, and at most L{ADMIN_MAX_CONNECTIONS}
+    connections, each idle at most L{ADMIN_IDLE_TIMEOUT}.
     """
 
     noisy = False
     displayTracebacks = False
+    protocol = AdminChannel  # type: ignore[assignment]  # HTTP/1.1 only
+    open_connections = 0
 
     def __init__(
         self, pools: Pools, metrics: Metrics, history: Optional[History] = None, **kw: Any
     ) -> None:
+        kw.setdefault("timeout", ADMIN_IDLE_TIMEOUT)
         super().__init__(AdminResource(pools, metrics, history), **kw)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.open_connections >= ADMIN_MAX_CONNECTIONS:
+            return None  # the port closes it
+        return super().buildProtocol(addr)
 
     def log(self, request: Any) -> None:
         pass

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -21,6 +22,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
 from rrlb.channel import (
     ClientLimits,
     connections_that_fit,
@@ -568,6 +570,54 @@ class ConnectionCapTests(unittest.TestCase):
         await clients[0].close()
         await clients[1].close()
         await wait_until(lambda: not site.paused, what="accepting again")
+
+
+class AdminConnectionTests(unittest.TestCase):
+    """
+    The admin endpoint is not under C{--max-connections}: it keeps at most
+    L{ADMIN_MAX_CONNECTIONS} open, each idle at most L{ADMIN_IDLE_TIMEOUT}.
+    """
+
+    async def test_capped(self) -> None:
+        """
+        A connection past the cap is closed at once; once one has gone,
+        a new one is served.
+        """
+        balancer = await start_balancer(
+            self, ["http://127.0.0.1:9"], "--admin", "tcp:0:interface=127.0.0.1"
+        )
+        url = await admin_url(balancer)
+        port = int(url.rsplit(":", 1)[1])
+        listener = balancer.service.admin_listener
+        assert listener is not None
+        site = listener.factory
+        held = [await raw_connect(self, port) for _ in range(ADMIN_MAX_CONNECTIONS)]
+        await wait_until(lambda: site.open_connections == ADMIN_MAX_CONNECTIONS, what="all open")
+        extra = await raw_connect(self, port)
+        extra.send(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(await extra.closed, b"")
+        await held[0].close()
+        await wait_until(lambda: site.open_connections < ADMIN_MAX_CONNECTIONS, what="one gone")
+        reply = await http_request(self, "GET", url + "/status")
+        self.assertEqual(reply.code, 200)
+
+    async def test_idle_timeout(self) -> None:
+        """
+        An admin connection that sends nothing is closed after
+        L{ADMIN_IDLE_TIMEOUT}.
+        """
+        balancer = await start_balancer(self, ["http://127.0.0.1:9"])
+        clock = Clock()
+        site = AdminSite(balancer.service.pools, balancer.service.metrics, reactor=clock)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        client = await raw_connect(self, port.getHost().port)
+        await wait_until(lambda: site.open_connections == 1, what="the connection")
+        clock.advance(ADMIN_IDLE_TIMEOUT - 1)
+        self.assertFalse(client.closed.called)
+        clock.advance(1)
+        await client.closed
+        await wait_until(lambda: site.open_connections == 0, what="the count to drop")
 
 
 class TrustedProxiesTests(unittest.TestCase):
