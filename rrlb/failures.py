@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -48,7 +49,8 @@ def local_errno(reason: Failure) -> Optional[int]:
     The errno of C{reason} if it is one of L{LOCAL_ERRNOS}: a connection
     that failed for want of a local resource (as Twisted reports a failed
     C{socket()} or C{connect()}, also inside a twisted.web agent's
-    C{ResponseNeverReceived}); L{None} for anything else.
+    C{ResponseNeverReceived}); L{None} for anything else. A failed host
+    name lookup is one if opening a socket fails with one right now.
     """
     exc: Any = reason.value
     # twisted.web.client's wrappers carry the underlying failures.
@@ -57,6 +59,11 @@ def local_errno(reason: Failure) -> Optional[int]:
         if not inner or not isinstance(inner[0], Failure):
             break
         exc = inner[0].value
+    if isinstance(exc, error.DNSLookupError):
+        # A host name lookup (HostnameEndpoint's getaddrinfo, in a thread)
+        # that could not open /etc/hosts or a socket reports only "no
+        # results": ask the system whether it is out of descriptors now.
+        return _exhausted_now()
     if isinstance(exc, error.ConnectError):
         code = exc.osError
     elif isinstance(exc, OSError):
@@ -64,6 +71,18 @@ def local_errno(reason: Failure) -> Optional[int]:
     else:
         return None
     return code if code in LOCAL_ERRNOS else None
+
+
+def _exhausted_now() -> Optional[int]:
+    """
+    The local errno of opening a socket now, if it fails with one; only
+    ever called when something has already failed.
+    """
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as e:
+        return e.errno if e.errno in LOCAL_ERRNOS else None
+    return None
 
 
 def describe_errno(code: int) -> str:

@@ -136,6 +136,7 @@ class LocalErrnoTests(unittest.TestCase):
         for other in (refused, error.TimeoutError(), error.ConnectionLost(), ValueError()):
             self.assertIsNone(local_errno(Failure(other)))
         self.assertIsNone(local_errno(Failure(ResponseNeverReceived([Failure(refused)]))))
+        self.assertIsNone(local_errno(Failure(error.DNSLookupError("no results"))))
 
 
 class LocalErrorsTests(unittest.TestCase):
@@ -226,6 +227,9 @@ class OutOfDescriptorsTests(unittest.TestCase):
                 break
         client = Exchange(await raw_connect(self, daemon.port), "rrlb.test")
         self.assertEqual((await client.get("/"))[2], b"a")
+        # The probe's and the request's connections to the node are closed
+        # (--max-idle-per-node 0), on both sides: rrlb is idle.
+        await wait_until(lambda: not backend.open_connections, what="node connections closed")
         for _ in range(100):
             if (await status())["process"]["upstream_connections"] == 0:
                 break
@@ -253,15 +257,32 @@ class OutOfDescriptorsTests(unittest.TestCase):
         node stays healthy with no failure counted, even with C{--fall 1},
         and the probe after it passes.
         """
+        await self.probe_out_of_descriptors(LOOPBACK)
+
+    async def test_probe_by_name(self) -> None:
+        """
+        The same for a node named by a host name, whose lookup is what
+        fails first.
+        """
+        await self.probe_out_of_descriptors("localhost")
+
+    async def probe_out_of_descriptors(self, host: str) -> None:
         logs = LogCapture.install(self)
         backend = await start_backend(self, "a")
         balancer = await start_balancer(
-            self, [backend.url], "--health-interval", "3600", "--fall", "1"
+            self,
+            [f"http://{host}:{backend.port_number}"],
+            "--health-interval",
+            "3600",
+            "--fall",
+            "1",
         )
         checker = balancer.service.checker
         assert checker is not None
         (node,) = balancer.service.pool.nodes
         await wait_until(lambda: node.last_check is not None, what="the start-up probe")
+        # Its connection gone too: no descriptor is freed while none is free.
+        await wait_until(lambda: not backend.open_connections, what="the probe's connection")
         results = dict(checker.results)
         restore = exhaust_descriptors(self, os.getpid())
         try:
