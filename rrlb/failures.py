@@ -30,6 +30,8 @@ log = Logger()
 LOCAL_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
+# Of those, out of descriptors: what closing idle connections helps.
+DESCRIPTOR_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 # What an operator can do about each.
 _REMEDIES = {
     errno.EMFILE: "raise the descriptor limit (LimitNOFILE=) or lower --max-connections",
@@ -63,7 +65,7 @@ def local_errno(reason: Failure) -> Optional[int]:
         # A host name lookup (HostnameEndpoint's getaddrinfo, in a thread)
         # that could not open /etc/hosts or a socket reports only "no
         # results": ask the system whether it is out of descriptors now.
-        return _exhausted_now()
+        return exhausted_now()
     if isinstance(exc, error.ConnectError):
         code = exc.osError
     elif isinstance(exc, OSError):
@@ -73,10 +75,11 @@ def local_errno(reason: Failure) -> Optional[int]:
     return code if code in LOCAL_ERRNOS else None
 
 
-def _exhausted_now() -> Optional[int]:
+def exhausted_now() -> Optional[int]:
     """
-    The local errno of opening a socket now, if it fails with one; only
-    ever called when something has already failed.
+    The local errno of opening a socket now, if it fails with one: whether
+    rrlb is out of a resource at this moment. One system call; only ever
+    made when something has already failed.
     """
     try:
         socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()

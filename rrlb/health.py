@@ -23,7 +23,7 @@ from twisted.web.iweb import IAgent
 
 from rrlb import __version__
 from rrlb.config import HealthConfig
-from rrlb.failures import LocalErrors, local_errno
+from rrlb.failures import LocalErrors, exhausted_now, local_errno
 from rrlb.pool import Node, Pool
 from rrlb.tls import describe_tls_error
 
@@ -209,9 +209,12 @@ class HealthChecker(Service):
             now = self.reactor.seconds()
             latency = now - started
             if isinstance(result, Failure):
-                code = local_errno(result)
+                # A probe that failed while rrlb cannot open a socket says
+                # nothing of the node, whatever the failure looks like (a
+                # name lookup that failed, or hung until the timeout): see
+                # rrlb.failures.
+                code = local_errno(result) or exhausted_now()
                 if code is not None:
-                    # rrlb's own limit (rrlb.failures): says nothing of the node.
                     self.local_errors.failed(code, f"a health check of {node.url}")
                     return
                 if result.check(defer.TimeoutError, defer.CancelledError):

@@ -30,7 +30,7 @@ from rrlb.channel import (
     ProxyChannel,
     error_response,
 )
-from rrlb.failures import LocalErrors, local_errno
+from rrlb.failures import DESCRIPTOR_ERRNOS, LocalErrors, local_errno
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
@@ -401,10 +401,16 @@ class ProxyExchange:
         rrlb could not open a connection for want of a local resource (see
         L{rrlb.failures}): not the node's fault, so neither its health nor
         its error count changes, and no other node is tried; the client
-        gets rrlb's own 503.
+        gets rrlb's own 503. Out of descriptors, the idle pooled
+        connections are closed, so that the next request finds one.
         """
         proxy = self.proxy
         proxy.local_errors.failed(code, f"a request to {self.node.url}")
+        if code in DESCRIPTOR_ERRNOS:
+            # Idle node connections are the descriptors rrlb can give back
+            # (not for EADDRNOTAVAIL: closing them would only add ports in
+            # TIME_WAIT).
+            proxy.upstream.close_idle()
         request = self.request
         self._end(ok=False)
         # Counted and logged as rrlb's answer, not the node's.

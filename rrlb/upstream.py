@@ -757,6 +757,17 @@ class UpstreamPool:
             protocol.idle = False
             protocol.transport.loseConnection()
 
+    def close_idle(self) -> int:
+        """
+        Close every idle connection, to give their descriptors back (rrlb
+        ran out of them, see L{rrlb.failures}); how many there were.
+        """
+        keys = set(self._idle) | set(self._private)
+        count = sum(self.idle_count(key) for key in keys)
+        for key in keys:
+            self.drop_node(key)
+        return count
+
     def _forget_idle(self, protocol: UpstreamProtocol) -> None:
         if protocol.idle:
             protocol.idle = False

@@ -15,7 +15,7 @@ import os
 import resource
 from typing import Any, Callable
 
-from twisted.internet import error, task
+from twisted.internet import error, task, tcp
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import ResponseNeverReceived
@@ -28,6 +28,7 @@ from tests.helpers import (
     RawClient,
     closed_port_url,
     raw_connect,
+    reactor,
     split_response,
     start_backend,
     start_balancer,
@@ -37,10 +38,9 @@ from tests.helpers import (
 LOCAL_LINE = "This is rrlb's own limit"
 
 
-def lowest_free_fd(pid: int) -> int:
+def descriptors(pid: int) -> set[int]:
     """
-    The lowest descriptor number process C{pid} has free: with its soft
-    C{RLIMIT_NOFILE} there, it can open no descriptor at all.
+    The descriptors process C{pid} has open.
     """
     directory = f"/proc/{pid}/fd"
     used = set()
@@ -51,17 +51,15 @@ def lowest_free_fd(pid: int) -> int:
         except OSError:
             continue
         used.add(int(name))
-    free = 0
-    while free in used:
-        free += 1
-    return free
+    return used
 
 
-def exhaust_descriptors(testcase: unittest.TestCase, pid: int) -> Callable[[], None]:
+def _lower_limit(testcase: unittest.TestCase, pid: int) -> tuple[int, Callable[[], None]]:
     """
-    Lower the soft C{RLIMIT_NOFILE} of process C{pid} so that it can open no
-    more descriptors; return what puts the limit back (also done at
-    cleanup).
+    Lower the soft C{RLIMIT_NOFILE} of process C{pid} to one above its
+    highest open descriptor (a limit bounds descriptor numbers): then it can
+    open only as many as it has holes below that. Returns the holes and
+    what puts the limit back (also done at cleanup).
     """
     if not os.path.isdir(f"/proc/{pid}/fd") or not hasattr(resource, "prlimit"):
         raise unittest.SkipTest("needs Linux's /proc and prlimit")
@@ -74,8 +72,51 @@ def exhaust_descriptors(testcase: unittest.TestCase, pid: int) -> Callable[[], N
             pass
 
     testcase.addCleanup(restore)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), limits[1]))
+    used = descriptors(pid)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(used) + 1, limits[1]))
+    return max(used) + 1 - len(used), restore
+
+
+async def exhaust_daemon(testcase: unittest.TestCase, daemon: Any) -> Callable[[], None]:
+    """
+    Leave a real rrlb process no free descriptor: its limit just above its
+    highest one, and the holes below filled with client connections it
+    accepts (they idle; give it a long C{--client-header-timeout}).
+    """
+    pid = daemon.transport.pid
+    holes, restore = _lower_limit(testcase, pid)
+    for _ in range(holes):
+        await raw_connect(testcase, daemon.port)
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+    await wait_until(lambda: len(descriptors(pid)) >= limit, what="every descriptor used")
     return restore
+
+
+def exhaust_here(testcase: unittest.TestCase) -> Callable[[], None]:
+    """
+    Leave this process no free descriptor (holes filled with /dev/null);
+    returns what gives them back.
+    """
+    holes, restore_limit = _lower_limit(testcase, os.getpid())
+    fillers = []
+    for _ in range(holes):
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+
+    def restore() -> None:
+        while fillers:
+            os.close(fillers.pop())
+        restore_limit()
+
+    testcase.addCleanup(restore)
+    return restore
+
+
+def connections_to(port: int) -> int:
+    """
+    Connections this process has open to loopback port C{port}.
+    """
+    transports = set(reactor.getReaders()) | set(reactor.getWriters())
+    return sum(1 for t in transports if isinstance(t, tcp.Client) and t.getPeer().port == port)
 
 
 def one_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes, bytes]:
@@ -199,6 +240,8 @@ class OutOfDescriptorsTests(unittest.TestCase):
         admin_port = int((await closed_port_url()).rsplit(":", 1)[1])
         daemon = await start_daemon(
             self,
+            "--client-header-timeout",
+            "60",
             "--nodes",
             backend.url,
             "--health-path",
@@ -233,7 +276,7 @@ class OutOfDescriptorsTests(unittest.TestCase):
         for _ in range(100):
             if (await status())["process"]["upstream_connections"] == 0:
                 break
-        restore = exhaust_descriptors(self, daemon.transport.pid)
+        restore = await exhaust_daemon(self, daemon)
         for _ in range(3):
             line, headers, body = await client.get("/")
             self.assertTrue(line.startswith(b"HTTP/1.1 503 "), line)
@@ -251,6 +294,36 @@ class OutOfDescriptorsTests(unittest.TestCase):
         self.assertEqual((await client.get("/"))[2], b"a")
         self.assertEqual(backend.probes, 1)
 
+    async def test_daemon_gives_idle_connections_back(self) -> None:
+        """
+        Out of descriptors, rrlb closes its idle node connections: the
+        request that failed gets 503, the next one is served with a
+        descriptor one of them gave back.
+        """
+        a = await start_backend(self, "a")
+        b = await start_backend(self, "b")
+        daemon = await start_daemon(
+            self,
+            "--client-header-timeout",
+            "60",
+            "--nodes",
+            f"{a.url},{b.url}",
+            "--health-path",
+            "/health",
+            "--health-interval",
+            "3600",
+        )
+        await daemon.wait_for_message("READY=1")
+        client = Exchange(await raw_connect(self, daemon.port), "rrlb.test")
+        self.assertEqual((await client.get("/"))[2], b"a")
+        # Only the connection to a is open now (pooled, idle); b's probe
+        # connection is gone.
+        await wait_until(lambda: a.probes and b.probes and not b.open_connections, what="idle")
+        await exhaust_daemon(self, daemon)
+        line, _, _ = await client.get("/")
+        self.assertTrue(line.startswith(b"HTTP/1.1 503 "), line)
+        self.assertEqual((await client.get("/"))[2], b"a")
+
     async def test_probe(self) -> None:
         """
         A health probe that cannot open a connection marks nothing: the
@@ -262,11 +335,15 @@ class OutOfDescriptorsTests(unittest.TestCase):
     async def test_probe_by_name(self) -> None:
         """
         The same for a node named by a host name, whose lookup is what
-        fails first.
+        fails first: as a failed lookup, or (when C{getaddrinfo} raises
+        C{EMFILE} itself) a lookup Twisted never finishes, until the
+        probe's timeout.
         """
-        await self.probe_out_of_descriptors("localhost")
+        await self.probe_out_of_descriptors("localhost", "--health-timeout", "0.5")
+        # Twisted's GAIResolver catches only socket.gaierror.
+        self.flushLoggedErrors(OSError)
 
-    async def probe_out_of_descriptors(self, host: str) -> None:
+    async def probe_out_of_descriptors(self, host: str, *args: str) -> None:
         logs = LogCapture.install(self)
         backend = await start_backend(self, "a")
         balancer = await start_balancer(
@@ -276,15 +353,20 @@ class OutOfDescriptorsTests(unittest.TestCase):
             "3600",
             "--fall",
             "1",
+            *args,
         )
         checker = balancer.service.checker
         assert checker is not None
         (node,) = balancer.service.pool.nodes
         await wait_until(lambda: node.last_check is not None, what="the start-up probe")
-        # Its connection gone too: no descriptor is freed while none is free.
-        await wait_until(lambda: not backend.open_connections, what="the probe's connection")
+        # Its connection gone too, both ends: no descriptor is freed while
+        # none is free.
+        await wait_until(
+            lambda: not backend.open_connections and not connections_to(backend.port_number),
+            what="the probe's connection",
+        )
         results = dict(checker.results)
-        restore = exhaust_descriptors(self, os.getpid())
+        restore = exhaust_here(self)
         try:
             # Bounded by the health timeout.
             await checker.probe(node)
