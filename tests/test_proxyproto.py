@@ -624,6 +624,20 @@ class WaitingForHeaderTests(unittest.TestCase):
         reply = await late.closed
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
 
+    async def test_closed_at_shutdown(self) -> None:
+        """
+        At shutdown a connection still waiting for its header is closed at
+        once (no request of its has begun), and leaves no timer behind.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--listen", HAPROXY_LISTEN)
+        site = balancer.service.site
+        silent = await raw_connect(self, balancer.port)
+        await wait_until(lambda: site.waiting, what="the connection accepted")
+        await balancer.stop()
+        self.assertEqual(await silent.closed, b"")
+        self.assertEqual(site.open_count, 0)
+
     async def test_refused_peer_takes_no_place(self) -> None:
         """
         A connection closed for its peer (C{proxy_protocol_from}) never
