@@ -580,8 +580,8 @@ class AdminConnectionTests(unittest.TestCase):
 
     async def test_capped(self) -> None:
         """
-        A connection past the cap is closed at once; once one has gone,
-        a new one is served.
+        At the cap a new connection takes the place of the oldest idle one;
+        when every one is in the middle of a request, it is closed at once.
         """
         balancer = await start_balancer(
             self, ["http://127.0.0.1:9"], "--admin", "tcp:0:interface=127.0.0.1"
@@ -593,13 +593,23 @@ class AdminConnectionTests(unittest.TestCase):
         site = listener.factory
         held = [await raw_connect(self, port) for _ in range(ADMIN_MAX_CONNECTIONS)]
         await wait_until(lambda: site.open_connections == ADMIN_MAX_CONNECTIONS, what="all open")
+        reply = await http_request(self, "GET", url + "/status")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(await held[0].closed, b"")
+        # Every one busy, half a request head each (the last one in the
+        # place of the idle connection the request above left).
+        def busy() -> int:
+            return sum(1 for c in site.channels if c.requests)
+
+        for client in held[1:]:
+            client.send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS - 1, what="fifteen busy")
+        (await raw_connect(self, port)).send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS, what="every one busy")
         extra = await raw_connect(self, port)
         extra.send(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(await extra.closed, b"")
-        await held[0].close()
-        await wait_until(lambda: site.open_connections < ADMIN_MAX_CONNECTIONS, what="one gone")
-        reply = await http_request(self, "GET", url + "/status")
-        self.assertEqual(reply.code, 200)
+        self.assertEqual(site.open_connections, ADMIN_MAX_CONNECTIONS)
 
     async def test_idle_timeout(self) -> None:
         """
