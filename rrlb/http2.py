@@ -28,7 +28,8 @@ from collections import deque
 from typing import Any, Optional
 
 from h2.errors import ErrorCodes
-from priority import DuplicateStreamError
+from h2.settings import SettingCodes, Settings
+from priority import BadWeightError, DuplicateStreamError, PriorityLoop
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
@@ -52,6 +53,76 @@ ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+
+# Streams a client may have open at once on one connection
+# (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
+# 128, HAProxy's 100).
+MAX_STREAMS = 100
+# Response bytes queued for the client on one stream past which its node
+# connection is paused; it reads again once half of them went out. One read
+# from the node (upstream.READ_SIZE) may come on top.
+STREAM_BUFFER = 128 * 1024
+# The same for all the streams of a connection together: past it, every
+# stream's node connection is paused.
+CONNECTION_BUFFER = 1024 * 1024
+
+# Why a stream's producer (its node connection) is paused; each reason is
+# lifted on its own.
+_WINDOW = 1  # the client's flow-control window for the stream is used up
+_STREAM_FULL = 2  # STREAM_BUFFER bytes queued on the stream
+_CONNECTION_FULL = 4  # CONNECTION_BUFFER queued, or the client's socket does not drain
+
+
+class _Outbound(deque[Any]):
+    """
+    One stream's DATA waiting for the connection's send loop (Twisted's
+    C{_outboundStreamQueues} holds one per stream), counting its bytes, and
+    pausing and resuming the stream's producer as they cross
+    L{STREAM_BUFFER} and the connection's total crosses L{CONNECTION_BUFFER}.
+    Twisted's loop only appends and pops; the end-of-stream marker it
+    queues is not bytes and counts nothing.
+    """
+
+    __slots__ = ("size", "stream", "connection")
+
+    def __init__(self, stream: ProxyH2Stream, connection: ProxyH2Connection) -> None:
+        deque.__init__(self)
+        self.size = 0
+        self.stream = stream
+        self.connection = connection
+
+    def append(self, data: Any) -> None:
+        deque.append(self, data)
+        if data.__class__ is bytes:
+            self._grew(len(data))
+
+    def appendleft(self, data: Any) -> None:
+        # The loop puts back what did not fit in one frame.
+        deque.appendleft(self, data)
+        if data.__class__ is bytes:
+            self._grew(len(data))
+
+    def popleft(self) -> Any:
+        data = deque.popleft(self)
+        if data.__class__ is bytes:
+            size = self.size = self.size - len(data)
+            connection = self.connection
+            connection.queued -= len(data)
+            stream = self.stream
+            if stream._paused & _STREAM_FULL and size <= STREAM_BUFFER // 2:
+                stream.resume_node(_STREAM_FULL)
+            if connection.held:
+                connection.release_nodes()
+        return data
+
+    def _grew(self, n: int) -> None:
+        size = self.size = self.size + n
+        connection = self.connection
+        connection.queued += n
+        if size > STREAM_BUFFER:
+            self.stream.pause_node(_STREAM_FULL)
+        if connection.queued > CONNECTION_BUFFER and not connection.held:
+            connection.hold_nodes()
 
 
 class ProxyH2Stream(H2Stream):
@@ -79,6 +150,8 @@ class ProxyH2Stream(H2Stream):
         self._holds = 0
         self._unacked = 0
         self._body_timer: Any = None
+        # Why its producer is paused (_WINDOW, _STREAM_FULL, _CONNECTION_FULL).
+        self._paused = _CONNECTION_FULL if connection.held else 0
         # The stream is the transport of its request (H2Stream has None):
         # writing, closing and the addresses go through it, never to the
         # whole connection.
@@ -239,6 +312,42 @@ class ProxyH2Stream(H2Stream):
         self._stop_body_timer()
         super().requestDone(request)
 
+    # -- the response's producer (the node connection) ------------------------
+
+    def pause_node(self, why: int) -> None:
+        """
+        Pause the response's producer for reason C{why}, if it is not
+        paused already for another.
+        """
+        paused = self._paused
+        self._paused = paused | why
+        if not paused and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resume_node(self, why: int) -> None:
+        """
+        Lift reason C{why}; the producer resumes once no reason is left.
+        """
+        paused = self._paused
+        if paused & why:
+            self._paused = paused = paused & ~why
+            if not paused and self.producer is not None:
+                self.producer.resumeProducing()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        registered = self.producer
+        if self._paused and registered is not None:
+            # Say, the client's socket is already full.
+            registered.pauseProducing()
+
+    def flowControlBlocked(self) -> None:
+        self.pause_node(_WINDOW)
+
+    def windowUpdated(self) -> None:
+        if self._paused & _WINDOW and self._conn.remainingOutboundWindow(self.streamID) > 0:
+            self.resume_node(_WINDOW)
+
     # -- what the proxy calls on a channel -----------------------------------
 
     def loseConnection(self) -> None:
@@ -274,22 +383,87 @@ class ProxyH2Connection(H2Connection):
         super().__init__(reactor)
         self.channel = channel
         self.going_away = False
+        # Response bytes queued for the client on all streams (_Outbound).
+        self.queued = 0
+        # Every stream's node is paused (_CONNECTION_FULL): too much queued,
+        # or the client's socket does not drain.
+        self.held = False
+        self._socket_full = False
+        # Streams beyond the first holding a place under --max-connections.
+        self._extra_streams = 0
+        # As h2 sets them itself, with rrlb's stream limit said out loud.
+        self.conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
+
+    # -- what rrlb holds for the client ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        # The client's socket does not drain: besides the send loop (Twisted
+        # stops it), pause every stream's node, as HTTP/1.1 pauses its
+        # request's producer.
+        if self._consumerBlocked is None:
+            super().pauseProducing()
+        self._socket_full = True
+        if not self.held:
+            self.hold_nodes()
+
+    def resumeProducing(self) -> None:
+        self._socket_full = False
+        super().resumeProducing()
+        if self.held:
+            self.release_nodes()
+
+    def hold_nodes(self) -> None:
+        """
+        Pause every stream's node connection.
+        """
+        self.held = True
+        for stream in list(self.streams.values()):
+            stream.pause_node(_CONNECTION_FULL)
+
+    def release_nodes(self) -> None:
+        """
+        Resume them, unless the socket is still full or more than half of
+        L{CONNECTION_BUFFER} is still queued.
+        """
+        if self._socket_full or self.queued > CONNECTION_BUFFER // 2:
+            return
+        self.held = False
+        for stream in list(self.streams.values()):
+            stream.resume_node(_CONNECTION_FULL)
+
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        # Twisted's sums the queue on every write; _Outbound keeps the count.
+        queue = self._outboundStreamQueues[streamID]
+        return int(self.conn.local_flow_control_window(streamID)) - queue.size
 
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
         if self.going_away:
             # Draining: the GOAWAY told the client no new stream is served;
             # one sent meanwhile is refused (the client may retry it).
-            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
-            self._tryToWriteControlData()
+            self._refuse(event.stream_id)
             return
+        if self.streams:
+            # This stream may hold a node connection beside the others': it
+            # takes a place under --max-connections, or waits for the
+            # client to retry it.
+            if not self.channel.site.stream_opened():
+                self._refuse(event.stream_id)
+                return
+            self._extra_streams += 1
         stream = ProxyH2Stream(
             event.stream_id, self, event.headers, self.requestFactory, self.site, self.factory
         )
         self.streams[event.stream_id] = stream
         # The rest as H2Connection._requestReceived does it, with rrlb's stream.
         self._streamCleanupCallbacks[event.stream_id] = Deferred()
-        self._outboundStreamQueues[event.stream_id] = deque()
+        self._outboundStreamQueues[event.stream_id] = _Outbound(stream, self)
         try:
             self.priority.insert_stream(event.stream_id)
         except DuplicateStreamError:
@@ -297,6 +471,35 @@ class ProxyH2Connection(H2Connection):
         else:
             self.priority.block(event.stream_id)
         stream.start(has_body=event.stream_ended is None)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        # RFC 9113 5.3.2 deprecates this priority scheme. Twisted's handler
+        # adds a tree entry for every idle or closed stream a PRIORITY frame
+        # names, up to the priority library's 1,000 per connection, and then
+        # raises out of dataReceived. rrlb's tree holds open streams only:
+        # a frame for another stream is ignored, and a parent that is not
+        # open is the root.
+        streams = self.streams
+        if event.stream_id not in streams:
+            return
+        depends_on = event.depends_on if event.depends_on in streams else None
+        try:
+            self.priority.reprioritize(
+                stream_id=event.stream_id,
+                depends_on=depends_on,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+        except (PriorityLoop, BadWeightError):
+            pass  # h2 refuses these first; never a traceback for a frame
+
+    def _refuse(self, stream_id: int) -> None:
+        """
+        Refuse a new stream with REFUSED_STREAM: nothing of it was processed,
+        so the client may send it again (RFC 9113 8.7).
+        """
+        self.conn.reset_stream(stream_id, error_code=ErrorCodes.REFUSED_STREAM)
+        self._tryToWriteControlData()
 
     def _requestDataReceived(self, event: Any) -> None:
         stream = self.streams.get(event.stream_id)
@@ -316,7 +519,18 @@ class ProxyH2Connection(H2Connection):
             super()._requestAborted(event)
 
     def _requestDone(self, streamID: int) -> None:
+        unsent = self._outboundStreamQueues[streamID].size
         super()._requestDone(streamID)
+        if unsent:
+            # A stream reset or cut off with bytes still queued.
+            self.queued -= unsent
+            if self.held:
+                self.release_nodes()
+        # Keep one place for each open stream beyond the first.
+        site = self.channel.site
+        while self._extra_streams > max(0, len(self.streams) - 1):
+            self._extra_streams -= 1
+            site.stream_closed()
         if not self.streams:
             channel = self.channel
             if self.going_away:
