@@ -22,7 +22,8 @@ failing requests quietly.
   - With C{--http2} only, L{rrlb.http2} subclasses the private
     L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
     overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE}. Its per-stream
+    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
+    L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
     send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
     Twisted's send loop only appends to and pops from.
 """

@@ -20,11 +20,17 @@ package) is loaded otherwise.
  - Connection-specific headers are translated as RFC 9113 section 8.2.2
    says: none goes to an HTTP/2 client, C{:authority} becomes C{Host}, and
    cookie fields split by HTTP/2 are joined again (section 8.2.3).
+ - What rrlb holds for the client is bounded whatever windows it advertises
+   (L{rrlb.h2buffers}).
+ - Descriptors: a stream may hold a node connection of its own, so each
+   stream beyond a connection's first takes a place under
+   C{--max-connections} (L{ClientSite.stream_opened}); with none left a new
+   stream is refused with C{REFUSED_STREAM}. At most L{MAX_STREAMS} are
+   open on a connection (C{SETTINGS_MAX_CONCURRENT_STREAMS}).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Optional
 
 from h2.errors import ErrorCodes
@@ -44,6 +50,7 @@ from rrlb.channel import (
     error_response,
     real_client,
 )
+from rrlb.h2buffers import BoundedConnection, BoundedStream
 from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
 
 # Offered by ALPN on TLS listeners, in order of preference.
@@ -58,74 +65,9 @@ _CONNECTION_SPECIFIC = frozenset(
 # (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
 # 128, HAProxy's 100).
 MAX_STREAMS = 100
-# Response bytes queued for the client on one stream past which its node
-# connection is paused; it reads again once half of them went out. One read
-# from the node (upstream.READ_SIZE) may come on top.
-STREAM_BUFFER = 128 * 1024
-# The same for all the streams of a connection together: past it, every
-# stream's node connection is paused.
-CONNECTION_BUFFER = 1024 * 1024
-
-# Why a stream's producer (its node connection) is paused; each reason is
-# lifted on its own.
-_WINDOW = 1  # the client's flow-control window for the stream is used up
-_STREAM_FULL = 2  # STREAM_BUFFER bytes queued on the stream
-_CONNECTION_FULL = 4  # CONNECTION_BUFFER queued, or the client's socket does not drain
 
 
-class _Outbound(deque[Any]):
-    """
-    One stream's DATA waiting for the connection's send loop (Twisted's
-    C{_outboundStreamQueues} holds one per stream), counting its bytes, and
-    pausing and resuming the stream's producer as they cross
-    L{STREAM_BUFFER} and the connection's total crosses L{CONNECTION_BUFFER}.
-    Twisted's loop only appends and pops; the end-of-stream marker it
-    queues is not bytes and counts nothing.
-    """
-
-    __slots__ = ("size", "stream", "connection")
-
-    def __init__(self, stream: ProxyH2Stream, connection: ProxyH2Connection) -> None:
-        deque.__init__(self)
-        self.size = 0
-        self.stream = stream
-        self.connection = connection
-
-    def append(self, data: Any) -> None:
-        deque.append(self, data)
-        if data.__class__ is bytes:
-            self._grew(len(data))
-
-    def appendleft(self, data: Any) -> None:
-        # The loop puts back what did not fit in one frame.
-        deque.appendleft(self, data)
-        if data.__class__ is bytes:
-            self._grew(len(data))
-
-    def popleft(self) -> Any:
-        data = deque.popleft(self)
-        if data.__class__ is bytes:
-            size = self.size = self.size - len(data)
-            connection = self.connection
-            connection.queued -= len(data)
-            stream = self.stream
-            if stream._paused & _STREAM_FULL and size <= STREAM_BUFFER // 2:
-                stream.resume_node(_STREAM_FULL)
-            if connection.held:
-                connection.release_nodes()
-        return data
-
-    def _grew(self, n: int) -> None:
-        size = self.size = self.size + n
-        connection = self.connection
-        connection.queued += n
-        if size > STREAM_BUFFER:
-            self.stream.pause_node(_STREAM_FULL)
-        if connection.queued > CONNECTION_BUFFER and not connection.held:
-            connection.hold_nodes()
-
-
-class ProxyH2Stream(H2Stream):
+class ProxyH2Stream(BoundedStream, H2Stream):
     """
     One HTTP/2 stream: a request, and the channel the proxy sees for it.
     """
@@ -150,8 +92,6 @@ class ProxyH2Stream(H2Stream):
         self._holds = 0
         self._unacked = 0
         self._body_timer: Any = None
-        # Why its producer is paused (_WINDOW, _STREAM_FULL, _CONNECTION_FULL).
-        self._paused = _CONNECTION_FULL if connection.held else 0
         # The stream is the transport of its request (H2Stream has None):
         # writing, closing and the addresses go through it, never to the
         # whole connection.
@@ -312,42 +252,6 @@ class ProxyH2Stream(H2Stream):
         self._stop_body_timer()
         super().requestDone(request)
 
-    # -- the response's producer (the node connection) ------------------------
-
-    def pause_node(self, why: int) -> None:
-        """
-        Pause the response's producer for reason C{why}, if it is not
-        paused already for another.
-        """
-        paused = self._paused
-        self._paused = paused | why
-        if not paused and self.producer is not None:
-            self.producer.pauseProducing()
-
-    def resume_node(self, why: int) -> None:
-        """
-        Lift reason C{why}; the producer resumes once no reason is left.
-        """
-        paused = self._paused
-        if paused & why:
-            self._paused = paused = paused & ~why
-            if not paused and self.producer is not None:
-                self.producer.resumeProducing()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        super().registerProducer(producer, streaming)
-        registered = self.producer
-        if self._paused and registered is not None:
-            # Say, the client's socket is already full.
-            registered.pauseProducing()
-
-    def flowControlBlocked(self) -> None:
-        self.pause_node(_WINDOW)
-
-    def windowUpdated(self) -> None:
-        if self._paused & _WINDOW and self._conn.remainingOutboundWindow(self.streamID) > 0:
-            self.resume_node(_WINDOW)
-
     # -- what the proxy calls on a channel -----------------------------------
 
     def loseConnection(self) -> None:
@@ -370,7 +274,7 @@ class ProxyH2Stream(H2Stream):
         )
 
 
-class ProxyH2Connection(H2Connection):
+class ProxyH2Connection(BoundedConnection, H2Connection):
     """
     An HTTP/2 connection of a client, driven by its L{ALPNChannel}.
     """
@@ -383,12 +287,6 @@ class ProxyH2Connection(H2Connection):
         super().__init__(reactor)
         self.channel = channel
         self.going_away = False
-        # Response bytes queued for the client on all streams (_Outbound).
-        self.queued = 0
-        # Every stream's node is paused (_CONNECTION_FULL): too much queued,
-        # or the client's socket does not drain.
-        self.held = False
-        self._socket_full = False
         # Streams beyond the first holding a place under --max-connections.
         self._extra_streams = 0
         # As h2 sets them itself, with rrlb's stream limit said out loud.
@@ -399,48 +297,6 @@ class ProxyH2Connection(H2Connection):
                 SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
             },
         )
-
-    # -- what rrlb holds for the client ----------------------------------------
-
-    def pauseProducing(self) -> None:
-        # The client's socket does not drain: besides the send loop (Twisted
-        # stops it), pause every stream's node, as HTTP/1.1 pauses its
-        # request's producer.
-        if self._consumerBlocked is None:
-            super().pauseProducing()
-        self._socket_full = True
-        if not self.held:
-            self.hold_nodes()
-
-    def resumeProducing(self) -> None:
-        self._socket_full = False
-        super().resumeProducing()
-        if self.held:
-            self.release_nodes()
-
-    def hold_nodes(self) -> None:
-        """
-        Pause every stream's node connection.
-        """
-        self.held = True
-        for stream in list(self.streams.values()):
-            stream.pause_node(_CONNECTION_FULL)
-
-    def release_nodes(self) -> None:
-        """
-        Resume them, unless the socket is still full or more than half of
-        L{CONNECTION_BUFFER} is still queued.
-        """
-        if self._socket_full or self.queued > CONNECTION_BUFFER // 2:
-            return
-        self.held = False
-        for stream in list(self.streams.values()):
-            stream.resume_node(_CONNECTION_FULL)
-
-    def remainingOutboundWindow(self, streamID: int) -> int:
-        # Twisted's sums the queue on every write; _Outbound keeps the count.
-        queue = self._outboundStreamQueues[streamID]
-        return int(self.conn.local_flow_control_window(streamID)) - queue.size
 
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
@@ -463,7 +319,7 @@ class ProxyH2Connection(H2Connection):
         self.streams[event.stream_id] = stream
         # The rest as H2Connection._requestReceived does it, with rrlb's stream.
         self._streamCleanupCallbacks[event.stream_id] = Deferred()
-        self._outboundStreamQueues[event.stream_id] = _Outbound(stream, self)
+        self._outboundStreamQueues[event.stream_id] = self.send_queue(stream)
         try:
             self.priority.insert_stream(event.stream_id)
         except DuplicateStreamError:
@@ -519,13 +375,9 @@ class ProxyH2Connection(H2Connection):
             super()._requestAborted(event)
 
     def _requestDone(self, streamID: int) -> None:
-        unsent = self._outboundStreamQueues[streamID].size
+        queue = self._outboundStreamQueues[streamID]
         super()._requestDone(streamID)
-        if unsent:
-            # A stream reset or cut off with bytes still queued.
-            self.queued -= unsent
-            if self.held:
-                self.release_nodes()
+        self.queue_dropped(queue)
         # Keep one place for each open stream beyond the first.
         site = self.channel.site
         while self._extra_streams > max(0, len(self.streams) - 1):

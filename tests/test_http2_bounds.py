@@ -529,7 +529,7 @@ class StreamBufferTests(unittest.TestCase):
         A stream's node is paused once more than STREAM_BUFFER is queued for
         the client, and resumed once the send loop has taken it under half.
         """
-        from rrlb.http2 import STREAM_BUFFER
+        from rrlb.h2buffers import STREAM_BUFFER
 
         conn, client, transport, clock = self.connect()
         self.streams(conn, client, 2)
@@ -552,7 +552,7 @@ class StreamBufferTests(unittest.TestCase):
         Past CONNECTION_BUFFER queued on all streams, every stream's node is
         paused, those that queued nothing too, until half of it went out.
         """
-        from rrlb.http2 import CONNECTION_BUFFER, STREAM_BUFFER
+        from rrlb.h2buffers import CONNECTION_BUFFER, STREAM_BUFFER
 
         conn, client, transport, clock = self.connect()
         count = CONNECTION_BUFFER // STREAM_BUFFER + 2
@@ -587,7 +587,7 @@ class StreamBufferTests(unittest.TestCase):
         A stream reset with bytes still queued takes them off the
         connection's count.
         """
-        from rrlb.http2 import STREAM_BUFFER
+        from rrlb.h2buffers import STREAM_BUFFER
 
         conn, client, transport, clock = self.connect()
         (stream,) = self.streams(conn, client, 1)
