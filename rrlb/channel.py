@@ -61,6 +61,11 @@ MAX_SWEEP_INTERVAL = 1.0
 # the client is held back (twisted.web's _optimisticEagerReadSize): past
 # them, what the client sends waits in the kernel, as with nginx and HAProxy.
 READ_AHEAD = 0x4000
+# How long a connection rrlb closes may take to send what is left of its
+# last response: a client that reads none of it is cut off then (nginx's
+# send_timeout), or its connection and that buffer would stay for as long
+# as it reads nothing.
+CLOSE_TIMEOUT = 60.0
 
 # Why a channel does not read from its client: flags, so that each reason
 # is lifted on its own and reading resumes only when none is left.
@@ -657,7 +662,6 @@ class ProxyChannel(http.HTTPChannel):
             self._linger()
             return
         if not self.persistent or self._state == _CLOSED:
-            self._state = _CLOSED
             self.loseConnection()
             return
         self._handlingRequest = False
@@ -767,7 +771,10 @@ class ProxyChannel(http.HTTPChannel):
         transport.unregisterProducer()
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None or not self.site.linger:
+            # No half-close (TLS, a haproxy: listener): close, and cut the
+            # client off if it does not take the answer.
             self.transport.loseConnection()
+            self.deadline = self.clock.seconds() + self.site.close_timeout
             return
         # Whatever stopped reading before, the client's bytes are dropped now
         # (for LINGER_TIMEOUT at most).
@@ -776,6 +783,16 @@ class ProxyChannel(http.HTTPChannel):
             self.transport.resumeProducing()
         lose_write()
         self.deadline = self.clock.seconds() + LINGER_TIMEOUT
+
+    def loseConnection(self) -> None:
+        """
+        Close the connection once what was written to it has gone out; if the
+        client takes none of it for the site's C{close_timeout}, the sweep
+        cuts it off.
+        """
+        self._state = _CLOSED
+        self.deadline = self.clock.seconds() + self.site.close_timeout
+        super().loseConnection()
 
     def timed_out(self) -> None:
         """
@@ -836,9 +853,12 @@ class ClientSite(server.Site):
         them once they listen).
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
+    @ivar close_timeout: how long a connection rrlb closes may take to send
+        what is left of its last response (L{CLOSE_TIMEOUT}).
     """
 
     linger = True
+    close_timeout = CLOSE_TIMEOUT
 
     def __init__(self, resource: Any, clock: Any, limits: ClientLimits, **kw: Any) -> None:
         # No twisted.web timeout: the sweep does every client timeout.

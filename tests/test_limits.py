@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from rrlb.body import NODE_FULL
 from rrlb.channel import (
+    CLOSE_TIMEOUT,
     READ_AHEAD,
     ClientLimits,
     connections_that_fit,
@@ -413,6 +414,33 @@ class ReadAheadTests(unittest.TestCase):
         self.assertEqual(transport.producerState, "paused")
         channel.release(NODE_FULL)
         self.assertEqual(transport.producerState, "producing")
+
+    def test_close_timeout(self) -> None:
+        """
+        A connection rrlb closes after a response is cut off if its client
+        takes none of what is left for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
+    def test_close_timeout_when_idle(self) -> None:
+        """
+        So is a keep-alive connection closed when it was idle too long.
+        """
+        harness = Harness(keepalive_timeout=10)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED)
+        harness.clock.advance(11)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(CLOSE_TIMEOUT)
+        self.assertTrue(transport.disconnected)
 
 
 class SizeLimitTests(unittest.TestCase):
