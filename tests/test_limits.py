@@ -429,6 +429,22 @@ class ReadAheadTests(unittest.TestCase):
         harness.clock.advance(2)
         self.assertTrue(transport.disconnected)
 
+    def test_close_timeout_after_a_refusal(self) -> None:
+        """
+        On a transport that cannot half-close (TLS, a haproxy: listener;
+        here an in-memory one), a refused client is closed at once, and cut
+        off if it takes none of its answer for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
     def test_close_timeout_when_idle(self) -> None:
         """
         So is a keep-alive connection closed when it was idle too long.
