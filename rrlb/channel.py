@@ -297,6 +297,8 @@ class ProxyChannel(http.HTTPChannel):
         self._stops = 0
         self._starting = False
         self._again = False
+        # The next request waits for the client to take the last response.
+        self._next_waits = False
 
     # -- the connection -------------------------------------------------------
 
@@ -366,14 +368,19 @@ class ProxyChannel(http.HTTPChannel):
 
     def resumeProducing(self) -> None:
         """
-        The client's write buffer drained: the response goes on, and reading
-        too unless another reason still stops it.
+        The client's write buffer drained: the response goes on, the next
+        request starts if it was waiting for that, and reading goes on
+        unless another reason still stops it.
         """
         self._waitingForTransport = False
         producer = self._requestProducer
         if producer is not None:
             producer.resumeProducing()
         self._go_on_reading(_SENDING)
+        if self._next_waits:
+            self._next_waits = False
+            if self._state == _IDLE:
+                self._next_requests()
 
     # -- reading requests -----------------------------------------------------
 
@@ -391,6 +398,12 @@ class ProxyChannel(http.HTTPChannel):
             if self._more_size + len(self._buffer) - self._offset > READ_AHEAD:
                 self._stop_reading(_AHEAD)
         elif state != _CLOSED:
+            if self._next_waits:
+                # Read after reading stopped (TLS hands on the rest of a
+                # record): kept with the requests read ahead.
+                self._more.append(data)
+                self._more_size += len(data)
+                return
             buffer = self._buffer
             # A head that came in pieces (at most max_header_size) is joined.
             self._head_received(buffer + data if buffer else data, 0)
@@ -669,8 +682,13 @@ class ProxyChannel(http.HTTPChannel):
         self.deadline = self.clock.seconds() + self.site.limits.keepalive_timeout
         if self._waitingForTransport:
             # The client has not taken this response yet: nothing more is
-            # read from it until it has.
+            # read from it, and the next request does not start (even one
+            # already read), until it has, as with nginx. Else a client that
+            # reads nothing could have every request it sent ahead answered
+            # into rrlb's memory.
             self._stop_reading(_SENDING)
+            self._next_waits = True
+            return
         self._next_requests()
 
     def _next_requests(self) -> None:

@@ -352,16 +352,38 @@ class ReadAheadTests(unittest.TestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), count + 1)
         self.assertEqual(held.requests, [])
 
+    def test_next_request_waits_for_the_response_before(self) -> None:
+        """
+        A response left unsent when its request ends stops reading, and the
+        next request (already read) starts only once the client took it.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHo")
+        channel.pauseProducing()
+        held.answer()
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(held.requests, [])
+        # What a TLS transport still hands on from a record after the pause.
+        channel.dataReceived(b"st: x\r\n\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(held.requests, [])
+        channel.resumeProducing()
+        self.assertEqual([r.uri for r in held.requests], [b"/2"])
+        self.assertEqual(transport.producerState, "producing")
+        held.answer(3)
+        self.assertEqual([r.uri for r in self.harness.logged], [b"/", b"/2", b"/3", b"/4"])
+
     def test_read_ahead_does_not_resume_paused_writes(self) -> None:
         """
-        A response left unsent when its request ends stops reading until
-        the client takes it, even once the read-ahead is served.
+        Serving the read-ahead does not resume reading that a response left
+        unsent stopped, nor does the write side resume reading stopped for
+        the read-ahead.
         """
         held, channel, transport = self.start()
         channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED) + 1))
         self.assertEqual(transport.producerState, "paused")
+        held.answer()
         channel.pauseProducing()
-        held.answer(2)
+        held.answer()
         self.assertEqual(transport.producerState, "paused")
         channel.resumeProducing()
         self.assertEqual(transport.producerState, "producing")

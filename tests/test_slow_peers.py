@@ -148,7 +148,13 @@ class NodeConnection(Protocol):
         self.buffer = self.buffer[end + 4 :]
         self.busy = True
         self.factory.paths.append(path)
-        sizes = {b"/big": 20 * MB, b"/flood": PUSH_TOTAL, b"/health": 2, b"/small": 2}
+        sizes = {
+            b"/big": 20 * MB,
+            b"/flood": PUSH_TOTAL,
+            b"/health": 2,
+            b"/small": 2,
+            b"/32k": 32 << 10,
+        }
         if path == b"/sink":
             self.transport.pauseProducing()
         elif path in (b"/ws-flood", b"/ws-sink"):
@@ -355,6 +361,20 @@ class ClientNotReadingTests(SlowPeerCase):
         # rrlb asked the node for the first response only: the others wait
         # for the client to read it.
         self.assertEqual(self.node.paths.count(b"/"), 0)
+        await self.assert_bounded(pushed)
+
+    async def test_pipelining_client_of_small_responses(self) -> None:
+        """
+        A client that pipelines requests for responses of 32 KiB, each
+        coming from the node in one read, and reads none of them, does not
+        get every request it sent ahead answered into rrlb's memory: the
+        next request starts only once the client took the response before.
+        """
+        daemon = await self.start()
+        request = b"GET /32k HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock = self.client(await self.in_thread(small_client, daemon.port))
+        pushed, why = await self.in_thread(push, sock, request * (65536 // len(request)))
+        self.assertEqual(why, "stalled")
         await self.assert_bounded(pushed)
 
     async def test_response_to_client_that_does_not_read(self) -> None:
