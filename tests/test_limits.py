@@ -23,7 +23,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
+from rrlb.body import NODE_FULL
 from rrlb.channel import (
+    CLOSE_TIMEOUT,
+    READ_AHEAD,
     ClientLimits,
     connections_that_fit,
     is_trusted,
@@ -273,6 +276,212 @@ class ClockTimeoutTests(unittest.TestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
         self.assertEqual([r.uri for r in harness.logged], [b"/1", b"/2", b"/3"])
         self.assertTrue(transport.disconnecting)
+
+
+class Held(Resource):
+    """
+    Keeps each request unanswered until the test answers it with
+    L{answer}.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+    def answer(self, count: int = 1) -> None:
+        for _ in range(count):
+            request = self.requests.pop(0)
+            request.write(b"ok")
+            request.finish()
+
+
+PIPELINED = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class ReadAheadTests(unittest.TestCase):
+    """
+    Pipelined requests read while one is in progress (issue 17): no more
+    than READ_AHEAD bytes of them, whatever the state of the writes, and no
+    reason to stop reading lifted by another.
+    """
+
+    def start(self) -> tuple[Held, ProxyChannel, StringTransport]:
+        held = Held()
+        harness = self.harness = Harness(held)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED)
+        self.assertEqual(len(held.requests), 1)
+        return held, channel, transport
+
+    def test_read_ahead_while_the_client_does_not_read(self) -> None:
+        """
+        A client whose responses fill rrlb's write buffer is still read no
+        further than READ_AHEAD bytes of pipelined requests.
+        """
+        held, channel, transport = self.start()
+        channel.pauseProducing()  # the client's write buffer is full
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED)))
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(PIPELINED)
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_writes_resuming_do_not_resume_read_ahead(self) -> None:
+        """
+        The write buffer draining does not resume reading stopped at
+        READ_AHEAD; answering a request resumes it only once less than
+        READ_AHEAD is left.
+        """
+        held, channel, transport = self.start()
+        count = READ_AHEAD // len(PIPELINED) + 3
+        channel.pauseProducing()
+        channel.dataReceived(PIPELINED * count)
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        held.answer()
+        # The next one is in progress, and more than READ_AHEAD still waits.
+        self.assertEqual(len(held.requests), 1)
+        self.assertEqual(transport.producerState, "paused")
+        held.answer(3)
+        self.assertEqual(transport.producerState, "producing")
+        held.answer(count - 3)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), count + 1)
+        self.assertEqual(held.requests, [])
+
+    def test_next_request_waits_for_the_response_before(self) -> None:
+        """
+        A response left unsent when its request ends stops reading, and the
+        next request (already read) starts only once the client took it.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHo")
+        channel.pauseProducing()
+        held.answer()
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(held.requests, [])
+        # What a TLS transport still hands on from a record after the pause.
+        channel.dataReceived(b"st: x\r\n\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(held.requests, [])
+        channel.resumeProducing()
+        self.assertEqual([r.uri for r in held.requests], [b"/2"])
+        self.assertEqual(transport.producerState, "producing")
+        held.answer(3)
+        self.assertEqual([r.uri for r in self.harness.logged], [b"/", b"/2", b"/3", b"/4"])
+
+    def test_read_ahead_does_not_resume_paused_writes(self) -> None:
+        """
+        Serving the read-ahead does not resume reading that a response left
+        unsent stopped, nor does the write side resume reading stopped for
+        the read-ahead.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "paused")
+        held.answer()
+        channel.pauseProducing()
+        held.answer()
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_reads_while_busy_are_kept_whole(self) -> None:
+        """
+        Pipelined requests that arrive in many small reads, heads split
+        across them, are all served in order.
+        """
+        held, channel, transport = self.start()
+        data = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(200))
+        for i in range(0, len(data), 7):
+            channel.dataReceived(data[i : i + 7])
+        held.answer(201)
+        self.assertEqual(
+            [r.uri for r in self.harness.logged], [b"/"] + [b"/%d" % i for i in range(200)]
+        )
+
+    def test_many_pipelined_requests_answered_at_once(self) -> None:
+        """
+        Thousands of pipelined requests that rrlb answers at once (a 404, a
+        503) are answered in a loop, not by recursion that would run out of
+        stack.
+        """
+        harness = Harness()
+        logs = LogCapture.install(self)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED * 3000)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3000)
+        self.assertEqual(len(harness.logged), 3000)
+        self.assertEqual([e for e in logs.events if e.get("log_failure")], [])
+        self.assertFalse(transport.disconnecting)
+
+    def test_tunnel_hold_and_writes(self) -> None:
+        """
+        In a tunnel, the node's full buffer (rrlb.tunnel holds the client)
+        and the client's full buffer are two reasons not to read: neither
+        resumes reading the other stopped.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "paused")
+        buffered = channel.start_tunnel(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual(len(buffered), len(PIPELINED) * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "producing")
+        channel.hold(NODE_FULL)
+        self.assertEqual(transport.producerState, "paused")
+        channel.pauseProducing()
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        channel.release(NODE_FULL)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_close_timeout(self) -> None:
+        """
+        A connection rrlb closes after a response is cut off if its client
+        takes none of what is left for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
+    def test_close_timeout_after_a_refusal(self) -> None:
+        """
+        On a transport that cannot half-close (TLS, a haproxy: listener;
+        here an in-memory one), a refused client is closed at once, and cut
+        off if it takes none of its answer for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
+    def test_close_timeout_when_idle(self) -> None:
+        """
+        So is a keep-alive connection closed when it was idle too long.
+        """
+        harness = Harness(keepalive_timeout=10)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED)
+        harness.clock.advance(11)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(CLOSE_TIMEOUT)
+        self.assertTrue(transport.disconnected)
 
 
 class SizeLimitTests(unittest.TestCase):
@@ -958,13 +1167,20 @@ class FileLimitTests(unittest.TestCase):
         cap it uses instead.
         """
         backend = await start_backend(self, "a")
-        quiet = await start_daemon(self, "--nodes", backend.url, nofile=1000)
+        quiet = await start_daemon(
+            self, "--nodes", backend.url, wrapper=("prlimit", "--nofile=1000:1000")
+        )
         await quiet.wait_for_message("READY=1")
         self.assertNotIn(b"RLIMIT_NOFILE", quiet.output)
         reply = await http_request(self, "GET", quiet.url + "/")
         self.assertEqual(reply.body, b"a")
         loud = await start_daemon(
-            self, "--nodes", backend.url, "--max-connections", "1000", nofile=1000
+            self,
+            "--nodes",
+            backend.url,
+            "--max-connections",
+            "1000",
+            wrapper=("prlimit", "--nofile=1000:1000"),
         )
         await loud.wait_for_message("READY=1")
         self.assertEqual(loud.output.count(b"RLIMIT_NOFILE"), 1, loud.output)
