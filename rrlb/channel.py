@@ -26,7 +26,6 @@ from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -44,6 +43,8 @@ from rrlb.parser import (
     RequestHead,
     parse_request_head,
 )
+from rrlb.settings import Config, values_for
+from rrlb.values import Network
 
 log = Logger()
 
@@ -80,6 +81,15 @@ class ClientLimits:
     keepalive_timeout: float = Config.keepalive_timeout
     max_connections: int = Config.max_connections
     trusted_proxies: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClientLimits:
+        """
+        The limits C{config} sets (its settings that feed C{client}), with
+        C{max_connections} lowered to what fits (L{connections_that_fit}).
+        """
+        limits = values_for("client", config)
+        return cls(**{**limits, "max_connections": connections_that_fit(limits["max_connections"])})
 
 
 # File descriptors kept beyond two per client connection (the client's and

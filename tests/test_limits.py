@@ -28,10 +28,10 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from rrlb.values import ConfigError, byte_size, trusted_networks
 from tests.helpers import (
     LogCapture,
     balancer_options,

@@ -28,7 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from twisted.web import server
 
-from rrlb.config import ConfigError, ListenTLS, parse_nodes
+from rrlb.config import ConfigError, parse_nodes
 from rrlb.proxyproto import (
     PROXY_HEADER_TIMEOUT,
     V2_SIGNATURE,
@@ -37,6 +37,7 @@ from rrlb.proxyproto import (
     proxy_header,
 )
 from rrlb.service import with_default_backlog
+from rrlb.settings import ListenTLS
 from rrlb.tls import listen_endpoint
 from tests.daemon import start_daemon
 from tests.helpers import (
