@@ -10,6 +10,7 @@ the setting and the bad value. No Twisted here: this module only parses.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import replace
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
@@ -443,6 +444,46 @@ def with_tls_defaults(config: Config) -> Config:
     )
 
 
+
+
+# RFC 6750's b64token, what a bearer token may hold; and a bound on the file.
+_BEARER_TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+MAX_TOKEN = 4096
+
+
+def read_admin_token(path: str, name: str = "admin_token_file") -> bytes:
+    """
+    The bearer token in the file at C{path}: one token (RFC 6750 characters),
+    with surrounding whitespace and a final newline ignored.
+
+    @raise ConfigError: naming C{name} if the file cannot be read, is empty
+        or holds something else.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN + 1)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
+    token = data.strip()
+    if not token:
+        raise ConfigError(f"{name}: {path!r} is empty; it must hold the admin API's bearer token")
+    if len(data) > MAX_TOKEN or not _BEARER_TOKEN.fullmatch(token):
+        raise ConfigError(
+            f"{name}: {path!r} must hold one token of letters, digits and -._~+/"
+            " (e.g. from: openssl rand -hex 32)"
+        )
+    return token
+
+
+def with_admin_token(config: Config, name: str = "admin_token_file") -> Config:
+    """
+    C{config} with the token of its C{admin_token_file} read (none without).
+
+    @raise ConfigError: the file cannot be used (L{read_admin_token}).
+    """
+    if config.admin_token_file is None:
+        return config
+    return replace(config, admin_token=read_admin_token(config.admin_token_file, name))
 
 
 def _nodes_flag(name: str, value: str) -> tuple[NodeSpec, ...]:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, TypeVar
 from rrlb.values import (
     Network,
     Parser,
+    admin_host_names,
     as_given,
     boolean,
     byte_size,
@@ -388,6 +389,17 @@ class Config(PoolSettings):
     admin: Optional[str] = setting(
         None, string, "Endpoint of the admin API and status page", reload=False, shown="off"
     )
+    admin_hosts: tuple[str, ...] = setting(
+        (), admin_host_names, "NAME[,NAME...]: Host names the admin endpoint answers to besides"
+        " localhost and IP addresses; any other gets 421", shown="none",
+    )  # fmt: skip
+    admin_token_file: Optional[str] = setting(
+        None, string, "File holding a bearer token every admin request must send as"
+        " Authorization: Bearer TOKEN; read at start-up and on reload", shown="none",
+    )  # fmt: skip
+    # The token itself, read from admin_token_file at start-up and on reload
+    # (rrlb.config.with_admin_token); never printed.
+    admin_token: Optional[bytes] = field(default=None, repr=False)
     drain_timeout: float = setting(30.0, positive_float, "Seconds in-flight requests get at exit")
     tls: ListenTLS = setting(ListenTLS(), None, "TLS certificates and CA file")
     # What a client may send, and for how long (docs/security.md).
@@ -431,7 +443,9 @@ class Config(PoolSettings):
     tunnel_timeout: float = setting(
         3600.0, positive_float, "Seconds a quiet WebSocket tunnel stays open", feeds="proxy"
     )
-    http2: bool = setting(False, boolean, "Offer HTTP/2 by ALPN on TLS listeners", reload=False)
+    http2: bool = setting(
+        False, boolean, "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners", reload=False
+    )
     # Nodes from DNS (rrlb.discovery).
     dns_refresh: float = setting(30.0, positive_float, "Seconds between DNS lookups at most")
     resolvers: tuple[tuple[str, int], ...] = setting(

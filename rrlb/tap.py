@@ -17,7 +17,7 @@ from twisted.python import usage
 from rrlb import __version__
 from rrlb.accesslog import STDOUT
 from rrlb.channel import raise_fd_limit
-from rrlb.config import Config, ConfigError, build_config, parser
+from rrlb.config import Config, ConfigError, build_config, parser, with_admin_token
 from rrlb.notify import recover_listen_fds
 from rrlb.settings import Setting, command_line
 from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
@@ -89,9 +89,12 @@ class Options(usage.Options):
         them: a section's as a mapping.
         """
         values: dict[str, Any] = {}
-        for path, _, option in _OPTIONS:
+        for path, row, option in _OPTIONS:
             value = self[option]
-            if value is not None and value is not False and value != []:
+            if row.default is False:
+                # An on/off flag: usage.Options gives 0 unless it is given.
+                value = True if value else None
+            if value is not None and value != []:
                 *section, name = path
                 place = values.setdefault(section[0], {}) if section else values
                 place[name] = tuple(value) if isinstance(value, list) else value
@@ -108,7 +111,8 @@ class Options(usage.Options):
         # Certificate, key and CA files are read now, so a bad one is refused
         # at start-up and on reload before anything changes.
         check_tls(config)
-        return config
+        name = "--admin-token-file" if self["admin-token-file"] else "admin_token_file"
+        return with_admin_token(config, name)
 
     def postOptions(self) -> None:
         try:
@@ -121,6 +125,8 @@ class Options(usage.Options):
                 check_endpoint(description, tls=(config.tls, on_tcp))
             if config.admin:
                 check_endpoint(config.admin, "--admin")
+            if config.http2:
+                check_http2("--http2" if self["http2"] else "http2")
             if config.workers > 1:
                 check_listeners(config)
         except ConfigError as e:
@@ -186,6 +192,21 @@ def check_endpoint(
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
     except Exception as e:
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
+
+
+def check_http2(name: str) -> None:
+    """
+    Load rrlb's HTTP/2 support now, so that a missing C{h2} package (a
+    dependency, so only in a broken install) stops start-up with one line
+    rather than a traceback when the service is built.
+    """
+    try:
+        import rrlb.http2  # noqa: F401
+    except ImportError as e:
+        raise usage.UsageError(
+            f"{name}: HTTP/2 support cannot be loaded ({e});"
+            " reinstall rrlb, or pip install 'twisted[http2]'"
+        ) from None
 
 
 def check_log_path(path: str, name: str) -> None:

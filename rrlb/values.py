@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from typing import Any, Callable, Mapping, Optional, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -159,6 +160,31 @@ def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
                 f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
             ) from None
     return tuple(networks)
+
+
+# A host name as an admin_hosts entry (underscores too: container and
+# compose service names have them).
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def admin_host_names(name: str, value: Any) -> tuple[str, ...]:
+    """
+    Host names the admin endpoint answers to (a list, or one comma-separated
+    string), lower-cased, without a port or a trailing dot.
+    """
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{name} must be a list of host names like admin.internal, not {value!r}")
+    names = []
+    for item in value:
+        text = item.strip().lower().rstrip(".") if isinstance(item, str) else ""
+        if not _HOST_NAME.fullmatch(text):
+            raise ConfigError(
+                f"{name}: {item!r} is not a host name (like admin.internal, without a port)"
+            )
+        names.append(text)
+    return tuple(names)
 
 
 # Most worker processes: far more than any machine has cores, so a typo

@@ -62,6 +62,8 @@ SAMPLE_BY_NAME = {
     "access_log": "x.log",
     "access_log_format": "json",
     "admin": "tcp:0",
+    "admin_hosts": "admin.internal",
+    "admin_token_file": "admin.token",
     "cert": "c.pem",
     "key": "k.pem",
     "ca_file": "ca.pem",
@@ -138,8 +140,11 @@ class AgreementTests(unittest.TestCase):
         """
         Every setting with an option and a YAML key: the option and the key
         (under its section in YAML) given the same value set the same field
-        of L{Config} to the same value, which is not the default.
+        of L{Config} to the same value, which is not the default; and the
+        options not given leave the YAML value alone.
         """
+        none_given = _Parsed()
+        none_given.parseOptions([])
         for path, row in command_line():
             name = ".".join(path)
             value = sample(row)
@@ -155,7 +160,9 @@ class AgreementTests(unittest.TestCase):
             text = f"{path[-1]}: {str(value).lower() if value is True else value}"
             if len(path) == 2:
                 text = f"{path[0]}: {{{text}{', cert: c.pem' if row.name == 'key' else ''}}}"
-            config = build_config(self.write(f"nodes: [http://a]\n{lines}{text}\n"))
+            path_yaml = self.write(f"nodes: [http://a]\n{lines}{text}\n")
+            self.assertEqual(value_at(build_config(path_yaml), path), from_flag, name)
+            config = build_config(path_yaml, none_given.given())
             self.assertEqual(value_at(config, path), from_flag, name)
 
     def test_yaml_keys_are_fields(self) -> None:
@@ -262,7 +269,7 @@ class NoReactorTests(unittest.TestCase):
             "import sys\n"
             "from rrlb.tap import Options\n"
             "Options().parseOptions(['--nodes', 'http://127.0.0.1:1', '--listen', 'tcp:0',"
-            " '--admin', 'tcp:0', '--workers', '2'])\n"
+            " '--admin', 'tcp:0', '--workers', '2', '--http2'])\n"
             "print('twisted.internet.reactor' in sys.modules)\n"
         )
         out, err, code = await getProcessOutputAndValue(
