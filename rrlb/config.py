@@ -9,9 +9,8 @@ the setting and the bad value. No Twisted here: this module only parses.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -56,12 +55,10 @@ def parse_node_tls(name: str, value: Any) -> NodeTLS:
     A node's C{tls} mapping.
     """
     raw = mapping(name, value, _NODE_TLS_KEYS)
-    kwargs: dict[str, Any] = {}
-    for key, item in raw.items():
-        if key == "verify":
-            kwargs[key] = boolean(f"{name}.verify", item)
-        else:
-            kwargs[key] = string(f"{name}.{key}", item)
+    kwargs: dict[str, Any] = {
+        key: (boolean if key == "verify" else string)(f"{name}.{key}", item)
+        for key, item in raw.items()
+    }
     if ("cert" in kwargs) != ("key" in kwargs):
         raise ConfigError(f"{name} needs both cert and key for a client certificate")
     return NodeTLS(**kwargs)
@@ -218,12 +215,7 @@ def parse_nodes(value: Any, where: str = "nodes") -> tuple[NodeSpec, ...]:
 
 def _pool_name(name: str, value: Any) -> str:
     # Not all digits: /nodes/0 in the admin API is a node's position.
-    if (
-        not isinstance(value, str)
-        or not value
-        or not set(value) <= _POOL_NAME
-        or value.isdigit()
-    ):
+    if not isinstance(value, str) or not value or not set(value) <= _POOL_NAME or value.isdigit():
         raise ConfigError(
             f"{name}: a pool name must be letters, digits, '-', '_' or '.' (not only"
             f" digits), not {value!r}"
@@ -264,9 +256,7 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
                 )
             kwargs["path_prefix"] = prefix
         if "methods" in raw:
-            methods = raw["methods"]
-            if isinstance(methods, str):
-                methods = [methods]
+            methods = [raw["methods"]] if isinstance(raw["methods"], str) else raw["methods"]
             if not isinstance(methods, list) or not methods:
                 raise ConfigError(f"{where}.methods must be a list of methods, not {methods!r}")
             kwargs["methods"] = tuple(
@@ -398,8 +388,7 @@ def load_yaml(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"config: invalid YAML in {path!r}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config: {path!r} is not UTF-8 text") from None
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path!r} must hold a mapping of settings")
     known = sorted(row.name for row in rows(Config) if row.yaml)
@@ -427,23 +416,17 @@ def with_tls_defaults(config: Config) -> Config:
     def with_ca(n: NodeSpec) -> NodeSpec:
         if n.tls.ca_file is not None:
             return n
-        return dataclasses.replace(n, tls=dataclasses.replace(n.tls, ca_file=tls.ca_file))
+        return replace(n, tls=replace(n.tls, ca_file=tls.ca_file))
 
     def dns_with_ca(entries: tuple[DnsNodes, ...]) -> tuple[DnsNodes, ...]:
-        return tuple(dataclasses.replace(d, template=with_ca(d.template)) for d in entries)
+        return tuple(replace(d, template=with_ca(d.template)) for d in entries)
 
     nodes = tuple(with_ca(n) for n in config.nodes)
     pools = tuple(
-        dataclasses.replace(
-            p, nodes=tuple(with_ca(n) for n in p.nodes), dns_nodes=dns_with_ca(p.dns_nodes)
-        )
+        replace(p, nodes=tuple(with_ca(n) for n in p.nodes), dns_nodes=dns_with_ca(p.dns_nodes))
         for p in config.pools
     )
-    return dataclasses.replace(
-        config, nodes=nodes, dns_nodes=dns_with_ca(config.dns_nodes), pools=pools
-    )
-
-
+    return replace(config, nodes=nodes, dns_nodes=dns_with_ca(config.dns_nodes), pools=pools)
 
 
 # RFC 6750's b64token, what a bearer token may hold; and a bound on the file.
@@ -559,7 +542,7 @@ def default_pool(config: Config, nodes: Optional[tuple[NodeSpec, ...]] = None) -
     The pool of the top-level nodes (C{nodes:}, C{--nodes}), with the
     top-level settings.
     """
-    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolSettings)}
+    own = {f.name: getattr(config, f.name) for f in fields(PoolSettings)}
     return PoolConfig(**{**own, "nodes": config.nodes if nodes is None else nodes})
 
 
@@ -604,7 +587,7 @@ def build_config(
     pools = values.pop("pools", {})
     config = Config(**values)
     if pools:
-        config = dataclasses.replace(config, pools=resolve_pools(config, pools))
+        config = replace(config, pools=resolve_pools(config, pools))
     config = with_tls_defaults(config)
     if require_nodes and not config.nodes and not config.dns_nodes and not config.pools:
         raise ConfigError(
