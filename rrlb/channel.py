@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import Config, Network
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -85,6 +85,8 @@ class ClientLimits:
     @ivar trusted_proxies: networks whose X-Forwarded-* headers are kept; an
         empty tuple means the option is unset (X-Forwarded-For is appended
         to, whoever sent it).
+    @ivar proxy_protocol_from: the peers a C{haproxy:} listener takes a
+        PROXY header from (L{rrlb.proxyproto}); empty: any peer.
     """
 
     # The defaults are rrlb.config's, where the options are.
@@ -94,8 +96,9 @@ class ClientLimits:
     header_timeout: float = Config.client_header_timeout
     body_timeout: float = Config.client_body_timeout
     keepalive_timeout: float = Config.keepalive_timeout
-    max_connections: int = Config.max_connections
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     trusted_proxies: tuple[Network, ...] = ()
+    proxy_protocol_from: tuple[Network, ...] = ()
 
 
 # File descriptors kept beyond two per client connection (the client's and
@@ -103,27 +106,30 @@ class ClientLimits:
 FD_RESERVE = 64
 
 
-def connections_that_fit(max_connections: int) -> int:
+def connections_that_fit(max_connections: Optional[int]) -> int:
     """
-    C{max_connections}, or fewer if that many cannot have their file
-    descriptors under the soft C{RLIMIT_NOFILE} (HAProxy lowers its maxconn
-    the same way).
+    The cap on client connections: C{max_connections}, or fewer if that many
+    cannot have their file descriptors under the soft C{RLIMIT_NOFILE}
+    (HAProxy lowers its maxconn the same way). Unset (L{None}), it is what
+    the limit fits, at most L{DEFAULT_MAX_CONNECTIONS}.
     """
+    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
     try:
         import resource
     except ImportError:  # not on POSIX
-        return max_connections
+        return wanted
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
-        return max_connections
-    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+        return wanted
+    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
 
 
-def raise_fd_limit(max_connections: int) -> None:
+def raise_fd_limit(max_connections: Optional[int]) -> None:
     """
-    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if
-    C{max_connections} still cannot fit in it (rrlb then uses the cap
-    L{connections_that_fit} gives).
+    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if a
+    C{max_connections} the operator set still cannot fit in it (rrlb then
+    uses the cap L{connections_that_fit} gives). Unset, the cap is what
+    fits, and nothing is said.
     """
     try:
         import resource
@@ -138,6 +144,8 @@ def raise_fd_limit(max_connections: int) -> None:
             pass
     elif hard == resource.RLIM_INFINITY:
         soft = hard
+    if max_connections is None:
+        return
     needed = 2 * max_connections + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warn(
@@ -867,10 +875,17 @@ class ClientSite(server.Site):
     at C{max_connections} and resumes them below it, and hands the drain
     the channels to close.
 
+    A connection on a C{haproxy:} listener holds its place from accept: it
+    is in L{waiting} until its PROXY header has come (L{rrlb.proxyproto}),
+    then in L{channels}.
+
     @ivar ports: the listening ports to pause and resume (the service adds
         them once they listen).
     @ivar streams: places under C{max_connections} taken by HTTP/2 streams
         beyond the first of their connection (L{stream_opened}).
+    @ivar waiting: connections waiting for their PROXY header.
+    @ivar parked: connections accepted past the cap (Twisted accepts several
+        per wake-up), unread until a place is free.
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
     @ivar close_timeout: how long a connection rrlb closes may take to send
@@ -886,47 +901,97 @@ class ClientSite(server.Site):
         self.clock = clock
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
+        self.waiting: set[Any] = set()
         self.on_channel_lost: Optional[Callable[[], None]] = None
         self.ports: list[Any] = []
-        self.parked: list[ProxyChannel] = []
+        self.parked: list[Any] = []
         self.streams = 0
         self.paused = False
         self._sweep_call: Any = None
 
+    @property
+    def open_count(self) -> int:
+        """
+        The client connections that hold a place under C{max_connections}.
+        """
+        return len(self.channels) + len(self.waiting) + self.streams
+
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
+        read = getattr(port, "doRead", None)
+        if read is not None and hasattr(port, "numberAccepts"):
+            # Twisted's port accepts up to numberAccepts clients per wake-up
+            # (a hundred at first): never more than there are places for,
+            # or a burst would hold descriptors past the cap, parked.
+            def doRead() -> Any:
+                room = self.limits.max_connections - self.open_count
+                port.numberAccepts = max(1, min(port.numberAccepts, room))
+                return read()
+
+            port.doRead = doRead
         if self.paused:
             port.stopReading()
         return port
 
+    def _park(self, connection: Any) -> None:
+        # Twisted accepts several clients per wake-up, so a few may come in
+        # past the cap: they wait, unread, for a free place.
+        connection.transport.pauseProducing()
+        self.parked.append(connection)
+        if not self.paused:
+            self.pause_accepting()
+
     def channel_opened(self, channel: ProxyChannel) -> None:
         channels = self.channels
-        if len(channels) + self.streams >= self.limits.max_connections:
-            # Twisted accepts several clients per wake-up, so a few may come
-            # in past the cap: they wait, unread, for a free place.
-            channel.deadline = None
-            channel.transport.pauseProducing()
-            self.parked.append(channel)
-            if not self.paused:
-                self.pause_accepting()
-            return
-        channels.add(channel)
-        if len(channels) + self.streams >= self.limits.max_connections and not self.paused:
+        if channel not in channels:
+            # (One that waited for its PROXY header is in already.)
+            if self.open_count >= self.limits.max_connections:
+                channel.deadline = None
+                self._park(channel)
+                return
+            channels.add(channel)
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
 
-    def channel_closed(self, channel: ProxyChannel) -> None:
+    def header_awaited(self, connection: Any) -> bool:
+        """
+        C{connection} was accepted on a C{haproxy:} listener and waits for
+        its PROXY header: it holds a place from now on.
+
+        @return: whether it has one; if not, it is parked (unread) until a
+            place is free, and then its C{admitted()} is called.
+        """
+        if self.open_count >= self.limits.max_connections:
+            self._park(connection)
+            return False
+        self.waiting.add(connection)
+        if self.open_count >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        return True
+
+    def header_arrived(self, connection: Any, channel: ProxyChannel) -> None:
+        """
+        The PROXY header of C{connection} came: C{channel}, about to be
+        connected, takes over its place.
+        """
+        self.waiting.discard(connection)
+        self.channels.add(channel)
+
+    def channel_closed(self, channel: Any) -> None:
+        """
+        C{channel} (a L{ProxyChannel}, or a connection still waiting for its
+        PROXY header) is gone: its place goes to the first parked one.
+        """
         channels = self.channels
         if channel in channels:
             channels.discard(channel)
+        elif channel in self.waiting:
+            self.waiting.discard(channel)
         elif channel in self.parked:
             self.parked.remove(channel)
         self._room_freed()
-        if not channels:
-            self.stop_sweeping()
-        elif self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.on_channel_lost is not None:
             self.on_channel_lost()
 
@@ -937,10 +1002,10 @@ class ClientSite(server.Site):
         C{max_connections} as a client connection does. Returns C{False},
         taking nothing, when there is no place left (the stream is refused).
         """
-        if len(self.channels) + self.streams >= self.limits.max_connections:
+        if self.open_count >= self.limits.max_connections:
             return False
         self.streams += 1
-        if len(self.channels) + self.streams >= self.limits.max_connections and not self.paused:
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -957,13 +1022,21 @@ class ClientSite(server.Site):
         resumes if there is still room.
         """
         channels = self.channels
-        room = self.limits.max_connections - len(channels) - self.streams
+        room = self.limits.max_connections - self.open_count
         while self.parked and room > 0:
-            waiting = self.parked.pop(0)
-            channels.add(waiting)
+            parked = self.parked.pop(0)
             room -= 1
-            waiting.deadline = self.clock.seconds() + self.limits.header_timeout
-            waiting.transport.resumeProducing()
+            if isinstance(parked, ProxyChannel):
+                channels.add(parked)
+                parked.deadline = self.clock.seconds() + self.limits.header_timeout
+            else:
+                self.waiting.add(parked)
+                parked.admitted()
+            parked.transport.resumeProducing()
+        if not channels:
+            self.stop_sweeping()
+        elif self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.paused and room > 0:
             self.resume_accepting()
 
@@ -989,11 +1062,13 @@ class ClientSite(server.Site):
     def close_parked(self) -> None:
         """
         At shutdown: close the clients waiting for a place (they sent
-        nothing that was read).
+        nothing that was read), and those still waiting for their PROXY
+        header (no request of theirs has begun).
         """
         parked, self.parked = self.parked, []
-        for channel in parked:
-            channel.transport.abortConnection()
+        waiting, self.waiting = self.waiting, set()
+        for connection in parked + list(waiting):
+            connection.transport.abortConnection()
 
     def pause_accepting(self) -> None:
         """
@@ -1003,20 +1078,16 @@ class ClientSite(server.Site):
         log.warn(
             "{count} client connections open (--max-connections): not accepting more"
             " until one closes",
-            count=len(self.channels),
+            count=self.open_count,
         )
         for port in self.ports:
             port.stopReading()
 
     def resume_accepting(self) -> None:
         self.paused = False
-        room = self.limits.max_connections - len(self.channels) - self.streams
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
-                # Twisted accepts up to numberAccepts clients per wake-up:
-                # no more than there is room for.
-                port.numberAccepts = max(1, min(port.numberAccepts, room))
                 port.startReading()
 
     def set_limits(self, limits: ClientLimits) -> None:
@@ -1025,7 +1096,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = len(self.channels) + self.streams >= limits.max_connections
+        over = self.open_count >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

@@ -11,9 +11,10 @@ import json
 import time
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -22,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rrlb.body import NODE_FULL
+from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
 from rrlb.channel import (
     CLOSE_TIMEOUT,
     READ_AHEAD,
@@ -31,10 +33,11 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import ConfigError, byte_size, trusted_networks
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
     balancer_options,
@@ -742,6 +745,25 @@ class ConnectionCapTests(unittest.TestCase):
         good = await raw_request(self, balancer.port, GOOD)
         self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
 
+    async def test_burst_waits_in_the_backlog(self) -> None:
+        """
+        Of 200 clients that connect at once, rrlb takes no more from the
+        kernel than the cap: the rest wait in the backlog, not in rrlb's
+        descriptors (Twisted would accept up to a hundred per wake-up).
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
+        site = balancer.service.site
+        clients = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(raw_connect(self, balancer.port)) for _ in range(200)]
+        )
+        self.assertEqual(len(clients), 200)
+        # A round trip elsewhere: rrlb has had its turns at the backlog.
+        self.assertEqual((await http_request(self, "GET", backend.url + "/")).body, b"a")
+        self.assertEqual(site.open_count, 5)
+        self.assertTrue(site.paused)
+        self.assertLessEqual(len(site.parked), 1)
+
     async def test_lower_cap_on_reload(self) -> None:
         """
         Lowering the cap below the open connections stops accepting until
@@ -757,6 +779,64 @@ class ConnectionCapTests(unittest.TestCase):
         await clients[0].close()
         await clients[1].close()
         await wait_until(lambda: not site.paused, what="accepting again")
+
+
+class AdminConnectionTests(unittest.TestCase):
+    """
+    The admin endpoint is not under C{--max-connections}: it keeps at most
+    L{ADMIN_MAX_CONNECTIONS} open, each idle at most L{ADMIN_IDLE_TIMEOUT}.
+    """
+
+    async def test_capped(self) -> None:
+        """
+        At the cap a new connection takes the place of the oldest idle one;
+        when every one is in the middle of a request, it is closed at once.
+        """
+        balancer = await start_balancer(
+            self, ["http://127.0.0.1:9"], "--admin", "tcp:0:interface=127.0.0.1"
+        )
+        url = await admin_url(balancer)
+        port = int(url.rsplit(":", 1)[1])
+        listener = balancer.service.admin_listener
+        assert listener is not None
+        site = listener.factory
+        held = [await raw_connect(self, port) for _ in range(ADMIN_MAX_CONNECTIONS)]
+        await wait_until(lambda: site.open_connections == ADMIN_MAX_CONNECTIONS, what="all open")
+        reply = await http_request(self, "GET", url + "/status")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(await held[0].closed, b"")
+        # Every one busy, half a request head each (the last one in the
+        # place of the idle connection the request above left).
+        def busy() -> int:
+            return sum(1 for c in site.channels if c.requests)
+
+        for client in held[1:]:
+            client.send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS - 1, what="fifteen busy")
+        (await raw_connect(self, port)).send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS, what="every one busy")
+        extra = await raw_connect(self, port)
+        extra.send(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(await extra.closed, b"")
+        self.assertEqual(site.open_connections, ADMIN_MAX_CONNECTIONS)
+
+    async def test_idle_timeout(self) -> None:
+        """
+        An admin connection that sends nothing is closed after
+        L{ADMIN_IDLE_TIMEOUT}.
+        """
+        balancer = await start_balancer(self, ["http://127.0.0.1:9"])
+        clock = Clock()
+        site = AdminSite(balancer.service.pools, balancer.service.metrics, reactor=clock)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        client = await raw_connect(self, port.getHost().port)
+        await wait_until(lambda: site.open_connections == 1, what="the connection")
+        clock.advance(ADMIN_IDLE_TIMEOUT - 1)
+        self.assertFalse(client.closed.called)
+        clock.advance(1)
+        await client.closed
+        await wait_until(lambda: site.open_connections == 0, what="the count to drop")
 
 
 class TrustedProxiesTests(unittest.TestCase):
@@ -949,7 +1029,7 @@ class LimitSettingsTests(unittest.TestCase):
                 config.max_connections,
                 config.trusted_proxies,
             ),
-            (32768, 100, 0, 10.0, 60.0, 60.0, 10000, ()),
+            (32768, 100, 0, 10.0, 60.0, 60.0, None, ()),
         )
 
     def test_yaml_keys(self) -> None:
@@ -1057,4 +1137,46 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
         self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
+
+    def test_default_is_what_fits(self) -> None:
+        """
+        Without C{--max-connections}, the cap is what the limit fits, at
+        most L{DEFAULT_MAX_CONNECTIONS}; and nothing is said about it.
+        """
+        import resource
+
+        logs = LogCapture.install(self)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1064, hard))
+        self.assertEqual(connections_that_fit(None), 500)
+        config = balancer_options("--nodes", "http://127.0.0.1:9").config
+        self.assertIsNone(config.max_connections)
+        self.assertEqual(BalancerService.client_limits(config).max_connections, 500)
+        if hard == resource.RLIM_INFINITY or hard >= 2 * DEFAULT_MAX_CONNECTIONS + 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2 * DEFAULT_MAX_CONNECTIONS + 64, hard))
+            self.assertEqual(connections_that_fit(None), DEFAULT_MAX_CONNECTIONS)
+        raise_fd_limit(None)
+        self.assertEqual([m for m in logs.messages() if "RLIMIT_NOFILE" in m], [])
+
+    async def test_default_quiet_at_start(self) -> None:
+        """
+        rrlb started under a descriptor limit of 1000 without
+        C{--max-connections} says nothing about the limit; with a
+        C{--max-connections} that does not fit, it says so once, with the
+        cap it uses instead.
+        """
+        backend = await start_backend(self, "a")
+        quiet = await start_daemon(self, "--nodes", backend.url, nofile=1000)
+        await quiet.wait_for_message("READY=1")
+        self.assertNotIn(b"RLIMIT_NOFILE", quiet.output)
+        reply = await http_request(self, "GET", quiet.url + "/")
+        self.assertEqual(reply.body, b"a")
+        loud = await start_daemon(
+            self, "--nodes", backend.url, "--max-connections", "1000", nofile=1000
+        )
+        await loud.wait_for_message("READY=1")
+        self.assertEqual(loud.output.count(b"RLIMIT_NOFILE"), 1, loud.output)
+        self.assertIn(b"--max-connections 1000 needs up to 2064", loud.output)
+        self.assertIn(b"accepting at most 468 client connections", loud.output)
 
