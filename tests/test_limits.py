@@ -22,8 +22,8 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from rrlb.body import NODE_FULL
 from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
+from rrlb.body import NODE_FULL
 from rrlb.channel import (
     CLOSE_TIMEOUT,
     READ_AHEAD,
