@@ -175,6 +175,13 @@ class ProxyH2Stream(H2Stream):
             # come, and drop it.
             self._open_window()
             return
+        if not data:
+            # A DATA frame with no data (empty, or only padding) is no piece
+            # of the body: fed on, it would be framed as a last chunk (issue
+            # 17). Its padding counts for the window all the same.
+            if not self._holds & ~CONTINUE:
+                self._open_window()
+            return
         maximum = self.limits.max_body_size
         if maximum and body.received + len(data) > maximum:
             self._body_too_large()

@@ -307,6 +307,8 @@ class ChunkedDecoderTests(unittest.TestCase):
         else:
             decoder.feed(body)
         self.assertTrue(decoder.done)
+        # Never an empty piece: sent on chunked, it would end the body.
+        self.assertNotIn(b"", data)
         return b"".join(data), b"".join(rest)
 
     def test_body_and_rest(self) -> None:
