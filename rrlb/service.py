@@ -218,17 +218,22 @@ class BalancerService(MultiService):
         if config.admin:
             self.history = self.make_history()
             self.history.setServiceParent(self)
-            self.admin_listener = Listener(
-                serverFromString(reactor, config.admin), self.admin_site(self.history)
-            )
+            admin_site = self.admin_site(self.history)
+            admin_site.configure(config)
+            self.admin_listener = Listener(serverFromString(reactor, config.admin), admin_site)
             self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
             self.admin_listener._raiseSynchronously = True
             self.admin_listener.setServiceParent(self)
             kind = config.admin.split(":", 1)[0]
-            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
+            if (
+                kind in ("tcp", "tcp6", "ssl")
+                and "interface=" not in config.admin
+                and config.admin_token is None
+            ):
                 self.log.warn(
                     "the admin endpoint {admin} listens on every interface and has no"
-                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
+                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)"
+                    " or set admin_token_file",
                     admin=config.admin,
                     kind=kind,
                 )
@@ -356,6 +361,9 @@ class BalancerService(MultiService):
         self._apply_access_log(config)
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
+        if self.admin_listener is not None:
+            # New admin_hosts and token (read again by the reload) from now on.
+            self.admin_listener.factory.configure(config)
         if config.http2 != self.config.http2:
             self.log.warn("http2 changes only with a restart")
             config = dataclasses.replace(config, http2=self.config.http2)

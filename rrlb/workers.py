@@ -1258,6 +1258,7 @@ class MainService(BalancerService):
             pools=tuple(dataclasses.replace(pc, dns_nodes=()) for pc in self.config.pools),
             demo=0,
             admin=None,
+            admin_token=None,
         )
 
     def worker_pools(self) -> tuple[PoolConfig, ...]:
