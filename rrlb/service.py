@@ -180,6 +180,7 @@ class BalancerService(MultiService):
             timeout=config.timeout,
             max_idle_per_node=config.max_idle_per_node,
             tls_creator=self.tls.nodes,
+            max_headers=config.max_headers,
         )
         self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
         self.proxy.budget.percent = config.retry_budget
@@ -354,6 +355,7 @@ class BalancerService(MultiService):
             self.upstream.drop_node(key)
         self.upstream.connect_timeout = config.connect_timeout
         self.upstream.max_idle_per_node = config.max_idle_per_node
+        self.upstream.max_headers = config.max_headers
         self.proxy.settings = self.proxy_settings(config)
         self.site.set_limits(self.client_limits(config))
         self.proxy.budget.percent = config.retry_budget
