@@ -316,6 +316,9 @@ class ListenTLS:
 
 
 DEFAULT_POOL = "default"
+# Client connections at most when max_connections is not set and the file
+# descriptor limit fits more (rrlb.channel.connections_that_fit).
+DEFAULT_MAX_CONNECTIONS = 10000
 
 
 @dataclass(frozen=True)
@@ -422,12 +425,17 @@ class Config(PoolSettings):
     keepalive_timeout: float = setting(
         60.0, positive_float, "Seconds an idle client connection stays open", feeds="client"
     )
-    max_connections: int = setting(
-        10000, positive_int, "Client connections open at most", feeds="client"
-    )
+    max_connections: Optional[int] = setting(
+        None, positive_int, "Client connections open at most", feeds="client",
+        shown=f"what the descriptor limit fits, at most `{DEFAULT_MAX_CONNECTIONS}`",
+    )  # fmt: skip
     trusted_proxies: tuple[Network, ...] = setting(
         (), trusted_networks, "CIDR[,CIDR...] whose X-Forwarded-* are kept", feeds="client",
         shown="unset",
+    )  # fmt: skip
+    proxy_protocol_from: tuple[Network, ...] = setting(
+        (), trusted_networks, "CIDR[,CIDR...]: the peers haproxy: listeners take a PROXY header"
+        " from; a connection from any other is closed", feeds="client", shown="unset",
     )  # fmt: skip
     # Overload: per-node limits, the queue, retries and their budget.
     max_conns_per_node: int = setting(

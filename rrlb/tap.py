@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rrlb import __version__
@@ -25,6 +26,8 @@ from rrlb.values import Parser
 
 if TYPE_CHECKING:
     from rrlb.service import BalancerService
+
+log = Logger()
 
 # Every setting with an option: its path in Config, its row, its option.
 _OPTIONS = tuple((path, row, str(row.flag)) for path, row in command_line())
@@ -220,6 +223,23 @@ def check_log_path(path: str, name: str) -> None:
         raise usage.UsageError(f"{name}: cannot open {path!r}: {e.strerror or e}") from None
 
 
+def warn_open_proxy_protocol(config: Config) -> None:
+    """
+    Say once at start-up that C{haproxy:} listeners believe any peer's
+    PROXY header when C{proxy_protocol_from} is unset.
+    """
+    if config.proxy_protocol_from:
+        return
+    proxied = [d for d in config.listen if listen_kind(d)[0]]
+    if proxied:
+        log.warn(
+            "{listeners}: any peer that reaches a haproxy: listener can claim any client"
+            " address in its PROXY header; set proxy_protocol_from"
+            " (--proxy-protocol-from) to the load balancers' addresses",
+            listeners=", ".join(proxied),
+        )
+
+
 def makeService(options: Options) -> BalancerService:
     """
     Build rrlb's service tree from parsed options: with C{--workers} above
@@ -230,6 +250,7 @@ def makeService(options: Options) -> BalancerService:
     from rrlb.service import BalancerService
 
     raise_fd_limit(options.config.max_connections)
+    warn_open_proxy_protocol(options.config)
     if options.config.workers > 1:
         from rrlb.workers import MainService
 

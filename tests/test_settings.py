@@ -40,6 +40,7 @@ from rrlb.values import (
     percent,
     positive_float,
     positive_int,
+    trusted_networks,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +55,7 @@ SAMPLE_BY_PARSER = {
     non_negative_int: "7",
     percent: "7",
     byte_size: "7",
+    trusted_networks: "10.0.0.0/8",
 }
 SAMPLE_BY_NAME = {
     "nodes": "http://b",
@@ -67,7 +69,6 @@ SAMPLE_BY_NAME = {
     "cert": "c.pem",
     "key": "k.pem",
     "ca_file": "ca.pem",
-    "trusted_proxies": "10.0.0.0/8",
     "resolvers": "10.0.0.1",
     "workers": "2",
     "balance": "hash",
