@@ -27,7 +27,6 @@ from twisted.web.http_headers import Headers
 
 from rrlb._twisted import client_gone, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import DEFAULT_MAX_CONNECTIONS, Config, Network
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -45,6 +44,8 @@ from rrlb.parser import (
     RequestHead,
     parse_request_head,
 )
+from rrlb.settings import DEFAULT_MAX_CONNECTIONS, Config, values_for
+from rrlb.values import Network
 
 log = Logger()
 
@@ -89,7 +90,7 @@ class ClientLimits:
         PROXY header from (L{rrlb.proxyproto}); empty: any peer.
     """
 
-    # The defaults are rrlb.config's, where the options are.
+    # The defaults are rrlb.settings', where the options are.
     max_header_size: int = Config.max_header_size
     max_headers: int = Config.max_headers
     max_body_size: int = Config.max_body_size
@@ -99,6 +100,15 @@ class ClientLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     trusted_proxies: tuple[Network, ...] = ()
     proxy_protocol_from: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClientLimits:
+        """
+        The limits C{config} sets (its settings that feed C{client}), with
+        C{max_connections} as what fits (L{connections_that_fit}).
+        """
+        limits = values_for("client", config)
+        return cls(**{**limits, "max_connections": connections_that_fit(limits["max_connections"])})
 
 
 # File descriptors kept beyond two per client connection (the client's and
@@ -881,11 +891,11 @@ class ClientSite(server.Site):
 
     @ivar ports: the listening ports to pause and resume (the service adds
         them once they listen).
+    @ivar streams: places under C{max_connections} taken by HTTP/2 streams
+        beyond the first of their connection (L{stream_opened}).
     @ivar waiting: connections waiting for their PROXY header.
     @ivar parked: connections accepted past the cap (Twisted accepts several
         per wake-up), unread until a place is free.
-    @ivar streams: places under C{max_connections} taken by HTTP/2 streams
-        beyond the first of their connection (L{stream_opened}).
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
     @ivar close_timeout: how long a connection rrlb closes may take to send
@@ -912,15 +922,7 @@ class ClientSite(server.Site):
     @property
     def open_count(self) -> int:
         """
-        The client connections open, those waiting for a PROXY header too.
-        """
-        return len(self.channels) + len(self.waiting)
-
-    @property
-    def taken(self) -> int:
-        """
-        The places taken under C{max_connections}: every client connection
-        (from accept), and the HTTP/2 streams beyond the first of theirs.
+        The client connections that hold a place under C{max_connections}.
         """
         return len(self.channels) + len(self.waiting) + self.streams
 
@@ -932,7 +934,7 @@ class ClientSite(server.Site):
             # (a hundred at first): never more than there are places for,
             # or a burst would hold descriptors past the cap, parked.
             def doRead() -> Any:
-                room = self.limits.max_connections - self.taken
+                room = self.limits.max_connections - self.open_count
                 port.numberAccepts = max(1, min(port.numberAccepts, room))
                 return read()
 
@@ -953,12 +955,12 @@ class ClientSite(server.Site):
         channels = self.channels
         if channel not in channels:
             # (One that waited for its PROXY header is in already.)
-            if self.taken >= self.limits.max_connections:
+            if self.open_count >= self.limits.max_connections:
                 channel.deadline = None
                 self._park(channel)
                 return
             channels.add(channel)
-        if self.taken >= self.limits.max_connections and not self.paused:
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
@@ -971,11 +973,11 @@ class ClientSite(server.Site):
         @return: whether it has one; if not, it is parked (unread) until a
             place is free, and then its C{admitted()} is called.
         """
-        if self.taken >= self.limits.max_connections:
+        if self.open_count >= self.limits.max_connections:
             self._park(connection)
             return False
         self.waiting.add(connection)
-        if self.taken >= self.limits.max_connections and not self.paused:
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -1000,10 +1002,6 @@ class ClientSite(server.Site):
         elif channel in self.parked:
             self.parked.remove(channel)
         self._room_freed()
-        if not channels:
-            self.stop_sweeping()
-        elif self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.on_channel_lost is not None:
             self.on_channel_lost()
 
@@ -1014,10 +1012,10 @@ class ClientSite(server.Site):
         C{max_connections} as a client connection does. Returns C{False},
         taking nothing, when there is no place left (the stream is refused).
         """
-        if self.taken >= self.limits.max_connections:
+        if self.open_count >= self.limits.max_connections:
             return False
         self.streams += 1
-        if self.taken >= self.limits.max_connections and not self.paused:
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -1034,7 +1032,7 @@ class ClientSite(server.Site):
         resumes if there is still room.
         """
         channels = self.channels
-        room = self.limits.max_connections - self.taken
+        room = self.limits.max_connections - self.open_count
         while self.parked and room > 0:
             parked = self.parked.pop(0)
             room -= 1
@@ -1045,6 +1043,10 @@ class ClientSite(server.Site):
                 self.waiting.add(parked)
                 parked.admitted()
             parked.transport.resumeProducing()
+        if not channels:
+            self.stop_sweeping()
+        elif self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.paused and room > 0:
             self.resume_accepting()
 
@@ -1104,7 +1106,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = self.taken >= limits.max_connections
+        over = self.open_count >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

@@ -33,10 +33,11 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from rrlb.settings import DEFAULT_MAX_CONNECTIONS
+from rrlb.values import ConfigError, byte_size, trusted_networks
 from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
@@ -1167,20 +1168,13 @@ class FileLimitTests(unittest.TestCase):
         cap it uses instead.
         """
         backend = await start_backend(self, "a")
-        quiet = await start_daemon(
-            self, "--nodes", backend.url, wrapper=("prlimit", "--nofile=1000:1000")
-        )
+        quiet = await start_daemon(self, "--nodes", backend.url, nofile=1000)
         await quiet.wait_for_message("READY=1")
         self.assertNotIn(b"RLIMIT_NOFILE", quiet.output)
         reply = await http_request(self, "GET", quiet.url + "/")
         self.assertEqual(reply.body, b"a")
         loud = await start_daemon(
-            self,
-            "--nodes",
-            backend.url,
-            "--max-connections",
-            "1000",
-            wrapper=("prlimit", "--nofile=1000:1000"),
+            self, "--nodes", backend.url, "--max-connections", "1000", nofile=1000
         )
         await loud.wait_for_message("READY=1")
         self.assertEqual(loud.output.count(b"RLIMIT_NOFILE"), 1, loud.output)
