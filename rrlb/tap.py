@@ -2,13 +2,15 @@
 """
 The twistd plugin: its options, and L{makeService}, the only place that
 picks the real reactor and the process's environment and hands them to the
-service tree (L{rrlb.service.BalancerService}).
+service tree that L{compose} puts together: the control side
+(L{rrlb.service}) with a traffic side (L{rrlb.traffic}), or with the
+supervisor of worker processes (L{rrlb.workers}).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -36,8 +38,10 @@ from rrlb.config import (
     trusted_networks,
 )
 from rrlb.notify import recover_listen_fds
-from rrlb.service import BalancerService
+from rrlb.pool import Pools
+from rrlb.service import ControlService
 from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
+from rrlb.traffic import Traffic
 
 
 def _coerce(parse: Any, name: str) -> Any:
@@ -467,7 +471,7 @@ class Options(usage.Options):
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
         if self.config.workers > 1:
-            from rrlb.workers import check_listeners
+            from rrlb.workers.sockets import check_listeners
 
             try:
                 check_listeners(self.config)
@@ -519,25 +523,68 @@ def check_log_path(path: str, name: str) -> None:
         raise usage.UsageError(f"{name}: cannot open {path!r}: {e.strerror or e}") from None
 
 
-def makeService(options: Options) -> BalancerService:
+def compose(
+    config: Config,
+    reactor: Any,
+    load_config: Optional[Callable[[], Config]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    pid: int = 0,
+    handle_signals: bool = False,
+) -> ControlService:
     """
-    Build rrlb's service tree from parsed options: with C{--workers} above
-    1, the main process of L{rrlb.workers} (imported only then).
+    rrlb's service tree for C{config}: the control side around a traffic
+    side. In one process that is a L{Traffic}; with C{--workers} above 1,
+    the supervisor of the worker processes (L{rrlb.workers}, imported only
+    then), each of which builds its own L{Traffic}. Both sides share the
+    pools.
+
+    @param load_config: reads the configuration again, for a reload.
+    @param environ: the process environment, for systemd's notifications.
+    @param pid: this process's id, for systemd's watchdog.
+    @param handle_signals: reload on C{SIGHUP} (the real process only).
+    """
+    pools = Pools()
+    if config.workers > 1:
+        from rrlb.workers.main import WorkersTraffic
+        from rrlb.workers.totals import MainAdminSite, WorkersHistory
+
+        return ControlService(
+            config,
+            reactor,
+            pools,
+            WorkersTraffic(config, reactor, pools),
+            load_config,
+            environ,
+            pid,
+            handle_signals,
+            admin_site=MainAdminSite,
+            history=WorkersHistory,
+        )
+    return ControlService(
+        config,
+        reactor,
+        pools,
+        Traffic(config, reactor, pools),
+        load_config,
+        environ,
+        pid,
+        handle_signals,
+    )
+
+
+def makeService(options: Options) -> ControlService:
+    """
+    Build rrlb's service tree from parsed options, with the real reactor
+    and this process's environment.
     """
     from twisted.internet import reactor
 
     raise_fd_limit(options.config.max_connections)
-    if options.config.workers > 1:
-        from rrlb.workers import MainService
-
-        return MainService(
-            options.config,
-            reactor,
-            options,
-            environ=os.environ,
-            pid=os.getpid(),
-            handle_signals=True,
-        )
-    return BalancerService(
-        options.config, reactor, options, environ=os.environ, pid=os.getpid(), handle_signals=True
+    return compose(
+        options.config,
+        reactor,
+        options.load,
+        environ=os.environ,
+        pid=os.getpid(),
+        handle_signals=True,
     )

@@ -31,7 +31,7 @@ from rrlb.channel import (
 from rrlb.config import ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
-from rrlb.service import BalancerService
+from rrlb.traffic import client_limits
 from tests.helpers import (
     LogCapture,
     balancer_options,
@@ -428,7 +428,7 @@ class ClientErrorRecordTests(unittest.TestCase):
         self.assertEqual(count("body_too_large"), 1)
         self.assertEqual(count("unknown_coding"), 1)
         self.assertEqual(count("header_timeout"), 0)
-        balancer.service.access_log.flush()
+        balancer.service.traffic.access_log.flush()
         with open(log_path) as f:
             records = [json.loads(line) for line in f]
         self.assertEqual(sorted(r["status"] for r in records), [400, 413, 501])
@@ -487,7 +487,7 @@ class HeaderTimeoutWireTests(unittest.TestCase):
         for client in clients:
             self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
         self.assertEqual({r.uri for r in backend.requests}, {b"/ok"})
-        await wait_until(lambda: not balancer.service.site.channels, what="channels to go")
+        await wait_until(lambda: not balancer.service.traffic.site.channels, what="channels to go")
 
 
 class ConnectionCapTests(unittest.TestCase):
@@ -505,7 +505,7 @@ class ConnectionCapTests(unittest.TestCase):
         backend = await start_backend(self, "a")
         logs = LogCapture.install(self)
         balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         clients = [await raw_connect(self, balancer.port) for _ in range(8)]
         await wait_until(lambda: len(site.channels) == 5, what="five accepted")
         await sleep(0.3)
@@ -540,7 +540,7 @@ class ConnectionCapTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         balancer = await start_balancer(self, [backend.url])
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         clients = [await raw_connect(self, balancer.port) for _ in range(3)]
         await wait_until(lambda: len(site.channels) == 3, what="three accepted")
         site.set_limits(ClientLimits(max_connections=2))
@@ -577,7 +577,7 @@ class TrustedProxiesTests(unittest.TestCase):
         )
         reply = await raw_request(self, balancer.port, self.FORWARDED)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
-        balancer.service.access_log.flush()
+        balancer.service.traffic.access_log.flush()
         with open(log_path) as f:
             (record,) = [json.loads(line) for line in f]
         return backend.requests[0], record
@@ -789,5 +789,5 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(10000), 500)
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
-        self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
+        self.assertEqual(client_limits(config.config).max_connections, 500)
 

@@ -29,6 +29,7 @@ from twisted.trial import unittest
 from twisted.web import server
 
 from rrlb.config import ConfigError, ListenTLS, parse_nodes
+from rrlb.listeners import with_default_backlog
 from rrlb.proxyproto import (
     PROXY_HEADER_TIMEOUT,
     V2_SIGNATURE,
@@ -36,7 +37,6 @@ from rrlb.proxyproto import (
     local_header,
     proxy_header,
 )
-from rrlb.service import with_default_backlog
 from rrlb.tls import listen_endpoint
 from tests.daemon import start_daemon
 from tests.helpers import (
@@ -631,7 +631,7 @@ class SendTests(unittest.TestCase):
         self.assertEqual(b1, b2)
         self.assertNotEqual(a1, a2)
         self.assertEqual(len(node.traffic), 3)
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 1)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 1)
 
     async def test_v2_through_twisted_haproxy_node(self) -> None:
         """
@@ -702,10 +702,10 @@ class SendTests(unittest.TestCase):
         balancer = await start_balancer(self, (), "--config", path, "--health-interval", "30")
         client = await raw_connect(self, balancer.port)
         first = await get(client)
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 1)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 1)
         write("v2")
         self.assertTrue(balancer.service.reload())
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 0)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 0)
         second = await get(client)
         self.assertNotEqual(first, second)
         self.assertEqual(node.connections[int(second)].header[:2], ("v2", "PROXY"))
