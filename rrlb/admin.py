@@ -20,6 +20,11 @@ errors are JSON C{{"error": "..."}}: 404 for an unknown path, pool or node,
 405 (with C{Allow}) for a wrong method, 409 for a name that matches several
 nodes, 403 for a cross-site browser request.
 
+Before any of that, every request is checked by L{AdminAccess} (its
+C{Host}, then its bearer token when C{admin_token_file} is set): 421 for a
+C{Host} that is not one of the endpoint's names (DNS rebinding), 401 with
+C{WWW-Authenticate: Bearer} without the token.
+
 It reads the pool and L{Metrics}; it never touches the request path.
 """
 
@@ -27,9 +32,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import html
+import ipaddress
 import json
 import re
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
@@ -37,6 +45,7 @@ from urllib.parse import urlsplit
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from rrlb.config import Config
 from rrlb.history import HISTORY_SAMPLES, History, NodeHistory
 from rrlb.metrics import Metrics, exposition, node_name
 from rrlb.pool import DRAINING, Node, Pool, Pools
@@ -124,8 +133,12 @@ def find_in_pool(pool: Pool, ident: str) -> tuple[int, Node]:
     raise ApiError(404, f"no node {ident!r}")
 
 
+# Reason phrases Twisted does not know.
+_PHRASES = {421: b"Misdirected Request"}
+
+
 def _json(request: Any, code: int, value: Any) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _PHRASES.get(code))
     request.setHeader(b"Content-Type", JSON)
     return json.dumps(value, indent=1).encode("utf-8") + b"\n"
 
@@ -148,6 +161,136 @@ def _cross_site(request: Any) -> bool:
     except (UnicodeError, ValueError):
         return True
     return netloc.lower() != host.lower()
+
+
+# -- who may ask -------------------------------------------------------------------
+
+# The name every admin endpoint answers to, besides IP literals.
+LOCALHOST = "localhost"
+
+
+def host_name(host: bytes) -> Optional[str]:
+    """
+    The name part of a C{Host} value (lower-cased, without its port or a
+    trailing dot; an IPv6 literal without its brackets), or L{None} if the
+    value is not an authority.
+    """
+    try:
+        text = host.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        literal, bracket, port = text[1:].partition("]")
+        if not bracket or not (port == "" or port.startswith(":") and port[1:].isdigit()):
+            return None
+        return literal
+    name, colon, port = text.partition(":")
+    if colon and not port.isdigit() or name.endswith(".."):
+        return None
+    return name[:-1] if name.endswith(".") else name
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class AdminAccess:
+    """
+    Who the admin endpoint answers, swapped whole on reload.
+
+    @ivar hosts: the names a C{Host} may give besides IP literals
+        (C{localhost} and C{admin_hosts}).
+    @ivar token_digest: the SHA-256 of the bearer token every request must
+        send, or L{None} for none (hashed, so that comparing it takes the
+        same time whatever a client sends).
+    """
+
+    hosts: frozenset[str] = frozenset({LOCALHOST})
+    token_digest: Optional[bytes] = None
+
+    @classmethod
+    def of(cls, config: Config) -> AdminAccess:
+        token = config.admin_token
+        return cls(
+            frozenset((LOCALHOST,) + config.admin_hosts),
+            None if token is None else hashlib.sha256(token).digest(),
+        )
+
+    def host_allowed(self, request: Any) -> bool:
+        """
+        Whether the request's C{Host} is a name this endpoint is reached
+        by: an IP literal (one cannot be rebound to another address), a
+        name in L{hosts}, or none at all (not a browser: HTTP/1.0 tools).
+        On a Unix socket the same rule holds.
+        """
+        values = request.requestHeaders.getRawHeaders(b"Host")
+        if values is None:
+            return True
+        if len(values) != 1:
+            return False
+        name = host_name(values[0])
+        return name is not None and (name in self.hosts or is_ip_literal(name))
+
+    def refusal(self, request: Any) -> Optional[Resource]:
+        """
+        L{None} if the request may go on, or the answer that refuses it:
+        421 for a C{Host} that is not one of the endpoint's names, then 401
+        without the bearer token (when one is set).
+        """
+        if not self.host_allowed(request):
+            return Refused(
+                421,
+                "this admin endpoint answers only to localhost, an IP address and the"
+                " names in admin_hosts",
+            )
+        if self.token_digest is None:
+            return None
+        values = request.requestHeaders.getRawHeaders(b"Authorization")
+        if values is None:
+            return Refused(
+                401,
+                "the admin API needs a bearer token (admin_token_file)",
+                ((b"WWW-Authenticate", b'Bearer realm="rrlb admin"'),),
+            )
+        scheme, _, credentials = values[0].strip().partition(b" ")
+        digest = hashlib.sha256(credentials.strip()).digest()
+        if (
+            len(values) == 1
+            and scheme.lower() == b"bearer"
+            and hmac.compare_digest(digest, self.token_digest)
+        ):
+            return None
+        return Refused(
+            401,
+            "the bearer token is not valid",
+            ((b"WWW-Authenticate", b'Bearer realm="rrlb admin", error="invalid_token"'),),
+        )
+
+
+class Refused(Resource):
+    """
+    An admin request refused before routing: a JSON error.
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()):
+        super().__init__()
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        for name, value in self.headers:
+            request.setHeader(name, value)
+        return _json(request, self.code, {"error": self.message})
 
 
 class AdminResource(Resource):
@@ -424,11 +567,28 @@ class AdminSite(server.Site):
 
     noisy = False
     displayTracebacks = False
+    access = AdminAccess()
 
     def __init__(
         self, pools: Pools, metrics: Metrics, history: Optional[History] = None, **kw: Any
     ) -> None:
         super().__init__(AdminResource(pools, metrics, history), **kw)
+
+    def configure(self, config: Config) -> None:
+        """
+        Answer as C{config} says (its C{admin_hosts} and token): at start-up
+        and on each reload.
+        """
+        self.access = AdminAccess.of(config)
+
+    def getResourceFor(self, request: Any) -> Any:
+        # Checked before any resource sees the request, so that a refused
+        # one costs nothing else (the workers' counters are not asked for).
+        refused = self.access.refusal(request)
+        if refused is not None:
+            request.site = self
+            return refused
+        return super().getResourceFor(request)
 
     def log(self, request: Any) -> None:
         pass

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
@@ -215,6 +216,13 @@ class Config:
     access_log: Optional[str] = None
     access_log_format: str = "combined"
     admin: Optional[str] = None
+    # Host names the admin endpoint answers to besides localhost and IP
+    # literals, and the file of its bearer token (rrlb.admin).
+    admin_hosts: tuple[str, ...] = ()
+    admin_token_file: Optional[str] = None
+    # The token itself, read from admin_token_file at start-up and on
+    # reload (with_admin_token); never printed.
+    admin_token: Optional[bytes] = field(default=None, repr=False)
     drain_timeout: float = 30.0
     demo: int = 0
     tls: ListenTLS = field(default_factory=ListenTLS)
@@ -267,6 +275,8 @@ _TOP_KEYS = frozenset(
         "access_log",
         "access_log_format",
         "admin",
+        "admin_hosts",
+        "admin_token_file",
         "drain_timeout",
         "tls",
         "max_header_size",
@@ -407,6 +417,71 @@ def trusted_networks(name: str, value: Any) -> tuple[Network, ...]:
                 f"{name}: {item!r} is not a network in CIDR notation (like 10.0.0.0/8)"
             ) from None
     return tuple(networks)
+
+
+# A host name as an admin_hosts entry (underscores too: container and
+# compose service names have them).
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def admin_host_names(name: str, value: Any) -> tuple[str, ...]:
+    """
+    Host names the admin endpoint answers to (a list, or one comma-separated
+    string), lower-cased, without a port or a trailing dot.
+    """
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{name} must be a list of host names like admin.internal, not {value!r}")
+    names = []
+    for item in value:
+        text = item.strip().lower().rstrip(".") if isinstance(item, str) else ""
+        if not _HOST_NAME.fullmatch(text):
+            raise ConfigError(
+                f"{name}: {item!r} is not a host name (like admin.internal, without a port)"
+            )
+        names.append(text)
+    return tuple(names)
+
+
+# RFC 6750's b64token, what a bearer token may hold; and a bound on the file.
+_BEARER_TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+MAX_TOKEN = 4096
+
+
+def read_admin_token(path: str, name: str = "admin_token_file") -> bytes:
+    """
+    The bearer token in the file at C{path}: one token (RFC 6750 characters),
+    with surrounding whitespace and a final newline ignored.
+
+    @raise ConfigError: naming C{name} if the file cannot be read, is empty
+        or holds something else.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN + 1)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
+    token = data.strip()
+    if not token:
+        raise ConfigError(f"{name}: {path!r} is empty; it must hold the admin API's bearer token")
+    if len(data) > MAX_TOKEN or not _BEARER_TOKEN.fullmatch(token):
+        raise ConfigError(
+            f"{name}: {path!r} must hold one token of letters, digits and -._~+/"
+            " (e.g. from: openssl rand -hex 32)"
+        )
+    return token
+
+
+def with_admin_token(config: Config, name: str = "admin_token_file") -> Config:
+    """
+    C{config} with the token of its C{admin_token_file} read (none without).
+
+    @raise ConfigError: the file cannot be used (L{read_admin_token}).
+    """
+    if config.admin_token_file is None:
+        return config
+    return dataclasses.replace(config, admin_token=read_admin_token(config.admin_token_file, name))
 
 
 # Most worker processes: far more than any machine has cores, so a typo
@@ -1160,8 +1235,10 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = _boolean(key, value)
         elif key == "max_idle_per_node":
             out[key] = non_negative_int(key, value)
-        elif key in ("access_log", "admin"):
+        elif key in ("access_log", "admin", "admin_token_file"):
             out[key] = _string(key, value)
+        elif key == "admin_hosts":
+            out[key] = admin_host_names(key, value)
         elif key == "access_log_format":
             out[key] = parse_access_log_format(value)
         elif key in ("max_header_size", "max_headers", "max_connections"):

@@ -67,10 +67,40 @@ _SKIP_REQUEST = frozenset(
 )
 
 
-# What a client may claim about itself, lower-cased with "_" as "-": from
-# an untrusted peer under --trusted-proxies these are dropped.
+# What only a proxy in front may say of the client or of the request it
+# received (the client's address, scheme, host, port, original URL), as
+# CDNs, balancers and frameworks spell it, lower-cased with "_" as "-". From
+# an untrusted peer under --trusted-proxies these are dropped: a node that
+# believes one would take the client's word for who it is or where it came
+# in (docs/security.md, "Client addresses").
 _CLIENT_CLAIMS = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-forwarded-prefix",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-url-scheme",
+        b"front-end-https",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
 )
 
 

@@ -183,17 +183,25 @@ class ControlService(MultiService):
         if config.admin:
             self.history = history(self.pools, self.metrics, reactor)
             self.history.setServiceParent(self)
+            site = admin_site(self.pools, self.metrics, self.history, reactor=reactor)
+            # Its admin_hosts and token (read by load_config).
+            site.configure(config)
             self.admin_listener = Listener(
                 serverFromString(reactor, config.admin),
-                admin_site(self.pools, self.metrics, self.history, reactor=reactor),
+                site,
                 setting=f"--admin: cannot listen on {config.admin!r}",
             )
             self.admin_listener.setServiceParent(self)
             kind = config.admin.split(":", 1)[0]
-            if kind in ("tcp", "tcp6", "ssl") and "interface=" not in config.admin:
+            if (
+                kind in ("tcp", "tcp6", "ssl")
+                and "interface=" not in config.admin
+                and config.admin_token is None
+            ):
                 self.log.warn(
                     "the admin endpoint {admin} listens on every interface and has no"
-                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)",
+                    " authentication: bind it to loopback ({kind}:PORT:interface=127.0.0.1)"
+                    " or set admin_token_file",
                     admin=config.admin,
                     kind=kind,
                 )
@@ -247,6 +255,9 @@ class ControlService(MultiService):
         """
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
+        if self.admin_listener is not None:
+            # New admin_hosts and token (read again by the reload) from now on.
+            self.admin_listener.factory.configure(config)
 
     def _check(self, pool_configs: Sequence[PoolConfig]) -> None:
         """

@@ -21,6 +21,7 @@ from rrlb.channel import raise_fd_limit
 from rrlb.config import (
     Config,
     ConfigError,
+    admin_host_names,
     build_config,
     byte_size,
     non_negative_float,
@@ -36,6 +37,7 @@ from rrlb.config import (
     positive_float,
     positive_int,
     trusted_networks,
+    with_admin_token,
 )
 from rrlb.notify import recover_listen_fds
 from rrlb.pool import Pools
@@ -64,6 +66,8 @@ _TOP_OPTIONS = {
     "access-log": "access_log",
     "access-log-format": "access_log_format",
     "admin": "admin",
+    "admin-hosts": "admin_hosts",
+    "admin-token-file": "admin_token_file",
     "drain-timeout": "drain_timeout",
     "max-header-size": "max_header_size",
     "max-headers": "max_headers",
@@ -114,7 +118,7 @@ class Options(usage.Options):
         [
             "http2",
             None,
-            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners (needs twisted[http2]).",
+            "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners.",
         ],
     ]
     optParameters = [
@@ -200,6 +204,21 @@ class Options(usage.Options):
             None,
             "Endpoint for the admin API and status page,"
             " e.g. tcp:8081:interface=127.0.0.1 (default: off).",
+        ],
+        [
+            "admin-hosts",
+            None,
+            None,
+            "NAME[,NAME...]: Host names the admin endpoint answers to besides localhost"
+            " and IP addresses; any other gets 421 (default: none).",
+            _coerce(admin_host_names, "--admin-hosts"),
+        ],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "File holding a bearer token every admin request must send as"
+            " Authorization: Bearer TOKEN; read at start-up and on reload (default: none).",
         ],
         [
             "drain-timeout",
@@ -453,7 +472,8 @@ class Options(usage.Options):
         # Certificate, key and CA files are read now, so a bad one is refused
         # at start-up and on reload before anything changes.
         check_tls(config)
-        return config
+        name = "--admin-token-file" if self["admin-token-file"] else "admin_token_file"
+        return with_admin_token(config, name)
 
     def postOptions(self) -> None:
         try:
@@ -470,6 +490,8 @@ class Options(usage.Options):
             check_endpoint(reactor, description, tls=(self.config.tls, on_tcp))
         if self.config.admin:
             check_endpoint(reactor, self.config.admin, "--admin")
+        if self.config.http2:
+            check_http2("--http2" if self["http2"] else "http2")
         if self.config.workers > 1:
             from rrlb.workers.sockets import check_listeners
 
@@ -510,6 +532,21 @@ def check_endpoint(
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
     except Exception as e:
         raise usage.UsageError(f"{name}: bad endpoint description {description!r}: {e}") from None
+
+
+def check_http2(name: str) -> None:
+    """
+    Load rrlb's HTTP/2 support now, so that a missing C{h2} package (a
+    dependency, so only in a broken install) stops start-up with one line
+    rather than a traceback when the service is built.
+    """
+    try:
+        import rrlb.http2  # noqa: F401
+    except ImportError as e:
+        raise usage.UsageError(
+            f"{name}: HTTP/2 support cannot be loaded ({e});"
+            " reinstall rrlb, or pip install 'twisted[http2]'"
+        ) from None
 
 
 def check_log_path(path: str, name: str) -> None:

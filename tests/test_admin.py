@@ -6,13 +6,17 @@ requests through rrlb over loopback.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import shutil
+import tempfile
 from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
@@ -20,13 +24,18 @@ from rrlb import __version__
 from rrlb.metrics import status_class
 from rrlb.tap import makeService
 from tests.helpers import (
+    WAIT_TIMEOUT,
     Balancer,
+    LogCapture,
+    RawClient,
     Reply,
     balancer_options,
     closed_port_url,
     http_request,
     parse_error,
     raw_connect,
+    raw_request,
+    split_response,
     start_backends,
     start_balancer,
     wait_until,
@@ -559,3 +568,347 @@ class AdminOptionsTests(unittest.TestCase):
         self.assertTrue(str(caught.exception.code).startswith("--admin: cannot listen on"))
         for listener in service.traffic.listeners:
             await listener.stopService()
+
+
+def answer(data: bytes) -> tuple[int, dict[bytes, bytes], Any]:
+    """
+    The status code, headers (lower-cased names) and JSON body of one raw
+    admin response.
+    """
+    status, headers, body = split_response(data)
+    code = int(status.split(b" ")[1])
+    named = {n.lower(): v for n, v in headers}
+    is_json = named.get(b"content-type") == b"application/json"
+    return code, named, json.loads(body) if is_json else body
+
+
+class AccessCase(AdminCase):
+    """
+    Raw requests to the admin endpoint, with any Host or none.
+    """
+
+    async def raw(self, head: bytes) -> tuple[int, dict[bytes, bytes], Any]:
+        """
+        Send C{head} (a request head without its final blank line; the
+        connection is closed after the answer) to the admin port.
+        """
+        port = int(self.admin.rsplit(":", 1)[1])
+        data = await raw_request(self, port, head + b"\r\nConnection: close\r\n\r\n")
+        return answer(data)
+
+    async def get_as(self, host: bytes, path: bytes = b"/status", *lines: bytes) -> int:
+        head = b"GET " + path + b" HTTP/1.1\r\nHost: " + host
+        return (await self.raw(b"\r\n".join((head,) + lines)))[0]
+
+
+class HostTests(AccessCase):
+    """
+    DNS rebinding: the admin endpoint answers only to the names it is
+    reached by (localhost, IP literals, admin_hosts); any other Host gets
+    421 and nothing happens.
+    """
+
+    async def test_rebinding_drain_refused(self) -> None:
+        """
+        A page on attacker.example whose name was rebound to 127.0.0.1
+        sends Host and Origin of its own site, which agree: its drain gets
+        421 with a JSON error, and the node stays in rotation. Reading
+        /status (client addresses) is refused the same way.
+        """
+        await self.start()
+        port = self.admin.rsplit(":", 1)[1].encode()
+        code, headers, body = await self.raw(
+            b"POST /nodes/0/drain HTTP/1.1\r\nHost: attacker.example:"
+            + port
+            + b"\r\nOrigin: http://attacker.example:"
+            + port
+            + b"\r\nSec-Fetch-Site: same-origin\r\nContent-Length: 0"
+        )
+        self.assertEqual(code, 421)
+        self.assertEqual(headers[b"content-type"], b"application/json")
+        self.assertEqual(headers[b"cache-control"], b"no-store")
+        self.assertIn("admin_hosts", body["error"])
+        self.assertFalse(self.pool.nodes[0].drained)
+        for path in (b"/status", b"/metrics", b"/", b"/nodes/0"):
+            self.assertEqual(await self.get_as(b"attacker.example:" + port, path), 421, path)
+        self.assertEqual((await self.raw(b"GET /status HTTP/1.1\r\nHost: x"))[0], 421)
+
+    async def test_own_names(self) -> None:
+        """
+        localhost and IP literals, with a port or without (any port: an SSH
+        tunnel's local one), in any case, with a trailing dot; and a request
+        without Host (HTTP/1.0 tools, never a browser) are answered.
+        """
+        await self.start()
+        port = self.admin.rsplit(":", 1)[1].encode()
+        for host in (
+            b"127.0.0.1:" + port,
+            b"127.0.0.1",
+            b"localhost",
+            b"localhost:9000",
+            b"LocalHost:" + port,
+            b"localhost.",
+            b"[::1]:" + port,
+            b"[::ffff:127.0.0.1]",
+            b"10.1.2.3:8081",
+        ):
+            self.assertEqual(await self.get_as(host), 200, host)
+        code, _, body = answer(await raw_request(self, int(port), b"GET /status HTTP/1.0\r\n\r\n"))
+        self.assertEqual(code, 200)
+        self.assertIn("nodes", body)
+        reply = await self.post("/nodes/0/drain")  # treq/Agent: Host 127.0.0.1:PORT
+        self.assertEqual(reply.code, 200)
+
+    async def test_other_names_refused(self) -> None:
+        """
+        Every other name, lookalikes of the allowed ones, malformed values
+        and two Host headers get 421.
+        """
+        await self.start()
+        for host in (
+            b"localhost.attacker.example",
+            b"127.0.0.1.nip.io",
+            b"attacker-localhost",
+            b"localhost:",
+            b"localhost:http",
+            b"localhost..",
+            b"[::1",
+            b"[::1]x",
+            b"::1",
+            b"",
+            b"localhost\xff",
+        ):
+            self.assertEqual(await self.get_as(host), 421, host)
+        self.assertEqual(
+            await self.get_as(b"localhost", b"/status", b"Host: attacker.example"), 421
+        )
+
+    async def test_admin_hosts(self) -> None:
+        """
+        --admin-hosts adds names (any case, a trailing dot ignored); others
+        are still refused.
+        """
+        await self.start("--admin-hosts", "admin.internal, Ops.Example.")
+        for host in (b"admin.internal:8081", b"ADMIN.internal", b"ops.example", b"localhost"):
+            self.assertEqual(await self.get_as(host), 200, host)
+        self.assertEqual(await self.get_as(b"other.internal"), 421)
+        self.assertEqual(await self.get_as(b"admin.internal.attacker.example"), 421)
+
+    async def test_admin_hosts_reload(self) -> None:
+        """
+        admin_hosts: in YAML, applied again on reload.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("admin_hosts: [a.internal]\n")
+        await self.start("--config", path)
+        self.assertEqual(await self.get_as(b"a.internal"), 200)
+        self.assertEqual(await self.get_as(b"b.internal"), 421)
+        with open(path, "w") as f:
+            f.write("admin_hosts: [b.internal]\n")
+        self.assertTrue(self.balancer.service.reload())
+        self.assertEqual(await self.get_as(b"a.internal"), 421)
+        self.assertEqual(await self.get_as(b"b.internal"), 200)
+
+    def test_admin_hosts_values(self) -> None:
+        """
+        --admin-hosts and admin_hosts: take names only; anything else is
+        refused with a line naming the setting.
+        """
+        nodes = ("--nodes", "http://127.0.0.1:9")
+        self.assertEqual(
+            balancer_options(*nodes, "--admin-hosts", "A.example,b_c.internal").config.admin_hosts,
+            ("a.example", "b_c.internal"),
+        )
+        self.assertEqual(balancer_options(*nodes).config.admin_hosts, ())
+        for bad in ("a.example:8081", "a b", "http://a.example", "", "a..b"):
+            message = parse_error(*nodes, "--admin-hosts", bad)
+            self.assertIn("--admin-hosts: ", message)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nodes: [http://127.0.0.1:9]\nadmin_hosts: 5\n")
+        self.assertTrue(parse_error("--config", path).startswith("admin_hosts"))
+
+
+class UnixHostTests(unittest.TestCase):
+    """
+    On a unix: admin socket the same Host rule holds: curl --unix-socket
+    and nginx's unix: upstreams send localhost.
+    """
+
+    async def test_unix_socket(self) -> None:
+        """
+        localhost, an admin_hosts name and no Host are answered; another
+        name gets 421.
+        """
+        directory = tempfile.mkdtemp(prefix="rrlb-admin-")  # short: sun_path is 108 bytes
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "admin.sock")
+        backends = await start_backends(self, "a")
+        balancer = await start_balancer(
+            self, [backends[0].url], "--admin", f"unix:{path}", "--admin-hosts", "ops.internal"
+        )
+        self.assertIsNotNone(balancer.service.admin_listener)
+        await wait_until(lambda: os.path.exists(path), what="the admin socket")
+
+        async def ask(head: bytes) -> int:
+            endpoint = UNIXClientEndpoint(reactor, path, timeout=WAIT_TIMEOUT)
+            client: RawClient = await endpoint.connect(Factory.forProtocol(RawClient))  # type: ignore[assignment]
+            self.addCleanup(lambda: defer.Deferred.fromCoroutine(client.close()))
+            client.send(head + b"\r\n\r\n")
+            return answer(await client.closed)[0]
+
+        close = b"\r\nConnection: close"
+        self.assertEqual(await ask(b"GET /status HTTP/1.1\r\nHost: localhost" + close), 200)
+        self.assertEqual(await ask(b"GET /status HTTP/1.1\r\nHost: ops.internal" + close), 200)
+        self.assertEqual(await ask(b"GET /status HTTP/1.0"), 200)
+        self.assertEqual(await ask(b"GET /status HTTP/1.1\r\nHost: attacker.example" + close), 421)
+        code = await ask(
+            b"POST /nodes/0/drain HTTP/1.1\r\nHost: attacker.example\r\n"
+            b"Origin: http://attacker.example\r\nContent-Length: 0" + close
+        )
+        self.assertEqual(code, 421)
+        self.assertFalse(balancer.service.pool.nodes[0].drained)
+
+
+TOKEN = b"0123456789abcdef0123456789abcdef"
+
+
+class TokenTests(AccessCase):
+    """
+    admin_token_file: every admin request needs Authorization: Bearer with
+    the token in the file, read at start-up and on reload.
+    """
+
+    async def start_with_token(self, *args: str, token: bytes = TOKEN) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(token + b"\n")
+        await self.start("--admin-token-file", path, *args)
+        return path
+
+    async def test_required_everywhere(self) -> None:
+        """
+        Without the header every path, the page and /metrics included,
+        gets 401 with WWW-Authenticate: Bearer and a JSON error, and a
+        drain does nothing; with it, they are answered.
+        """
+        await self.start_with_token()
+        auth = b"Authorization: Bearer " + TOKEN
+        for path in (b"/", b"/status.css", b"/status", b"/metrics", b"/nodes", b"/nodes/0"):
+            code, headers, body = await self.raw(b"GET " + path + b" HTTP/1.1\r\nHost: localhost")
+            self.assertEqual(code, 401, path)
+            self.assertEqual(headers[b"www-authenticate"], b'Bearer realm="rrlb admin"', path)
+            self.assertIn("admin_token_file", body["error"])
+            self.assertEqual(await self.get_as(b"localhost", path, auth), 200, path)
+        self.assertEqual(await self.get_as(b"localhost", b"/nowhere", auth), 404)
+        drain = b"POST /nodes/0/drain HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0"
+        self.assertEqual((await self.raw(drain))[0], 401)
+        self.assertFalse(self.pool.nodes[0].drained)
+        self.assertEqual((await self.raw(drain + b"\r\n" + auth))[0], 200)
+        self.assertTrue(self.pool.nodes[0].drained)
+        # Prometheus's authorization: {credentials_file: ...} and curl
+        # --oauth2-bearer send this; the scheme is case-insensitive.
+        reply = await self.get("/metrics", {b"Authorization": [b"bearer " + TOKEN]})
+        self.assertEqual(reply.code, 200)
+        self.assertIn(b"rrlb_info", reply.body)
+
+    async def test_wrong_credentials(self) -> None:
+        """
+        A wrong token, the token as a Basic password, a prefix or an
+        extension of it, an empty one or two headers get 401 with
+        error="invalid_token".
+        """
+        await self.start_with_token()
+        basic = b"Basic " + base64.b64encode(b"admin:" + TOKEN)
+        for value in (
+            b"Bearer " + TOKEN[:-1],
+            b"Bearer " + TOKEN + b"0",
+            b"Bearer " + TOKEN.upper(),
+            b"Bearer",
+            b"Bearer ",
+            basic,
+            TOKEN,
+        ):
+            code, headers, _ = await self.raw(
+                b"GET /status HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + value
+            )
+            self.assertEqual(code, 401, value)
+            self.assertIn(b'error="invalid_token"', headers[b"www-authenticate"], value)
+        good = b"Authorization: Bearer " + TOKEN
+        self.assertEqual(await self.get_as(b"localhost", b"/status", good, good), 401)
+
+    async def test_host_checked_first(self) -> None:
+        """
+        A rebinding request that somehow holds the token still gets 421.
+        """
+        await self.start_with_token()
+        auth = b"Authorization: Bearer " + TOKEN
+        self.assertEqual(await self.get_as(b"attacker.example", b"/status", auth), 421)
+
+    async def test_reload(self) -> None:
+        """
+        A reload reads the file again: the new token works and the old one
+        no longer does. An empty or missing file is a rejected reload, one
+        line naming the setting, and the running token stays.
+        """
+        path = await self.start_with_token()
+        logs = LogCapture.install(self)
+        service = self.balancer.service
+        new = b"n3w-t0ken.with~all+the/chars=="
+        with open(path, "wb") as f:
+            f.write(new)
+        self.assertTrue(service.reload())
+        self.assertEqual(
+            await self.get_as(b"localhost", b"/status", b"Authorization: Bearer " + TOKEN), 401
+        )
+        self.assertEqual(
+            await self.get_as(b"localhost", b"/status", b"Authorization: Bearer " + new), 200
+        )
+
+        for broken in ("empty", "missing"):
+            if broken == "empty":
+                open(path, "wb").close()
+            else:
+                os.remove(path)
+            self.assertFalse(service.reload())
+            (line,) = [m for m in logs.messages() if "reload rejected" in m]
+            self.assertIn("--admin-token-file: ", line)
+            self.assertIn("is empty" if broken == "empty" else "cannot read", line)
+            self.assertEqual(
+                await self.get_as(b"localhost", b"/status", b"Authorization: Bearer " + new), 200
+            )
+            logs.events.clear()
+
+    async def test_not_printed(self) -> None:
+        """
+        The token is not in the configuration's repr (a log line or a
+        traceback that shows it), and it stays in the main process.
+        """
+        await self.start_with_token()
+        config = self.balancer.service.config
+        self.assertEqual(config.admin_token, TOKEN)
+        self.assertNotIn(TOKEN.decode(), repr(config))
+
+    def test_bad_file_at_start(self) -> None:
+        """
+        A missing or empty file, or one holding something other than one
+        token, stops start-up with one line naming the setting.
+        """
+        nodes = ("--nodes", "http://127.0.0.1:9", "--admin", ADMIN)
+        missing = self.mktemp()
+        message = parse_error(*nodes, "--admin-token-file", missing)
+        self.assertEqual(
+            message, f"--admin-token-file: cannot read {missing!r}: No such file or directory"
+        )
+        for content, words in ((b"", "is empty"), (b" \n\n", "is empty"), (b"a b\n", "one token")):
+            path = self.mktemp()
+            with open(path, "wb") as f:
+                f.write(content)
+            message = parse_error(*nodes, "--admin-token-file", path)
+            self.assertTrue(message.startswith("--admin-token-file: "), message)
+            self.assertIn(words, message)
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f"nodes: [http://127.0.0.1:9]\nadmin_token_file: {missing}\n")
+        self.assertTrue(parse_error("--config", config).startswith("admin_token_file: cannot read"))

@@ -615,6 +615,64 @@ class TrustedProxiesTests(unittest.TestCase):
         self.assertEqual(request.header(b"x-forwarded-host"), b"www.example, edge.example")
         self.assertEqual(record["remote_addr"], "203.0.113.9")
 
+    # Every other header that claims who the client is or how it came in,
+    # as CDNs, balancers and frameworks spell them (one with "_").
+    CLAIMS = (
+        (b"X-Real-IP", b"198.51.100.3"),
+        (b"True-Client-IP", b"198.51.100.4"),
+        (b"CF-Connecting-IP", b"198.51.100.5"),
+        (b"Fastly-Client-IP", b"198.51.100.6"),
+        (b"X-Client-IP", b"198.51.100.7"),
+        (b"X-Cluster-Client-IP", b"198.51.100.8"),
+        (b"Client-IP", b"198.51.100.9"),
+        (b"X-Originating-IP", b"198.51.100.10"),
+        (b"X-Remote-IP", b"198.51.100.11"),
+        (b"X-Remote-Addr", b"198.51.100.12"),
+        (b"X_Real_IP", b"198.51.100.13"),
+        (b"X-Forwarded", b"for=198.51.100.14"),
+        (b"Forwarded-For", b"198.51.100.15"),
+        (b"X-Forwarded-Port", b"443"),
+        (b"X-Forwarded-Server", b"edge"),
+        (b"X-Forwarded-Scheme", b"https"),
+        (b"X-Forwarded-Ssl", b"on"),
+        (b"X-Forwarded-Prefix", b"/admin"),
+        (b"X-Url-Scheme", b"https"),
+        (b"Front-End-Https", b"on"),
+        (b"X-Original-URL", b"/admin"),
+        (b"X-Rewrite-URL", b"/admin"),
+    )
+
+    async def claimed(self, *args: str) -> list[tuple[bytes, bytes]]:
+        """
+        The claims of L{CLAIMS} that reached a node recording headers, sent
+        by a raw client over loopback with C{args} given to rrlb.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], *args)
+        head = b"GET / HTTP/1.1\r\nHost: edge.example\r\nConnection: close\r\n"
+        head += b"".join(name + b": " + value + b"\r\n" for name, value in self.CLAIMS)
+        reply = await raw_request(self, balancer.port, head + b"X-Other: kept\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        (request,) = backend.requests
+        self.assertEqual(request.header(b"x-other"), b"kept")
+        return [(n, v) for n, v in self.CLAIMS if request.header(n) == v]
+
+    async def test_identity_headers_dropped(self) -> None:
+        """
+        From an untrusted peer, X-Real-IP, True-Client-IP, CF-Connecting-IP
+        and every other header claiming the client's address, scheme, port
+        or original URL are dropped like X-Forwarded-For.
+        """
+        reached = await self.claimed("--trusted-proxies", "10.0.0.0/8")
+        self.assertEqual(reached, [])
+
+    async def test_identity_headers_kept_from_trusted(self) -> None:
+        """
+        From a trusted peer, and without --trusted-proxies, they are kept.
+        """
+        self.assertEqual(await self.claimed("--trusted-proxies", "127.0.0.0/8"), list(self.CLAIMS))
+        self.assertEqual(await self.claimed(), list(self.CLAIMS))
+
     async def test_status_shows_real_client(self) -> None:
         """
         /status lists open client connections with the real client behind

@@ -322,6 +322,41 @@ class CommandLineTests(unittest.TestCase):
             result = await run(*args, "--config", path)
             self.assertOneClearLine(result, "'helth'", program=args[-1])
 
+    async def test_http2_without_h2(self) -> None:
+        """
+        If the h2 package cannot be imported (a broken install: it is a
+        dependency), --http2 and YAML http2: true stop start-up with one
+        line naming the setting, not a traceback; without them rrlb starts.
+        """
+        block = (
+            "import runpy, sys\n"
+            "class NoH2:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'h2' or name.startswith('h2.'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoH2())\n"
+        )
+        twist = block + "sys.argv[0] = 'twist'\nrunpy.run_module('twisted', run_name='__main__')\n"
+        twistd = block + "from twisted.scripts.twistd import run; run()\n"
+        nodes = ("--nodes", "http://127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1")
+        for args in (["-c", twist, "rrlb"], ["-c", twistd, "-n", "--pidfile=", "rrlb"]):
+            result = await run(*args, *nodes, "--http2")
+            self.assertOneClearLine(
+                result, "--http2: HTTP/2 support cannot be loaded", "'h2'", program=args[-1]
+            )
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("nodes: [http://127.0.0.1:9]\nhttp2: true\n")
+        result = await run("-c", twist, "rrlb", "--config", path)
+        self.assertOneClearLine(result, "http2: HTTP/2 support cannot be loaded")
+        # Without it, rrlb needs no h2: the service tree builds.
+        build = (
+            "from rrlb.tap import Options, makeService\n"
+            "o = Options(); o.parseOptions(sys.argv[1:]); makeService(o); print('built')\n"
+        )
+        out, err, code = await run("-c", block + build, *nodes)
+        self.assertEqual((code, out), (0, b"built\n"), err)
+
     async def test_missing_yaml(self) -> None:
         """
         A configuration file that cannot be read stops start-up with one line.

@@ -45,6 +45,7 @@ from tests.daemon import Daemon, start_daemon
 from tests.helpers import (
     LOOPBACK,
     LogCapture,
+    balancer_options,
     closed_port_url,
     http_request,
     parse_error,
@@ -722,6 +723,23 @@ class OptionTests(unittest.TestCase):
             check_listeners(Config(listen=("tcp:80", "stdio:")))
         self.assertIn("'stdio:'", str(e.exception))
 
+    def test_token_stays_in_the_main_process(self) -> None:
+        """
+        The configuration sent to the workers carries no admin token: only
+        the main process answers the admin API.
+        """
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("main-only-token-0123456789\n")
+        options = balancer_options(
+            "--nodes", "http://127.0.0.1:9", "--workers", "2", "--admin-token-file", token
+        )
+        from rrlb.workers.main import WorkersTraffic
+
+        main = WorkersTraffic(options.config, task.Clock(), Pools())
+        self.assertEqual(main.config.admin_token, b"main-only-token-0123456789")
+        self.assertIsNone(main.worker_config().admin_token)
+
     def test_one_worker_is_one_process(self) -> None:
         """
         The default composes the control side with one L{Traffic} side,
@@ -1067,6 +1085,34 @@ class WorkerProcessTests(WorkersTestCase):
         status = await self.status()
         self.assertEqual([n["url"] for n in status["nodes"]], [b.url])
         self.assertEqual([w["restarts"] for w in status["workers"]], [0, 0])
+
+    async def test_admin_access_and_sighup(self) -> None:
+        """
+        The main process's admin endpoint checks Host and the bearer token
+        before it asks the workers for anything, and SIGHUP reads the token
+        file again (a real process, a real signal).
+        """
+        (a,) = await start_backends(self, "a")
+        token, path = self.mktemp(), os.path.abspath(self.mktemp())
+        with open(token, "w") as f:
+            f.write("first-token-0123456789\n")
+        write_config(path, [a.url], f"admin_token_file: {os.path.abspath(token)}\n")
+        daemon = await self.start("--config", path, "--admin-hosts", "ops.internal")
+
+        async def code(host: bytes, value: bytes) -> int:
+            headers = {b"Host": [host], b"Authorization": [b"Bearer " + value]}
+            return (await http_request(self, "GET", self.admin_url + "/status", headers)).code
+
+        self.assertEqual(await code(b"ops.internal", b"first-token-0123456789"), 200)
+        self.assertEqual(await code(b"localhost", b"wrong"), 401)
+        self.assertEqual(await code(b"attacker.example", b"first-token-0123456789"), 421)
+        with open(token, "w") as f:
+            f.write("second-token-0123456789\n")
+        daemon.signal("HUP")
+        await wait_until(lambda: daemon.messages.count(b"READY=1") == 2, what="the reload")
+        self.assertEqual(await code(b"localhost", b"first-token-0123456789"), 401)
+        self.assertEqual(await code(b"localhost", b"second-token-0123456789"), 200)
+        self.assertNotIn(b"second-token", daemon.output)
 
     async def test_sigterm_drains_and_exits_0(self) -> None:
         """

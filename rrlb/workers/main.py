@@ -122,6 +122,7 @@ class WorkersTraffic(MultiService):
             pools=tuple(dataclasses.replace(pc, dns_nodes=()) for pc in self.config.pools),
             demo=0,
             admin=None,
+            admin_token=None,
         )
 
     def worker_pools(self) -> tuple[PoolConfig, ...]:
