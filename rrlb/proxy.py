@@ -219,6 +219,7 @@ class ProxyExchange:
         "paused",
         "upgrade",
         "tunnel",
+        "expect",
     )
 
     def __init__(
@@ -247,6 +248,8 @@ class ProxyExchange:
         self.body: Any = None
         self.upgrade = False
         self.tunnel: Optional[Tunnel] = None
+        # The head asks the node Expect: 100-continue.
+        self.expect = False
 
     # -- building the upstream request ---------------------------------------
 
@@ -340,6 +343,7 @@ class ProxyExchange:
             if body.expect_continue:
                 # The node answers the Expect (rrlb.body.go_on/no_continue).
                 append(b"Expect: 100-continue\r\n")
+                self.expect = True
         elif body.complete:
             # A chunked body that came whole with the head: its length.
             append(b"Content-Length: %d\r\n" % body.received)
@@ -349,6 +353,7 @@ class ProxyExchange:
             append(b"Transfer-Encoding: chunked\r\n")
             if body.expect_continue:
                 append(b"Expect: 100-continue\r\n")
+                self.expect = True
         append(b"\r\n")
         self.head_tail = b"".join(parts)
         self.body = body
@@ -412,7 +417,9 @@ class ProxyExchange:
             if body.received > KEEP:
                 body.spent = True
             body = body.buffered()
-        protocol.send(self, self.head_for(self.node), body, self.request.method == b"HEAD")
+        protocol.send(
+            self, self.head_for(self.node), body, self.request.method == b"HEAD", self.expect
+        )
         self.proxy.upstream.watch(self)
 
     def connect_failed(self, reason: Failure) -> None:
@@ -447,7 +454,7 @@ class ProxyExchange:
         if self.stale_retry:
             # A pooled connection that closed with no answer. One the node had
             # closed before we wrote is caught before sending (any method
-            # then takes a fresh connection, see upstream._still_open); here
+            # then takes a fresh connection, see UpstreamPool._reusable); here
             # the request went out, and the node may have acted on it, so
             # only an idempotent one is sent again, on a fresh connection.
             self.stale_retry = False
@@ -535,6 +542,9 @@ class ProxyExchange:
         why = describe_failure(reason)
         log.warn("bad response from {node}: {why}", node=self.node.url, why=why)
         self.node.errors += 1
+        # A node that answers with what HTTP does not allow is failing, as
+        # HAProxy's observe layer7 counts it (passive health).
+        self.dest.pool.mark(self.node, False, f"bad response: {why}")
         self._end(ok=False)
         error_response(self.request, 502, f"the upstream node sent a bad response ({why})")
 

@@ -176,6 +176,7 @@ class Traffic(MultiService):
             timeout=config.timeout,
             max_idle_per_node=config.max_idle_per_node,
             tls_creator=self.tls.nodes,
+            max_headers=config.max_headers,
         )
         # The proxy starts with the first pool, still empty.
         first = pool_configs[0]
@@ -267,6 +268,7 @@ class Traffic(MultiService):
         if reload:
             self.upstream.connect_timeout = config.connect_timeout
             self.upstream.max_idle_per_node = config.max_idle_per_node
+            self.upstream.max_headers = config.max_headers
             self.proxy.settings = proxy_settings(config)
             self.site.set_limits(client_limits(config))
             self.proxy.budget.percent = config.retry_budget

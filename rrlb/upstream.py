@@ -26,14 +26,15 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable, Optional
 
+from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
-from rrlb.parser import ChunkedDecoder
+from rrlb.parser import HEAD_BYTES, ChunkedDecoder
 
 MAX_HEAD_SIZE = 65536
 READ_SIZE = 256 * 1024
@@ -42,6 +43,10 @@ SEND_TIMEOUT = 60.0
 IDLE_TRIM_DELAY = 1.0
 # Request bodies up to this size go out in the same write as the head.
 INLINE_BODY_SIZE = 65536
+# A node that sends bytes after its responses is logged at most this often.
+STRAY_LOG_INTERVAL = 60.0
+# Header lines in a response at most, unless told (--max-headers).
+MAX_HEADERS = 100
 
 # Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
 HOP_BY_HOP = frozenset(
@@ -100,7 +105,9 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]]]:
+def parse_head(
+    block: bytes, max_headers: int = MAX_HEADERS
+) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]]]:
     """
     Split a response head (without its blank line) into version, code,
     reason and the headers, keyed by Twisted's canonical names with every
@@ -108,18 +115,25 @@ def parse_head(block: bytes) -> tuple[bytes, int, bytes, dict[bytes, list[bytes]
     without another pass.
 
     @raise BadResponse: for anything that is not a well-formed HTTP/1.x head,
-        including a bare CR, LF or NUL that could split a header downstream.
+        including a bare CR or LF that could split a header downstream, any
+        other control byte but HTAB (NUL, ESC, VT, DEL...: the request
+        head's rule, L{rrlb.parser}), and more than C{max_headers} lines.
     """
-    if b"\0" in block or block.count(b"\n") != block.count(b"\r\n") or (
-        block.count(b"\r") != block.count(b"\r\n")
-    ):
-        raise BadResponse("stray CR, LF or NUL in the response head")
+    if block.translate(None, HEAD_BYTES):
+        raise BadResponse("control byte in the response head")
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        raise BadResponse("stray CR or LF in the response head")
+    if crlf > max_headers:
+        raise BadResponse(f"more than {max_headers} header lines")
     lines = block.split(b"\r\n")
     status = lines[0].split(b" ", 2)
     version = status[0]
     if (
         len(status) < 2
+        or len(version) != 8
         or not version.startswith(b"HTTP/1.")
+        or not version[7:].isdigit()
         or len(status[1]) != 3
         or not status[1].isdigit()
         or not 100 <= int(status[1]) <= 599
@@ -170,6 +184,8 @@ class UpstreamProtocol(Protocol):
         self._keep_alive = True
         self._got_response = False
         self._head_request = False
+        # The request asked Expect: 100-continue, and no 100 came yet.
+        self._expect = False
         # The tunnel this connection carries after a 101 (rrlb.tunnel).
         self.tunnel: Any = None
         # The request body still streaming to the node, if any.
@@ -185,17 +201,21 @@ class UpstreamProtocol(Protocol):
 
     # -- sending --------------------------------------------------------------
 
-    def send(self, exchange: Any, head: bytes, body: Any, head_request: bool) -> None:
+    def send(
+        self, exchange: Any, head: bytes, body: Any, head_request: bool, expect: bool = False
+    ) -> None:
         """
         Send a request: C{head} is the request line and header block; C{body}
         is L{None}, C{bytes}, or a L{rrlb.body.StreamedBody} whose bytes
-        follow as the client sends them.
+        follow as the client sends them. C{expect}: the head asks
+        C{Expect: 100-continue}.
         """
         self.exchange = exchange
         self._state = _HEAD
         self._buffer = b""
         self._got_response = False
         self._head_request = head_request
+        self._expect = expect
         self.requests += 1
         if body is None:
             self.transport.write(head)
@@ -250,6 +270,7 @@ class UpstreamProtocol(Protocol):
         exchange = self.exchange
         if exchange is None:
             # Bytes nobody asked for: the connection is not safe to reuse.
+            self.pool.stray(self)
             self.pool._forget_idle(self)
             self.transport.abortConnection()
             return
@@ -268,7 +289,7 @@ class UpstreamProtocol(Protocol):
             if remaining < 0:
                 # More than the node announced: keep what was announced.
                 data = data[: self._remaining]
-                self._keep_alive = False
+                self._after_response()
             self._remaining = 0
             if data:
                 exchange.response_body(data)
@@ -300,7 +321,7 @@ class UpstreamProtocol(Protocol):
                 return
             self._got_response = True
             try:
-                version, code, reason, raw = parse_head(buffer[:end])
+                version, code, reason, raw = parse_head(buffer[:end], self.pool.max_headers)
             except BadResponse as e:
                 self._protocol_error(str(e))
                 return
@@ -313,6 +334,7 @@ class UpstreamProtocol(Protocol):
                 # on Expect to send its body (rrlb.body); others (103 Early
                 # Hints) are not passed on. Then wait for the final one.
                 if code == 100:
+                    self._expect = False
                     interim = getattr(self.exchange, "interim_continue", None)
                     if interim is not None:
                         interim()
@@ -346,6 +368,7 @@ class UpstreamProtocol(Protocol):
     ) -> None:
         tokens: set[bytes] = set()
         chunked = other_coding = False
+        coding = None
         if not _HOP_BY_HOP_NAMES.isdisjoint(headers):
             connection = headers.get(b"Connection")
             # The framing first: a Connection header naming Transfer-Encoding
@@ -354,9 +377,15 @@ class UpstreamProtocol(Protocol):
             # the next response on this connection).
             coding = headers.get(b"Transfer-Encoding")
             if coding:
-                last = coding[-1].rsplit(b",", 1)[-1].strip().lower()
-                chunked = last == b"chunked"
-                other_coding = not chunked
+                if coding != [b"chunked"]:
+                    codings = [c.strip().lower() for v in coding for c in v.split(b",")]
+                    # The last coding frames the body (chunked, or until the
+                    # close); any other one rrlb cannot undo (gzip, chunked
+                    # twice), and its body is refused below.
+                    chunked = codings[-1] == b"chunked"
+                    other_coding = codings != [b"chunked"]
+                else:
+                    chunked = True
             if connection:
                 tokens = connection_tokens(connection)
                 for token in tokens - _NOT_DROPPED_BY_CONNECTION:
@@ -367,11 +396,15 @@ class UpstreamProtocol(Protocol):
         length = None
         lengths = headers.get(b"Content-Length")
         if lengths:
-            values = {v.strip() for value in lengths for v in value.split(b",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                self._protocol_error(f"bad Content-Length {lengths[0][:40]!r}")
+            # Strict (RFC 9112 6.3 lets a recipient refuse or fold them): two
+            # Content-Length lines or a list are refused even when equal, as
+            # nginx does; HAProxy folds equal ones. A node that sends them is
+            # broken, and a client behind rrlb must never see two.
+            if len(lengths) != 1 or not lengths[0].isdigit():
+                what = "two Content-Length values" if len(lengths) > 1 else "bad Content-Length"
+                self._protocol_error(f"{what} {b', '.join(lengths)[:40]!r}")
                 return
-            length = int(values.pop())
+            length = int(lengths[0])
         self._keep_alive = (
             b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         )
@@ -380,6 +413,19 @@ class UpstreamProtocol(Protocol):
             # (RFC 9112 6.1): read this one, never another on this connection.
             self._keep_alive = False
         has_body = not (self._head_request or code in (204, 304))
+        if not has_body and (self._head_request or coding or length):
+            # A HEAD, or a 204 or 304 that declared a body: a node that sends
+            # that body anyway (a common bug) would have it read as the next
+            # request's response on this connection, so it carries no other.
+            self._keep_alive = False
+        if self._expect:
+            # A final answer to Expect: 100-continue with no 100 first: the
+            # node may not have read the body (RFC 9110 10.1.1 lets it read
+            # and drop it, or close). One that does neither reads the body
+            # as its next request, and its answer to that would be read as
+            # the next response here.
+            self._expect = False
+            self._keep_alive = False
         if has_body and other_coding:
             # A coding rrlb cannot undo (gzip as a transfer coding): passing
             # the body on without its Transfer-Encoding would corrupt it.
@@ -410,15 +456,23 @@ class UpstreamProtocol(Protocol):
         self._buffer = b""
         if not has_body or (self._state == _LENGTH and self._remaining == 0):
             if rest:
-                self._keep_alive = False
+                self._after_response()
             self._done()
         elif rest:
             self.dataReceived(rest)
 
     def _chunked_done(self, rest: bytes) -> None:
         if rest:
-            self._keep_alive = False
+            self._after_response()
         self._done()
+
+    def _after_response(self) -> None:
+        """
+        Bytes came after the response, in the same read: they are nobody's,
+        and the connection carries no other request.
+        """
+        self._keep_alive = False
+        self.pool.stray(self)
 
     def _done(self) -> None:
         """
@@ -512,30 +566,6 @@ class UpstreamProtocol(Protocol):
             exchange.upstream_lost(reason, self._got_response)
 
 
-def _still_open(protocol: UpstreamProtocol) -> bool:
-    """
-    Whether an idle pooled connection can carry a request: not closing, and
-    no FIN (or stray byte) from the node waiting unread on its socket. A
-    one-byte MSG_PEEK costs one system call per reused connection and spares
-    sending a request on a connection the node already closed.
-    """
-    transport = protocol.transport
-    if transport is None or not protocol.connected or transport.disconnecting:
-        return False
-    sock = getattr(transport, "socket", None)
-    if sock is None:  # TLS: the TCP transport under the TLS protocol
-        sock = getattr(getattr(transport, "transport", None), "socket", None)
-    if sock is None:
-        return True
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True  # nothing to read: open and quiet
-    except OSError:
-        return False
-    return False  # b"" is the node's FIN; anything else was never asked for
-
-
 class _ConnectFactory(ClientFactory):
     """
     Builds the protocol for one new connection and reports its outcome to
@@ -593,6 +623,7 @@ class UpstreamPool:
         timeout: float = 30.0,
         max_idle_per_node: int = 32,
         tls_creator: Optional[Callable[[Any], Any]] = None,
+        max_headers: int = MAX_HEADERS,
     ) -> None:
         self.reactor: Any = reactor
         self.clock: IReactorTime = reactor
@@ -602,6 +633,10 @@ class UpstreamPool:
         # Node key -> its pool's max_idle_per_node, where that differs.
         self.idle_caps: dict[str, int] = {}
         self.tls_creator = tls_creator
+        # Header lines a response may have (--max-headers, as for requests).
+        self.max_headers = max_headers
+        # Node key -> when its stray bytes were last logged.
+        self._stray_logged: dict[str, float] = {}
         # How long a client that paused its response may read nothing
         # (nginx's send_timeout); never less than the response timeout.
         self.send_timeout = SEND_TIMEOUT
@@ -635,11 +670,12 @@ class UpstreamPool:
         while idle:
             protocol = idle.pop()
             protocol.idle = False
-            if _still_open(protocol):
+            if self._reusable(protocol):
                 exchange.connected(protocol, True)
                 return None
-            # The node closed it between requests (its FIN not read yet):
-            # nothing was sent on it, so any request may take a fresh one.
+            # The node closed it between requests (its FIN not read yet), or
+            # sent bytes since: nothing was sent on it, so any request may
+            # take a fresh one.
             protocol.transport.abortConnection()
         factory = _ConnectFactory(self, node.key, exchange)
         self.new_connections += 1
@@ -656,6 +692,69 @@ class UpstreamPool:
             )
         return self.reactor.connectTCP(node.host, node.port, factory, timeout=connect_timeout)
 
+    def _reusable(self, protocol: UpstreamProtocol) -> bool:
+        """
+        Whether an idle pooled connection can carry a request: it is open,
+        and nothing arrived on it since its response ended.
+
+        Bytes the reactor read while it was idle closed it already
+        (L{UpstreamProtocol.dataReceived}). What is left to look at costs a
+        system call per reuse: a one-byte C{MSG_PEEK} at the socket, for a
+        FIN or bytes not read yet; and over TLS, a one-byte peek at the TLS
+        layer first. The TLS layer hands over the records of one read one
+        by one, so a record that came in the same read as the response's
+        last one is still held there while that response ends, and a
+        request waiting in the queue takes the connection back at that very
+        moment. (Part of a record, its rest still on the wire, is not seen:
+        that is the window every HTTP/1.1 proxy has, docs/security.md.)
+        """
+        transport = protocol.transport
+        if transport is None or not protocol.connected or transport.disconnecting:
+            return False
+        tls = ISSLTransport.providedBy(transport)
+        if tls:
+            try:
+                transport.getHandle().recv(1, socket.MSG_PEEK)
+            except SSL.WantReadError:
+                pass  # no whole record held
+            except Exception:
+                return False  # a close_notify, or TLS broke
+            else:
+                self.stray(protocol)
+                return False
+        sock = getattr(transport, "socket", None)
+        if sock is None:  # TLS over a transport of its own
+            sock = getattr(getattr(transport, "transport", None), "socket", None)
+        if sock is None:
+            return True
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: open and quiet
+        except OSError:
+            return False
+        if data and not tls:
+            # (Over TLS they may be the TLS layer's own: a session ticket.)
+            self.stray(protocol)
+        return False  # b"" is the node's FIN
+
+    def stray(self, protocol: UpstreamProtocol) -> None:
+        """
+        A node sent bytes after a response, that nobody asked for: say so,
+        at most once every L{STRAY_LOG_INTERVAL} seconds per node.
+        """
+        key = protocol.key
+        now = self.clock.seconds()
+        last = self._stray_logged.get(key)
+        if last is None or now - last >= STRAY_LOG_INTERVAL:
+            self._stray_logged[key] = now
+            self.log.warn(
+                "node {node} sent bytes after its response, which another request"
+                " could have taken for its own; the connection was closed, not reused"
+                " (said at most once a minute per node)",
+                node=key,
+            )
+
     def _acquire_private(self, node: Any, exchange: Any, fresh: bool, header: bytes) -> Any:
         """
         L{acquire} for a node with C{send_proxy}: the idle connection that
@@ -668,7 +767,7 @@ class UpstreamPool:
             protocol.idle = False
             if not private:
                 del self._private[node.key]
-            if _still_open(protocol):
+            if self._reusable(protocol):
                 exchange.connected(protocol, True)
                 return None
             protocol.transport.abortConnection()
@@ -753,6 +852,7 @@ class UpstreamPool:
         """
         Close the idle connections of a node that is gone.
         """
+        self._stray_logged.pop(key, None)
         for protocol in self._idle.pop(key, []) + list(self._private.pop(key, {}).values()):
             protocol.idle = False
             protocol.transport.loseConnection()

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _ConnectFactory
@@ -216,7 +216,7 @@ class UnsolicitedBytesTests(unittest.TestCase):
         It is closed and taken out of the pool at once, so the next request
         gets a new connection instead of a closing one.
         """
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         pool = UpstreamPool(reactor)
         protocol = UpstreamProtocol(pool, "k")
         protocol.factory = _ConnectFactory(pool, "k", None)  # type: ignore[attr-defined]
@@ -229,3 +229,140 @@ class UnsolicitedBytesTests(unittest.TestCase):
         pool.acquire(Node(), exchange)
         self.assertEqual(exchange.got, [])
         self.assertEqual(len(reactor.tcpClients), 1)
+
+
+# Every control byte a response head may not hold: all but HTAB (CR and LF
+# only as line ends, tested with the parser's other line rules).
+CONTROLS = [b for b in range(0x20) if b not in (0x09, 0x0A, 0x0D)] + [0x7F]
+
+
+class BadResponseHeadTests(WireCase):
+    """
+    Response heads that must not reach a client (issue 17, section 7): rrlb
+    answers 502 instead, as HAProxy does, and counts a failure of the node
+    and a 502 of its own.
+    """
+
+    async def head_node(self, *args: str) -> tuple[Any, int]:
+        """
+        rrlb over a node that answers C{/HEX} with a head holding the byte
+        0xHEX in a header value, C{/reason/HEX} with it in the reason phrase,
+        and C{/raw} with the request's C{X-Head} (C{|} for CRLF) and C{ok}.
+        """
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> bytes:
+            target = request.target
+            if target in (b"/raw", b"/chunked"):
+                (head,) = request.header(b"x-head")
+                body = b"2\r\nok\r\n0\r\n\r\n" if target == b"/chunked" else b"ok"
+                return head.replace(b"|", b"\r\n") + b"\r\n\r\n" + body
+            byte = bytes([int(target.rsplit(b"/", 1)[1], 16)])
+            if target.startswith(b"/reason/"):
+                return response(status=b"200 O" + byte + b"K")
+            return response(headers=(b"X-Value: a" + byte + b"b",))
+
+        backend = await self.backend(handler)
+        return await self.balancer([backend.url], *args)
+
+    async def test_control_bytes(self) -> None:
+        """
+        NUL, ESC, VT, DEL and every other control byte but HTAB in a header
+        value, and ESC in the reason phrase, get 502; HTAB and obs-text
+        (0x80-0xFF) pass.
+        """
+        _, port = await self.head_node("--fall", "1000")
+        for byte in CONTROLS:
+            result = await self.exchange(port, get(b"/%x" % byte))
+            self.assertPlainTextError(result, 502)
+            assert result is not None
+            self.assertIn(b"control byte", result.body)
+        for byte in (0x1B, 0x7F):
+            result = await self.exchange(port, get(b"/reason/%x" % byte))
+            self.assertPlainTextError(result, 502)
+        for byte in (0x09, 0x80, 0xFF):
+            result = await self.exchange(port, get(b"/%x" % byte))
+            assert result is not None
+            self.assertEqual(result.code, 200)
+            self.assertEqual(result.header(b"x-value"), [b"a" + bytes([byte]) + b"b"])
+
+    async def test_two_content_lengths(self) -> None:
+        """
+        Two Content-Length lines, equal or not, and a list of lengths get
+        502: rrlb does not fold equal ones (RFC 9112 6.3 allows either; a
+        client must never see two).
+        """
+        _, port = await self.head_node("--fall", "1000")
+        for lengths in (
+            b"Content-Length: 2|Content-Length: 2",
+            b"Content-Length: 2|Content-Length: 3",
+            b"Content-Length: 2, 2",
+            b"Content-Length: 2|content-length: 2",
+        ):
+            head = b"HTTP/1.1 200 OK|" + lengths
+            result = await self.exchange(port, get(b"/raw", b"x", b"X-Head: " + head))
+            self.assertPlainTextError(result, 502)
+            assert result is not None
+            self.assertIn(b"Content-Length", result.body)
+        result = await self.exchange(
+            port, get(b"/raw", b"x", b"X-Head: HTTP/1.1 200 OK|Content-Length: 2")
+        )
+        assert result is not None
+        self.assertEqual((result.code, result.body), (200, b"ok"))
+
+    async def test_too_many_headers(self) -> None:
+        """
+        More header lines than --max-headers gets 502; exactly that many
+        pass.
+        """
+        _, port = await self.head_node("--fall", "1000", "--max-headers", "10")
+        for count, code in ((10, 200), (11, 502)):
+            lines = [b"Content-Length: 2"] + [b"X-H%d: v" % i for i in range(count - 1)]
+            head = b"|".join([b"HTTP/1.1 200 OK", *lines])
+            result = await self.exchange(port, get(b"/raw", b"x", b"X-Head: " + head))
+            assert result is not None
+            self.assertEqual(result.code, code)
+
+    async def test_version_and_codings(self) -> None:
+        """
+        A status line whose version is not HTTP/1.<digit>, and a body under
+        transfer codings besides one chunked (gzip, or chunked twice), get
+        502: the first could be read as another version downstream, the
+        second would reach the client still encoded, without a word of it.
+        """
+        _, port = await self.head_node("--fall", "1000")
+        for head in (
+            b"HTTP/1.1x 200 OK|Content-Length: 2",
+            b"HTTP/1.10 200 OK|Content-Length: 2",
+            b"HTTP/1.1 200 OK|Transfer-Encoding: gzip, chunked",
+            b"HTTP/1.1 200 OK|Transfer-Encoding: gzip|Transfer-Encoding: chunked",
+            b"HTTP/1.1 200 OK|Transfer-Encoding: chunked, chunked",
+        ):
+            result = await self.exchange(port, get(b"/raw", b"x", b"X-Head: " + head))
+            self.assertPlainTextError(result, 502)
+        head = b"HTTP/1.1 200 OK|Transfer-Encoding: Chunked"
+        result = await self.exchange(port, get(b"/chunked", b"x", b"X-Head: " + head))
+        assert result is not None
+        self.assertEqual((result.code, result.body), (200, b"ok"))
+
+    async def test_node_failure_and_proxy_error_counted(self) -> None:
+        """
+        Each such answer counts as a failed request of the node (passive
+        health: with --fall 2, two of them take it out of rotation) and in
+        rrlb_proxy_errors_total{code="502"}.
+        """
+        service, port = await self.head_node(
+            "--fall", "2", "--admin", "tcp:0:interface=127.0.0.1"
+        )
+        result = await self.exchange(port, get(b"/1b"))
+        self.assertPlainTextError(result, 502)
+        node = service.pool.nodes[0]
+        self.assertEqual(node.failures, 1)
+        self.assertIn("bad response", node.last_error)
+        self.assertTrue(node.healthy)
+        result = await self.exchange(port, get(b"/7f"))
+        self.assertPlainTextError(result, 502)
+        self.assertFalse(node.healthy)
+        self.assertEqual(service.metrics.proxy_errors[502], 2)
+        result = await self.exchange(port, get(b"/41"))
+        assert result is not None
+        self.assertEqual(result.code, 503)

@@ -147,8 +147,9 @@ class ReloadTests(unittest.TestCase):
 
     async def test_health_and_timeouts(self) -> None:
         """
-        Health settings and timeouts take effect on reload; a node that was
-        down stays down (its health state is kept, not reset).
+        Health settings, timeouts and the header-count limit on node
+        responses (max_headers) take effect on reload; a node that was down
+        stays down (its health state is kept, not reset).
         """
         a, b = await start_backends(self, "a", "b")
         b.healthy = False
@@ -163,7 +164,7 @@ class ReloadTests(unittest.TestCase):
             path,
             [a.url, b.url],
             "health: {interval: 0.2, timeout: 0.5, fall: 2, rise: 3}\n"
-            "timeout: 4\nconnect_timeout: 1.5\nmax_idle_per_node: 3\n",
+            "timeout: 4\nconnect_timeout: 1.5\nmax_idle_per_node: 3\nmax_headers: 50\n",
         )
         self.assertTrue(service.reload())
         self.assertFalse(node_b.healthy)
@@ -174,6 +175,7 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(service.traffic.upstream.timeout, 4.0)
         self.assertEqual(service.traffic.upstream.connect_timeout, 1.5)
         self.assertEqual(service.traffic.upstream.max_idle_per_node, 3)
+        self.assertEqual(service.traffic.upstream.max_headers, 50)
         self.assertEqual(service.config.timeout, 4.0)
         reply = await http_request(self, "GET", balancer.url + "/")
         self.assertEqual(reply.body, b"a")

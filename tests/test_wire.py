@@ -1216,7 +1216,9 @@ class ResponseForwardingTests(WireCase):
     async def test_head(self) -> None:
         """
         HEAD gets the node's headers (Content-Length included) and no body,
-        and the client connection stays usable.
+        and the client connection stays usable. The node's connection is not
+        reused: a node that sends a body for HEAD anyway would have it read
+        as the next response (tests/test_late_bytes.py).
         """
         answers = iter(
             [
@@ -1237,7 +1239,7 @@ class ResponseForwardingTests(WireCase):
         self.assertEqual(first.header(b"transfer-encoding"), [])
         self.assertEqual(second.body, b"after head")
         self.assertEqual(backend.requests[0].method, b"HEAD")
-        self.assertEqual(len(backend.connections), 1)
+        self.assertEqual(len(backend.connections), 2)
 
 
 # -- failures ------------------------------------------------------------------------
