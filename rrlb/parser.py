@@ -366,37 +366,45 @@ class ChunkedDecoder:
         self._remaining = 0
         self._trailer_size = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, start: int = 0) -> None:
         """
+        Decode C{data[start:]}. It is walked with an offset, never sliced
+        chunk by chunk, so a read of many small chunks costs its length, not
+        its length times the number of chunks.
+
         @raise BadChunk: the body is malformed.
         @raise BodyTooLarge: the body passed C{max_size}.
         """
         if self._buffer:
-            data = self._buffer + data
+            data = self._buffer + data[start:]
+            start = 0
             self._buffer = b""
-        while data:
+        pos = start
+        size_of_data = len(data)
+        while pos < size_of_data:
             state = self._state
             if state == _DATA:
                 remaining = self._remaining
-                if len(data) < remaining:
-                    self._remaining = remaining - len(data)
-                    self.on_data(data)
+                if size_of_data - pos < remaining:
+                    self._remaining = remaining - (size_of_data - pos)
+                    self.on_data(data[pos:] if pos else data)
                     return
-                self.on_data(data[:remaining])
-                data = data[remaining:]
+                self.on_data(data[pos : pos + remaining])
+                pos += remaining
                 self._state = _DATA_END
             elif state == _SIZE:
-                end = data.find(b"\r\n")
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    if len(data) > MAX_CHUNK_LINE or b"\n" in data or b"\r" in data[:-1]:
+                    rest = data[pos:]
+                    if len(rest) > MAX_CHUNK_LINE or b"\n" in rest or b"\r" in rest[:-1]:
                         raise BadChunk("malformed chunk size line")
-                    self._buffer = data
+                    self._buffer = rest
                     return
-                match = _CHUNK_LINE.match(data, 0, end)
+                match = _CHUNK_LINE.match(data, pos, end)
                 if match is None:
                     raise BadChunk("malformed chunk size line")
                 size = int(match.group(1), 16)
-                data = data[end + 2 :]
+                pos = end + 2
                 if size == 0:
                     self._state = _TRAILER
                     continue
@@ -406,32 +414,33 @@ class ChunkedDecoder:
                 self._remaining = size
                 self._state = _DATA
             elif state == _DATA_END:
-                if len(data) < 2:
-                    if data != b"\r":
+                if size_of_data - pos < 2:
+                    if data[pos:] != b"\r":
                         raise BadChunk("chunk data not followed by CRLF")
-                    self._buffer = data
+                    self._buffer = b"\r"
                     return
-                if data[:2] != b"\r\n":
+                if data[pos : pos + 2] != b"\r\n":
                     raise BadChunk("chunk data not followed by CRLF")
-                data = data[2:]
+                pos += 2
                 self._state = _SIZE
             elif state == _TRAILER:
                 # Trailer fields are read and dropped: rrlb sends the body on
                 # with a Content-Length, which has no place for them.
-                end = data.find(b"\r\n")
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    if len(data) > MAX_TRAILER_SIZE or b"\n" in data or b"\r" in data[:-1]:
+                    rest = data[pos:]
+                    if len(rest) > MAX_TRAILER_SIZE or b"\n" in rest or b"\r" in rest[:-1]:
                         raise BadChunk("malformed trailer section")
-                    self._buffer = data
+                    self._buffer = rest
                     return
-                line = data[:end]
-                data = data[end + 2 :]
-                self._trailer_size += end + 2
+                line = data[pos:end]
+                pos = end + 2
+                self._trailer_size += len(line) + 2
                 if self._trailer_size > MAX_TRAILER_SIZE:
                     raise BadChunk("trailer section too large")
                 if not line:
                     self._state = _DONE
-                    self.on_done(data)
+                    self.on_done(data[pos:])
                     return
                 name, sep, _ = line.partition(b":")
                 if (

@@ -30,6 +30,7 @@ from rrlb.channel import (
     ProxyChannel,
     error_response,
 )
+from rrlb.failures import DESCRIPTOR_ERRNOS, LocalErrors, local_errno
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
@@ -426,7 +427,38 @@ class ProxyExchange:
         self.connector = None
         if self.finished:
             return
+        code = local_errno(reason)
+        if code is not None:
+            self._local_failure(code)
+            return
         self._failed(reason, passive=True)
+
+    def _local_failure(self, code: int) -> None:
+        """
+        rrlb could not open a connection for want of a local resource (see
+        L{rrlb.failures}): not the node's fault, so neither its health nor
+        its error count changes, and no other node is tried; the client
+        gets rrlb's own 503. Out of descriptors, the idle pooled
+        connections are closed, so that the next request finds one.
+        """
+        proxy = self.proxy
+        proxy.local_errors.failed(code, f"a request to {self.node.url}")
+        if code in DESCRIPTOR_ERRNOS:
+            # Idle node connections are the descriptors rrlb can give back
+            # (not for EADDRNOTAVAIL: closing them would only add ports in
+            # TIME_WAIT).
+            proxy.upstream.close_idle()
+        request = self.request
+        self._end(ok=False)
+        # Counted and logged as rrlb's answer, not the node's.
+        request.exchange = None
+        request.pool_name = self.dest.name
+        error_response(
+            request,
+            503,
+            "no connection to a node can be opened now; try again shortly",
+            [(b"Retry-After", b"1")],
+        )
 
     def upstream_lost(self, reason: Failure, got_response: bool) -> None:
         self.proxy.upstream.unwatch(self)
@@ -759,6 +791,8 @@ class RotatingProxy(ReverseProxyResource):
 
     @ivar pool: the default pool (the first, without a default).
     @ivar queue: the default pool's queue.
+    @ivar local_errors: where connections that failed for want of a local
+        resource are logged (shared with the health checkers).
     """
 
     isLeaf = True
@@ -769,6 +803,7 @@ class RotatingProxy(ReverseProxyResource):
         upstream: UpstreamPool,
         reactor: Any,
         settings: ProxySettings = ProxySettings(),
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         Resource.__init__(self)
         # ReverseProxyResource's own attributes, for code that inspects them.
@@ -779,6 +814,7 @@ class RotatingProxy(ReverseProxyResource):
         self.clock = reactor
         self.upstream = upstream
         self.settings = settings
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self.stats = ProxyStats()
         self.budget = RetryBudget()
         # Overload control: each pool's queue is empty and unused unless

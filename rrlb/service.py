@@ -29,6 +29,7 @@ from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
+from rrlb.failures import LocalErrors
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.history import History
 from rrlb.listeners import Listener
@@ -117,6 +118,9 @@ class ControlService(MultiService):
         metrics and the history (and C{reactor=}).
     @param history: makes the status page's history from the pools, the
         metrics and the clock.
+    @param local_errors: logs rrlb's own resource errors (out of file
+        descriptors, ...), which the probes share with the traffic side of
+        this process (default: the probes' own).
     """
 
     log = Logger()
@@ -133,6 +137,7 @@ class ControlService(MultiService):
         handle_signals: bool = False,
         admin_site: AdminSiteFactory = AdminSite,
         history: HistoryFactory = History,
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -158,6 +163,8 @@ class ControlService(MultiService):
         )
         self.discovery.setServiceParent(self)
         self.pools = pools
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
+        self.local_errors.setServiceParent(self)
         self.traffic = traffic
         traffic.setServiceParent(self)
         self.metrics = traffic.metrics
@@ -268,7 +275,9 @@ class ControlService(MultiService):
             checker = self.checkers.get(pc.name)
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
-                checker = HealthChecker(pool, pc.health, self.reactor, self.health_agent)
+                checker = HealthChecker(
+                    pool, pc.health, self.reactor, self.health_agent, self.local_errors
+                )
                 self.checkers[pc.name] = checker
                 checker.setServiceParent(self)
             else:

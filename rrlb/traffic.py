@@ -25,6 +25,7 @@ from rrlb.accesslog import AccessLog
 from rrlb.channel import ClientLimits, connections_that_fit
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
+from rrlb.failures import LocalErrors
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
 from rrlb.pool import Node, Pool, Pools
@@ -113,6 +114,7 @@ def client_limits(config: Config) -> ClientLimits:
         keepalive_timeout=config.keepalive_timeout,
         max_connections=connections_that_fit(config.max_connections),
         trusted_proxies=config.trusted_proxies,
+        proxy_protocol_from=config.proxy_protocol_from,
     )
 
 
@@ -140,6 +142,8 @@ class Traffic(MultiService):
         from their description).
     @param count_requests: count every request, for a reader of the counts
         (default: when C{config} has an admin endpoint).
+    @param local_errors: logs rrlb's own resource errors, shared with the
+        health probes of this process (default: this side's own).
     """
 
     log = log
@@ -153,6 +157,7 @@ class Traffic(MultiService):
         new_pool: Optional[Callable[[str], Pool]] = None,
         endpoints: Optional[Endpoints] = None,
         count_requests: Optional[bool] = None,
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -187,7 +192,14 @@ class Traffic(MultiService):
         pool.max_conns_per_node = config.max_conns_per_node
         if not len(pools):
             pools.set([pool])
-        self.proxy = RotatingProxy(pool, self.upstream, reactor, proxy_settings(config))
+        if local_errors is None:
+            # rrlb's own resource errors, for requests (and probes, if any).
+            local_errors = LocalErrors(reactor)
+            local_errors.setServiceParent(self)
+        self.local_errors = local_errors
+        self.proxy = RotatingProxy(
+            pool, self.upstream, reactor, proxy_settings(config), local_errors
+        )
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=client_limits(config))
         if config.http2:
@@ -202,7 +214,7 @@ class Traffic(MultiService):
             stats=self.proxy.stats,
             queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
-            connections=lambda: len(getattr(self.site, "channels", ())),
+            connections=lambda: getattr(self.site, "open_count", 0),
             upstream_connections=lambda: self.upstream.connection_count,
             clients=self.site.client_list,
         )
