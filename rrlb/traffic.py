@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from rrlb.accesslog import AccessLog
-from rrlb.channel import ClientLimits, connections_that_fit
+from rrlb.channel import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
 from rrlb.failures import LocalErrors
@@ -104,29 +104,6 @@ def update_pools(
     return removed
 
 
-def client_limits(config: Config) -> ClientLimits:
-    return ClientLimits(
-        max_header_size=config.max_header_size,
-        max_headers=config.max_headers,
-        max_body_size=config.max_body_size,
-        header_timeout=config.client_header_timeout,
-        body_timeout=config.client_body_timeout,
-        keepalive_timeout=config.keepalive_timeout,
-        max_connections=connections_that_fit(config.max_connections),
-        trusted_proxies=config.trusted_proxies,
-        proxy_protocol_from=config.proxy_protocol_from,
-    )
-
-
-def proxy_settings(config: Config) -> ProxySettings:
-    return ProxySettings(
-        node_host=config.node_host,
-        retry_after=max(1, int(config.health.interval + 0.999)),
-        retries=config.retries,
-        tunnel_timeout=config.tunnel_timeout,
-    )
-
-
 class Traffic(MultiService):
     """
     Serves the traffic: listens, proxies to the nodes of C{pools}, writes
@@ -198,10 +175,10 @@ class Traffic(MultiService):
             local_errors.setServiceParent(self)
         self.local_errors = local_errors
         self.proxy = RotatingProxy(
-            pool, self.upstream, reactor, proxy_settings(config), local_errors
+            pool, self.upstream, reactor, ProxySettings.from_config(config), local_errors
         )
         self.proxy.budget.percent = config.retry_budget
-        self.site = ProxySite(self.proxy, reactor=reactor, limits=client_limits(config))
+        self.site = ProxySite(self.proxy, reactor=reactor, limits=ClientLimits.from_config(config))
         if config.http2:
             # Only now: with --http2 off nothing of rrlb.http2 is imported.
             from rrlb.http2 import ALPN_PROTOCOLS, ALPNChannel
@@ -281,8 +258,8 @@ class Traffic(MultiService):
             self.upstream.connect_timeout = config.connect_timeout
             self.upstream.max_idle_per_node = config.max_idle_per_node
             self.upstream.max_headers = config.max_headers
-            self.proxy.settings = proxy_settings(config)
-            self.site.set_limits(client_limits(config))
+            self.proxy.settings = ProxySettings.from_config(config)
+            self.site.set_limits(ClientLimits.from_config(config))
             self.proxy.budget.percent = config.retry_budget
         self._apply_pools(config, pool_configs)
         if reload:

@@ -33,10 +33,10 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
-from rrlb.traffic import client_limits
+from rrlb.settings import DEFAULT_MAX_CONNECTIONS
+from rrlb.values import ConfigError, byte_size, trusted_networks
 from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
@@ -1136,7 +1136,7 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(10000), 500)
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
-        self.assertEqual(client_limits(config.config).max_connections, 500)
+        self.assertEqual(ClientLimits.from_config(config.config).max_connections, 500)
 
     def test_default_is_what_fits(self) -> None:
         """
@@ -1152,7 +1152,7 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(None), 500)
         config = balancer_options("--nodes", "http://127.0.0.1:9").config
         self.assertIsNone(config.max_connections)
-        self.assertEqual(client_limits(config).max_connections, 500)
+        self.assertEqual(ClientLimits.from_config(config).max_connections, 500)
         if hard == resource.RLIM_INFINITY or hard >= 2 * DEFAULT_MAX_CONNECTIONS + 64:
             resource.setrlimit(resource.RLIMIT_NOFILE, (2 * DEFAULT_MAX_CONNECTIONS + 64, hard))
             self.assertEqual(connections_that_fit(None), DEFAULT_MAX_CONNECTIONS)

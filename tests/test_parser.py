@@ -6,14 +6,17 @@ chunked bodies, without sockets.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.trial import unittest
 
 from rrlb.parser import (
     BAD_FRAMING,
+    BAD_METHOD,
     BAD_REQUEST,
     BAD_VERSION,
+    HEADER_TOO_LARGE,
+    HTTP_2,
     MAX_REQUEST_LINE,
     TOO_MANY_HEADERS,
     UNKNOWN_CODING,
@@ -24,6 +27,7 @@ from rrlb.parser import (
     ChunkedDecoder,
     RequestHead,
     parse_request_head,
+    validate_request,
 )
 
 
@@ -289,6 +293,99 @@ class RefusedHeadTests(unittest.TestCase):
         self.refused(head + b"\r\nX-B: 2", 431, TOO_MANY_HEADERS, max_headers=5)
 
 
+class ValidateRequestTests(unittest.TestCase):
+    """
+    L{validate_request}, the rules HTTP/1.1 and HTTP/2 requests share, as
+    the HTTP/2 side calls it: fields given one by one, the head spelt as
+    HTTP/1.1 would.
+    """
+
+    def validate(
+        self,
+        method: bytes = b"GET",
+        target: bytes = b"/",
+        fields: tuple[tuple[bytes, bytes], ...] = ((b"host", b"x"),),
+        max_headers: int = 100,
+        max_header_size: int = 0,
+    ) -> RequestHead:
+        lines = [method + b" " + target + b" " + HTTP_2]
+        lines += [name + b": " + value for name, value in fields]
+        return validate_request(
+            method,
+            target,
+            HTTP_2,
+            lines[1:],
+            b"\r\n".join(lines),
+            max_headers,
+            max_header_size,
+        )
+
+    def refused(self, code: int = 400, reason: str = BAD_REQUEST, **kw: Any) -> None:
+        e = self.assertRaises(BadRequest, self.validate, **kw)
+        self.assertEqual((e.code, e.reason), (code, reason), e.text)
+
+    def test_valid(self) -> None:
+        """
+        Names are canonical, values trimmed, Expect: 100-continue noticed.
+        """
+        head = self.validate(
+            fields=((b"host", b"x:8"), (b"expect", b"100-continue"), (b"x-a", b"1\t2"))
+        )
+        self.assertEqual(
+            head.headers,
+            {b"Host": [b"x:8"], b"Expect": [b"100-continue"], b"X-A": [b"1\t2"]},
+        )
+        self.assertTrue(head.expect_continue)
+        self.assertEqual(self.validate(b"OPTIONS", b"*").target, b"*")
+
+    def test_same_rules(self) -> None:
+        """
+        What HTTP/1.1 refuses is refused here: a method or name that is not
+        a token, control bytes in the target or a value, a bad Host, * on
+        a GET, CONNECT (405).
+        """
+        self.refused(method=b"G(E)T")
+        self.refused(method=b"GET /admin")
+        self.refused(target=b"/a HTTP/1.1")
+        self.refused(target=b"/a\x1bb")
+        self.refused(target=b"*")
+        self.refused(fields=((b"host", b"x"), (b"x(y", b"1")))
+        self.refused(fields=((b"host", b"x"), (b"x-a", b"v\x01")))
+        self.refused(fields=((b"host", b"a b"),))
+        self.refused(414, URI_TOO_LONG, target=b"/" + b"a" * MAX_REQUEST_LINE)
+        self.refused(405, BAD_METHOD, method=b"CONNECT", target=b"")
+
+    def test_line_breaks_in_values(self) -> None:
+        """
+        A CR or LF inside a value (which an HTTP/1.1 head could not hold
+        there) is refused, CRLF included.
+        """
+        for value in (b"a\r\nX-Injected: 1", b"a\nb", b"a\rb"):
+            self.refused(fields=((b"host", b"x"), (b"x-a", value)))
+
+    def test_http2_only(self) -> None:
+        """
+        An HTTP/2 request needs Host (:authority), has an origin-form or *
+        :path, and carries no framing or connection-specific field.
+        """
+        self.refused(fields=())
+        self.refused(target=b"http://x/")
+        self.refused(
+            reason=BAD_FRAMING, fields=((b"host", b"x"), (b"transfer-encoding", b"chunked"))
+        )
+        for name in (b"connection", b"keep-alive", b"proxy-connection", b"upgrade"):
+            self.refused(fields=((b"host", b"x"), (name, b"1")))
+
+    def test_limits(self) -> None:
+        """
+        --max-headers and --max-header-size: 431.
+        """
+        fields = ((b"host", b"x"),) + ((b"x-a", b"1"),) * 4
+        self.assertEqual(len(self.validate(fields=fields, max_headers=5).headers[b"X-A"]), 4)
+        self.refused(431, TOO_MANY_HEADERS, fields=fields, max_headers=4)
+        self.refused(431, HEADER_TOO_LARGE, fields=fields, max_header_size=40)
+
+
 class ChunkedDecoderTests(unittest.TestCase):
     """
     The chunked body decoder, fed in every possible split.
@@ -308,6 +405,8 @@ class ChunkedDecoderTests(unittest.TestCase):
         else:
             decoder.feed(body)
         self.assertTrue(decoder.done)
+        # Never an empty piece: sent on chunked, it would end the body.
+        self.assertNotIn(b"", data)
         return b"".join(data), b"".join(rest)
 
     def test_body_and_rest(self) -> None:

@@ -20,16 +20,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from rrlb.config import Config, ConfigError
+from rrlb.config import Config
 from rrlb.listeners import with_default_backlog
 from rrlb.proxyproto import ProxyHeaderEndpoint
 from rrlb.tls import ServerTLS, listen_endpoint, listen_kind, split_description, tls_on_tcp
 
 log = Logger()
-
-# The kinds of listener whose socket the workers can share.
-SHARED_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
-
 
 class SocketGroup:
     """
@@ -165,28 +161,6 @@ class _Held:
 
     def listen(self, factory: Any) -> Any:
         return self.wrapped.listen(HeldForWorkers())
-
-
-def check_listeners(config: Config) -> None:
-    """
-    Refuse listeners whose sockets workers cannot share.
-
-    @raise ConfigError: naming the listener.
-    """
-    on_tcp = tls_on_tcp(config.listen, config.tls)
-    for description in config.listen:
-        kind = listen_kind(description)[1]
-        if kind not in SHARED_KINDS:
-            raise ConfigError(
-                f"--workers: the listener {description!r} cannot be shared with worker"
-                f" processes (only {', '.join(SHARED_KINDS)} listeners can)"
-            )
-        if kind == "ssl" or (kind == "tcp" and on_tcp):
-            if listen_endpoint(None, description, config.tls, on_tcp)[1] is None:
-                raise ConfigError(
-                    f"--workers: the listener {description!r} has TLS settings rrlb does"
-                    " not serve itself, so worker processes cannot take it over"
-                )
 
 
 @implementer(IStreamServerEndpoint)
