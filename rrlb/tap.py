@@ -27,7 +27,6 @@ from rrlb.pool import Pools
 from rrlb.service import ControlService
 from rrlb.settings import Setting, command_line
 from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
-from rrlb.traffic import Traffic
 from rrlb.values import Parser
 
 log = Logger()
@@ -280,6 +279,10 @@ def compose(
             admin_site=MainAdminSite,
             history=WorkersHistory,
         )
+    # Only now: the proxy imports twisted.web.proxy, which imports the global
+    # reactor, and parsing the options must not.
+    from rrlb.traffic import Traffic
+
     # One process: the probes and the requests share one account of rrlb's
     # own resource errors.
     local_errors = LocalErrors(reactor)
