@@ -220,7 +220,7 @@ class HTTP2Tests(HTTP2Case):
         self.assertEqual(request.header(b"host"), [b"h2.example"])
         self.assertEqual(request.header(b"via"), [b"2 rrlb"])
         self.assertEqual(request.header(b"x-forwarded-proto"), [b"https"])
-        self.assertEqual(len(balancer.service.site.channels), 1)
+        self.assertEqual(len(balancer.service.traffic.site.channels), 1)
 
     async def test_large_streamed_response(self) -> None:
         """
@@ -460,7 +460,7 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         self.assertEqual(stalled.status, 408)
         await wait_for(lambda: node.connections[0].closed, "the node's request to be cut")
         self.assertEqual(balancer.service.pool.nodes[0].in_flight, 0)
-        self.assertEqual(len(balancer.service.site.channels), 1)
+        self.assertEqual(len(balancer.service.traffic.site.channels), 1)
 
     async def test_idle_connection_closes(self) -> None:
         """
@@ -473,7 +473,7 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         _, answer = client.request(b"GET", b"/")
         await answer.done
         await client.lost
-        await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to close it")
 
     async def test_drain_waits_for_streams(self) -> None:
         """

@@ -108,10 +108,10 @@ class MisbehavingNodeTests(WireCase):
         assert result is not None
         self.assertEqual(result.code, 413)
         for _ in range(40):
-            if service.upstream.connection_count == 0:
+            if service.traffic.upstream.connection_count == 0:
                 break
             await sleep(0.05)
-        self.assertEqual(service.upstream.connection_count, 0)
+        self.assertEqual(service.traffic.upstream.connection_count, 0)
 
     async def test_close_delimited_body_cut_by_reset(self) -> None:
         """
