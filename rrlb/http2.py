@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from priority import BadWeightError, DuplicateStreamError, PriorityLoop
@@ -365,6 +366,17 @@ class ProxyH2Connection(BoundedConnection, H2Connection):
                 SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
             },
         )
+
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            return  # after GOAWAY: h2 would keep every byte in its frame buffer
+        super().dataReceived(data)
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # A protocol error (or the client's GOAWAY): Twisted loses the
+            # transport, but TLS closes only once no producer is registered,
+            # so the connection stayed open, reading, until the idle timeout.
+            self.close()
 
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
