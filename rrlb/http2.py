@@ -484,8 +484,13 @@ class ProxyH2Connection(BoundedConnection, H2Connection):
 
     def close(self) -> None:
         """
-        Say GOAWAY and close the connection.
+        Say GOAWAY and close the connection. TLS closes for good only once
+        the client answers close_notify: one that does not is cut off after
+        the site's close_timeout, as an HTTP/1.1 connection is.
         """
+        channel = self.channel
+        channel._state = _CLOSED
+        channel.deadline = channel.clock.seconds() + channel.site.close_timeout
         try:
             self.conn.close_connection()
             self._tryToWriteControlData()
@@ -544,8 +549,9 @@ class ALPNChannel(ProxyChannel):
         h2 = self.h2
         if h2 is None:
             super().timed_out()
+        elif self._state == _CLOSED:
+            self.transport.abortConnection()
         elif not h2.streams:
-            self._state = _CLOSED
             h2.close()
 
     def close_when_idle(self) -> None:

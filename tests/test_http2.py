@@ -494,6 +494,23 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
         self.assertEqual(node.requests[0].target, b"/")
 
+    async def test_close_notify_withheld(self) -> None:
+        """
+        An HTTP/2 connection rrlb closes (here at --keepalive-timeout) whose
+        client never answers TLS close_notify (it stopped reading) is cut
+        off after the site's close_timeout, as an HTTP/1.1 one is: TLS waits
+        for the client's close_notify, and the connection kept its place
+        under --max-connections for ever.
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "0.3")
+        balancer.service.site.close_timeout = 0.5
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        client.transport.pauseProducing()
+        await wait_for(lambda: not balancer.service.site.channels, "rrlb to cut it off")
+
     async def test_drain_waits_for_streams(self) -> None:
         """
         Stopping rrlb sends GOAWAY, lets the open stream finish, then closes
