@@ -15,14 +15,19 @@ failing requests quietly.
     name (C{content-type} -> C{Content-Type}); only asked once per distinct
     name, the answers are cached here.
   - L{HTTPChannel}'s producer state (C{_handlingRequest},
-    C{_networkProducer}, C{_waitingForTransport}): L{rrlb.channel} replaces
-    the channel's parsing but keeps its backpressure between the transport
-    and the request, which reads these.
+    C{_networkProducer}, C{_waitingForTransport}, C{_requestProducer}):
+    L{rrlb.channel} replaces the channel's parsing, and its
+    C{pauseProducing}/C{resumeProducing} (to count its reasons not to read),
+    but keeps the rest of its backpressure between the transport and the
+    request, which reads these.
   - L{Request._disconnected}: whether the client went away.
   - With C{--http2} only, L{rrlb.http2} subclasses the private
     L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
     overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE}.
+    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
+    L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
+    send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
+    Twisted's send loop only appends to and pops from.
 """
 
 from __future__ import annotations
@@ -106,13 +111,26 @@ H2_OVERRIDES = {
         "_requestEnded",
         "_requestAborted",
         "_requestDone",
+        "_handlePriorityUpdate",
+        "pauseProducing",
+        "resumeProducing",
+        "remainingOutboundWindow",
     ),
-    "H2Stream": ("_convertHeaders", "receiveDataChunk", "requestComplete", "writeHeaders"),
+    "H2Stream": (
+        "_convertHeaders",
+        "receiveDataChunk",
+        "requestComplete",
+        "writeHeaders",
+        "registerProducer",
+        "flowControlBlocked",
+        "windowUpdated",
+    ),
 }
 H2_STATE = {
     "H2Connection": (
         "_streamCleanupCallbacks",
         "_outboundStreamQueues",
+        "_consumerBlocked",
         "_tryToWriteControlData",
         "_send100Continue",
         "_streamIsActive",
@@ -122,5 +140,5 @@ H2_STATE = {
         "streams",
         "conn",
     ),
-    "H2Stream": ("_conn", "_request", "streamID", "command", "path"),
+    "H2Stream": ("_conn", "_request", "streamID", "command", "path", "producer"),
 }

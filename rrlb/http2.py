@@ -20,41 +20,75 @@ package) is loaded otherwise.
  - Connection-specific headers are translated as RFC 9113 section 8.2.2
    says: none goes to an HTTP/2 client, C{:authority} becomes C{Host}, and
    cookie fields split by HTTP/2 are joined again (section 8.2.3).
+ - What rrlb holds for the client is bounded whatever windows it advertises
+   (L{rrlb.h2buffers}).
+ - Descriptors: a stream may hold a node connection of its own, so each
+   stream beyond a connection's first takes a place under
+   C{--max-connections} (L{ClientSite.stream_opened}); with none left a new
+   stream is refused with C{REFUSED_STREAM}. At most L{MAX_STREAMS} are
+   open on a connection (C{SETTINGS_MAX_CONCURRENT_STREAMS}).
+ - Each request meets the rules of an HTTP/1.1 one, checked by the same
+   L{rrlb.parser.validate_request}. One that fails is malformed (RFC 9113
+   8.1.1): rrlb answers it on its stream with the status HTTP/1.1 gets
+   (400, 405, 414, 431, 501) and contacts no node; the connection and its
+   other streams carry on. What the C{h2} library refuses itself (an
+   uppercase or empty name, CR, LF or NUL, a connection-specific field,
+   a missing pseudo-header) is a connection error: it sends GOAWAY.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Optional
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from priority import DuplicateStreamError
+from h2.settings import SettingCodes, Settings
+from priority import BadWeightError, DuplicateStreamError, PriorityLoop
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection, H2Stream
 
-from rrlb._twisted import canonical_name, header_values, set_raw_headers
+from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
 from rrlb.channel import (
     _CLOSED,
     EDGE_TRUSTED,
+    MAX_LOGGED_TARGET,
     ProxyChannel,
     error_response,
     real_client,
 )
-from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
+from rrlb.h2buffers import BoundedConnection, BoundedStream
+from rrlb.parser import (
+    BAD_REQUEST,
+    BODY_TIMEOUT,
+    BODY_TOO_LARGE,
+    CONTENT_LENGTH,
+    HTTP_2,
+    BadRequest,
+    validate_request,
+)
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
+
+# The most bytes of a refused request's method written to the access log
+# (as rrlb.channel.request_line_of keeps of an HTTP/1.1 one).
+MAX_LOGGED_METHOD = 32
 
 # Response headers that never go to an HTTP/2 client (RFC 9113 8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 
+# Streams a client may have open at once on one connection
+# (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
+# 128, HAProxy's 100).
+MAX_STREAMS = 100
 
-class ProxyH2Stream(H2Stream):
+
+class ProxyH2Stream(BoundedStream, H2Stream):
     """
     One HTTP/2 stream: a request, and the channel the proxy sees for it.
     """
@@ -79,6 +113,9 @@ class ProxyH2Stream(H2Stream):
         self._holds = 0
         self._unacked = 0
         self._body_timer: Any = None
+        # The request's head once validated, or why it was refused.
+        self.head: Any = None
+        self.refused: Optional[BadRequest] = None
         # The stream is the transport of its request (H2Stream has None):
         # writing, closing and the addresses go through it, never to the
         # whole connection.
@@ -86,32 +123,62 @@ class ProxyH2Stream(H2Stream):
         super().__init__(streamID, connection, headers, requestFactory, site, factory)
 
     def _convertHeaders(self, headers: Any) -> None:
-        request = self._request
-        raw: dict[bytes, list[bytes]] = {}
-        authority = None
+        """
+        Take the request's head from its HTTP/2 fields, through the same
+        L{validate_request} as an HTTP/1.1 head: C{:authority} is its
+        C{Host}, split cookie fields are one again (RFC 9113 8.2.3, 8.3.1).
+        A request that fails is kept in C{refused} and answered in L{start}
+        (RFC 9113 8.1.1: a malformed request is a stream error, and the
+        server may answer it before closing the stream).
+        """
+        method = path = authority = None
+        # The fields as HTTP/1.1 lines (name: value), for validate_request.
+        lines: list[bytes] = []
         cookies: list[bytes] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":method":
-                    self.command = value
-                elif name == b":path":
-                    self.path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"cookie":
-                cookies.append(value)
-                continue
-            key = canonical_name(name)
-            values = raw.get(key)
-            if values is None:
-                raw[key] = [value]
-            else:
-                values.append(value)
-        if cookies:
-            raw[b"Cookie"] = [b"; ".join(cookies)]
-        if authority is not None:
-            raw[b"Host"] = [authority]
+        try:
+            for name, value in headers:
+                if name[:1] == b":":
+                    # Pseudo-header fields come first (h2 checks that).
+                    if name == b":method":
+                        method = value
+                    elif name == b":path":
+                        path = value
+                    elif name == b":authority":
+                        authority = value
+                        lines.append(b"host: " + value)
+                    continue
+                if b":" in name:
+                    # Read as a line, the name would end at its colon (RFC
+                    # 9113 8.2.1 forbids it; h2 checks that too).
+                    raise BadRequest(400, BAD_REQUEST, "malformed header field name")
+                if name == b"cookie":
+                    cookies.append(value)
+                    continue
+                if name == b"host" and authority is not None:
+                    if value != authority:
+                        raise BadRequest(400, BAD_REQUEST, "Host and :authority differ")
+                    continue
+                lines.append(name + b": " + value)
+            if cookies:
+                lines.append(b"cookie: " + b"; ".join(cookies))
+            self.command = method = method or b""
+            self.path = path = path or b""
+            limits = self.limits
+            head = validate_request(
+                method,
+                path,
+                HTTP_2,
+                lines,
+                b"\r\n".join([method + b" " + path + b" " + HTTP_2, *lines]),
+                limits.max_headers,
+                limits.max_header_size,
+            )
+        except BadRequest as e:
+            self.refused = e
+            return
+        raw = head.headers
+        self.head = head
+        request = self._request
         set_raw_headers(request.requestHeaders, raw)
         request.content = None
         if self.edge == EDGE_TRUSTED:
@@ -124,27 +191,35 @@ class ProxyH2Stream(H2Stream):
     def start(self, has_body: bool) -> None:
         """
         The request head is in: forward it now, its body (if any) following
-        as it arrives.
+        as it arrives; or answer it if it was refused.
         """
         request = self._request
+        refused = self.refused
+        if refused is not None:
+            self._refuse(refused)
+            return
         if has_body:
-            lengths = header_values(request.requestHeaders, b"Content-Length")
-            length = None
-            if lengths and lengths[0].isdigit():
-                length = int(lengths[0])
-            expect = header_values(request.requestHeaders, b"Expect")
-            expect_continue = expect is not None and expect[0].lower() == b"100-continue"
+            head = self.head
+            length = head.length if CONTENT_LENGTH in head.headers else None
             maximum = self.limits.max_body_size
             if maximum and length is not None and length > maximum:
-                request.client_error = BODY_TOO_LARGE
-                request.method = self.command
-                request.uri = self.path
-                request.clientproto = b"HTTP/2"
-                error_response(request, 413, "the body is too large")
+                self._refuse(BadRequest(413, BODY_TOO_LARGE, "the body is too large"))
                 return
-            request.body = StreamedBody(self, length, expect_continue)
+            request.body = StreamedBody(self, length, head.expect_continue)
             self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
         request.requestReceived(self.command, self.path, b"HTTP/2")
+
+    def _refuse(self, error: BadRequest) -> None:
+        """
+        Answer the request with C{error} on its stream, count it in
+        C{rrlb_client_errors_total} and log it, as the HTTP/1.1 channel does.
+        """
+        request = self._request
+        request.client_error = error.reason
+        request.method = (self.command or b"")[:MAX_LOGGED_METHOD]
+        request.uri = (self.path or b"")[:MAX_LOGGED_TARGET]
+        request.clientproto = b"HTTP/2"
+        error_response(request, error.code, error.text, error.headers)
 
     # -- the body's source (rrlb.body) -----------------------------------------
 
@@ -174,6 +249,13 @@ class ProxyH2Stream(H2Stream):
             # A body nobody forwards (the response is out already): let it
             # come, and drop it.
             self._open_window()
+            return
+        if not data:
+            # A DATA frame with no data (empty, or only padding) is no piece
+            # of the body: fed on, it would be framed as a last chunk (issue
+            # 17). Its padding counts for the window all the same.
+            if not self._holds & ~CONTINUE:
+                self._open_window()
             return
         maximum = self.limits.max_body_size
         if maximum and body.received + len(data) > maximum:
@@ -261,7 +343,7 @@ class ProxyH2Stream(H2Stream):
         )
 
 
-class ProxyH2Connection(H2Connection):
+class ProxyH2Connection(BoundedConnection, H2Connection):
     """
     An HTTP/2 connection of a client, driven by its L{ALPNChannel}.
     """
@@ -274,22 +356,50 @@ class ProxyH2Connection(H2Connection):
         super().__init__(reactor)
         self.channel = channel
         self.going_away = False
+        # Streams beyond the first holding a place under --max-connections.
+        self._extra_streams = 0
+        # As h2 sets them itself, with rrlb's stream limit said out loud.
+        self.conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            return  # after GOAWAY: h2 would keep every byte in its frame buffer
+        super().dataReceived(data)
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # A protocol error (or the client's GOAWAY): Twisted loses the
+            # transport, but TLS closes only once no producer is registered,
+            # so the connection stayed open, reading, until the idle timeout.
+            self.close()
 
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
         if self.going_away:
             # Draining: the GOAWAY told the client no new stream is served;
             # one sent meanwhile is refused (the client may retry it).
-            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
-            self._tryToWriteControlData()
+            self._refuse(event.stream_id)
             return
+        if self.streams:
+            # This stream may hold a node connection beside the others': it
+            # takes a place under --max-connections, or waits for the
+            # client to retry it.
+            if not self.channel.site.stream_opened():
+                self._refuse(event.stream_id)
+                return
+            self._extra_streams += 1
         stream = ProxyH2Stream(
             event.stream_id, self, event.headers, self.requestFactory, self.site, self.factory
         )
         self.streams[event.stream_id] = stream
         # The rest as H2Connection._requestReceived does it, with rrlb's stream.
         self._streamCleanupCallbacks[event.stream_id] = Deferred()
-        self._outboundStreamQueues[event.stream_id] = deque()
+        self._outboundStreamQueues[event.stream_id] = self.send_queue(stream)
         try:
             self.priority.insert_stream(event.stream_id)
         except DuplicateStreamError:
@@ -297,6 +407,35 @@ class ProxyH2Connection(H2Connection):
         else:
             self.priority.block(event.stream_id)
         stream.start(has_body=event.stream_ended is None)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        # RFC 9113 5.3.2 deprecates this priority scheme. Twisted's handler
+        # adds a tree entry for every idle or closed stream a PRIORITY frame
+        # names, up to the priority library's 1,000 per connection, and then
+        # raises out of dataReceived. rrlb's tree holds open streams only:
+        # a frame for another stream is ignored, and a parent that is not
+        # open is the root.
+        streams = self.streams
+        if event.stream_id not in streams:
+            return
+        depends_on = event.depends_on if event.depends_on in streams else None
+        try:
+            self.priority.reprioritize(
+                stream_id=event.stream_id,
+                depends_on=depends_on,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+        except (PriorityLoop, BadWeightError):
+            pass  # h2 refuses these first; never a traceback for a frame
+
+    def _refuse(self, stream_id: int) -> None:
+        """
+        Refuse a new stream with REFUSED_STREAM: nothing of it was processed,
+        so the client may send it again (RFC 9113 8.7).
+        """
+        self.conn.reset_stream(stream_id, error_code=ErrorCodes.REFUSED_STREAM)
+        self._tryToWriteControlData()
 
     def _requestDataReceived(self, event: Any) -> None:
         stream = self.streams.get(event.stream_id)
@@ -316,7 +455,14 @@ class ProxyH2Connection(H2Connection):
             super()._requestAborted(event)
 
     def _requestDone(self, streamID: int) -> None:
+        queue = self._outboundStreamQueues[streamID]
         super()._requestDone(streamID)
+        self.queue_dropped(queue)
+        # Keep one place for each open stream beyond the first.
+        site = self.channel.site
+        while self._extra_streams > max(0, len(self.streams) - 1):
+            self._extra_streams -= 1
+            site.stream_closed()
         if not self.streams:
             channel = self.channel
             if self.going_away:
@@ -338,8 +484,13 @@ class ProxyH2Connection(H2Connection):
 
     def close(self) -> None:
         """
-        Say GOAWAY and close the connection.
+        Say GOAWAY and close the connection. TLS closes for good only once
+        the client answers close_notify: one that does not is cut off after
+        the site's close_timeout, as an HTTP/1.1 connection is.
         """
+        channel = self.channel
+        channel._state = _CLOSED
+        channel.deadline = channel.clock.seconds() + channel.site.close_timeout
         try:
             self.conn.close_connection()
             self._tryToWriteControlData()
@@ -347,9 +498,10 @@ class ProxyH2Connection(H2Connection):
             pass  # the connection is already closed
         transport = self.transport
         # TLS closes only once no producer is registered on it.
-        if getattr(transport, "producer", None) is not None or getattr(
-            transport, "_producer", None
-        ) is not None:
+        if (
+            getattr(transport, "producer", None) is not None
+            or getattr(transport, "_producer", None) is not None
+        ):
             transport.unregisterProducer()
         transport.loseConnection()
 
@@ -397,8 +549,9 @@ class ALPNChannel(ProxyChannel):
         h2 = self.h2
         if h2 is None:
             super().timed_out()
+        elif self._state == _CLOSED:
+            self.transport.abortConnection()
         elif not h2.streams:
-            self._state = _CLOSED
             h2.close()
 
     def close_when_idle(self) -> None:

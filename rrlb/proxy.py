@@ -30,11 +30,13 @@ from rrlb.channel import (
     ProxyChannel,
     error_response,
 )
+from rrlb.failures import DESCRIPTOR_ERRNOS, LocalErrors, local_errno
 from rrlb.health import describe_failure
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.routes import Route, Router
+from rrlb.settings import Config, values_for
 from rrlb.tunnel import Tunnel, switching_head, upgrade_token
 from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
 
@@ -114,10 +116,19 @@ class ProxySettings:
     @ivar retries: other nodes an idempotent request is tried on at most.
     """
 
-    node_host: bool = False
+    node_host: bool = Config.node_host
     retry_after: int = 1
-    retries: int = 2
-    tunnel_timeout: float = 3600.0
+    retries: int = Config.retries
+    tunnel_timeout: float = Config.tunnel_timeout
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxySettings:
+        """
+        The settings of C{config} that feed C{proxy}, and C{Retry-After}
+        (a 503's) as the health check interval in whole seconds.
+        """
+        retry_after = max(1, int(config.health.interval + 0.999))
+        return cls(retry_after=retry_after, **values_for("proxy", config))
 
 
 class Destination:
@@ -426,7 +437,38 @@ class ProxyExchange:
         self.connector = None
         if self.finished:
             return
+        code = local_errno(reason)
+        if code is not None:
+            self._local_failure(code)
+            return
         self._failed(reason, passive=True)
+
+    def _local_failure(self, code: int) -> None:
+        """
+        rrlb could not open a connection for want of a local resource (see
+        L{rrlb.failures}): not the node's fault, so neither its health nor
+        its error count changes, and no other node is tried; the client
+        gets rrlb's own 503. Out of descriptors, the idle pooled
+        connections are closed, so that the next request finds one.
+        """
+        proxy = self.proxy
+        proxy.local_errors.failed(code, f"a request to {self.node.url}")
+        if code in DESCRIPTOR_ERRNOS:
+            # Idle node connections are the descriptors rrlb can give back
+            # (not for EADDRNOTAVAIL: closing them would only add ports in
+            # TIME_WAIT).
+            proxy.upstream.close_idle()
+        request = self.request
+        self._end(ok=False)
+        # Counted and logged as rrlb's answer, not the node's.
+        request.exchange = None
+        request.pool_name = self.dest.name
+        error_response(
+            request,
+            503,
+            "no connection to a node can be opened now; try again shortly",
+            [(b"Retry-After", b"1")],
+        )
 
     def upstream_lost(self, reason: Failure, got_response: bool) -> None:
         self.proxy.upstream.unwatch(self)
@@ -434,6 +476,13 @@ class ProxyExchange:
         if self.finished:
             return
         if got_response:
+            if self.responded and not self.request.startedWriting:
+                # The head is still with rrlb (it goes out with the first
+                # body byte): the body failed before any of it, so the
+                # client can have a 502 instead of a bare close.
+                self.request.unregisterProducer()
+                self._bad_gateway(reason)
+                return
             if self.responded:
                 # The node dropped mid-body: never fake a complete response.
                 log.warn(
@@ -759,6 +808,8 @@ class RotatingProxy(ReverseProxyResource):
 
     @ivar pool: the default pool (the first, without a default).
     @ivar queue: the default pool's queue.
+    @ivar local_errors: where connections that failed for want of a local
+        resource are logged (shared with the health checkers).
     """
 
     isLeaf = True
@@ -769,6 +820,7 @@ class RotatingProxy(ReverseProxyResource):
         upstream: UpstreamPool,
         reactor: Any,
         settings: ProxySettings = ProxySettings(),
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         Resource.__init__(self)
         # ReverseProxyResource's own attributes, for code that inspects them.
@@ -779,6 +831,7 @@ class RotatingProxy(ReverseProxyResource):
         self.clock = reactor
         self.upstream = upstream
         self.settings = settings
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self.stats = ProxyStats()
         self.budget = RetryBudget()
         # Overload control: each pool's queue is empty and unused unless

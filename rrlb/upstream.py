@@ -230,6 +230,11 @@ class UpstreamProtocol(Protocol):
     # -- the streamed body's consumer (rrlb.body) ---------------------------------
 
     def body_data(self, data: bytes) -> None:
+        if not data:
+            # Nothing to frame (an HTTP/2 DATA frame that was empty or only
+            # padding): as a chunk, an empty piece would be the last chunk,
+            # ending the body early for the node (issue 17).
+            return
         exchange = self.exchange
         if exchange is not None:
             # Bytes the node takes are progress (see UpstreamPool._sweep).
@@ -856,6 +861,20 @@ class UpstreamPool:
         for protocol in self._idle.pop(key, []) + list(self._private.pop(key, {}).values()):
             protocol.idle = False
             protocol.transport.loseConnection()
+
+    def close_idle(self) -> int:
+        """
+        Close every idle connection, to give their descriptors back (rrlb
+        ran out of them, see L{rrlb.failures}); how many there were.
+        """
+        idle = [p for shared in self._idle.values() for p in shared]
+        idle += [p for private in self._private.values() for p in private.values()]
+        self._idle.clear()
+        self._private.clear()
+        for protocol in idle:
+            protocol.idle = False
+            protocol.transport.loseConnection()
+        return len(idle)
 
     def _forget_idle(self, protocol: UpstreamProtocol) -> None:
         if protocol.idle:

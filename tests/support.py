@@ -46,6 +46,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import h2.config
+import h2.connection
+import h2.events
 import yaml
 from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
@@ -62,6 +65,7 @@ from twisted.internet import defer, error
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import (
+    SSL4ClientEndpoint,
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
@@ -70,7 +74,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol, Protocol
-from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -97,8 +101,8 @@ from rrlb.channel import ClientLimits
 from rrlb.config import Config, NodeSpec, parse_node
 from rrlb.pool import Node, Pool
 from rrlb.proxy import ProxyChannel, ProxySite
-from rrlb.service import BalancerService
-from rrlb.tap import Options, makeService
+from rrlb.service import ControlService
+from rrlb.tap import Options, compose, makeService
 
 reactor: Any = _global_reactor
 
@@ -209,7 +213,7 @@ def clock_on(service: Any) -> Clock:
     L{Clock} for the test to drive (before any request is made).
     """
     clock = Clock()
-    service.upstream.clock = clock
+    service.traffic.upstream.clock = clock
     return clock
 
 
@@ -219,8 +223,9 @@ def rrlb_end(service: Any, peer: Any) -> Any:
     test client's transport, or a test node's).
     """
     host, remote = peer.getHost(), peer.getPeer()
-    ends = [channel.transport for channel in service.site.channels]
-    ends += [protocol.transport for protocol in service.upstream._connections]
+    traffic = service.traffic
+    ends = [channel.transport for channel in traffic.site.channels]
+    ends += [protocol.transport for protocol in traffic.upstream._connections]
     for end in ends:
         if end is not None and end.getPeer() == host and end.getHost() == remote:
             return end
@@ -373,6 +378,13 @@ class Backend(Resource):
         return f"http://{LOOPBACK}:{self.port_number}"
 
     @property
+    def open_connections(self) -> int:
+        """
+        The connections to it open now.
+        """
+        return len(self._tracker.live) if self._tracker is not None else 0
+
+    @property
     def probes(self) -> int:
         """
         The number of health probes received.
@@ -496,13 +508,13 @@ class Balancer:
     """
     A running rrlb service tree.
 
-    @ivar service: the L{BalancerService} (its C{pool}, C{checker}, C{proxy},
-        C{upstream}, C{site} are the real ones).
+    @ivar service: the L{ControlService} (its C{pool}, C{checker}, and its
+        C{traffic}'s C{proxy}, C{upstream}, C{site} are the real ones).
     @ivar port: the port its (first) listener got.
     @ivar url: C{http://127.0.0.1:<port>}, without a trailing slash.
     """
 
-    service: BalancerService
+    service: ControlService
     port: int
     url: str
     _tracker: _ConnectionTracker = field(repr=False)
@@ -567,10 +579,10 @@ async def start_balancer(
             argv = ["--nodes", ",".join(nodes)] + argv
         service = makeService(balancer_options(*argv))
     else:
-        service = BalancerService(config, reactor)
-    tracker = track_connections(service.site)
+        service = compose(config, reactor)
+    tracker = track_connections(service.traffic.site)
     service.startService()
-    port = (await _listening_port(service.listeners[0])).getHost().port
+    port = (await _listening_port(service.traffic.listeners[0])).getHost().port
     balancer = Balancer(service, port, f"http://{LOOPBACK}:{port}", tracker)
     if testcase is not None:
         testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(balancer.stop()))
@@ -1211,7 +1223,7 @@ class WireCase(unittest.TestCase):
 
     async def balancer(
         self, nodes: list[str], *args: str, probes: bool = False, listen: Optional[str] = None
-    ) -> tuple[BalancerService, int]:
+    ) -> tuple[ControlService, int]:
         """
         Start rrlb over C{nodes} with extra command-line C{args}; return the
         service and its port. Without C{probes} the health checker is left
@@ -1226,19 +1238,19 @@ class WireCase(unittest.TestCase):
         return await self.start_service(service, probes)
 
     async def start_service(
-        self, service: BalancerService, probes: bool = False
-    ) -> tuple[BalancerService, int]:
+        self, service: ControlService, probes: bool = False
+    ) -> tuple[ControlService, int]:
         if not probes:
             service.removeService(service.checker)
         channels: list[Any] = []
-        build = service.site.buildProtocol
+        build = service.traffic.site.buildProtocol
 
         def buildProtocol(addr: Any) -> Any:
             protocol = build(addr)
             channels.append(protocol)
             return protocol
 
-        service.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        service.traffic.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
         service.startService()
 
         def transports() -> list[Any]:
@@ -1260,7 +1272,7 @@ class WireCase(unittest.TestCase):
 
         self.addCleanup(stop)
         self.channels = channels
-        port = await service.listeners[0]._waitingForPort
+        port = await service.traffic.listeners[0]._waitingForPort
         return service, port.getHost().port
 
     async def client(self, port: int) -> WireClient:
@@ -1376,14 +1388,20 @@ def client_buffered(channel: Any) -> int:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launcher(listen_fds: bool, fdnames: Optional[str]) -> str:
+def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None) -> str:
     """
     Python code that sets C{LISTEN_PID} to its own pid (exec keeps it), as
     systemd does, then becomes rrlb; the listening socket is already fd 3.
+    With C{nofile}, C{RLIMIT_NOFILE} is that, soft and hard (systemd's
+    C{LimitNOFILE=}, or C{prlimit --nofile=N:N}).
     """
     # systemd starts services with default signal dispositions; a test
     # runner in the background may have SIGINT ignored, which exec keeps.
     lines = ["import os, signal, sys", "signal.signal(signal.SIGINT, signal.SIG_DFL)"]
+    if nofile is not None:
+        lines.append(
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))"
+        )
     if listen_fds:
         lines.append("os.environ['LISTEN_PID'] = str(os.getpid())")
         lines.append("os.environ['LISTEN_FDS'] = '1'")
@@ -1487,6 +1505,8 @@ async def start_daemon(
     environ: Optional[dict[str, str]] = None,
     listen_fds: bool = True,
     fdnames: Optional[str] = None,
+    wrapper: Sequence[str] = (),
+    nofile: Optional[int] = None,
 ) -> Daemon:
     """
     Start rrlb with C{args} (C{--listen systemd:domain=INET:index=0} unless
@@ -1496,6 +1516,9 @@ async def start_daemon(
 
     @param listen_fds: set C{LISTEN_FDS}/C{LISTEN_PID} for the socket.
     @param fdnames: the C{LISTEN_FDNAMES} value, if any.
+    @param wrapper: a command that runs rrlb in its own process, C{exec}ing
+        it (C{("prlimit", "--nofile=300:300")}).
+    @param nofile: its C{RLIMIT_NOFILE}, soft and hard, if not this process's.
     """
     directory = tempfile.mkdtemp(prefix="rrlb-test-")
     testcase.addCleanup(shutil.rmtree, directory, True)
@@ -1518,16 +1541,17 @@ async def start_daemon(
     env.update(environ or {})
     listen = [] if "--listen" in args else ["--listen", "systemd:domain=INET:index=0"]
     argv: Sequence[str] = [
+        *wrapper,
         sys.executable,
         "-c",
-        launcher(listen_fds, fdnames),
+        launcher(listen_fds, fdnames, nofile),
         *listen,
         *args,
     ]
     try:
         reactor.spawnProcess(
             daemon,
-            sys.executable,
+            argv[0] if wrapper else sys.executable,
             list(argv),
             env=env,
             path=ROOT,
@@ -2054,6 +2078,177 @@ async def https_get(
     response = await agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
     body = await readBody(response)
     return response.code, body, response.headers
+
+
+# == HTTP/2 clients ===================================================================
+
+
+class H2Response:
+    """
+    One response on a stream, as the client got it.
+    """
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.done: defer.Deferred[H2Response] = defer.Deferred()
+        self.reset: Optional[int] = None
+
+    @property
+    def status(self) -> int:
+        return int(self.headers[b":status"])
+
+
+class H2Client(Protocol):
+    """
+    An HTTP/2 client connection made with the C{h2} library.
+    """
+
+    def __init__(self) -> None:
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.responses: dict[int, H2Response] = {}
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        # The error code of each GOAWAY received.
+        self.goaways: list[int] = []
+        self._pings: dict[bytes, defer.Deferred[None]] = {}
+
+    def connectionMade(self) -> None:
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        body: Optional[bytes] = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        end: bool = True,
+    ) -> tuple[int, H2Response]:
+        """
+        Start a request; returns its stream id and its (future) response.
+        """
+        stream = self.conn.get_next_available_stream_id()
+        head = [
+            (b":method", method),
+            (b":path", path),
+            (b":scheme", b"https"),
+            (b":authority", b"h2.example"),
+            *headers,
+        ]
+        self.conn.send_headers(stream, head, end_stream=body is None and end)
+        if body is not None:
+            self.conn.send_data(stream, body, end_stream=end)
+        self.responses[stream] = H2Response()
+        self.flush()
+        return stream, self.responses[stream]
+
+    def send(self, stream: int, data: bytes, end: bool = False) -> None:
+        self.conn.send_data(stream, data, end_stream=end)
+        self.flush()
+
+    def ping(self) -> defer.Deferred[None]:
+        """
+        Send a PING; the Deferred fires when its ACK comes back, which shows
+        the server read and answered everything sent before it.
+        """
+        if self.lost.called:
+            return defer.fail(ConnectionError("the connection is closed"))
+        opaque = b"%08d" % len(self._pings)
+        self._pings[opaque] = d = defer.Deferred()
+        self.conn.ping(opaque)
+        self.flush()
+        return d
+
+    def cancel(self, stream: int) -> None:
+        self.conn.reset_stream(stream)
+        self.flush()
+        # h2 reports no event for a reset of our own: end the response here.
+        answer = self.responses[stream]
+        answer.reset = 8  # CANCEL
+        if not answer.done.called:
+            answer.done.callback(answer)
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                answer = self.responses[event.stream_id]
+                answer.raw_headers = list(event.headers)
+                answer.headers = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                self.responses[event.stream_id].body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                answer = self.responses[event.stream_id]
+                answer.done.callback(answer)
+            elif isinstance(event, h2.events.StreamReset):
+                answer = self.responses[event.stream_id]
+                answer.reset = event.error_code
+                if not answer.done.called:
+                    answer.done.callback(answer)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaways.append(event.error_code)
+            elif isinstance(event, h2.events.PingAckReceived):
+                self._pings.pop(event.ping_data).callback(None)
+        self.flush()
+
+    def connectionLost(self, reason: Failure) -> None:
+        for answer in self.responses.values():
+            if not answer.done.called:
+                answer.done.errback(reason)
+        pings, self._pings = self._pings, {}
+        for d in pings.values():
+            d.errback(reason)
+        self.lost.callback(None)
+
+
+class HTTP2Case(TLSCase):
+    timeout = 60
+
+    async def backend(self, handler: Any) -> RawBackend:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        backend = RawBackend(handler)
+        backend.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(backend)
+        self.addCleanup(backend.stop)
+        return backend
+
+    async def h2_balancer(self, nodes: list[str], *args: str) -> Balancer:
+        cert, key = self.write_pair("site", self.certs.site_a)
+        return await start_balancer(
+            self,
+            nodes,
+            "--listen",
+            "ssl:0:interface=127.0.0.1",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--http2",
+            "--health-interval",
+            "3600",
+            *args,
+        )
+
+    async def h2_connect(self, port: int) -> H2Client:
+        trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
+        options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"h2"])
+        endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, port, options)
+        client = await connectProtocol(endpoint, H2Client())
+
+        async def close() -> None:
+            if client.transport.connected:
+                client.transport.abortConnection()
+                await client.lost
+
+        self.addCleanup(close)
+        return client
 
 
 # == the PROXY protocol ================================================================

@@ -415,7 +415,8 @@ class HugeHeadNodeTests(FaultCase):
             self.assertPlainTextError(result, 502)
             assert result is not None
             self.assertIn(b"too large", result.body)
-        await wait_for(lambda: service.upstream.connection_count == 0, "node connections closed")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "node connections closed")
 
     async def test_complete_in_one_read(self) -> None:
         """
@@ -471,7 +472,8 @@ class ClosingNodeTests(FaultCase):
             assert result is not None
             self.assertEqual((result.code, result.body), (200, b"closer"))
             await wait_for(
-                lambda: service.upstream.connection_count == 0, "rrlb to see the node close"
+                lambda: service.traffic.upstream.connection_count == 0,
+                "rrlb to see the node close",
             )
         self.assertEqual(len(backend.connections), 6)
         self.assertEqual(len(backend.requests), 6)

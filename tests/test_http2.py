@@ -12,28 +12,21 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 from OpenSSL import crypto
 from twisted.internet import defer, utils
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.python.failure import Failure
 
 from rrlb.drain import DRAIN_POLL
 from tests.support import (
     LOOPBACK,
     BackendConnection,
-    Balancer,
     Client,
     EchoFactory,
-    RawBackend,
+    HTTP2Case,
     RecordedRequest,
-    TLSCase,
     WireClient,
     balancer_options,
     https_get,
@@ -43,176 +36,6 @@ from tests.support import (
     start_balancer,
     wait_for,
 )
-
-
-class H2Response:
-    """
-    One response on a stream, as the client got it.
-    """
-
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
-        self.done: defer.Deferred[H2Response] = defer.Deferred()
-        self.reset: Optional[int] = None
-
-    @property
-    def status(self) -> int:
-        return int(self.headers[b":status"])
-
-
-class H2Client(Protocol):
-    """
-    An HTTP/2 client connection made with the C{h2} library.
-    """
-
-    def __init__(self) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
-        self.responses: dict[int, H2Response] = {}
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        # The error code of each GOAWAY received.
-        self.goaways: list[int] = []
-        self._pings: dict[bytes, defer.Deferred[None]] = {}
-
-    def connectionMade(self) -> None:
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def request(
-        self,
-        method: bytes,
-        path: bytes,
-        body: Optional[bytes] = None,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-        end: bool = True,
-    ) -> tuple[int, H2Response]:
-        """
-        Start a request; returns its stream id and its (future) response.
-        """
-        stream = self.conn.get_next_available_stream_id()
-        head = [
-            (b":method", method),
-            (b":path", path),
-            (b":scheme", b"https"),
-            (b":authority", b"h2.example"),
-            *headers,
-        ]
-        self.conn.send_headers(stream, head, end_stream=body is None and end)
-        if body is not None:
-            self.conn.send_data(stream, body, end_stream=end)
-        self.responses[stream] = H2Response()
-        self.flush()
-        return stream, self.responses[stream]
-
-    def send(self, stream: int, data: bytes, end: bool = False) -> None:
-        self.conn.send_data(stream, data, end_stream=end)
-        self.flush()
-
-    def ping(self) -> defer.Deferred[None]:
-        """
-        Send a PING; the Deferred fires when its ACK comes back, which shows
-        the server read and answered everything sent before it.
-        """
-        if self.lost.called:
-            return defer.fail(ConnectionError("the connection is closed"))
-        opaque = b"%08d" % len(self._pings)
-        self._pings[opaque] = d = defer.Deferred()
-        self.conn.ping(opaque)
-        self.flush()
-        return d
-
-    def cancel(self, stream: int) -> None:
-        self.conn.reset_stream(stream)
-        self.flush()
-        # h2 reports no event for a reset of our own: end the response here.
-        answer = self.responses[stream]
-        answer.reset = 8  # CANCEL
-        if not answer.done.called:
-            answer.done.callback(answer)
-
-    def dataReceived(self, data: bytes) -> None:
-        for event in self.conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                answer = self.responses[event.stream_id]
-                answer.raw_headers = list(event.headers)
-                answer.headers = dict(event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                self.responses[event.stream_id].body += event.data
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id
-                )
-            elif isinstance(event, h2.events.StreamEnded):
-                answer = self.responses[event.stream_id]
-                answer.done.callback(answer)
-            elif isinstance(event, h2.events.StreamReset):
-                answer = self.responses[event.stream_id]
-                answer.reset = event.error_code
-                if not answer.done.called:
-                    answer.done.callback(answer)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaways.append(event.error_code)
-            elif isinstance(event, h2.events.PingAckReceived):
-                self._pings.pop(event.ping_data).callback(None)
-        self.flush()
-
-    def connectionLost(self, reason: Failure) -> None:
-        for answer in self.responses.values():
-            if not answer.done.called:
-                answer.done.errback(reason)
-        pings, self._pings = self._pings, {}
-        for d in pings.values():
-            d.errback(reason)
-        self.lost.callback(None)
-
-
-class HTTP2Case(TLSCase):
-    timeout = 60
-
-    async def backend(self, handler: Any) -> RawBackend:
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
-        backend = RawBackend(handler)
-        backend.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(backend)
-        self.addCleanup(backend.stop)
-        return backend
-
-    async def h2_balancer(self, nodes: list[str], *args: str) -> Balancer:
-        cert, key = self.write_pair("site", self.certs.site_a)
-        return await start_balancer(
-            self,
-            nodes,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-            "--http2",
-            "--health-interval",
-            "3600",
-            *args,
-        )
-
-    async def h2_connect(self, port: int) -> H2Client:
-        trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
-        options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"h2"])
-        endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, port, options)
-        client = await connectProtocol(endpoint, H2Client())
-
-        async def close() -> None:
-            if client.transport.connected:
-                client.transport.abortConnection()
-                await client.lost
-
-        self.addCleanup(close)
-        return client
 
 
 def named(name: bytes) -> Any:
@@ -249,7 +72,7 @@ class HTTP2Tests(HTTP2Case):
         self.assertEqual(request.header(b"host"), [b"h2.example"])
         self.assertEqual(request.header(b"via"), [b"2 rrlb"])
         self.assertEqual(request.header(b"x-forwarded-proto"), [b"https"])
-        self.assertEqual(len(balancer.service.site.channels), 1)
+        self.assertEqual(len(balancer.service.traffic.site.channels), 1)
 
     async def test_large_streamed_response(self) -> None:
         """
@@ -487,7 +310,7 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         self.assertEqual(stalled.status, 408)
         await wait_for(lambda: node.connections[0].closed, "the node's request to be cut")
         self.assertEqual(balancer.service.pool.nodes[0].in_flight, 0)
-        self.assertEqual(len(balancer.service.site.channels), 1)
+        self.assertEqual(len(balancer.service.traffic.site.channels), 1)
 
     async def test_idle_connection_closes(self) -> None:
         """
@@ -500,7 +323,43 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         _, answer = client.request(b"GET", b"/")
         await answer.done
         await client.lost
-        await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to close it")
+
+    async def test_protocol_error_closes(self) -> None:
+        """
+        After a connection error of the client's (a CONTINUATION frame with
+        no HEADERS before it), rrlb sends GOAWAY and closes the connection at
+        once: it neither keeps it open until --keepalive-timeout nor keeps
+        the bytes that follow (h2 would hold every one in its frame buffer;
+        a CONTINUATION flood grew rrlb by 90 MB in 20 s).
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "3600")
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        frame = b"\x00\x00\x01\x09\x04\x00\x00\x00\x03\x82"
+        client.transport.write(frame + b"\x00" * 65536)
+        await client.lost
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to close it")
+        self.assertEqual(node.requests[0].target, b"/")
+
+    async def test_close_notify_withheld(self) -> None:
+        """
+        An HTTP/2 connection rrlb closes (here at --keepalive-timeout) whose
+        client never answers TLS close_notify (it stopped reading) is cut
+        off after the site's close_timeout, as an HTTP/1.1 one is: TLS waits
+        for the client's close_notify, and the connection kept its place
+        under --max-connections for ever.
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "0.3")
+        balancer.service.traffic.site.close_timeout = 0.5
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        client.transport.pauseProducing()
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to cut it off")
 
     async def test_drain_waits_for_streams(self) -> None:
         """
@@ -515,14 +374,15 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         await wait_for(lambda: held, "the request at the node")
         stopped: list[bool] = []
         service = balancer.service
+        traffic = service.traffic
         stopping = defer.maybeDeferred(service.stopService)
         stopping.addBoth(lambda result: stopped.append(True) or result)
-        (channel,) = service.site.channels
+        (channel,) = service.traffic.site.channels
         await wait_for(lambda: channel.h2.going_away, "the drain to ask the connection to end")
         # The drain asks again every DRAIN_POLL: let it ask a few times, then
         # a PING answered shows the connection outlived every ask.
         await wait_for(
-            lambda: service.drain is None or service.drain.elapsed >= 3 * DRAIN_POLL,
+            lambda: traffic.drain is None or traffic.drain.elapsed >= 3 * DRAIN_POLL,
             "the drain to look at the connection again",
         )
         await client.ping()

@@ -100,9 +100,9 @@ class MisbehavingNodeTests(WireCase):
         self.assertEqual(result.code, 413)
         # Anything failing would fail as the client's connection and the
         # node's end: wait until both have.
-        await wait_for(lambda: not service.site.channels, "the client's connection to end")
+        await wait_for(lambda: not service.traffic.site.channels, "the client's connection to end")
         await wait_for(
-            lambda: service.upstream.connection_count == 0, "the node's connection to end"
+            lambda: service.traffic.upstream.connection_count == 0, "the node's connection to end"
         )
         errors = self.flushLoggedErrors()
         self.assertEqual(errors, [], [e.getTraceback() for e in errors])
@@ -118,7 +118,7 @@ class MisbehavingNodeTests(WireCase):
         assert result is not None
         self.assertEqual(result.code, 413)
         await wait_for(
-            lambda: service.upstream.connection_count == 0,
+            lambda: service.traffic.upstream.connection_count == 0,
             "the node's connection to close",
             timeout=2.0,
         )
@@ -353,6 +353,20 @@ class BadResponseHeadTests(WireCase):
         result = await self.exchange(port, get(b"/chunked", b"x", b"X-Head: " + head))
         assert result is not None
         self.assertEqual((result.code, result.body), (200, b"ok"))
+
+    async def test_bad_body_before_any_byte_sent(self) -> None:
+        """
+        A head that passes, then a body that fails at once (a chunk size
+        line that is not hex): nothing reached the client yet, so it gets a
+        502 and the node a failure, not a connection closed with no answer.
+        """
+        service, port = await self.head_node("--fall", "1000")
+        head = b"HTTP/1.1 200 OK|Transfer-Encoding: chunked||zz"
+        result = await self.exchange(port, get(b"/raw", b"x", b"X-Head: " + head))
+        self.assertPlainTextError(result, 502)
+        assert result is not None
+        self.assertIn(b"chunk", result.body)
+        self.assertEqual(service.pool.nodes[0].failures, 1)
 
     async def test_node_failure_and_proxy_error_counted(self) -> None:
         """

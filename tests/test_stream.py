@@ -244,7 +244,7 @@ class StreamedBodyTests(WireCase):
         producer = BulkProducer(client.transport, block, total)
         producer.start()
         await wait_for(lambda: node.connections and producer.pauses, "the client to be held back")
-        (upstream,) = service.upstream._connections
+        (upstream,) = service.traffic.upstream._connections
         rrlb_client = rrlb_end(service, client.transport)
         # Held for good: the node reads nothing, rrlb's writes to it are
         # stuck, rrlb reads nothing from the client, whose writes are stuck.
@@ -313,7 +313,7 @@ class ExpectContinueQueueTests(WireCase):
         await wait_for(lambda: node.connections and node.connections[0].head)
         second = await self.client(port)
         second.send(upload_head(5, b"/e", b"Expect: 100-continue"))
-        await wait_for(lambda: len(service.proxy.queue) == 1, "the upload to queue")
+        await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
         # What would send the 100: a node connection for the request. There
         # is none while the first holds the only slot; a round trip through
         # the reactor shows nothing more is coming.
@@ -459,7 +459,7 @@ class StreamedLimitTests(WireCase):
         client = await self.client(port)
         client.send(upload_head(6))
         await wait_for(lambda: node.connections and node.connections[0].last_head, "the head")
-        step = service.upstream.granularity
+        step = service.traffic.upstream.granularity
         for piece in (b"ab", b"cd", b"ef"):
             # Past --timeout since the last byte, in the upstream sweep's steps.
             clock.pump([step] * round(0.25 / step))
@@ -490,7 +490,7 @@ class StreamedLimitTests(WireCase):
         second.send(upload_head(total))
         producer = BulkProducer(second.transport, block, total)
         producer.start()
-        await wait_for(lambda: len(service.proxy.queue) == 1, "the upload to queue")
+        await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
         await wait_for(lambda: producer.pauses, "the queued client to be held back")
         rrlb_second = rrlb_end(service, second.transport)
         # Held for good: rrlb reads nothing from it, and its writes are stuck.
@@ -610,6 +610,29 @@ class StreamedBodyUnitTests(unittest.TestCase):
         body.feed(b"12")
         body.attach(BodySink())
         self.assertEqual(eager.continues, 0)
+
+
+    def test_empty_piece_never_framed(self) -> None:
+        """
+        Whoever feeds an empty piece to a body going out chunked, the node
+        connection writes nothing for it: a chunk of size 0 would end the
+        body there (issue 17). The body ends with one last chunk.
+        """
+        from twisted.internet.testing import MemoryReactor, StringTransport
+
+        from rrlb.upstream import UpstreamPool, UpstreamProtocol
+
+        protocol = UpstreamProtocol(UpstreamPool(MemoryReactor()), "k")
+        protocol.transport = transport = StringTransport()
+        body = StreamedBody(Source(), None)
+        body.chunked = True
+        body.feed(b"")
+        protocol.send(None, b"HEAD\r\n\r\n", body, False)
+        for piece in (b"", b"ab", b"", b"", b"c", b""):
+            body.feed(piece)
+        protocol.body_data(b"")
+        body.finish()
+        self.assertEqual(transport.value(), b"HEAD\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n")
 
 
 class ChannelHoldTests(unittest.TestCase):

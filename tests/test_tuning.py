@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from rrlb.service import DEFAULT_BACKLOG, with_default_backlog
+from rrlb.listeners import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool, UpstreamProtocol
 from tests.support import (
     BackendConnection,
@@ -178,7 +178,7 @@ class StalledClientTests(WireCase):
 
         backend = await self.backend(handler)
         service, port = await self.balancer([backend.url], "--timeout", "0.2")
-        service.upstream.send_timeout = 0.5
+        service.traffic.upstream.send_timeout = 0.5
         client = await self.client(port)
 
         def on_data(c: WireClient) -> None:
@@ -195,6 +195,36 @@ class StalledClientTests(WireCase):
         client.on_data = lambda c: c.data.clear()
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, "the client to be closed")
+
+    async def test_stalled_client_cut_off(self) -> None:
+        """
+        A client that never reads again is cut off after the send timeout
+        and then the close timeout, not kept open for as long as it reads
+        nothing with what rrlb had written for it still buffered.
+        """
+        producers: list[BulkProducer] = []
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 * MB))
+            producer = BulkProducer(conn.transport, b"s" * 65536, 64 * MB)
+            producers.append(producer)
+            producer.start()
+
+        backend = await self.backend(handler)
+        service, port = await self.balancer([backend.url], "--timeout", "0.2")
+        service.traffic.upstream.send_timeout = 0.5
+        service.traffic.site.close_timeout = 0.5
+        client = await self.client(port)
+
+        def on_data(c: WireClient) -> None:
+            c.transport.pauseProducing()  # never reads again
+            c.data.clear()
+
+        client.on_data = on_data
+        client.send(get(b"/"))
+        await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
+        await wait_for(lambda: not service.traffic.site.channels, "rrlb to cut the client off")
+        self.assertFalse(backend.open_connections)
 
 
 class ConnectionCloseTests(WireCase):

@@ -143,7 +143,7 @@ class ChannelTests(unittest.TestCase):
 
 class EndpointServiceTests(unittest.TestCase):
     """
-    StreamServerEndpointService's private state that rrlb.service uses.
+    StreamServerEndpointService's private state that rrlb.listeners uses.
     """
 
     def test_waiting_for_port(self) -> None:
@@ -213,7 +213,7 @@ def _allow(module: str, names: str, why: str) -> None:
 
 _allow(
     "channel",
-    "_buffer _handlingRequest _networkProducer _waitingForTransport",
+    "_buffer _handlingRequest _networkProducer _requestProducer _waitingForTransport",
     "ProxyChannel subclasses HTTPChannel and works its state (CHANNEL_STATE); _buffer is"
     " LineReceiver's name, reused for ProxyChannel's own buffer",
 )
@@ -222,9 +222,16 @@ _allow(
     "http2",
     "twisted.web._http2 _conn _request _producer _convertHeaders _outboundStreamQueues"
     " _requestAborted _requestDataReceived _requestDone _requestEnded _requestReceived"
-    " _send100Continue _streamCleanupCallbacks _streamIsActive _tryToWriteControlData",
+    " _send100Continue _streamCleanupCallbacks _streamIsActive _tryToWriteControlData"
+    " _handlePriorityUpdate",
     "subclasses of Twisted's private HTTP/2 classes (H2_OVERRIDES, H2_STATE) and a TLS"
     " transport's producer",
+)
+_allow("h2buffers", "twisted.web._http2", "mixins for Twisted's private HTTP/2 classes")
+_allow(
+    "listeners",
+    "_raiseSynchronously _waitingForPort",
+    "StreamServerEndpointService's state: fail at start-up, and the port once it listens",
 )
 _allow(
     "notify",
@@ -236,11 +243,7 @@ _allow(
     "_adapterCache _parsePOSTFormSubmission",
     "ProxyRequest.__init__ re-implements Request.__init__ without calling it",
 )
-_allow(
-    "service",
-    "_exitSignal _raiseSynchronously _waitingForPort",
-    "writes reactor._exitSignal; StreamServerEndpointService's state",
-)
+_allow("service", "_exitSignal", "writes reactor._exitSignal")
 
 
 def private(name: str) -> bool:

@@ -134,8 +134,9 @@ class TunnelTests(WebSocketCase):
         await wait_for(lambda: node.closes, "the node to see the close")
         self.assertEqual(node.closes[0], (True, 4001, "bye now"))
         await wait_for(lambda: service.pool.nodes[0].in_flight == 0, "the tunnel to end")
-        await wait_for(lambda: service.upstream.connection_count == 0, "the node connection")
-        self.assertEqual(service.proxy.stats.tunnels_open, 0)
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "the node connection")
+        self.assertEqual(service.traffic.proxy.stats.tunnels_open, 0)
 
     async def test_node_refuses_upgrade(self) -> None:
         """
@@ -214,7 +215,7 @@ class TunnelLifeTests(WebSocketCase):
         node = await self.node("a")
         service, port = await self.balancer([node.node_url], "--tunnel-timeout", "0.4")
         # The tunnel's idle timer runs on a clock the test drives.
-        clock = service.proxy.clock = Clock()
+        clock = service.traffic.proxy.clock = Clock()
         client = await self.connect(port)
         await client.message(1)
         for i in range(3):
@@ -239,7 +240,7 @@ class TunnelLifeTests(WebSocketCase):
         client = await self.connect(port)
         await client.message(1)
         await wait_for(lambda: node.opened, "the node side")
-        for protocol in list(service.upstream._connections):
+        for protocol in list(service.traffic.upstream._connections):
             protocol.transport.abortConnection()
         await client.closed
         await wait_for(lambda: service.pool.nodes[0].in_flight == 0, "the tunnel to end")
@@ -281,7 +282,7 @@ class TunnelLifeTests(WebSocketCase):
         client.sendClose(code=1000)
         await client.closed
         await wait_for(lambda: balancer.service.pool.nodes[0].in_flight == 0, "the tunnel end")
-        balancer.service.access_log.flush()  # type: ignore[union-attr]
+        balancer.service.traffic.access_log.flush()  # type: ignore[union-attr]
         with open(log, "rb") as f:
             lines = [json.loads(line) for line in f]
         tunnels = [r for r in lines if r["status"] == 101]
@@ -305,12 +306,13 @@ class TunnelLifeTests(WebSocketCase):
         await client.message(1)
         stopped: list[bool] = []
         service = balancer.service
+        traffic = service.traffic
         stopping = defer.maybeDeferred(service.stopService)
         stopping.addBoth(lambda result: stopped.append(True) or result)
         # The drain looks at the connections every DRAIN_POLL: let it look a
         # few times; a message echoed after that shows the tunnel outlived it.
         await wait_for(
-            lambda: service.drain is None or service.drain.elapsed >= 3 * DRAIN_POLL,
+            lambda: traffic.drain is None or traffic.drain.elapsed >= 3 * DRAIN_POLL,
             "the drain to look at the tunnel again",
         )
         self.assertEqual(stopped, [])
@@ -419,6 +421,54 @@ class TunnelBackpressureTests(WebSocketCase):
         producer.stopProducing()
         client.transport.abortConnection()
         await client.lost
+
+
+    async def test_client_that_does_not_read_cut_off_after_close(self) -> None:
+        """
+        A tunnel closed (here: idle, its client reading nothing of what the
+        node sent) is cut off on the client's side after the close timeout,
+        instead of staying open with what is buffered for the client for as
+        long as it reads nothing.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(SWITCH)
+            BulkProducer(conn.transport, b"n" * 65536, 64 << 20).start()
+
+        backend = await self.backend(switch)
+        service, port = await self.balancer([backend.url], "--tunnel-timeout", "0.5")
+        service.traffic.site.close_timeout = 0.5
+        client = await self.client(port)
+        read_then_pause(client)
+        client.send(UPGRADE)
+        await wait_for(lambda: service.traffic.site.channels, "the client's connection")
+        await wait_for(lambda: not service.traffic.site.channels, "rrlb to cut the client off")
+        await wait_for(lambda: not backend.open_connections, "the node connection to close")
+
+
+    async def test_node_that_does_not_read_dropped_after_close(self) -> None:
+        """
+        A tunnel whose node stopped reading is dropped on the node's side
+        when it closes (here: idle, nothing getting through), instead of
+        staying open with what is buffered for the node for as long as it
+        reads nothing.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(SWITCH)
+            conn.transport.pauseProducing()
+
+        backend = await self.backend(switch)
+        service, port = await self.balancer([backend.url], "--tunnel-timeout", "0.5")
+        client = await self.client(port)
+        client.send(UPGRADE)
+        await wait_for(lambda: b"101 Switching" in client.data, "the 101")
+        producer = BulkProducer(client.transport, b"c" * 65536, 64 << 20)
+        producer.start()
+        await wait_for(lambda: producer.pauses, "the client to be held back")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: not upstream.connection_count, "rrlb to drop the node connection")
+        producer.stopProducing()
 
 
 class TunnelSettingsTests(unittest.TestCase):

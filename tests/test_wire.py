@@ -847,10 +847,11 @@ class FailureTests(WireCase):
         await wait_for(lambda: len(client.data) > 5000, "the start of the body")
         client.transport.abortConnection()
         await wait_for(lambda: backend.connections[0].closed, "the upstream connection to close")
-        await wait_for(lambda: service.upstream.connection_count == 0, "no upstream connections")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "no upstream connections")
         node = service.pool.nodes[0]
         self.assertEqual(node.in_flight, 0)
-        self.assertEqual(service.upstream.idle_count(node.key), 0)
+        self.assertEqual(service.traffic.upstream.idle_count(node.key), 0)
 
     async def test_client_drops_before_response(self) -> None:
         """

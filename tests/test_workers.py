@@ -25,27 +25,24 @@ from twisted.internet.error import ConnectionLost
 from twisted.protocols import amp
 from twisted.trial import unittest
 
-from rrlb.config import Config, ConfigError, PoolConfig, build_config, parse_node, parse_workers
+from rrlb.config import Config, ConfigError, PoolConfig, build_config, parse_node
 from rrlb.metrics import Metrics, exposition
 from rrlb.pool import Node, Pool, Pools
 from rrlb.queue import RequestQueue
-from rrlb.workers import (
+from rrlb.tap import check_listeners
+from rrlb.values import parse_workers
+from rrlb.workers.child import WorkerPool, apply_states
+from rrlb.workers.sockets import SocketGroup
+from rrlb.workers.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     STABLE_AFTER,
-    Configure,
-    Counters,
-    MainService,
     RestartBackoff,
-    SocketGroup,
-    WorkerPool,
-    WorkersHistory,
-    WorkersMetrics,
     WorkerSupervisor,
-    apply_states,
-    check_listeners,
     worker_environ,
 )
+from rrlb.workers.totals import Counters, WorkersHistory, WorkersMetrics
+from rrlb.workers.wire import Configure
 from tests.support import (
     CLIENT_IP,
     GET_CLOSE,
@@ -324,8 +321,9 @@ class MainMetricsTests(unittest.TestCase):
         """
         clock = task.Clock()
         supervisor = _FakeSupervisor(self.totals(), step=10)
-        metrics = WorkersMetrics(two_pools(), clock, lambda: [], supervisor)  # type: ignore[arg-type]
-        history = WorkersHistory(metrics, clock)
+        pools = two_pools()
+        metrics = WorkersMetrics(pools, clock, lambda: [], supervisor)  # type: ignore[arg-type]
+        history = WorkersHistory(pools, metrics, clock)
         history.startService()
         self.addCleanup(history.stopService)
         clock.advance(1)
@@ -357,7 +355,7 @@ class WireTests(unittest.TestCase):
         """
         nodes = tuple(parse_node(f"http://10.0.{i // 250}.{i % 250}:8080") for i in range(3000))
         config = Config(nodes=nodes)
-        pools = (PoolConfig("default", nodes), PoolConfig("api", nodes[:10]))
+        pools = (PoolConfig(name="default", nodes=nodes), PoolConfig(name="api", nodes=nodes[:10]))
         states = [["default", n.key, True, i % 2 == 0] for i, n in enumerate(nodes)]
         proto = amp.AMP()
         box = Configure.makeArguments(
@@ -495,7 +493,7 @@ class _FakeMain:
         return self.config
 
     def worker_pools(self) -> tuple[PoolConfig, ...]:
-        return (PoolConfig("default", self.config.nodes),)
+        return (PoolConfig(name="default", nodes=self.config.nodes),)
 
     def worker_gone(self, index: int) -> None:
         self.gone.append(index)
@@ -750,14 +748,16 @@ class OptionTests(unittest.TestCase):
         options = balancer_options(
             "--nodes", "http://127.0.0.1:9", "--workers", "2", "--admin-token-file", token
         )
-        main = MainService(options.config, task.Clock())
+        from rrlb.workers.main import WorkersTraffic
+
+        main = WorkersTraffic(options.config, task.Clock(), Pools())
         self.assertEqual(main.config.admin_token, b"main-only-token-0123456789")
         self.assertIsNone(main.worker_config().admin_token)
 
     def test_one_worker_is_one_process(self) -> None:
         """
-        The default builds today's L{BalancerService}, and rrlb.workers is
-        not even imported.
+        The default composes the control side with one L{Traffic} side,
+        and rrlb.workers is not even imported.
         """
         import subprocess
         import sys
@@ -768,7 +768,8 @@ class OptionTests(unittest.TestCase):
             "options = Options()\n"
             "options.parseOptions(['--nodes', 'http://127.0.0.1:1', '--listen', 'tcp:0'])\n"
             "service = makeService(options)\n"
-            "print(type(service).__name__, 'rrlb.workers' in sys.modules)\n"
+            "print(type(service).__name__, type(service.traffic).__name__,"
+            " 'rrlb.workers' in sys.modules)\n"
         )
         import rrlb
 
@@ -776,7 +777,42 @@ class OptionTests(unittest.TestCase):
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
         )
-        self.assertEqual(out.stdout.split(), ["BalancerService", "False"], out.stderr)
+        self.assertEqual(out.stdout.split(), ["ControlService", "Traffic", "False"], out.stderr)
+
+    def test_main_process_builds_no_proxy(self) -> None:
+        """
+        With C{--workers 2} the control side is composed with the workers'
+        stand-in for a traffic side, whose checkers mark the same pools;
+        nothing in the main process's service tree is a proxy, an upstream
+        client or a site to serve traffic.
+        """
+        from rrlb.proxy import ProxySite, RotatingProxy
+        from rrlb.tap import compose
+        from rrlb.upstream import UpstreamPool
+        from rrlb.workers.main import WorkersTraffic
+
+        config = Config(
+            nodes=(parse_node("http://127.0.0.1:1"),),
+            listen=(f"tcp:0:interface={LOOPBACK}",),
+            workers=2,
+        )
+        service = compose(config, task.Clock())
+        self.assertIsInstance(service.traffic, WorkersTraffic)
+        assert service.checker is not None
+        self.assertIs(service.checker.pool, service.traffic.pools.get("default"))
+
+        def parts(value: Any, depth: int = 0) -> list[Any]:
+            found = [value]
+            if depth < 3 and hasattr(value, "__dict__"):
+                for child in vars(value).values():
+                    found += parts(child, depth + 1)
+            elif depth < 3 and isinstance(value, (list, tuple, dict)):
+                for child in value.values() if isinstance(value, dict) else value:
+                    found += parts(child, depth + 1)
+            return found
+
+        kinds = (RotatingProxy, UpstreamPool, ProxySite)
+        self.assertEqual([p for p in parts(service) if isinstance(p, kinds)], [])
 
     async def test_reload_keeps_worker_count(self) -> None:
         """
