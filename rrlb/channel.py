@@ -22,11 +22,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 
-from rrlb._twisted import client_gone, set_raw_headers
+from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
 from rrlb.config import Config, Network
+from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -136,44 +136,10 @@ def raise_fd_limit(max_connections: int) -> None:
         )
 
 
-# ProxyChannel.edge: what the X-Forwarded-* headers of its client are worth.
-EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
-EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
-EDGE_TRUSTED = 2  # a peer inside them: keep and append
-
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
 _STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
 # Client connections /status lists at most.
 MAX_LISTED_CLIENTS = 100
-
-_PHRASES = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    504: b"Gateway Timeout",
-}
-
-
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
-    """
-    Answer C{request} with a short plain-text error, unless its client is gone.
-    """
-    if client_gone(request) or request.finished:
-        return
-    # RFC 9110's reason phrases where twisted.web still has RFC 2616's.
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
-    request.write(body)
-    request.finish()
-
 
 def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], bytes]:
     """

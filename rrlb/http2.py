@@ -36,23 +36,12 @@ from twisted.web._http2 import H2Connection, H2Stream
 
 from rrlb._twisted import canonical_name, header_values, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.channel import (
-    _CLOSED,
-    EDGE_TRUSTED,
-    ProxyChannel,
-    error_response,
-    real_client,
-)
+from rrlb.channel import _CLOSED, ProxyChannel, real_client
+from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
 from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
-
-# Response headers that never go to an HTTP/2 client (RFC 9113 8.2.2).
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-
 
 class ProxyH2Stream(H2Stream):
     """
@@ -254,7 +243,7 @@ class ProxyH2Stream(H2Stream):
             [
                 (name, value)
                 for name, values in headers.getAllRawHeaders()
-                if name.lower() not in _CONNECTION_SPECIFIC
+                if name.lower() not in H2_CONNECTION_SPECIFIC
                 for value in values
             ],
             self.streamID,

@@ -23,86 +23,19 @@ from zope.interface import implementer
 
 from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP, StreamedBody
-from rrlb.channel import (
-    EDGE_UNTRUSTED,
-    ClientLimits,
-    ClientSite,
-    ProxyChannel,
-    error_response,
-)
-from rrlb.health import describe_failure
+from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
+from rrlb.failures import describe_failure
+from rrlb.http1 import error_response, rewrite_request_head, split_target, switching_head
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue, RetryBudget
 from rrlb.routes import Route, Router
-from rrlb.tunnel import Tunnel, switching_head, upgrade_token
-from rrlb.upstream import UpstreamPool, UpstreamProtocol, _canonical, connection_tokens
+from rrlb.tunnel import Tunnel
+from rrlb.upstream import UpstreamPool, UpstreamProtocol
 
 log = Logger()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-# Request headers never forwarded as they came: hop-by-hop ones (RFC 9110
-# 7.6.1), the framing ones (the body is re-sent with its own length), and
-# the ones the proxy sets itself. Names as Twisted canonicalizes them.
-_SKIP_REQUEST = frozenset(
-    {
-        b"Connection",
-        b"Keep-Alive",
-        b"Proxy-Connection",
-        b"TE",
-        b"Trailer",
-        b"Transfer-Encoding",
-        b"Upgrade",
-        b"Proxy-Authorization",
-        b"Proxy-Authenticate",
-        b"Content-Length",
-        b"Expect",
-        b"Host",
-        b"X-Forwarded-For",
-        b"X-Forwarded-Proto",
-        b"X-Forwarded-Host",
-        b"Via",
-    }
-)
-
-
-# What only a proxy in front may say of the client or of the request it
-# received (the client's address, scheme, host, port, original URL), as
-# CDNs, balancers and frameworks spell it, lower-cased with "_" as "-". From
-# an untrusted peer under --trusted-proxies these are dropped: a node that
-# believes one would take the client's word for who it is or where it came
-# in (docs/security.md, "Client addresses").
-_CLIENT_CLAIMS = frozenset(
-    {
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-forwarded-port",
-        b"x-forwarded-server",
-        b"x-forwarded-scheme",
-        b"x-forwarded-ssl",
-        b"x-forwarded-prefix",
-        b"x-forwarded",
-        b"forwarded-for",
-        b"x-real-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-        b"fastly-client-ip",
-        b"x-client-ip",
-        b"x-cluster-client-ip",
-        b"client-ip",
-        b"x-originating-ip",
-        b"x-remote-ip",
-        b"x-remote-addr",
-        b"x-url-scheme",
-        b"front-end-https",
-        b"x-original-url",
-        b"x-rewrite-url",
-    }
-)
-
 
 @dataclass(frozen=True)
 class ProxySettings:
@@ -151,39 +84,6 @@ def _text(value: bytes) -> str:
     Request bytes for a log line (only ever formatted when something failed).
     """
     return value.decode("latin-1")[:200]
-
-
-def split_target(uri: bytes) -> tuple[Optional[bytes], bytes]:
-    """
-    Split a request target into the authority of an absolute-form target
-    (or L{None}) and the origin-form part that is forwarded.
-
-    @raise ValueError: for a target that is neither.
-    """
-    if uri[:1] == b"/":
-        return None, uri
-    if uri == b"*":
-        return None, uri
-    lower = uri[:8].lower()
-    if lower.startswith(b"http://"):
-        rest = uri[7:]
-    elif lower.startswith(b"https://"):
-        rest = uri[8:]
-    else:
-        raise ValueError("bad request target")
-    cut = len(rest)
-    for sep in (b"/", b"?"):
-        i = rest.find(sep)
-        if 0 <= i < cut:
-            cut = i
-    authority, path = rest[:cut], rest[cut:]
-    if b"@" in authority:
-        authority = authority.rsplit(b"@", 1)[1]
-    if not authority:
-        raise ValueError("absolute-form target without a host")
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return authority, path
 
 
 @implementer(IPushProducer)
@@ -265,97 +165,18 @@ class ProxyExchange:
             error_response(request, 400, str(e))
             return False
         self.target = target
-        headers = request.requestHeaders
-        raw = raw_headers(headers)  # one pass over the dict Headers keeps
-        host_values = raw.get(b"Host")
-        client_host = host_values[0] if host_values else None
-        self.host = authority if authority is not None else client_host
+        raw = raw_headers(request.requestHeaders)  # one pass over the dict Headers keeps
+        if authority is None:
+            host_values = raw.get(b"Host")
+            authority = host_values[0] if host_values else None
+        self.host = authority
         channel = request.channel
-        proto, ip = channel.forwarded
-
-        drop = _SKIP_REQUEST
-        connection = raw.get(b"Connection")
-        upgrade = None
-        if connection:
-            extra = connection_tokens(connection)
-            if b"upgrade" in extra and request.method == b"GET" and request.body is None:
-                # WebSocket: Connection: Upgrade and its Upgrade go to the
-                # node (rrlb.tunnel); other upgrade tokens (h2c) do not.
-                upgrade = upgrade_token(raw.get(b"Upgrade"))
-            if extra:
-                drop = drop | {_canonical(t) for t in extra}
-        parts: list[bytes] = []
-        append = parts.append
-        edge = channel.edge
-        if edge == EDGE_UNTRUSTED:
-            # --trusted-proxies, and the peer is not one: what it says of the
-            # client goes, in any spelling a node might read as the same
-            # (Forwarded, X_Forwarded_For, which CGI-style servers fold into
-            # the same variable).
-            for name, values in raw.items():
-                if name in drop or name.replace(b"_", b"-").lower() in _CLIENT_CLAIMS:
-                    continue
-                for value in values:
-                    append(name + b": " + value + b"\r\n")
-        else:
-            for name, values in raw.items():
-                if name in drop:
-                    continue
-                for value in values:
-                    append(name + b": " + value + b"\r\n")
-        xff = raw.get(b"X-Forwarded-For")
-        forwarded_host = self.host
-        if edge:
-            if edge == EDGE_UNTRUSTED:
-                xff = None
-            else:
-                # A trusted peer's own claims are kept, and rrlb's appended
-                # (each proxy of a chain adds its hop, as X-Forwarded-For).
-                claimed = raw.get(b"X-Forwarded-Proto")
-                if claimed:
-                    proto = b", ".join(claimed + [proto])
-                claimed = raw.get(b"X-Forwarded-Host")
-                if claimed and forwarded_host is not None:
-                    forwarded_host = b", ".join(claimed + [forwarded_host])
-        if ip:
-            xff_value = b", ".join(xff + [ip]) if xff else ip
-        else:
-            xff_value = b", ".join(xff) if xff else None
-        if xff_value is not None:
-            append(b"X-Forwarded-For: " + xff_value + b"\r\n")
-        append(b"X-Forwarded-Proto: " + proto + b"\r\n")
-        if forwarded_host is not None:
-            append(b"X-Forwarded-Host: " + forwarded_host + b"\r\n")
-        version = request.clientproto[5:] or b"1.1"
-        via = raw.get(b"Via")
-        via_self = version + b" rrlb"
-        append(b"Via: " + (b", ".join(via + [via_self]) if via else via_self) + b"\r\n")
-
-        if upgrade is not None:
-            append(b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n")
-        self.upgrade = upgrade is not None
         body = request.body
-        if body is None:
-            if b"Content-Length" in raw or b"Transfer-Encoding" in raw:
-                append(b"Content-Length: 0\r\n")
-        elif body.length is not None:
-            append(b"Content-Length: %d\r\n" % body.length)
-            if body.expect_continue:
-                # The node answers the Expect (rrlb.body.go_on/no_continue).
-                append(b"Expect: 100-continue\r\n")
-                self.expect = True
-        elif body.complete:
-            # A chunked body that came whole with the head: its length.
-            append(b"Content-Length: %d\r\n" % body.received)
-        else:
-            # A chunked body still coming: chunked to the node too.
-            body.chunked = True
-            append(b"Transfer-Encoding: chunked\r\n")
-            if body.expect_continue:
-                append(b"Expect: 100-continue\r\n")
-                self.expect = True
-        append(b"\r\n")
-        self.head_tail = b"".join(parts)
+        self.head_tail, upgrade, self.expect = rewrite_request_head(
+            raw, request.method, body, authority, channel.forwarded, channel.edge,
+            request.clientproto,
+        )
+        self.upgrade = upgrade is not None
         self.body = body
         return True
 

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
+from rrlb.http1 import HOP_BY_HOP_NAMES, NOT_DROPPED_BY_CONNECTION, canonical, connection_tokens
 from rrlb.parser import HEAD_BYTES, ChunkedDecoder
 
 MAX_HEAD_SIZE = 65536
@@ -48,30 +49,6 @@ STRAY_LOG_INTERVAL = 60.0
 # Header lines in a response at most, unless told (--max-headers).
 MAX_HEADERS = 100
 
-# Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    }
-)
-
-# The same, as Twisted's Headers spells them.
-_HOP_BY_HOP_NAMES = frozenset(canonical_name(name) for name in HOP_BY_HOP)
-
-# Connection tokens that never remove a header: its own options, and the
-# framing, which is read before the hop-by-hop headers go.
-_NOT_DROPPED_BY_CONNECTION = frozenset(
-    {b"close", b"keep-alive", b"transfer-encoding", b"content-length"}
-)
-
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(6)
 
 
@@ -79,30 +56,6 @@ class BadResponse(Exception):
     """
     The node sent something that is not an HTTP/1.x response.
     """
-
-
-def _canonical(name: bytes) -> bytes:
-    """
-    A header name as Twisted's L{Headers} keys it (L{name} itself if it is
-    not a valid token, so that it matches nothing).
-    """
-    try:
-        return canonical_name(name)
-    except HeaderNameError:
-        return name
-
-
-def connection_tokens(values: list[bytes]) -> set[bytes]:
-    """
-    The lower-cased option names of C{Connection} header values.
-    """
-    tokens = set()
-    for value in values:
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
 
 
 def parse_head(
@@ -369,7 +322,7 @@ class UpstreamProtocol(Protocol):
         tokens: set[bytes] = set()
         chunked = other_coding = False
         coding = None
-        if not _HOP_BY_HOP_NAMES.isdisjoint(headers):
+        if not HOP_BY_HOP_NAMES.isdisjoint(headers):
             connection = headers.get(b"Connection")
             # The framing first: a Connection header naming Transfer-Encoding
             # or Content-Length must not take away how the body is delimited
@@ -388,10 +341,10 @@ class UpstreamProtocol(Protocol):
                     chunked = True
             if connection:
                 tokens = connection_tokens(connection)
-                for token in tokens - _NOT_DROPPED_BY_CONNECTION:
+                for token in tokens - NOT_DROPPED_BY_CONNECTION:
                     # Headers named in Connection are hop-by-hop too.
-                    headers.pop(_canonical(token), None)
-            for name in _HOP_BY_HOP_NAMES.intersection(headers):
+                    headers.pop(canonical(token), None)
+            for name in HOP_BY_HOP_NAMES.intersection(headers):
                 del headers[name]
         length = None
         lengths = headers.get(b"Content-Length")
