@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import treq
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -22,36 +22,10 @@ from twisted.web.iweb import IAgent
 
 from rrlb import __version__
 from rrlb.config import HealthConfig
+from rrlb.failures import describe_failure
 from rrlb.pool import Node, Pool
-from rrlb.tls import describe_tls_error
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
-
-
-def describe_failure(reason: Failure) -> str:
-    """
-    A short, single-line reason for an upstream failure, for logs and status.
-    """
-    exc = reason.value
-    if isinstance(exc, (webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed)):
-        inner = getattr(exc, "reasons", None)
-        if inner:
-            return describe_failure(inner[0])
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
-        return "timed out"
-    if isinstance(exc, error.ConnectionLost):
-        return "connection reset"
-    if isinstance(exc, error.DNSLookupError):
-        return "host name lookup failed"
-    tls = describe_tls_error(exc)
-    if tls is not None:
-        return tls
-    text = str(exc) or type(exc).__name__
-    # OpenSSL errors carry a list of tuples; keep the most telling part.
-    text = " ".join(text.split())
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 class _QuietFactory(webclient._HTTP11ClientFactory):
