@@ -22,16 +22,40 @@ failing requests quietly.
   - With C{--http2} only, L{rrlb.http2} subclasses the private
     L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
     overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE}.
+    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE};
+    L{H2Connection} and L{H2Stream} are imported from here.
+  - C{twisted.web.client._HTTP11ClientFactory} and
+    C{HTTPConnectionPool._factory}: L{quiet_connection_pool} makes the
+    health checker's connections not log their start and stop (one pair per
+    probe would flood the log); there is no public switch.
+  - C{twisted.internet.endpoints._SystemdParser._sddaemon}: the descriptors
+    C{systemd:} endpoints take. L{systemd_descriptors} reads it and
+    L{adopt_systemd_descriptors} replaces it, for L{rrlb.notify}'s recovery
+    of sockets passed without C{LISTEN_FDNAMES} (there is no public way to
+    hand the parser descriptors).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.python.systemd import ListenFDs
+from twisted.web import client as _webclient
+from twisted.web._http2 import H2Connection, H2Stream
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
-__all__ = ["canonical_name", "raw_headers", "set_raw_headers", "client_gone", "HeaderNameError"]
+__all__ = [
+    "canonical_name",
+    "raw_headers",
+    "set_raw_headers",
+    "client_gone",
+    "HeaderNameError",
+    "H2Connection",
+    "H2Stream",
+    "quiet_connection_pool",
+    "systemd_descriptors",
+    "adopt_systemd_descriptors",
+]
 
 HeaderNameError = InvalidHeaderName
 
@@ -124,3 +148,40 @@ H2_STATE = {
     ),
     "H2Stream": ("_conn", "_request", "streamID", "command", "path"),
 }
+
+
+class _QuietFactory(_webclient._HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietConnectionPool(_webclient.HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
+def quiet_connection_pool(reactor: Any, persistent: bool = True) -> _webclient.HTTPConnectionPool:
+    """
+    An L{HTTPConnectionPool} whose connections do not log their start and
+    stop.
+    """
+    return _QuietConnectionPool(reactor, persistent=persistent)
+
+
+def _systemd_parser() -> Any:
+    from twisted.internet.endpoints import _SystemdParser
+
+    return _SystemdParser
+
+
+def systemd_descriptors() -> ListenFDs:
+    """
+    The descriptors C{systemd:} endpoints take (what Twisted read from
+    C{LISTEN_FDS} when L{twisted.internet.endpoints} was imported).
+    """
+    return _systemd_parser()._sddaemon
+
+
+def adopt_systemd_descriptors(descriptors: ListenFDs) -> None:
+    """
+    Make C{descriptors} the ones C{systemd:} endpoints take from now on.
+    """
+    _systemd_parser()._sddaemon = descriptors

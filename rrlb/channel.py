@@ -218,6 +218,12 @@ class ProxyChannel(http.HTTPChannel):
     client_address = ""
     served = 0
     deadline: Optional[float] = None
+    # A drain asked it to close after the request in progress: its
+    # response says Connection: close.
+    closing = False
+    # Where the client's bytes go once the connection is a tunnel (set by
+    # the proxy along with start_tunnel).
+    tunnel_reader: Optional[Callable[[bytes], None]] = None
     transport: Any
     site: ClientSite
 
@@ -281,6 +287,8 @@ class ProxyChannel(http.HTTPChannel):
             self._buffer += data
             if len(self._buffer) > READ_AHEAD and not self._waitingForTransport:
                 self._networkProducer.pauseProducing()
+        elif state == _TUNNEL:
+            self.tunnel_reader(data)  # type: ignore[misc]
         elif state != _CLOSED:
             self._head_received(self._buffer + data if self._buffer else data)
 
@@ -607,17 +615,11 @@ class ProxyChannel(http.HTTPChannel):
             self.loseConnection()
             return
         self.persistent = False
-        if "writeHeaders" not in self.__dict__:
-            # Only a draining channel pays for the extra header.
-            cls_write = ProxyChannel.writeHeaders
-
-            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-                headers.setRawHeaders(b"Connection", [b"close"])
-                cls_write(self, version, code, reason, headers)
-
-            self.writeHeaders = write_closing  # type: ignore[method-assign]
+        self.closing = True
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if self.closing:
+            headers.setRawHeaders(b"Connection", [b"close"])
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
         extend = parts.extend
         for name, values in headers.getAllRawHeaders():

@@ -16,11 +16,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from rrlb import __version__
+from rrlb._twisted import quiet_connection_pool
 from rrlb.config import HealthConfig
 from rrlb.failures import describe_failure
 from rrlb.pool import Node, Pool
@@ -28,17 +28,9 @@ from rrlb.pool import Node, Pool
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 
 
-class _QuietFactory(webclient._HTTP11ClientFactory):
-    noisy = False
-
-
-class QuietConnectionPool(webclient.HTTPConnectionPool):
-    """
-    A connection pool whose connections do not log their start and stop:
-    with a probe every few seconds per node they would flood the log.
-    """
-
-    _factory = _QuietFactory
+# A connection pool whose connections do not log their start and stop: with
+# a probe every few seconds per node they would flood the log.
+QuietConnectionPool = quiet_connection_pool
 
 
 class HealthChecker(Service):

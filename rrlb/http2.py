@@ -25,16 +25,21 @@ package) is loaded otherwise.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from h2.errors import ErrorCodes
 from priority import DuplicateStreamError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection, H2Stream
 
-from rrlb._twisted import canonical_name, header_values, set_raw_headers
+from rrlb._twisted import (
+    H2Connection,
+    H2Stream,
+    canonical_name,
+    header_values,
+    set_raw_headers,
+)
 from rrlb.body import CONTINUE, StreamedBody
 from rrlb.channel import _CLOSED, ProxyChannel, real_client
 from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
@@ -354,13 +359,19 @@ class ALPNChannel(ProxyChannel):
 
     h2: Optional[ProxyH2Connection] = None
 
+    # Where reads go once the first one chose: the HTTP/2 connection's or
+    # ProxyChannel's dataReceived.
+    reader: Optional[Callable[[bytes], None]] = None
+
     def dataReceived(self, data: bytes) -> None:
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-            h2 = self._start_h2()
-            self.dataReceived = h2.dataReceived  # type: ignore[method-assign]
-        else:
-            self.dataReceived = super().dataReceived  # type: ignore[method-assign]
-        self.dataReceived(data)
+        reader = self.reader
+        if reader is None:
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                reader = self._start_h2().dataReceived
+            else:
+                reader = super().dataReceived
+            self.reader = reader
+        reader(data)
 
     def _start_h2(self) -> ProxyH2Connection:
         transport = self.transport

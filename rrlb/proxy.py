@@ -425,7 +425,7 @@ class ProxyExchange:
         tunnel = self.tunnel = Tunnel(
             self, channel, protocol, proxy.clock, proxy.settings.tunnel_timeout, proxy.stats
         )
-        channel.dataReceived = tunnel.from_client
+        channel.tunnel_reader = tunnel.from_client
         protocol.tunnel = tunnel
         if buffered:
             tunnel.from_client(buffered)

@@ -184,3 +184,44 @@ class HTTP2Tests(unittest.TestCase):
             self.assertTrue(hasattr(stream, name), name)
         connection.connectionLost(Failure(ConnectionDone()))
         clock.advance(1)
+
+
+class ClientPoolTests(unittest.TestCase):
+    """
+    The private factory hook behind L{_twisted.quiet_connection_pool}.
+    """
+
+    def test_quiet_factory(self) -> None:
+        """
+        The pool still builds its connections' factory from C{_factory}, and
+        the quiet pool's factory does not log.
+        """
+        from twisted.web import client
+
+        self.assertTrue(issubclass(client.HTTPConnectionPool._factory, client._HTTP11ClientFactory))
+        pool = _twisted.quiet_connection_pool(Clock(), persistent=False)
+        self.assertIsInstance(pool, client.HTTPConnectionPool)
+        self.assertFalse(pool.persistent)
+        self.assertIs(pool._factory.noisy, False)
+
+
+class SystemdTests(unittest.TestCase):
+    """
+    The descriptors C{systemd:} endpoints take live in
+    C{_SystemdParser._sddaemon}.
+    """
+
+    def test_adopt(self) -> None:
+        """
+        Descriptors adopted through L{_twisted.adopt_systemd_descriptors} are
+        what a C{systemd:} endpoint string finds.
+        """
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        saved = _twisted.systemd_descriptors()
+        self.addCleanup(_twisted.adopt_systemd_descriptors, saved)
+        self.assertIsInstance(saved, ListenFDs)
+        _twisted.adopt_systemd_descriptors(ListenFDs([3], ("web",)))
+        self.assertEqual(endpoints._SystemdParser._sddaemon.inheritedDescriptors(), [3])
+        self.assertEqual(_twisted.systemd_descriptors().inheritedNamedDescriptors(), {"web": 3})
