@@ -22,8 +22,11 @@ failing requests quietly.
   - With C{--http2} only, L{rrlb.http2} subclasses the private
     L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
     overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE};
-    L{H2Connection} and L{H2Stream} are imported from here.
+    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
+    L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
+    send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
+    Twisted's send loop only appends to and pops from. L{H2Connection}
+    and L{H2Stream} are imported from here.
   - C{twisted.web.client._HTTP11ClientFactory} and
     C{HTTPConnectionPool._factory}: L{quiet_connection_pool} makes the
     health checker's connections not log their start and stop (one pair per
@@ -130,13 +133,26 @@ H2_OVERRIDES = {
         "_requestEnded",
         "_requestAborted",
         "_requestDone",
+        "_handlePriorityUpdate",
+        "pauseProducing",
+        "resumeProducing",
+        "remainingOutboundWindow",
     ),
-    "H2Stream": ("_convertHeaders", "receiveDataChunk", "requestComplete", "writeHeaders"),
+    "H2Stream": (
+        "_convertHeaders",
+        "receiveDataChunk",
+        "requestComplete",
+        "writeHeaders",
+        "registerProducer",
+        "flowControlBlocked",
+        "windowUpdated",
+    ),
 }
 H2_STATE = {
     "H2Connection": (
         "_streamCleanupCallbacks",
         "_outboundStreamQueues",
+        "_consumerBlocked",
         "_tryToWriteControlData",
         "_send100Continue",
         "_streamIsActive",
@@ -146,7 +162,7 @@ H2_STATE = {
         "streams",
         "conn",
     ),
-    "H2Stream": ("_conn", "_request", "streamID", "command", "path"),
+    "H2Stream": ("_conn", "_request", "streamID", "command", "path", "producer"),
 }
 
 

@@ -638,6 +638,8 @@ class ClientSite(server.Site):
 
     @ivar ports: the listening ports to pause and resume (the service adds
         them once they listen).
+    @ivar streams: places under C{max_connections} taken by HTTP/2 streams
+        beyond the first of their connection (L{stream_opened}).
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
     """
@@ -653,6 +655,7 @@ class ClientSite(server.Site):
         self.on_channel_lost: Optional[Callable[[], None]] = None
         self.ports: list[Any] = []
         self.parked: list[ProxyChannel] = []
+        self.streams = 0
         self.paused = False
         self._sweep_call: Any = None
 
@@ -664,7 +667,7 @@ class ClientSite(server.Site):
 
     def channel_opened(self, channel: ProxyChannel) -> None:
         channels = self.channels
-        if len(channels) >= self.limits.max_connections:
+        if len(channels) + self.streams >= self.limits.max_connections:
             # Twisted accepts several clients per wake-up, so a few may come
             # in past the cap: they wait, unread, for a free place.
             channel.deadline = None
@@ -674,7 +677,7 @@ class ClientSite(server.Site):
                 self.pause_accepting()
             return
         channels.add(channel)
-        if len(channels) >= self.limits.max_connections and not self.paused:
+        if len(channels) + self.streams >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
@@ -685,21 +688,50 @@ class ClientSite(server.Site):
             channels.discard(channel)
         elif channel in self.parked:
             self.parked.remove(channel)
-        room = self.limits.max_connections - len(channels)
+        self._room_freed()
+        if not channels:
+            self.stop_sweeping()
+        elif self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
+        if self.on_channel_lost is not None:
+            self.on_channel_lost()
+
+    def stream_opened(self) -> bool:
+        """
+        An HTTP/2 connection opens a stream beside those it has open: each
+        may hold a node connection, so it takes a place under
+        C{max_connections} as a client connection does. Returns C{False},
+        taking nothing, when there is no place left (the stream is refused).
+        """
+        if len(self.channels) + self.streams >= self.limits.max_connections:
+            return False
+        self.streams += 1
+        if len(self.channels) + self.streams >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        return True
+
+    def stream_closed(self) -> None:
+        """
+        A stream that took a place with L{stream_opened} ended.
+        """
+        self.streams -= 1
+        self._room_freed()
+
+    def _room_freed(self) -> None:
+        """
+        A place may be free: a client held unread takes it, and accepting
+        resumes if there is still room.
+        """
+        channels = self.channels
+        room = self.limits.max_connections - len(channels) - self.streams
         while self.parked and room > 0:
             waiting = self.parked.pop(0)
             channels.add(waiting)
             room -= 1
             waiting.deadline = self.clock.seconds() + self.limits.header_timeout
             waiting.transport.resumeProducing()
-        if not channels:
-            self.stop_sweeping()
-        elif self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.paused and room > 0:
             self.resume_accepting()
-        if self.on_channel_lost is not None:
-            self.on_channel_lost()
 
     def client_list(self, limit: int = MAX_LISTED_CLIENTS) -> list[dict[str, Any]]:
         """
@@ -744,7 +776,7 @@ class ClientSite(server.Site):
 
     def resume_accepting(self) -> None:
         self.paused = False
-        room = self.limits.max_connections - len(self.channels)
+        room = self.limits.max_connections - len(self.channels) - self.streams
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
@@ -759,7 +791,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = len(self.channels) >= limits.max_connections
+        over = len(self.channels) + self.streams >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

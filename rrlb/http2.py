@@ -20,15 +20,22 @@ package) is loaded otherwise.
  - Connection-specific headers are translated as RFC 9113 section 8.2.2
    says: none goes to an HTTP/2 client, C{:authority} becomes C{Host}, and
    cookie fields split by HTTP/2 are joined again (section 8.2.3).
+ - What rrlb holds for the client is bounded whatever windows it advertises
+   (L{rrlb.h2buffers}).
+ - Descriptors: a stream may hold a node connection of its own, so each
+   stream beyond a connection's first takes a place under
+   C{--max-connections} (L{ClientSite.stream_opened}); with none left a new
+   stream is refused with C{REFUSED_STREAM}. At most L{MAX_STREAMS} are
+   open on a connection (C{SETTINGS_MAX_CONCURRENT_STREAMS}).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable, Optional
 
 from h2.errors import ErrorCodes
-from priority import DuplicateStreamError
+from h2.settings import SettingCodes, Settings
+from priority import BadWeightError, DuplicateStreamError, PriorityLoop
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
@@ -42,13 +49,20 @@ from rrlb._twisted import (
 )
 from rrlb.body import CONTINUE, StreamedBody
 from rrlb.channel import _CLOSED, ProxyChannel, real_client
+from rrlb.h2buffers import BoundedConnection, BoundedStream
 from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
 from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
 
-class ProxyH2Stream(H2Stream):
+# Streams a client may have open at once on one connection
+# (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
+# 128, HAProxy's 100).
+MAX_STREAMS = 100
+
+
+class ProxyH2Stream(BoundedStream, H2Stream):
     """
     One HTTP/2 stream: a request, and the channel the proxy sees for it.
     """
@@ -255,7 +269,7 @@ class ProxyH2Stream(H2Stream):
         )
 
 
-class ProxyH2Connection(H2Connection):
+class ProxyH2Connection(BoundedConnection, H2Connection):
     """
     An HTTP/2 connection of a client, driven by its L{ALPNChannel}.
     """
@@ -268,22 +282,39 @@ class ProxyH2Connection(H2Connection):
         super().__init__(reactor)
         self.channel = channel
         self.going_away = False
+        # Streams beyond the first holding a place under --max-connections.
+        self._extra_streams = 0
+        # As h2 sets them itself, with rrlb's stream limit said out loud.
+        self.conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
 
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
         if self.going_away:
             # Draining: the GOAWAY told the client no new stream is served;
             # one sent meanwhile is refused (the client may retry it).
-            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
-            self._tryToWriteControlData()
+            self._refuse(event.stream_id)
             return
+        if self.streams:
+            # This stream may hold a node connection beside the others': it
+            # takes a place under --max-connections, or waits for the
+            # client to retry it.
+            if not self.channel.site.stream_opened():
+                self._refuse(event.stream_id)
+                return
+            self._extra_streams += 1
         stream = ProxyH2Stream(
             event.stream_id, self, event.headers, self.requestFactory, self.site, self.factory
         )
         self.streams[event.stream_id] = stream
         # The rest as H2Connection._requestReceived does it, with rrlb's stream.
         self._streamCleanupCallbacks[event.stream_id] = Deferred()
-        self._outboundStreamQueues[event.stream_id] = deque()
+        self._outboundStreamQueues[event.stream_id] = self.send_queue(stream)
         try:
             self.priority.insert_stream(event.stream_id)
         except DuplicateStreamError:
@@ -291,6 +322,35 @@ class ProxyH2Connection(H2Connection):
         else:
             self.priority.block(event.stream_id)
         stream.start(has_body=event.stream_ended is None)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        # RFC 9113 5.3.2 deprecates this priority scheme. Twisted's handler
+        # adds a tree entry for every idle or closed stream a PRIORITY frame
+        # names, up to the priority library's 1,000 per connection, and then
+        # raises out of dataReceived. rrlb's tree holds open streams only:
+        # a frame for another stream is ignored, and a parent that is not
+        # open is the root.
+        streams = self.streams
+        if event.stream_id not in streams:
+            return
+        depends_on = event.depends_on if event.depends_on in streams else None
+        try:
+            self.priority.reprioritize(
+                stream_id=event.stream_id,
+                depends_on=depends_on,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+        except (PriorityLoop, BadWeightError):
+            pass  # h2 refuses these first; never a traceback for a frame
+
+    def _refuse(self, stream_id: int) -> None:
+        """
+        Refuse a new stream with REFUSED_STREAM: nothing of it was processed,
+        so the client may send it again (RFC 9113 8.7).
+        """
+        self.conn.reset_stream(stream_id, error_code=ErrorCodes.REFUSED_STREAM)
+        self._tryToWriteControlData()
 
     def _requestDataReceived(self, event: Any) -> None:
         stream = self.streams.get(event.stream_id)
@@ -310,7 +370,14 @@ class ProxyH2Connection(H2Connection):
             super()._requestAborted(event)
 
     def _requestDone(self, streamID: int) -> None:
+        queue = self._outboundStreamQueues[streamID]
         super()._requestDone(streamID)
+        self.queue_dropped(queue)
+        # Keep one place for each open stream beyond the first.
+        site = self.channel.site
+        while self._extra_streams > max(0, len(self.streams) - 1):
+            self._extra_streams -= 1
+            site.stream_closed()
         if not self.streams:
             channel = self.channel
             if self.going_away:

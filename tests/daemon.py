@@ -138,6 +138,7 @@ async def start_daemon(
     environ: Optional[dict[str, str]] = None,
     listen_fds: bool = True,
     fdnames: Optional[str] = None,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
     """
     Start rrlb with C{args} (C{--listen systemd:domain=INET:index=0} unless
@@ -147,6 +148,8 @@ async def start_daemon(
 
     @param listen_fds: set C{LISTEN_FDS}/C{LISTEN_PID} for the socket.
     @param fdnames: the C{LISTEN_FDNAMES} value, if any.
+    @param wrapper: a command that runs rrlb in its own process, C{exec}ing
+        it (C{("prlimit", "--nofile=300:300")}).
     """
     directory = tempfile.mkdtemp(prefix="rrlb-test-")
     testcase.addCleanup(shutil.rmtree, directory, True)
@@ -169,6 +172,7 @@ async def start_daemon(
     env.update(environ or {})
     listen = [] if "--listen" in args else ["--listen", "systemd:domain=INET:index=0"]
     argv: Sequence[str] = [
+        *wrapper,
         sys.executable,
         "-c",
         launcher(listen_fds, fdnames),
@@ -178,7 +182,7 @@ async def start_daemon(
     try:
         reactor.spawnProcess(
             daemon,
-            sys.executable,
+            argv[0] if wrapper else sys.executable,
             list(argv),
             env=env,
             path=ROOT,
