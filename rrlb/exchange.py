@@ -22,11 +22,11 @@ from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP
 from rrlb.failures import describe_failure
 from rrlb.http1 import error_response, rewrite_request_head, split_target, switching_head
+from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue
 from rrlb.tunnel import Tunnel
-from rrlb.upstream import UpstreamProtocol
 
 log = Logger()
 

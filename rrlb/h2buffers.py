@@ -40,7 +40,7 @@ else:
     H2Connection = H2Stream = object
 
 # Response bytes queued for the client on one stream past which its node
-# connection is paused. One read from the node (upstream.READ_SIZE) may come
+# connection is paused. One read from the node (nodeconn.READ_SIZE) may come
 # on top, so a stream holds less than 400 KiB.
 STREAM_BUFFER = 128 * 1024
 # The same for all the streams of a connection together: past it, every

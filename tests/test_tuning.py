@@ -10,8 +10,9 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from rrlb.nodeconn import UpstreamProtocol
 from rrlb.service import DEFAULT_BACKLOG, with_default_backlog
-from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool, UpstreamProtocol
+from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool
 from tests.test_wire import (
     BackendConnection,
     BulkProducer,
