@@ -65,16 +65,17 @@ def _spawn(argv, log_path):
     return proc
 
 
-def start_node(python, port, name, log_path):
-    proc = _spawn([python, str(BENCH / "node.py"), str(port), name], log_path)
+def start_node(python, port, name, log_path, script="node.py"):
+    """`python bench/SCRIPT PORT NAME` (bench/node.py by default), once it listens."""
+    proc = _spawn([python, str(BENCH / script), str(port), name], log_path)
     wait_listening(port, proc)
     return proc
 
 
-def start_rrlb(python, port, args, log_path):
-    """`python -m twisted rrlb --listen tcp:PORT:interface=127.0.0.1 ARGS`, as tests/daemon.py."""
+def start_rrlb(python, port, args, log_path, scheme="tcp"):
+    """`python -m twisted rrlb --listen SCHEME:PORT:interface=127.0.0.1 ARGS`, as tests/daemon."""
     argv = [python, "-m", "twisted", "--log-format", "text", "rrlb"]
-    argv += ["--listen", f"tcp:{port}:interface={LOOPBACK}", *args]
+    argv += ["--listen", f"{scheme}:{port}:interface={LOOPBACK}", *args]
     proc = _spawn(argv, log_path)
     wait_listening(port, proc)
     return proc

@@ -15,9 +15,11 @@ failing requests quietly.
     name (C{content-type} -> C{Content-Type}); only asked once per distinct
     name, the answers are cached here.
   - L{HTTPChannel}'s producer state (C{_handlingRequest},
-    C{_networkProducer}, C{_waitingForTransport}): L{rrlb.channel} replaces
-    the channel's parsing but keeps its backpressure between the transport
-    and the request, which reads these.
+    C{_networkProducer}, C{_waitingForTransport}, C{_requestProducer}):
+    L{rrlb.channel} replaces the channel's parsing, and its
+    C{pauseProducing}/C{resumeProducing} (to count its reasons not to read),
+    but keeps the rest of its backpressure between the transport and the
+    request, which reads these.
   - L{Request._disconnected}: whether the client went away.
   - With C{--http2} only, L{rrlb.http2} subclasses the private
     L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it

@@ -42,7 +42,9 @@ from importlib import resources
 from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
-from twisted.web import server
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from rrlb.config import Config
@@ -559,20 +561,77 @@ def render_page(status: dict[str, Any], history: Optional[History] = None) -> st
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)
 
 
+# The admin endpoint's connections are not under --max-connections: their
+# descriptors come out of rrlb.channel.FD_RESERVE. So at most this many are
+# open, each idle at most this long (Twisted's default is twelve hours). At
+# the cap a new connection takes the place of the oldest idle one (nginx
+# reuses idle keep-alive connections the same way), or is closed at once if
+# every one is in the middle of a request.
+ADMIN_MAX_CONNECTIONS = 16
+ADMIN_IDLE_TIMEOUT = 60.0
+
+
+class AdminChannel(http.HTTPChannel):
+    """
+    An admin connection: kept by its L{AdminSite} while it is open.
+    """
+
+    site: AdminSite
+
+    def connectionMade(self) -> None:
+        self.site.channels[self] = None
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.channels.pop(self, None)
+        super().connectionLost(reason)
+
+
 class AdminSite(server.Site):
     """
     The admin endpoint's site: quiet (scrapes every few seconds would flood
-    the log) and never a traceback.
+    the log), never a traceback, and at most L{ADMIN_MAX_CONNECTIONS}
+    connections, each idle at most L{ADMIN_IDLE_TIMEOUT}.
     """
 
     noisy = False
     displayTracebacks = False
+    protocol = AdminChannel  # type: ignore[assignment]  # HTTP/1.1 only
     access = AdminAccess()
 
     def __init__(
-        self, pools: Pools, metrics: Metrics, history: Optional[History] = None, **kw: Any
+        self,
+        pools: Pools,
+        metrics: Metrics,
+        history: Optional[History] = None,
+        resource: Optional[Resource] = None,
+        **kw: Any,
     ) -> None:
-        super().__init__(AdminResource(pools, metrics, history), **kw)
+        kw.setdefault("timeout", ADMIN_IDLE_TIMEOUT)
+        super().__init__(resource or AdminResource(pools, metrics, history), **kw)
+        # The open connections, oldest first.
+        self.channels: dict[AdminChannel, None] = {}
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.channels)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.channels) >= ADMIN_MAX_CONNECTIONS and not self._close_idle():
+            return None  # the port closes it
+        return super().buildProtocol(addr)
+
+    def _close_idle(self) -> bool:
+        """
+        Close the oldest connection with no request in progress, to make
+        room; whether there was one.
+        """
+        for channel in self.channels:
+            if not channel.requests:
+                del self.channels[channel]
+                channel.loseConnection()
+                return True
+        return False
 
     def configure(self, config: Config) -> None:
         """

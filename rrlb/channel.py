@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_limits,tests.test_framing -*-
+# -*- test-case-name: tests.test_limits,tests.test_framing,tests.test_slow_peers -*-
 """
 The client side of a connection: L{ProxyChannel} reads requests with the
 strict one-pass parser of L{rrlb.parser} instead of L{HTTPChannel}'s line
@@ -15,6 +15,7 @@ the request in progress.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,7 +26,7 @@ from twisted.web import http, server
 
 from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import Config, Network
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, Config, Network
 from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
@@ -57,8 +58,23 @@ MAX_LOGGED_TARGET = 2048
 # The most seconds between two sweeps over the open connections.
 MAX_SWEEP_INTERVAL = 1.0
 # Bytes of pipelined requests read ahead while one is in progress, before
-# the client is held back (twisted.web's _optimisticEagerReadSize).
+# the client is held back (twisted.web's _optimisticEagerReadSize): past
+# them, what the client sends waits in the kernel, as with nginx and HAProxy.
 READ_AHEAD = 0x4000
+# How long a connection rrlb closes may take to send what is left of its
+# last response: a client that reads none of it is cut off then (nginx's
+# send_timeout), or its connection and that buffer would stay for as long
+# as it reads nothing.
+CLOSE_TIMEOUT = 60.0
+
+# Why a channel does not read from its client: flags, so that each reason
+# is lifted on its own and reading resumes only when none is left.
+_AHEAD = 1  # READ_AHEAD bytes of pipelined requests wait to be served
+_SENDING = 2  # between requests, the client is not taking its responses
+_HELD = 4  # the request body (or a tunnel) is held back (rrlb.body's flags)
+
+# Empty lines before a request line (RFC 9112 2.2).
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,8 @@ class ClientLimits:
     @ivar trusted_proxies: networks whose X-Forwarded-* headers are kept; an
         empty tuple means the option is unset (X-Forwarded-For is appended
         to, whoever sent it).
+    @ivar proxy_protocol_from: the peers a C{haproxy:} listener takes a
+        PROXY header from (L{rrlb.proxyproto}); empty: any peer.
     """
 
     # The defaults are rrlb.config's, where the options are.
@@ -78,8 +96,9 @@ class ClientLimits:
     header_timeout: float = Config.client_header_timeout
     body_timeout: float = Config.client_body_timeout
     keepalive_timeout: float = Config.keepalive_timeout
-    max_connections: int = Config.max_connections
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     trusted_proxies: tuple[Network, ...] = ()
+    proxy_protocol_from: tuple[Network, ...] = ()
 
 
 # File descriptors kept beyond two per client connection (the client's and
@@ -87,27 +106,30 @@ class ClientLimits:
 FD_RESERVE = 64
 
 
-def connections_that_fit(max_connections: int) -> int:
+def connections_that_fit(max_connections: Optional[int]) -> int:
     """
-    C{max_connections}, or fewer if that many cannot have their file
-    descriptors under the soft C{RLIMIT_NOFILE} (HAProxy lowers its maxconn
-    the same way).
+    The cap on client connections: C{max_connections}, or fewer if that many
+    cannot have their file descriptors under the soft C{RLIMIT_NOFILE}
+    (HAProxy lowers its maxconn the same way). Unset (L{None}), it is what
+    the limit fits, at most L{DEFAULT_MAX_CONNECTIONS}.
     """
+    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
     try:
         import resource
     except ImportError:  # not on POSIX
-        return max_connections
+        return wanted
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
-        return max_connections
-    return max(1, min(max_connections, (soft - FD_RESERVE) // 2))
+        return wanted
+    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
 
 
-def raise_fd_limit(max_connections: int) -> None:
+def raise_fd_limit(max_connections: Optional[int]) -> None:
     """
-    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if
-    C{max_connections} still cannot fit in it (rrlb then uses the cap
-    L{connections_that_fit} gives).
+    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if a
+    C{max_connections} the operator set still cannot fit in it (rrlb then
+    uses the cap L{connections_that_fit} gives). Unset, the cap is what
+    fits, and nothing is said.
     """
     try:
         import resource
@@ -122,6 +144,8 @@ def raise_fd_limit(max_connections: int) -> None:
             pass
     elif hard == resource.RLIM_INFINITY:
         soft = hard
+    if max_connections is None:
+        return
     needed = 2 * max_connections + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warn(
@@ -194,6 +218,15 @@ def real_client(peer: bytes, forwarded_for: list[bytes], networks: Sequence[Netw
     return client
 
 
+def _skip_empty_lines(buffer: bytes, pos: int) -> int:
+    """
+    Where the request line starts in C{buffer} after any empty lines at
+    C{pos}, which RFC 9112 2.2 says to ignore.
+    """
+    match = _EMPTY_LINES.match(buffer, pos)
+    return match.end() if match is not None else pos
+
+
 class ProxyChannel(http.HTTPChannel):
     """
     An HTTP/1.1 connection from a client.
@@ -230,12 +263,22 @@ class ProxyChannel(http.HTTPChannel):
     def __init__(self) -> None:
         super().__init__()
         self._state = _IDLE
+        # What was read and not parsed yet: self._buffer[self._offset:], then
+        # the reads in self._more (those that came while a request was in
+        # progress, kept as they came rather than copied onto the rest).
         self._buffer = b""
+        self._offset = 0
+        self._more: list[bytes] = []
+        self._more_size = 0
         self._scanned = 0
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
         self._holds = 0
-        self._paused = False
+        self._stops = 0
+        self._starting = False
+        self._again = False
+        # The next request waits for the client to take the last response.
+        self._next_waits = False
 
     # -- the connection -------------------------------------------------------
 
@@ -275,37 +318,101 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
+    # -- reading, or not ------------------------------------------------------
+
+    def _stop_reading(self, why: int) -> None:
+        if not self._stops:
+            self.transport.pauseProducing()
+        self._stops |= why
+
+    def _go_on_reading(self, why: int) -> None:
+        stops = self._stops
+        if stops & why:
+            self._stops = stops = stops & ~why
+            if not stops:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """
+        The client's connection has a full write buffer: the response in
+        progress is paused and, between requests, nothing more is read
+        (Twisted's HTTPChannel does the same). During a request, reading is
+        bounded by L{READ_AHEAD} and the body's holds instead.
+        """
+        self._waitingForTransport = True
+        producer = self._requestProducer
+        if producer is not None:
+            producer.pauseProducing()
+        if not self._handlingRequest:
+            self._stop_reading(_SENDING)
+
+    def resumeProducing(self) -> None:
+        """
+        The client's write buffer drained: the response goes on, the next
+        request starts if it was waiting for that, and reading goes on
+        unless another reason still stops it.
+        """
+        self._waitingForTransport = False
+        producer = self._requestProducer
+        if producer is not None:
+            producer.resumeProducing()
+        self._go_on_reading(_SENDING)
+        if self._next_waits:
+            self._next_waits = False
+            if self._state == _IDLE:
+                self._next_requests()
+
     # -- reading requests -----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state == _BODY:
-            self._body_received(data)
+            self._body_received(data, 0)
         elif state == _BUSY:
-            # A pipelined request: keep it for when this one is done, and
-            # hold the client back once there is more than a little.
-            self._buffer += data
-            if len(self._buffer) > READ_AHEAD and not self._waitingForTransport:
-                self._networkProducer.pauseProducing()
+            # Pipelined requests: kept for when this one is done. Past
+            # READ_AHEAD bytes the client is not read, whatever the state
+            # of the writes (a client that does not read its responses
+            # while it sends would otherwise fill rrlb's memory).
+            self._more.append(data)
+            self._more_size += len(data)
+            if self._more_size + len(self._buffer) - self._offset > READ_AHEAD:
+                self._stop_reading(_AHEAD)
         elif state == _TUNNEL:
             self.tunnel_reader(data)  # type: ignore[misc]
         elif state != _CLOSED:
-            self._head_received(self._buffer + data if self._buffer else data)
+            if self._next_waits:
+                # Read after reading stopped (TLS hands on the rest of a
+                # record): kept with the requests read ahead.
+                self._more.append(data)
+                self._more_size += len(data)
+                return
+            buffer = self._buffer
+            # A head that came in pieces (at most max_header_size) is joined.
+            self._head_received(buffer + data if buffer else data, 0)
 
-    def _head_received(self, buffer: bytes) -> None:
-        if self._state == _IDLE and buffer[:1] in (b"\r", b"\n"):
+    def _head_received(self, buffer: bytes, pos: int) -> None:
+        """
+        Read the request head at C{buffer[pos:]}: start its request, or keep
+        what came of it until the rest comes.
+        """
+        if self._state == _IDLE and buffer[pos : pos + 1] in (b"\r", b"\n"):
             # Empty lines before a request line are ignored (RFC 9112 2.2).
-            buffer = buffer.lstrip(b"\r\n")
-            if not buffer:
+            pos = _skip_empty_lines(buffer, pos)
+            if pos == len(buffer):
+                self._buffer = b""
+                self._offset = 0
                 return
         limits = self.site.limits
         # A head arriving in pieces is searched only where its end could be
         # that was not searched before.
         scanned = self._scanned
-        end = buffer.find(b"\r\n\r\n", scanned)
-        if end < 0 or end > limits.max_header_size:
-            self._buffer = buffer
-            if end < 0 and len(buffer) <= limits.max_header_size:
+        end = buffer.find(b"\r\n\r\n", pos + scanned)
+        if end < 0 or end - pos > limits.max_header_size:
+            if end < 0 and len(buffer) - pos <= limits.max_header_size:
+                if pos:
+                    buffer = buffer[pos:]  # the head so far, nothing before it
+                self._buffer = buffer
+                self._offset = 0
                 if len(buffer) > MAX_REQUEST_LINE + 1 and (
                     buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
                 ):
@@ -324,22 +431,28 @@ class ProxyChannel(http.HTTPChannel):
                         self._state = _HEAD
                         self.deadline = self.clock.seconds() + limits.header_timeout
                 return
-            if buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
+            self._buffer = buffer
+            self._offset = pos
+            if buffer.find(b"\r\n", pos, pos + MAX_REQUEST_LINE + 2) < 0:
                 self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
             else:
                 self._refuse(BadRequest(431, HEADER_TOO_LARGE, "the request head is too large"))
             return
         self._scanned = 0
         try:
-            head = parse_request_head(buffer[:end], limits.max_headers)
+            head = parse_request_head(buffer[pos:end], limits.max_headers)
         except BadRequest as e:
             self._buffer = buffer
+            self._offset = pos
             self._refuse(e)
             return
-        self._buffer = b""
-        self._start(head, buffer[end + 4 :], limits)
+        self._start(head, buffer, end + 4, limits)
 
-    def _start(self, head: RequestHead, rest: bytes, limits: ClientLimits) -> None:
+    def _start(self, head: RequestHead, buffer: bytes, pos: int, limits: ClientLimits) -> None:
+        """
+        Start the request of C{head}; what follows it is C{buffer[pos:]}
+        (then L{_more}, if the head came from the read-ahead).
+        """
         request: Any = self.requestFactory(self, len(self.requests))
         self.requests.append(request)
         set_raw_headers(request.requestHeaders, head.headers)
@@ -360,7 +473,11 @@ class ProxyChannel(http.HTTPChannel):
             self._state = _BUSY
             self.deadline = None
             self._handlingRequest = True
-            self._buffer = rest
+            # Whatever follows stays where it is, read ahead: no copy.
+            self._buffer = buffer
+            self._offset = pos
+            if len(buffer) - pos + self._more_size > READ_AHEAD:
+                self._stop_reading(_AHEAD)
             request.content = None
             request.requestReceived(head.method, head.target, head.version)
             return
@@ -373,6 +490,8 @@ class ProxyChannel(http.HTTPChannel):
         # request is forwarded as soon as its head is in, and the channel
         # reads the body only as fast as the node takes it.
         request.content = None
+        self._buffer = b""
+        self._offset = 0
         self._state = _BODY
         self._handlingRequest = True
         self.deadline = self.clock.seconds() + limits.body_timeout
@@ -381,19 +500,27 @@ class ProxyChannel(http.HTTPChannel):
             self._decoder = ChunkedDecoder(body.feed, self._body_done, maximum)
         else:
             self._left = length
-        if rest:
-            # What came with the head is in the body before the request is
-            # forwarded: a small body that came whole goes out with the head.
-            self._body_received(rest)
-            if self._state == _CLOSED:
-                return
+        # What came with the head is in the body before the request is
+        # forwarded: a small body that came whole goes out with the head.
+        if pos < len(buffer):
+            self._body_received(buffer, pos)
+        more = self._more
+        while more and self._state == _BODY:
+            data = more.pop(0)
+            self._more_size -= len(data)
+            self._body_received(data, 0)
+        if self._state == _CLOSED:
+            return
         request.requestReceived(head.method, head.target, head.version)
 
-    def _body_received(self, data: bytes) -> None:
+    def _body_received(self, data: bytes, pos: int) -> None:
+        """
+        Body bytes: C{data[pos:]}.
+        """
         decoder = self._decoder
         if decoder is not None:
             try:
-                decoder.feed(data)
+                decoder.feed(data, pos)
             except BadChunk as e:
                 self._body_failed(BadRequest(400, BAD_FRAMING, str(e)))
                 return
@@ -403,29 +530,33 @@ class ProxyChannel(http.HTTPChannel):
         else:
             left = self._left
             request = self.requests[-1]
-            if len(data) < left:
-                self._left = left - len(data)
-                request.body.feed(data)
+            if len(data) - pos < left:
+                self._left = left - len(data) + pos
+                request.body.feed(data[pos:] if pos else data)
             else:
                 self._left = 0
-                request.body.feed(data[:left])
-                self._body_done(data[left:])
+                end = pos + left
+                request.body.feed(data[pos:end])
+                self._body_done(data, end)
                 return
         if self._state == _BODY and not self._holds:
             self.deadline = self.clock.seconds() + self.site.limits.body_timeout
 
-    def _body_done(self, rest: bytes) -> None:
+    def _body_done(self, rest: bytes, pos: int = 0) -> None:
+        """
+        The body ended; C{rest[pos:]} is what the client sent after it.
+        """
         self._decoder = None
         self._state = _BUSY
         self.deadline = None
         self._buffer = rest
+        self._offset = pos
         self._holds = 0
-        if self._paused:
-            # Nothing more of this request to read: take pipelined bytes
-            # (up to READ_AHEAD) as a request without a body would.
-            self._paused = False
-            if not self._waitingForTransport:
-                self.transport.resumeProducing()
+        # Nothing more of this request to read: take pipelined bytes (up to
+        # READ_AHEAD) as after a request without a body.
+        if len(rest) - pos + self._more_size > READ_AHEAD:
+            self._stop_reading(_AHEAD)
+        self._go_on_reading(_HELD)
         self.requests[-1].body.finish()
 
     def _body_failed(self, error: BadRequest) -> None:
@@ -447,13 +578,14 @@ class ProxyChannel(http.HTTPChannel):
             return
         self._refuse(error, request)
 
-    # -- holding the client back (rrlb.body) ---------------------------------
+    # -- holding the client back (rrlb.body, rrlb.tunnel) -------------------------
 
     def hold(self, flag: int) -> None:
         """
         Hold the client back for the reason C{flag}: stop reading its body
-        (except while only waiting to send 100 Continue, when it is not
-        sending). The body timeout does not run while the client is held.
+        or its side of a tunnel (except while only waiting to send 100
+        Continue, when it is not sending). The body timeout does not run
+        while the client is held.
         """
         self._holds |= flag
         self._read_body()
@@ -467,17 +599,16 @@ class ProxyChannel(http.HTTPChannel):
             self._read_body()
 
     def _read_body(self) -> None:
-        if self._state != _BODY:
+        state = self._state
+        if state != _BODY and state != _TUNNEL:
             return
         holds = self._holds
-        pause = bool(holds & ~CONTINUE)
-        if pause != self._paused:
-            self._paused = pause
-            if pause:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
-        self.deadline = None if holds else self.clock.seconds() + self.site.limits.body_timeout
+        if holds & ~CONTINUE:
+            self._stop_reading(_HELD)
+        else:
+            self._go_on_reading(_HELD)
+        if state == _BODY:
+            self.deadline = None if holds else self.clock.seconds() + self.site.limits.body_timeout
 
     def start_tunnel(self, head: bytes) -> bytes:
         """
@@ -489,9 +620,12 @@ class ProxyChannel(http.HTTPChannel):
         self.deadline = None
         self.persistent = False
         self.transport.write(head)
-        buffered, self._buffer = self._buffer, b""
-        if not self._waitingForTransport:
-            self._networkProducer.resumeProducing()
+        buffered = b"".join([self._buffer[self._offset :], *self._more])
+        self._buffer = b""
+        self._offset = 0
+        self._more = []
+        self._more_size = 0
+        self._go_on_reading(_AHEAD)
         return buffered
 
     def send_continue(self) -> None:
@@ -511,8 +645,6 @@ class ProxyChannel(http.HTTPChannel):
             raise TypeError
         del self.requests[0]
         self.served += 1
-        if not self._waitingForTransport:
-            self._networkProducer.resumeProducing()
         if getattr(request, "client_error", None) is not None:
             self._linger()
             return
@@ -522,22 +654,77 @@ class ProxyChannel(http.HTTPChannel):
             # is read and dropped for a while, then the connection closes.
             self._decoder = None
             self._holds = 0
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
             self._linger()
             return
         if not self.persistent or self._state == _CLOSED:
-            self._state = _CLOSED
             self.loseConnection()
             return
         self._handlingRequest = False
         self._state = _IDLE
         self.deadline = self.clock.seconds() + self.site.limits.keepalive_timeout
-        buffered = self._buffer
-        if buffered:
+        if self._waitingForTransport:
+            # The client has not taken this response yet: nothing more is
+            # read from it, and the next request does not start (even one
+            # already read), until it has, as with nginx. Else a client that
+            # reads nothing could have every request it sent ahead answered
+            # into rrlb's memory.
+            self._stop_reading(_SENDING)
+            self._next_waits = True
+            return
+        self._next_requests()
+
+    def _next_requests(self) -> None:
+        """
+        Start the pipelined requests already read, one after another, in a
+        loop: a request answered at once (a 404, a 503) ends inside its own
+        L{_start}, and recursing from there would run out of stack.
+        """
+        if self._starting:
+            self._again = True
+            return
+        self._starting = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                self._next_request()
+                again = self._again
+        finally:
+            self._starting = False
+        if self._state != _BUSY or (
+            len(self._buffer) - self._offset + self._more_size <= READ_AHEAD
+        ):
+            self._go_on_reading(_AHEAD)
+
+    def _next_request(self) -> None:
+        """
+        Start the next request read ahead, if there is one.
+
+        Nothing is copied but the request's own head, and, when the buffer
+        holds no complete head, the reads kept in L{_more} joined to what is
+        left of it (less than a head): each byte read ahead is copied once
+        more at most, so the cost per request is that of its own bytes,
+        however much waits behind it.
+        """
+        buffer = self._buffer
+        pos = self._offset
+        if buffer[pos : pos + 1] in (b"\r", b"\n"):
+            pos = _skip_empty_lines(buffer, pos)
+        more = self._more
+        if more and buffer.find(b"\r\n\r\n", pos) < 0:
+            if pos < len(buffer):
+                more.insert(0, buffer[pos:])
+            buffer = b"".join(more)
+            pos = 0
+            self._more = []
+            self._more_size = 0
+            if buffer[:1] in (b"\r", b"\n"):
+                pos = _skip_empty_lines(buffer, 0)
+        if pos >= len(buffer):
             self._buffer = b""
-            self._head_received(buffered)
+            self._offset = 0
+            return
+        self._head_received(buffer, pos)
 
     # -- refusing ----------------------------------------------------------
 
@@ -547,17 +734,19 @@ class ProxyChannel(http.HTTPChannel):
         C{Connection: close}, count and log it, and close the connection
         once the answer is out.
         """
-        head = self._buffer
+        offset = self._offset
+        head = self._buffer[offset : offset + MAX_REQUEST_LINE + 2]
         self._state = _CLOSED
         self.deadline = None
         self._decoder = None
         self._buffer = b""
+        self._offset = 0
+        self._more = []
+        self._more_size = 0
         self.persistent = False
         self._holds = 0
-        if self._paused:
-            # Read again, so that lingering drains what the client still sends.
-            self._paused = False
-            self.transport.resumeProducing()
+        # Read again, so that lingering drains what the client still sends.
+        self._go_on_reading(_HELD)
         if request is None:
             request = self.requestFactory(self, len(self.requests))
             self.requests.append(request)
@@ -582,10 +771,28 @@ class ProxyChannel(http.HTTPChannel):
         transport.unregisterProducer()
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None or not self.site.linger:
+            # No half-close (TLS, a haproxy: listener): close, and cut the
+            # client off if it does not take the answer.
             self.transport.loseConnection()
+            self.deadline = self.clock.seconds() + self.site.close_timeout
             return
+        # Whatever stopped reading before, the client's bytes are dropped now
+        # (for LINGER_TIMEOUT at most).
+        if self._stops:
+            self._stops = 0
+            self.transport.resumeProducing()
         lose_write()
         self.deadline = self.clock.seconds() + LINGER_TIMEOUT
+
+    def loseConnection(self) -> None:
+        """
+        Close the connection once what was written to it has gone out; if the
+        client takes none of it for the site's C{close_timeout}, the sweep
+        cuts it off.
+        """
+        self._state = _CLOSED
+        self.deadline = self.clock.seconds() + self.site.close_timeout
+        super().loseConnection()
 
     def timed_out(self) -> None:
         """
@@ -636,15 +843,25 @@ class ClientSite(server.Site):
     at C{max_connections} and resumes them below it, and hands the drain
     the channels to close.
 
+    A connection on a C{haproxy:} listener holds its place from accept: it
+    is in L{waiting} until its PROXY header has come (L{rrlb.proxyproto}),
+    then in L{channels}.
+
     @ivar ports: the listening ports to pause and resume (the service adds
         them once they listen).
     @ivar streams: places under C{max_connections} taken by HTTP/2 streams
         beyond the first of their connection (L{stream_opened}).
+    @ivar waiting: connections waiting for their PROXY header.
+    @ivar parked: connections accepted past the cap (Twisted accepts several
+        per wake-up), unread until a place is free.
     @ivar linger: read and drop what a refused client still sends before
         closing (off in tests that use in-memory transports).
+    @ivar close_timeout: how long a connection rrlb closes may take to send
+        what is left of its last response (L{CLOSE_TIMEOUT}).
     """
 
     linger = True
+    close_timeout = CLOSE_TIMEOUT
 
     def __init__(self, resource: Any, clock: Any, limits: ClientLimits, **kw: Any) -> None:
         # No twisted.web timeout: the sweep does every client timeout.
@@ -652,47 +869,97 @@ class ClientSite(server.Site):
         self.clock = clock
         self.limits = limits
         self.channels: set[ProxyChannel] = set()
+        self.waiting: set[Any] = set()
         self.on_channel_lost: Optional[Callable[[], None]] = None
         self.ports: list[Any] = []
-        self.parked: list[ProxyChannel] = []
+        self.parked: list[Any] = []
         self.streams = 0
         self.paused = False
         self._sweep_call: Any = None
 
+    @property
+    def open_count(self) -> int:
+        """
+        The client connections that hold a place under C{max_connections}.
+        """
+        return len(self.channels) + len(self.waiting) + self.streams
+
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
+        read = getattr(port, "doRead", None)
+        if read is not None and hasattr(port, "numberAccepts"):
+            # Twisted's port accepts up to numberAccepts clients per wake-up
+            # (a hundred at first): never more than there are places for,
+            # or a burst would hold descriptors past the cap, parked.
+            def doRead() -> Any:
+                room = self.limits.max_connections - self.open_count
+                port.numberAccepts = max(1, min(port.numberAccepts, room))
+                return read()
+
+            port.doRead = doRead
         if self.paused:
             port.stopReading()
         return port
 
+    def _park(self, connection: Any) -> None:
+        # Twisted accepts several clients per wake-up, so a few may come in
+        # past the cap: they wait, unread, for a free place.
+        connection.transport.pauseProducing()
+        self.parked.append(connection)
+        if not self.paused:
+            self.pause_accepting()
+
     def channel_opened(self, channel: ProxyChannel) -> None:
         channels = self.channels
-        if len(channels) + self.streams >= self.limits.max_connections:
-            # Twisted accepts several clients per wake-up, so a few may come
-            # in past the cap: they wait, unread, for a free place.
-            channel.deadline = None
-            channel.transport.pauseProducing()
-            self.parked.append(channel)
-            if not self.paused:
-                self.pause_accepting()
-            return
-        channels.add(channel)
-        if len(channels) + self.streams >= self.limits.max_connections and not self.paused:
+        if channel not in channels:
+            # (One that waited for its PROXY header is in already.)
+            if self.open_count >= self.limits.max_connections:
+                channel.deadline = None
+                self._park(channel)
+                return
+            channels.add(channel)
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
 
-    def channel_closed(self, channel: ProxyChannel) -> None:
+    def header_awaited(self, connection: Any) -> bool:
+        """
+        C{connection} was accepted on a C{haproxy:} listener and waits for
+        its PROXY header: it holds a place from now on.
+
+        @return: whether it has one; if not, it is parked (unread) until a
+            place is free, and then its C{admitted()} is called.
+        """
+        if self.open_count >= self.limits.max_connections:
+            self._park(connection)
+            return False
+        self.waiting.add(connection)
+        if self.open_count >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        return True
+
+    def header_arrived(self, connection: Any, channel: ProxyChannel) -> None:
+        """
+        The PROXY header of C{connection} came: C{channel}, about to be
+        connected, takes over its place.
+        """
+        self.waiting.discard(connection)
+        self.channels.add(channel)
+
+    def channel_closed(self, channel: Any) -> None:
+        """
+        C{channel} (a L{ProxyChannel}, or a connection still waiting for its
+        PROXY header) is gone: its place goes to the first parked one.
+        """
         channels = self.channels
         if channel in channels:
             channels.discard(channel)
+        elif channel in self.waiting:
+            self.waiting.discard(channel)
         elif channel in self.parked:
             self.parked.remove(channel)
         self._room_freed()
-        if not channels:
-            self.stop_sweeping()
-        elif self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.on_channel_lost is not None:
             self.on_channel_lost()
 
@@ -703,10 +970,10 @@ class ClientSite(server.Site):
         C{max_connections} as a client connection does. Returns C{False},
         taking nothing, when there is no place left (the stream is refused).
         """
-        if len(self.channels) + self.streams >= self.limits.max_connections:
+        if self.open_count >= self.limits.max_connections:
             return False
         self.streams += 1
-        if len(self.channels) + self.streams >= self.limits.max_connections and not self.paused:
+        if self.open_count >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -723,13 +990,21 @@ class ClientSite(server.Site):
         resumes if there is still room.
         """
         channels = self.channels
-        room = self.limits.max_connections - len(channels) - self.streams
+        room = self.limits.max_connections - self.open_count
         while self.parked and room > 0:
-            waiting = self.parked.pop(0)
-            channels.add(waiting)
+            parked = self.parked.pop(0)
             room -= 1
-            waiting.deadline = self.clock.seconds() + self.limits.header_timeout
-            waiting.transport.resumeProducing()
+            if isinstance(parked, ProxyChannel):
+                channels.add(parked)
+                parked.deadline = self.clock.seconds() + self.limits.header_timeout
+            else:
+                self.waiting.add(parked)
+                parked.admitted()
+            parked.transport.resumeProducing()
+        if not channels:
+            self.stop_sweeping()
+        elif self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
         if self.paused and room > 0:
             self.resume_accepting()
 
@@ -755,11 +1030,13 @@ class ClientSite(server.Site):
     def close_parked(self) -> None:
         """
         At shutdown: close the clients waiting for a place (they sent
-        nothing that was read).
+        nothing that was read), and those still waiting for their PROXY
+        header (no request of theirs has begun).
         """
         parked, self.parked = self.parked, []
-        for channel in parked:
-            channel.transport.abortConnection()
+        waiting, self.waiting = self.waiting, set()
+        for connection in parked + list(waiting):
+            connection.transport.abortConnection()
 
     def pause_accepting(self) -> None:
         """
@@ -769,20 +1046,16 @@ class ClientSite(server.Site):
         log.warn(
             "{count} client connections open (--max-connections): not accepting more"
             " until one closes",
-            count=len(self.channels),
+            count=self.open_count,
         )
         for port in self.ports:
             port.stopReading()
 
     def resume_accepting(self) -> None:
         self.paused = False
-        room = self.limits.max_connections - len(self.channels) - self.streams
         log.info("below --max-connections again: accepting clients")
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
-                # Twisted accepts up to numberAccepts clients per wake-up:
-                # no more than there is room for.
-                port.numberAccepts = max(1, min(port.numberAccepts, room))
                 port.startReading()
 
     def set_limits(self, limits: ClientLimits) -> None:
@@ -791,7 +1064,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = len(self.channels) + self.streams >= limits.max_connections
+        over = self.open_count >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

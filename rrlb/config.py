@@ -20,6 +20,9 @@ import yaml
 
 DEFAULT_LISTEN = ("tcp:8080",)
 MAX_WEIGHT = 256
+# Client connections at most when max_connections is not set and the file
+# descriptor limit fits more (rrlb.channel.connections_that_fit).
+DEFAULT_MAX_CONNECTIONS = 10000
 
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -233,8 +236,12 @@ class Config:
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 60.0
-    max_connections: int = 10000
+    # None: what the file descriptor limit fits, at most
+    # DEFAULT_MAX_CONNECTIONS (rrlb.channel.connections_that_fit).
+    max_connections: Optional[int] = None
     trusted_proxies: tuple[Network, ...] = ()
+    # The peers a haproxy: listener takes a PROXY header from; empty: any.
+    proxy_protocol_from: tuple[Network, ...] = ()
     # Overload: per-node limits, the queue, retries and their budget.
     max_conns_per_node: int = 0
     queue_timeout: float = 5.0
@@ -287,6 +294,7 @@ _TOP_KEYS = frozenset(
         "keepalive_timeout",
         "max_connections",
         "trusted_proxies",
+        "proxy_protocol_from",
         "max_conns_per_node",
         "queue_timeout",
         "retries",
@@ -1247,7 +1255,7 @@ def _from_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = byte_size(key, value)
         elif key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
             out[key] = positive_float(key, value)
-        elif key == "trusted_proxies":
+        elif key in ("trusted_proxies", "proxy_protocol_from"):
             out[key] = trusted_networks(key, value)
         elif key in ("max_conns_per_node", "retries"):
             out[key] = non_negative_int(key, value)

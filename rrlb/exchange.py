@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP
-from rrlb.failures import describe_failure
+from rrlb.failures import DESCRIPTOR_ERRNOS, describe_failure, local_errno
 from rrlb.http1 import error_response, rewrite_request_head, split_target, switching_head
 from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node, Pool
@@ -248,7 +248,38 @@ class ProxyExchange:
         self.connector = None
         if self.finished:
             return
+        code = local_errno(reason)
+        if code is not None:
+            self._local_failure(code)
+            return
         self._failed(reason, passive=True)
+
+    def _local_failure(self, code: int) -> None:
+        """
+        rrlb could not open a connection for want of a local resource (see
+        L{rrlb.failures}): not the node's fault, so neither its health nor
+        its error count changes, and no other node is tried; the client
+        gets rrlb's own 503. Out of descriptors, the idle pooled
+        connections are closed, so that the next request finds one.
+        """
+        proxy = self.proxy
+        proxy.local_errors.failed(code, f"a request to {self.node.url}")
+        if code in DESCRIPTOR_ERRNOS:
+            # Idle node connections are the descriptors rrlb can give back
+            # (not for EADDRNOTAVAIL: closing them would only add ports in
+            # TIME_WAIT).
+            proxy.upstream.close_idle()
+        request = self.request
+        self._end(ok=False)
+        # Counted and logged as rrlb's answer, not the node's.
+        request.exchange = None
+        request.pool_name = self.dest.name
+        error_response(
+            request,
+            503,
+            "no connection to a node can be opened now; try again shortly",
+            [(b"Retry-After", b"1")],
+        )
 
     def upstream_lost(self, reason: Failure, got_response: bool) -> None:
         self.proxy.upstream.unwatch(self)

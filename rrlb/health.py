@@ -2,7 +2,8 @@
 """
 Active health checks: every node is probed on its own timer with
 C{GET <health path>} through a twisted.web agent (the body is read with
-treq), and the outcome is fed to the pool.
+treq), and the outcome is fed to the pool; a probe that could not connect
+for want of a local resource (L{rrlb.failures}) feeds it nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from twisted.web.iweb import IAgent
 from rrlb import __version__
 from rrlb._twisted import quiet_connection_pool
 from rrlb.config import HealthConfig
-from rrlb.failures import describe_failure
+from rrlb.failures import LocalErrors, describe_failure, exhausted_now, local_errno
 from rrlb.pool import Node, Pool
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
@@ -50,11 +51,13 @@ class HealthChecker(Service):
         health: HealthConfig,
         reactor: IReactorTime,
         agent: IAgent,
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         self.pool = pool
         self.health = health
         self.reactor = reactor
         self._agent = agent
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self._loops: dict[str, tuple[Node, LoopingCall]] = {}
         self._probes: dict[str, defer.Deferred[Any]] = {}
         # ((pool, node key), passed) -> probes, for the metrics.
@@ -171,6 +174,14 @@ class HealthChecker(Service):
             now = self.reactor.seconds()
             latency = now - started
             if isinstance(result, Failure):
+                # A probe that failed while rrlb cannot open a socket says
+                # nothing of the node, whatever the failure looks like (a
+                # name lookup that failed, or hung until the timeout): see
+                # rrlb.failures.
+                code = local_errno(result) or exhausted_now()
+                if code is not None:
+                    self.local_errors.failed(code, f"a health check of {node.url}")
+                    return
                 if result.check(defer.TimeoutError, defer.CancelledError):
                     reason = f"timed out after {health.timeout:g}s"
                 else:

@@ -27,6 +27,13 @@ package) is loaded otherwise.
    C{--max-connections} (L{ClientSite.stream_opened}); with none left a new
    stream is refused with C{REFUSED_STREAM}. At most L{MAX_STREAMS} are
    open on a connection (C{SETTINGS_MAX_CONCURRENT_STREAMS}).
+ - Each request meets the rules of an HTTP/1.1 one, checked by the same
+   L{rrlb.parser.validate_request}. One that fails is malformed (RFC 9113
+   8.1.1): rrlb answers it on its stream with the status HTTP/1.1 gets
+   (400, 405, 414, 431, 501) and contacts no node; the connection and its
+   other streams carry on. What the C{h2} library refuses itself (an
+   uppercase or empty name, CR, LF or NUL, a connection-specific field,
+   a missing pseudo-header) is a connection error: it sends GOAWAY.
 """
 
 from __future__ import annotations
@@ -40,21 +47,27 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-from rrlb._twisted import (
-    H2Connection,
-    H2Stream,
-    canonical_name,
-    header_values,
-    set_raw_headers,
-)
+from rrlb._twisted import H2Connection, H2Stream, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.channel import _CLOSED, ProxyChannel, real_client
+from rrlb.channel import _CLOSED, MAX_LOGGED_TARGET, ProxyChannel, real_client
 from rrlb.h2buffers import BoundedConnection, BoundedStream
 from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
-from rrlb.parser import BODY_TIMEOUT, BODY_TOO_LARGE
+from rrlb.parser import (
+    BAD_REQUEST,
+    BODY_TIMEOUT,
+    BODY_TOO_LARGE,
+    CONTENT_LENGTH,
+    HTTP_2,
+    BadRequest,
+    validate_request,
+)
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
+
+# The most bytes of a refused request's method written to the access log
+# (as rrlb.channel.request_line_of keeps of an HTTP/1.1 one).
+MAX_LOGGED_METHOD = 32
 
 # Streams a client may have open at once on one connection
 # (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
@@ -87,6 +100,9 @@ class ProxyH2Stream(BoundedStream, H2Stream):
         self._holds = 0
         self._unacked = 0
         self._body_timer: Any = None
+        # The request's head once validated, or why it was refused.
+        self.head: Any = None
+        self.refused: Optional[BadRequest] = None
         # The stream is the transport of its request (H2Stream has None):
         # writing, closing and the addresses go through it, never to the
         # whole connection.
@@ -94,32 +110,62 @@ class ProxyH2Stream(BoundedStream, H2Stream):
         super().__init__(streamID, connection, headers, requestFactory, site, factory)
 
     def _convertHeaders(self, headers: Any) -> None:
-        request = self._request
-        raw: dict[bytes, list[bytes]] = {}
-        authority = None
+        """
+        Take the request's head from its HTTP/2 fields, through the same
+        L{validate_request} as an HTTP/1.1 head: C{:authority} is its
+        C{Host}, split cookie fields are one again (RFC 9113 8.2.3, 8.3.1).
+        A request that fails is kept in C{refused} and answered in L{start}
+        (RFC 9113 8.1.1: a malformed request is a stream error, and the
+        server may answer it before closing the stream).
+        """
+        method = path = authority = None
+        # The fields as HTTP/1.1 lines (name: value), for validate_request.
+        lines: list[bytes] = []
         cookies: list[bytes] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":method":
-                    self.command = value
-                elif name == b":path":
-                    self.path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"cookie":
-                cookies.append(value)
-                continue
-            key = canonical_name(name)
-            values = raw.get(key)
-            if values is None:
-                raw[key] = [value]
-            else:
-                values.append(value)
-        if cookies:
-            raw[b"Cookie"] = [b"; ".join(cookies)]
-        if authority is not None:
-            raw[b"Host"] = [authority]
+        try:
+            for name, value in headers:
+                if name[:1] == b":":
+                    # Pseudo-header fields come first (h2 checks that).
+                    if name == b":method":
+                        method = value
+                    elif name == b":path":
+                        path = value
+                    elif name == b":authority":
+                        authority = value
+                        lines.append(b"host: " + value)
+                    continue
+                if b":" in name:
+                    # Read as a line, the name would end at its colon (RFC
+                    # 9113 8.2.1 forbids it; h2 checks that too).
+                    raise BadRequest(400, BAD_REQUEST, "malformed header field name")
+                if name == b"cookie":
+                    cookies.append(value)
+                    continue
+                if name == b"host" and authority is not None:
+                    if value != authority:
+                        raise BadRequest(400, BAD_REQUEST, "Host and :authority differ")
+                    continue
+                lines.append(name + b": " + value)
+            if cookies:
+                lines.append(b"cookie: " + b"; ".join(cookies))
+            self.command = method = method or b""
+            self.path = path = path or b""
+            limits = self.limits
+            head = validate_request(
+                method,
+                path,
+                HTTP_2,
+                lines,
+                b"\r\n".join([method + b" " + path + b" " + HTTP_2, *lines]),
+                limits.max_headers,
+                limits.max_header_size,
+            )
+        except BadRequest as e:
+            self.refused = e
+            return
+        raw = head.headers
+        self.head = head
+        request = self._request
         set_raw_headers(request.requestHeaders, raw)
         request.content = None
         if self.edge == EDGE_TRUSTED:
@@ -132,27 +178,35 @@ class ProxyH2Stream(BoundedStream, H2Stream):
     def start(self, has_body: bool) -> None:
         """
         The request head is in: forward it now, its body (if any) following
-        as it arrives.
+        as it arrives; or answer it if it was refused.
         """
         request = self._request
+        refused = self.refused
+        if refused is not None:
+            self._refuse(refused)
+            return
         if has_body:
-            lengths = header_values(request.requestHeaders, b"Content-Length")
-            length = None
-            if lengths and lengths[0].isdigit():
-                length = int(lengths[0])
-            expect = header_values(request.requestHeaders, b"Expect")
-            expect_continue = expect is not None and expect[0].lower() == b"100-continue"
+            head = self.head
+            length = head.length if CONTENT_LENGTH in head.headers else None
             maximum = self.limits.max_body_size
             if maximum and length is not None and length > maximum:
-                request.client_error = BODY_TOO_LARGE
-                request.method = self.command
-                request.uri = self.path
-                request.clientproto = b"HTTP/2"
-                error_response(request, 413, "the body is too large")
+                self._refuse(BadRequest(413, BODY_TOO_LARGE, "the body is too large"))
                 return
-            request.body = StreamedBody(self, length, expect_continue)
+            request.body = StreamedBody(self, length, head.expect_continue)
             self._body_timer = self.clock.callLater(self.limits.body_timeout, self._body_late)
         request.requestReceived(self.command, self.path, b"HTTP/2")
+
+    def _refuse(self, error: BadRequest) -> None:
+        """
+        Answer the request with C{error} on its stream, count it in
+        C{rrlb_client_errors_total} and log it, as the HTTP/1.1 channel does.
+        """
+        request = self._request
+        request.client_error = error.reason
+        request.method = (self.command or b"")[:MAX_LOGGED_METHOD]
+        request.uri = (self.path or b"")[:MAX_LOGGED_TARGET]
+        request.clientproto = b"HTTP/2"
+        error_response(request, error.code, error.text, error.headers)
 
     # -- the body's source (rrlb.body) -----------------------------------------
 
@@ -182,6 +236,13 @@ class ProxyH2Stream(BoundedStream, H2Stream):
             # A body nobody forwards (the response is out already): let it
             # come, and drop it.
             self._open_window()
+            return
+        if not data:
+            # A DATA frame with no data (empty, or only padding) is no piece
+            # of the body: fed on, it would be framed as a last chunk (issue
+            # 17). Its padding counts for the window all the same.
+            if not self._holds & ~CONTINUE:
+                self._open_window()
             return
         maximum = self.limits.max_body_size
         if maximum and body.received + len(data) > maximum:
@@ -408,9 +469,10 @@ class ProxyH2Connection(BoundedConnection, H2Connection):
             pass  # the connection is already closed
         transport = self.transport
         # TLS closes only once no producer is registered on it.
-        if getattr(transport, "producer", None) is not None or getattr(
-            transport, "_producer", None
-        ) is not None:
+        if (
+            getattr(transport, "producer", None) is not None
+            or getattr(transport, "_producer", None) is not None
+        ):
             transport.unregisterProducer()
         transport.loseConnection()
 

@@ -175,6 +175,11 @@ class UpstreamProtocol(Protocol):
     # -- the streamed body's consumer (rrlb.body) ---------------------------------
 
     def body_data(self, data: bytes) -> None:
+        if not data:
+            # Nothing to frame (an HTTP/2 DATA frame that was empty or only
+            # padding): as a chunk, an empty piece would be the last chunk,
+            # ending the body early for the node (issue 17).
+            return
         exchange = self.exchange
         if exchange is not None:
             # Bytes the node takes are progress (see UpstreamPool._sweep).

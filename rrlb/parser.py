@@ -11,6 +11,11 @@ bare CR or LF, obs-fold, whitespace before a field's colon, control bytes in
 a field value or the target, two framings, conflicting lengths, unknown
 transfer codings, a malformed chunk line, a missing or repeated C{Host}. So
 no request can mean one thing to rrlb and another to a node.
+
+The rules are in one function, L{validate_request}: the HTTP/1.1 parser
+(L{parse_request_head}) splits a head and hands it over, and an HTTP/2
+stream (L{rrlb.http2}) hands over its fields the same way, so a request
+refused over one protocol is refused over the other.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ _HOST = re.compile(
 _ABSOLUTE = (b"http://", b"https://")
 _ALLOW = ((b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),)
 
+HTTP_2 = b"HTTP/2"
 _VERSIONS = {b"HTTP/1.1": b"HTTP/1.1", b"HTTP/1.0": b"HTTP/1.0"}
 _VERSION_RE = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 _KNOWN_METHODS = frozenset(
@@ -106,6 +112,10 @@ _KNOWN_METHODS = frozenset(
 # others are known, so a request using them is refused as unsupported (501)
 # rather than malformed (400).
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+
+# Fields that are about one connection, which HTTP/2 has no place for
+# (RFC 9113 8.2.2; TE is allowed with the value "trailers" only).
+_CONNECTION_SPECIFIC = (b"Connection", b"Keep-Alive", b"Proxy-Connection", b"Upgrade")
 
 CONTENT_LENGTH = b"Content-Length"
 TRANSFER_ENCODING = b"Transfer-Encoding"
@@ -156,7 +166,8 @@ class RequestHead:
 
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """
-    Split a request line into method, target and version.
+    Split an HTTP/1.1 request line into method, target and version; what
+    they say is checked by L{validate_request}.
 
     @raise BadRequest: 414 for a line over L{MAX_REQUEST_LINE}, 505 for an
         HTTP version other than 1.0 and 1.1, 400 for anything malformed.
@@ -167,20 +178,94 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     if len(parts) != 3:
         raise _bad("malformed request line")
     method, target, version = parts
+    known = _VERSIONS.get(version)
+    if known is None:
+        if _VERSION_RE.match(version):
+            raise BadRequest(505, BAD_VERSION, "only HTTP/1.0 and HTTP/1.1 are supported")
+        raise _bad("malformed HTTP version")
+    return method, target, known
+
+
+def parse_request_head(head: bytes, max_headers: int, max_header_size: int = 0) -> RequestHead:
+    """
+    Parse an HTTP/1.1 request head: everything before the blank line that
+    ends it, without that line's CRLF CRLF. The request line is split here;
+    everything else is checked by L{validate_request}.
+
+    @raise BadRequest: for a head rrlb will not forward.
+    """
+    # At most one line more than allowed: validate_request refuses that
+    # many, and no more work goes into a head of many more.
+    lines = head.split(b"\r\n", max_headers + 1)
+    method, target, version = parse_request_line(lines[0])
+    del lines[0]
+    return validate_request(method, target, version, lines, head, max_headers, max_header_size)
+
+
+def validate_request(
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    lines: list[bytes],
+    head: bytes,
+    max_headers: int,
+    max_header_size: int = 0,
+) -> RequestHead:
+    """
+    The rules every request meets before rrlb forwards it, HTTP/1.1 and
+    HTTP/2 alike: one set, so that no request can pass one way that is
+    refused the other.
+
+      - the limits on the number of fields and the size of the head;
+      - no control byte anywhere but HTAB, and CR and LF only as the line
+        ends (so none in a value);
+      - the method a token, the target in a form the method allows
+        (origin-form, absolute-form for HTTP/1, C{*} for OPTIONS) and no
+        longer than L{MAX_REQUEST_LINE}; C{CONNECT} refused;
+      - each field name a token;
+      - C{Host} once, and an authority (L{_framing});
+      - the fields that decide the framing (L{_framing}).
+
+    @param version: C{HTTP/1.0}, C{HTTP/1.1} or C{HTTP/2} (L{HTTP_2}).
+    @param lines: the header fields as HTTP/1.1 spells them, one
+        C{name:value} line each (without its CRLF); the name ends at the
+        first colon, the value is trimmed here.
+    @param head: the head as HTTP/1.1 spells it: the request line, then
+        C{lines}, each line ended by CRLF but the last. Its bytes are
+        checked in one pass (cheaper than one per value), its length
+        against C{max_header_size}.
+    @param max_header_size: the most bytes C{head} may have (0: no limit).
+    @raise BadRequest: the status and reason to refuse the request with.
+    """
+    count = len(lines)
+    if count > max_headers:
+        raise BadRequest(431, TOO_MANY_HEADERS, "too many header fields")
+    if max_header_size and len(head) > max_header_size:
+        raise BadRequest(431, HEADER_TOO_LARGE, "the request head is too large")
+    if head.translate(None, _HEAD_BYTES):
+        raise _bad("control bytes in the request head")
+    # The lines are joined by CRLF: any other CR or LF makes one too many.
+    if head.count(b"\r") != count or head.count(b"\n") != count:
+        raise _bad("bare CR or LF in the request head")
     if method not in _KNOWN_METHODS and (not method or method.translate(None, _TCHAR)):
         raise _bad("malformed method")
-    if not target or target.translate(None, _TARGET_BYTES):
-        raise _bad("malformed request target")
     if method == b"CONNECT":
+        # Whatever its target (an HTTP/2 CONNECT has no :path, RFC 9113 8.5).
         raise BadRequest(
             405, BAD_METHOD, "CONNECT is not supported: this is not a forward proxy", _ALLOW
         )
+    if not target or target.translate(None, _TARGET_BYTES):
+        raise _bad("malformed request target")
+    if len(target) > MAX_REQUEST_LINE:
+        # An HTTP/2 :path; an HTTP/1.1 request line was measured whole.
+        raise BadRequest(414, URI_TOO_LONG, "the request target is too long")
     if target[:1] != b"/":
-        # Not origin-form: absolute-form, or * for OPTIONS (RFC 9112 3.2).
+        # Not origin-form: absolute-form, or * for OPTIONS (RFC 9112 3.2;
+        # an HTTP/2 :path is origin-form or *, RFC 9113 8.3.1).
         if target == b"*":
             if method != b"OPTIONS":
                 raise _bad("* is a request target for OPTIONS only")
-        elif not target[:8].lower().startswith(_ABSOLUTE):
+        elif version == HTTP_2 or not target[:8].lower().startswith(_ABSOLUTE):
             raise _bad("malformed request target")
         else:
             # Absolute-form: its authority stands in for Host (RFC 9112
@@ -194,34 +279,10 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
             authority = rest[:end]
             if not authority or _HOST.match(authority) is None:
                 raise _bad("malformed authority in the request target")
-    known = _VERSIONS.get(version)
-    if known is None:
-        if _VERSION_RE.match(version):
-            raise BadRequest(505, BAD_VERSION, "only HTTP/1.0 and HTTP/1.1 are supported")
-        raise _bad("malformed HTTP version")
-    return method, target, known
-
-
-def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
-    """
-    Parse a request head: everything before the blank line that ends it,
-    without that line's CRLF CRLF.
-
-    @raise BadRequest: for a head rrlb will not forward.
-    """
-    if head.translate(None, _HEAD_BYTES):
-        raise _bad("control bytes in the request head")
-    crlf = head.count(b"\r\n")
-    if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
-        raise _bad("bare CR or LF in the request head")
-    if crlf > max_headers:
-        raise BadRequest(431, TOO_MANY_HEADERS, "too many header fields")
-    lines = head.split(b"\r\n")
-    method, target, version = parse_request_line(lines[0])
 
     headers: dict[bytes, list[bytes]] = {}
     names = name_cache()
-    for line in lines[1:]:
+    for line in lines:
         name, sep, value = line.partition(b":")
         if not sep:
             raise _bad("header line without a colon")
@@ -254,8 +315,8 @@ def _framing(
     """
     hosts = headers.get(HOST)
     if hosts is None:
-        if version == b"HTTP/1.1":
-            raise _bad("an HTTP/1.1 request needs a Host header")
+        if version != b"HTTP/1.0":
+            raise _bad("a request needs a Host header (or :authority)")
     elif len(hosts) != 1:
         raise _bad("more than one Host header")
     elif _HOST.match(hosts[0]) is None:
@@ -268,7 +329,8 @@ def _framing(
         if lengths is not None:
             raise _bad("both Content-Length and Transfer-Encoding", BAD_FRAMING)
         if version != b"HTTP/1.1":
-            raise _bad("Transfer-Encoding in an HTTP/1.0 request", BAD_FRAMING)
+            # HTTP/2 frames its own body (RFC 9113 8.2.2).
+            raise _bad("Transfer-Encoding in an HTTP/1.0 or HTTP/2 request", BAD_FRAMING)
         tokens = [t.strip(b" \t").lower() for value in codings for t in value.split(b",")]
         for token in tokens:
             if token not in _KNOWN_CODINGS:
@@ -302,9 +364,14 @@ def _framing(
     else:
         # Like twisted.web, HTTP/1.0 connections are not kept alive.
         persistent = False
+    if version == HTTP_2:
+        for name in _CONNECTION_SPECIFIC:
+            if name in headers:
+                # Malformed in HTTP/2 (RFC 9113 8.2.2); h2 refuses them too.
+                raise _bad("a connection-specific header field in an HTTP/2 request")
     expect = headers.get(EXPECT)
     expect_continue = (
-        expect is not None and version == b"HTTP/1.1" and expect[0].lower() == b"100-continue"
+        expect is not None and version != b"HTTP/1.0" and expect[0].lower() == b"100-continue"
     )
     return RequestHead(method, target, version, headers, length, persistent, expect_continue)
 
@@ -366,37 +433,45 @@ class ChunkedDecoder:
         self._remaining = 0
         self._trailer_size = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, start: int = 0) -> None:
         """
+        Decode C{data[start:]}. It is walked with an offset, never sliced
+        chunk by chunk, so a read of many small chunks costs its length, not
+        its length times the number of chunks.
+
         @raise BadChunk: the body is malformed.
         @raise BodyTooLarge: the body passed C{max_size}.
         """
         if self._buffer:
-            data = self._buffer + data
+            data = self._buffer + data[start:]
+            start = 0
             self._buffer = b""
-        while data:
+        pos = start
+        size_of_data = len(data)
+        while pos < size_of_data:
             state = self._state
             if state == _DATA:
                 remaining = self._remaining
-                if len(data) < remaining:
-                    self._remaining = remaining - len(data)
-                    self.on_data(data)
+                if size_of_data - pos < remaining:
+                    self._remaining = remaining - (size_of_data - pos)
+                    self.on_data(data[pos:] if pos else data)
                     return
-                self.on_data(data[:remaining])
-                data = data[remaining:]
+                self.on_data(data[pos : pos + remaining])
+                pos += remaining
                 self._state = _DATA_END
             elif state == _SIZE:
-                end = data.find(b"\r\n")
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    if len(data) > MAX_CHUNK_LINE or b"\n" in data or b"\r" in data[:-1]:
+                    rest = data[pos:]
+                    if len(rest) > MAX_CHUNK_LINE or b"\n" in rest or b"\r" in rest[:-1]:
                         raise BadChunk("malformed chunk size line")
-                    self._buffer = data
+                    self._buffer = rest
                     return
-                match = _CHUNK_LINE.match(data, 0, end)
+                match = _CHUNK_LINE.match(data, pos, end)
                 if match is None:
                     raise BadChunk("malformed chunk size line")
                 size = int(match.group(1), 16)
-                data = data[end + 2 :]
+                pos = end + 2
                 if size == 0:
                     self._state = _TRAILER
                     continue
@@ -406,32 +481,33 @@ class ChunkedDecoder:
                 self._remaining = size
                 self._state = _DATA
             elif state == _DATA_END:
-                if len(data) < 2:
-                    if data != b"\r":
+                if size_of_data - pos < 2:
+                    if data[pos:] != b"\r":
                         raise BadChunk("chunk data not followed by CRLF")
-                    self._buffer = data
+                    self._buffer = b"\r"
                     return
-                if data[:2] != b"\r\n":
+                if data[pos : pos + 2] != b"\r\n":
                     raise BadChunk("chunk data not followed by CRLF")
-                data = data[2:]
+                pos += 2
                 self._state = _SIZE
             elif state == _TRAILER:
                 # Trailer fields are read and dropped: rrlb sends the body on
                 # with a Content-Length, which has no place for them.
-                end = data.find(b"\r\n")
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    if len(data) > MAX_TRAILER_SIZE or b"\n" in data or b"\r" in data[:-1]:
+                    rest = data[pos:]
+                    if len(rest) > MAX_TRAILER_SIZE or b"\n" in rest or b"\r" in rest[:-1]:
                         raise BadChunk("malformed trailer section")
-                    self._buffer = data
+                    self._buffer = rest
                     return
-                line = data[:end]
-                data = data[end + 2 :]
-                self._trailer_size += end + 2
+                line = data[pos:end]
+                pos = end + 2
+                self._trailer_size += len(line) + 2
                 if self._trailer_size > MAX_TRAILER_SIZE:
                     raise BadChunk("trailer section too large")
                 if not line:
                     self._state = _DONE
-                    self.on_done(data)
+                    self.on_done(data[pos:])
                     return
                 name, sep, _ = line.partition(b":")
                 if (

@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
 from rrlb.exchange import Destination, ProxyExchange, ProxySettings, log_text
+from rrlb.failures import LocalErrors
 from rrlb.http1 import error_response
 from rrlb.pool import Node, Pool
 from rrlb.queue import RequestQueue, RetryBudget
@@ -53,6 +54,8 @@ class RotatingProxy(ReverseProxyResource):
 
     @ivar pool: the default pool (the first, without a default).
     @ivar queue: the default pool's queue.
+    @ivar local_errors: where connections that failed for want of a local
+        resource are logged (shared with the health checkers).
     """
 
     isLeaf = True
@@ -63,6 +66,7 @@ class RotatingProxy(ReverseProxyResource):
         upstream: UpstreamPool,
         reactor: Any,
         settings: ProxySettings = ProxySettings(),
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         Resource.__init__(self)
         # ReverseProxyResource's own attributes, for code that inspects them.
@@ -73,6 +77,7 @@ class RotatingProxy(ReverseProxyResource):
         self.clock = reactor
         self.upstream = upstream
         self.settings = settings
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self.stats = ProxyStats()
         self.budget = RetryBudget()
         # Overload control: each pool's queue is empty and unused unless

@@ -11,6 +11,13 @@ connects rrlb's channel only once the header (and the first bytes after it)
 have arrived, so everything the channel works out from its peer (the client
 address for C{X-Forwarded-For} and the access log) is the client's.
 
+Such a connection holds a C{--max-connections} place from accept, and has
+L{PROXY_HEADER_TIMEOUT} for its header; with C{proxy_protocol_from} set, one
+from any other peer is closed at accept, before a byte of it is read (like
+nginx's C{set_real_ip_from}, except that the connection is refused rather
+than taken without the header's address: a listener that expects the header
+cannot serve a connection without one).
+
 Sending: L{proxy_header} builds the header a node with C{send_proxy} gets at
 the start of each new connection (see L{rrlb.upstream.UpstreamPool}); the
 health checker's connections to it start with L{local_header}, a header for
@@ -33,6 +40,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -40,10 +48,19 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from rrlb.channel import ClientSite, is_trusted
+
+log = Logger()
+
 # How long a connection to a haproxy: listener may take to send its PROXY
 # header (and, behind it, the TLS handshake and the first request bytes)
-# before it is dropped. The channel's own timeouts start after that.
+# before it is dropped, as HAProxy's "timeout client" bounds its handshakes.
+# The channel's own timeouts start after that. (A load balancer sends the
+# header as soon as it has connected.)
 PROXY_HEADER_TIMEOUT = 10.0
+# The most often a closed connection from outside proxy_protocol_from is
+# logged.
+REFUSAL_LOG_INTERVAL = 60.0
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_PROXY = 0x21  # version 2, command PROXY
@@ -136,17 +153,39 @@ class _AwaitProxyHeader(Protocol):
     layer over it) hands on the first bytes after the header; then builds
     the channel, connects it to the wrapper and steps out of the way, so
     each later byte costs no extra call.
+
+    It holds a place under C{--max-connections} from accept (see
+    L{ClientSite.header_awaited}), and has L{PROXY_HEADER_TIMEOUT} from
+    then for the header and what comes before the first request bytes.
     """
 
-    def __init__(self, factory: Factory, addr: Any, clock: IReactorTime, timeout: float) -> None:
-        self.wrapped_factory = factory
+    def __init__(self, factory: _AfterProxyHeaderFactory, addr: Any) -> None:
+        self.factory = factory
         self.addr = addr
-        self.clock = clock
-        self.timeout = timeout
         self._timer: Any = None
 
     def connectionMade(self) -> None:
-        self._timer = self.clock.callLater(self.timeout, self._too_slow)
+        factory = self.factory
+        site = factory.site
+        networks = site.limits.proxy_protocol_from
+        if networks:
+            # Before the header, getPeer() is the TCP peer itself. A UNIX
+            # socket's peer has no address: its file's permissions decide.
+            transport: Any = self.transport
+            host = getattr(transport.getPeer(), "host", None)
+            if isinstance(host, str) and not is_trusted(host, networks):
+                factory.refused(host)
+                transport.abortConnection()
+                return
+        if site.header_awaited(self):
+            self.admitted()
+
+    def admitted(self) -> None:
+        """
+        The connection has a place: its header timeout starts.
+        """
+        factory = self.factory
+        self._timer = factory.clock.callLater(factory.timeout, self._too_slow)
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -164,10 +203,12 @@ class _AwaitProxyHeader(Protocol):
         if client is None:
             wrapper.abortConnection()
             return
-        channel = self.wrapped_factory.buildProtocol(self.addr)
+        site = self.factory.site
+        channel = site.buildProtocol(self.addr)
         if channel is None:
             wrapper.loseConnection()
             return
+        site.header_arrived(self, channel)
         # ProtocolWrapper.wrappedProtocol (Twisted's PROXY wrapper, or the
         # TLS protocol) is documented: point it at the channel directly.
         wrapper.wrappedProtocol = channel
@@ -178,36 +219,57 @@ class _AwaitProxyHeader(Protocol):
         channel.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # No header (or nothing after it) came: there is no channel to tell.
+        # No header (or nothing after it) came: there is no channel to
+        # tell, but its place is free.
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.factory.site.channel_closed(self)
 
 
 class _AfterProxyHeaderFactory(Factory):
     """
-    Builds an L{_AwaitProxyHeader} per connection for C{factory} (the site).
+    Builds an L{_AwaitProxyHeader} per connection for C{site}.
     """
 
     noisy = False
 
-    def __init__(self, factory: Factory, clock: IReactorTime, timeout: float) -> None:
-        self.wrapped_factory = factory
+    def __init__(self, site: ClientSite, clock: IReactorTime, timeout: float) -> None:
+        self.site = site
         self.clock = clock
         self.timeout = timeout
+        self.refusals = 0
+        self._next_refusal_log = 0.0
 
     def doStart(self) -> None:
-        self.wrapped_factory.doStart()
+        self.site.doStart()
 
     def doStop(self) -> None:
-        self.wrapped_factory.doStop()
+        self.site.doStop()
 
     def logPrefix(self) -> str:
-        prefix = getattr(self.wrapped_factory, "logPrefix", None)
-        return prefix() if prefix is not None else type(self.wrapped_factory).__name__
+        return self.site.logPrefix()
 
     def buildProtocol(self, addr: Any) -> _AwaitProxyHeader:
-        return _AwaitProxyHeader(self.wrapped_factory, addr, self.clock, self.timeout)
+        return _AwaitProxyHeader(self, addr)
+
+    def refused(self, host: str) -> None:
+        """
+        A connection from C{host}, outside C{proxy_protocol_from}, was
+        closed: say so, at most once every L{REFUSAL_LOG_INTERVAL}.
+        """
+        self.refusals += 1
+        now = self.clock.seconds()
+        if now < self._next_refusal_log:
+            return
+        self._next_refusal_log = now + REFUSAL_LOG_INTERVAL
+        log.warn(
+            "closed a connection from {peer}: it is not in proxy_protocol_from, so its"
+            " PROXY header is not believed ({count} such connections closed so far;"
+            " logged at most once a minute)",
+            peer=host,
+            count=self.refusals,
+        )
 
 
 @implementer(IStreamServerEndpoint)
@@ -235,6 +297,10 @@ class ProxyHeaderEndpoint:
         self.timeout = timeout
 
     def listen(self, factory: Any) -> Any:
+        """
+        Listen for C{factory}, a L{ClientSite} (whose limits and counts the
+        connections waiting for their header share).
+        """
         inner: Any = _AfterProxyHeaderFactory(factory, self.clock, self.timeout)
         if self.tls is not None:
             inner = TLSMemoryBIOFactory(self.tls, False, inner)

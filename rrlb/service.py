@@ -27,6 +27,7 @@ from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
 from rrlb.drain import Drain
+from rrlb.failures import LocalErrors
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.history import History
 from rrlb.metrics import Metrics
@@ -182,7 +183,12 @@ class BalancerService(MultiService):
             tls_creator=self.tls.nodes,
             max_headers=config.max_headers,
         )
-        self.proxy = RotatingProxy(self.pool, self.upstream, reactor, self.proxy_settings(config))
+        # rrlb's own resource errors, for requests and probes alike.
+        self.local_errors = LocalErrors(reactor)
+        self.local_errors.setServiceParent(self)
+        self.proxy = RotatingProxy(
+            self.pool, self.upstream, reactor, self.proxy_settings(config), self.local_errors
+        )
         self.proxy.budget.percent = config.retry_budget
         self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
         if config.http2:
@@ -269,7 +275,7 @@ class BalancerService(MultiService):
             queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
             checkers=lambda: list(self.checkers.values()),
-            connections=lambda: len(getattr(self.site, "channels", ())),
+            connections=lambda: getattr(self.site, "open_count", 0),
             upstream_connections=lambda: self.upstream.connection_count,
             clients=self.site.client_list,
         )
@@ -319,6 +325,7 @@ class BalancerService(MultiService):
             keepalive_timeout=config.keepalive_timeout,
             max_connections=connections_that_fit(config.max_connections),
             trusted_proxies=config.trusted_proxies,
+            proxy_protocol_from=config.proxy_protocol_from,
         )
 
     @staticmethod
@@ -418,7 +425,9 @@ class BalancerService(MultiService):
             checker = self.checkers.get(pc.name)
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
-                checker = HealthChecker(pool, pc.health, self.reactor, self.health_agent)
+                checker = HealthChecker(
+                    pool, pc.health, self.reactor, self.health_agent, self.local_errors
+                )
                 self.checkers[pc.name] = checker
                 checker.setServiceParent(self)
             else:

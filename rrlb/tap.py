@@ -11,6 +11,7 @@ import os
 from typing import Any, Optional
 
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rrlb import __version__
@@ -40,6 +41,8 @@ from rrlb.config import (
 from rrlb.notify import recover_listen_fds
 from rrlb.service import BalancerService
 from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
+
+log = Logger()
 
 
 def _coerce(parse: Any, name: str) -> Any:
@@ -73,6 +76,7 @@ _TOP_OPTIONS = {
     "keepalive-timeout": "keepalive_timeout",
     "max-connections": "max_connections",
     "trusted-proxies": "trusted_proxies",
+    "proxy-protocol-from": "proxy_protocol_from",
     "max-conns-per-node": "max_conns_per_node",
     "queue-timeout": "queue_timeout",
     "tunnel-timeout": "tunnel_timeout",
@@ -292,7 +296,7 @@ class Options(usage.Options):
             None,
             None,
             "Most client connections open at once; at the cap rrlb stops accepting"
-            " (default: 10000).",
+            " (default: what the file descriptor limit fits, at most 10000).",
             _coerce(positive_int, "--max-connections"),
         ],
         [
@@ -302,6 +306,14 @@ class Options(usage.Options):
             "CIDR[,CIDR...]: proxies whose X-Forwarded-* headers are kept; from any"
             " other peer they are replaced (default: unset, X-Forwarded-For is appended to).",
             _coerce(trusted_networks, "--trusted-proxies"),
+        ],
+        [
+            "proxy-protocol-from",
+            None,
+            None,
+            "CIDR[,CIDR...]: the peers haproxy: listeners take a PROXY header from;"
+            " a connection from any other is closed (default: unset, any peer).",
+            _coerce(trusted_networks, "--proxy-protocol-from"),
         ],
         [
             "dns-refresh",
@@ -556,6 +568,23 @@ def check_log_path(path: str, name: str) -> None:
         raise usage.UsageError(f"{name}: cannot open {path!r}: {e.strerror or e}") from None
 
 
+def warn_open_proxy_protocol(config: Config) -> None:
+    """
+    Say once at start-up that C{haproxy:} listeners believe any peer's
+    PROXY header when C{proxy_protocol_from} is unset.
+    """
+    if config.proxy_protocol_from:
+        return
+    proxied = [d for d in config.listen if listen_kind(d)[0]]
+    if proxied:
+        log.warn(
+            "{listeners}: any peer that reaches a haproxy: listener can claim any client"
+            " address in its PROXY header; set proxy_protocol_from"
+            " (--proxy-protocol-from) to the load balancers' addresses",
+            listeners=", ".join(proxied),
+        )
+
+
 def makeService(options: Options) -> BalancerService:
     """
     Build rrlb's service tree from parsed options: with C{--workers} above
@@ -564,6 +593,7 @@ def makeService(options: Options) -> BalancerService:
     from twisted.internet import reactor
 
     raise_fd_limit(options.config.max_connections)
+    warn_open_proxy_protocol(options.config)
     if options.config.workers > 1:
         from rrlb.workers import MainService
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_websocket -*-
+# -*- test-case-name: tests.test_websocket,tests.test_slow_peers -*-
 """
 Upgrade tunnels (WebSocket): after a node answered C{101 Switching
 Protocols} to a client's C{Upgrade: websocket}, bytes are copied both ways
@@ -19,11 +19,13 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from rrlb.body import NODE_FULL
+
 
 @implementer(IPushProducer)
 class _Reader:
     """
-    Pauses and resumes reading from one side when the other side's write
+    Pauses and resumes reading from the node when the client's write
     buffer fills and drains.
     """
 
@@ -35,6 +37,30 @@ class _Reader:
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _ClientReader:
+    """
+    Holds the client back (L{rrlb.channel.ProxyChannel.hold}) while the
+    node's write buffer is full: through the channel, which counts it with
+    its own reasons not to read, so that none resumes what another paused.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.node_full = False
+
+    def pauseProducing(self) -> None:
+        self.node_full = True
+        self.channel.hold(NODE_FULL)
+
+    def resumeProducing(self) -> None:
+        self.node_full = False
+        self.channel.release(NODE_FULL)
 
     def stopProducing(self) -> None:
         pass
@@ -68,7 +94,8 @@ class Tunnel:
         # pauses its request producer: reading from the node.
         channel.registerProducer(_Reader(self._node), True)
         # Client -> node: a full node buffer pauses reading from the client.
-        self._node.registerProducer(_Reader(self._client), True)
+        self._client_reader = _ClientReader(channel)
+        self._node.registerProducer(self._client_reader, True)
         self._timer = clock.callLater(timeout, self._check_idle)
         stats.tunnels_open += 1
 
@@ -111,7 +138,9 @@ class Tunnel:
     def close(self) -> None:
         """
         End the tunnel (one side closed, or it was idle too long): close
-        both sides once what is buffered for them has gone out.
+        both sides once what is buffered for them has gone out, but not for
+        ever: a node that is not reading is dropped at once, and a client
+        that takes nothing is cut off after the site's close timeout.
         """
         if self.closed:
             return
@@ -120,5 +149,12 @@ class Tunnel:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._node.loseConnection()
-        self._client.loseConnection()
+        if self._client_reader.node_full:
+            # The node is not reading: what is left for it would keep its
+            # connection open for as long as it reads nothing.
+            self._node.abortConnection()
+        else:
+            self._node.loseConnection()
+        # Through the channel: a client that takes nothing of what is left
+        # for it is cut off after the site's close timeout.
+        self.channel.loseConnection()

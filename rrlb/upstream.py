@@ -326,6 +326,20 @@ class UpstreamPool:
             protocol.idle = False
             protocol.transport.loseConnection()
 
+    def close_idle(self) -> int:
+        """
+        Close every idle connection, to give their descriptors back (rrlb
+        ran out of them, see L{rrlb.failures}); how many there were.
+        """
+        idle = [p for shared in self._idle.values() for p in shared]
+        idle += [p for private in self._private.values() for p in private.values()]
+        self._idle.clear()
+        self._private.clear()
+        for protocol in idle:
+            protocol.idle = False
+            protocol.transport.loseConnection()
+        return len(idle)
+
     def forget_idle(self, protocol: UpstreamProtocol) -> None:
         if protocol.idle:
             protocol.idle = False

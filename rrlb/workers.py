@@ -553,7 +553,7 @@ class MainAdminSite(AdminSite):
         history: Optional[History] = None,
         **kw: Any,
     ) -> None:
-        server.Site.__init__(self, MainAdminResource(pools, metrics, history), **kw)
+        super().__init__(pools, metrics, history, MainAdminResource(pools, metrics, history), **kw)
 
 
 # -- restarts -------------------------------------------------------------------------

@@ -35,14 +35,20 @@ reactor: Any = _reactor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launcher(listen_fds: bool, fdnames: Optional[str]) -> str:
+def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None) -> str:
     """
     Python code that sets C{LISTEN_PID} to its own pid (exec keeps it), as
     systemd does, then becomes rrlb; the listening socket is already fd 3.
+    With C{nofile}, C{RLIMIT_NOFILE} is that, soft and hard (systemd's
+    C{LimitNOFILE=}, or C{prlimit --nofile=N:N}).
     """
     # systemd starts services with default signal dispositions; a test
     # runner in the background may have SIGINT ignored, which exec keeps.
     lines = ["import os, signal, sys", "signal.signal(signal.SIGINT, signal.SIG_DFL)"]
+    if nofile is not None:
+        lines.append(
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))"
+        )
     if listen_fds:
         lines.append("os.environ['LISTEN_PID'] = str(os.getpid())")
         lines.append("os.environ['LISTEN_FDS'] = '1'")
@@ -139,6 +145,7 @@ async def start_daemon(
     listen_fds: bool = True,
     fdnames: Optional[str] = None,
     wrapper: Sequence[str] = (),
+    nofile: Optional[int] = None,
 ) -> Daemon:
     """
     Start rrlb with C{args} (C{--listen systemd:domain=INET:index=0} unless
@@ -150,6 +157,7 @@ async def start_daemon(
     @param fdnames: the C{LISTEN_FDNAMES} value, if any.
     @param wrapper: a command that runs rrlb in its own process, C{exec}ing
         it (C{("prlimit", "--nofile=300:300")}).
+    @param nofile: its C{RLIMIT_NOFILE}, soft and hard, if not this process's.
     """
     directory = tempfile.mkdtemp(prefix="rrlb-test-")
     testcase.addCleanup(shutil.rmtree, directory, True)
@@ -175,7 +183,7 @@ async def start_daemon(
         *wrapper,
         sys.executable,
         "-c",
-        launcher(listen_fds, fdnames),
+        launcher(listen_fds, fdnames, nofile),
         *listen,
         *args,
     ]

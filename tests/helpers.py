@@ -235,6 +235,13 @@ class Backend(Resource):
         return f"http://{LOOPBACK}:{self.port_number}"
 
     @property
+    def open_connections(self) -> int:
+        """
+        The connections to it open now.
+        """
+        return len(self._tracker.live) if self._tracker is not None else 0
+
+    @property
     def probes(self) -> int:
         """
         The number of health probes received.

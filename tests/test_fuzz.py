@@ -393,16 +393,10 @@ class RawFuzzerTests(WireCase):
 
     timeout = 90
 
-    async def test_bench_fuzz(self) -> None:
-        """
-        bench/fuzz throws mutated requests at an rrlb process and its nodes
-        (subprocesses on loopback) for three seconds and exits 0: rrlb is
-        still running, a normal request gets 200, no traceback in its log.
-        Its table of mutations and answers is printed.
-        """
+    async def run_fuzz(self, *args: str) -> str:
         out, err, code = await utils.getProcessOutputAndValue(
             sys.executable,
-            [os.path.join(ROOT, "bench", "fuzz"), "--python", sys.executable, *RAW_FUZZ_ARGS],
+            [os.path.join(ROOT, "bench", "fuzz"), "--python", sys.executable, *args],
             env=dict(os.environ),
             path=ROOT,
         )
@@ -410,8 +404,34 @@ class RawFuzzerTests(WireCase):
         print("\n" + text)
         self.assertEqual(code, 0, text + err.decode("utf-8", "replace"))
         self.assertIn("| valid ", text)
-        for check in ("still running", "gets 200", "no traceback"):
+        for check in (
+            "still running",
+            "gets 200",
+            "no traceback",
+            "breaks rrlb.parser's rules reached a node",
+            "RSS flat",
+        ):
             self.assertRegex(text, r"- ok +[^\n]*" + check)
+        return text
+
+    async def test_bench_fuzz(self) -> None:
+        """
+        bench/fuzz throws mutated requests at an rrlb process (a subprocess
+        on loopback) for three seconds and exits 0: rrlb is still running,
+        a normal request gets 200, no traceback in its log, its nodes got
+        no request that breaks rrlb.parser's rules, its RSS stayed flat.
+        Its table of mutations and answers is printed.
+        """
+        await self.run_fuzz(*RAW_FUZZ_ARGS)
+
+    async def test_bench_fuzz_http2(self) -> None:
+        """
+        bench/fuzz --http2 does the same with mutated HTTP/2 header blocks
+        and frames over TLS, and a normal request over HTTP/2 afterwards
+        gets 200 too.
+        """
+        text = await self.run_fuzz("--http2", *RAW_FUZZ_ARGS)
+        self.assertRegex(text, r"- ok +a normal GET over HTTP/2")
 
 
 class FoundByFuzzingTests(WireCase):

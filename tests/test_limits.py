@@ -11,9 +11,10 @@ import json
 import time
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -21,17 +22,22 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
+from rrlb.body import NODE_FULL
 from rrlb.channel import (
+    CLOSE_TIMEOUT,
+    READ_AHEAD,
     ClientLimits,
     connections_that_fit,
     is_trusted,
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import ConfigError, byte_size, trusted_networks
+from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
     balancer_options,
@@ -270,6 +276,212 @@ class ClockTimeoutTests(unittest.TestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
         self.assertEqual([r.uri for r in harness.logged], [b"/1", b"/2", b"/3"])
         self.assertTrue(transport.disconnecting)
+
+
+class Held(Resource):
+    """
+    Keeps each request unanswered until the test answers it with
+    L{answer}.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+    def answer(self, count: int = 1) -> None:
+        for _ in range(count):
+            request = self.requests.pop(0)
+            request.write(b"ok")
+            request.finish()
+
+
+PIPELINED = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class ReadAheadTests(unittest.TestCase):
+    """
+    Pipelined requests read while one is in progress (issue 17): no more
+    than READ_AHEAD bytes of them, whatever the state of the writes, and no
+    reason to stop reading lifted by another.
+    """
+
+    def start(self) -> tuple[Held, ProxyChannel, StringTransport]:
+        held = Held()
+        harness = self.harness = Harness(held)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED)
+        self.assertEqual(len(held.requests), 1)
+        return held, channel, transport
+
+    def test_read_ahead_while_the_client_does_not_read(self) -> None:
+        """
+        A client whose responses fill rrlb's write buffer is still read no
+        further than READ_AHEAD bytes of pipelined requests.
+        """
+        held, channel, transport = self.start()
+        channel.pauseProducing()  # the client's write buffer is full
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED)))
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(PIPELINED)
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_writes_resuming_do_not_resume_read_ahead(self) -> None:
+        """
+        The write buffer draining does not resume reading stopped at
+        READ_AHEAD; answering a request resumes it only once less than
+        READ_AHEAD is left.
+        """
+        held, channel, transport = self.start()
+        count = READ_AHEAD // len(PIPELINED) + 3
+        channel.pauseProducing()
+        channel.dataReceived(PIPELINED * count)
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        held.answer()
+        # The next one is in progress, and more than READ_AHEAD still waits.
+        self.assertEqual(len(held.requests), 1)
+        self.assertEqual(transport.producerState, "paused")
+        held.answer(3)
+        self.assertEqual(transport.producerState, "producing")
+        held.answer(count - 3)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), count + 1)
+        self.assertEqual(held.requests, [])
+
+    def test_next_request_waits_for_the_response_before(self) -> None:
+        """
+        A response left unsent when its request ends stops reading, and the
+        next request (already read) starts only once the client took it.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHo")
+        channel.pauseProducing()
+        held.answer()
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(held.requests, [])
+        # What a TLS transport still hands on from a record after the pause.
+        channel.dataReceived(b"st: x\r\n\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(held.requests, [])
+        channel.resumeProducing()
+        self.assertEqual([r.uri for r in held.requests], [b"/2"])
+        self.assertEqual(transport.producerState, "producing")
+        held.answer(3)
+        self.assertEqual([r.uri for r in self.harness.logged], [b"/", b"/2", b"/3", b"/4"])
+
+    def test_read_ahead_does_not_resume_paused_writes(self) -> None:
+        """
+        Serving the read-ahead does not resume reading that a response left
+        unsent stopped, nor does the write side resume reading stopped for
+        the read-ahead.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "paused")
+        held.answer()
+        channel.pauseProducing()
+        held.answer()
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_reads_while_busy_are_kept_whole(self) -> None:
+        """
+        Pipelined requests that arrive in many small reads, heads split
+        across them, are all served in order.
+        """
+        held, channel, transport = self.start()
+        data = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(200))
+        for i in range(0, len(data), 7):
+            channel.dataReceived(data[i : i + 7])
+        held.answer(201)
+        self.assertEqual(
+            [r.uri for r in self.harness.logged], [b"/"] + [b"/%d" % i for i in range(200)]
+        )
+
+    def test_many_pipelined_requests_answered_at_once(self) -> None:
+        """
+        Thousands of pipelined requests that rrlb answers at once (a 404, a
+        503) are answered in a loop, not by recursion that would run out of
+        stack.
+        """
+        harness = Harness()
+        logs = LogCapture.install(self)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED * 3000)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3000)
+        self.assertEqual(len(harness.logged), 3000)
+        self.assertEqual([e for e in logs.events if e.get("log_failure")], [])
+        self.assertFalse(transport.disconnecting)
+
+    def test_tunnel_hold_and_writes(self) -> None:
+        """
+        In a tunnel, the node's full buffer (rrlb.tunnel holds the client)
+        and the client's full buffer are two reasons not to read: neither
+        resumes reading the other stopped.
+        """
+        held, channel, transport = self.start()
+        channel.dataReceived(PIPELINED * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "paused")
+        buffered = channel.start_tunnel(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual(len(buffered), len(PIPELINED) * (READ_AHEAD // len(PIPELINED) + 1))
+        self.assertEqual(transport.producerState, "producing")
+        channel.hold(NODE_FULL)
+        self.assertEqual(transport.producerState, "paused")
+        channel.pauseProducing()
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "paused")
+        channel.release(NODE_FULL)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_close_timeout(self) -> None:
+        """
+        A connection rrlb closes after a response is cut off if its client
+        takes none of what is left for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
+    def test_close_timeout_after_a_refusal(self) -> None:
+        """
+        On a transport that cannot half-close (TLS, a haproxy: listener;
+        here an in-memory one), a refused client is closed at once, and cut
+        off if it takes none of its answer for the close timeout.
+        """
+        harness = Harness()
+        channel, transport = harness.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+        harness.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+
+    def test_close_timeout_when_idle(self) -> None:
+        """
+        So is a keep-alive connection closed when it was idle too long.
+        """
+        harness = Harness(keepalive_timeout=10)
+        channel, transport = harness.connect()
+        channel.dataReceived(PIPELINED)
+        harness.clock.advance(11)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(CLOSE_TIMEOUT)
+        self.assertTrue(transport.disconnected)
 
 
 class SizeLimitTests(unittest.TestCase):
@@ -533,6 +745,25 @@ class ConnectionCapTests(unittest.TestCase):
         good = await raw_request(self, balancer.port, GOOD)
         self.assertTrue(good.startswith(b"HTTP/1.1 200 "), good)
 
+    async def test_burst_waits_in_the_backlog(self) -> None:
+        """
+        Of 200 clients that connect at once, rrlb takes no more from the
+        kernel than the cap: the rest wait in the backlog, not in rrlb's
+        descriptors (Twisted would accept up to a hundred per wake-up).
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
+        site = balancer.service.site
+        clients = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(raw_connect(self, balancer.port)) for _ in range(200)]
+        )
+        self.assertEqual(len(clients), 200)
+        # A round trip elsewhere: rrlb has had its turns at the backlog.
+        self.assertEqual((await http_request(self, "GET", backend.url + "/")).body, b"a")
+        self.assertEqual(site.open_count, 5)
+        self.assertTrue(site.paused)
+        self.assertLessEqual(len(site.parked), 1)
+
     async def test_lower_cap_on_reload(self) -> None:
         """
         Lowering the cap below the open connections stops accepting until
@@ -548,6 +779,64 @@ class ConnectionCapTests(unittest.TestCase):
         await clients[0].close()
         await clients[1].close()
         await wait_until(lambda: not site.paused, what="accepting again")
+
+
+class AdminConnectionTests(unittest.TestCase):
+    """
+    The admin endpoint is not under C{--max-connections}: it keeps at most
+    L{ADMIN_MAX_CONNECTIONS} open, each idle at most L{ADMIN_IDLE_TIMEOUT}.
+    """
+
+    async def test_capped(self) -> None:
+        """
+        At the cap a new connection takes the place of the oldest idle one;
+        when every one is in the middle of a request, it is closed at once.
+        """
+        balancer = await start_balancer(
+            self, ["http://127.0.0.1:9"], "--admin", "tcp:0:interface=127.0.0.1"
+        )
+        url = await admin_url(balancer)
+        port = int(url.rsplit(":", 1)[1])
+        listener = balancer.service.admin_listener
+        assert listener is not None
+        site = listener.factory
+        held = [await raw_connect(self, port) for _ in range(ADMIN_MAX_CONNECTIONS)]
+        await wait_until(lambda: site.open_connections == ADMIN_MAX_CONNECTIONS, what="all open")
+        reply = await http_request(self, "GET", url + "/status")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(await held[0].closed, b"")
+        # Every one busy, half a request head each (the last one in the
+        # place of the idle connection the request above left).
+        def busy() -> int:
+            return sum(1 for c in site.channels if c.requests)
+
+        for client in held[1:]:
+            client.send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS - 1, what="fifteen busy")
+        (await raw_connect(self, port)).send(b"GET /status HTTP/1.1\r\n")
+        await wait_until(lambda: busy() == ADMIN_MAX_CONNECTIONS, what="every one busy")
+        extra = await raw_connect(self, port)
+        extra.send(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(await extra.closed, b"")
+        self.assertEqual(site.open_connections, ADMIN_MAX_CONNECTIONS)
+
+    async def test_idle_timeout(self) -> None:
+        """
+        An admin connection that sends nothing is closed after
+        L{ADMIN_IDLE_TIMEOUT}.
+        """
+        balancer = await start_balancer(self, ["http://127.0.0.1:9"])
+        clock = Clock()
+        site = AdminSite(balancer.service.pools, balancer.service.metrics, reactor=clock)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        client = await raw_connect(self, port.getHost().port)
+        await wait_until(lambda: site.open_connections == 1, what="the connection")
+        clock.advance(ADMIN_IDLE_TIMEOUT - 1)
+        self.assertFalse(client.closed.called)
+        clock.advance(1)
+        await client.closed
+        await wait_until(lambda: site.open_connections == 0, what="the count to drop")
 
 
 class TrustedProxiesTests(unittest.TestCase):
@@ -740,7 +1029,7 @@ class LimitSettingsTests(unittest.TestCase):
                 config.max_connections,
                 config.trusted_proxies,
             ),
-            (32768, 100, 0, 10.0, 60.0, 60.0, 10000, ()),
+            (32768, 100, 0, 10.0, 60.0, 60.0, None, ()),
         )
 
     def test_yaml_keys(self) -> None:
@@ -848,4 +1137,46 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
         self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
+
+    def test_default_is_what_fits(self) -> None:
+        """
+        Without C{--max-connections}, the cap is what the limit fits, at
+        most L{DEFAULT_MAX_CONNECTIONS}; and nothing is said about it.
+        """
+        import resource
+
+        logs = LogCapture.install(self)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1064, hard))
+        self.assertEqual(connections_that_fit(None), 500)
+        config = balancer_options("--nodes", "http://127.0.0.1:9").config
+        self.assertIsNone(config.max_connections)
+        self.assertEqual(BalancerService.client_limits(config).max_connections, 500)
+        if hard == resource.RLIM_INFINITY or hard >= 2 * DEFAULT_MAX_CONNECTIONS + 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2 * DEFAULT_MAX_CONNECTIONS + 64, hard))
+            self.assertEqual(connections_that_fit(None), DEFAULT_MAX_CONNECTIONS)
+        raise_fd_limit(None)
+        self.assertEqual([m for m in logs.messages() if "RLIMIT_NOFILE" in m], [])
+
+    async def test_default_quiet_at_start(self) -> None:
+        """
+        rrlb started under a descriptor limit of 1000 without
+        C{--max-connections} says nothing about the limit; with a
+        C{--max-connections} that does not fit, it says so once, with the
+        cap it uses instead.
+        """
+        backend = await start_backend(self, "a")
+        quiet = await start_daemon(self, "--nodes", backend.url, nofile=1000)
+        await quiet.wait_for_message("READY=1")
+        self.assertNotIn(b"RLIMIT_NOFILE", quiet.output)
+        reply = await http_request(self, "GET", quiet.url + "/")
+        self.assertEqual(reply.body, b"a")
+        loud = await start_daemon(
+            self, "--nodes", backend.url, "--max-connections", "1000", nofile=1000
+        )
+        await loud.wait_for_message("READY=1")
+        self.assertEqual(loud.output.count(b"RLIMIT_NOFILE"), 1, loud.output)
+        self.assertIn(b"--max-connections 1000 needs up to 2064", loud.output)
+        self.assertIn(b"accepting at most 468 client connections", loud.output)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import yaml
 from OpenSSL import crypto
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from twisted.web import server
 
+from rrlb.channel import ClientLimits, ClientSite
 from rrlb.config import ConfigError, ListenTLS, parse_nodes
 from rrlb.proxyproto import (
     PROXY_HEADER_TIMEOUT,
@@ -37,12 +38,16 @@ from rrlb.proxyproto import (
     proxy_header,
 )
 from rrlb.service import with_default_backlog
+from rrlb.tap import warn_open_proxy_protocol
 from rrlb.tls import listen_endpoint
 from tests.daemon import start_daemon
 from tests.helpers import (
     LOOPBACK,
     Backend,
+    LogCapture,
+    RawClient,
     balancer_options,
+    parse_error,
     raw_connect,
     raw_request,
     reactor,
@@ -504,7 +509,7 @@ class ReceiveTests(unittest.TestCase):
         L{PROXY_HEADER_TIMEOUT}.
         """
         clock = task.Clock()
-        site = server.Site(Backend("a"))
+        site = ClientSite(Backend("a"), clock, ClientLimits())
         endpoint = ProxyHeaderEndpoint(TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK), clock)
         port = await endpoint.listen(site)
         self.addCleanup(port.stopListening)
@@ -540,6 +545,213 @@ class ReceiveTests(unittest.TestCase):
         request = backend.requests[0]
         self.assertEqual(request.header(b"X-Forwarded-For"), CLIENT_IP.encode())
         self.assertEqual(request.header(b"X-Forwarded-Proto"), b"https")
+
+
+def accepted_on(port: int) -> int:
+    """
+    Connections the reactor reads from that were accepted on C{port}: what
+    rrlb took from the kernel's backlog and did not park unread.
+    """
+    return sum(
+        1
+        for reader in reactor.getReaders()
+        if isinstance(reader, tcp.Server) and reader.getHost().port == port
+    )
+
+
+async def connect_from(testcase: unittest.TestCase, source: str, port: int) -> RawClient:
+    """
+    A L{RawClient} connected to 127.0.0.1:C{port} from the loopback address
+    C{source}; closed at cleanup.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, LOOPBACK, port, bindAddress=(source, 0))
+    client: Any = await endpoint.connect(Factory.forProtocol(RawClient))
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(client.close()))
+    return cast(RawClient, client)
+
+
+class WaitingForHeaderTests(unittest.TestCase):
+    """
+    A connection on a C{haproxy:} listener holds a C{--max-connections}
+    place from accept, and one that sends no header is closed after
+    L{PROXY_HEADER_TIMEOUT}.
+    """
+
+    async def test_counted_from_accept(self) -> None:
+        """
+        With C{--max-connections 5}, of 200 connections that send nothing
+        rrlb accepts five; the rest wait in the kernel's backlog. A sixth
+        gets in once one of the five has gone.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self, [backend.url], "--listen", HAPROXY_LISTEN, "--max-connections", "5"
+        )
+        clients = [await raw_connect(self, balancer.port) for _ in range(200)]
+        # A request on the first: by the time it is answered, rrlb has had
+        # every chance to accept the others.
+        clients[0].send(V1_IN)
+        self.assertEqual(await get(clients[0]), b"a")
+        site = balancer.service.site
+        self.assertEqual(site.open_count, 5)
+        self.assertTrue(site.paused)
+        self.assertLessEqual(accepted_on(balancer.port), 5)
+        await clients[1].close()
+        clients[5].send(V1_IN)
+        self.assertEqual(await get(clients[5]), b"a")
+        self.assertEqual(site.open_count, 5)
+
+    async def test_silent_peer_closed(self) -> None:
+        """
+        A connection that sends no header is closed after
+        L{PROXY_HEADER_TIMEOUT}, and its place goes to the next one.
+        """
+        clock = task.Clock()
+        site = ClientSite(Backend("a"), clock, ClientLimits(max_connections=1))
+        endpoint = ProxyHeaderEndpoint(TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK), clock)
+        port = site.add_port(await endpoint.listen(site))
+        self.addCleanup(port.stopListening)
+        silent = await raw_connect(self, port.getHost().port)
+        await wait_until(lambda: site.waiting, what="the silent connection accepted")
+        self.assertTrue(site.paused)
+        late = await raw_connect(self, port.getHost().port)
+        late.send(V1_IN + GET_CLOSE)
+        clock.advance(PROXY_HEADER_TIMEOUT - 0.1)
+        self.assertFalse(silent.closed.called)
+        self.assertEqual(len(site.waiting), 1)
+        clock.advance(0.1)
+        await silent.closed
+        reply = await late.closed
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+
+    async def test_closed_at_shutdown(self) -> None:
+        """
+        At shutdown a connection still waiting for its header is closed at
+        once (no request of its has begun), and leaves no timer behind.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(self, [backend.url], "--listen", HAPROXY_LISTEN)
+        site = balancer.service.site
+        silent = await raw_connect(self, balancer.port)
+        await wait_until(lambda: site.waiting, what="the connection accepted")
+        await balancer.stop()
+        self.assertEqual(await silent.closed, b"")
+        self.assertEqual(site.open_count, 0)
+
+    async def test_refused_peer_takes_no_place(self) -> None:
+        """
+        A connection closed for its peer (C{proxy_protocol_from}) never
+        held a place.
+        """
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--listen",
+            HAPROXY_LISTEN,
+            "--max-connections",
+            "1",
+            "--proxy-protocol-from",
+            "127.0.0.2",
+        )
+        for _ in range(3):
+            refused = await raw_connect(self, balancer.port)
+            self.assertEqual(await refused.closed, b"")
+        client = await connect_from(self, "127.0.0.2", balancer.port)
+        client.send(V1_IN)
+        self.assertEqual(await get(client), b"a")
+
+
+class ProxyProtocolFromTests(unittest.TestCase):
+    """
+    C{proxy_protocol_from} (C{--proxy-protocol-from}): the peers whose
+    PROXY headers are believed; a connection from any other is closed.
+    """
+
+    async def test_other_peer_closed(self) -> None:
+        """
+        A connection from outside the networks is closed before its header
+        is read, and nothing reaches a node; one from inside is served with
+        the header's client. One line says so.
+        """
+        logs = LogCapture.install(self)
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--listen",
+            HAPROXY_LISTEN,
+            "--proxy-protocol-from",
+            "10.0.0.0/8,127.0.0.2/32",
+        )
+        for _ in range(2):
+            outsider = await raw_connect(self, balancer.port)
+            outsider.send(V1_IN + GET_CLOSE)
+            self.assertEqual(await outsider.closed, b"")
+        self.assertEqual(backend.requests, [])
+        refusals = [m for m in logs.messages() if "proxy_protocol_from" in m]
+        self.assertEqual(len(refusals), 1, refusals)
+        self.assertIn("127.0.0.1", refusals[0])
+        client = await connect_from(self, "127.0.0.2", balancer.port)
+        client.send(V1_IN + GET_CLOSE)
+        reply = await client.closed
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertEqual(backend.requests[0].header(b"X-Forwarded-For"), CLIENT_IP.encode())
+
+    async def test_yaml_and_reload(self) -> None:
+        """
+        The YAML key C{proxy_protocol_from} sets it, and a reload changes it
+        for new connections.
+        """
+        backend = await start_backend(self, "a")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            yaml.safe_dump({"nodes": [backend.url], "proxy_protocol_from": ["127.0.0.2"]}, f)
+        balancer = await start_balancer(self, (), "--config", path, "--listen", HAPROXY_LISTEN)
+        self.assertEqual(
+            [str(n) for n in balancer.service.config.proxy_protocol_from], ["127.0.0.2/32"]
+        )
+        self.assertEqual(await raw_request(self, balancer.port, V1_IN + GET_CLOSE), b"")
+        with open(path, "w") as f:
+            yaml.safe_dump({"nodes": [backend.url], "proxy_protocol_from": ["127.0.0.0/8"]}, f)
+        balancer.service.reload()
+        reply = await raw_request(self, balancer.port, V1_IN + GET_CLOSE)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+
+    def test_option(self) -> None:
+        """
+        The flag takes comma-separated networks, like C{--trusted-proxies},
+        and a bad one is refused naming the option.
+        """
+        options = balancer_options(
+            "--nodes", "http://127.0.0.1:9", "--proxy-protocol-from", "10.0.0.0/8, ::1"
+        )
+        self.assertEqual(
+            [str(n) for n in options.config.proxy_protocol_from], ["10.0.0.0/8", "::1/128"]
+        )
+        self.assertIn(
+            "--proxy-protocol-from",
+            parse_error("--nodes", "http://127.0.0.1:9", "--proxy-protocol-from", "10.0.0/33"),
+        )
+
+    def test_warning_when_unset(self) -> None:
+        """
+        A C{haproxy:} listener without C{proxy_protocol_from} is warned
+        about once at start; with it, or without such a listener, nothing
+        is said.
+        """
+        logs = LogCapture.install(self)
+        node = ("--nodes", "http://127.0.0.1:9")
+        warn_open_proxy_protocol(balancer_options(*node, "--listen", HAPROXY_LISTEN).config)
+        (warning,) = [m for m in logs.messages() if "proxy_protocol_from" in m]
+        self.assertIn(HAPROXY_LISTEN, warning)
+        warn_open_proxy_protocol(
+            balancer_options(
+                *node, "--listen", HAPROXY_LISTEN, "--proxy-protocol-from", "10.0.0.1"
+            ).config
+        )
+        warn_open_proxy_protocol(balancer_options(*node).config)
+        self.assertEqual(len([m for m in logs.messages() if "proxy_protocol_from" in m]), 1)
 
 
 class SocketActivationTests(unittest.TestCase):

@@ -583,6 +583,30 @@ class StreamedBodyUnitTests(unittest.TestCase):
         self.assertEqual(eager.continues, 0)
 
 
+    def test_empty_piece_never_framed(self) -> None:
+        """
+        Whoever feeds an empty piece to a body going out chunked, the node
+        connection writes nothing for it: a chunk of size 0 would end the
+        body there (issue 17). The body ends with one last chunk.
+        """
+        from twisted.internet.testing import MemoryReactor, StringTransport
+
+        from rrlb.nodeconn import UpstreamProtocol
+        from rrlb.upstream import UpstreamPool
+
+        protocol = UpstreamProtocol(UpstreamPool(MemoryReactor()), "k")
+        protocol.transport = transport = StringTransport()
+        body = StreamedBody(Source(), None)
+        body.chunked = True
+        body.feed(b"")
+        protocol.send(None, b"HEAD\r\n\r\n", body, False)
+        for piece in (b"", b"ab", b"", b"", b"c", b""):
+            body.feed(piece)
+        protocol.body_data(b"")
+        body.finish()
+        self.assertEqual(transport.value(), b"HEAD\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n")
+
+
 class ChannelHoldTests(unittest.TestCase):
     """
     The channel's side of a held body, on a L{Clock}.

@@ -197,6 +197,36 @@ class StalledClientTests(WireCase):
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, "the client to be closed")
 
+    async def test_stalled_client_cut_off(self) -> None:
+        """
+        A client that never reads again is cut off after the send timeout
+        and then the close timeout, not kept open for as long as it reads
+        nothing with what rrlb had written for it still buffered.
+        """
+        producers: list[BulkProducer] = []
+
+        def handler(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 * MB))
+            producer = BulkProducer(conn.transport, b"s" * 65536, 64 * MB)
+            producers.append(producer)
+            producer.start()
+
+        backend = await self.backend(handler)
+        service, port = await self.balancer([backend.url], "--timeout", "0.2")
+        service.upstream.send_timeout = 0.5
+        service.site.close_timeout = 0.5
+        client = await self.client(port)
+
+        def on_data(c: RawClient) -> None:
+            c.transport.pauseProducing()  # never reads again
+            c.data.clear()
+
+        client.on_data = on_data
+        client.send(get(b"/"))
+        await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
+        await wait_for(lambda: not service.site.channels, "rrlb to cut the client off")
+        self.assertFalse(backend.open_connections)
+
 
 class ConnectionCloseTests(WireCase):
     """

@@ -444,6 +444,54 @@ class TunnelBackpressureTests(WebSocketCase):
         await client.lost
 
 
+    async def test_client_that_does_not_read_cut_off_after_close(self) -> None:
+        """
+        A tunnel closed (here: idle, its client reading nothing of what the
+        node sent) is cut off on the client's side after the close timeout,
+        instead of staying open with what is buffered for the client for as
+        long as it reads nothing.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(SWITCH)
+            BulkProducer(conn.transport, b"n" * 65536, 64 << 20).start()
+
+        backend = await self.backend(switch)
+        service, port = await self.balancer([backend.url], "--tunnel-timeout", "0.5")
+        service.site.close_timeout = 0.5
+        client = await self.client(port)
+        read_then_pause(client)
+        client.send(UPGRADE)
+        await wait_for(lambda: service.site.channels, "the client's connection")
+        await wait_for(lambda: not service.site.channels, "rrlb to cut the client off")
+        await wait_for(lambda: not backend.open_connections, "the node connection to close")
+
+
+    async def test_node_that_does_not_read_dropped_after_close(self) -> None:
+        """
+        A tunnel whose node stopped reading is dropped on the node's side
+        when it closes (here: idle, nothing getting through), instead of
+        staying open with what is buffered for the node for as long as it
+        reads nothing.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(SWITCH)
+            conn.transport.pauseProducing()
+
+        backend = await self.backend(switch)
+        service, port = await self.balancer([backend.url], "--tunnel-timeout", "0.5")
+        client = await self.client(port)
+        client.send(UPGRADE)
+        await wait_for(lambda: b"101 Switching" in client.data, "the 101")
+        producer = BulkProducer(client.transport, b"c" * 65536, 64 << 20)
+        producer.start()
+        await wait_for(lambda: producer.pauses, "the client to be held back")
+        upstream = service.upstream
+        await wait_for(lambda: not upstream.connection_count, "rrlb to drop the node connection")
+        producer.stopProducing()
+
+
 class TunnelSettingsTests(unittest.TestCase):
     """
     --tunnel-timeout and its YAML key, and the access-log fields of a tunnel.
