@@ -42,12 +42,14 @@ failing requests quietly.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.python.systemd import ListenFDs
 from twisted.web import client as _webclient
-from twisted.web._http2 import H2Connection, H2Stream
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+
+if TYPE_CHECKING:
+    from twisted.web._http2 import H2Connection, H2Stream
 
 __all__ = [
     "canonical_name",
@@ -203,3 +205,13 @@ def adopt_systemd_descriptors(descriptors: ListenFDs) -> None:
     Make C{descriptors} the ones C{systemd:} endpoints take from now on.
     """
     _systemd_parser()._sddaemon = descriptors
+
+
+def __getattr__(name: str) -> Any:
+    # H2Connection and H2Stream on first use only: twisted.web._http2
+    # imports h2, which rrlb does without unless --http2 is on.
+    if name in ("H2Connection", "H2Stream"):
+        from twisted.web import _http2
+
+        return getattr(_http2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
