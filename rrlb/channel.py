@@ -26,7 +26,6 @@ from twisted.web import http, server
 
 from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.config import DEFAULT_MAX_CONNECTIONS, Config, Network
 from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
@@ -45,6 +44,8 @@ from rrlb.parser import (
     RequestHead,
     parse_request_head,
 )
+from rrlb.settings import DEFAULT_MAX_CONNECTIONS, Config, values_for
+from rrlb.values import Network
 
 log = Logger()
 
@@ -89,7 +90,7 @@ class ClientLimits:
         PROXY header from (L{rrlb.proxyproto}); empty: any peer.
     """
 
-    # The defaults are rrlb.config's, where the options are.
+    # The defaults are rrlb.settings', where the options are.
     max_header_size: int = Config.max_header_size
     max_headers: int = Config.max_headers
     max_body_size: int = Config.max_body_size
@@ -99,6 +100,15 @@ class ClientLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     trusted_proxies: tuple[Network, ...] = ()
     proxy_protocol_from: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClientLimits:
+        """
+        The limits C{config} sets (its settings that feed C{client}), with
+        C{max_connections} as what fits (L{connections_that_fit}).
+        """
+        limits = values_for("client", config)
+        return cls(**{**limits, "max_connections": connections_that_fit(limits["max_connections"])})
 
 
 # File descriptors kept beyond two per client connection (the client's and

@@ -26,6 +26,7 @@ from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node, Pool
 from rrlb.proxyproto import proxy_header
 from rrlb.queue import RequestQueue
+from rrlb.settings import Config, values_for
 from rrlb.tunnel import Tunnel
 
 log = Logger()
@@ -43,10 +44,19 @@ class ProxySettings:
     @ivar retries: other nodes an idempotent request is tried on at most.
     """
 
-    node_host: bool = False
+    node_host: bool = Config.node_host
     retry_after: int = 1
-    retries: int = 2
-    tunnel_timeout: float = 3600.0
+    retries: int = Config.retries
+    tunnel_timeout: float = Config.tunnel_timeout
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxySettings:
+        """
+        The settings of C{config} that feed C{proxy}, and C{Retry-After}
+        (a 503's) as the health check interval in whole seconds.
+        """
+        retry_after = max(1, int(config.health.interval + 0.999))
+        return cls(retry_after=retry_after, **values_for("proxy", config))
 
 
 class Destination:

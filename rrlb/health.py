@@ -22,9 +22,9 @@ from twisted.web.iweb import IAgent
 
 from rrlb import __version__
 from rrlb._twisted import quiet_connection_pool
-from rrlb.config import HealthConfig
 from rrlb.failures import LocalErrors, describe_failure, exhausted_now, local_errno
 from rrlb.pool import Node, Pool
+from rrlb.settings import HealthConfig
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 

@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 
 from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
-from rrlb.channel import ClientLimits, connections_that_fit
+from rrlb.channel import ClientLimits
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
@@ -316,26 +316,11 @@ class BalancerService(MultiService):
 
     @staticmethod
     def client_limits(config: Config) -> ClientLimits:
-        return ClientLimits(
-            max_header_size=config.max_header_size,
-            max_headers=config.max_headers,
-            max_body_size=config.max_body_size,
-            header_timeout=config.client_header_timeout,
-            body_timeout=config.client_body_timeout,
-            keepalive_timeout=config.keepalive_timeout,
-            max_connections=connections_that_fit(config.max_connections),
-            trusted_proxies=config.trusted_proxies,
-            proxy_protocol_from=config.proxy_protocol_from,
-        )
+        return ClientLimits.from_config(config)
 
     @staticmethod
     def proxy_settings(config: Config) -> ProxySettings:
-        return ProxySettings(
-            node_host=config.node_host,
-            retry_after=max(1, int(config.health.interval + 0.999)),
-            retries=config.retries,
-            tunnel_timeout=config.tunnel_timeout,
-        )
+        return ProxySettings.from_config(config)
 
     def _demo_ready(self, urls: list[str]) -> None:
         self.demo_nodes = tuple(parse_node(u, "--demo") for u in urls)

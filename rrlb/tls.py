@@ -64,8 +64,9 @@ from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from rrlb.config import Config, ConfigError, ListenTLS, NodeSpec, NodeTLS
 from rrlb.proxyproto import ProxyHeaderEndpoint
+from rrlb.settings import Config, ListenTLS, NodeSpec, NodeTLS
+from rrlb.values import ConfigError
 
 log = Logger()
 

@@ -58,7 +58,7 @@ from zope.interface import implementer
 
 from rrlb.admin import AdminResource, AdminSite
 from rrlb.channel import MAX_LISTED_CLIENTS
-from rrlb.config import Config, ConfigError, PoolConfig
+from rrlb.config import Config, PoolConfig
 from rrlb.history import History
 from rrlb.metrics import PROXY_ERRORS, Metrics
 from rrlb.parser import CLIENT_ERROR_REASONS
@@ -86,9 +86,6 @@ GATHER_TIMEOUT = 2.0
 # At shutdown, how much longer than drain_timeout the workers get before
 # they are killed.
 STOP_GRACE = 5.0
-
-# The kinds of listener whose socket the workers can share.
-SHARED_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
 # -- the wire ---------------------------------------------------------------------
@@ -1152,28 +1149,6 @@ class _Held:
 
     def listen(self, factory: Any) -> Any:
         return self.wrapped.listen(HeldForWorkers())
-
-
-def check_listeners(config: Config) -> None:
-    """
-    Refuse listeners whose sockets workers cannot share.
-
-    @raise ConfigError: naming the listener.
-    """
-    on_tcp = tls_on_tcp(config.listen, config.tls)
-    for description in config.listen:
-        kind = listen_kind(description)[1]
-        if kind not in SHARED_KINDS:
-            raise ConfigError(
-                f"--workers: the listener {description!r} cannot be shared with worker"
-                f" processes (only {', '.join(SHARED_KINDS)} listeners can)"
-            )
-        if kind == "ssl" or (kind == "tcp" and on_tcp):
-            if listen_endpoint(None, description, config.tls, on_tcp)[1] is None:
-                raise ConfigError(
-                    f"--workers: the listener {description!r} has TLS settings rrlb does"
-                    " not serve itself, so worker processes cannot take it over"
-                )
 
 
 class MainService(BalancerService):

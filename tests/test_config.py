@@ -11,16 +11,10 @@ from typing import Any
 from twisted.python import usage
 from twisted.trial import unittest
 
-from rrlb.config import (
-    Config,
-    ConfigError,
-    HealthConfig,
-    RouteConfig,
-    all_pools,
-    build_config,
-    parse_node,
-)
+from rrlb.config import all_pools, build_config, parse_node
+from rrlb.settings import Config, HealthConfig, RouteConfig
 from rrlb.tap import Options
+from rrlb.values import ConfigError
 
 from .helpers import parse_error
 

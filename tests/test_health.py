@@ -19,10 +19,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
-from rrlb.config import HealthConfig, parse_node
+from rrlb.config import parse_node
 from rrlb.failures import describe_failure
 from rrlb.health import HealthChecker
 from rrlb.pool import Node, Pool
+from rrlb.settings import HealthConfig
 
 from .helpers import LogCapture
 

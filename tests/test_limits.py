@@ -33,10 +33,11 @@ from rrlb.channel import (
     raise_fd_limit,
     real_client,
 )
-from rrlb.config import DEFAULT_MAX_CONNECTIONS, ConfigError, byte_size, trusted_networks
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
 from rrlb.service import BalancerService
+from rrlb.settings import DEFAULT_MAX_CONNECTIONS
+from rrlb.values import ConfigError, byte_size, trusted_networks
 from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,

@@ -29,7 +29,7 @@ from twisted.trial import unittest
 from twisted.web import server
 
 from rrlb.channel import ClientLimits, ClientSite
-from rrlb.config import ConfigError, ListenTLS, parse_nodes
+from rrlb.config import ConfigError, parse_nodes
 from rrlb.proxyproto import (
     PROXY_HEADER_TIMEOUT,
     V2_SIGNATURE,
@@ -38,6 +38,7 @@ from rrlb.proxyproto import (
     proxy_header,
 )
 from rrlb.service import with_default_backlog
+from rrlb.settings import ListenTLS
 from rrlb.tap import warn_open_proxy_protocol
 from rrlb.tls import listen_endpoint
 from tests.daemon import start_daemon

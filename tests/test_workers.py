@@ -25,10 +25,12 @@ from twisted.internet.error import ConnectionLost
 from twisted.protocols import amp
 from twisted.trial import unittest
 
-from rrlb.config import Config, ConfigError, PoolConfig, build_config, parse_node, parse_workers
+from rrlb.config import Config, ConfigError, PoolConfig, build_config, parse_node
 from rrlb.metrics import Metrics, exposition
 from rrlb.pool import Node, Pool, Pools
 from rrlb.queue import RequestQueue
+from rrlb.tap import check_listeners
+from rrlb.values import parse_workers
 from rrlb.workers import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -43,7 +45,6 @@ from rrlb.workers import (
     WorkersMetrics,
     WorkerSupervisor,
     apply_states,
-    check_listeners,
     worker_environ,
 )
 from tests.daemon import Daemon, start_daemon
@@ -345,7 +346,7 @@ class WireTests(unittest.TestCase):
         """
         nodes = tuple(parse_node(f"http://10.0.{i // 250}.{i % 250}:8080") for i in range(3000))
         config = Config(nodes=nodes)
-        pools = (PoolConfig("default", nodes), PoolConfig("api", nodes[:10]))
+        pools = (PoolConfig(name="default", nodes=nodes), PoolConfig(name="api", nodes=nodes[:10]))
         states = [["default", n.key, True, i % 2 == 0] for i, n in enumerate(nodes)]
         proto = amp.AMP()
         box = Configure.makeArguments(
@@ -483,7 +484,7 @@ class _FakeMain:
         return self.config
 
     def worker_pools(self) -> tuple[PoolConfig, ...]:
-        return (PoolConfig("default", self.config.nodes),)
+        return (PoolConfig(name="default", nodes=self.config.nodes),)
 
     def worker_gone(self, index: int) -> None:
         self.gone.append(index)
