@@ -6,7 +6,7 @@ target's port, weighted by the SRV weight). Names are looked up with
 L{twisted.names} again when their TTL runs out (at least L{TTL_FLOOR}
 seconds, at most C{dns_refresh}); whenever the set of nodes found changes,
 L{DnsDiscovery} calls its C{on_change}, and the service applies the new node
-set the way a reload does (L{rrlb.service.BalancerService.nodes_found}).
+set the way a reload does (L{rrlb.service.ControlService.nodes_found}).
 
 A lookup that fails (no answer, a server failure) keeps the nodes found
 last; one that is answered with no records (or NXDOMAIN) empties the set:

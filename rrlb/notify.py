@@ -160,7 +160,7 @@ class SystemdNotify(Service):
     """
     Keeps systemd told of rrlb's state.
 
-    L{BalancerService} calls L{ready_when}, L{reloading}, L{reloaded} and
+    L{rrlb.service.ControlService} calls L{ready_when}, L{reloading}, L{reloaded} and
     L{stopping} at those moments; this service adds the C{STATUS=} updates
     on every health change of the pool and the watchdog pings, which run
     from the reactor, so a stuck reactor stops them and systemd notices.

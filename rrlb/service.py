@@ -1,92 +1,94 @@
-# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_tap -*-
+# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_notify,tests.test_tap -*-
 """
-The balancer's service tree: L{BalancerService} owns the running
-configuration and every piece built from it (pool, upstream connections,
-proxy, listeners, health checker, admin, access log, systemd notifications),
-applies a new configuration in one place (start-up, demo backends, SIGHUP),
-and drains in-flight requests at shutdown.
+The control side: L{ControlService} owns the running configuration and
+what decides about the nodes (the health checkers, DNS discovery, the demo
+backends), the admin endpoint and its charts, and systemd's notifications.
+It applies a configuration in one place (start-up, demo backends coming
+up, nodes found in DNS, SIGHUP) and hands it to a traffic side
+(L{TrafficSide}), which serves the traffic, and which it stops first at
+shutdown, so in-flight requests drain while the health checks go on.
+
+What the traffic side is, is decided in L{rrlb.tap.makeService}: one
+L{rrlb.traffic.Traffic} in a single process, or the workers' supervisor
+(L{rrlb.workers.main.WorkersTraffic}) with C{--workers}.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.client import Agent
 
-from rrlb.accesslog import AccessLog
 from rrlb.admin import AdminSite
-from rrlb.channel import ClientLimits
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
 from rrlb.discovery import DnsDiscovery, make_resolver
-from rrlb.drain import Drain
 from rrlb.failures import LocalErrors
 from rrlb.health import HealthChecker, QuietConnectionPool
 from rrlb.history import History
+from rrlb.listeners import Listener
 from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
-from rrlb.pool import Node, Pool, Pools
-from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
+from rrlb.pool import Pool, Pools
 from rrlb.proxyproto import ProbeEndpoints
-from rrlb.routes import Route, Router
-from rrlb.tls import BalancerTLS
-from rrlb.upstream import UpstreamPool
-
-if TYPE_CHECKING:
-    from rrlb.tap import Options
 
 
-# How often nodes removed by a reload are looked at until their last
-# in-flight request has finished.
-RETIRED_POLL = 1.0
-
-
-class Listener(StreamServerEndpointService):
+class TrafficSide(Protocol):
     """
-    A listener whose failure to listen at start-up (port in use, no
-    permission, no such directory) stops rrlb with one line naming the
-    setting, rather than a traceback from the service machinery.
+    What the control side asks of the side that serves the traffic. Both
+    are given the same L{Pools}: the traffic side makes them those of each
+    configuration it applies, the control side's checkers mark their
+    nodes, and node states reach the traffic through them (the workers'
+    supervisor forwards each change to its workers).
     """
 
-    setting = "cannot listen"
-    # Called with the listening port once there is one.
-    on_port: Optional[Callable[[Any], Any]] = None
+    @property
+    def metrics(self) -> Metrics:
+        """
+        The counters of the traffic, which the admin endpoint, its charts
+        and the checkers' results are read through.
+        """
 
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            # SystemExit prints its message and exits 1, under twistd and twist.
-            raise SystemExit(f"{self.setting}: {e}") from None
-        if self.on_port is not None and self._waitingForPort is not None:
-            self._waitingForPort.addCallback(self.on_port)
+    @property
+    def tls_policy(self) -> Any:
+        """
+        The nodes' TLS connection creators, which the health probes share.
+        """
+
+    def apply(
+        self, config: Config, pool_configs: Sequence[PoolConfig], reload: bool
+    ) -> defer.Deferred[Any]:
+        """
+        Run C{config} with these pools, each with its node set (C{reload}:
+        every setting, else only the node sets changed).
+
+        @return: a Deferred that fires once every process runs it.
+        @raise ConfigError: a TLS file cannot be used; nothing was changed.
+        """
+
+    def ready(self) -> list[defer.Deferred[Any]]:
+        """
+        What fires once the traffic is served (for C{READY=1}).
+        """
+
+    def stopping_status(self) -> str:
+        """
+        What systemd shows while the traffic drains at shutdown.
+        """
+
+    def setServiceParent(self, parent: Any) -> Any: ...
+
+    def stopService(self) -> Any: ...
 
 
-# nginx's listen backlog. Twisted's default of 50 overflows when a few
-# hundred clients connect at once, and each overflow costs a client a
-# retransmitted SYN (a second or more of latency).
-DEFAULT_BACKLOG = 511
-
-
-def with_default_backlog(description: str) -> str:
-    """
-    A TCP or TLS listen description with C{backlog=511} unless it names one.
-    """
-    kind, _, rest = description.partition(":")
-    kind = kind.strip().lower()
-    if kind == "haproxy":
-        # The PROXY protocol wrapper: the backlog belongs to what it wraps.
-        return f"{kind}:{with_default_backlog(rest)}"
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
-        return f"{description}:backlog={DEFAULT_BACKLOG}"
-    return description
+AdminSiteFactory = Callable[..., Any]
+HistoryFactory = Callable[[Pools, Metrics, Any], History]
 
 
 def _dns_entries(config: Config) -> tuple[DnsNodes, ...]:
@@ -99,29 +101,26 @@ def _dns_entries(config: Config) -> tuple[DnsNodes, ...]:
     return tuple(entries.values())
 
 
-def _unique_nodes(pool_configs: tuple[PoolConfig, ...]) -> tuple[NodeSpec, ...]:
+class ControlService(MultiService):
     """
-    Every pool's nodes, each URL once (pools that share one share its
-    connections).
-    """
-    seen: dict[str, NodeSpec] = {}
-    for pc in pool_configs:
-        for spec in pc.nodes:
-            seen.setdefault(spec.key, spec)
-    return tuple(seen.values())
+    The control side of rrlb, around a traffic side (a child service).
 
-
-class BalancerService(MultiService):
-    """
-    The whole balancer: owns the current L{Config} and applies a new one to
-    the pool, the checker, the upstream connections and the proxy in one
-    place (start-up, demo backends coming up, reload).
-
+    @param pools: the pools, which C{traffic} makes those of the
+        configuration and the checkers made here mark.
+    @param load_config: reads the configuration again, for a reload (none:
+        a reload is refused).
     @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}
         and C{WATCHDOG_USEC} (none by default: no notifications).
     @param pid: this process's id, for C{WATCHDOG_PID}.
     @param handle_signals: reload on C{SIGHUP} while running (only for the
-        real reactor in the real process; see L{makeService}).
+        real reactor in the real process; see L{rrlb.tap.makeService}).
+    @param admin_site: makes the admin endpoint's site from the pools, the
+        metrics and the history (and C{reactor=}).
+    @param history: makes the status page's history from the pools, the
+        metrics and the clock.
+    @param local_errors: logs rrlb's own resource errors (out of file
+        descriptors, ...), which the probes share with the traffic side of
+        this process (default: the probes' own).
     """
 
     log = Logger()
@@ -130,24 +129,25 @@ class BalancerService(MultiService):
         self,
         config: Config,
         reactor: Any,
-        options: Optional[Options] = None,
+        pools: Pools,
+        traffic: TrafficSide,
+        load_config: Optional[Callable[[], Config]] = None,
         environ: Optional[Mapping[str, str]] = None,
         pid: int = 0,
         handle_signals: bool = False,
+        admin_site: AdminSiteFactory = AdminSite,
+        history: HistoryFactory = History,
+        local_errors: Optional[LocalErrors] = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.options = options
         self.config = config
+        self.load_config = load_config
         self.handle_signals = handle_signals
         self._previous_sighup: Any = None
         self._held_signals: dict[int, Any] = {}
         self.stopping = False
         self._stopping_d: Optional[defer.Deferred[Any]] = None
-        self.drain: Optional[Drain] = None
-        # Nodes a reload removed that still have requests in flight.
-        self.retired: list[Node] = []
-        self._retired_call: Any = None
         # Nodes named by DNS (top-level and in pools): looked up by the
         # discovery service, which calls nodes_found when what it found
         # changes. No resolver (nor a read of /etc/resolv.conf) unless some
@@ -162,74 +162,42 @@ class BalancerService(MultiService):
             config.dns_refresh,
         )
         self.discovery.setServiceParent(self)
-        # Every pool by name; self.pool is the first (the default one when
-        # there are top-level nodes) and self.checker its health checker.
-        self.pools = Pools()
-        self.checkers: dict[str, HealthChecker] = {}
-        pool_configs = self.initial_pools(config)
-        first = pool_configs[0]
-        self.pool = self.new_pool(first.name)
-        self.pool.set_thresholds(first.health.rise, first.health.fall)
-        self.pool.max_conns_per_node = config.max_conns_per_node
-        # Node creators are built once per node here and on apply(), never
-        # per request; traffic and health probes share them.
-        self.tls = BalancerTLS()
-        self.tls.prepare(config, _unique_nodes(pool_configs))()
-        self.upstream = UpstreamPool(
-            reactor,
-            connect_timeout=config.connect_timeout,
-            timeout=config.timeout,
-            max_idle_per_node=config.max_idle_per_node,
-            tls_creator=self.tls.nodes,
-            max_headers=config.max_headers,
-        )
-        # rrlb's own resource errors, for requests and probes alike.
-        self.local_errors = LocalErrors(reactor)
+        self.pools = pools
+        self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self.local_errors.setServiceParent(self)
-        self.proxy = RotatingProxy(
-            self.pool, self.upstream, reactor, self.proxy_settings(config), self.local_errors
-        )
-        self.proxy.budget.percent = config.retry_budget
-        self.site = ProxySite(self.proxy, reactor=reactor, limits=self.client_limits(config))
-        if config.http2:
-            # Only now: with --http2 off nothing of rrlb.http2 is imported.
-            from rrlb.http2 import ALPN_PROTOCOLS, ALPNChannel
-
-            self.site.protocol = ALPNChannel
-            self.site.alpn = ALPN_PROTOCOLS
+        self.traffic = traffic
+        traffic.setServiceParent(self)
+        self.metrics = traffic.metrics
+        self.metrics.checkers = lambda: list(self.checkers.values())
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
         self.health_agent = Agent.usingEndpointFactory(
             reactor,
             ProbeEndpoints(
-                reactor, self.tls.nodes.policy, self._send_proxy_for, config.health.timeout
+                reactor, traffic.tls_policy, self._send_proxy_for, config.health.timeout
             ),
             pool=QuietConnectionPool(reactor, persistent=False),
         )
-        self.metrics = self.make_metrics()
-        self.demo_nodes: tuple[Any, ...] = ()
+        self.demo_nodes: tuple[NodeSpec, ...] = ()
         if config.demo:
             DemoBackends(reactor, config.demo, self._demo_ready).setServiceParent(self)
+        # One checker per pool; self.checker is the first pool's.
+        self.checkers: dict[str, HealthChecker] = {}
         self.checker: Optional[HealthChecker] = None
-        self._apply_pools(config, pool_configs)
-        self.listeners: list[Listener] = []
-        for description in config.listen:
-            listener = Listener(self.listen_endpoint(len(self.listeners), description), self.site)
-            listener.setting = f"--listen: cannot listen on {description!r}"
-            listener.on_port = self.port_listening
-            listener._raiseSynchronously = True
-            listener.setServiceParent(self)
-            self.listeners.append(listener)
+        self._check(self._pool_configs(config))
         self.admin_listener: Optional[Listener] = None
         # The status page's charts, sampled once a second (only with --admin).
         self.history: Optional[History] = None
         if config.admin:
-            self.history = self.make_history()
+            self.history = history(self.pools, self.metrics, reactor)
             self.history.setServiceParent(self)
-            admin_site = self.admin_site(self.history)
-            admin_site.configure(config)
-            self.admin_listener = Listener(serverFromString(reactor, config.admin), admin_site)
-            self.admin_listener.setting = f"--admin: cannot listen on {config.admin!r}"
-            self.admin_listener._raiseSynchronously = True
+            site = admin_site(self.pools, self.metrics, self.history, reactor=reactor)
+            # Its admin_hosts and token (read by load_config).
+            site.configure(config)
+            self.admin_listener = Listener(
+                serverFromString(reactor, config.admin),
+                site,
+                setting=f"--admin: cannot listen on {config.admin!r}",
+            )
             self.admin_listener.setServiceParent(self)
             kind = config.admin.split(":", 1)[0]
             if (
@@ -244,95 +212,30 @@ class BalancerService(MultiService):
                     admin=config.admin,
                     kind=kind,
                 )
-        self.access_log: Optional[AccessLog] = None
-        self._apply_access_log(config)
         self.notify = SystemdNotify(reactor, self.pools, environ or {}, pid)
         self.notify.setServiceParent(self)
 
-    # -- what a variant of the service changes (rrlb.workers) ---------------
-
-    # Whether this process runs the health checkers (a worker does not: its
-    # main process sends it the nodes' health).
-    checks_health = True
-
-    def initial_pools(self, config: Config) -> tuple[PoolConfig, ...]:
+    @property
+    def pool(self) -> Pool:
         """
-        The pools to start with (no demo backends or DNS answers yet).
+        The first pool (the default one when there are top-level nodes).
         """
-        return all_pools(config)
-
-    def new_pool(self, name: str) -> Pool:
-        """
-        A new, empty pool named C{name} (L{_apply_pools} configures it).
-        """
-        return Pool((), name=name, clock=self.reactor)
-
-    def make_metrics(self) -> Metrics:
-        return Metrics(
-            self.pools,
-            self.reactor,
-            stats=self.proxy.stats,
-            queues=lambda: [d.queue for d in self.proxy.destinations.values()],
-            budget=self.proxy.budget,
-            checkers=lambda: list(self.checkers.values()),
-            connections=lambda: getattr(self.site, "open_count", 0),
-            upstream_connections=lambda: self.upstream.connection_count,
-            clients=self.site.client_list,
-        )
-
-    def make_history(self) -> History:
-        return History(self.pools, self.metrics, self.reactor)
-
-    def listen_endpoint(self, index: int, description: str) -> Any:
-        """
-        The endpoint of the C{index}th C{--listen} description.
-        """
-        return self.tls.listen_endpoint(
-            self.reactor, with_default_backlog(description), self.config
-        )
-
-    def port_listening(self, port: Any) -> Any:
-        """
-        A listener got its port.
-        """
-        return self.site.add_port(port)
-
-    def admin_site(self, history: Optional[History]) -> Any:
-        return AdminSite(self.pools, self.metrics, history, reactor=self.reactor)
-
-    def readiness(self) -> list[defer.Deferred[Any]]:
-        """
-        What has to happen before systemd is told C{READY=1}: every listener
-        bound.
-        """
-        return list(self._listening())
-
-    def applied_everywhere(self) -> defer.Deferred[Any]:
-        """
-        Fires once the configuration applied last runs in every process
-        (here, at once), for C{READY=1} after a reload.
-        """
-        return defer.succeed(None)
-
-    @staticmethod
-    def client_limits(config: Config) -> ClientLimits:
-        return ClientLimits.from_config(config)
-
-    @staticmethod
-    def proxy_settings(config: Config) -> ProxySettings:
-        return ProxySettings.from_config(config)
+        return next(iter(self.pools))
 
     def _demo_ready(self, urls: list[str]) -> None:
         self.demo_nodes = tuple(parse_node(u, "--demo") for u in urls)
         self.apply(self.config)
         self.notify.send_status()
 
-    def apply(self, config: Config) -> None:
+    # -- applying a configuration ----------------------------------------------
+
+    def apply(self, config: Config) -> defer.Deferred[Any]:
         """
         Make C{config} the running configuration. Nodes that stay keep their
         health state and pooled connections (unless their TLS settings
         changed). Every TLS certificate, key and CA file is read again.
 
+        @return: a Deferred that fires once every process runs it.
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
         entries = _dns_entries(config)
@@ -341,72 +244,34 @@ class BalancerService(MultiService):
             resolver = make_resolver(self.reactor, config.resolvers)
         self.discovery.configure(entries, config.dns_refresh, resolver)
         self._resolvers = config.resolvers
+        http2_changed = config.http2 != self.config.http2
+        if http2_changed:
+            config = dataclasses.replace(config, http2=self.config.http2)
         pool_configs = self._pool_configs(config)
-        commit_tls = self.tls.prepare(config, _unique_nodes(pool_configs))
-        for key in commit_tls():
-            self.upstream.drop_node(key)
-        self.upstream.connect_timeout = config.connect_timeout
-        self.upstream.max_idle_per_node = config.max_idle_per_node
-        self.upstream.max_headers = config.max_headers
-        self.proxy.settings = self.proxy_settings(config)
-        self.site.set_limits(self.client_limits(config))
-        self.proxy.budget.percent = config.retry_budget
-        self._apply_pools(config, pool_configs)
-        self._apply_access_log(config)
+        applied = self.traffic.apply(config, pool_configs, True)
+        self._check(pool_configs)
+        self._apply_admin(config)
+        if http2_changed:
+            self.log.warn("http2 changes only with a restart")
+        self.config = dataclasses.replace(config)
+        return applied
+
+    def _apply_admin(self, config: Config) -> None:
+        """
+        The admin endpoint's part of a configuration (its listener stays).
+        """
         if config.admin != self.config.admin:
             self.log.warn("the admin endpoint changes only with a restart")
         if self.admin_listener is not None:
             # New admin_hosts and token (read again by the reload) from now on.
             self.admin_listener.factory.configure(config)
-        if config.http2 != self.config.http2:
-            self.log.warn("http2 changes only with a restart")
-            config = dataclasses.replace(config, http2=self.config.http2)
-        self.config = dataclasses.replace(config)
 
-    def _apply_pools(self, config: Config, pool_configs: tuple[PoolConfig, ...]) -> None:
+    def _check(self, pool_configs: Sequence[PoolConfig]) -> None:
         """
-        Make the pools, their checkers and the routes those of
-        C{pool_configs} and C{config.routes}. Pools that stay keep their
-        nodes' state (as do nodes that stay in them); pools that go take
-        their nodes out of rotation, and those nodes finish their requests.
+        One health checker per pool of C{pool_configs}, with that pool's
+        health settings.
         """
-        removed: list[Node] = []
-        pools = []
-        destinations: dict[str, Destination] = {}
         for pc in pool_configs:
-            pool = self.pools.get(pc.name)
-            if pool is None:
-                pool = self.pool if not self.pools and pc.name == self.pool.name else None
-            if pool is None:
-                pool = self.new_pool(pc.name)
-            pool.max_conns_per_node = config.max_conns_per_node
-            pool.set_thresholds(pc.health.rise, pc.health.fall)
-            pool.configure(pc.balance, pc.hash_key, pc.sticky, pc.slow_start)
-            # A node whose send_proxy changed: its idle connections began
-            # with the old header (or none).
-            by_key = {n.key: n for n in pc.nodes}
-            for node in pool.nodes:
-                spec = by_key.get(node.key)
-                if spec is not None and spec.send_proxy != node.send_proxy:
-                    self.upstream.drop_node(node.key)
-            _, gone = pool.update(pc.nodes)
-            removed.extend(gone)
-            for node in pool.nodes:
-                node.connect_timeout = pc.connect_timeout
-            pools.append(pool)
-            dest = self.proxy.destination(pool, pc.node_host, pc.timeout)
-            dest.queue.timeout = config.queue_timeout
-            destinations[pc.name] = dest
-        for name, pool in self.pools.by_name.items():
-            if name not in destinations:
-                _, gone = pool.update(())
-                removed.extend(gone)
-                self.log.info("pool {pool} removed", pool=name)
-        self.pools.set(pools)
-        self.pool = pools[0]
-
-        # A worker process has no checkers (rrlb.workers).
-        for pc in pool_configs if self.checks_health else ():
             checker = self.checkers.get(pc.name)
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
@@ -417,48 +282,11 @@ class BalancerService(MultiService):
                 checker.setServiceParent(self)
             else:
                 checker.update(pc.health)
+        names = {pc.name for pc in pool_configs}
         for name in list(self.checkers):
-            if name not in destinations:
+            if name not in names:
                 self.checkers.pop(name).disownServiceParent()
-        self.checker = self.checkers.get(pools[0].name)
-
-        router: Optional[Router[Destination]] = None
-        if config.routes:
-            router = Router(
-                [
-                    Route(
-                        destinations[r.pool],
-                        r.pool,
-                        host=r.host,
-                        path_prefix=r.path_prefix,
-                        methods=r.methods,
-                        header=r.header,
-                        strip_prefix=r.strip_prefix,
-                    )
-                    for r in config.routes
-                ]
-            )
-        self.proxy.set_routes(router, destinations[pools[0].name], destinations)
-
-        # Upstream settings that differ by pool: idle connections per node
-        # (the largest of its pools'), and the response timeout sweep runs
-        # often enough for the shortest timeout.
-        caps: dict[str, int] = {}
-        for pc in pool_configs:
-            for spec in pc.nodes:
-                caps[spec.key] = max(caps.get(spec.key, 0), pc.max_idle_per_node)
-        self.upstream.idle_caps = {
-            key: cap for key, cap in caps.items() if cap != config.max_idle_per_node
-        }
-        self.upstream.timeout = min(pc.timeout for pc in pool_configs)
-        in_use = {n.key for n in self.pools.nodes}
-        for node in removed:
-            if node.key not in in_use:
-                self.upstream.drop_node(node.key)
-        self._retire(removed)
-        # New nodes or higher limits may have room for queued requests.
-        for dest in destinations.values():
-            dest.queue.dispatch()
+        self.checker = self.checkers.get(pool_configs[0].name)
 
     def _pool_configs(self, config: Config) -> tuple[PoolConfig, ...]:
         """
@@ -493,42 +321,20 @@ class BalancerService(MultiService):
         """
         pool_configs = self._pool_configs(self.config)
         try:
-            state = self.tls.nodes.prepare(_unique_nodes(pool_configs))
+            self.traffic.apply(self.config, pool_configs, False)
         except ConfigError as e:
             # A node TLS file went bad since the last reload: keep running.
             self.log.error("nodes from DNS not applied: {error}", error=str(e))
             return
-        for key in self.tls.nodes.commit(state):
-            self.upstream.drop_node(key)
         # Probes start for the nodes that came and stop for those that went.
-        self._apply_pools(self.config, pool_configs)
+        self._check(pool_configs)
         self.notify.send_status()
-
-    def _apply_access_log(self, config: Config) -> None:
-        """
-        Start, switch or stop the access log. A running one is reopened,
-        so a reload also follows a log file that logrotate moved away.
-        """
-        access_log = self.access_log
-        if config.access_log is None:
-            if access_log is not None:
-                self.access_log = self.metrics.access_log = None
-                access_log.disownServiceParent()
-        elif access_log is None:
-            access_log = AccessLog(config.access_log, config.access_log_format, self.reactor)
-            self.access_log = self.metrics.access_log = access_log
-            access_log.setServiceParent(self)
-        else:
-            access_log.reopen(config.access_log, config.access_log_format)
-        # Requests are counted only when something reads the counts.
-        observed = self.access_log is not None or self.admin_listener is not None
-        self.site.access_log = self.metrics.record if observed else None
 
     # -- reload -------------------------------------------------------------
 
     def reload(self) -> bool:
         """
-        Re-read the configuration (the C{--config} file with the same
+        Load the configuration again (the C{--config} file with the same
         command-line overrides) and apply it. A configuration that fails
         validation is rejected with one log line and the running one stays.
 
@@ -539,9 +345,9 @@ class BalancerService(MultiService):
             return False
         self.notify.reloading()
         try:
-            if self.options is None:
+            if self.load_config is None:
                 raise ConfigError("no command line to reload from")
-            config = self.options.load()
+            config = self.load_config()
         except ConfigError as e:
             self.log.error(
                 "reload rejected: {error}; keeping the running configuration", error=str(e)
@@ -565,7 +371,7 @@ class BalancerService(MultiService):
             config = dataclasses.replace(config, workers=self.config.workers)
         before = {n.label for n in self.pools.nodes}
         try:
-            self.apply(config)
+            applied = self.apply(config)
         except Exception:
             self.log.failure("reload failed while applying the new configuration")
             self.notify.note = "last reload failed, see the log"
@@ -581,8 +387,10 @@ class BalancerService(MultiService):
             removed=len(before - after),
         )
         self.notify.note = ""
-        self.applied_everywhere().addBoth(lambda _: self.notify.reloaded())
+        applied.addBoth(lambda _: self.notify.reloaded())
         return True
+
+    # -- signals ----------------------------------------------------------------
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
@@ -632,55 +440,18 @@ class BalancerService(MultiService):
             "received {signal} while draining {connections} connections;"
             " still waiting (SIGKILL stops at once)",
             signal=signal.Signals(signum).name,
-            connections=len(self.site.channels),
+            connections=self.metrics.connections(),
         )
-
-    def _retire(self, removed: list[Node]) -> None:
-        """
-        Keep track of removed nodes until their in-flight requests are done,
-        then close the connections those requests gave back to the pool.
-        """
-        for node in removed:
-            if node.in_flight > 0:
-                self.log.info(
-                    "node {node} removed; {count} requests in flight will finish",
-                    node=node.url,
-                    count=node.in_flight,
-                )
-                self.retired.append(node)
-            else:
-                self.log.info("node {node} removed", node=node.url)
-        if self.retired and self._retired_call is None:
-            self._retired_call = self.reactor.callLater(RETIRED_POLL, self._sweep_retired)
-
-    def _sweep_retired(self) -> None:
-        self._retired_call = None
-        remaining = []
-        for node in self.retired:
-            if node.in_flight > 0:
-                remaining.append(node)
-            elif not any(pool.get(node.key) is not None for pool in self.pools):
-                self.upstream.drop_node(node.key)
-                self.log.info("node {node} removed; its last request finished", node=node.url)
-        self.retired = remaining
-        if remaining:
-            self._retired_call = self.reactor.callLater(RETIRED_POLL, self._sweep_retired)
 
     # -- start and stop -------------------------------------------------------
 
-    def in_flight(self) -> int:
+    def readiness(self) -> list[defer.Deferred[Any]]:
         """
-        Requests being forwarded now, including those of removed nodes.
+        What has to happen before systemd is told C{READY=1}: the traffic
+        served and the admin endpoint bound.
         """
-        return sum(n.in_flight for n in self.pools.nodes) + sum(n.in_flight for n in self.retired)
-
-    def _listening(self, service: Any = None) -> Iterator[defer.Deferred[Any]]:
-        for child in service if service is not None else self:
-            if isinstance(child, StreamServerEndpointService):
-                if child._waitingForPort is not None:
-                    yield child._waitingForPort
-            elif isinstance(child, MultiService):
-                yield from self._listening(child)
+        admin = self.admin_listener.listening() if self.admin_listener is not None else []
+        return self.traffic.ready() + admin
 
     def startService(self) -> None:
         self.stopping = False
@@ -697,8 +468,8 @@ class BalancerService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Stop accepting, let in-flight requests finish (up to the drain
-        timeout), then stop everything and close the upstream connections.
+        Stop the traffic side (it stops accepting and lets in-flight
+        requests finish, up to the drain timeout), then everything else.
         """
         if self._stopping_d is not None:
             # Already stopping (say SIGTERM, then SIGINT): wait for that one.
@@ -713,55 +484,29 @@ class BalancerService(MultiService):
         self.stopping = True
         self._restore_signals()
         self._hold_signals()
-        timeout = self.config.drain_timeout
-        self.notify.stopping(
-            f"stopping: draining {len(self.site.channels)} connections for up to {timeout:g}s"
-        )
-        stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
-        self.site.close_parked()
-        d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
+        self.notify.stopping(self.traffic.stopping_status())
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.traffic.stopService)
         self._stopping_d = d
-        d.addCallback(lambda _: self._drain(timeout))
-        d.addBoth(lambda _: super(BalancerService, self).stopService())
-        d.addBoth(lambda _: self.upstream.close())
+        d.addBoth(lambda _: self._stop_the_rest())
         d.addBoth(self._stopped)
         return d
 
-    def _drain(self, timeout: float) -> defer.Deferred[Any]:
-        self.drain = drain = Drain(self.reactor, self.site, timeout)
-        busy = bool(self.site.channels)
-        if busy:
-            self.log.info(
-                "stopped accepting; waiting up to {timeout}s for {connections} open"
-                " connections ({requests} requests in flight)",
-                timeout=timeout,
-                connections=len(self.site.channels),
-                requests=self.in_flight(),
-            )
-
-        def drained(cut: int) -> None:
-            self.drain = None
-            if cut:
-                self.log.warn(
-                    "drain timeout: closed {cut} connections still busy after {timeout}s",
-                    cut=cut,
-                    timeout=timeout,
-                )
-            elif busy:
-                self.log.info(
-                    "drained: every connection finished in {elapsed:.2f}s",
-                    elapsed=drain.elapsed,
-                )
-
-        return drain.start().addCallback(drained)
+    def _stop_the_rest(self) -> defer.Deferred[Any]:
+        """
+        Stop every child but the traffic side (stopped already), the last
+        started first, as L{MultiService} does.
+        """
+        Service.stopService(self)
+        stops = [
+            defer.maybeDeferred(child.stopService)
+            for child in reversed(list(self))
+            if child is not self.traffic
+        ]
+        return defer.DeferredList(stops)
 
     def _stopped(self, result: Any) -> None:
         self._stopping_d = None
         self._release_signals()
-        if self._retired_call is not None and self._retired_call.active():
-            self._retired_call.cancel()
-        self._retired_call = None
-        self.retired = []
         # twistd re-raises SIGTERM/SIGINT on itself after the reactor stops,
         # so the process would die "killed by SIGTERM". A drained shutdown is
         # a clean exit: exit 0 instead.

@@ -2,14 +2,16 @@
 """
 The twistd plugin: its options, built from the table of L{rrlb.settings},
 and L{makeService}, the only place that picks the real reactor and the
-process's environment and hands them to the service tree
-(L{rrlb.service.BalancerService}).
+process's environment and hands them to the service tree that L{compose}
+puts together: the control side (L{rrlb.service}) with a traffic side
+(L{rrlb.traffic}), or with the supervisor of worker processes
+(L{rrlb.workers}).
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -19,13 +21,13 @@ from rrlb import __version__
 from rrlb.accesslog import STDOUT
 from rrlb.channel import raise_fd_limit
 from rrlb.config import Config, ConfigError, build_config, parser, with_admin_token
+from rrlb.failures import LocalErrors
 from rrlb.notify import recover_listen_fds
+from rrlb.pool import Pools
+from rrlb.service import ControlService
 from rrlb.settings import Setting, command_line
 from rrlb.tls import check_tls, listen_endpoint, listen_kind, tls_on_tcp
 from rrlb.values import Parser
-
-if TYPE_CHECKING:
-    from rrlb.service import BalancerService
 
 log = Logger()
 
@@ -240,28 +242,77 @@ def warn_open_proxy_protocol(config: Config) -> None:
         )
 
 
-def makeService(options: Options) -> BalancerService:
+def compose(
+    config: Config,
+    reactor: Any,
+    load_config: Optional[Callable[[], Config]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    pid: int = 0,
+    handle_signals: bool = False,
+) -> ControlService:
     """
-    Build rrlb's service tree from parsed options: with C{--workers} above
-    1, the main process of L{rrlb.workers} (imported only then).
+    rrlb's service tree for C{config}: the control side around a traffic
+    side. In one process that is a L{Traffic}; with C{--workers} above 1,
+    the supervisor of the worker processes (L{rrlb.workers}, imported only
+    then), each of which builds its own L{Traffic}. Both sides share the
+    pools.
+
+    @param load_config: reads the configuration again, for a reload.
+    @param environ: the process environment, for systemd's notifications.
+    @param pid: this process's id, for systemd's watchdog.
+    @param handle_signals: reload on C{SIGHUP} (the real process only).
+    """
+    pools = Pools()
+    if config.workers > 1:
+        from rrlb.workers.main import WorkersTraffic
+        from rrlb.workers.totals import MainAdminSite, WorkersHistory
+
+        return ControlService(
+            config,
+            reactor,
+            pools,
+            WorkersTraffic(config, reactor, pools),
+            load_config,
+            environ,
+            pid,
+            handle_signals,
+            admin_site=MainAdminSite,
+            history=WorkersHistory,
+        )
+    # Only now: the proxy imports twisted.web.proxy, which imports the global
+    # reactor, and parsing the options must not.
+    from rrlb.traffic import Traffic
+
+    # One process: the probes and the requests share one account of rrlb's
+    # own resource errors.
+    local_errors = LocalErrors(reactor)
+    return ControlService(
+        config,
+        reactor,
+        pools,
+        Traffic(config, reactor, pools, local_errors=local_errors),
+        load_config,
+        environ,
+        pid,
+        handle_signals,
+        local_errors=local_errors,
+    )
+
+
+def makeService(options: Options) -> ControlService:
+    """
+    Build rrlb's service tree from parsed options, with the real reactor
+    and this process's environment.
     """
     from twisted.internet import reactor
 
-    from rrlb.service import BalancerService
-
     raise_fd_limit(options.config.max_connections)
     warn_open_proxy_protocol(options.config)
-    if options.config.workers > 1:
-        from rrlb.workers import MainService
-
-        return MainService(
-            options.config,
-            reactor,
-            options,
-            environ=os.environ,
-            pid=os.getpid(),
-            handle_signals=True,
-        )
-    return BalancerService(
-        options.config, reactor, options, environ=os.environ, pid=os.getpid(), handle_signals=True
+    return compose(
+        options.config,
+        reactor,
+        options.load,
+        environ=os.environ,
+        pid=os.getpid(),
+        handle_signals=True,
     )

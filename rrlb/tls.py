@@ -853,8 +853,8 @@ def _tls_endpoint(
 @dataclass
 class BalancerTLS:
     """
-    All of rrlb's TLS in one place, for L{rrlb.service.BalancerService}: the node
-    creators and the listeners whose certificates it reloads.
+    All of a traffic side's TLS in one place (L{rrlb.traffic.Traffic}): the
+    node creators and the listeners whose certificates it reloads.
     """
 
     nodes: NodeTLSClients = dataclasses.field(default_factory=NodeTLSClients)

@@ -54,8 +54,8 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from rrlb.config import Config
-from rrlb.service import BalancerService
-from rrlb.tap import Options, makeService
+from rrlb.service import ControlService
+from rrlb.tap import Options, compose, makeService
 
 # Bounded waits: long enough for a loaded CI machine, short enough that a
 # hang fails the test well before trial's own two-minute timeout.
@@ -365,13 +365,13 @@ class Balancer:
     """
     A running rrlb service tree.
 
-    @ivar service: the L{BalancerService} (its C{pool}, C{checker}, C{proxy},
-        C{upstream}, C{site} are the real ones).
+    @ivar service: the L{ControlService} (its C{pool}, C{checker}, and its
+        C{traffic}'s C{proxy}, C{upstream}, C{site} are the real ones).
     @ivar port: the port its (first) listener got.
     @ivar url: C{http://127.0.0.1:<port>}, without a trailing slash.
     """
 
-    service: BalancerService
+    service: ControlService
     port: int
     url: str
     _tracker: _ConnectionTracker = field(repr=False)
@@ -436,10 +436,10 @@ async def start_balancer(
             argv = ["--nodes", ",".join(nodes)] + argv
         service = makeService(balancer_options(*argv))
     else:
-        service = BalancerService(config, _reactor)
-    tracker = track_connections(service.site)
+        service = compose(config, _reactor)
+    tracker = track_connections(service.traffic.site)
     service.startService()
-    port = (await _listening_port(service.listeners[0])).getHost().port
+    port = (await _listening_port(service.traffic.listeners[0])).getHost().port
     balancer = Balancer(service, port, f"http://{LOOPBACK}:{port}", tracker)
     if testcase is not None:
         testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(balancer.stop()))

@@ -370,7 +370,7 @@ class AccessLogOverLoopbackTests(unittest.TestCase):
         await wait_until(lambda: node.in_flight == 1, what="the request to reach the node")
         await client.close()
         await wait_until(lambda: node.in_flight == 0, what="the request to end")
-        balancer.service.access_log.flush()
+        balancer.service.traffic.access_log.flush()
         (record,) = [json.loads(line) for line in _read(path)]
         self.assertEqual(record["status"], 499)
         self.assertEqual(record["uri"], "/slow")
@@ -415,8 +415,8 @@ class AccessLogOptionsTests(unittest.TestCase):
         Without --access-log (or --admin) nothing is recorded per request.
         """
         service = makeService(balancer_options("--nodes", "http://127.0.0.1:9"))
-        self.assertIsNone(service.access_log)
-        self.assertIsNone(service.site.access_log)
+        self.assertIsNone(service.traffic.access_log)
+        self.assertIsNone(service.traffic.site.access_log)
 
     def test_yaml(self) -> None:
         """
@@ -429,9 +429,9 @@ class AccessLogOptionsTests(unittest.TestCase):
                 f"nodes: [http://127.0.0.1:9]\naccess_log: {log_path}\naccess_log_format: json\n"
             )
         service = makeService(balancer_options("--config", config))
-        assert service.access_log is not None
-        self.assertEqual(service.access_log.path, log_path)
-        self.assertEqual(service.access_log.format, "json")
+        assert service.traffic.access_log is not None
+        self.assertEqual(service.traffic.access_log.path, log_path)
+        self.assertEqual(service.traffic.access_log.format, "json")
 
 
 class CutResponseTests(unittest.TestCase):
@@ -498,8 +498,8 @@ class AccessLogReloadTests(unittest.TestCase):
         )
         await http_request(self, "GET", balancer.url + "/two")
         service.apply(dataclasses.replace(service.config, access_log=None))
-        self.assertIsNone(service.access_log)
-        self.assertIsNone(service.site.access_log)
+        self.assertIsNone(service.traffic.access_log)
+        self.assertIsNone(service.traffic.site.access_log)
         await http_request(self, "GET", balancer.url + "/three")
         await balancer.stop()
         (line,) = _read(first)

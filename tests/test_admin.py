@@ -550,7 +550,7 @@ class AdminOptionsTests(unittest.TestCase):
         backends = await start_backends(self, "a")
         balancer = await start_balancer(self, [backends[0].url], "--health-path", "/health")
         self.assertIsNone(balancer.service.admin_listener)
-        self.assertEqual(len(balancer.service.listeners), 1)
+        self.assertEqual(len(balancer.service.traffic.listeners), 1)
 
     async def test_port_in_use(self) -> None:
         """
@@ -566,7 +566,7 @@ class AdminOptionsTests(unittest.TestCase):
         with self.assertRaises(SystemExit) as caught:
             service.privilegedStartService()
         self.assertTrue(str(caught.exception.code).startswith("--admin: cannot listen on"))
-        for listener in service.listeners:
+        for listener in service.traffic.listeners:
             await listener.stopService()
 
 

@@ -1,6 +1,6 @@
 """
 Tests for the drain at shutdown: L{rrlb.drain.Drain} on a L{task.Clock},
-L{rrlb.service.BalancerService.stopService} over real loopback sockets, and a
+L{rrlb.service.ControlService.stopService} over real loopback sockets, and a
 real rrlb process stopped with SIGTERM and SIGINT.
 """
 
@@ -16,8 +16,7 @@ from twisted.web.client import ResponseFailed
 
 from rrlb.config import build_config
 from rrlb.drain import DRAIN_POLL, Drain
-from rrlb.service import BalancerService
-from rrlb.tap import Options
+from rrlb.tap import Options, compose
 from tests.daemon import start_daemon
 from tests.helpers import (
     LOOPBACK,
@@ -256,7 +255,7 @@ class BalancerDrainTests(unittest.TestCase):
         self.assertEqual(parse("--config", path), 7.0)
         self.assertEqual(parse("--config", path, "--drain-timeout", "2.5"), 2.5)
         self.assertEqual(parse("--nodes", "http://127.0.0.1:1"), 30.0)
-        service = BalancerService(
+        service = compose(
             build_config(path, {"listen": (f"tcp:0:interface={LOOPBACK}",)}), reactor
         )
         self.assertEqual(service.config.drain_timeout, 7.0)

@@ -414,7 +414,8 @@ class HugeHeadNodeTests(FaultCase):
             self.assertPlainTextError(result, 502)
             assert result is not None
             self.assertIn(b"too large", result.body)
-        await wait_for(lambda: service.upstream.connection_count == 0, "node connections closed")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "node connections closed")
 
     async def test_complete_in_one_read(self) -> None:
         """

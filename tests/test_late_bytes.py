@@ -366,7 +366,7 @@ class LateBytesTests(WireCase):
         await wait_for(lambda: node.connections and node.connections[0].targets, "A's request")
         b = await self.client(port)
         b.send(get(b"/b"))
-        await wait_for(lambda: service.proxy.queue.waiting, "B in the queue")
+        await wait_for(lambda: service.traffic.proxy.queue.waiting, "B in the queue")
         first = node.connections[0]
         # The answer and the late bytes as two TLS records in one segment.
         first.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")

@@ -28,6 +28,7 @@ from rrlb.channel import (
     CLOSE_TIMEOUT,
     READ_AHEAD,
     ClientLimits,
+    ClientSite,
     connections_that_fit,
     is_trusted,
     raise_fd_limit,
@@ -35,7 +36,6 @@ from rrlb.channel import (
 )
 from rrlb.parser import MAX_REQUEST_LINE
 from rrlb.proxy import ProxyChannel, ProxySite
-from rrlb.service import BalancerService
 from rrlb.settings import DEFAULT_MAX_CONNECTIONS
 from rrlb.values import ConfigError, byte_size, trusted_networks
 from tests.daemon import start_daemon
@@ -641,7 +641,7 @@ class ClientErrorRecordTests(unittest.TestCase):
         self.assertEqual(count("body_too_large"), 1)
         self.assertEqual(count("unknown_coding"), 1)
         self.assertEqual(count("header_timeout"), 0)
-        balancer.service.access_log.flush()
+        balancer.service.traffic.access_log.flush()
         with open(log_path) as f:
             records = [json.loads(line) for line in f]
         self.assertEqual(sorted(r["status"] for r in records), [400, 413, 501])
@@ -700,7 +700,7 @@ class HeaderTimeoutWireTests(unittest.TestCase):
         for client in clients:
             self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received)
         self.assertEqual({r.uri for r in backend.requests}, {b"/ok"})
-        await wait_until(lambda: not balancer.service.site.channels, what="channels to go")
+        await wait_until(lambda: not balancer.service.traffic.site.channels, what="channels to go")
 
 
 class ConnectionCapTests(unittest.TestCase):
@@ -718,7 +718,7 @@ class ConnectionCapTests(unittest.TestCase):
         backend = await start_backend(self, "a")
         logs = LogCapture.install(self)
         balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         clients = [await raw_connect(self, balancer.port) for _ in range(8)]
         await wait_until(lambda: len(site.channels) == 5, what="five accepted")
         await sleep(0.3)
@@ -754,7 +754,7 @@ class ConnectionCapTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         balancer = await start_balancer(self, [backend.url], "--max-connections", "5")
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         clients = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(raw_connect(self, balancer.port)) for _ in range(200)]
         )
@@ -765,6 +765,22 @@ class ConnectionCapTests(unittest.TestCase):
         self.assertTrue(site.paused)
         self.assertLessEqual(len(site.parked), 1)
 
+    def test_streams_take_places_not_connections(self) -> None:
+        """
+        HTTP/2 streams beyond the first of their connection take places
+        under the cap, but are not client connections: what
+        C{rrlb_client_connections} and C{/status} count is unchanged.
+        """
+        site = ClientSite(Resource(), Clock(), ClientLimits(max_connections=3))
+        for _ in range(3):
+            self.assertTrue(site.stream_opened())
+        self.assertEqual((site.open_count, site.taken), (0, 3))
+        self.assertTrue(site.paused)
+        self.assertFalse(site.stream_opened())
+        site.stream_closed()
+        self.assertEqual((site.open_count, site.taken), (0, 2))
+        self.assertFalse(site.paused)
+
     async def test_lower_cap_on_reload(self) -> None:
         """
         Lowering the cap below the open connections stops accepting until
@@ -772,7 +788,7 @@ class ConnectionCapTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         balancer = await start_balancer(self, [backend.url])
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         clients = [await raw_connect(self, balancer.port) for _ in range(3)]
         await wait_until(lambda: len(site.channels) == 3, what="three accepted")
         site.set_limits(ClientLimits(max_connections=2))
@@ -867,7 +883,7 @@ class TrustedProxiesTests(unittest.TestCase):
         )
         reply = await raw_request(self, balancer.port, self.FORWARDED)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
-        balancer.service.access_log.flush()
+        balancer.service.traffic.access_log.flush()
         with open(log_path) as f:
             (record,) = [json.loads(line) for line in f]
         return backend.requests[0], record
@@ -1137,7 +1153,7 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(10000), 500)
         self.assertEqual(connections_that_fit(300), 300)
         config = balancer_options("--nodes", "http://127.0.0.1:9", "--max-connections", "900")
-        self.assertEqual(BalancerService.client_limits(config.config).max_connections, 500)
+        self.assertEqual(ClientLimits.from_config(config.config).max_connections, 500)
 
     def test_default_is_what_fits(self) -> None:
         """
@@ -1153,7 +1169,7 @@ class FileLimitTests(unittest.TestCase):
         self.assertEqual(connections_that_fit(None), 500)
         config = balancer_options("--nodes", "http://127.0.0.1:9").config
         self.assertIsNone(config.max_connections)
-        self.assertEqual(BalancerService.client_limits(config).max_connections, 500)
+        self.assertEqual(ClientLimits.from_config(config).max_connections, 500)
         if hard == resource.RLIM_INFINITY or hard >= 2 * DEFAULT_MAX_CONNECTIONS + 64:
             resource.setrlimit(resource.RLIMIT_NOFILE, (2 * DEFAULT_MAX_CONNECTIONS + 64, hard))
             self.assertEqual(connections_that_fit(None), DEFAULT_MAX_CONNECTIONS)

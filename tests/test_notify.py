@@ -1,7 +1,7 @@
 """
 Tests for L{rrlb.notify}: sd_notify messages to a datagram socket each test
 binds itself, the watchdog on a L{task.Clock}, the messages of a real
-L{BalancerService} in order, and socket activation of a real rrlb process.
+L{rrlb.service.ControlService} in order, and socket activation of a real rrlb process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from rrlb.notify import (
     watchdog_interval,
 )
 from rrlb.pool import Pool
-from rrlb.service import BalancerService
+from rrlb.service import ControlService
+from rrlb.tap import compose
 from tests.daemon import start_daemon
 from tests.helpers import (
     LogCapture,
@@ -314,18 +315,18 @@ class SystemdNotifyTests(unittest.TestCase):
 
 class BalancerNotifyTests(unittest.TestCase):
     """
-    The messages of a real L{BalancerService} on a loopback port.
+    The messages of a real L{ControlService} on a loopback port.
     """
 
-    async def start(self, *args: str) -> tuple[NotifySocket, BalancerService, str]:
+    async def start(self, *args: str) -> tuple[NotifySocket, ControlService, str]:
         listener = NotifySocket(self)
         backend = await start_backend(self, "a")
         config_path = self.mktemp()
         with open(config_path, "w") as f:
             f.write(f"nodes: [{backend.url}]\nhealth: {{path: /health}}\n")
         options = balancer_options("--config", config_path, *args)
-        service = BalancerService(
-            options.config, reactor, options, environ=listener.environ, pid=os.getpid()
+        service = compose(
+            options.config, reactor, options.load, environ=listener.environ, pid=os.getpid()
         )
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
@@ -365,7 +366,7 @@ class BalancerNotifyTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         options = balancer_options("--nodes", backend.url)
-        service = BalancerService(options.config, reactor, options, environ={}, pid=os.getpid())
+        service = compose(options.config, reactor, options.load, environ={}, pid=os.getpid())
         service.startService()
         self.assertFalse(service.notify.enabled)
         self.assertIsNone(service.notify.notifier._socket)

@@ -111,7 +111,7 @@ class QueueTests(OverloadCase):
         held = Held(backend)
         path = write(self, f"nodes:\n  - {{url: '{backend.url}', max_connections: 1}}\n")
         balancer = await start_balancer(self, (), "--config", path)
-        queue = balancer.service.proxy.queue
+        queue = balancer.service.traffic.proxy.queue
         node = self.node(balancer, backend)
         self.assertEqual(node.limit, 1)
         client = await self.client()
@@ -143,7 +143,7 @@ class QueueTests(OverloadCase):
         client = await self.client()
         bodies = [(await client.request("GET", balancer.url + "/")).body for _ in range(3)]
         self.assertEqual(bodies, [b"b"] * 3)
-        self.assertEqual(len(balancer.service.proxy.queue), 0)
+        self.assertEqual(len(balancer.service.traffic.proxy.queue), 0)
 
     async def test_queue_timeout(self) -> None:
         """
@@ -163,7 +163,7 @@ class QueueTests(OverloadCase):
         self.assert503(reply)
         self.assertGreaterEqual(elapsed, 0.3)
         self.assertLess(elapsed, 3.0)
-        queue = balancer.service.proxy.queue
+        queue = balancer.service.traffic.proxy.queue
         self.assertEqual((len(queue), queue.timeouts), (0, 1))
         self.assertEqual([r.uri for r in backend.requests], [b"/slow"])
 
@@ -190,7 +190,7 @@ class QueueTests(OverloadCase):
         backend = await start_backend(self, "a")
         held = Held(backend)
         balancer = await start_balancer(self, [backend.url], "--max-conns-per-node", "1")
-        queue = balancer.service.proxy.queue
+        queue = balancer.service.traffic.proxy.queue
         await self.hold(balancer)
         await wait_until(lambda: self.node(balancer, backend).in_flight == 1, what="a full")
         leaving = await raw_connect(self, balancer.port)
@@ -238,7 +238,7 @@ class QueueTests(OverloadCase):
 
         backend.handler = slow
         balancer = await start_balancer(self, [backend.url], "--max-conns-per-node", "1")
-        queue = balancer.service.proxy.queue
+        queue = balancer.service.traffic.proxy.queue
         node = self.node(balancer, backend)
         clients = []
         for i in range(4):
@@ -286,7 +286,7 @@ class RetryTests(OverloadCase):
         self.assertEqual(reply.code, 502, reply.body)
         self.assertEqual(live.requests, [])
         self.assertEqual(self.errors(balancer, urls), [1, 1, 1])
-        self.assertEqual(balancer.service.proxy.stats.retries, 2)
+        self.assertEqual(balancer.service.traffic.proxy.stats.retries, 2)
 
     async def test_retry_reaches_live_node(self) -> None:
         """
@@ -306,7 +306,7 @@ class RetryTests(OverloadCase):
         reply = await http_request(self, "GET", balancer.url + "/")
         self.assertEqual(reply.code, 502, reply.body)
         self.assertEqual(live.requests, [])
-        self.assertEqual(balancer.service.proxy.stats.retries, 0)
+        self.assertEqual(balancer.service.traffic.proxy.stats.retries, 0)
 
     async def test_budget_spent(self) -> None:
         """
@@ -314,7 +314,7 @@ class RetryTests(OverloadCase):
         allows) a failed GET is not retried: 502, counted as refused.
         """
         balancer, live, urls = await self.dead_and_live(1, "--retry-budget", "0")
-        budget = balancer.service.proxy.budget
+        budget = balancer.service.traffic.proxy.budget
         budget.active = 3
         self.addCleanup(setattr, budget, "active", 0)
         reply = await http_request(self, "GET", balancer.url + "/")
@@ -349,7 +349,7 @@ class VisibilityTests(OverloadCase):
         admin = await admin_url(balancer)
         await self.hold(balancer)
         await self.hold(balancer)
-        await wait_until(lambda: len(balancer.service.proxy.queue) == 1, what="one queued")
+        await wait_until(lambda: len(balancer.service.traffic.proxy.queue) == 1, what="one queued")
         status = json.loads((await http_request(self, "GET", admin + "/status")).body)
         self.assertEqual(status["process"]["queue_length"], 1)
         self.assertEqual(status["process"]["queue_timeouts"], 0)
@@ -382,7 +382,7 @@ class VisibilityTests(OverloadCase):
         self.assertEqual((await client.request("GET", balancer.url + "/")).code, 200)
         # The next one also starts at the dead node; with the budget spent
         # it is not retried.
-        budget = balancer.service.proxy.budget
+        budget = balancer.service.traffic.proxy.budget
         budget.active = 3
         self.addCleanup(setattr, budget, "active", 0)
         self.assertEqual((await client.request("GET", balancer.url + "/")).code, 502)
@@ -429,7 +429,7 @@ class ReloadTests(OverloadCase):
         await wait_until(lambda: node.in_flight == 1, what="a full")
         client = await self.client()
         queued = defer.Deferred.fromCoroutine(client.request("GET", balancer.url + "/queued"))
-        await wait_until(lambda: len(service.proxy.queue) == 1, what="one queued")
+        await wait_until(lambda: len(service.traffic.proxy.queue) == 1, what="one queued")
         with open(path, "w") as f:
             f.write(
                 f"nodes: [{{url: '{backend.url}', max_connections: 2}}]\n"
@@ -437,11 +437,11 @@ class ReloadTests(OverloadCase):
             )
         self.assertTrue(service.reload())
         self.assertEqual(node.limit, 2)
-        self.assertEqual(len(service.proxy.queue), 0)
+        self.assertEqual(len(service.traffic.proxy.queue), 0)
         self.assertEqual(node.in_flight, 2)
-        self.assertEqual(service.proxy.queue.timeout, 1.5)
-        self.assertEqual(service.proxy.settings.retries, 1)
-        self.assertEqual(service.proxy.budget.percent, 50)
+        self.assertEqual(service.traffic.proxy.queue.timeout, 1.5)
+        self.assertEqual(service.traffic.proxy.settings.retries, 1)
+        self.assertEqual(service.traffic.proxy.budget.percent, 50)
         await wait_until(lambda: len(held.requests) == 2, what="the queued one to reach a")
         held.release()
         held.release()

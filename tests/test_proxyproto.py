@@ -30,6 +30,7 @@ from twisted.web import server
 
 from rrlb.channel import ClientLimits, ClientSite
 from rrlb.config import ConfigError, parse_nodes
+from rrlb.listeners import with_default_backlog
 from rrlb.proxyproto import (
     PROXY_HEADER_TIMEOUT,
     V2_SIGNATURE,
@@ -37,7 +38,6 @@ from rrlb.proxyproto import (
     local_header,
     proxy_header,
 )
-from rrlb.service import with_default_backlog
 from rrlb.settings import ListenTLS
 from rrlb.tap import warn_open_proxy_protocol
 from rrlb.tls import listen_endpoint
@@ -593,7 +593,7 @@ class WaitingForHeaderTests(unittest.TestCase):
         # every chance to accept the others.
         clients[0].send(V1_IN)
         self.assertEqual(await get(clients[0]), b"a")
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         self.assertEqual(site.open_count, 5)
         self.assertTrue(site.paused)
         self.assertLessEqual(accepted_on(balancer.port), 5)
@@ -632,7 +632,7 @@ class WaitingForHeaderTests(unittest.TestCase):
         """
         backend = await start_backend(self, "a")
         balancer = await start_balancer(self, [backend.url], "--listen", HAPROXY_LISTEN)
-        site = balancer.service.site
+        site = balancer.service.traffic.site
         silent = await raw_connect(self, balancer.port)
         await wait_until(lambda: site.waiting, what="the connection accepted")
         await balancer.stop()
@@ -844,7 +844,7 @@ class SendTests(unittest.TestCase):
         self.assertEqual(b1, b2)
         self.assertNotEqual(a1, a2)
         self.assertEqual(len(node.traffic), 3)
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 1)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 1)
 
     async def test_v2_through_twisted_haproxy_node(self) -> None:
         """
@@ -915,10 +915,10 @@ class SendTests(unittest.TestCase):
         balancer = await start_balancer(self, (), "--config", path, "--health-interval", "30")
         client = await raw_connect(self, balancer.port)
         first = await get(client)
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 1)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 1)
         write("v2")
         self.assertTrue(balancer.service.reload())
-        self.assertEqual(balancer.service.upstream.idle_count(node.url), 0)
+        self.assertEqual(balancer.service.traffic.upstream.idle_count(node.url), 0)
         second = await get(client)
         self.assertNotEqual(first, second)
         self.assertEqual(node.connections[int(second)].header[:2], ("v2", "PROXY"))

@@ -1,5 +1,5 @@
 """
-Tests for live reload: L{rrlb.service.BalancerService.reload} re-reads the
+Tests for live reload: L{rrlb.service.ControlService.reload} re-reads the
 C{--config} file and applies it to a running balancer over real loopback
 sockets, without failing a request; a bad file is kept out; C{SIGHUP}
 triggers it.
@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from rrlb.service import BalancerService
-from rrlb.tap import Options
+from rrlb.service import ControlService
+from rrlb.tap import Options, compose
 from tests.helpers import (
     LOOPBACK,
     Balancer,
@@ -46,7 +46,7 @@ class ReloadTests(unittest.TestCase):
 
     async def start(
         self, nodes: Sequence[str], *args: str, extra: str = ""
-    ) -> tuple[str, Balancer, BalancerService]:
+    ) -> tuple[str, Balancer, ControlService]:
         path = self.mktemp()
         write_config(path, nodes, extra)
         balancer = await start_balancer(self, (), "--config", path, *args)
@@ -66,7 +66,7 @@ class ReloadTests(unittest.TestCase):
         node_b = service.pool.get(b.url)
         assert node_b is not None
         requests_b = node_b.requests
-        idle_b = service.upstream.idle_count(b.url)
+        idle_b = service.traffic.upstream.idle_count(b.url)
         self.assertGreater(idle_b, 0)
 
         write_config(path, [b.url, c.url])
@@ -75,8 +75,8 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual([n.key for n in service.pool.nodes], [b.url, c.url])
         self.assertIs(service.pool.get(b.url), node_b)
         self.assertEqual(node_b.requests, requests_b)
-        self.assertEqual(service.upstream.idle_count(b.url), idle_b)
-        self.assertEqual(service.upstream.idle_count(a.url), 0)
+        self.assertEqual(service.traffic.upstream.idle_count(b.url), idle_b)
+        self.assertEqual(service.traffic.upstream.idle_count(a.url), 0)
         seen = {(await client.request("GET", balancer.url + "/")).body for _ in range(4)}
         self.assertEqual(seen, {b"b", b"c"})
         self.assertEqual([n.key for n in service.checker.pool.nodes], [b.url, c.url])
@@ -96,15 +96,15 @@ class ReloadTests(unittest.TestCase):
 
         write_config(path, [b.url])
         self.assertTrue(service.reload())
-        self.assertEqual([n.url for n in service.retired], [a.url])
+        self.assertEqual([n.url for n in service.traffic.retired], [a.url])
         fast = await http_request(self, "GET", balancer.url + "/fast")
         self.assertEqual(fast.body, b"b")
 
         reply = await slow
         self.assertEqual((reply.code, reply.body), (200, b"a"))
         self.assertEqual([r.uri for r in a.requests], [b"/slow"])
-        await wait_until(lambda: not service.retired, what="a to be forgotten")
-        self.assertEqual(service.upstream.idle_count(a.url), 0)
+        await wait_until(lambda: not service.traffic.retired, what="a to be forgotten")
+        self.assertEqual(service.traffic.upstream.idle_count(a.url), 0)
 
     async def test_reload_under_load(self) -> None:
         """
@@ -143,7 +143,7 @@ class ReloadTests(unittest.TestCase):
         failed = [r for r in replies if r[0] != 200]
         self.assertEqual(failed, [])
         self.assertEqual({body for _, body in replies}, {b"a", b"b", b"c"})
-        self.assertEqual(service.upstream.timeout, 19.0)
+        self.assertEqual(service.traffic.upstream.timeout, 19.0)
 
     async def test_health_and_timeouts(self) -> None:
         """
@@ -172,10 +172,10 @@ class ReloadTests(unittest.TestCase):
         health = service.checker.health
         self.assertEqual((health.interval, health.timeout), (0.2, 0.5))
         self.assertEqual((service.pool.rise, service.pool.fall), (3, 2))
-        self.assertEqual(service.upstream.timeout, 4.0)
-        self.assertEqual(service.upstream.connect_timeout, 1.5)
-        self.assertEqual(service.upstream.max_idle_per_node, 3)
-        self.assertEqual(service.upstream.max_headers, 50)
+        self.assertEqual(service.traffic.upstream.timeout, 4.0)
+        self.assertEqual(service.traffic.upstream.connect_timeout, 1.5)
+        self.assertEqual(service.traffic.upstream.max_idle_per_node, 3)
+        self.assertEqual(service.traffic.upstream.max_headers, 50)
         self.assertEqual(service.config.timeout, 4.0)
         reply = await http_request(self, "GET", balancer.url + "/")
         self.assertEqual(reply.body, b"a")
@@ -205,7 +205,7 @@ class ReloadTests(unittest.TestCase):
         options.parseOptions(["--config", path, "--drain-timeout", "2"])
         balancer = await start_balancer(self, config=options.config)
         service = balancer.service
-        service.options = options
+        service.load_config = options.load
         logs = LogCapture.install(self)
         write_config(path, [b.url], "listen: [tcp:0:interface=127.0.0.2]\n")
         self.assertTrue(service.reload())
@@ -334,7 +334,7 @@ class SignalTests(unittest.TestCase):
 
     async def test_not_installed_by_default(self) -> None:
         """
-        A L{BalancerService} built directly (as in tests) leaves SIGHUP alone.
+        A service tree built directly (as in tests) leaves SIGHUP alone.
         """
         previous = signal.getsignal(signal.SIGHUP)
         (a,) = await start_backends(self, "a")
@@ -342,7 +342,7 @@ class SignalTests(unittest.TestCase):
         options.parseOptions(
             ["--nodes", a.url, "--listen", f"tcp:0:interface={LOOPBACK}", "--drain-timeout", "1"]
         )
-        service = BalancerService(options.config, reactor, options)
+        service = compose(options.config, reactor, options.load)
         service.startService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
         await service.stopService()

@@ -426,7 +426,7 @@ class PoolUpstreamSettingsTests(RoutingCase):
         reply = await self.get("/other", host=b"site.example")
         self.assertEqual((reply.code, reply.body), (200, b"patient"))
         self.assertEqual(patient.requests[-1].header(b"Host"), b"site.example")
-        upstream = self.balancer.service.upstream
+        upstream = self.balancer.service.traffic.upstream
         self.assertEqual(upstream.idle_caps, {patient.url: 0})
         self.assertEqual(upstream.idle_count(patient.url), 0)
         pools = self.balancer.service.pools.by_name

@@ -245,7 +245,7 @@ class StreamedBodyTests(WireCase):
         self.assertLess(sent, total // 2)
         # What rrlb keeps in user space for the upload: the upstream
         # connection's write buffer and the client's unread nothing.
-        (upstream,) = service.upstream._connections
+        (upstream,) = service.traffic.upstream._connections
         buffered = len(upstream.transport.dataBuffer) + upstream.transport._tempDataLen
         self.assertLess(buffered, 1 << 20)
         node.connections[0].transport.resumeProducing()
@@ -298,7 +298,7 @@ class ExpectContinueQueueTests(WireCase):
         await wait_for(lambda: node.connections and node.connections[0].head)
         second = await self.client(port)
         second.send(upload_head(5, b"/e", b"Expect: 100-continue"))
-        await wait_for(lambda: len(service.proxy.queue) == 1, "the upload to queue")
+        await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
         await sleep(0.2)
         self.assertEqual(bytes(second.data), b"")
         node.on_data = answer_when_complete(5)
@@ -466,7 +466,7 @@ class StreamedLimitTests(WireCase):
         second.send(upload_head(total))
         producer = BulkProducer(second.transport, block, total)
         producer.start()
-        await wait_for(lambda: len(service.proxy.queue) == 1, "the upload to queue")
+        await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
         await wait_for(lambda: producer.pauses, "the queued client to be held back")
         await sleep(0.3)
         sent = producer.sent

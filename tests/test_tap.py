@@ -26,7 +26,8 @@ import twisted
 from rrlb import tap
 from rrlb.health import HealthChecker
 from rrlb.pool import Pool
-from rrlb.service import BalancerService
+from rrlb.service import ControlService
+from rrlb.traffic import Traffic
 
 from .helpers import (
     LOOPBACK,
@@ -124,7 +125,9 @@ class PluginTests(unittest.TestCase):
             ]
         )
         service = maker.makeService(options)
-        self.assertIsInstance(service, BalancerService)
+        self.assertIsInstance(service, ControlService)
+        self.assertIsInstance(service.traffic, Traffic)
+        self.assertIn(service.traffic, list(service))
         self.assertFalse(service.running)
         self.assertIsInstance(service.pool, Pool)
         self.assertEqual(
@@ -138,14 +141,14 @@ class PluginTests(unittest.TestCase):
             (service.checker.health.path, service.checker.health.interval), ("/hz", 3.0)
         )
         self.assertEqual(service.checker.health.timeout, 1.0)
-        self.assertEqual(len(service.listeners), 2)
-        for listener in service.listeners:
+        self.assertEqual(len(service.traffic.listeners), 2)
+        for listener in service.traffic.listeners:
             self.assertIsInstance(listener, StreamServerEndpointService)
-            self.assertIn(listener, list(service))
-            self.assertIs(listener.factory, service.site)
-        self.assertEqual(service.upstream.timeout, 9.0)
-        self.assertIs(service.site.resource, service.proxy)
-        self.assertIs(service.proxy.pool, service.pool)
+            self.assertIn(listener, list(service.traffic))
+            self.assertIs(listener.factory, service.traffic.site)
+        self.assertEqual(service.traffic.upstream.timeout, 9.0)
+        self.assertIs(service.traffic.site.resource, service.traffic.proxy)
+        self.assertIs(service.traffic.proxy.pool, service.pool)
 
     def test_default_listener(self) -> None:
         """
@@ -155,7 +158,7 @@ class PluginTests(unittest.TestCase):
         options.parseOptions(["--nodes", "http://127.0.0.1:9001"])
         service = tap.makeService(options)
         self.assertEqual(service.config.listen, ("tcp:8080",))
-        self.assertEqual(len(service.listeners), 1)
+        self.assertEqual(len(service.traffic.listeners), 1)
 
     async def test_serves(self) -> None:
         """

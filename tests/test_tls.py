@@ -688,10 +688,10 @@ class NodeTLSTests(TLSCase):
         balancer = await self.balancer_for(url, node_tls={"ca_file": self.ca_file})
         service = balancer.service
         node = service.pool.nodes[0]
-        creator = service.tls.nodes(node)
-        self.assertIs(service.tls.nodes(node), creator)
+        creator = service.traffic.tls.nodes(node)
+        self.assertIs(service.traffic.tls.nodes(node), creator)
         self.assertIs(
-            service.tls.nodes.policy.creatorForNetloc(
+            service.traffic.tls.nodes.policy.creatorForNetloc(
                 LOOPBACK.encode("ascii"), backend.port_number
             ),
             creator,
@@ -699,7 +699,7 @@ class NodeTLSTests(TLSCase):
         for _ in range(3):
             code, _, _ = await https_or_http_get(self, balancer.url + "/")
             self.assertEqual(code, 200)
-        self.assertIs(service.tls.nodes(node), creator)
+        self.assertIs(service.traffic.tls.nodes(node), creator)
 
     def test_context_shared_by_settings(self) -> None:
         """
@@ -737,8 +737,8 @@ class NodeTLSTests(TLSCase):
         self.assertEqual(code, 502)
         self.write("ca.pem", self.certs.ca.cert_pem + self.certs.other_ca.cert_pem)
         service = balancer.service
-        assert service.options is not None
-        service.apply(service.options.load())
+        assert service.load_config is not None
+        service.apply(service.load_config())
         code, body, _ = await https_or_http_get(self, balancer.url + "/")
         self.assertEqual((code, body), (200, b"node"))
 
@@ -941,8 +941,8 @@ class ListenerTLSTests(TLSCase):
         renewed = issue(self.certs.ca, names=["a.test"], ips=[LOOPBACK])
         self.write_pair("site", renewed)
         service = balancer.service
-        assert service.options is not None
-        service.apply(service.options.load())
+        assert service.load_config is not None
+        service.apply(service.load_config())
         served, _, response = await in_thread(balancer.port, ca, "a.test")
         self.assertEqual(served.serial_number, renewed.cert.serial_number)
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "))
@@ -963,8 +963,8 @@ class ListenerTLSTests(TLSCase):
         renewed = issue(self.certs.ca, names=["a.test"], ips=[LOOPBACK])
         self.write_pair("site", renewed)
         service = balancer.service
-        assert service.options is not None
-        service.apply(service.options.load())
+        assert service.load_config is not None
+        service.apply(service.load_config())
         served, _, _ = await in_thread(balancer.port, self.ca_file)
         self.assertEqual(served.serial_number, renewed.cert.serial_number)
 
@@ -976,10 +976,10 @@ class ListenerTLSTests(TLSCase):
         backend = await self.plain_backend()
         balancer, cert, key = await self.site_a_balancer(backend, "ssl:0:interface=127.0.0.1")
         service = balancer.service
-        assert service.options is not None
-        config = service.options.load()
+        assert service.load_config is not None
+        config = service.load_config()
         self.write("site.crt", b"half a certificate")
-        self.assertRaises(ConfigError, service.options.load)
+        self.assertRaises(ConfigError, service.load_config)
         self.assertRaises(ConfigError, service.apply, config)
         served, _, _ = await in_thread(balancer.port, self.ca_file)
         self.assertEqual(served.serial_number, self.certs.site_a.cert.serial_number)
@@ -1006,7 +1006,7 @@ class ListenerTLSTests(TLSCase):
             "/health",
         )
         service = makeService(options)
-        tracker = track_connections(service.site)
+        tracker = track_connections(service.traffic.site)
         service.startService()
         port = await _first_port(service)
         balancer = Balancer(service, port, f"https://{LOOPBACK}:{port}", tracker)
@@ -1025,5 +1025,5 @@ def _first_port(service: Any) -> defer.Deferred[int]:
         d.callback(port.getHost().port)
         return port
 
-    service.listeners[0]._waitingForPort.addCallback(got)
+    service.traffic.listeners[0]._waitingForPort.addCallback(got)
     return d

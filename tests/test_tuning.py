@@ -10,8 +10,8 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from rrlb.listeners import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.nodeconn import UpstreamProtocol
-from rrlb.service import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool
 from tests.test_wire import (
     BackendConnection,
@@ -179,7 +179,7 @@ class StalledClientTests(WireCase):
 
         backend = await self.backend(handler)
         service, port = await self.balancer([backend.url], "--timeout", "0.2")
-        service.upstream.send_timeout = 0.5
+        service.traffic.upstream.send_timeout = 0.5
         client = await self.client(port)
 
         def on_data(c: RawClient) -> None:
@@ -213,8 +213,8 @@ class StalledClientTests(WireCase):
 
         backend = await self.backend(handler)
         service, port = await self.balancer([backend.url], "--timeout", "0.2")
-        service.upstream.send_timeout = 0.5
-        service.site.close_timeout = 0.5
+        service.traffic.upstream.send_timeout = 0.5
+        service.traffic.site.close_timeout = 0.5
         client = await self.client(port)
 
         def on_data(c: RawClient) -> None:
@@ -224,7 +224,7 @@ class StalledClientTests(WireCase):
         client.on_data = on_data
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
-        await wait_for(lambda: not service.site.channels, "rrlb to cut the client off")
+        await wait_for(lambda: not service.traffic.site.channels, "rrlb to cut the client off")
         self.assertFalse(backend.open_connections)
 
 

@@ -134,7 +134,7 @@ class ChannelTests(unittest.TestCase):
 
 class EndpointServiceTests(unittest.TestCase):
     """
-    StreamServerEndpointService's private state that rrlb.service uses.
+    StreamServerEndpointService's private state that rrlb.listeners uses.
     """
 
     def test_waiting_for_port(self) -> None:

@@ -69,7 +69,7 @@ class ConnectionReuseTests(WireCase):
             self.assertEqual(result.code, 200)
         self.assertEqual(len(backend.requests), 40)
         self.assertEqual(len(backend.connections), 1)
-        self.assertEqual(service.upstream.new_connections, 1)
+        self.assertEqual(service.traffic.upstream.new_connections, 1)
 
     async def test_reuse_after_streamed_request_body(self) -> None:
         """
@@ -108,7 +108,7 @@ class ConnectionReuseTests(WireCase):
         result = await self.exchange(port, get(b"/one"))
         assert result is not None
         self.assertEqual(result.code, 200)
-        await wait_for(lambda: service.upstream.idle_count(key) == 0, "the pool to drop it")
+        await wait_for(lambda: service.traffic.upstream.idle_count(key) == 0, "the pool to drop it")
         result = await self.exchange(port, post(b"/two", b"data"))
         assert result is not None
         self.assertEqual(result.code, 200)
@@ -201,8 +201,8 @@ class ConnectionReuseTests(WireCase):
             self.assertEqual(result.code, 200)
         key = service.pool.nodes[0].key
         await wait_for(lambda: len(backend.open_connections) == 2, "three connections to close")
-        self.assertEqual(service.upstream.idle_count(key), 2)
-        self.assertEqual(service.upstream.connection_count, 2)
+        self.assertEqual(service.traffic.upstream.idle_count(key), 2)
+        self.assertEqual(service.traffic.upstream.connection_count, 2)
 
     async def test_no_idle_connections(self) -> None:
         """
@@ -217,7 +217,7 @@ class ConnectionReuseTests(WireCase):
             self.assertEqual(result.code, 200)
         self.assertEqual(len(backend.connections), 3)
         await wait_for(lambda: not backend.open_connections, "every connection to close")
-        self.assertEqual(service.upstream.connection_count, 0)
+        self.assertEqual(service.traffic.upstream.connection_count, 0)
 
 
 class IdleCapSettingTests(unittest.TestCase):
@@ -330,7 +330,7 @@ class BackpressureTests(WireCase):
         await sleep(0.2)
         self.assertEqual(producer.sent, sent)
         # rrlb is not reading from the node...
-        upstream = [p for p in service.upstream._connections]
+        upstream = [p for p in service.traffic.upstream._connections]
         self.assertEqual(len(upstream), 1)
         self.assertNotIn(upstream[0].transport, reactor.getReaders())
         # ...and holds little for the client.
@@ -434,7 +434,7 @@ class BackpressureTests(WireCase):
         received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
-        (upstream,) = service.upstream._connections
+        (upstream,) = service.traffic.upstream._connections
         # What the timeout sweep does to an exchange that made no progress.
         upstream.exchange.timed_out()
         client.transport.resumeProducing()
@@ -463,10 +463,11 @@ class BackpressureTests(WireCase):
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
         client.transport.abortConnection()
         await wait_for(lambda: backend.connections[0].closed, "the node connection to close")
-        await wait_for(lambda: service.upstream.connection_count == 0, "no upstream connection")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "no upstream connection")
         node = service.pool.nodes[0]
         self.assertEqual(node.in_flight, 0)
-        self.assertEqual(service.upstream.idle_count(node.key), 0)
+        self.assertEqual(service.traffic.upstream.idle_count(node.key), 0)
 
 
 class _Exchange:
@@ -533,7 +534,7 @@ class UpstreamUnitTests(unittest.TestCase):
         for argv, expected in (([], 5.0), (["--connect-timeout", "0.25"], 0.25)):
             options = Options()
             options.parseOptions(["--nodes", "http://127.0.0.1:1", *argv])
-            self.assertEqual(makeService(options).upstream.connect_timeout, expected)
+            self.assertEqual(makeService(options).traffic.upstream.connect_timeout, expected)
 
     def test_released_connection_is_reading(self) -> None:
         """

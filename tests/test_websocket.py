@@ -194,8 +194,9 @@ class TunnelTests(WebSocketCase):
         await wait_for(lambda: node.closes, "the node to see the close")
         self.assertEqual(node.closes[0], (True, 4001, "bye now"))
         await wait_for(lambda: service.pool.nodes[0].in_flight == 0, "the tunnel to end")
-        await wait_for(lambda: service.upstream.connection_count == 0, "the node connection")
-        self.assertEqual(service.proxy.stats.tunnels_open, 0)
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "the node connection")
+        self.assertEqual(service.traffic.proxy.stats.tunnels_open, 0)
 
     async def test_node_refuses_upgrade(self) -> None:
         """
@@ -293,7 +294,7 @@ class TunnelLifeTests(WebSocketCase):
         client = await self.connect(port)
         await client.message(1)
         await wait_for(lambda: node.opened, "the node side")
-        for protocol in list(service.upstream._connections):
+        for protocol in list(service.traffic.upstream._connections):
             protocol.transport.abortConnection()
         await client.closed
         await wait_for(lambda: service.pool.nodes[0].in_flight == 0, "the tunnel to end")
@@ -335,7 +336,7 @@ class TunnelLifeTests(WebSocketCase):
         client.sendClose(code=1000)
         await client.closed
         await wait_for(lambda: balancer.service.pool.nodes[0].in_flight == 0, "the tunnel end")
-        balancer.service.access_log.flush()  # type: ignore[union-attr]
+        balancer.service.traffic.access_log.flush()  # type: ignore[union-attr]
         with open(log, "rb") as f:
             lines = [json.loads(line) for line in f]
         tunnels = [r for r in lines if r["status"] == 101]
@@ -458,12 +459,12 @@ class TunnelBackpressureTests(WebSocketCase):
 
         backend = await self.backend(switch)
         service, port = await self.balancer([backend.url], "--tunnel-timeout", "0.5")
-        service.site.close_timeout = 0.5
+        service.traffic.site.close_timeout = 0.5
         client = await self.client(port)
         read_then_pause(client)
         client.send(UPGRADE)
-        await wait_for(lambda: service.site.channels, "the client's connection")
-        await wait_for(lambda: not service.site.channels, "rrlb to cut the client off")
+        await wait_for(lambda: service.traffic.site.channels, "the client's connection")
+        await wait_for(lambda: not service.traffic.site.channels, "rrlb to cut the client off")
         await wait_for(lambda: not backend.open_connections, "the node connection to close")
 
 
@@ -487,7 +488,7 @@ class TunnelBackpressureTests(WebSocketCase):
         producer = BulkProducer(client.transport, b"c" * 65536, 64 << 20)
         producer.start()
         await wait_for(lambda: producer.pauses, "the client to be held back")
-        upstream = service.upstream
+        upstream = service.traffic.upstream
         await wait_for(lambda: not upstream.connection_count, "rrlb to drop the node connection")
         producer.stopProducing()
 

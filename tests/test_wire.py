@@ -30,7 +30,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rrlb import body as body_module
-from rrlb.service import BalancerService
+from rrlb.service import ControlService
 from rrlb.tap import Options, makeService
 
 reactor: Any = _global_reactor
@@ -445,7 +445,7 @@ class WireCase(unittest.TestCase):
 
     async def balancer(
         self, nodes: list[str], *args: str, probes: bool = False, listen: Optional[str] = None
-    ) -> tuple[BalancerService, int]:
+    ) -> tuple[ControlService, int]:
         """
         Start rrlb over C{nodes} with extra command-line C{args}; return the
         service and its port. Without C{probes} the health checker is left
@@ -460,19 +460,19 @@ class WireCase(unittest.TestCase):
         return await self.start_service(service, probes)
 
     async def start_service(
-        self, service: BalancerService, probes: bool = False
-    ) -> tuple[BalancerService, int]:
+        self, service: ControlService, probes: bool = False
+    ) -> tuple[ControlService, int]:
         if not probes:
             service.removeService(service.checker)
         channels: list[Any] = []
-        build = service.site.buildProtocol
+        build = service.traffic.site.buildProtocol
 
         def buildProtocol(addr: Any) -> Any:
             protocol = build(addr)
             channels.append(protocol)
             return protocol
 
-        service.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        service.traffic.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
         service.startService()
 
         def transports() -> list[Any]:
@@ -494,7 +494,7 @@ class WireCase(unittest.TestCase):
 
         self.addCleanup(stop)
         self.channels = channels
-        port = await service.listeners[0]._waitingForPort
+        port = await service.traffic.listeners[0]._waitingForPort
         return service, port.getHost().port
 
     async def client(self, port: int) -> RawClient:
@@ -1341,10 +1341,11 @@ class FailureTests(WireCase):
         await wait_for(lambda: len(client.data) > 5000, "the start of the body")
         client.transport.abortConnection()
         await wait_for(lambda: backend.connections[0].closed, "the upstream connection to close")
-        await wait_for(lambda: service.upstream.connection_count == 0, "no upstream connections")
+        upstream = service.traffic.upstream
+        await wait_for(lambda: upstream.connection_count == 0, "no upstream connections")
         node = service.pool.nodes[0]
         self.assertEqual(node.in_flight, 0)
-        self.assertEqual(service.upstream.idle_count(node.key), 0)
+        self.assertEqual(service.traffic.upstream.idle_count(node.key), 0)
 
     async def test_client_drops_before_response(self) -> None:
         """

@@ -31,22 +31,18 @@ from rrlb.pool import Node, Pool, Pools
 from rrlb.queue import RequestQueue
 from rrlb.tap import check_listeners
 from rrlb.values import parse_workers
-from rrlb.workers import (
+from rrlb.workers.child import WorkerPool, apply_states
+from rrlb.workers.sockets import SocketGroup
+from rrlb.workers.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     STABLE_AFTER,
-    Configure,
-    Counters,
-    MainService,
     RestartBackoff,
-    SocketGroup,
-    WorkerPool,
-    WorkersHistory,
-    WorkersMetrics,
     WorkerSupervisor,
-    apply_states,
     worker_environ,
 )
+from rrlb.workers.totals import Counters, WorkersHistory, WorkersMetrics
+from rrlb.workers.wire import Configure
 from tests.daemon import Daemon, start_daemon
 from tests.helpers import (
     LOOPBACK,
@@ -313,8 +309,9 @@ class MainMetricsTests(unittest.TestCase):
         """
         clock = task.Clock()
         supervisor = _FakeSupervisor(self.totals(), step=10)
-        metrics = WorkersMetrics(two_pools(), clock, lambda: [], supervisor)  # type: ignore[arg-type]
-        history = WorkersHistory(metrics, clock)
+        pools = two_pools()
+        metrics = WorkersMetrics(pools, clock, lambda: [], supervisor)  # type: ignore[arg-type]
+        history = WorkersHistory(pools, metrics, clock)
         history.startService()
         self.addCleanup(history.stopService)
         clock.advance(1)
@@ -739,14 +736,16 @@ class OptionTests(unittest.TestCase):
         options = balancer_options(
             "--nodes", "http://127.0.0.1:9", "--workers", "2", "--admin-token-file", token
         )
-        main = MainService(options.config, task.Clock())
+        from rrlb.workers.main import WorkersTraffic
+
+        main = WorkersTraffic(options.config, task.Clock(), Pools())
         self.assertEqual(main.config.admin_token, b"main-only-token-0123456789")
         self.assertIsNone(main.worker_config().admin_token)
 
     def test_one_worker_is_one_process(self) -> None:
         """
-        The default builds today's L{BalancerService}, and rrlb.workers is
-        not even imported.
+        The default composes the control side with one L{Traffic} side,
+        and rrlb.workers is not even imported.
         """
         import subprocess
         import sys
@@ -757,7 +756,8 @@ class OptionTests(unittest.TestCase):
             "options = Options()\n"
             "options.parseOptions(['--nodes', 'http://127.0.0.1:1', '--listen', 'tcp:0'])\n"
             "service = makeService(options)\n"
-            "print(type(service).__name__, 'rrlb.workers' in sys.modules)\n"
+            "print(type(service).__name__, type(service.traffic).__name__,"
+            " 'rrlb.workers' in sys.modules)\n"
         )
         import rrlb
 
@@ -765,7 +765,42 @@ class OptionTests(unittest.TestCase):
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
         )
-        self.assertEqual(out.stdout.split(), ["BalancerService", "False"], out.stderr)
+        self.assertEqual(out.stdout.split(), ["ControlService", "Traffic", "False"], out.stderr)
+
+    def test_main_process_builds_no_proxy(self) -> None:
+        """
+        With C{--workers 2} the control side is composed with the workers'
+        stand-in for a traffic side, whose checkers mark the same pools;
+        nothing in the main process's service tree is a proxy, an upstream
+        client or a site to serve traffic.
+        """
+        from rrlb.proxy import ProxySite, RotatingProxy
+        from rrlb.tap import compose
+        from rrlb.upstream import UpstreamPool
+        from rrlb.workers.main import WorkersTraffic
+
+        config = Config(
+            nodes=(parse_node("http://127.0.0.1:1"),),
+            listen=(f"tcp:0:interface={LOOPBACK}",),
+            workers=2,
+        )
+        service = compose(config, task.Clock())
+        self.assertIsInstance(service.traffic, WorkersTraffic)
+        assert service.checker is not None
+        self.assertIs(service.checker.pool, service.traffic.pools.get("default"))
+
+        def parts(value: Any, depth: int = 0) -> list[Any]:
+            found = [value]
+            if depth < 3 and hasattr(value, "__dict__"):
+                for child in vars(value).values():
+                    found += parts(child, depth + 1)
+            elif depth < 3 and isinstance(value, (list, tuple, dict)):
+                for child in value.values() if isinstance(value, dict) else value:
+                    found += parts(child, depth + 1)
+            return found
+
+        kinds = (RotatingProxy, UpstreamPool, ProxySite)
+        self.assertEqual([p for p in parts(service) if isinstance(p, kinds)], [])
 
     async def test_reload_keeps_worker_count(self) -> None:
         """
