@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP
-from rrlb.failures import DESCRIPTOR_ERRNOS, describe_failure, local_errno
+from rrlb.failures import DESCRIPTOR_ERRNOS, describe_failure, local_errno, log_text
 from rrlb.http1 import error_response, rewrite_request_head, split_target, switching_head
 from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node, Pool
@@ -83,13 +83,6 @@ class Destination:
         self.queue = queue
         self.node_host = node_host
         self.timeout = timeout
-
-
-def log_text(value: bytes) -> str:
-    """
-    Request bytes for a log line (only ever formatted when something failed).
-    """
-    return value.decode("latin-1")[:200]
 
 
 @implementer(IPushProducer)

@@ -185,3 +185,10 @@ def describe_failure(reason: Failure) -> str:
     # OpenSSL errors carry a list of tuples; keep the most telling part.
     text = " ".join(text.split())
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def log_text(value: bytes) -> str:
+    """
+    Request bytes for a log line (only ever formatted when something failed).
+    """
+    return value.decode("latin-1")[:200]

@@ -21,8 +21,8 @@ from twisted.web.resource import Resource
 
 from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
-from rrlb.exchange import Destination, ProxyExchange, ProxySettings, log_text
-from rrlb.failures import LocalErrors
+from rrlb.exchange import Destination, ProxyExchange, ProxySettings
+from rrlb.failures import LocalErrors, log_text
 from rrlb.http1 import error_response
 from rrlb.pool import Node, Pool
 from rrlb.queue import RequestQueue, RetryBudget
