@@ -207,6 +207,34 @@ def adopt_systemd_descriptors(descriptors: ListenFDs) -> None:
     _systemd_parser()._sddaemon = descriptors
 
 
+def bind_synchronously(service: Any) -> None:
+    """
+    Make a L{StreamServerEndpointService} bind in C{privilegedStartService}
+    and raise a failure to bind there (its C{_raiseSynchronously}), so a
+    port that cannot be had stops the start with one line.
+    """
+    service._raiseSynchronously = True
+
+
+def port_waiting(service: Any) -> Any:
+    """
+    The Deferred of a L{StreamServerEndpointService}'s listening port
+    (its C{_waitingForPort}), or L{None} before it started listening.
+    """
+    return service._waitingForPort
+
+
+def clear_exit_signal(reactor: Any, signals: tuple[int, ...]) -> None:
+    """
+    Forget that the reactor was stopped by one of C{signals} (its
+    C{_exitSignal}): twistd re-raises that signal on itself once the
+    reactor has stopped, so a drained shutdown would end "killed by
+    SIGTERM" instead of exiting 0.
+    """
+    if getattr(reactor, "_exitSignal", None) in signals:
+        reactor._exitSignal = None
+
+
 def __getattr__(name: str) -> Any:
     # H2Connection and H2Stream on first use only: twisted.web._http2
     # imports h2, which rrlb does without unless --http2 is on.

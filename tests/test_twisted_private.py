@@ -143,7 +143,39 @@ class EndpointServiceTests(unittest.TestCase):
         """
         service = StreamServerEndpointService(None, None)
         self.assertIsNone(service._waitingForPort)
+        self.assertIsNone(_twisted.port_waiting(service))
         self.assertFalse(service._raiseSynchronously)
+        _twisted.bind_synchronously(service)
+        self.assertIs(service._raiseSynchronously, True)
+
+
+class ExitSignalTests(unittest.TestCase):
+    """
+    The signal twistd re-raises after the reactor stopped is the reactor's
+    C{_exitSignal}.
+    """
+
+    def test_clear_exit_signal(self) -> None:
+        """
+        L{_twisted.clear_exit_signal} forgets SIGTERM and SIGINT only, on a
+        real reactor class that has the attribute.
+        """
+        import signal
+
+        from twisted.internet.base import ReactorBase
+
+        self.assertIn("_exitSignal", vars(ReactorBase))
+        self.assertIn("_exitSignal", ReactorBase.sigTerm.__code__.co_names)
+
+        class Reactor:
+            _exitSignal: object = signal.SIGTERM
+
+        reactor = Reactor()
+        _twisted.clear_exit_signal(reactor, (signal.SIGTERM, signal.SIGINT))
+        self.assertIsNone(reactor._exitSignal)
+        reactor._exitSignal = signal.SIGHUP
+        _twisted.clear_exit_signal(reactor, (signal.SIGTERM, signal.SIGINT))
+        self.assertEqual(reactor._exitSignal, signal.SIGHUP)
 
 
 class HTTP2Tests(unittest.TestCase):
