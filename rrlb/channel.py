@@ -23,10 +23,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 
-from rrlb._twisted import client_gone, set_raw_headers
+from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
+from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -170,44 +170,10 @@ def raise_fd_limit(max_connections: Optional[int]) -> None:
         )
 
 
-# ProxyChannel.edge: what the X-Forwarded-* headers of its client are worth.
-EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
-EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
-EDGE_TRUSTED = 2  # a peer inside them: keep and append
-
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
 _STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
 # Client connections /status lists at most.
 MAX_LISTED_CLIENTS = 100
-
-_PHRASES = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    504: b"Gateway Timeout",
-}
-
-
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
-    """
-    Answer C{request} with a short plain-text error, unless its client is gone.
-    """
-    if client_gone(request) or request.finished:
-        return
-    # RFC 9110's reason phrases where twisted.web still has RFC 2616's.
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
-    request.write(body)
-    request.finish()
-
 
 def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], bytes]:
     """
@@ -295,6 +261,12 @@ class ProxyChannel(http.HTTPChannel):
     client_address = ""
     served = 0
     deadline: Optional[float] = None
+    # A drain asked it to close after the request in progress: its
+    # response says Connection: close.
+    closing = False
+    # Where the client's bytes go once the connection is a tunnel (set by
+    # the proxy along with start_tunnel).
+    tunnel_reader: Optional[Callable[[bytes], None]] = None
     transport: Any
     site: ClientSite
 
@@ -415,6 +387,8 @@ class ProxyChannel(http.HTTPChannel):
             self._more_size += len(data)
             if self._more_size + len(self._buffer) - self._offset > READ_AHEAD:
                 self._stop_reading(_AHEAD)
+        elif state == _TUNNEL:
+            self.tunnel_reader(data)  # type: ignore[misc]
         elif state != _CLOSED:
             if self._next_waits:
                 # Read after reading stopped (TLS hands on the rest of a
@@ -858,17 +832,11 @@ class ProxyChannel(http.HTTPChannel):
             self.loseConnection()
             return
         self.persistent = False
-        if "writeHeaders" not in self.__dict__:
-            # Only a draining channel pays for the extra header.
-            cls_write = ProxyChannel.writeHeaders
-
-            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-                headers.setRawHeaders(b"Connection", [b"close"])
-                cls_write(self, version, code, reason, headers)
-
-            self.writeHeaders = write_closing  # type: ignore[method-assign]
+        self.closing = True
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if self.closing:
+            headers.setRawHeaders(b"Connection", [b"close"])
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
         extend = parts.extend
         for name, values in headers.getAllRawHeaders():

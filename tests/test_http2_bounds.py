@@ -39,7 +39,8 @@ from twisted.trial import unittest
 from twisted.web import http
 from twisted.web.resource import Resource
 
-from rrlb.channel import EDGE_OFF, ClientLimits, ClientSite
+from rrlb.channel import ClientLimits, ClientSite
+from rrlb.http1 import EDGE_OFF
 from tests.support import (
     LOOPBACK,
     WAIT_TIMEOUT,

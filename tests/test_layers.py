@@ -20,13 +20,9 @@ from twisted.trial import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "rrlb"
 
-# Imports that break the layering today, each with why and who removes it.
-# An entry that is no longer needed fails the test: take it out then.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("balance", "pool"): "type-only: the policies name pool's Node, and pool imports the"
-    " policies: a cycle (issue 18)",
-    ("proxy", "health"): "describe_failure, which moves to rrlb/failures.py for both (issue 18)",
-}
+# Imports that break the layering, each with why and who removes it (none
+# today). An entry that is no longer needed fails the test: take it out then.
+ALLOWED: dict[tuple[str, str], str] = {}
 
 # Test functions that still wait a fixed time, each with why (test module,
 # function): to be turned into waits for the event.
