@@ -29,6 +29,7 @@ from tests.support import (
     closed_port_url,
     raw_connect,
     reactor,
+    reactor_turns,
     split_response,
     start_backend,
     start_balancer,
@@ -342,8 +343,12 @@ class OutOfDescriptorsTests(unittest.TestCase):
         """
         await self.probe_out_of_descriptors("localhost", "--health-timeout", "0.5")
         # Twisted's GAIResolver catches only socket.gaierror: its Deferred
-        # fails unhandled, logged once collected. Collect it here, or it is
-        # logged in whichever test runs when the collector gets to it.
+        # fails unhandled, logged once collected. Wait for the lookup's
+        # thread and collect it here, or it is logged in whichever test runs
+        # when the collector gets to it.
+        threads = reactor.getThreadPool()
+        await wait_until(lambda: not threads.working, what="the lookup's thread")
+        await reactor_turns()  # its result comes back through the reactor
         gc.collect()
         self.flushLoggedErrors(OSError)
 
