@@ -562,7 +562,7 @@ def render_page(status: dict[str, Any], history: Optional[History] = None) -> st
 
 
 # The admin endpoint's connections are not under --max-connections: their
-# descriptors come out of rrlb.channel.FD_RESERVE. So at most this many are
+# descriptors come out of rrlb.clients.FD_RESERVE. So at most this many are
 # open, each idle at most this long (Twisted's default is twelve hours). At
 # the cap a new connection takes the place of the oldest idle one (nginx
 # reuses idle keep-alive connections the same way), or is closed at once if

@@ -56,8 +56,8 @@ from rrlb.channel import (
     MAX_LOGGED_TARGET,
     ProxyChannel,
     error_response,
-    real_client,
 )
+from rrlb.clients import real_client
 from rrlb.h2buffers import BoundedConnection, BoundedStream
 from rrlb.parser import (
     BAD_REQUEST,

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rrlb.channel import LINGER_TIMEOUT
+from rrlb.clients import LINGER_TIMEOUT
 from tests.daemon import Daemon, start_daemon
 from tests.helpers import LOOPBACK, raw_request, sleep
 
