@@ -23,9 +23,9 @@ from twisted.web.iweb import IAgent
 
 from rrlb import __version__
 from rrlb.failures import LocalErrors, exhausted_now, local_errno
+from rrlb.nodetls import describe_tls_error
 from rrlb.pool import Node, Pool
 from rrlb.settings import HealthConfig
-from rrlb.tls import describe_tls_error
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 
