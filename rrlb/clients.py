@@ -217,7 +217,16 @@ class ClientSite(server.Site):
     @property
     def open_count(self) -> int:
         """
-        The client connections that hold a place under C{max_connections}.
+        The client connections open, those waiting for a PROXY header too
+        (C{rrlb_client_connections}).
+        """
+        return len(self.channels) + len(self.waiting)
+
+    @property
+    def taken(self) -> int:
+        """
+        The places taken under C{max_connections}: every client connection
+        (from accept), and the HTTP/2 streams beyond the first of theirs.
         """
         return len(self.channels) + len(self.waiting) + self.streams
 
@@ -229,7 +238,7 @@ class ClientSite(server.Site):
             # (a hundred at first): never more than there are places for,
             # or a burst would hold descriptors past the cap, parked.
             def doRead() -> Any:
-                room = self.limits.max_connections - self.open_count
+                room = self.limits.max_connections - self.taken
                 port.numberAccepts = max(1, min(port.numberAccepts, room))
                 return read()
 
@@ -250,12 +259,12 @@ class ClientSite(server.Site):
         channels = self.channels
         if channel not in channels:
             # (One that waited for its PROXY header is in already.)
-            if self.open_count >= self.limits.max_connections:
+            if self.taken >= self.limits.max_connections:
                 channel.deadline = None
                 self._park(channel)
                 return
             channels.add(channel)
-        if self.open_count >= self.limits.max_connections and not self.paused:
+        if self.taken >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
@@ -268,11 +277,11 @@ class ClientSite(server.Site):
         @return: whether it has one; if not, it is parked (unread) until a
             place is free, and then its C{admitted()} is called.
         """
-        if self.open_count >= self.limits.max_connections:
+        if self.taken >= self.limits.max_connections:
             self._park(connection)
             return False
         self.waiting.add(connection)
-        if self.open_count >= self.limits.max_connections and not self.paused:
+        if self.taken >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -307,10 +316,10 @@ class ClientSite(server.Site):
         C{max_connections} as a client connection does. Returns C{False},
         taking nothing, when there is no place left (the stream is refused).
         """
-        if self.open_count >= self.limits.max_connections:
+        if self.taken >= self.limits.max_connections:
             return False
         self.streams += 1
-        if self.open_count >= self.limits.max_connections and not self.paused:
+        if self.taken >= self.limits.max_connections and not self.paused:
             self.pause_accepting()
         return True
 
@@ -327,7 +336,7 @@ class ClientSite(server.Site):
         resumes if there is still room.
         """
         channels = self.channels
-        room = self.limits.max_connections - self.open_count
+        room = self.limits.max_connections - self.taken
         while self.parked and room > 0:
             parked = self.parked.pop(0)
             room -= 1
@@ -402,7 +411,7 @@ class ClientSite(server.Site):
         C{max_connections} pauses accepting until enough have closed.
         """
         self.limits = limits
-        over = self.open_count >= limits.max_connections
+        over = self.taken >= limits.max_connections
         if over and not self.paused:
             self.pause_accepting()
         elif not over and self.paused:

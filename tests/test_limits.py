@@ -28,6 +28,7 @@ from rrlb.channel import READ_AHEAD
 from rrlb.clients import (
     CLOSE_TIMEOUT,
     ClientLimits,
+    ClientSite,
     connections_that_fit,
     is_trusted,
     raise_fd_limit,
@@ -763,6 +764,22 @@ class ConnectionCapTests(unittest.TestCase):
         self.assertEqual(site.open_count, 5)
         self.assertTrue(site.paused)
         self.assertLessEqual(len(site.parked), 1)
+
+    def test_streams_take_places_not_connections(self) -> None:
+        """
+        HTTP/2 streams beyond the first of their connection take places
+        under the cap, but are not client connections: what
+        C{rrlb_client_connections} and C{/status} count is unchanged.
+        """
+        site = ClientSite(Resource(), Clock(), ClientLimits(max_connections=3))
+        for _ in range(3):
+            self.assertTrue(site.stream_opened())
+        self.assertEqual((site.open_count, site.taken), (0, 3))
+        self.assertTrue(site.paused)
+        self.assertFalse(site.stream_opened())
+        site.stream_closed()
+        self.assertEqual((site.open_count, site.taken), (0, 2))
+        self.assertFalse(site.paused)
 
     async def test_lower_cap_on_reload(self) -> None:
         """
