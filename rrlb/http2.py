@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from priority import BadWeightError, DuplicateStreamError, PriorityLoop
@@ -366,6 +367,17 @@ class ProxyH2Connection(BoundedConnection, H2Connection):
             },
         )
 
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            return  # after GOAWAY: h2 would keep every byte in its frame buffer
+        super().dataReceived(data)
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # A protocol error (or the client's GOAWAY): Twisted loses the
+            # transport, but TLS closes only once no producer is registered,
+            # so the connection stayed open, reading, until the idle timeout.
+            self.close()
+
     def _requestReceived(self, event: Any) -> None:
         self.channel.deadline = None
         if self.going_away:
@@ -472,8 +484,13 @@ class ProxyH2Connection(BoundedConnection, H2Connection):
 
     def close(self) -> None:
         """
-        Say GOAWAY and close the connection.
+        Say GOAWAY and close the connection. TLS closes for good only once
+        the client answers close_notify: one that does not is cut off after
+        the site's close_timeout, as an HTTP/1.1 connection is.
         """
+        channel = self.channel
+        channel._state = _CLOSED
+        channel.deadline = channel.clock.seconds() + channel.site.close_timeout
         try:
             self.conn.close_connection()
             self._tryToWriteControlData()
@@ -532,8 +549,9 @@ class ALPNChannel(ProxyChannel):
         h2 = self.h2
         if h2 is None:
             super().timed_out()
+        elif self._state == _CLOSED:
+            self.transport.abortConnection()
         elif not h2.streams:
-            self._state = _CLOSED
             h2.close()
 
     def close_when_idle(self) -> None:

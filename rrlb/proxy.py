@@ -476,6 +476,13 @@ class ProxyExchange:
         if self.finished:
             return
         if got_response:
+            if self.responded and not self.request.startedWriting:
+                # The head is still with rrlb (it goes out with the first
+                # body byte): the body failed before any of it, so the
+                # client can have a 502 instead of a bare close.
+                self.request.unregisterProducer()
+                self._bad_gateway(reason)
+                return
             if self.responded:
                 # The node dropped mid-body: never fake a complete response.
                 log.warn(

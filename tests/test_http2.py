@@ -475,6 +475,42 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         await client.lost
         await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to close it")
 
+    async def test_protocol_error_closes(self) -> None:
+        """
+        After a connection error of the client's (a CONTINUATION frame with
+        no HEADERS before it), rrlb sends GOAWAY and closes the connection at
+        once: it neither keeps it open until --keepalive-timeout nor keeps
+        the bytes that follow (h2 would hold every one in its frame buffer;
+        a CONTINUATION flood grew rrlb by 90 MB in 20 s).
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "3600")
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        frame = b"\x00\x00\x01\x09\x04\x00\x00\x00\x03\x82"
+        client.transport.write(frame + b"\x00" * 65536)
+        await client.lost
+        await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
+        self.assertEqual(node.requests[0].target, b"/")
+
+    async def test_close_notify_withheld(self) -> None:
+        """
+        An HTTP/2 connection rrlb closes (here at --keepalive-timeout) whose
+        client never answers TLS close_notify (it stopped reading) is cut
+        off after the site's close_timeout, as an HTTP/1.1 one is: TLS waits
+        for the client's close_notify, and the connection kept its place
+        under --max-connections for ever.
+        """
+        node = await self.backend(named(b"a"))
+        balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "0.3")
+        balancer.service.site.close_timeout = 0.5
+        client = await self.h2_connect(balancer.port)
+        _, answer = client.request(b"GET", b"/")
+        await answer.done
+        client.transport.pauseProducing()
+        await wait_for(lambda: not balancer.service.site.channels, "rrlb to cut it off")
+
     async def test_drain_waits_for_streams(self) -> None:
         """
         Stopping rrlb sends GOAWAY, lets the open stream finish, then closes

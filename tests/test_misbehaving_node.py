@@ -344,6 +344,20 @@ class BadResponseHeadTests(WireCase):
         assert result is not None
         self.assertEqual((result.code, result.body), (200, b"ok"))
 
+    async def test_bad_body_before_any_byte_sent(self) -> None:
+        """
+        A head that passes, then a body that fails at once (a chunk size
+        line that is not hex): nothing reached the client yet, so it gets a
+        502 and the node a failure, not a connection closed with no answer.
+        """
+        service, port = await self.head_node("--fall", "1000")
+        head = b"HTTP/1.1 200 OK|Transfer-Encoding: chunked||zz"
+        result = await self.exchange(port, get(b"/raw", b"x", b"X-Head: " + head))
+        self.assertPlainTextError(result, 502)
+        assert result is not None
+        self.assertIn(b"chunk", result.body)
+        self.assertEqual(service.pool.nodes[0].failures, 1)
+
     async def test_node_failure_and_proxy_error_counted(self) -> None:
         """
         Each such answer counts as a failed request of the node (passive
