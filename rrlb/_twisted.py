@@ -27,16 +27,42 @@ failing requests quietly.
     L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
     L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
     send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
-    Twisted's send loop only appends to and pops from.
+    Twisted's send loop only appends to and pops from. L{H2Connection}
+    and L{H2Stream} are imported from here.
+  - C{twisted.web.client._HTTP11ClientFactory} and
+    C{HTTPConnectionPool._factory}: L{quiet_connection_pool} makes the
+    health checker's connections not log their start and stop (one pair per
+    probe would flood the log); there is no public switch.
+  - C{twisted.internet.endpoints._SystemdParser._sddaemon}: the descriptors
+    C{systemd:} endpoints take. L{systemd_descriptors} reads it and
+    L{adopt_systemd_descriptors} replaces it, for L{rrlb.notify}'s recovery
+    of sockets passed without C{LISTEN_FDNAMES} (there is no public way to
+    hand the parser descriptors).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.python.systemd import ListenFDs
+from twisted.web import client as _webclient
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
-__all__ = ["canonical_name", "raw_headers", "set_raw_headers", "client_gone", "HeaderNameError"]
+if TYPE_CHECKING:
+    from twisted.web._http2 import H2Connection, H2Stream
+
+__all__ = [
+    "canonical_name",
+    "raw_headers",
+    "set_raw_headers",
+    "client_gone",
+    "HeaderNameError",
+    "H2Connection",
+    "H2Stream",
+    "quiet_connection_pool",
+    "systemd_descriptors",
+    "adopt_systemd_descriptors",
+]
 
 HeaderNameError = InvalidHeaderName
 
@@ -143,3 +169,78 @@ H2_STATE = {
     ),
     "H2Stream": ("_conn", "_request", "streamID", "command", "path", "producer"),
 }
+
+
+class _QuietFactory(_webclient._HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietConnectionPool(_webclient.HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
+def quiet_connection_pool(reactor: Any, persistent: bool = True) -> _webclient.HTTPConnectionPool:
+    """
+    An L{HTTPConnectionPool} whose connections do not log their start and
+    stop.
+    """
+    return _QuietConnectionPool(reactor, persistent=persistent)
+
+
+def _systemd_parser() -> Any:
+    from twisted.internet.endpoints import _SystemdParser
+
+    return _SystemdParser
+
+
+def systemd_descriptors() -> ListenFDs:
+    """
+    The descriptors C{systemd:} endpoints take (what Twisted read from
+    C{LISTEN_FDS} when L{twisted.internet.endpoints} was imported).
+    """
+    return _systemd_parser()._sddaemon
+
+
+def adopt_systemd_descriptors(descriptors: ListenFDs) -> None:
+    """
+    Make C{descriptors} the ones C{systemd:} endpoints take from now on.
+    """
+    _systemd_parser()._sddaemon = descriptors
+
+
+def bind_synchronously(service: Any) -> None:
+    """
+    Make a L{StreamServerEndpointService} bind in C{privilegedStartService}
+    and raise a failure to bind there (its C{_raiseSynchronously}), so a
+    port that cannot be had stops the start with one line.
+    """
+    service._raiseSynchronously = True
+
+
+def port_waiting(service: Any) -> Any:
+    """
+    The Deferred of a L{StreamServerEndpointService}'s listening port
+    (its C{_waitingForPort}), or L{None} before it started listening.
+    """
+    return service._waitingForPort
+
+
+def clear_exit_signal(reactor: Any, signals: tuple[int, ...]) -> None:
+    """
+    Forget that the reactor was stopped by one of C{signals} (its
+    C{_exitSignal}): twistd re-raises that signal on itself once the
+    reactor has stopped, so a drained shutdown would end "killed by
+    SIGTERM" instead of exiting 0.
+    """
+    if getattr(reactor, "_exitSignal", None) in signals:
+        reactor._exitSignal = None
+
+
+def __getattr__(name: str) -> Any:
+    # H2Connection and H2Stream on first use only: twisted.web._http2
+    # imports h2, which rrlb does without unless --http2 is on.
+    if name in ("H2Connection", "H2Stream"):
+        from twisted.web import _http2
+
+        return getattr(_http2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,12 +22,10 @@ import math
 import random
 from bisect import bisect
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
-from rrlb._twisted import canonical_name, raw_headers
-
-if TYPE_CHECKING:
-    from rrlb.pool import Node
+from rrlb._twisted import raw_headers
+from rrlb.http1 import canonical
 
 ROUNDROBIN = "roundrobin"
 LEASTCONN = "leastconn"
@@ -57,6 +55,26 @@ SLOW_START_FLOOR = 0.1
 STICKY_ID_LENGTH = 12
 
 
+class Balanced(Protocol):
+    """
+    What the policies read and keep of a node; L{rrlb.pool.Node} provides
+    it (the pool sits above this module, so it is named only here).
+    """
+
+    key: str
+    index: int
+    weight: int
+    limit: int
+    in_flight: int
+    up_since: Optional[float]
+    ewma: float
+    ewma_at: float
+    sticky_id: bytes
+
+
+N = TypeVar("N", bound=Balanced)
+
+
 def hash64(data: bytes) -> int:
     """
     A stable 64-bit hash (the same in every process and on every run, so
@@ -73,19 +91,12 @@ def sticky_id(key: str) -> str:
     return blake2b(key.encode("utf-8"), digest_size=STICKY_ID_LENGTH // 2).hexdigest()
 
 
-def has_room(node: Node) -> bool:
+def has_room(node: N) -> bool:
     limit = node.limit
     return not limit or node.in_flight < limit
 
 
 # -- request keys --------------------------------------------------------------
-
-
-def _canonical(name: str) -> bytes:
-    """
-    A header name the way the request's header dict keys it.
-    """
-    return canonical_name(name.encode("ascii"))
 
 
 def cookie_value(request: Any, name: bytes) -> Optional[bytes]:
@@ -139,10 +150,10 @@ def key_function(hash_key: str) -> Callable[[Any], Optional[bytes]]:
         return uri_key
     kind, _, name = hash_key.partition(":")
     if kind == "header":
-        canonical = _canonical(name)
+        key = canonical(name.encode("ascii"))
 
         def header_key(request: Any) -> Optional[bytes]:
-            values = raw_headers(request.requestHeaders).get(canonical)
+            values = raw_headers(request.requestHeaders).get(key)
             return values[0] if values else None
 
         return header_key
@@ -169,7 +180,7 @@ class SlowStart:
         self.seconds = seconds
         self.clock = clock
 
-    def weight(self, node: Node, now: float) -> float:
+    def weight(self, node: N, now: float) -> float:
         since = node.up_since
         if since is None:
             return float(node.weight)
@@ -180,7 +191,7 @@ class SlowStart:
         return node.weight * max(SLOW_START_FLOOR, ramp)
 
 
-def plain_weight(node: Node, now: float) -> float:
+def plain_weight(node: N, now: float) -> float:
     return float(node.weight)
 
 
@@ -199,15 +210,15 @@ class Policy:
     needs_clock = False
 
     def __init__(self) -> None:
-        self.weight: Callable[[Node, float], float] = plain_weight
+        self.weight: Callable[[Balanced, float], float] = plain_weight
         self.clock: Any = None
 
-    def rebuild(self, live: Sequence[Node]) -> None:
+    def rebuild(self, live: Sequence[N]) -> None:
         """
         The set of nodes in rotation changed.
         """
 
-    def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:
+    def pick(self, live: Sequence[N], request: Any) -> Optional[N]:
         raise NotImplementedError
 
     def now(self) -> float:
@@ -227,14 +238,14 @@ class RoundRobin(Policy):
         super().__init__()
         self._current: dict[int, float] = {}
 
-    def rebuild(self, live: Sequence[Node]) -> None:
+    def rebuild(self, live: Sequence[N]) -> None:
         self._current = {}
 
-    def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:
+    def pick(self, live: Sequence[N], request: Any) -> Optional[N]:
         now = self.now()
         current = self._current
         total = 0.0
-        best: Optional[Node] = None
+        best: Optional[N] = None
         best_value = 0.0
         for node in live:
             if not has_room(node):
@@ -263,11 +274,11 @@ class LeastConn(Policy):
         super().__init__()
         self._last = -1
 
-    def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:
+    def pick(self, live: Sequence[N], request: Any) -> Optional[N]:
         now = self.now()
         weight = self.weight
         last = self._last
-        best: Optional[Node] = None
+        best: Optional[N] = None
         best_score = math.inf
         # Among ties, the first after the last pick wins over one before it.
         best_after = False
@@ -298,7 +309,7 @@ class PowerOfTwo(Policy):
         super().__init__()
         self.rng = rng if rng is not None else random.Random()
 
-    def cost(self, node: Node, now: float) -> float:
+    def cost(self, node: N, now: float) -> float:
         """
         The node's load: (in flight + 1) x its decayed response time. A
         node with no response time yet costs nothing while idle (so it gets
@@ -313,7 +324,7 @@ class PowerOfTwo(Policy):
             ewma *= math.exp(-age / EWMA_DECAY)
         return (node.in_flight + 1) * ewma / self.weight(node, now)
 
-    def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:
+    def pick(self, live: Sequence[N], request: Any) -> Optional[N]:
         candidates = live
         for node in live:
             if not has_room(node):
@@ -335,7 +346,7 @@ class PowerOfTwo(Policy):
         return a
 
 
-def observe(node: Node, seconds: float, now: float) -> None:
+def observe(node: N, seconds: float, now: float) -> None:
     """
     Fold one response time into the node's peak EWMA: a slower response
     takes effect at once, faster ones pull the average down over
@@ -371,10 +382,10 @@ class ConsistentHash(Policy):
         self.factor = factor
         self._points: dict[str, list[int]] = {}
         self._hashes: list[int] = []
-        self._owners: list[Node] = []
+        self._owners: list[Any] = []  # the ring's nodes (N of each pick)
         self._next = 0
 
-    def _node_points(self, node: Node) -> list[int]:
+    def _node_points(self, node: N) -> list[int]:
         count = min(HASH_POINTS * node.weight, HASH_POINTS_MAX)
         cached = self._points.get(node.key)
         if cached is None or len(cached) != count:
@@ -383,7 +394,7 @@ class ConsistentHash(Policy):
             self._points[node.key] = cached
         return cached
 
-    def rebuild(self, live: Sequence[Node]) -> None:
+    def rebuild(self, live: Sequence[N]) -> None:
         ring = sorted((h, node.index, node) for node in live for h in self._node_points(node))
         self._hashes = [h for h, _, _ in ring]
         self._owners = [node for _, _, node in ring]
@@ -392,7 +403,7 @@ class ConsistentHash(Policy):
             if key not in keys:
                 del self._points[key]
 
-    def pick(self, live: Sequence[Node], request: Any) -> Optional[Node]:
+    def pick(self, live: Sequence[N], request: Any) -> Optional[N]:
         if not live:
             return None
         key = self.key(request) if request is not None else None
@@ -400,7 +411,7 @@ class ConsistentHash(Policy):
             return self._round_robin(live)
         return self.lookup(live, key)
 
-    def lookup(self, live: Sequence[Node], key: bytes) -> Optional[Node]:
+    def lookup(self, live: Sequence[N], key: bytes) -> Optional[N]:
         """
         The node for C{key} now, given the requests in flight.
         """
@@ -430,7 +441,7 @@ class ConsistentHash(Policy):
                 break
         return None
 
-    def _round_robin(self, live: Sequence[Node]) -> Optional[Node]:
+    def _round_robin(self, live: Sequence[N]) -> Optional[N]:
         count = len(live)
         for step in range(count):
             node = live[(self._next + step) % count]
@@ -474,7 +485,7 @@ class Sticky:
     def value(self, request: Any) -> Optional[bytes]:
         return cookie_value(request, self.name_bytes)
 
-    def header(self, node: Node) -> bytes:
+    def header(self, node: N) -> bytes:
         """
         The C{Set-Cookie} value that sends later requests to C{node}.
         """

@@ -17,15 +17,12 @@ L{rrlb.connection.ClientConnection}, below this module.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from twisted.web import http
-from twisted.web.http_headers import Headers
-
-from rrlb._twisted import client_gone, set_raw_headers
+from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
 
-# ClientSite and EDGE_UNTRUSTED are imported from here by rrlb.proxy.
+# ClientSite is imported from here by rrlb.proxy.
 from rrlb.clients import ClientLimits, real_client
 from rrlb.clients import ClientSite as ClientSite
 from rrlb.connection import (
@@ -38,10 +35,9 @@ from rrlb.connection import (
     _IDLE,
     _SENDING,
     _TUNNEL,
-    EDGE_TRUSTED,
     ClientConnection,
 )
-from rrlb.connection import EDGE_UNTRUSTED as EDGE_UNTRUSTED
+from rrlb.http1 import EDGE_TRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -70,35 +66,6 @@ READ_AHEAD = 0x4000
 
 # Empty lines before a request line (RFC 9112 2.2).
 _EMPTY_LINES = re.compile(rb"[\r\n]*")
-
-
-_PHRASES = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    504: b"Gateway Timeout",
-}
-
-
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
-    """
-    Answer C{request} with a short plain-text error, unless its client is gone.
-    """
-    if client_gone(request) or request.finished:
-        return
-    # RFC 9110's reason phrases where twisted.web still has RFC 2616's.
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
-    request.write(body)
-    request.finish()
 
 
 def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], bytes]:
@@ -139,6 +106,10 @@ class ProxyChannel(ClientConnection):
         out (its idle, head, body or linger time runs out), or L{None}.
     """
 
+    # Where the client's bytes go once the connection is a tunnel (set by
+    # the proxy along with start_tunnel).
+    tunnel_reader: Optional[Callable[[bytes], None]] = None
+
     def __init__(self) -> None:
         super().__init__()
         # What was read and not parsed yet: self._buffer[self._offset:], then
@@ -170,6 +141,8 @@ class ProxyChannel(ClientConnection):
             self._more_size += len(data)
             if self._more_size + len(self._buffer) - self._offset > READ_AHEAD:
                 self._stop_reading(_AHEAD)
+        elif state == _TUNNEL:
+            self.tunnel_reader(data)  # type: ignore[misc]
         elif state != _CLOSED:
             if self._next_waits:
                 # Read after reading stopped (TLS hands on the rest of a

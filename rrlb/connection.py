@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from rrlb.clients import LINGER_TIMEOUT, ClientSite, is_trusted
+from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED
 
 # Why a channel does not read from its client: flags, so that each reason
 # is lifted on its own and reading resumes only when none is left.
@@ -26,10 +27,6 @@ _AHEAD = 1  # READ_AHEAD bytes of pipelined requests wait to be served
 _SENDING = 2  # between requests, the client is not taking its responses
 _HELD = 4  # the request body (or a tunnel) is held back (rrlb.body's flags)
 
-# ProxyChannel.edge: what the X-Forwarded-* headers of its client are worth.
-EDGE_OFF = 0  # --trusted-proxies unset: append to X-Forwarded-For
-EDGE_UNTRUSTED = 1  # a peer outside them: drop and replace
-EDGE_TRUSTED = 2  # a peer inside them: keep and append
 
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
 _STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
@@ -53,6 +50,9 @@ class ClientConnection(http.HTTPChannel):
     client_address = ""
     served = 0
     deadline: Optional[float] = None
+    # A drain asked it to close after the request in progress: its
+    # response says Connection: close.
+    closing = False
     transport: Any
     site: ClientSite
 
@@ -207,17 +207,11 @@ class ClientConnection(http.HTTPChannel):
             self.loseConnection()
             return
         self.persistent = False
-        if "writeHeaders" not in self.__dict__:
-            # Only a draining channel pays for the extra header.
-            cls_write = ClientConnection.writeHeaders
-
-            def write_closing(version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-                headers.setRawHeaders(b"Connection", [b"close"])
-                cls_write(self, version, code, reason, headers)
-
-            self.writeHeaders = write_closing  # type: ignore[method-assign]
+        self.closing = True
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if self.closing:
+            headers.setRawHeaders(b"Connection", [b"close"])
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
         extend = parts.extend
         for name, values in headers.getAllRawHeaders():

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_failures -*-
 """
-Whose fault a failure is. A connection to a node that fails because rrlb
+Whose fault a failure is, and words for it (L{describe_failure}, for the
+proxy and the health checker alike). A connection to a node that fails because rrlb
 itself is out of a local resource (file descriptors, socket memory, local
 ports) says nothing about the node: it is not counted against the node's
 health (passive or active), the request gets C{503} rather than C{502},
@@ -17,10 +18,13 @@ import socket
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import client as webclient
+
+from rrlb.nodetls import describe_tls_error
 
 log = Logger()
 
@@ -155,3 +159,36 @@ class LocalErrors(Service):
         if call is not None and call.active():
             call.cancel()
         return None
+
+
+def describe_failure(reason: Failure) -> str:
+    """
+    A short, single-line reason for an upstream failure, for logs and status.
+    """
+    exc = reason.value
+    if isinstance(exc, (webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed)):
+        inner = getattr(exc, "reasons", None)
+        if inner:
+            return describe_failure(inner[0])
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
+        return "timed out"
+    if isinstance(exc, error.ConnectionLost):
+        return "connection reset"
+    if isinstance(exc, error.DNSLookupError):
+        return "host name lookup failed"
+    tls = describe_tls_error(exc)
+    if tls is not None:
+        return tls
+    text = str(exc) or type(exc).__name__
+    # OpenSSL errors carry a list of tuples; keep the most telling part.
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def log_text(value: bytes) -> str:
+    """
+    Request bytes for a log line (only ever formatted when something failed).
+    """
+    return value.decode("latin-1")[:200]

@@ -33,14 +33,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from twisted.web._http2 import H2Connection, H2Stream
+    from rrlb._twisted import H2Connection, H2Stream
 else:
     # Mixins: rrlb.http2 puts Twisted's classes after them. This module
     # imports nothing of HTTP/2 itself.
     H2Connection = H2Stream = object
 
 # Response bytes queued for the client on one stream past which its node
-# connection is paused. One read from the node (upstream.READ_SIZE) may come
+# connection is paused. One read from the node (nodeconn.READ_SIZE) may come
 # on top, so a stream holds less than 400 KiB.
 STREAM_BUFFER = 128 * 1024
 # The same for all the streams of a connection together: past it, every

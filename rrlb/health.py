@@ -12,61 +12,26 @@ from typing import Any, Optional
 
 import treq
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from rrlb import __version__
-from rrlb.failures import LocalErrors, exhausted_now, local_errno
-from rrlb.nodetls import describe_tls_error
+from rrlb._twisted import quiet_connection_pool
+from rrlb.failures import LocalErrors, describe_failure, exhausted_now, local_errno
 from rrlb.pool import Node, Pool
 from rrlb.settings import HealthConfig
 
 USER_AGENT = f"rrlb-health/{__version__}".encode("ascii")
 
 
-def describe_failure(reason: Failure) -> str:
-    """
-    A short, single-line reason for an upstream failure, for logs and status.
-    """
-    exc = reason.value
-    if isinstance(exc, (webclient.ResponseNeverReceived, webclient.RequestTransmissionFailed)):
-        inner = getattr(exc, "reasons", None)
-        if inner:
-            return describe_failure(inner[0])
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (defer.TimeoutError, error.TimeoutError, defer.CancelledError)):
-        return "timed out"
-    if isinstance(exc, error.ConnectionLost):
-        return "connection reset"
-    if isinstance(exc, error.DNSLookupError):
-        return "host name lookup failed"
-    tls = describe_tls_error(exc)
-    if tls is not None:
-        return tls
-    text = str(exc) or type(exc).__name__
-    # OpenSSL errors carry a list of tuples; keep the most telling part.
-    text = " ".join(text.split())
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
-class _QuietFactory(webclient._HTTP11ClientFactory):
-    noisy = False
-
-
-class QuietConnectionPool(webclient.HTTPConnectionPool):
-    """
-    A connection pool whose connections do not log their start and stop:
-    with a probe every few seconds per node they would flood the log.
-    """
-
-    _factory = _QuietFactory
+# A connection pool whose connections do not log their start and stop: with
+# a probe every few seconds per node they would flood the log.
+QuietConnectionPool = quiet_connection_pool
 
 
 class HealthChecker(Service):

@@ -38,7 +38,7 @@ package) is loaded otherwise.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
@@ -47,19 +47,13 @@ from priority import BadWeightError, DuplicateStreamError, PriorityLoop
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection, H2Stream
 
-from rrlb._twisted import set_raw_headers
+from rrlb._twisted import H2Connection, H2Stream, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.channel import (
-    _CLOSED,
-    EDGE_TRUSTED,
-    MAX_LOGGED_TARGET,
-    ProxyChannel,
-    error_response,
-)
+from rrlb.channel import _CLOSED, MAX_LOGGED_TARGET, ProxyChannel
 from rrlb.clients import real_client
 from rrlb.h2buffers import BoundedConnection, BoundedStream
+from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
 from rrlb.parser import (
     BAD_REQUEST,
     BODY_TIMEOUT,
@@ -76,11 +70,6 @@ ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
 # The most bytes of a refused request's method written to the access log
 # (as rrlb.channel.request_line_of keeps of an HTTP/1.1 one).
 MAX_LOGGED_METHOD = 32
-
-# Response headers that never go to an HTTP/2 client (RFC 9113 8.2.2).
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 # Streams a client may have open at once on one connection
 # (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
@@ -336,7 +325,7 @@ class ProxyH2Stream(BoundedStream, H2Stream):
             [
                 (name, value)
                 for name, values in headers.getAllRawHeaders()
-                if name.lower() not in _CONNECTION_SPECIFIC
+                if name.lower() not in H2_CONNECTION_SPECIFIC
                 for value in values
             ],
             self.streamID,
@@ -517,13 +506,19 @@ class ALPNChannel(ProxyChannel):
 
     h2: Optional[ProxyH2Connection] = None
 
+    # Where reads go once the first one chose: the HTTP/2 connection's or
+    # ProxyChannel's dataReceived.
+    reader: Optional[Callable[[bytes], None]] = None
+
     def dataReceived(self, data: bytes) -> None:
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-            h2 = self._start_h2()
-            self.dataReceived = h2.dataReceived  # type: ignore[method-assign]
-        else:
-            self.dataReceived = super().dataReceived  # type: ignore[method-assign]
-        self.dataReceived(data)
+        reader = self.reader
+        if reader is None:
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                reader = self._start_h2().dataReceived
+            else:
+                reader = super().dataReceived
+            self.reader = reader
+        reader(data)
 
     def _start_h2(self) -> ProxyH2Connection:
         transport = self.transport

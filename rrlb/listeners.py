@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 
+from rrlb._twisted import bind_synchronously, port_waiting
+
 # nginx's listen backlog. Twisted's default of 50 overflows when a few
 # hundred clients connect at once, and each overflow costs a client a
 # retransmitted SYN (a second or more of latency).
@@ -54,7 +56,7 @@ class Listener(StreamServerEndpointService):
         self.setting = setting
         self.on_port = on_port
         # Bind in privilegedStartService, so a failure is seen there.
-        self._raiseSynchronously = True
+        bind_synchronously(self)
 
     def privilegedStartService(self) -> None:
         try:
@@ -62,13 +64,14 @@ class Listener(StreamServerEndpointService):
         except Exception as e:
             # SystemExit prints its message and exits 1, under twistd and twist.
             raise SystemExit(f"{self.setting}: {e}") from None
-        if self.on_port is not None and self._waitingForPort is not None:
-            self._waitingForPort.addCallback(self.on_port)
+        waiting = port_waiting(self)
+        if self.on_port is not None and waiting is not None:
+            waiting.addCallback(self.on_port)
 
     def listening(self) -> list[defer.Deferred[Any]]:
         """
         What fires once this listener is bound: nothing to wait for before
         it started, or after it stopped.
         """
-        waiting = self._waitingForPort
+        waiting = port_waiting(self)
         return [] if waiting is None else [waiting]

@@ -32,6 +32,8 @@ from rrlb.pool import Node, Pool, Pools
 
 # Ping the watchdog twice per WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
 WATCHDOG_FRACTION = 0.5
+# The first descriptor systemd passes (sd_listen_fds(3): SD_LISTEN_FDS_START).
+SD_LISTEN_FDS_START = 3
 
 
 def notify_address(environ: Mapping[str, str]) -> Optional[Union[str, bytes]]:
@@ -327,10 +329,11 @@ def recover_listen_fds(pid: int, environ: Optional[Mapping[str, str]] = None) ->
     @return: the number of descriptors recovered (0 when Twisted already
         has them, or none were passed to this process).
     """
-    from twisted.internet.endpoints import _SystemdParser
     from twisted.python.systemd import ListenFDs
 
-    if _SystemdParser._sddaemon.inheritedDescriptors():
+    from rrlb._twisted import adopt_systemd_descriptors, systemd_descriptors
+
+    if systemd_descriptors().inheritedDescriptors():
         return 0
     if environ is None:
         environ = initial_environ()
@@ -342,7 +345,7 @@ def recover_listen_fds(pid: int, environ: Optional[Mapping[str, str]] = None) ->
         return 0
     if count <= 0:
         return 0
-    start = ListenFDs._START
+    start = SD_LISTEN_FDS_START
     descriptors = list(range(start, start + count))
     for fd in descriptors:
         try:
@@ -353,5 +356,5 @@ def recover_listen_fds(pid: int, environ: Optional[Mapping[str, str]] = None) ->
     names = fdnames.split(":") if fdnames else []
     if len(names) != count:
         names = ["unknown"] * count
-    _SystemdParser._sddaemon = ListenFDs(descriptors, tuple(names))
+    adopt_systemd_descriptors(ListenFDs(descriptors, tuple(names)))
     return count

@@ -25,6 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.client import Agent
 
+from rrlb._twisted import clear_exit_signal
 from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
@@ -510,5 +511,4 @@ class ControlService(MultiService):
         # twistd re-raises SIGTERM/SIGINT on itself after the reactor stops,
         # so the process would die "killed by SIGTERM". A drained shutdown is
         # a clean exit: exit 0 instead.
-        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self.reactor._exitSignal = None
+        clear_exit_signal(self.reactor, (signal.SIGTERM, signal.SIGINT))

@@ -14,61 +14,12 @@ way, how long it was open).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from rrlb.body import NODE_FULL
-
-# Upgrade tokens rrlb forwards; any other (h2c, TLS/1.0) is dropped as the
-# hop-by-hop header it is.
-TUNNEL_TOKENS = frozenset({b"websocket"})
-
-# The hop-by-hop headers of a 101 that are not passed on (Upgrade and
-# Connection are: they say what the connection switched to).
-_DROP_101 = frozenset(
-    {
-        b"Keep-Alive",
-        b"Proxy-Connection",
-        b"Te",
-        b"Trailer",
-        b"Transfer-Encoding",
-        b"Content-Length",
-        b"Proxy-Authenticate",
-        b"Proxy-Authorization",
-    }
-)
-
-
-def upgrade_token(values: Optional[list[bytes]]) -> Optional[bytes]:
-    """
-    The token of an C{Upgrade} request header rrlb tunnels (as the client
-    spelt it), or L{None}.
-    """
-    if not values:
-        return None
-    for value in values:
-        for token in value.split(b","):
-            token = token.strip()
-            if token.lower() in TUNNEL_TOKENS:
-                return token
-    return None
-
-
-def switching_head(reason: bytes, headers: dict[bytes, list[bytes]]) -> bytes:
-    """
-    The C{101} response head a client gets: the node's, less the
-    hop-by-hop headers other than Upgrade and Connection.
-    """
-    parts = [b"HTTP/1.1 101 ", reason or b"Switching Protocols", b"\r\n"]
-    for name, values in headers.items():
-        if name in _DROP_101:
-            continue
-        for value in values:
-            parts.extend((name, b": ", value, b"\r\n"))
-    parts.append(b"\r\n")
-    return b"".join(parts)
 
 
 @implementer(IPushProducer)

@@ -20,7 +20,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
 from rrlb.config import parse_node
-from rrlb.health import HealthChecker, describe_failure
+from rrlb.failures import describe_failure
+from rrlb.health import HealthChecker
 from rrlb.pool import Node, Pool
 from rrlb.settings import HealthConfig
 

@@ -491,7 +491,7 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         frame = b"\x00\x00\x01\x09\x04\x00\x00\x00\x03\x82"
         client.transport.write(frame + b"\x00" * 65536)
         await client.lost
-        await wait_for(lambda: not balancer.service.site.channels, "rrlb to close it")
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to close it")
         self.assertEqual(node.requests[0].target, b"/")
 
     async def test_close_notify_withheld(self) -> None:
@@ -504,12 +504,12 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         """
         node = await self.backend(named(b"a"))
         balancer = await self.h2_balancer([node.url], "--keepalive-timeout", "0.3")
-        balancer.service.site.close_timeout = 0.5
+        balancer.service.traffic.site.close_timeout = 0.5
         client = await self.h2_connect(balancer.port)
         _, answer = client.request(b"GET", b"/")
         await answer.done
         client.transport.pauseProducing()
-        await wait_for(lambda: not balancer.service.site.channels, "rrlb to cut it off")
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to cut it off")
 
     async def test_drain_waits_for_streams(self) -> None:
         """

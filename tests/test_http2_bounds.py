@@ -40,7 +40,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 
 from rrlb.clients import ClientLimits, ClientSite
-from rrlb.connection import EDGE_OFF
+from rrlb.http1 import EDGE_OFF
 from tests.daemon import Daemon, start_daemon
 from tests.helpers import LOOPBACK, WAIT_TIMEOUT, reactor, sleep, wait_until
 from tests.test_http2 import H2Client, HTTP2Case

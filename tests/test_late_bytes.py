@@ -43,7 +43,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from rrlb.upstream import STRAY_LOG_INTERVAL, UpstreamPool, UpstreamProtocol, _ConnectFactory
+from rrlb.nodeconn import UpstreamProtocol
+from rrlb.upstream import STRAY_LOG_INTERVAL, UpstreamPool, _ConnectFactory
 from tests.test_wire import LOOPBACK, WAIT, WireCase, get, reactor, wait_for
 
 # A complete response of 62 bytes nobody asked for (the size).

@@ -15,7 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from rrlb.upstream import UpstreamPool, UpstreamProtocol, _ConnectFactory
+from rrlb.nodeconn import UpstreamProtocol
+from rrlb.upstream import UpstreamPool, _ConnectFactory
 from tests.test_wire import (
     LOOPBACK,
     BackendConnection,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from rrlb._twisted import adopt_systemd_descriptors, systemd_descriptors
 from rrlb.config import parse_node
 from rrlb.notify import (
     Notifier,
@@ -433,10 +434,8 @@ class RecoverListenFDsTests(unittest.TestCase):
     """
 
     def setUp(self) -> None:
-        from twisted.internet.endpoints import _SystemdParser
-
-        saved = _SystemdParser._sddaemon
-        self.addCleanup(setattr, _SystemdParser, "_sddaemon", saved)
+        saved = systemd_descriptors()
+        self.addCleanup(adopt_systemd_descriptors, saved)
 
     def test_other_pid(self) -> None:
         """
@@ -450,8 +449,6 @@ class RecoverListenFDsTests(unittest.TestCase):
         Open descriptors from fd 3 on, named C{unknown}, become available to
         C{systemd:domain=INET:index=N}.
         """
-        from twisted.internet.endpoints import _SystemdParser
-
         environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
         try:
             os.fstat(3)
@@ -463,8 +460,8 @@ class RecoverListenFDsTests(unittest.TestCase):
                 os.close(fd)
             self.addCleanup(os.close, 3)
         self.assertEqual(recover_listen_fds(os.getpid(), environ), 1)
-        self.assertEqual(_SystemdParser._sddaemon.inheritedDescriptors(), [3])
-        self.assertEqual(_SystemdParser._sddaemon.inheritedNamedDescriptors(), {"unknown": 3})
+        self.assertEqual(systemd_descriptors().inheritedDescriptors(), [3])
+        self.assertEqual(systemd_descriptors().inheritedNamedDescriptors(), {"unknown": 3})
 
     def test_initial_environ(self) -> None:
         """

@@ -591,7 +591,8 @@ class StreamedBodyUnitTests(unittest.TestCase):
         """
         from twisted.internet.testing import MemoryReactor, StringTransport
 
-        from rrlb.upstream import UpstreamPool, UpstreamProtocol
+        from rrlb.nodeconn import UpstreamProtocol
+        from rrlb.upstream import UpstreamPool
 
         protocol = UpstreamProtocol(UpstreamPool(MemoryReactor()), "k")
         protocol.transport = transport = StringTransport()

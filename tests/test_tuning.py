@@ -11,7 +11,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from rrlb.listeners import DEFAULT_BACKLOG, with_default_backlog
-from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool, UpstreamProtocol
+from rrlb.nodeconn import UpstreamProtocol
+from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool
 from tests.test_wire import (
     BackendConnection,
     BulkProducer,

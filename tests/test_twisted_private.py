@@ -113,9 +113,10 @@ class ChannelTests(unittest.TestCase):
         twisted_own = server.Request(channel)
         ours = ProxyRequest(channel)
         missing = set(vars(twisted_own)) - set(vars(ours))
-        # What ProxyRequest keeps as a class attribute instead.
+        # Only read by Request.requestReceived, which ProxyRequest overrides
+        # (and never calls).
         self.assertEqual(missing, {"_parsePOSTFormSubmission"})
-        self.assertIs(ours._parsePOSTFormSubmission, False)
+        self.assertIsNot(ProxyRequest.requestReceived, http.Request.requestReceived)
         self.assertEqual(set(vars(ours)) - set(vars(twisted_own)), set())
         self.assertEqual(ours.client, twisted_own.client)
         self.assertEqual(ours.host, twisted_own.host)
@@ -142,7 +143,39 @@ class EndpointServiceTests(unittest.TestCase):
         """
         service = StreamServerEndpointService(None, None)
         self.assertIsNone(service._waitingForPort)
+        self.assertIsNone(_twisted.port_waiting(service))
         self.assertFalse(service._raiseSynchronously)
+        _twisted.bind_synchronously(service)
+        self.assertIs(service._raiseSynchronously, True)
+
+
+class ExitSignalTests(unittest.TestCase):
+    """
+    The signal twistd re-raises after the reactor stopped is the reactor's
+    C{_exitSignal}.
+    """
+
+    def test_clear_exit_signal(self) -> None:
+        """
+        L{_twisted.clear_exit_signal} forgets SIGTERM and SIGINT only, on a
+        real reactor class that has the attribute.
+        """
+        import signal
+
+        from twisted.internet.base import ReactorBase
+
+        self.assertIn("_exitSignal", vars(ReactorBase))
+        self.assertIn("_exitSignal", ReactorBase.sigTerm.__code__.co_names)
+
+        class Reactor:
+            _exitSignal: object = signal.SIGTERM
+
+        reactor = Reactor()
+        _twisted.clear_exit_signal(reactor, (signal.SIGTERM, signal.SIGINT))
+        self.assertIsNone(reactor._exitSignal)
+        reactor._exitSignal = signal.SIGHUP
+        _twisted.clear_exit_signal(reactor, (signal.SIGTERM, signal.SIGINT))
+        self.assertEqual(reactor._exitSignal, signal.SIGHUP)
 
 
 class HTTP2Tests(unittest.TestCase):
@@ -183,3 +216,44 @@ class HTTP2Tests(unittest.TestCase):
             self.assertTrue(hasattr(stream, name), name)
         connection.connectionLost(Failure(ConnectionDone()))
         clock.advance(1)
+
+
+class ClientPoolTests(unittest.TestCase):
+    """
+    The private factory hook behind L{_twisted.quiet_connection_pool}.
+    """
+
+    def test_quiet_factory(self) -> None:
+        """
+        The pool still builds its connections' factory from C{_factory}, and
+        the quiet pool's factory does not log.
+        """
+        from twisted.web import client
+
+        self.assertTrue(issubclass(client.HTTPConnectionPool._factory, client._HTTP11ClientFactory))
+        pool = _twisted.quiet_connection_pool(Clock(), persistent=False)
+        self.assertIsInstance(pool, client.HTTPConnectionPool)
+        self.assertFalse(pool.persistent)
+        self.assertIs(pool._factory.noisy, False)
+
+
+class SystemdTests(unittest.TestCase):
+    """
+    The descriptors C{systemd:} endpoints take live in
+    C{_SystemdParser._sddaemon}.
+    """
+
+    def test_adopt(self) -> None:
+        """
+        Descriptors adopted through L{_twisted.adopt_systemd_descriptors} are
+        what a C{systemd:} endpoint string finds.
+        """
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        saved = _twisted.systemd_descriptors()
+        self.addCleanup(_twisted.adopt_systemd_descriptors, saved)
+        self.assertIsInstance(saved, ListenFDs)
+        _twisted.adopt_systemd_descriptors(ListenFDs([3], ("web",)))
+        self.assertEqual(endpoints._SystemdParser._sddaemon.inheritedDescriptors(), [3])
+        self.assertEqual(_twisted.systemd_descriptors().inheritedNamedDescriptors(), {"web": 3})

@@ -18,9 +18,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rrlb.config import parse_node
+from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node
 from rrlb.tap import Options
-from rrlb.upstream import UpstreamPool, UpstreamProtocol
+from rrlb.upstream import UpstreamPool
 from tests.test_wire import (
     LOOPBACK,
     BackendConnection,

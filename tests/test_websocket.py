@@ -551,3 +551,42 @@ class TunnelSettingsTests(unittest.TestCase):
             (record["tunnel_bytes_to_node"], record["tunnel_bytes_to_client"]), (1500, 2000)
         )
         self.assertEqual((record["status"], record["tunnel_time"]), (101, 61.25))
+
+
+class SwitchingHeadTests(WebSocketCase):
+    """
+    The node's 101 reaches the client less its hop-by-hop headers.
+    """
+
+    async def test_hop_by_hop_of_101_dropped(self) -> None:
+        """
+        A node's C{TE}, C{Keep-Alive}, C{Trailer} and C{Proxy-Connection}
+        on a 101 stay between rrlb and the node (they spoke of that hop);
+        C{Upgrade}, C{Connection} and the node's own headers reach the
+        client, and the tunnel works.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\n"
+                b"Trailer: X-Sum\r\nProxy-Connection: keep-alive\r\n"
+                b"X-Node: a\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                b"from node"
+            )
+
+        backend = await self.backend(switch)
+        _, port = await self.balancer([backend.url])
+        client = await self.client(port)
+        client.send(UPGRADE)
+        await wait_for(lambda: b"\r\n\r\nfrom node" in client.data, "the 101 and the tunnel")
+        head = bytes(client.data).split(b"\r\n\r\n", 1)[0].lower()
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"http/1.1 101 switching protocols")
+        names = {line.split(b":", 1)[0] for line in lines[1:]}
+        for name in (b"te", b"keep-alive", b"trailer", b"proxy-connection"):
+            self.assertNotIn(name, names)
+        for name in (b"upgrade", b"connection", b"x-node", b"sec-websocket-accept"):
+            self.assertIn(name, names)
+        client.transport.abortConnection()
+        await client.lost
