@@ -73,7 +73,7 @@ def start_node(python, port, name, log_path, script="node.py"):
 
 
 def start_rrlb(python, port, args, log_path, scheme="tcp"):
-    """`python -m twisted rrlb --listen SCHEME:PORT:interface=127.0.0.1 ARGS`, as tests/daemon."""
+    """`python -m twisted rrlb --listen SCHEME:PORT:interface=127.0.0.1 ARGS`, as start_daemon."""
     argv = [python, "-m", "twisted", "--log-format", "text", "rrlb"]
     argv += ["--listen", f"{scheme}:{port}:interface={LOOPBACK}", *args]
     proc = _spawn(argv, log_path)

@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from rrlb.accesslog import BATCH_SIZE, AccessLog, format_combined, format_json
 from rrlb.tap import makeService
-from tests.helpers import (
+from tests.support import (
     LogCapture,
     balancer_options,
     closed_port_url,

@@ -23,53 +23,27 @@ from twisted.trial import unittest
 from rrlb import __version__
 from rrlb.metrics import status_class
 from rrlb.tap import makeService
-from tests.helpers import (
+from tests.support import (
+    ADMIN,
     WAIT_TIMEOUT,
-    Balancer,
     LogCapture,
     RawClient,
     Reply,
+    admin_url,
     balancer_options,
     closed_port_url,
     http_request,
     parse_error,
     raw_connect,
     raw_request,
+    samples,
     split_response,
     start_backends,
     start_balancer,
     wait_until,
 )
 
-ADMIN = "tcp:0:interface=127.0.0.1"
 reactor: Any = _reactor
-
-
-async def admin_url(balancer: Balancer) -> str:
-    """
-    The base URL of a running balancer's admin endpoint.
-    """
-    listener = balancer.service.admin_listener
-    assert listener is not None
-    got: defer.Deferred[Any] = defer.Deferred()
-
-    def port(p: Any) -> Any:
-        got.callback(p)
-        return p
-
-    listener._waitingForPort.addCallback(port)
-    return f"http://127.0.0.1:{(await got).getHost().port}"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """
-    The samples of a Prometheus exposition, keyed by name and sorted labels.
-    """
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 class AdminCase(unittest.TestCase):

@@ -9,7 +9,7 @@ seeded L{random.Random}.
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import task
 from twisted.trial import unittest
@@ -23,37 +23,7 @@ from rrlb.balance import (
     sticky_id,
 )
 from rrlb.pool import Node, Pool
-
-from .test_pool import bring_back, name, specs, take_out
-
-
-class FakeChannel:
-    def __init__(self, ip: bytes) -> None:
-        self.forwarded = (b"http", ip)
-
-
-class FakeHeaders:
-    def __init__(self, raw: dict[bytes, list[bytes]]) -> None:
-        self._rawHeaders = raw
-
-
-class FakeRequest:
-    """
-    What policies read of a request.
-    """
-
-    def __init__(
-        self,
-        uri: bytes = b"/",
-        headers: Optional[dict[bytes, list[bytes]]] = None,
-        ip: bytes = b"127.0.0.1",
-        real_client: Optional[str] = None,
-    ) -> None:
-        self.uri = uri
-        self.method = b"GET"
-        self.requestHeaders = FakeHeaders(headers or {})
-        self.channel = FakeChannel(ip)
-        self.real_client = real_client
+from tests.support import FakeRequest, bring_back, name, specs, take_out
 
 
 class NearTestCase(unittest.TestCase):

@@ -15,8 +15,7 @@ from rrlb.config import all_pools, build_config, parse_node
 from rrlb.settings import Config, HealthConfig, RouteConfig
 from rrlb.tap import Options
 from rrlb.values import ConfigError
-
-from .helpers import parse_error
+from tests.support import parse_error
 
 
 def parse(*args: str) -> Config:

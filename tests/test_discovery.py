@@ -9,146 +9,36 @@ Every address in the test records is a 127.x loopback address.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.error import CannotListenError
-from twisted.names import authority, common, dns, server
 from twisted.trial import unittest
 from twisted.web import server as web_server
 
 from rrlb.config import ConfigError, build_config, parse_node_entries
 from rrlb.discovery import TTL_FLOOR, DnsDiscovery, make_resolver
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
+    SRV_NAME,
     Backend,
+    DnsServer,
     LogCapture,
+    a,
     balancer_options,
     http_request,
     parse_error,
     reactor,
-    sleep,
+    srv,
     start_backend,
     start_balancer,
+    start_server,
     track_connections,
     wait_until,
 )
 
-ZONE = b"rrlb.test"
 NAME = "api.rrlb.test"
-SRV_NAME = "_http._tcp.api.rrlb.test"
 # Lookups in these tests give up quickly when the server is gone.
 FAST_TIMEOUT = (0.3,)
-
-
-class MemoryAuthority(authority.FileAuthority):
-    """
-    An authority for L{ZONE} whose records live in a dict the test changes
-    while the server runs; it counts the queries it answers.
-
-    @ivar additional: whether SRV answers carry their targets' addresses.
-    """
-
-    def __init__(self) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = (
-            ZONE,
-            dns.Record_SOA(mname=b"ns." + ZONE, rname=b"root." + ZONE, minimum=7, expire=60, ttl=7),
-        )
-        self.records: dict[bytes, list[Any]] = {}
-        self.queries: list[tuple[bytes, int]] = []
-        self.additional = True
-
-    def _lookup(self, name: Any, cls: int, type: int, timeout: Any = None) -> Any:
-        self.queries.append((name, type))
-        return super()._lookup(name, cls, type, timeout)
-
-    def _additionalRecords(self, answer: Any, authority: Any, ttl: int) -> Any:
-        # Twisted's authority adds addresses for CNAME, MX and NS only; DNS
-        # servers such as CoreDNS and Consul add them for SRV targets too.
-        if not self.additional:
-            return
-        yield from super()._additionalRecords(answer, authority, ttl)
-        for record in answer:
-            if record.type == dns.SRV:
-                name = record.payload.target.name
-                for rec in self.records.get(name.lower(), ()):
-                    if rec.TYPE in (dns.A, dns.AAAA):
-                        yield dns.RRHeader(name, rec.TYPE, dns.IN, rec.ttl or ttl, rec, auth=True)
-
-    def set(self, name: str, *records: Any) -> None:
-        self.records[name.encode("ascii")] = list(records)
-
-    def count(self, name: str, type: int = dns.A) -> int:
-        return sum(1 for n, t in self.queries if n == name.encode("ascii") and t == type)
-
-
-class DnsServer:
-    """
-    A twisted.names authoritative server on 127.0.0.1 (UDP), port 0.
-    """
-
-    def __init__(self) -> None:
-        self.authority = MemoryAuthority()
-        self.port: Any = None
-        self.tcp_port: Any = None
-        self.number = 0
-        self.connections: list[Any] = []
-
-    def start(self, number: int = 0) -> DnsServer:
-        factory = server.DNSServerFactory(authorities=[self.authority])
-        factory.noisy = False
-        # The same port over TCP, where rrlb asks (rrlb.discovery.TCPResolver);
-        # its connections are remembered so that stop() really goes away.
-        build = factory.buildProtocol
-
-        def remembered(addr: Any) -> Any:
-            connection = build(addr)
-            self.connections.append(connection)
-            return connection
-
-        factory.buildProtocol = remembered  # type: ignore[method-assign]
-        for _ in range(50):
-            protocol = dns.DNSDatagramProtocol(factory)
-            protocol.noisy = False
-            self.port = reactor.listenUDP(number, protocol, interface=LOOPBACK)
-            self.number = self.port.getHost().port
-            try:
-                self.tcp_port = reactor.listenTCP(self.number, factory, interface=LOOPBACK)
-                return self
-            except CannotListenError:
-                # That number is taken over TCP (say, by a client's port).
-                self.port.stopListening()
-                if number:
-                    raise
-        raise AssertionError("no port free over both UDP and TCP")
-
-    def stop(self) -> defer.Deferred[Any]:
-        ports = [p for p in (self.port, self.tcp_port) if p is not None]
-        self.port = self.tcp_port = None
-        connections, self.connections = self.connections, []
-        for connection in connections:
-            if connection.transport is not None:
-                connection.transport.abortConnection()
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.number}"
-
-
-def a(address: str, ttl: Optional[int] = 30) -> dns.Record_A:
-    return dns.Record_A(address, ttl)
-
-
-def srv(target: str, port: int, weight: int = 1, ttl: int = 30) -> dns.Record_SRV:
-    return dns.Record_SRV(0, weight, port, target, ttl)
-
-
-def start_server(testcase: unittest.TestCase) -> DnsServer:
-    dns_server = DnsServer().start()
-    testcase.addCleanup(dns_server.stop)
-    return dns_server
 
 
 def entries(*raw: dict[str, Any]) -> Any:
@@ -606,12 +496,18 @@ class DnsBalancingTests(unittest.TestCase):
         except Exception as e:  # pragma: no cover - a host without 127.0.0.2
             raise unittest.SkipTest(f"cannot listen on 127.0.0.2:{number}: {e}") from None
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(second.stop()))
+        logs = LogCapture.install(self)
         dns_server = start_server(self)
         dns_server.authority.set(NAME, a("127.0.0.1", 1), a("127.0.0.2", 1))
         balancer = await self.start(dns_server, f"{{dns: {NAME}, port: {number}}}")
         await wait_until(lambda: len(balancer.service.pool.nodes) == 2, what="nodes from DNS")
         await dns_server.stop()
-        await sleep(1.5)
+        # The lookup after the records' 1-second TTL is when the nodes could
+        # go; wait until it has failed.
+        await wait_until(
+            lambda: any(f"DNS lookup of dns {NAME} failed" in m for m in logs.messages()),
+            what="a failed lookup after the TTL",
+        )
         bodies = {(await http_request(self, "GET", balancer.url + "/")).body for _ in range(4)}
         self.assertEqual(bodies, {b"one", b"two"})
         self.assertEqual(len(balancer.service.pool.nodes), 2)

@@ -17,14 +17,14 @@ from twisted.web.client import ResponseFailed
 from rrlb.config import build_config
 from rrlb.drain import DRAIN_POLL, Drain
 from rrlb.tap import Options, compose
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     HTTPClient,
     raw_connect,
     reactor,
     start_backend,
     start_balancer,
+    start_daemon,
     wait_until,
 )
 

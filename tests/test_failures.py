@@ -21,8 +21,7 @@ from twisted.trial import unittest
 from twisted.web.client import ResponseNeverReceived
 
 from rrlb.failures import BURST_GAP, LocalErrors, local_errno
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     LogCapture,
     RawClient,
@@ -32,6 +31,7 @@ from tests.helpers import (
     split_response,
     start_backend,
     start_balancer,
+    start_daemon,
     wait_until,
 )
 

@@ -7,8 +7,8 @@ one of three nodes under a bounded load of concurrent GETs (what the other
 requests see while it misbehaves). The last test kills one of three nodes
 and starts it again, twice, under load.
 
-The nodes are L{tests.test_wire.RawBackend}s with a handler that
-misbehaves; the load is L{tests.helpers.HTTPClient} with automatic retries
+The nodes are L{tests.support.RawBackend}s with a handler that
+misbehaves; the load is L{tests.support.HTTPClient} with automatic retries
 off, so every failure rrlb lets through is seen.
 """
 
@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from tests.helpers import HTTPClient
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
+    HTTPClient,
     RawBackend,
     RecordedRequest,
     WireCase,
@@ -34,7 +34,6 @@ from tests.test_wire import (
     post,
     reactor,
     response,
-    sleep,
     wait_for,
 )
 
@@ -42,6 +41,8 @@ MiB = 1024 * 1024
 # The load: a bounded number of GETs from a few concurrent keep-alive clients.
 LOAD_REQUESTS = 60
 LOAD_CONCURRENCY = 6
+# In the kill/restart test, each phase lasts this many answers.
+CHAOS_STEP = 50
 # A client never waits longer than this for one response.
 CLIENT_TIMEOUT = 10.0
 # Short response timeouts so slow-node tests take a second or two.
@@ -463,14 +464,17 @@ class ClosingNodeTests(FaultCase):
         connection; the node sees each request exactly once.
         """
         backend = await self.backend(close_after_answer)
-        _, port = await self.balancer([backend.url])
+        service, port = await self.balancer([backend.url])
         client = await self.client(port)
         for i in range(6):
             client.send(post(b"/p%d" % i, b"x") if i % 2 else get(b"/g%d" % i))
             result = await client.response()
             assert result is not None
             self.assertEqual((result.code, result.body), (200, b"closer"))
-            await sleep(0.05)
+            await wait_for(
+                lambda: service.traffic.upstream.connection_count == 0,
+                "rrlb to see the node close",
+            )
         self.assertEqual(len(backend.connections), 6)
         self.assertEqual(len(backend.requests), 6)
 
@@ -591,15 +595,27 @@ class KillAndRestartTests(FaultCase):
         events = self.capture_log()
         done = []
 
+        def served() -> int:
+            return sum(len(n.requests) for n in nodes)
+
+        async def more_load(count: int, what: str) -> None:
+            # The load runs on for COUNT more answers (or the victim's).
+            mark = served()
+            await wait_for(lambda: served() >= mark + count, what)
+
+        async def victim_serves(count: int, what: str) -> None:
+            mark = len(victim.requests)
+            await wait_for(lambda: len(victim.requests) >= mark + count, what)
+
         async def chaos() -> None:
             for _ in range(2):
-                await sleep(0.5)
+                await victim_serves(CHAOS_STEP, "the node to take its share of the load")
                 await kill(victim)
                 await wait_for(lambda: not node.healthy, "the node to leave", timeout=5)
-                await sleep(0.3)
+                await more_load(CHAOS_STEP, "load over the other nodes")
                 await restart(victim, port_number)
                 await wait_for(lambda: node.healthy, "the node to come back", timeout=5)
-            await sleep(0.3)
+            await victim_serves(CHAOS_STEP, "the node to serve again")
             done.append(True)
 
         load = defer.Deferred.fromCoroutine(

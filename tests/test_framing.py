@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from tests.helpers import (
+from tests.support import (
     Backend,
     Balancer,
     raw_connect,

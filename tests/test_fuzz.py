@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, threads, utils
 
-from tests.test_wire import (
+from tests.support import (
     BackendConnection,
     RecordedRequest,
     WireCase,

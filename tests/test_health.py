@@ -24,8 +24,7 @@ from rrlb.failures import describe_failure
 from rrlb.health import HealthChecker
 from rrlb.pool import Node, Pool
 from rrlb.settings import HealthConfig
-
-from .helpers import LogCapture
+from tests.support import LogCapture
 
 
 @implementer(IResponse)

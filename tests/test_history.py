@@ -12,8 +12,7 @@ from rrlb.history import HISTORY_SAMPLES, History, quantile
 from rrlb.metrics import LATENCY_BUCKETS, Metrics
 from rrlb.pool import Pool, Pools
 from rrlb.statuspage import chart, render_page
-
-from .test_pool import specs
+from tests.support import specs
 
 
 def histogram(**at: float) -> list[float]:

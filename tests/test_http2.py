@@ -12,178 +12,30 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 from OpenSSL import crypto
 from twisted.internet import defer, utils
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.python.failure import Failure
 
-from tests.helpers import Balancer, start_balancer
-from tests.test_tls import TLSCase
-from tests.test_wire import (
+from rrlb.drain import DRAIN_POLL
+from tests.support import (
     LOOPBACK,
     BackendConnection,
-    RawBackend,
-    RawClient,
+    Client,
+    EchoFactory,
+    HTTP2Case,
     RecordedRequest,
+    WireClient,
+    balancer_options,
+    https_get,
+    parse_error,
     reactor,
     response,
-    sleep,
+    start_balancer,
     wait_for,
 )
-
-
-class H2Response:
-    """
-    One response on a stream, as the client got it.
-    """
-
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
-        self.done: defer.Deferred[H2Response] = defer.Deferred()
-        self.reset: Optional[int] = None
-
-    @property
-    def status(self) -> int:
-        return int(self.headers[b":status"])
-
-
-class H2Client(Protocol):
-    """
-    An HTTP/2 client connection made with the C{h2} library.
-    """
-
-    def __init__(self) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
-        self.responses: dict[int, H2Response] = {}
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def request(
-        self,
-        method: bytes,
-        path: bytes,
-        body: Optional[bytes] = None,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-        end: bool = True,
-    ) -> tuple[int, H2Response]:
-        """
-        Start a request; returns its stream id and its (future) response.
-        """
-        stream = self.conn.get_next_available_stream_id()
-        head = [
-            (b":method", method),
-            (b":path", path),
-            (b":scheme", b"https"),
-            (b":authority", b"h2.example"),
-            *headers,
-        ]
-        self.conn.send_headers(stream, head, end_stream=body is None and end)
-        if body is not None:
-            self.conn.send_data(stream, body, end_stream=end)
-        self.responses[stream] = H2Response()
-        self.flush()
-        return stream, self.responses[stream]
-
-    def send(self, stream: int, data: bytes, end: bool = False) -> None:
-        self.conn.send_data(stream, data, end_stream=end)
-        self.flush()
-
-    def cancel(self, stream: int) -> None:
-        self.conn.reset_stream(stream)
-        self.flush()
-        # h2 reports no event for a reset of our own: end the response here.
-        answer = self.responses[stream]
-        answer.reset = 8  # CANCEL
-        if not answer.done.called:
-            answer.done.callback(answer)
-
-    def dataReceived(self, data: bytes) -> None:
-        for event in self.conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                answer = self.responses[event.stream_id]
-                answer.raw_headers = list(event.headers)
-                answer.headers = dict(event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                self.responses[event.stream_id].body += event.data
-                self.conn.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id
-                )
-            elif isinstance(event, h2.events.StreamEnded):
-                answer = self.responses[event.stream_id]
-                answer.done.callback(answer)
-            elif isinstance(event, h2.events.StreamReset):
-                answer = self.responses[event.stream_id]
-                answer.reset = event.error_code
-                if not answer.done.called:
-                    answer.done.callback(answer)
-        self.flush()
-
-    def connectionLost(self, reason: Failure) -> None:
-        for answer in self.responses.values():
-            if not answer.done.called:
-                answer.done.errback(reason)
-        self.lost.callback(None)
-
-
-class HTTP2Case(TLSCase):
-    timeout = 60
-
-    async def backend(self, handler: Any) -> RawBackend:
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
-        backend = RawBackend(handler)
-        backend.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(backend)
-        self.addCleanup(backend.stop)
-        return backend
-
-    async def h2_balancer(self, nodes: list[str], *args: str) -> Balancer:
-        cert, key = self.write_pair("site", self.certs.site_a)
-        return await start_balancer(
-            self,
-            nodes,
-            "--listen",
-            "ssl:0:interface=127.0.0.1",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            key,
-            "--http2",
-            "--health-interval",
-            "3600",
-            *args,
-        )
-
-    async def h2_connect(self, port: int) -> H2Client:
-        trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
-        options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"h2"])
-        endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, port, options)
-        client = await connectProtocol(endpoint, H2Client())
-
-        async def close() -> None:
-            if client.transport.connected:
-                client.transport.abortConnection()
-                await client.lost
-
-        self.addCleanup(close)
-        return client
 
 
 def named(name: bytes) -> Any:
@@ -294,7 +146,6 @@ class HTTP2Tests(HTTP2Case):
         """
         A client offering only http/1.1 by ALPN is served HTTP/1.1 as before.
         """
-        from tests.test_tls import https_get
 
         node = await self.backend(named(b"a"))
         balancer = await self.h2_balancer([node.url])
@@ -344,7 +195,6 @@ class HTTP2SettingTests(HTTP2Case):
         """
         --http2 and YAML http2: true turn it on; it is off by default.
         """
-        from tests.helpers import balancer_options, parse_error
 
         nodes = ("--nodes", "http://127.0.0.1:9")
         self.assertFalse(balancer_options(*nodes).config.http2)
@@ -405,7 +255,7 @@ class HTTP2SettingTests(HTTP2Case):
             "a.test", trustRoot=trust, acceptableProtocols=[b"h2", b"http/1.1"]
         )
         endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, balancer.port, options)
-        client = await connectProtocol(endpoint, RawClient())
+        client = await connectProtocol(endpoint, WireClient())
         client.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
         result = await client.response()
         assert result is not None
@@ -523,15 +373,27 @@ class HTTP2ConnectionLifeTests(HTTP2Case):
         _, answer = client.request(b"GET", b"/slow")
         await wait_for(lambda: held, "the request at the node")
         stopped: list[bool] = []
-        stopping = defer.maybeDeferred(balancer.service.stopService)
+        service = balancer.service
+        traffic = service.traffic
+        stopping = defer.maybeDeferred(service.stopService)
         stopping.addBoth(lambda result: stopped.append(True) or result)
-        await sleep(0.3)
+        (channel,) = service.traffic.site.channels
+        await wait_for(lambda: channel.h2.going_away, "the drain to ask the connection to end")
+        # The drain asks again every DRAIN_POLL: let it ask a few times, then
+        # a PING answered shows the connection outlived every ask.
+        await wait_for(
+            lambda: traffic.drain is None or traffic.drain.elapsed >= 3 * DRAIN_POLL,
+            "the drain to look at the connection again",
+        )
+        await client.ping()
+        self.assertEqual(client.goaways, [])
         self.assertEqual(stopped, [])
         self.assertFalse(answer.done.called)
         held[0].transport.write(response(body=b"late"))
         await answer.done
         self.assertEqual(bytes(answer.body), b"late")
         await client.lost
+        self.assertEqual(client.goaways, [0])
         await wait_for(lambda: stopped, "the drain to end")
 
 
@@ -547,8 +409,6 @@ class SecureWebSocketTests(HTTP2Case):
         """
         from autobahn.twisted.websocket import WebSocketClientFactory
         from twisted.internet.endpoints import TCP4ServerEndpoint
-
-        from tests.test_websocket import Client, EchoFactory
 
         echo = EchoFactory("a")
         echo.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(echo)

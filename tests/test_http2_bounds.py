@@ -41,10 +41,21 @@ from twisted.web.resource import Resource
 
 from rrlb.clients import ClientLimits, ClientSite
 from rrlb.http1 import EDGE_OFF
-from tests.daemon import Daemon, start_daemon
-from tests.helpers import LOOPBACK, WAIT_TIMEOUT, reactor, sleep, wait_until
-from tests.test_http2 import H2Client, HTTP2Case
-from tests.test_wire import BackendConnection, RecordedRequest, response
+from tests.support import (
+    LOOPBACK,
+    WAIT_TIMEOUT,
+    BackendConnection,
+    Daemon,
+    H2Client,
+    HTTP2Case,
+    RecordedRequest,
+    https_get,
+    reactor,
+    response,
+    sleep,
+    start_daemon,
+    wait_until,
+)
 
 # The figures: each stream GETs 300 MB, and rrlb may grow by less
 # than 32 MB for the whole client.
@@ -292,7 +303,6 @@ class SlowReaderTests(BoundsCase):
         self.assertLess(highest - before, RSS_GROWTH, f"RSS {before} -> {highest}")
         # Everybody else is served meanwhile, over HTTP/2 and HTTP/1.1.
         self.assertEqual(await self.get(daemon.port), (200, b"ok"))
-        from tests.test_tls import https_get
 
         code, body, _ = await https_get(
             self, f"https://127.0.0.1:{daemon.port}/small", self.certs.ca

@@ -25,8 +25,16 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 
 from rrlb.parser import BAD_METHOD, BAD_REQUEST, HEADER_TOO_LARGE, TOO_MANY_HEADERS
-from tests.test_http2 import H2Client, H2Response, HTTP2Case
-from tests.test_wire import LOOPBACK, decode_chunked, reactor, response, wait_for
+from tests.support import (
+    LOOPBACK,
+    H2Client,
+    H2Response,
+    HTTP2Case,
+    decode_chunked,
+    reactor,
+    response,
+    wait_for,
+)
 
 
 class RecordingConnection(Protocol):

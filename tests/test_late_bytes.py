@@ -45,7 +45,7 @@ from twisted.trial import unittest
 
 from rrlb.nodeconn import UpstreamProtocol
 from rrlb.upstream import STRAY_LOG_INTERVAL, UpstreamPool, _ConnectFactory
-from tests.test_wire import LOOPBACK, WAIT, WireCase, get, reactor, wait_for
+from tests.support import LOOPBACK, WAIT, WireCase, get, reactor, wait_for
 
 # A complete response of 62 bytes nobody asked for (the size).
 LATE = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Late: not-wanted\r\n\r\nLATE"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -17,7 +18,7 @@ from twisted.trial import unittest
 
 from rrlb.nodeconn import UpstreamProtocol
 from rrlb.upstream import UpstreamPool, _ConnectFactory
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     RecordedRequest,
@@ -26,7 +27,7 @@ from tests.test_wire import (
     post,
     reactor,
     response,
-    sleep,
+    wait_for,
 )
 
 MB = 1024 * 1024
@@ -42,9 +43,13 @@ class EarlyAnswer(Protocol):
         self.factory = factory
         self.buffer = b""
         self.answered = False
+        self.lost: defer.Deferred[None] = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -77,7 +82,7 @@ class MisbehavingNodeTests(WireCase):
             await port.stopListening()
             for connection in factory.connections:
                 connection.transport.abortConnection()  # type: ignore[attr-defined]
-            await sleep(0.05)
+            await defer.gatherResults([c.lost for c in factory.connections])
 
         self.addCleanup(stop)
         return f"http://{LOOPBACK}:{port.getHost().port}"
@@ -90,11 +95,16 @@ class MisbehavingNodeTests(WireCase):
         closes its file).
         """
         url = await self.early_node()
-        _, port = await self.balancer([url])
+        service, port = await self.balancer([url])
         result = await self.exchange(port, post(b"/up", os.urandom(2 * MB)))
         assert result is not None
         self.assertEqual(result.code, 413)
-        await sleep(0.3)
+        # Anything failing would fail as the client's connection and the
+        # node's end: wait until both have.
+        await wait_for(lambda: not service.traffic.site.channels, "the client's connection to end")
+        await wait_for(
+            lambda: service.traffic.upstream.connection_count == 0, "the node's connection to end"
+        )
         errors = self.flushLoggedErrors()
         self.assertEqual(errors, [], [e.getTraceback() for e in errors])
 
@@ -108,11 +118,11 @@ class MisbehavingNodeTests(WireCase):
         result = await self.exchange(port, post(b"/up", os.urandom(8 * MB)))
         assert result is not None
         self.assertEqual(result.code, 413)
-        for _ in range(40):
-            if service.traffic.upstream.connection_count == 0:
-                break
-            await sleep(0.05)
-        self.assertEqual(service.traffic.upstream.connection_count, 0)
+        await wait_for(
+            lambda: service.traffic.upstream.connection_count == 0,
+            "the node's connection to close",
+            timeout=2.0,
+        )
 
     async def test_close_delimited_body_cut_by_reset(self) -> None:
         """

@@ -29,13 +29,13 @@ from rrlb.notify import (
 from rrlb.pool import Pool
 from rrlb.service import ControlService
 from rrlb.tap import compose
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
     LogCapture,
     balancer_options,
     http_request,
     reactor,
     start_backend,
+    start_daemon,
     wait_until,
 )
 

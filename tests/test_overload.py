@@ -15,22 +15,24 @@ from twisted.trial import unittest
 from twisted.web import server
 
 from rrlb.pool import Node
-from tests.helpers import (
+from tests.support import (
+    ADMIN,
     Backend,
     Balancer,
     HTTPClient,
     RawClient,
     Reply,
+    admin_url,
     closed_port_url,
     http_request,
     raw_connect,
     reactor,
+    samples,
     start_backend,
     start_backends,
     start_balancer,
     wait_until,
 )
-from tests.test_admin import ADMIN, admin_url, samples
 
 # Health checks that never get in the way: a failed request or probe must
 # not take a dead node out of rotation during a test.

@@ -21,8 +21,14 @@ from twisted.internet import reactor as _reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.helpers import HTTPClient, sleep, start_backends, start_balancer, wait_until
-from tests.test_admin import ADMIN, admin_url
+from tests.support import (
+    ADMIN,
+    HTTPClient,
+    admin_url,
+    start_backends,
+    start_balancer,
+    wait_until,
+)
 
 reactor: Any = _reactor
 
@@ -211,8 +217,19 @@ class StatusPageBrowserTests(unittest.TestCase):
 
         history = balancer.service.history
         assert history is not None
+
+        async def sampled() -> None:
+            # The history samples once a second: wait for a sample of every
+            # node taken after the traffic so far.
+            taken = {label: len(node.rps) for label, node in history.nodes.items()}
+            await wait_until(
+                lambda: len(history.nodes) == 3
+                and all(len(n.rps) > taken.get(label, 0) for label, n in history.nodes.items()),
+                what="a history sample after the traffic",
+            )
+
         await traffic(20)
-        await sleep(1.2)
+        await sampled()
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
 
@@ -246,7 +263,7 @@ class StatusPageBrowserTests(unittest.TestCase):
 
         slow.delay = 0.3
         await traffic(6)
-        await sleep(2.2)
+        await sampled()
         second = await dump("profile-2")
         before, after = lines(first), lines(second)
         for key in before:

@@ -12,28 +12,9 @@ from typing import Optional, Sequence
 from twisted.internet import task
 from twisted.trial import unittest
 
-from rrlb.config import NodeSpec, parse_node
+from rrlb.config import NodeSpec
 from rrlb.pool import DOWN, DRAINING, UP, Node, Pool, smooth_weighted_order
-
-from .helpers import LogCapture
-
-
-def specs(*names: str, weights: Optional[Sequence[int]] = None) -> list[NodeSpec]:
-    """
-    Node specs named by one letter each: C{a} is C{http://a}.
-    """
-    out = []
-    for i, name in enumerate(names):
-        spec = parse_node(f"http://{name}")
-        if weights is not None:
-            spec = NodeSpec(**{**spec.__dict__, "weight": weights[i]})
-        out.append(spec)
-    return out
-
-
-def name(node: Optional[Node]) -> str:
-    assert node is not None
-    return node.host
+from tests.support import LogCapture, bring_back, name, specs, take_out
 
 
 def picks(pool: Pool, n: int) -> str:
@@ -41,18 +22,6 @@ def picks(pool: Pool, n: int) -> str:
     The next C{n} picks, as a string of node names.
     """
     return "".join(name(pool.pick()) for _ in range(n))
-
-
-def take_out(pool: Pool, node: Node) -> None:
-    for _ in range(pool.fall):
-        pool.mark(node, False, "test failure")
-    assert not node.healthy
-
-
-def bring_back(pool: Pool, node: Node) -> None:
-    for _ in range(pool.rise):
-        pool.mark(node, True, "test success")
-    assert node.healthy
 
 
 class RotationTests(unittest.TestCase):

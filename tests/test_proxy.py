@@ -13,8 +13,7 @@ from twisted.trial import unittest
 from twisted.web import server
 
 from rrlb.config import parse_node
-
-from .helpers import (
+from tests.support import (
     Backend,
     Balancer,
     HTTPClient,

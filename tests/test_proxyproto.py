@@ -41,28 +41,28 @@ from rrlb.proxyproto import (
 from rrlb.settings import ListenTLS
 from rrlb.tap import warn_open_proxy_protocol
 from rrlb.tls import listen_endpoint
-from tests.daemon import start_daemon
-from tests.helpers import (
+from tests.support import (
+    CLIENT_IP,
+    GET_CLOSE,
     LOOPBACK,
+    V1_IN,
     Backend,
     LogCapture,
     RawClient,
     balancer_options,
+    certs,
     parse_error,
     raw_connect,
     raw_request,
     reactor,
     start_backend,
     start_balancer,
+    start_daemon,
     track_connections,
     wait_until,
 )
-from tests.test_tls import certs
 
-# The client a load balancer in front of rrlb says it relays.
-CLIENT_IP = "127.8.9.10"
 CLIENT_PORT = 5555
-V1_IN = b"PROXY TCP4 127.8.9.10 127.0.0.1 5555 8080\r\n"
 V2_IN = (
     V2_SIGNATURE
     + b"\x21\x11\x00\x0c"
@@ -252,9 +252,6 @@ async def get(client: Any, path: bytes = b"/") -> bytes:
     client.send(b"GET %s HTTP/1.1\r\nHost: rrlb.test\r\n\r\n" % path)
     data = await client.wait_for(lambda d: len(responses(d)) > before)
     return responses(data)[before]
-
-
-GET_CLOSE = b"GET /x HTTP/1.1\r\nHost: rrlb.test\r\nConnection: close\r\n\r\n"
 
 
 class HeaderTests(unittest.TestCase):

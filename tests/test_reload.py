@@ -16,16 +16,16 @@ from twisted.trial import unittest
 
 from rrlb.service import ControlService
 from rrlb.tap import Options, compose
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     Balancer,
     HTTPClient,
     LogCapture,
     http_request,
     reactor,
-    sleep,
     start_backends,
     start_balancer,
+    start_daemon,
     wait_until,
 )
 
@@ -133,7 +133,11 @@ class ReloadTests(unittest.TestCase):
 
         workers = [defer.Deferred.fromCoroutine(worker()) for _ in range(6)]
         for i in range(10):
-            await sleep(0.05)
+            # Each reload comes with requests in flight and answers since the last.
+            await wait_until(
+                lambda want=len(replies) + 3: len(replies) >= want,
+                what="answers since the last reload",
+            )
             write_config(path, sets[i % len(sets)], f"timeout: {10 + i}\n")
             self.assertTrue(service.reload())
         done = True
@@ -371,7 +375,6 @@ class SignalTests(unittest.TestCase):
         SIGHUP to a real rrlb process reloads its file: RELOADING=1, then
         READY=1, and the new node serves.
         """
-        from tests.daemon import start_daemon
 
         a, b = await start_backends(self, "a", "b")
         path = os.path.abspath(self.mktemp())

@@ -11,8 +11,7 @@ from typing import Any, Optional
 from twisted.trial import unittest
 
 from rrlb.routes import Route, Router, normalize_host, normalize_path
-
-from .test_balance import FakeRequest
+from tests.support import FakeRequest
 
 
 def request(

@@ -11,18 +11,22 @@ from typing import Any, Optional
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.helpers import (
+from tests.support import (
+    ADMIN,
+    SRV_NAME,
     Backend,
     Balancer,
     LogCapture,
+    a,
+    admin_url,
     http_request,
     parse_error,
+    srv,
     start_backends,
     start_balancer,
+    start_server,
     wait_until,
 )
-from tests.test_admin import ADMIN, admin_url
-from tests.test_discovery import SRV_NAME, a, srv, start_server
 
 
 class RoutingCase(unittest.TestCase):

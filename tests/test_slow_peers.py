@@ -31,8 +31,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rrlb.clients import LINGER_TIMEOUT
-from tests.daemon import Daemon, start_daemon
-from tests.helpers import LOOPBACK, raw_request, sleep
+from tests.support import LOOPBACK, Daemon, raw_request, sleep, start_daemon
 
 reactor: Any = _reactor
 

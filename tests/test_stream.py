@@ -18,18 +18,24 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rrlb.body import CONTINUE, KEEP, NODE_FULL, WAITING, StreamedBody
-from tests.test_limits import BodySink, Harness, Swallow
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
+    BodySink,
     BulkProducer,
+    Harness,
     RecordedRequest,
+    Swallow,
     WireCase,
     chunked_body,
+    clock_on,
     decode_chunked,
     reactor,
+    reactor_turns,
+    reads,
     response,
-    sleep,
+    rrlb_end,
+    stuck,
     values,
     wait_for,
 )
@@ -238,14 +244,23 @@ class StreamedBodyTests(WireCase):
         producer = BulkProducer(client.transport, block, total)
         producer.start()
         await wait_for(lambda: node.connections and producer.pauses, "the client to be held back")
-        await sleep(0.3)
+        (upstream,) = service.traffic.upstream._connections
+        rrlb_client = rrlb_end(service, client.transport)
+        # Held for good: the node reads nothing, rrlb's writes to it are
+        # stuck, rrlb reads nothing from the client, whose writes are stuck.
+        await wait_for(
+            lambda: stuck(upstream.transport)
+            and not reads(rrlb_client)
+            and stuck(client.transport)
+            and producer.paused,
+            "every buffer on the way to fill",
+        )
         sent = producer.sent
-        await sleep(0.2)
+        await reactor_turns()
         self.assertEqual(producer.sent, sent, "the client could still write")
         self.assertLess(sent, total // 2)
         # What rrlb keeps in user space for the upload: the upstream
         # connection's write buffer and the client's unread nothing.
-        (upstream,) = service.traffic.upstream._connections
         buffered = len(upstream.transport.dataBuffer) + upstream.transport._tempDataLen
         self.assertLess(buffered, 1 << 20)
         node.connections[0].transport.resumeProducing()
@@ -299,7 +314,11 @@ class ExpectContinueQueueTests(WireCase):
         second = await self.client(port)
         second.send(upload_head(5, b"/e", b"Expect: 100-continue"))
         await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
-        await sleep(0.2)
+        # What would send the 100: a node connection for the request. There
+        # is none while the first holds the only slot; a round trip through
+        # the reactor shows nothing more is coming.
+        await reactor_turns()
+        self.assertEqual(len(node.connections), 1)
         self.assertEqual(bytes(second.data), b"")
         node.on_data = answer_when_complete(5)
         node.connections[0].data.clear()
@@ -334,7 +353,8 @@ class StreamedRetryTests(WireCase):
         body = os.urandom(KEEP)
         client = await self.client(port)
         client.send(upload_head(len(body)).replace(b"POST", b"PUT") + body[:100])
-        await sleep(0.05)
+        # The rest comes once the first node has the start of the body.
+        await wait_for(lambda: bad.connections, "the first node's connection")
         client.send(body[100:])
         result = await client.response()
         assert result is not None
@@ -435,10 +455,14 @@ class StreamedLimitTests(WireCase):
         node = await self.stream_node()
         node.on_data = answer_when_complete(6)
         service, port = await self.balancer([node.url], "--timeout", "0.2")
+        clock = clock_on(service)
         client = await self.client(port)
         client.send(upload_head(6))
+        await wait_for(lambda: node.connections and node.connections[0].last_head, "the head")
+        step = service.traffic.upstream.granularity
         for piece in (b"ab", b"cd", b"ef"):
-            await sleep(0.25)
+            # Past --timeout since the last byte, in the upstream sweep's steps.
+            clock.pump([step] * round(0.25 / step))
             client.send(piece)
         result = await client.response()
         assert result is not None
@@ -468,9 +492,14 @@ class StreamedLimitTests(WireCase):
         producer.start()
         await wait_for(lambda: len(service.traffic.proxy.queue) == 1, "the upload to queue")
         await wait_for(lambda: producer.pauses, "the queued client to be held back")
-        await sleep(0.3)
+        rrlb_second = rrlb_end(service, second.transport)
+        # Held for good: rrlb reads nothing from it, and its writes are stuck.
+        await wait_for(
+            lambda: not reads(rrlb_second) and stuck(second.transport) and producer.paused,
+            "the queued client's buffers to fill",
+        )
         sent = producer.sent
-        await sleep(0.2)
+        await reactor_turns()
         self.assertEqual(producer.sent, sent, "the queued client could still write")
         self.assertLess(sent, total // 2)
         node.on_data = answer_when_complete(total)

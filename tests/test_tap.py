@@ -28,13 +28,10 @@ from rrlb.health import HealthChecker
 from rrlb.pool import Pool
 from rrlb.service import ControlService
 from rrlb.traffic import Traffic
-
-from .helpers import (
+from tests.support import (
     LOOPBACK,
-    WAIT_TIMEOUT,
     HTTPClient,
     http_request,
-    sleep,
     start_balancer,
     wait_until,
 )
@@ -427,16 +424,17 @@ class DaemonTests(unittest.TestCase):
         self.addCleanup(kill)
         client = HTTPClient(persistent=False)
         url = f"http://{LOOPBACK}:{port}/d"
-        deadline = _reactor.seconds() + WAIT_TIMEOUT
-        first = None
-        while first is None:
-            try:
-                first = await client.request("GET", url)
-            except Exception:
-                if _reactor.seconds() > deadline or proc.ended.called:
-                    self.fail(f"rrlb did not answer: {proc.output.decode()}")
-                await sleep(0.05)
-        bodies = [first.body] + [(await client.request("GET", url)).body for _ in range(5)]
+        listening = (b"demo backends listening", b"ProxySite starting on %d" % port)
+        try:
+            await wait_until(
+                lambda: proc.ended.called or all(line in proc.output for line in listening),
+                what="rrlb and its demo backends to listen",
+            )
+        except AssertionError as e:
+            self.fail(f"{e}: {proc.output.decode()}")
+        if proc.ended.called:
+            self.fail(f"rrlb did not answer: {proc.output.decode()}")
+        bodies = [(await client.request("GET", url)).body for _ in range(6)]
         names = [b.split(b":")[0] for b in bodies]
         self.assertEqual(sorted(names[:3]), [b"demo-1", b"demo-2", b"demo-3"])
         self.assertEqual(names[3:], names[:3])

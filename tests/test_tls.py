@@ -12,47 +12,44 @@ localhost, a wrong-host one, an expired one, one from an unknown CA):
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import defer, threads
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.internet.ssl import Certificate
 from twisted.trial import unittest
 from twisted.web import server
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from rrlb.config import ConfigError
 from rrlb.tap import makeService
 from rrlb.tls import split_description
-from tests.helpers import (
+from tests.support import (
     LOOPBACK,
     Backend,
     Balancer,
+    Issued,
     LogCapture,
+    TLSCase,
     balancer_options,
+    https_get,
+    issue,
     parse_error,
+    start_backend,
     start_balancer,
     track_connections,
     wait_until,
 )
 
 reactor: Any = _global_reactor
-NOW = datetime.datetime.now(datetime.timezone.utc)
-DAY = datetime.timedelta(days=1)
 WAIT = 10.0
 # Health probes go to the recording backends' health path, not into their
 # request lists.
@@ -60,207 +57,6 @@ PROBES = ("--health-path", "/health")
 
 
 # -- certificates --------------------------------------------------------------
-
-
-@dataclass
-class Issued:
-    """
-    A key and certificate (and the PEM of both).
-    """
-
-    key: Any
-    cert: x509.Certificate
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def options(self, **kwargs: Any) -> CertificateOptions:
-        """
-        Server options for a test node presenting this certificate.
-        """
-        return CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(self.key),
-            certificate=crypto.X509.from_cryptography(self.cert),
-            **kwargs,
-        )
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def make_ca(common_name: str) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - DAY)
-        .not_valid_after(NOW + 30 * DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Issued(key, cert)
-
-
-def issue(
-    ca: Issued,
-    names: Sequence[str] = ("localhost",),
-    ips: Sequence[str] = (LOOPBACK,),
-    not_before: datetime.datetime = NOW - DAY,
-    not_after: datetime.datetime = NOW + 30 * DAY,
-) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name((list(names) + list(ips))[0]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
-        .sign(ca.key, hashes.SHA256())
-    )
-    return Issued(key, cert)
-
-
-class Certs:
-    """
-    The certificates every test here uses, made once per test run.
-    """
-
-    def __init__(self) -> None:
-        self.ca = make_ca("rrlb test CA")
-        self.node = issue(self.ca)
-        self.wrong_host = issue(self.ca, names=["elsewhere.test"], ips=[])
-        self.expired = issue(self.ca, not_before=NOW - 10 * DAY, not_after=NOW - DAY)
-        self.other_ca = make_ca("rrlb unknown CA")
-        self.unknown = issue(self.other_ca)
-        self.named = issue(self.ca, names=["node.test"], ips=[])
-        self.client_ca = make_ca("rrlb client CA")
-        self.client = issue(self.client_ca, names=["rrlb.test"], ips=[])
-        self.site_a = issue(self.ca, names=["a.test"], ips=[LOOPBACK])
-        self.site_b = issue(self.ca, names=["b.test", "*.b.test"], ips=[])
-
-
-_CERTS: Optional[Certs] = None
-
-
-def certs() -> Certs:
-    global _CERTS
-    if _CERTS is None:
-        _CERTS = Certs()
-    return _CERTS
-
-
-class TLSCase(unittest.TestCase):
-    """
-    Writes PEM files into a fresh directory and starts TLS backends.
-    """
-
-    def setUp(self) -> None:
-        self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.certs = certs()
-
-    def write(self, name: str, data: bytes) -> str:
-        path = os.path.join(self.dir, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
-
-    def write_pair(self, name: str, issued: Issued) -> tuple[str, str]:
-        """
-        Write C{name}.crt and C{name}.key; returns their paths.
-        """
-        return (
-            self.write(f"{name}.crt", issued.cert_pem),
-            self.write(f"{name}.key", issued.key_pem),
-        )
-
-    @property
-    def ca_file(self) -> str:
-        return self.write("ca.pem", self.certs.ca.cert_pem)
-
-    async def tls_backend(
-        self, issued: Issued, name: str = "node", **options: Any
-    ) -> tuple[Backend, str, CertificateOptions]:
-        """
-        A recording backend serving HTTPS with C{issued} on 127.0.0.1 port 0;
-        returns it, its https base URL and its TLS options.
-        """
-        backend = Backend(name)
-        tls = issued.options(**options)
-        site = server.Site(backend)
-        site.noisy = False
-        backend._tracker = track_connections(site)
-        backend.port = await SSL4ServerEndpoint(reactor, 0, tls, interface=LOOPBACK).listen(site)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(backend.stop()))
-        return backend, f"https://{LOOPBACK}:{backend.port_number}", tls
-
-    async def balancer_yaml(self, settings: dict[str, Any], *args: str) -> Balancer:
-        """
-        rrlb from a YAML file holding C{settings} (plus command-line C{args}).
-        """
-        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
-        return await start_balancer(self, (), "--config", path, *args)
-
-
-async def https_get(
-    testcase: unittest.TestCase,
-    url: str,
-    ca: Issued,
-    headers: Optional[dict[bytes, list[bytes]]] = None,
-) -> tuple[int, bytes, Headers]:
-    """
-    A GET through twisted.web's Agent trusting only C{ca}.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(
-        reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(
-            Certificate(crypto.X509.from_cryptography(ca.cert))
-        ),
-        pool=pool,
-    )
-    testcase.addCleanup(pool.closeCachedConnections)
-    response = await agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
-    body = await readBody(response)
-    return response.code, body, response.headers
 
 
 def stdlib_tls_get(
@@ -764,7 +560,6 @@ class ListenerTLSTests(TLSCase):
     """
 
     async def plain_backend(self) -> Backend:
-        from tests.helpers import start_backend
 
         return await start_backend(self, "plain")
 

@@ -13,12 +13,12 @@ from twisted.trial import unittest
 from rrlb.listeners import DEFAULT_BACKLOG, with_default_backlog
 from rrlb.nodeconn import UpstreamProtocol
 from rrlb.upstream import IDLE_TRIM_DELAY, UpstreamPool
-from tests.test_wire import (
+from tests.support import (
     BackendConnection,
     BulkProducer,
-    RawClient,
     RecordedRequest,
     WireCase,
+    WireClient,
     get,
     reactor,
     wait_for,
@@ -182,7 +182,7 @@ class StalledClientTests(WireCase):
         service.traffic.upstream.send_timeout = 0.5
         client = await self.client(port)
 
-        def on_data(c: RawClient) -> None:
+        def on_data(c: WireClient) -> None:
             c.transport.pauseProducing()  # never reads again
             c.data.clear()
 
@@ -217,7 +217,7 @@ class StalledClientTests(WireCase):
         service.traffic.site.close_timeout = 0.5
         client = await self.client(port)
 
-        def on_data(c: RawClient) -> None:
+        def on_data(c: WireClient) -> None:
             c.transport.pauseProducing()  # never reads again
             c.data.clear()
 

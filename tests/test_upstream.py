@@ -2,7 +2,7 @@
 Behaviour the speed work on the upstream side could break: connection reuse,
 stale pooled connections, the idle cap, backpressure from a slow reader, and
 clients that leave. Real loopback sockets, raw backends and clients from
-L{tests.test_wire}.
+L{tests.support}.
 """
 
 from __future__ import annotations
@@ -22,20 +22,24 @@ from rrlb.nodeconn import UpstreamProtocol
 from rrlb.pool import Node
 from rrlb.tap import Options
 from rrlb.upstream import UpstreamPool
-from tests.test_wire import (
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     BulkProducer,
-    RawClient,
     RecordedRequest,
     WireCase,
+    WireClient,
     client_buffered,
+    clock_on,
     get,
     post,
     reactor,
+    reactor_turns,
     read_then_pause,
+    reads,
     response,
-    sleep,
+    rrlb_end,
+    stuck,
     wait_for,
 )
 
@@ -304,7 +308,7 @@ class BackpressureTests(WireCase):
         got = {"head": b"", "bytes": 0}
         digest = hashlib.sha256()
 
-        def on_data(c: RawClient) -> None:
+        def on_data(c: WireClient) -> None:
             data = bytes(c.data)
             c.data.clear()
             if not got["head"]:
@@ -317,17 +321,24 @@ class BackpressureTests(WireCase):
         client.on_data = on_data
         client.send(get(b"/big"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
-        # Let it settle: the backend must stay blocked, not just pause once.
-        sent = -1
-        for _ in range(50):
-            if producers[0].sent == sent:
-                break
-            sent = producers[0].sent
-            await sleep(0.1)
         producer = producers[0]
-        self.assertTrue(producer.paused)
+        (node,) = backend.connections
+        rrlb_node = rrlb_end(service, node.transport)
+        rrlb_client = rrlb_end(service, client.transport)
+        # The backend must stay blocked, not just pause once: the client
+        # reads nothing, rrlb's writes to it are stuck, rrlb reads nothing
+        # from the node, whose writes are stuck.
+        await wait_for(
+            lambda: stuck(rrlb_client)
+            and not reads(rrlb_node)
+            and stuck(node.transport)
+            and producer.paused,
+            "every buffer on the way to fill",
+        )
+        sent = producer.sent
         self.assertLess(producer.sent, total)
-        await sleep(0.2)
+        await reactor_turns()
+        self.assertTrue(producer.paused)
         self.assertEqual(producer.sent, sent)
         # rrlb is not reading from the node...
         upstream = [p for p in service.traffic.upstream._connections]
@@ -399,12 +410,18 @@ class BackpressureTests(WireCase):
             producer.start()
 
         backend = await self.backend(handler)
-        _, port = await self.balancer([backend.url], "--timeout", "0.3")
+        service, port = await self.balancer([backend.url], "--timeout", "0.3")
+        clock = clock_on(service)
         client = await self.client(port)
         count = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
-        await sleep(1.0)
+        (node,) = backend.connections
+        rrlb_node = rrlb_end(service, node.transport)
+        await wait_for(lambda: not reads(rrlb_node), "rrlb to pause the node")
+        # Over three times --timeout, in the response timeout sweep's steps.
+        step = service.traffic.upstream.granularity
+        clock.pump([step] * round(1.0 / step))
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed or producers[0].stopped, "the end of the body")
         await wait_for(
@@ -434,6 +451,14 @@ class BackpressureTests(WireCase):
         received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
+        # Mid-body and held back by the client: it has the start of the
+        # response (and reads no more), and rrlb reads no more from the node.
+        # (The node's producer pauses on its own first writes: not enough.)
+        (node,) = backend.connections
+        rrlb_node = rrlb_end(service, node.transport)
+        await wait_for(
+            lambda: received["n"] and not reads(rrlb_node), "rrlb to hold the node back"
+        )
         (upstream,) = service.traffic.upstream._connections
         # What the timeout sweep does to an exchange that made no progress.
         upstream.exchange.timed_out()

@@ -10,101 +10,41 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
-    WebSocketClientProtocol,
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
 )
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from rrlb.accesslog import format_combined, format_json
-from tests.helpers import balancer_options, http_request, parse_error, start_balancer
-from tests.test_admin import admin_url, samples
-from tests.test_wire import (
+from rrlb.drain import DRAIN_POLL
+from tests.support import (
     LOOPBACK,
     BackendConnection,
     BulkProducer,
+    Client,
+    EchoFactory,
     RecordedRequest,
     WireCase,
+    admin_url,
+    balancer_options,
+    http_request,
+    parse_error,
     reactor,
+    reactor_turns,
     read_then_pause,
+    reads,
     response,
-    sleep,
+    rrlb_end,
+    samples,
+    start_balancer,
+    stuck,
     wait_for,
 )
-
-
-class EchoNode(WebSocketServerProtocol):
-    """
-    Says its node's name when the tunnel opens, then echoes every message.
-    """
-
-    def onOpen(self) -> None:
-        self.factory.opened += 1
-        self.sendMessage(self.factory.name.encode())
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(payload, isBinary)
-
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self.factory.closes.append((wasClean, code, reason))
-
-
-class EchoFactory(WebSocketServerFactory):
-    protocol = EchoNode
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.opened = 0
-        self.closes: list[tuple[bool, Optional[int], Optional[str]]] = []
-        self.port: Any = None
-
-    @property
-    def node_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port.getHost().port}"
-
-
-class Client(WebSocketClientProtocol):
-    """
-    Keeps what it receives; C{opened}, C{closed} and C{next_message()}
-    are Deferreds a test waits on.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[tuple[bytes, bool]] = []
-        self.pongs: list[bytes] = []
-        self.opened: defer.Deferred[Client] = defer.Deferred()
-        self.closed: defer.Deferred[tuple[bool, Optional[int], Optional[str]]] = defer.Deferred()
-        self.response: Any = None
-
-    def onConnect(self, response: Any) -> None:
-        self.response = response
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.messages.append((payload, isBinary))
-
-    def onPong(self, payload: bytes) -> None:
-        self.pongs.append(payload)
-
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(reason))
-        if not self.closed.called:
-            self.closed.callback((wasClean, code, reason))
-
-    async def message(self, count: int = 1) -> tuple[bytes, bool]:
-        await wait_for(lambda: len(self.messages) >= count, f"message {count}")
-        return self.messages[count - 1]
 
 
 class WebSocketCase(WireCase):
@@ -274,12 +214,18 @@ class TunnelLifeTests(WebSocketCase):
         """
         node = await self.node("a")
         service, port = await self.balancer([node.node_url], "--tunnel-timeout", "0.4")
+        # The tunnel's idle timer runs on a clock the test drives.
+        clock = service.traffic.proxy.clock = Clock()
         client = await self.connect(port)
         await client.message(1)
         for i in range(3):
-            await sleep(0.25)
+            clock.advance(0.25)
             client.sendMessage(b"%d" % i)
+            # Its echo is traffic both ways at this moment.
+            self.assertEqual(await client.message(i + 2), (b"%d" % i, False))
+        # 0.75 s in all, never 0.4 s without a byte: still open.
         self.assertFalse(client.closed.called)
+        clock.advance(0.5)
         was_clean, _, _ = await client.closed
         self.assertFalse(was_clean)
         await wait_for(lambda: service.pool.nodes[0].in_flight == 0, "the tunnel to end")
@@ -359,12 +305,20 @@ class TunnelLifeTests(WebSocketCase):
         client = await self.connect(balancer.port)
         await client.message(1)
         stopped: list[bool] = []
-        stopping = defer.maybeDeferred(balancer.service.stopService)
+        service = balancer.service
+        traffic = service.traffic
+        stopping = defer.maybeDeferred(service.stopService)
         stopping.addBoth(lambda result: stopped.append(True) or result)
-        await sleep(0.3)
+        # The drain looks at the connections every DRAIN_POLL: let it look a
+        # few times; a message echoed after that shows the tunnel outlived it.
+        await wait_for(
+            lambda: traffic.drain is None or traffic.drain.elapsed >= 3 * DRAIN_POLL,
+            "the drain to look at the tunnel again",
+        )
         self.assertEqual(stopped, [])
         client.sendMessage(b"still here")
         self.assertEqual(await client.message(2), (b"still here", False))
+        self.assertEqual(stopped, [])
         client.sendClose(code=1000)
         await client.closed
         await wait_for(lambda: stopped, "the drain to end")
@@ -401,14 +355,25 @@ class TunnelBackpressureTests(WebSocketCase):
             producer.start()
 
         backend = await self.backend(switch)
-        _, port = await self.balancer([backend.url])
+        service, port = await self.balancer([backend.url])
         client = await self.client(port)
         received = read_then_pause(client)
         client.send(UPGRADE)
         await wait_for(lambda: producers and producers[0].pauses, "the node to be held back")
-        await sleep(0.3)
+        (node,) = backend.connections
+        rrlb_node = rrlb_end(service, node.transport)
+        rrlb_client = rrlb_end(service, client.transport)
+        # Held for good: the client reads nothing, rrlb's writes to it are
+        # stuck, rrlb reads nothing from the node, whose writes are stuck.
+        await wait_for(
+            lambda: stuck(rrlb_client)
+            and not reads(rrlb_node)
+            and stuck(node.transport)
+            and producers[0].paused,
+            "every buffer on the way to fill",
+        )
         sent = producers[0].sent
-        await sleep(0.2)
+        await reactor_turns()
         self.assertEqual(producers[0].sent, sent)
         self.assertLess(sent, total // 2)
         client.transport.resumeProducing()
@@ -426,7 +391,7 @@ class TunnelBackpressureTests(WebSocketCase):
             conns.append(conn)
 
         backend = await self.backend(switch)
-        _, port = await self.balancer([backend.url])
+        service, port = await self.balancer([backend.url])
         client = await self.client(port)
         client.send(UPGRADE)
         await wait_for(lambda: b"101 Switching" in client.data, "the 101")
@@ -434,12 +399,25 @@ class TunnelBackpressureTests(WebSocketCase):
         producer = BulkProducer(client.transport, b"c" * 65536, total)
         producer.start()
         await wait_for(lambda: producer.pauses, "the client to be held back")
-        await sleep(0.3)
+        (node,) = conns
+        rrlb_node = rrlb_end(service, node.transport)
+        rrlb_client = rrlb_end(service, client.transport)
+        # Held for good: the node reads nothing, rrlb's writes to it are
+        # stuck, rrlb reads nothing from the client, whose writes are stuck.
+        await wait_for(
+            lambda: stuck(rrlb_node)
+            and not reads(rrlb_client)
+            and stuck(client.transport)
+            and producer.paused,
+            "every buffer on the way to fill",
+        )
         sent = producer.sent
-        await sleep(0.2)
+        await reactor_turns()
         self.assertEqual(producer.sent, sent)
         self.assertLess(sent, total // 2)
-        # The client's own buffer cannot drain into a paused node: drop it.
+        # Once the node reads again, so does rrlb, and the client writes on.
+        node.transport.resumeProducing()
+        await wait_for(lambda: producer.sent > sent, "the client to write again")
         producer.stopProducing()
         client.transport.abortConnection()
         await client.lost

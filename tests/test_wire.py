@@ -8,7 +8,7 @@ exact request bytes and keep every response byte. That lets the tests assert
 what a higher-level HTTP library would hide: header order, repeated headers,
 reason phrases, chunked framing, bodies cut short, writes blocked.
 
-The helpers at the top are also used by L{tests.test_upstream}.
+The raw backend and client and L{WireCase} are in L{tests.support}.
 """
 
 from __future__ import annotations
@@ -16,535 +16,36 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
 
-from twisted.internet import defer
-from twisted.internet import reactor as _global_reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
-from twisted.trial import unittest
-from zope.interface import implementer
+from twisted.internet.endpoints import connectProtocol
 
 from rrlb import body as body_module
-from rrlb.service import ControlService
-from rrlb.tap import Options, makeService
-
-reactor: Any = _global_reactor
-
-LOOPBACK = "127.0.0.1"
-# Every wait in these tests is bounded by this, well under trial's timeout.
-WAIT = 10.0
-POLL = 0.005
-PROBE_AGENT = b"rrlb-health"
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
-async def wait_for(
-    condition: Callable[[], Any], what: str = "condition", timeout: float = WAIT
-) -> Any:
-    """
-    Poll C{condition()} until it is true (returning it); fail after C{timeout}.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await sleep(POLL)
-
-
-def values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    """
-    Every value of header C{name} (any case), in order.
-    """
-    lower = name.lower()
-    return [v for n, v in headers if n.lower() == lower]
-
-
-def by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    """
-    Lower-cased name -> values in order: what a proxy must keep of a header list.
-    """
-    out: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        out.setdefault(name.lower(), []).append(value)
-    return out
-
-
-def parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers.append((name, value.strip(b" \t")))
-    return headers
-
-
-def response(
-    status: bytes = b"200 OK", body: bytes = b"ok", headers: tuple[bytes, ...] = ()
-) -> bytes:
-    """
-    Exact bytes of an HTTP/1.1 response with a Content-Length.
-    """
-    head = [b"HTTP/1.1 " + status, b"Content-Length: %d" % len(body), *headers]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-def chunked_body(*chunks: bytes, trailer: bytes = b"") -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n" + trailer + b"\r\n"
-
+from tests.support import (
+    LOOPBACK,
+    BackendConnection,
+    BulkProducer,
+    RecordedRequest,
+    WireCase,
+    WireClient,
+    by_name,
+    chunked_body,
+    get,
+    post,
+    reactor,
+    read_then_pause,
+    reads,
+    response,
+    rrlb_end,
+    wait_for,
+)
 
 # -- a raw backend -------------------------------------------------------------
-
-
-@dataclass
-class RecordedRequest:
-    """
-    One request exactly as a backend received it.
-    """
-
-    raw: bytes
-    method: bytes
-    target: bytes
-    version: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    connection: BackendConnection
-
-    def header(self, name: bytes) -> list[bytes]:
-        return values(self.headers, name)
-
-
-Handler = Callable[[RecordedRequest, "BackendConnection"], Optional[bytes]]
-
-
-class BackendConnection(Protocol):
-    """
-    One connection to a L{RawBackend}: parses requests (Content-Length or
-    chunked bodies), records them, and hands each to the backend's handler,
-    writing what it returns (it returns L{None} to answer later itself).
-    """
-
-    def __init__(self, backend: RawBackend) -> None:
-        self.backend = backend
-        self.buffer = bytearray()
-        self.requests: list[RecordedRequest] = []
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self.closed = False
-        self._head: Optional[tuple[bytes, bytes, bytes, bytes, list[tuple[bytes, bytes]]]] = None
-        self._need = 0
-
-    def connectionMade(self) -> None:
-        self.backend.connections.append(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.closed = True
-        self.lost.callback(None)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while not self.closed and self._parse_one():
-            pass
-
-    def _parse_one(self) -> bool:
-        buf = self.buffer
-        if self._head is None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return False
-            head = bytes(buf[: end + 4])
-            lines = head[:-4].split(b"\r\n")
-            method, target, version = lines[0].split(b" ", 2)
-            headers = parse_header_lines(lines[1:])
-            del buf[: end + 4]
-            self._head = (head, method, target, version, headers)
-            length = values(headers, b"content-length")
-            self._need = int(length[0]) if length else 0
-            if values(headers, b"transfer-encoding"):
-                self._need = -1
-            if self.backend.interim and values(headers, b"expect"):
-                # A node that answers Expect: 100-continue itself.
-                self.transport.write(self.backend.interim)
-        head, method, target, version, headers = self._head
-        if self._need >= 0:
-            if len(buf) < self._need:
-                return False
-            body = bytes(buf[: self._need])
-            raw = head + body
-            del buf[: self._need]
-        else:
-            decoded = decode_chunked(bytes(buf), 0)
-            if decoded is None:
-                return False
-            body, used, _ = decoded
-            raw = head + bytes(buf[:used])
-            del buf[:used]
-        self._head = None
-        request = RecordedRequest(raw, method, target, version, headers, body, self)
-        if any(v.startswith(PROBE_AGENT) for v in request.header(b"user-agent")):
-            self.transport.write(response())
-            return True
-        self.requests.append(request)
-        self.backend.requests.append(request)
-        answer = self.backend.handler(request, self)
-        if answer is not None:
-            self.transport.write(answer)
-        return True
-
-
-class RawBackend(Factory):
-    """
-    A backend on 127.0.0.1 port 0 speaking raw bytes.
-    """
-
-    noisy = False
-
-    # Written as soon as a request head with Expect arrives (a 100 Continue).
-    interim = b""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[RecordedRequest] = []
-        self.connections: list[BackendConnection] = []
-        self.port: Any = None
-        self._url: Optional[str] = None
-
-    def buildProtocol(self, addr: Any) -> BackendConnection:
-        return BackendConnection(self)
-
-    @property
-    def url(self) -> str:
-        # Remembered, so it is still known after the port stopped listening.
-        if self._url is None:
-            self._url = f"http://{LOOPBACK}:{self.port.getHost().port}"
-        return self._url
-
-    @property
-    def open_connections(self) -> list[BackendConnection]:
-        return [c for c in self.connections if not c.closed]
-
-    async def stop(self) -> None:
-        if self.port is not None:
-            # None, not a Deferred, when it already stopped (a killed node).
-            await defer.maybeDeferred(self.port.stopListening)
-        waits = []
-        for connection in self.connections:
-            if not connection.closed:
-                connection.transport.abortConnection()
-            waits.append(connection.lost)
-        await defer.gatherResults(waits)
-
-
-def decode_chunked(data: bytes, pos: int) -> Optional[tuple[bytes, int, bool]]:
-    """
-    Decode a chunked body starting at C{pos}: (body, end position, whether
-    the chunk framing was intact), or L{None} if it is not complete yet.
-    """
-    body = bytearray()
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(data[pos:eol].split(b";")[0], 16)
-        pos = eol + 2
-        if size == 0:
-            end = data.find(b"\r\n", pos)
-            while end >= 0 and end != pos:  # trailer fields
-                pos = end + 2
-                end = data.find(b"\r\n", pos)
-            if end < 0:
-                return None
-            return bytes(body), end + 2, True
-        if len(data) < pos + size + 2:
-            return None
-        body += data[pos : pos + size]
-        pos += size + 2
 
 
 # -- a raw client --------------------------------------------------------------
 
 
-@dataclass
-class Response:
-    """
-    One response as the client received it.
-    """
-
-    version: bytes
-    code: int
-    reason: bytes
-    status_line: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    raw: bytes
-    chunked: bool
-    interim: list[int] = field(default_factory=list)
-
-    def header(self, name: bytes) -> list[bytes]:
-        return values(self.headers, name)
-
-
-def parse_response(data: bytes, pos: int, head_request: bool, closed: bool) -> Any:
-    """
-    Parse one response starting at C{pos}: (L{Response}, end) or L{None}.
-    """
-    start = pos
-    interim = []
-    while True:
-        end = data.find(b"\r\n\r\n", pos)
-        if end < 0:
-            return None
-        lines = data[pos:end].split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        code = int(status[1])
-        headers = parse_header_lines(lines[1:])
-        pos = end + 4
-        if 100 <= code < 200:
-            interim.append(code)
-            continue
-        break
-    chunked = bool(values(headers, b"transfer-encoding"))
-    length = values(headers, b"content-length")
-    if head_request or code in (204, 304):
-        body, stop = b"", pos
-    elif chunked:
-        decoded = decode_chunked(data, pos)
-        if decoded is None:
-            return None
-        body, stop, _ = decoded
-    elif length:
-        stop = pos + int(length[0])
-        if len(data) < stop:
-            return None
-        body = data[pos:stop]
-    else:
-        if not closed:
-            return None
-        body, stop = data[pos:], len(data)
-    result = Response(
-        version=status[0],
-        code=code,
-        reason=status[2] if len(status) > 2 else b"",
-        status_line=lines[0],
-        headers=headers,
-        body=body,
-        raw=data[start:stop],
-        chunked=chunked,
-        interim=interim,
-    )
-    return result, stop
-
-
-class RawClient(Protocol):
-    """
-    A client connection that sends exact bytes and keeps every byte back.
-    """
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self.on_data: Optional[Callable[[RawClient], None]] = None
-        self._parsed = 0
-        self._heads: list[bool] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.on_data is not None:
-            self.on_data(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.closed = True
-        self.lost.callback(None)
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    async def response(self, head_request: bool = False) -> Optional[Response]:
-        """
-        The next complete response on this connection, or L{None} if the
-        connection closed before one was complete.
-        """
-        parsed: list[Any] = []
-
-        def ready() -> bool:
-            result = parse_response(bytes(self.data), self._parsed, head_request, self.closed)
-            if result is not None:
-                parsed.append(result)
-                return True
-            return self.closed
-
-        await wait_for(ready, "a response")
-        if not parsed:
-            return None
-        result, self._parsed = parsed[0]
-        return result  # type: ignore[no-any-return]
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.transport.loseConnection()
-        await self.lost
-
-
 # -- a test case with the three pieces -------------------------------------------
-
-
-def read_then_pause(client: RawClient) -> dict[str, int]:
-    """
-    Make C{client} a slow reader: it stops reading once the first bytes of
-    the response arrive. Returns the count of bytes it has taken, under "n".
-    """
-    received = {"n": 0}
-
-    def on_data(c: RawClient) -> None:
-        if not received["n"]:
-            c.transport.pauseProducing()
-        received["n"] += len(c.data)
-        c.data.clear()
-
-    client.on_data = on_data
-    return received
-
-
-class WireCase(unittest.TestCase):
-    """
-    Starts raw backends, the real rrlb service tree and raw clients, and
-    tears all of them down cleanly (clients, then rrlb, then backends).
-    """
-
-    timeout = 30
-
-    async def backend(self, handler: Optional[Handler] = None, interim: bytes = b"") -> RawBackend:
-        backend = RawBackend(handler or (lambda request, conn: response()))
-        backend.interim = interim
-        backend.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(backend)
-        self.addCleanup(backend.stop)
-        return backend
-
-    def dead_url(self) -> str:
-        """
-        A loopback URL nobody listens on: connecting is refused.
-        """
-        import socket
-
-        s = socket.socket()
-        s.bind((LOOPBACK, 0))
-        port = s.getsockname()[1]
-        s.close()
-        return f"http://{LOOPBACK}:{port}"
-
-    async def balancer(
-        self, nodes: list[str], *args: str, probes: bool = False, listen: Optional[str] = None
-    ) -> tuple[ControlService, int]:
-        """
-        Start rrlb over C{nodes} with extra command-line C{args}; return the
-        service and its port. Without C{probes} the health checker is left
-        out, so only real traffic reaches the backends and feeds the pool.
-        """
-        argv = ["--listen", listen or f"tcp:0:interface={LOOPBACK}", "--health-interval", "3600"]
-        if nodes:
-            argv += ["--nodes", ",".join(nodes)]
-        options = Options()
-        options.parseOptions(argv + list(args))
-        service = makeService(options)
-        return await self.start_service(service, probes)
-
-    async def start_service(
-        self, service: ControlService, probes: bool = False
-    ) -> tuple[ControlService, int]:
-        if not probes:
-            service.removeService(service.checker)
-        channels: list[Any] = []
-        build = service.traffic.site.buildProtocol
-
-        def buildProtocol(addr: Any) -> Any:
-            protocol = build(addr)
-            channels.append(protocol)
-            return protocol
-
-        service.traffic.site.buildProtocol = buildProtocol  # type: ignore[method-assign]
-        service.startService()
-
-        def transports() -> list[Any]:
-            # A Site may wrap its channel in a proxy that hides the transport.
-            found = (getattr(getattr(c, "_channel", c), "transport", None) for c in channels)
-            return [t for t in found if t is not None]
-
-        async def stop() -> None:
-            # Client connections outlive stopListening: drop what is left and
-            # wait until rrlb has seen every one of them go.
-            for transport in transports():
-                if not transport.disconnected:
-                    transport.abortConnection()
-            await wait_for(
-                lambda: all(t.disconnected for t in transports()),
-                "rrlb's client connections to close",
-            )
-            await service.stopService()
-
-        self.addCleanup(stop)
-        self.channels = channels
-        port = await service.traffic.listeners[0]._waitingForPort
-        return service, port.getHost().port
-
-    async def client(self, port: int) -> RawClient:
-        client = RawClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), client)
-        self.addCleanup(client.close)
-        return client
-
-    async def exchange(
-        self, port: int, data: bytes, head_request: bool = False
-    ) -> Optional[Response]:
-        """
-        Send C{data} on a new connection, return the response and close.
-        """
-        client = await self.client(port)
-        client.send(data)
-        result = await client.response(head_request)
-        await client.close()
-        return result
-
-    def capture_log(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
-
-    def assertPlainTextError(self, result: Optional[Response], code: int) -> None:
-        """
-        C{result} is rrlb's own short plain-text error C{code}.
-        """
-        assert result is not None
-        self.assertEqual(result.code, code)
-        self.assertEqual(result.header(b"content-type"), [b"text/plain; charset=utf-8"])
-        self.assertTrue(result.body.startswith(b"%d " % code), result.body)
-        self.assertEqual(result.body.count(b"\n"), 1, result.body)
-        self.assertNotIn(b"Traceback", result.body)
-        self.assertLess(len(result.body), 300)
-
-
-def get(target: bytes = b"/", host: bytes = b"client.example", *extra: bytes) -> bytes:
-    lines = [b"GET " + target + b" HTTP/1.1", b"Host: " + host, *extra]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def post(target: bytes, body: bytes) -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-        target,
-        len(body),
-        body,
-    )
 
 
 # -- requests ----------------------------------------------------------------------
@@ -766,7 +267,7 @@ class RequestForwardingTests(WireCase):
             [backend.url],
             listen=f"ssl:0:interface={LOOPBACK}:privateKey={pem}:certKey={pem}",
         )
-        client = RawClient()
+        client = WireClient()
         options = ssl.CertificateOptions(verify=False)
         await connectProtocol(SSL4ClientEndpoint(reactor, LOOPBACK, port, options), client)
         self.addCleanup(client.close)
@@ -1313,12 +814,17 @@ class FailureTests(WireCase):
             conn.transport.loseConnection()  # once the 16 MB are written
 
         backend = await self.backend(handler)
-        _, port = await self.balancer([backend.url])
+        service, port = await self.balancer([backend.url])
         client = await self.client(port)
         received = read_then_pause(client)
         client.send(get(b"/"))
         await wait_for(lambda: received["n"], "the start of the response")
-        await sleep(0.3)  # let rrlb's buffer to this client fill up
+        # rrlb's buffer to this client fills up, and it pauses the node.
+        await wait_for(
+            lambda: backend.connections
+            and not reads(rrlb_end(service, backend.connections[0].transport)),
+            "rrlb to stop reading from the node",
+        )
         client.transport.resumeProducing()
         await wait_for(lambda: client.closed, "rrlb to close the client connection")
         self.assertLess(received["n"], 64 << 20)
@@ -1473,52 +979,3 @@ class FailureTests(WireCase):
         _, port = await self.balancer([backend.url])
         result = await self.exchange(port, get(b"/"))
         self.assertPlainTextError(result, 502)
-
-
-@implementer(IPushProducer)
-class BulkProducer:
-    """
-    Writes C{total} bytes (C{block} repeated) to a transport as fast as the
-    transport takes them, pausing when it says so, and counts its pauses.
-    """
-
-    def __init__(self, transport: Any, block: bytes, total: int) -> None:
-        self.transport = transport
-        self.block = block
-        self.total = total
-        self.sent = 0
-        self.pauses = 0
-        self.paused = False
-        self.stopped = False
-
-    def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._write()
-
-    def _write(self) -> None:
-        while not self.paused and not self.stopped and self.sent < self.total:
-            piece = self.block[: self.total - self.sent]
-            self.sent += len(piece)
-            self.transport.write(piece)
-        if self.sent >= self.total and not self.stopped:
-            self.stopped = True
-            self.transport.unregisterProducer()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._write()
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-
-
-def client_buffered(channel: Any) -> int:
-    """
-    Bytes rrlb holds in user space for one client connection.
-    """
-    transport = getattr(channel, "_channel", channel).transport
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]

@@ -43,21 +43,33 @@ from rrlb.workers.supervisor import (
 )
 from rrlb.workers.totals import Counters, WorkersHistory, WorkersMetrics
 from rrlb.workers.wire import Configure
-from tests.daemon import Daemon, start_daemon
-from tests.helpers import (
+from tests.support import (
+    CLIENT_IP,
+    GET_CLOSE,
     LOOPBACK,
+    SRV_NAME,
+    START_TIMEOUT,
+    V1_IN,
+    Daemon,
     LogCapture,
     balancer_options,
+    certs,
     closed_port_url,
     http_request,
+    https_get,
     parse_error,
     raw_connect,
     raw_request,
-    sleep,
+    samples,
+    srv,
     start_backends,
     start_balancer,
+    start_daemon,
+    start_server,
+    wait_for_value,
     wait_until,
 )
+from tests.support import a as a_record
 
 
 class RestartBackoffTests(unittest.TestCase):
@@ -1002,10 +1014,22 @@ class WorkerProcessTests(WorkersTestCase):
             "1000",
         )
         self.assertEqual(await self.every_worker(6), [{b"a", b"b", b"c"}] * 2)
+
+        async def checks_of_b() -> float:
+            text = (await http_request(self, "GET", self.admin_url + "/metrics")).body.decode()
+            labels = (("node", b.url), ("pool", "default"), ("result", "pass"))
+            return samples(text).get(("rrlb_health_checks_total", labels), 0.0)
+
+        first = await checks_of_b()
+
+        async def five_more_rounds() -> bool:
+            return await checks_of_b() >= first + 5
+
+        await wait_for_value(five_more_rounds, "five more rounds of health checks")
+        # One checker, the main process's: after five more of its rounds, b
+        # has had no probe but the ones it counts (and one on its way).
         probes = b.probes
-        await sleep(1.0)
-        # One checker: about five rounds in a second, not ten.
-        self.assertLess(b.probes - probes, 9)
+        self.assertLessEqual(probes - await checks_of_b(), 1)
 
         b.healthy = False
 
@@ -1028,7 +1052,10 @@ class WorkerProcessTests(WorkersTestCase):
 
         async def c_down() -> bool:
             node = (await self.status())["nodes"][2]
-            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+            # c's probes pass every 0.2 s, and each clears its last_error:
+            # the main process's log says why it went down.
+            said = [line for line in self.daemon.lines() if f"node {c.url} is down" in line]
+            return node["state"] == "down" and any("last: request failed" in s for s in said)
 
         await wait_for_value(c_down, "c taken out by passive failures")
 
@@ -1165,11 +1192,13 @@ class WorkerProcessTests(WorkersTestCase):
                 return int(w["pid"])
             return None
 
-        second = await wait_for_value(lambda: restarted(first), "worker 0 restarted")
+        second = await wait_for_value(lambda: restarted(first), "worker 0 restarted", START_TIMEOUT)
         self.assertIn(f"worker 0 (pid {first}) killed by signal 9".encode(), daemon.output)
         self.assertIn(b"restarting it in 1s", daemon.output)
         os.kill(second, signal.SIGKILL)
-        third = await wait_for_value(lambda: restarted(second), "worker 0 restarted again")
+        third = await wait_for_value(
+            lambda: restarted(second), "worker 0 restarted again", START_TIMEOUT
+        )
         self.assertIn(b"restarting it in 2s", daemon.output)
         status = await self.status()
         self.assertEqual([w["restarts"] for w in status["workers"]], [2, 0])
@@ -1222,8 +1251,6 @@ class WorkerProcessTests(WorkersTestCase):
         Workers serve rrlb's TLS on an C{ssl:} listener and read the PROXY
         header on a C{haproxy:} one, each adopted from the main process.
         """
-        from tests.test_proxyproto import CLIENT_IP, GET_CLOSE, V1_IN
-        from tests.test_tls import certs, https_get
 
         (a,) = await start_backends(self, "a")
         issued = certs().node
@@ -1255,8 +1282,6 @@ class WorkerProcessTests(WorkersTestCase):
         The main process looks the names up; the nodes it finds, and the
         changes, reach every worker.
         """
-        from tests.test_discovery import SRV_NAME, srv, start_server
-        from tests.test_discovery import a as a_record
 
         a, b, c = await start_backends(self, "a", "b", "c")
         dns_server = start_server(self)
@@ -1479,7 +1504,7 @@ class WorkerPoolsTests(WorkersTestCase):
 
         async def b_down() -> bool:
             node = await self.node("api", 1)
-            return bool(node["state"] == "down" and "request failed" in node["last_error"])
+            return node["state"] == "down" and "request failed" in (node["last_error"] or "")
 
         await wait_for_value(b_down, "api's b taken out by passive failures")
         web_b = await self.node("web", 0)
@@ -1560,19 +1585,3 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-async def wait_for_value(get: Any, what: str, timeout: float = 10.0) -> Any:
-    """
-    Poll the coroutine function C{get} until it returns something true.
-    """
-    from tests.helpers import reactor
-
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await get()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await sleep(0.05)
