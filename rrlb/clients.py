@@ -213,6 +213,7 @@ class ClientSite(server.Site):
         self.streams = 0
         self.paused = False
         self._sweep_call: Any = None
+        self._cap_call: Any = None
 
     @property
     def open_count(self) -> int:
@@ -232,20 +233,31 @@ class ClientSite(server.Site):
 
     def add_port(self, port: Any) -> Any:
         self.ports.append(port)
-        read = getattr(port, "doRead", None)
-        if read is not None and hasattr(port, "numberAccepts"):
-            # Twisted's port accepts up to numberAccepts clients per wake-up
-            # (a hundred at first): never more than there are places for,
-            # or a burst would hold descriptors past the cap, parked.
-            def doRead() -> Any:
-                room = self.limits.max_connections - self.taken
-                port.numberAccepts = max(1, min(port.numberAccepts, room))
-                return read()
-
-            port.doRead = doRead
+        self._cap_accepts()
         if self.paused:
             port.stopReading()
         return port
+
+    def _cap_accepts(self) -> None:
+        """
+        Twisted's port accepts up to its C{numberAccepts} clients per
+        wake-up (a hundred at first, and it raises that after a full one):
+        never more than there are places for, or a burst would hold
+        descriptors past the cap, parked. Set before each wake-up: when a
+        port is added or resumed, and in the turn after one that took
+        places (the port raises its count at the end of a wake-up).
+        """
+        self._cap_call = None
+        room = max(1, self.limits.max_connections - self.taken)
+        for port in self.ports:
+            if hasattr(port, "numberAccepts"):
+                port.numberAccepts = min(port.numberAccepts, room)
+
+    def _places_taken(self) -> None:
+        if self.taken >= self.limits.max_connections and not self.paused:
+            self.pause_accepting()
+        elif self._cap_call is None and self.ports:
+            self._cap_call = self.clock.callLater(0, self._cap_accepts)
 
     def _park(self, connection: Any) -> None:
         # Twisted accepts several clients per wake-up, so a few may come in
@@ -264,8 +276,7 @@ class ClientSite(server.Site):
                 self._park(channel)
                 return
             channels.add(channel)
-        if self.taken >= self.limits.max_connections and not self.paused:
-            self.pause_accepting()
+        self._places_taken()
         if self._sweep_call is None:
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
 
@@ -281,8 +292,7 @@ class ClientSite(server.Site):
             self._park(connection)
             return False
         self.waiting.add(connection)
-        if self.taken >= self.limits.max_connections and not self.paused:
-            self.pause_accepting()
+        self._places_taken()
         return True
 
     def header_arrived(self, connection: Any, channel: Any) -> None:
@@ -401,6 +411,7 @@ class ClientSite(server.Site):
     def resume_accepting(self) -> None:
         self.paused = False
         log.info("below --max-connections again: accepting clients")
+        self._cap_accepts()
         for port in self.ports:
             if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
                 port.startReading()
@@ -440,6 +451,7 @@ class ClientSite(server.Site):
             self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
 
     def stop_sweeping(self) -> None:
-        call, self._sweep_call = self._sweep_call, None
-        if call is not None and call.active():
-            call.cancel()
+        for call in (self._sweep_call, self._cap_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._sweep_call = self._cap_call = None
