@@ -16,8 +16,8 @@ failing requests quietly.
     name, the answers are cached here.
   - L{HTTPChannel}'s producer state (C{_handlingRequest},
     C{_networkProducer}, C{_waitingForTransport}, C{_requestProducer}):
-    L{rrlb.channel} replaces the channel's parsing, and its
-    C{pauseProducing}/C{resumeProducing} (to count its reasons not to read),
+    L{rrlb.channel} replaces the channel's parsing, and L{rrlb.connection}
+    its C{pauseProducing}/C{resumeProducing} (to count its reasons not to read),
     but keeps the rest of its backpressure between the transport and the
     request, which reads these.
   - L{Request._disconnected}: whether the client went away.
@@ -116,8 +116,9 @@ def client_gone(request: Any) -> bool:
     return bool(request._disconnected)
 
 
-# The HTTPChannel attributes rrlb.channel reads or sets (see the module
-# docstring); the test checks that the installed Twisted still has them.
+# The HTTPChannel attributes rrlb.channel and rrlb.connection read or set
+# (see the module docstring); the test checks that the installed Twisted
+# still has them.
 CHANNEL_STATE = ("_handlingRequest", "_networkProducer", "_waitingForTransport", "_requestProducer")
 
 

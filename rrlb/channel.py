@@ -3,30 +3,41 @@
 The client side of a connection: L{ProxyChannel} reads requests with the
 strict one-pass parser of L{rrlb.parser} instead of L{HTTPChannel}'s line
 by line parsing, and enforces the client limits (head size and count, body
-size, header, body and keep-alive timeouts); L{ClientSite} keeps the open
-channels, times them out in one sweep, and stops accepting at
-C{--max-connections}.
+size, header, body and keep-alive timeouts). L{rrlb.clients.ClientSite}
+(below this module) keeps the open channels, times them out in one sweep,
+and stops accepting at C{--max-connections}.
 
 Everything else of L{HTTPChannel} stays: L{twisted.web.http.Request}
 objects, response writing, and the backpressure between the transport and
-the request in progress.
+the request in progress. What is the connection's rather than its
+requests' (addresses, reading or not, lingering, the drain) is in
+L{rrlb.connection.ClientConnection}, below this module.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
-
-from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import http, server
+from typing import Any, Callable, Optional
 
 from rrlb._twisted import set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED, error_response
+
+# ClientSite is imported from here by rrlb.proxy.
+from rrlb.clients import ClientLimits, real_client
+from rrlb.clients import ClientSite as ClientSite
+from rrlb.connection import (
+    _AHEAD,
+    _BODY,
+    _BUSY,
+    _CLOSED,
+    _HEAD,
+    _HELD,
+    _IDLE,
+    _SENDING,
+    _TUNNEL,
+    ClientConnection,
+)
+from rrlb.http1 import EDGE_TRUSTED, error_response
 from rrlb.parser import (
     BAD_FRAMING,
     BAD_REQUEST,
@@ -44,136 +55,18 @@ from rrlb.parser import (
     RequestHead,
     parse_request_head,
 )
-from rrlb.settings import DEFAULT_MAX_CONNECTIONS, Config, values_for
-from rrlb.values import Network
 
-log = Logger()
-
-# How long a connection whose request was refused is read from (and the
-# bytes dropped) after the error response, so that a client still sending
-# its body gets to read the answer instead of a reset (nginx's
-# lingering_close).
-LINGER_TIMEOUT = 2.0
 # The most bytes of a refused request's target written to the access log.
 MAX_LOGGED_TARGET = 2048
-# The most seconds between two sweeps over the open connections.
-MAX_SWEEP_INTERVAL = 1.0
 # Bytes of pipelined requests read ahead while one is in progress, before
 # the client is held back (twisted.web's _optimisticEagerReadSize): past
 # them, what the client sends waits in the kernel, as with nginx and HAProxy.
 READ_AHEAD = 0x4000
-# How long a connection rrlb closes may take to send what is left of its
-# last response: a client that reads none of it is cut off then (nginx's
-# send_timeout), or its connection and that buffer would stay for as long
-# as it reads nothing.
-CLOSE_TIMEOUT = 60.0
 
-# Why a channel does not read from its client: flags, so that each reason
-# is lifted on its own and reading resumes only when none is left.
-_AHEAD = 1  # READ_AHEAD bytes of pipelined requests wait to be served
-_SENDING = 2  # between requests, the client is not taking its responses
-_HELD = 4  # the request body (or a tunnel) is held back (rrlb.body's flags)
 
 # Empty lines before a request line (RFC 9112 2.2).
 _EMPTY_LINES = re.compile(rb"[\r\n]*")
 
-
-@dataclass(frozen=True)
-class ClientLimits:
-    """
-    What a client may send, and for how long (see docs/security.md).
-
-    @ivar trusted_proxies: networks whose X-Forwarded-* headers are kept; an
-        empty tuple means the option is unset (X-Forwarded-For is appended
-        to, whoever sent it).
-    @ivar proxy_protocol_from: the peers a C{haproxy:} listener takes a
-        PROXY header from (L{rrlb.proxyproto}); empty: any peer.
-    """
-
-    # The defaults are rrlb.settings', where the options are.
-    max_header_size: int = Config.max_header_size
-    max_headers: int = Config.max_headers
-    max_body_size: int = Config.max_body_size
-    header_timeout: float = Config.client_header_timeout
-    body_timeout: float = Config.client_body_timeout
-    keepalive_timeout: float = Config.keepalive_timeout
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    trusted_proxies: tuple[Network, ...] = ()
-    proxy_protocol_from: tuple[Network, ...] = ()
-
-    @classmethod
-    def from_config(cls, config: Config) -> ClientLimits:
-        """
-        The limits C{config} sets (its settings that feed C{client}), with
-        C{max_connections} as what fits (L{connections_that_fit}).
-        """
-        limits = values_for("client", config)
-        return cls(**{**limits, "max_connections": connections_that_fit(limits["max_connections"])})
-
-
-# File descriptors kept beyond two per client connection (the client's and
-# its node connection): listeners, health probes, logs, the admin API.
-FD_RESERVE = 64
-
-
-def connections_that_fit(max_connections: Optional[int]) -> int:
-    """
-    The cap on client connections: C{max_connections}, or fewer if that many
-    cannot have their file descriptors under the soft C{RLIMIT_NOFILE}
-    (HAProxy lowers its maxconn the same way). Unset (L{None}), it is what
-    the limit fits, at most L{DEFAULT_MAX_CONNECTIONS}.
-    """
-    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return wanted
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
-
-
-def raise_fd_limit(max_connections: Optional[int]) -> None:
-    """
-    Raise the soft C{RLIMIT_NOFILE} to the hard limit, and say so once if a
-    C{max_connections} the operator set still cannot fit in it (rrlb then
-    uses the cap L{connections_that_fit} gives). Unset, the cap is what
-    fits, and nothing is said.
-    """
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    elif hard == resource.RLIM_INFINITY:
-        soft = hard
-    if max_connections is None:
-        return
-    needed = 2 * max_connections + FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warn(
-            "--max-connections {max} needs up to {needed} file descriptors (a client"
-            " and a node connection each), but the limit (RLIMIT_NOFILE) is {limit}:"
-            " accepting at most {fits} client connections; raise the limit"
-            " (LimitNOFILE= in the systemd unit) or lower --max-connections",
-            max=max_connections,
-            needed=needed,
-            limit=soft,
-            fits=connections_that_fit(max_connections),
-        )
-
-
-_IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
-_STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
-# Client connections /status lists at most.
-MAX_LISTED_CLIENTS = 100
 
 def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], bytes]:
     """
@@ -181,51 +74,12 @@ def request_line_of(head: bytes) -> tuple[Optional[bytes], Optional[bytes], byte
     that was refused, as far as they can be read (L{None} if not), for the
     access log.
     """
-    line = head[: head.find(b"\r\n")] if b"\r\n" in head[:MAX_REQUEST_LINE + 2] else b""
+    line = head[: head.find(b"\r\n")] if b"\r\n" in head[: MAX_REQUEST_LINE + 2] else b""
     parts = line.split(b" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         return None, None, b"HTTP/1.1"
     method, target, version = parts
     return method[:32], target[:MAX_LOGGED_TARGET], version[:16]
-
-
-def is_trusted(host: Optional[str], networks: Sequence[Network]) -> bool:
-    """
-    Whether an address (text) is inside one of C{networks}.
-    """
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    return any(address in network for network in networks)
-
-
-def real_client(peer: bytes, forwarded_for: list[bytes], networks: Sequence[Network]) -> bytes:
-    """
-    The client behind a chain of trusted proxies: the first address of
-    C{X-Forwarded-For} from the right (after the peer) that is not trusted,
-    or the leftmost one if every hop is trusted. The walk stops at a hop
-    that is not an IP address; the answer is then the last address before
-    it (the peer's, if none).
-    """
-    client = peer
-    for value in reversed(forwarded_for):
-        for hop in reversed(value.split(b",")):
-            try:
-                address = ipaddress.ip_address(hop.strip().decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                # Not an address: nothing to its left can be believed, and
-                # nothing but an address may stand in the log.
-                return client
-            client = str(address).encode("ascii")
-            if not is_trusted(client.decode("ascii"), networks):
-                return client
-    return client
 
 
 def _skip_empty_lines(buffer: bytes, pos: int) -> int:
@@ -237,7 +91,7 @@ def _skip_empty_lines(buffer: bytes, pos: int) -> int:
     return match.end() if match is not None else pos
 
 
-class ProxyChannel(http.HTTPChannel):
+class ProxyChannel(ClientConnection):
     """
     An HTTP/1.1 connection from a client.
 
@@ -252,27 +106,12 @@ class ProxyChannel(http.HTTPChannel):
         out (its idle, head, body or linger time runs out), or L{None}.
     """
 
-    forwarded: tuple[bytes, bytes] = (b"http", b"")
-    edge = EDGE_OFF
-    peer: Any = None
-    local: Any = None
-    # For /status: when it opened, who the client is, requests answered.
-    opened = 0.0
-    client_address = ""
-    served = 0
-    deadline: Optional[float] = None
-    # A drain asked it to close after the request in progress: its
-    # response says Connection: close.
-    closing = False
     # Where the client's bytes go once the connection is a tunnel (set by
     # the proxy along with start_tunnel).
     tunnel_reader: Optional[Callable[[bytes], None]] = None
-    transport: Any
-    site: ClientSite
 
     def __init__(self) -> None:
         super().__init__()
-        self._state = _IDLE
         # What was read and not parsed yet: self._buffer[self._offset:], then
         # the reads in self._more (those that came while a request was in
         # progress, kept as they came rather than copied onto the rest).
@@ -284,93 +123,8 @@ class ProxyChannel(http.HTTPChannel):
         self._left = 0
         self._decoder: Optional[ChunkedDecoder] = None
         self._holds = 0
-        self._stops = 0
         self._starting = False
         self._again = False
-        # The next request waits for the client to take the last response.
-        self._next_waits = False
-
-    # -- the connection -------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        site = self.site
-        self.clock = site.clock
-        # Every request on the connection has the same addresses.
-        self.local = self.transport.getHost()
-        self.set_peer(self.transport.getPeer())
-        # A connection that sends nothing is closed quietly after the header
-        # timeout, as nginx does.
-        self.opened = now = self.clock.seconds()
-        self.deadline = now + site.limits.header_timeout
-        site.channel_opened(self)
-
-    def set_peer(self, peer: Any) -> None:
-        """
-        Take C{peer} as the client's address: for X-Forwarded-For, the access
-        log, /status and --trusted-proxies. (A C{haproxy:} listener sets the
-        address its PROXY header carried.)
-        """
-        self.peer = peer
-        host = getattr(peer, "host", None)
-        self.forwarded = (
-            b"https" if self.isSecure() else b"http",
-            host.encode("ascii") if isinstance(host, str) else b"",
-        )
-        self.client_address = host if isinstance(host, str) else ""
-        trusted = self.site.limits.trusted_proxies
-        if trusted:
-            self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._state = _CLOSED
-        self.deadline = None
-        super().connectionLost(reason)
-        self.site.channel_closed(self)
-
-    # -- reading, or not ------------------------------------------------------
-
-    def _stop_reading(self, why: int) -> None:
-        if not self._stops:
-            self.transport.pauseProducing()
-        self._stops |= why
-
-    def _go_on_reading(self, why: int) -> None:
-        stops = self._stops
-        if stops & why:
-            self._stops = stops = stops & ~why
-            if not stops:
-                self.transport.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        """
-        The client's connection has a full write buffer: the response in
-        progress is paused and, between requests, nothing more is read
-        (Twisted's HTTPChannel does the same). During a request, reading is
-        bounded by L{READ_AHEAD} and the body's holds instead.
-        """
-        self._waitingForTransport = True
-        producer = self._requestProducer
-        if producer is not None:
-            producer.pauseProducing()
-        if not self._handlingRequest:
-            self._stop_reading(_SENDING)
-
-    def resumeProducing(self) -> None:
-        """
-        The client's write buffer drained: the response goes on, the next
-        request starts if it was waiting for that, and reading goes on
-        unless another reason still stops it.
-        """
-        self._waitingForTransport = False
-        producer = self._requestProducer
-        if producer is not None:
-            producer.resumeProducing()
-        self._go_on_reading(_SENDING)
-        if self._next_waits:
-            self._next_waits = False
-            if self._state == _IDLE:
-                self._next_requests()
 
     # -- reading requests -----------------------------------------------------
 
@@ -770,40 +524,6 @@ class ProxyChannel(http.HTTPChannel):
             request, error.code, error.text, ((b"Connection", b"close"),) + error.headers
         )
 
-    def _linger(self) -> None:
-        """
-        After an error response: send FIN, and read and drop what the client
-        still sends for up to L{LINGER_TIMEOUT}, so the answer is not lost
-        to a reset.
-        """
-        self._state = _CLOSED
-        transport: Any = self._networkProducer
-        transport.unregisterProducer()
-        lose_write = getattr(self.transport, "loseWriteConnection", None)
-        if lose_write is None or not self.site.linger:
-            # No half-close (TLS, a haproxy: listener): close, and cut the
-            # client off if it does not take the answer.
-            self.transport.loseConnection()
-            self.deadline = self.clock.seconds() + self.site.close_timeout
-            return
-        # Whatever stopped reading before, the client's bytes are dropped now
-        # (for LINGER_TIMEOUT at most).
-        if self._stops:
-            self._stops = 0
-            self.transport.resumeProducing()
-        lose_write()
-        self.deadline = self.clock.seconds() + LINGER_TIMEOUT
-
-    def loseConnection(self) -> None:
-        """
-        Close the connection once what was written to it has gone out; if the
-        client takes none of it for the site's C{close_timeout}, the sweep
-        cuts it off.
-        """
-        self._state = _CLOSED
-        self.deadline = self.clock.seconds() + self.site.close_timeout
-        super().loseConnection()
-
     def timed_out(self) -> None:
         """
         The deadline passed: what that means depends on what the connection
@@ -819,299 +539,3 @@ class ProxyChannel(http.HTTPChannel):
             self.loseConnection()
         elif state == _CLOSED:
             self.transport.abortConnection()
-
-    # -- drain ---------------------------------------------------------------
-
-    def close_when_idle(self) -> None:
-        """
-        For a drain: close now if no request is in progress, else finish the
-        one in progress with C{Connection: close} and close after it.
-        """
-        if not self.requests:
-            self._state = _CLOSED
-            self.loseConnection()
-            return
-        self.persistent = False
-        self.closing = True
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        if self.closing:
-            headers.setRawHeaders(b"Connection", [b"close"])
-        parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        extend = parts.extend
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                extend((name, b": ", value, b"\r\n"))
-        parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
-
-
-class ClientSite(server.Site):
-    """
-    A L{server.Site} that keeps its open channels: it times them out in one
-    sweep (no timer per connection or request), pauses its listening ports
-    at C{max_connections} and resumes them below it, and hands the drain
-    the channels to close.
-
-    A connection on a C{haproxy:} listener holds its place from accept: it
-    is in L{waiting} until its PROXY header has come (L{rrlb.proxyproto}),
-    then in L{channels}.
-
-    @ivar ports: the listening ports to pause and resume (the service adds
-        them once they listen).
-    @ivar streams: places under C{max_connections} taken by HTTP/2 streams
-        beyond the first of their connection (L{stream_opened}).
-    @ivar waiting: connections waiting for their PROXY header.
-    @ivar parked: connections accepted past the cap (Twisted accepts several
-        per wake-up), unread until a place is free.
-    @ivar linger: read and drop what a refused client still sends before
-        closing (off in tests that use in-memory transports).
-    @ivar close_timeout: how long a connection rrlb closes may take to send
-        what is left of its last response (L{CLOSE_TIMEOUT}).
-    """
-
-    linger = True
-    close_timeout = CLOSE_TIMEOUT
-
-    def __init__(self, resource: Any, clock: Any, limits: ClientLimits, **kw: Any) -> None:
-        # No twisted.web timeout: the sweep does every client timeout.
-        server.Site.__init__(self, resource, timeout=None, reactor=clock, **kw)
-        self.clock = clock
-        self.limits = limits
-        self.channels: set[ProxyChannel] = set()
-        self.waiting: set[Any] = set()
-        self.on_channel_lost: Optional[Callable[[], None]] = None
-        self.ports: list[Any] = []
-        self.parked: list[Any] = []
-        self.streams = 0
-        self.paused = False
-        self._sweep_call: Any = None
-
-    @property
-    def open_count(self) -> int:
-        """
-        The client connections open, those waiting for a PROXY header too
-        (C{rrlb_client_connections}).
-        """
-        return len(self.channels) + len(self.waiting)
-
-    @property
-    def taken(self) -> int:
-        """
-        The places taken under C{max_connections}: every client connection
-        (from accept), and the HTTP/2 streams beyond the first of theirs.
-        """
-        return len(self.channels) + len(self.waiting) + self.streams
-
-    def add_port(self, port: Any) -> Any:
-        self.ports.append(port)
-        read = getattr(port, "doRead", None)
-        if read is not None and hasattr(port, "numberAccepts"):
-            # Twisted's port accepts up to numberAccepts clients per wake-up
-            # (a hundred at first): never more than there are places for,
-            # or a burst would hold descriptors past the cap, parked.
-            def doRead() -> Any:
-                room = self.limits.max_connections - self.taken
-                port.numberAccepts = max(1, min(port.numberAccepts, room))
-                return read()
-
-            port.doRead = doRead
-        if self.paused:
-            port.stopReading()
-        return port
-
-    def _park(self, connection: Any) -> None:
-        # Twisted accepts several clients per wake-up, so a few may come in
-        # past the cap: they wait, unread, for a free place.
-        connection.transport.pauseProducing()
-        self.parked.append(connection)
-        if not self.paused:
-            self.pause_accepting()
-
-    def channel_opened(self, channel: ProxyChannel) -> None:
-        channels = self.channels
-        if channel not in channels:
-            # (One that waited for its PROXY header is in already.)
-            if self.taken >= self.limits.max_connections:
-                channel.deadline = None
-                self._park(channel)
-                return
-            channels.add(channel)
-        if self.taken >= self.limits.max_connections and not self.paused:
-            self.pause_accepting()
-        if self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
-
-    def header_awaited(self, connection: Any) -> bool:
-        """
-        C{connection} was accepted on a C{haproxy:} listener and waits for
-        its PROXY header: it holds a place from now on.
-
-        @return: whether it has one; if not, it is parked (unread) until a
-            place is free, and then its C{admitted()} is called.
-        """
-        if self.taken >= self.limits.max_connections:
-            self._park(connection)
-            return False
-        self.waiting.add(connection)
-        if self.taken >= self.limits.max_connections and not self.paused:
-            self.pause_accepting()
-        return True
-
-    def header_arrived(self, connection: Any, channel: ProxyChannel) -> None:
-        """
-        The PROXY header of C{connection} came: C{channel}, about to be
-        connected, takes over its place.
-        """
-        self.waiting.discard(connection)
-        self.channels.add(channel)
-
-    def channel_closed(self, channel: Any) -> None:
-        """
-        C{channel} (a L{ProxyChannel}, or a connection still waiting for its
-        PROXY header) is gone: its place goes to the first parked one.
-        """
-        channels = self.channels
-        if channel in channels:
-            channels.discard(channel)
-        elif channel in self.waiting:
-            self.waiting.discard(channel)
-        elif channel in self.parked:
-            self.parked.remove(channel)
-        self._room_freed()
-        if self.on_channel_lost is not None:
-            self.on_channel_lost()
-
-    def stream_opened(self) -> bool:
-        """
-        An HTTP/2 connection opens a stream beside those it has open: each
-        may hold a node connection, so it takes a place under
-        C{max_connections} as a client connection does. Returns C{False},
-        taking nothing, when there is no place left (the stream is refused).
-        """
-        if self.taken >= self.limits.max_connections:
-            return False
-        self.streams += 1
-        if self.taken >= self.limits.max_connections and not self.paused:
-            self.pause_accepting()
-        return True
-
-    def stream_closed(self) -> None:
-        """
-        A stream that took a place with L{stream_opened} ended.
-        """
-        self.streams -= 1
-        self._room_freed()
-
-    def _room_freed(self) -> None:
-        """
-        A place may be free: a client held unread takes it, and accepting
-        resumes if there is still room.
-        """
-        channels = self.channels
-        room = self.limits.max_connections - self.taken
-        while self.parked and room > 0:
-            parked = self.parked.pop(0)
-            room -= 1
-            if isinstance(parked, ProxyChannel):
-                channels.add(parked)
-                parked.deadline = self.clock.seconds() + self.limits.header_timeout
-            else:
-                self.waiting.add(parked)
-                parked.admitted()
-            parked.transport.resumeProducing()
-        if not channels:
-            self.stop_sweeping()
-        elif self._sweep_call is None:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
-        if self.paused and room > 0:
-            self.resume_accepting()
-
-    def client_list(self, limit: int = MAX_LISTED_CLIENTS) -> list[dict[str, Any]]:
-        """
-        The open client connections for C{/status} (the longest-open first,
-        at most C{limit}): who the client is (behind trusted proxies: the
-        real client of its latest request), its peer, what it is doing and
-        how many requests it has had answered.
-        """
-        listed = sorted(self.channels, key=lambda c: c.opened)[:limit]
-        return [
-            {
-                "client": channel.client_address,
-                "peer": channel.forwarded[1].decode("ascii", "replace"),
-                "state": _STATE_NAMES[channel._state],
-                "requests": channel.served,
-                "since": channel.opened,
-            }
-            for channel in listed
-        ]
-
-    def close_parked(self) -> None:
-        """
-        At shutdown: close the clients waiting for a place (they sent
-        nothing that was read), and those still waiting for their PROXY
-        header (no request of theirs has begun).
-        """
-        parked, self.parked = self.parked, []
-        waiting, self.waiting = self.waiting, set()
-        for connection in parked + list(waiting):
-            connection.transport.abortConnection()
-
-    def pause_accepting(self) -> None:
-        """
-        Stop accepting: new clients wait in the kernel's listen backlog.
-        """
-        self.paused = True
-        log.warn(
-            "{count} client connections open (--max-connections): not accepting more"
-            " until one closes",
-            count=self.open_count,
-        )
-        for port in self.ports:
-            port.stopReading()
-
-    def resume_accepting(self) -> None:
-        self.paused = False
-        log.info("below --max-connections again: accepting clients")
-        for port in self.ports:
-            if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
-                port.startReading()
-
-    def set_limits(self, limits: ClientLimits) -> None:
-        """
-        A reload: new limits apply to connections from now on; a lower
-        C{max_connections} pauses accepting until enough have closed.
-        """
-        self.limits = limits
-        over = self.taken >= limits.max_connections
-        if over and not self.paused:
-            self.pause_accepting()
-        elif not over and self.paused:
-            self.resume_accepting()
-
-    # -- timeouts -------------------------------------------------------------
-
-    def sweep_interval(self) -> float:
-        limits = self.limits
-        shortest = min(
-            limits.header_timeout, limits.body_timeout, limits.keepalive_timeout, LINGER_TIMEOUT
-        )
-        return min(MAX_SWEEP_INTERVAL, shortest / 4)
-
-    def _sweep(self) -> None:
-        self._sweep_call = None
-        now = self.clock.seconds()
-        expired = [c for c in self.channels if c.deadline is not None and now >= c.deadline]
-        for channel in expired:
-            channel.deadline = None
-            try:
-                channel.timed_out()
-            except Exception:
-                log.failure("timing out a client connection")
-        if self.channels:
-            self._sweep_call = self.clock.callLater(self.sweep_interval(), self._sweep)
-
-    def stop_sweeping(self) -> None:
-        call, self._sweep_call = self._sweep_call, None
-        if call is not None and call.active():
-            call.cancel()

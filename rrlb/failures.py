@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 
-from rrlb.tls import describe_tls_error
+from rrlb.nodetls import describe_tls_error
 
 log = Logger()
 

@@ -50,7 +50,8 @@ from twisted.python.failure import Failure
 
 from rrlb._twisted import H2Connection, H2Stream, set_raw_headers
 from rrlb.body import CONTINUE, StreamedBody
-from rrlb.channel import _CLOSED, MAX_LOGGED_TARGET, ProxyChannel, real_client
+from rrlb.channel import _CLOSED, MAX_LOGGED_TARGET, ProxyChannel
+from rrlb.clients import real_client
 from rrlb.h2buffers import BoundedConnection, BoundedStream
 from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
 from rrlb.parser import (

@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from rrlb.channel import ClientSite, is_trusted
+from rrlb.clients import ClientSite, is_trusted
 
 log = Logger()
 

@@ -67,7 +67,7 @@ class Setting:
     @ivar each: for an option given once per value, the parser of one value.
     @ivar shown: its default as README's options table shows it; L{None} in
         L{setting}: the default as it is.
-    @ivar feeds: what it is copied into (C{client}: L{rrlb.channel.ClientLimits},
+    @ivar feeds: what it is copied into (C{client}: L{rrlb.clients.ClientLimits},
         C{proxy}: L{rrlb.proxy.ProxySettings}), and after a dot its name
         there if that differs.
     """
@@ -317,7 +317,7 @@ class ListenTLS:
 
 DEFAULT_POOL = "default"
 # Client connections at most when max_connections is not set and the file
-# descriptor limit fits more (rrlb.channel.connections_that_fit).
+# descriptor limit fits more (rrlb.clients.connections_that_fit).
 DEFAULT_MAX_CONNECTIONS = 10000
 
 

@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from rrlb import __version__
 from rrlb.accesslog import STDOUT
-from rrlb.channel import raise_fd_limit
+from rrlb.clients import raise_fd_limit
 from rrlb.config import Config, ConfigError, build_config, parser, with_admin_token
 from rrlb.failures import LocalErrors
 from rrlb.notify import recover_listen_fds

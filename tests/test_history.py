@@ -8,10 +8,10 @@ from __future__ import annotations
 from twisted.internet import task
 from twisted.trial import unittest
 
-from rrlb.admin import chart, render_page
 from rrlb.history import HISTORY_SAMPLES, History, quantile
 from rrlb.metrics import LATENCY_BUCKETS, Metrics
 from rrlb.pool import Pool, Pools
+from rrlb.statuspage import chart, render_page
 from tests.support import specs
 
 

@@ -39,7 +39,7 @@ from twisted.trial import unittest
 from twisted.web import http
 from twisted.web.resource import Resource
 
-from rrlb.channel import ClientLimits, ClientSite
+from rrlb.clients import ClientLimits, ClientSite
 from rrlb.http1 import EDGE_OFF
 from tests.support import (
     LOOPBACK,

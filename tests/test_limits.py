@@ -21,9 +21,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from rrlb.admin import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminSite
 from rrlb.body import NODE_FULL
-from rrlb.channel import (
+from rrlb.channel import READ_AHEAD
+from rrlb.clients import (
     CLOSE_TIMEOUT,
-    READ_AHEAD,
     ClientLimits,
     ClientSite,
     connections_that_fit,

@@ -28,7 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from twisted.web import server
 
-from rrlb.channel import ClientLimits, ClientSite
+from rrlb.clients import ClientLimits, ClientSite
 from rrlb.config import ConfigError, parse_nodes
 from rrlb.listeners import with_default_backlog
 from rrlb.proxyproto import (

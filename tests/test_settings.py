@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from rrlb.channel import ClientLimits
+from rrlb.clients import ClientLimits
 from rrlb.config import build_config
 from rrlb.proxy import ProxySettings
 from rrlb.settings import (

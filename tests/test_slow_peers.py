@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rrlb.channel import LINGER_TIMEOUT
+from rrlb.clients import LINGER_TIMEOUT
 from tests.support import LOOPBACK, Daemon, raw_request, sleep, start_daemon
 
 reactor: Any = _reactor

@@ -503,7 +503,7 @@ class NodeTLSTests(TLSCase):
         (read once); each still checks its own name.
         """
         from rrlb.config import parse_nodes
-        from rrlb.tls import NodeTLSClients
+        from rrlb.nodetls import NodeTLSClients
 
         ca = self.ca_file
         specs = parse_nodes(

@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from rrlb.config import Config, PoolConfig, all_pools
 from rrlb.listeners import Listener
+from rrlb.nodetls import NodeTLSClients
 from rrlb.pool import Pool, Pools
-from rrlb.tls import NodeTLSClients
 from rrlb.traffic import unique_nodes, update_pools
 from rrlb.workers.sockets import HeldForWorkers, SocketGroup, bind_endpoint
 from rrlb.workers.supervisor import WorkerSupervisor
