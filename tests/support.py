@@ -2236,11 +2236,15 @@ class HTTP2Case(TLSCase):
             *args,
         )
 
-    async def h2_connect(self, port: int) -> H2Client:
+    async def h2_connect(self, port: int, protocol: Any = None) -> Any:
+        """
+        An HTTP/2 client over TLS to C{port} (an L{H2Client}, or C{protocol}),
+        aborted at cleanup.
+        """
         trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
         options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"h2"])
         endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, port, options)
-        client = await connectProtocol(endpoint, H2Client())
+        client = await connectProtocol(endpoint, H2Client() if protocol is None else protocol)
 
         async def close() -> None:
             if client.transport.connected:

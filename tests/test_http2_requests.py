@@ -18,10 +18,8 @@ from typing import Any, Optional
 
 import h2.config
 import h2.connection
-from OpenSSL import crypto
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 
 from rrlb.parser import BAD_METHOD, BAD_REQUEST, HEADER_TOO_LARGE, TOO_MANY_HEADERS
@@ -201,17 +199,7 @@ class RequestsCase(HTTP2Case):
         return node, balancer, client
 
     async def raw_connect(self, port: int) -> RawH2Client:
-        trust = Certificate(crypto.X509.from_cryptography(self.certs.ca.cert))
-        options = optionsForClientTLS("a.test", trustRoot=trust, acceptableProtocols=[b"h2"])
-        endpoint = SSL4ClientEndpoint(reactor, LOOPBACK, port, options)
-        client = await connectProtocol(endpoint, RawH2Client())
-
-        async def close() -> None:
-            if client.transport.connected:
-                client.transport.abortConnection()
-                await client.lost
-
-        self.addCleanup(close)
+        client: RawH2Client = await self.h2_connect(port, RawH2Client())
         return client
 
 
