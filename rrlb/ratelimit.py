@@ -188,9 +188,7 @@ def parse_rate_limit(where: str, value: Any) -> RateLimitSpec:
     A C{rate_limit} mapping: C{{rate: 100/s, burst: 200, key: source,
     store: local, max_keys: 100000, on_store_error: allow}}.
     """
-    value = _mapping(
-        where, value, ("rate", "burst", "key", "store", "max_keys", "on_store_error")
-    )
+    value = _mapping(where, value, ("rate", "burst", "key", "store", "max_keys", "on_store_error"))
     if "rate" not in value:
         raise ConfigError(f"{where} needs a rate, such as rate: 100/s")
     rate = parse_rate(where, value["rate"])

@@ -2333,3 +2333,104 @@ class Client(WebSocketClientProtocol):
     async def message(self, count: int = 1) -> tuple[bytes, bool]:
         await wait_for(lambda: len(self.messages) >= count, f"message {count}")
         return self.messages[count - 1]
+
+
+# == Redis =============================================================================
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Ready to accept connections" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(AssertionError(f"redis-server ended: {self.output[-500:]!r}"))
+        self.ended.callback(None)
+
+
+class RedisServer:
+    """
+    A redis-server (Debian's package, installed by .ci/run) of one test
+    case, on a free loopback port, without persistence; L{kill} and
+    L{start} again restart it on the same port.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: Optional[_RedisProcess] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    async def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise unittest.SkipTest("redis-server is not installed (apt-get install redis-server)")
+        if not self.port:
+            probe = socket.socket()
+            probe.bind((LOOPBACK, 0))
+            self.port = probe.getsockname()[1]
+            probe.close()
+        process = self.process = _RedisProcess()
+        argv = [
+            binary,
+            "--port", str(self.port),
+            "--bind", LOOPBACK,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+        reactor.spawnProcess(process, binary, argv, env=None)
+        await process.ready.addTimeout(START_TIMEOUT, reactor)
+        return self
+
+    async def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended
+
+    async def command(self, *args: bytes) -> bytes:
+        """
+        One command, its raw reply.
+        """
+        client = await TCP4ClientEndpoint(reactor, LOOPBACK, self.port).connect(
+            _OneReply.factory()
+        )
+        out = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        client.transport.write(out)
+        try:
+            return await client.reply.addTimeout(WAIT_TIMEOUT, reactor)
+        finally:
+            client.transport.loseConnection()
+
+
+class _OneReply(Protocol):
+    def __init__(self) -> None:
+        self.reply: defer.Deferred[bytes] = defer.Deferred()
+
+    @classmethod
+    def factory(cls) -> Factory:
+        return Factory.forProtocol(cls)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.reply.called:
+            self.reply.callback(data)
+
+
+async def start_redis(testcase: unittest.TestCase) -> RedisServer:
+    """
+    A L{RedisServer} of C{testcase}, killed in its cleanup.
+    """
+    server = RedisServer()
+    testcase.addCleanup(lambda: defer.ensureDeferred(server.kill()))
+    return await server.start()

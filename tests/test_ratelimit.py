@@ -286,4 +286,3 @@ class InFlightTableTests(unittest.TestCase):
         table.release(b"k")
         table.release(b"other")
         self.assertEqual(len(table), 0)
-
