@@ -432,3 +432,90 @@ class InFlightTable:
             counts.pop(key, None)
         else:
             counts[key] = n - 1
+
+
+class LocalLimits:
+    """
+    The counts of C{store: local} for a whole instance: every C{rate_limit}
+    and C{limit_in_flight} table, by the filter's id. In one process the
+    filters ask it directly; with C{--workers} it lives in the main process
+    and the workers ask it over their channels, so one client has one count
+    whichever worker serves it.
+
+    In-flight counts remember who holds them (a worker's index), so a
+    worker that dies gives its requests back (L{forget}).
+    """
+
+    def __init__(self) -> None:
+        self.rates: dict[str, RateTable] = {}
+        self.flights: dict[str, InFlightTable] = {}
+        self.held: dict[Any, dict[tuple[str, bytes], int]] = {}
+
+    def rate_table(self, limit: str, spec: RateLimitSpec) -> RateTable:
+        table = self.rates.get(limit)
+        if table is None or table.spec != spec:
+            table = self.rates[limit] = RateTable(spec)
+        return table
+
+    def take(self, limit: str, spec: RateLimitSpec, key: bytes, seconds: float) -> int:
+        """
+        One request of C{key} on filter C{limit}: 0 or its C{Retry-After}.
+        """
+        table = self.rates.get(limit)
+        if table is None or (table.spec is not spec and table.spec != spec):
+            table = self.rate_table(limit, spec)
+        return table.take(key, seconds)
+
+    def acquire(self, limit: str, spec: InFlightSpec, key: bytes, holder: Any = None) -> bool:
+        """
+        One more request of C{key} in flight on filter C{limit}, if there is
+        room.
+        """
+        table = self.flights.get(limit)
+        if table is None or table.spec != spec:
+            table = self.flights[limit] = InFlightTable(spec)
+        if not table.acquire(key):
+            return False
+        if holder is not None:
+            held = self.held.setdefault(holder, {})
+            held[(limit, key)] = held.get((limit, key), 0) + 1
+        return True
+
+    def release(self, limit: str, key: bytes, holder: Any = None) -> None:
+        table = self.flights.get(limit)
+        if table is not None:
+            table.release(key)
+        if holder is not None:
+            held = self.held.get(holder)
+            if held is not None:
+                n = held.get((limit, key), 0)
+                if n <= 1:
+                    held.pop((limit, key), None)
+                else:
+                    held[(limit, key)] = n - 1
+
+    def forget(self, holder: Any) -> None:
+        """
+        C{holder} is gone: its requests in flight are no longer.
+        """
+        for (limit, key), n in self.held.pop(holder, {}).items():
+            table = self.flights.get(limit)
+            if table is not None:
+                for _ in range(n):
+                    table.release(key)
+
+    def keep(self, limits: set[str]) -> None:
+        """
+        Only the tables of these filters are kept (after a reload).
+        """
+        for tables in (self.rates, self.flights):
+            for limit in [name for name in tables if name not in limits]:
+                del tables[limit]
+
+    def keys(self) -> int:
+        """
+        The keys held, over every table: C{rrlb_rate_limit_keys}.
+        """
+        return sum(len(t.keys) for t in self.rates.values()) + sum(
+            len(t) for t in self.flights.values()
+        )
