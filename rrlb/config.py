@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from rrlb.filters import parse_filters
 from rrlb.settings import (
     DEFAULT_POOL,
     POOL,
@@ -41,7 +42,9 @@ from rrlb.values import (
 )
 
 MAX_WEIGHT = 256
-_ROUTE_KEYS = frozenset({"host", "path_prefix", "methods", "header", "strip_prefix", "pool"})
+_ROUTE_KEYS = frozenset(
+    {"name", "host", "path_prefix", "methods", "header", "strip_prefix", "pool", "filters"}
+)
 _NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections", "send_proxy"})
 # Keys of a DNS node entry besides the node keys (url excepted) it shares.
 _DNS_NODE_KEYS = frozenset({"dns", "srv", "port", "scheme"})
@@ -281,7 +284,15 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
             kwargs["strip_prefix"] = boolean(f"{where}.strip_prefix", raw["strip_prefix"])
             if kwargs["strip_prefix"] and "path_prefix" not in kwargs:
                 raise ConfigError(f"{where}.strip_prefix needs a path_prefix")
+        if "name" in raw:
+            kwargs["name"] = token(f"{where}.name", raw["name"], "a route name")
+        if "filters" in raw:
+            kwargs["filters"] = parse_filters(f"{where}.filters", raw["filters"])
         routes.append(RouteConfig(**kwargs))
+    names = [r.name for r in routes if r.name is not None]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"routes: two routes are named {name!r}")
     return tuple(routes)
 
 
@@ -506,6 +517,7 @@ _STRUCTURES: dict[str, Parser] = {
     "nodes": _nodes_flag,
     "pools": parse_pools,
     "routes": lambda name, value: parse_routes(value),
+    "filters": parse_filters,
 }
 
 

@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, TypeVar
 
+from rrlb.filters import FilterSpec
 from rrlb.values import (
     Network,
     Parser,
@@ -267,7 +268,10 @@ class DnsNodes:
 @dataclass(frozen=True)
 class RouteConfig:
     """
-    One route: its conditions (none: the default route) and its pool.
+    One route: its conditions (none: the default route), its filters, and
+    its action: its pool, or another action (L{rrlb.actions}).
+
+    @ivar name: its C{name:}, else L{None} (filters then see its index).
     """
 
     pool: str
@@ -276,6 +280,8 @@ class RouteConfig:
     methods: tuple[str, ...] = ()
     header: tuple[tuple[str, str], ...] = ()
     strip_prefix: bool = False
+    name: Optional[str] = None
+    filters: tuple[FilterSpec, ...] = ()
 
 
 # -- the table: every setting, declared once --------------------------------------
@@ -382,6 +388,9 @@ class Config(PoolSettings):
     )  # fmt: skip
     pools: tuple[PoolConfig, ...] = setting((), None, "Named pools", flag="")
     routes: tuple[RouteConfig, ...] = setting((), None, "Routes to pools", flag="")
+    filters: tuple[FilterSpec, ...] = setting(
+        (), None, "Filters of every request, before routes", flag=""
+    )
     demo: int = setting(
         0, positive_int, "Start N demo nodes on loopback", yaml=False, shown=""
     )
