@@ -152,7 +152,9 @@ class RateLimit:
             if decided.__class__ is int:
                 return self.refuse(decided) if decided else None
         else:
-            decided = redis.take(redis_key(self.namespace, key), self.interval_us, self.tolerance_us)
+            decided = redis.take(
+                redis_key(self.namespace, key), self.interval_us, self.tolerance_us
+            )
         return decided.addCallbacks(self.decided, self.store_failed)
 
     def decided(self, retry_after: int) -> Optional[Answer]:
@@ -161,7 +163,7 @@ class RateLimit:
     def refuse(self, retry_after: int) -> Answer:
         counts = self.stores.rate_limited
         counts[self.counted] = counts.get(self.counted, 0) + 1
-        return Answer(429, TOO_MANY, {"Retry-After": "%d" % retry_after})
+        return Answer(429, TOO_MANY, {"Retry-After": str(retry_after)})
 
     def store_failed(self, reason: Failure) -> Optional[Answer]:
         reason.trap(StoreError)

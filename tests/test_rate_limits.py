@@ -1,0 +1,244 @@
+"""
+The rate_limit and limit_in_flight filters (rrlb.limits), built from their
+YAML entries through the filter registry: each key kind, 429 with
+Retry-After, store errors, and the counts /metrics shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.web.http_headers import Headers
+
+from rrlb.filters import Answer, FilterContext, FilterRequest, build_filter, parse_filters
+from rrlb.limits import LimitStores, stores_of
+from rrlb.metrics import Metrics, exposition
+from rrlb.pool import Pools
+from rrlb.redisstore import StoreError
+from rrlb.values import ConfigError
+
+
+class _Channel:
+    edge = 0
+    forwarded = (b"http", b"10.0.0.1")
+
+
+class _Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+class _Raw:
+    def __init__(self, peer: str = "10.0.0.1", headers: Optional[dict[bytes, list[bytes]]] = None):
+        self.uri = b"/"
+        self.method = b"GET"
+        self.requestHeaders = Headers(headers or {})
+        self.channel = _Channel()
+        self.client = _Peer(peer)
+        self.real_client: Optional[bytes] = None
+        self.log_notes = None
+
+
+def request(peer: str = "10.0.0.1", **headers: bytes) -> FilterRequest:
+    raw = _Raw(peer, {name.replace("_", "-").encode(): [v] for name, v in headers.items()})
+    return FilterRequest(raw)
+
+
+def build(entry: dict[str, Any], context: FilterContext, where: str = "filters") -> Any:
+    (spec,) = parse_filters(where, [entry])
+    return build_filter(spec, context)
+
+
+def statuses(filter: Any, make: Any, count: int) -> list[Any]:
+    out = []
+    for _ in range(count):
+        result = filter.request(make())
+        out.append(None if result is None else result.status)
+    return out
+
+
+class RateLimitTests(unittest.TestCase):
+    """
+    rate_limit on the local store, on a task.Clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.context = FilterContext(self.clock, where="routes[0].filters[0]", route=0)
+
+    def test_burst_then_429(self) -> None:
+        """
+        burst requests go on; the next is answered 429 with Retry-After;
+        a token later, one more goes on.
+        """
+        limit = build({"rate_limit": {"rate": "2/s", "burst": 3}}, self.context)
+        self.assertEqual(statuses(limit, request, 4), [None, None, None, 429])
+        answer = limit.request(request())
+        self.assertIsInstance(answer, Answer)
+        self.assertEqual(answer.headers, {"Retry-After": "1"})
+        self.clock.advance(0.5)
+        self.assertEqual(statuses(limit, request, 2), [None, 429])
+
+    def test_source_key(self) -> None:
+        """
+        key: source counts each client apart; behind trusted proxies, the
+        real client.
+        """
+        limit = build({"rate_limit": {"rate": "1/m", "burst": 1}}, self.context)
+        self.assertEqual(statuses(limit, lambda: request("10.0.0.1"), 2), [None, 429])
+        self.assertEqual(statuses(limit, lambda: request("10.0.0.2"), 1), [None])
+        behind = request("10.0.0.1")
+        behind.raw.real_client = b"192.0.2.1"
+        self.assertIsNone(limit.request(behind))
+
+    def test_header_key(self) -> None:
+        """
+        key: header:NAME counts by the header's value; a request without it
+        is not limited.
+        """
+        limit = build(
+            {"rate_limit": {"rate": "1/m", "burst": 1, "key": "header:X-Api-Key"}}, self.context
+        )
+        self.assertEqual(statuses(limit, lambda: request(x_api_key=b"a"), 2), [None, 429])
+        self.assertEqual(statuses(limit, lambda: request(x_api_key=b"b"), 1), [None])
+        self.assertEqual(statuses(limit, request, 5), [None] * 5)
+
+    def test_cookie_key(self) -> None:
+        """
+        key: cookie:NAME counts by the cookie's value.
+        """
+        limit = build(
+            {"rate_limit": {"rate": "1/m", "burst": 1, "key": "cookie:sid"}}, self.context
+        )
+        self.assertEqual(statuses(limit, lambda: request(cookie=b"a=1; sid=x"), 2), [None, 429])
+        self.assertEqual(statuses(limit, lambda: request(cookie=b"sid=y"), 1), [None])
+        self.assertEqual(statuses(limit, lambda: request(cookie=b"a=1"), 3), [None] * 3)
+
+    def test_route_key(self) -> None:
+        """
+        key: route is one bucket for every client.
+        """
+        limit = build({"rate_limit": {"rate": "1/m", "burst": 2, "key": "route"}}, self.context)
+        self.assertEqual(
+            [limit.request(request(f"10.0.0.{i}")) is None for i in range(3)], [True, True, False]
+        )
+
+    def test_counted(self) -> None:
+        """
+        Each 429 is counted by route and filter; /metrics shows the count,
+        the keys held and the store errors.
+        """
+        metrics = Metrics(Pools(), self.clock)
+        context = FilterContext(self.clock, where="filters[0]", route="api", metrics=metrics)
+        limit = build({"rate_limit": {"rate": "1/m", "burst": 1}}, context)
+        statuses(limit, request, 3)
+        text = exposition(metrics).decode()
+        self.assertIn('rrlb_rate_limited_total{filter="rate_limit",route="api"} 2.0', text)
+        self.assertIn("rrlb_rate_limit_keys 1.0", text)
+        self.assertIn("rrlb_rate_limit_store_errors_total 0.0", text)
+
+    def test_metrics_without_limits(self) -> None:
+        """
+        Without any limit the three metrics are still there, at zero.
+        """
+        text = exposition(Metrics(Pools(), self.clock)).decode()
+        self.assertIn("rrlb_rate_limit_keys 0.0", text)
+        self.assertIn("rrlb_rate_limit_store_errors_total 0.0", text)
+        self.assertIn("# TYPE rrlb_rate_limited_total counter", text)
+
+    def test_shared_across_reload(self) -> None:
+        """
+        A filter built again (a reload) with the same settings keeps the
+        counts of the one before.
+        """
+        limit = build({"rate_limit": {"rate": "1/m", "burst": 1}}, self.context)
+        self.assertIsNone(limit.request(request()))
+        again = build({"rate_limit": {"rate": "1/m", "burst": 1}}, self.context)
+        self.assertEqual(again.request(request()).status, 429)
+
+    def test_bad_entries(self) -> None:
+        """
+        Mistakes are one line naming the filter.
+        """
+        for entry, words in [
+            ({"rate_limit": {"rate": "fast"}}, "filters[0].rate_limit.rate"),
+            ({"rate_limit": {"rate": "1/s", "store": "redis://h:x/0"}}, "rate_limit.store"),
+            ({"limit_in_flight": {"max": "ten"}}, "filters[0].limit_in_flight.max"),
+        ]:
+            e = self.assertRaises(ConfigError, parse_filters, "filters", [entry])
+            self.assertIn(words, str(e))
+
+
+class _Failing:
+    """
+    A local store that cannot decide (a worker whose main process did not
+    answer in time).
+    """
+
+    def take(self, *args: Any) -> defer.Deferred[int]:
+        return defer.fail(StoreError("no answer"))
+
+    def acquire(self, *args: Any) -> defer.Deferred[bool]:
+        return defer.fail(StoreError("no answer"))
+
+
+class StoreErrorTests(unittest.TestCase):
+    """
+    on_store_error: allow lets the request through, deny answers 503.
+    """
+
+    def context(self) -> FilterContext:
+        context = FilterContext(Clock(), where="filters[0]")
+        context.shared["limits"] = LimitStores(context.reactor, _Failing())
+        return context
+
+    def test_allow(self) -> None:
+        """
+        allow (the default): the request goes on.
+        """
+        limit = build({"rate_limit": {"rate": "1/s"}}, self.context())
+        result = limit.request(request())
+        self.assertIsNone(self.successResultOf(result))
+
+    def test_deny(self) -> None:
+        """
+        deny: 503.
+        """
+        limit = build({"rate_limit": {"rate": "1/s", "on_store_error": "deny"}}, self.context())
+        self.assertEqual(self.successResultOf(limit.request(request())).status, 503)
+
+    def test_in_flight_allows(self) -> None:
+        """
+        limit_in_flight lets a request through when the count cannot be had.
+        """
+        limit = build({"limit_in_flight": {"max": 1}}, self.context())
+        self.assertIsNone(self.successResultOf(limit.request(request())))
+        self.assertEqual(limit.held, {})
+
+
+class InFlightTests(unittest.TestCase):
+    """
+    limit_in_flight on the local store.
+    """
+
+    def test_max_then_done(self) -> None:
+        """
+        max requests of a key at once; the next gets 429 without
+        Retry-After; one that ends makes room; another key has its own.
+        """
+        context = FilterContext(Clock(), where="filters[0]")
+        limit = build({"limit_in_flight": {"max": 2}}, context)
+        first, second, third = request(), request(), request()
+        self.assertIsNone(limit.request(first))
+        self.assertIsNone(limit.request(second))
+        answer = limit.request(third)
+        self.assertEqual((answer.status, answer.headers), (429, {}))
+        self.assertIsNone(limit.request(request("10.0.0.9")))
+        limit.done(third)
+        self.assertEqual(limit.request(request()).status, 429)
+        limit.done(first)
+        self.assertIsNone(limit.request(request()))
+        self.assertEqual(stores_of(context).local.flights["filters[0]"].counts[b"10.0.0.1"], 2)
