@@ -53,7 +53,6 @@ class LimitStores:
     process's), the Redis stores by URL, and what C{/metrics} shows.
 
     @ivar rate_limited: C{(route, filter)} -> requests refused with 429.
-    @ivar link_errors: decisions the main process did not make in time.
     """
 
     def __init__(self, reactor: Any, local: Any = None) -> None:
@@ -61,7 +60,6 @@ class LimitStores:
         self.local: Any = LocalLimits() if local is None else local
         self.redis: dict[str, RedisStore] = {}
         self.rate_limited: dict[tuple[str, str], int] = {}
-        self.link_errors = 0
 
     def redis_store(self, where: str, url: str) -> RedisStore:
         """
@@ -78,7 +76,8 @@ class LimitStores:
         C{rrlb_rate_limit_store_errors_total}: decisions a store could not
         make.
         """
-        return self.link_errors + sum(s.errors for s in self.redis.values())
+        link_errors = getattr(self.local, "errors", 0)
+        return link_errors + sum(s.errors for s in self.redis.values())
 
     def keys(self) -> int:
         """

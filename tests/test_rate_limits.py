@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
@@ -17,8 +19,13 @@ from rrlb.filters import Answer, FilterContext, FilterRequest, build_filter, par
 from rrlb.limits import LimitStores, stores_of
 from rrlb.metrics import Metrics, exposition
 from rrlb.pool import Pools
+from rrlb.ratelimit import parse_in_flight, parse_rate_limit
 from rrlb.redisstore import StoreError
 from rrlb.values import ConfigError
+from rrlb.workers.limitlink import LimitLink, MainLimits
+from rrlb.workers.supervisor import MainChannel
+from rrlb.workers.wire import QuietAMP
+from tests.support import LOOPBACK, reactor, wait_for
 
 
 class _Channel:
@@ -242,3 +249,96 @@ class InFlightTests(unittest.TestCase):
         limit.done(first)
         self.assertIsNone(limit.request(request()))
         self.assertEqual(stores_of(context).local.flights["filters[0]"].counts[b"10.0.0.1"], 2)
+
+
+class _Slot:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Supervisor:
+    def __init__(self) -> None:
+        self.limits = MainLimits(reactor)
+
+
+async def linked(testcase: unittest.TestCase, main: Any) -> LimitLink:
+    """
+    A worker's link to C{main} (a protocol) over a loopback connection.
+    """
+    port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(
+        Factory.forProtocol(lambda: main)
+    )
+    testcase.addCleanup(port.stopListening)
+    worker = await TCP4ClientEndpoint(reactor, LOOPBACK, port.getHost().port).connect(
+        Factory.forProtocol(QuietAMP)
+    )
+
+    def close() -> None:
+        worker.transport.loseConnection()
+        if main.transport is not None:
+            main.transport.loseConnection()
+
+    testcase.addCleanup(close)
+    return LimitLink(worker, reactor)
+
+
+class _Silent(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class LimitLinkTests(unittest.TestCase):
+    """
+    With --workers, the store: local decisions are made by the main process
+    over the worker's channel.
+    """
+
+    async def test_one_count_for_every_worker(self) -> None:
+        """
+        Two workers asking at once share one bucket: exactly burst
+        requests go on.
+        """
+        supervisor = _Supervisor()
+        links = [
+            await linked(self, MainChannel(supervisor, _Slot(i)))
+            for i in range(2)  # type: ignore[arg-type]
+        ]
+        spec = parse_rate_limit("x", {"rate": "1/m", "burst": 30})
+        results = await defer.gatherResults(
+            [link.take("filters[0]", spec, b"client", 0) for _ in range(25) for link in links]
+        )
+        self.assertEqual(results.count(0), 30)
+        self.assertTrue(all(r == 0 or 1 <= r <= 60 for r in results))
+        self.assertEqual(supervisor.limits.keys(), 1)
+
+    async def test_slots_and_a_dead_worker(self) -> None:
+        """
+        In-flight slots are counted across workers; a released one makes
+        room; a worker that dies gives back its slots.
+        """
+        supervisor = _Supervisor()
+        one = await linked(self, MainChannel(supervisor, _Slot(0)))  # type: ignore[arg-type]
+        two = await linked(self, MainChannel(supervisor, _Slot(1)))  # type: ignore[arg-type]
+        spec = parse_in_flight("x", {"max": 2})
+        self.assertTrue(await one.acquire("f", spec, b"k"))
+        self.assertTrue(await two.acquire("f", spec, b"k"))
+        self.assertFalse(await one.acquire("f", spec, b"k"))
+        two.release("f", b"k")
+        counts = supervisor.limits.local.flights["f"].counts
+        await wait_for(lambda: counts[b"k"] == 1, "the release")
+        self.assertTrue(await one.acquire("f", spec, b"k"))
+        self.assertFalse(await two.acquire("f", spec, b"k"))
+        supervisor.limits.forget(0)
+        self.assertTrue(await two.acquire("f", spec, b"k"))
+
+    async def test_main_too_slow(self) -> None:
+        """
+        A decision not answered within 50 ms is a store error, counted.
+        """
+        link = await linked(self, _Silent())
+        spec = parse_rate_limit("x", {"rate": "1/s"})
+        with self.assertRaises(StoreError):
+            await link.take("f", spec, b"k", 0)
+        self.assertEqual(link.errors, 1)
+        stores = LimitStores(reactor, link)
+        self.assertEqual(stores.store_errors(), 1)

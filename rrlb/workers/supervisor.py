@@ -23,17 +23,21 @@ from twisted.python.failure import Failure
 from rrlb.clients import MAX_LISTED_CLIENTS
 from rrlb.config import Config, PoolConfig
 from rrlb.pool import Node, Pools
+from rrlb.workers.limitlink import MainLimits
 from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
+    AcquireSlot,
     Configure,
     GetCounters,
     NodeFailed,
     NodeStates,
     OneProtocol,
     QuietAMP,
+    ReleaseSlot,
     Stop,
+    TakeToken,
     node_states,
 )
 
@@ -146,6 +150,24 @@ class MainChannel(QuietAMP):
         self.supervisor.node_failed(pool, key, reason)
         return {}
 
+    # The store: local rate limits of every worker, decided here.
+
+    @TakeToken.responder
+    def take_token(
+        self, limit: str, key: bytes, count: int, period: int, burst: int, max_keys: int
+    ) -> dict[str, Any]:
+        limits = self.supervisor.limits
+        return {"retry_after": limits.take(limit, key, count, period, burst, max_keys)}
+
+    @AcquireSlot.responder
+    def acquire_slot(self, limit: str, key: bytes, max: int) -> dict[str, Any]:
+        return {"ok": self.supervisor.limits.acquire(limit, key, max, self.slot.index)}
+
+    @ReleaseSlot.responder
+    def release_slot(self, limit: str, key: bytes) -> dict[str, Any]:
+        self.supervisor.limits.release(limit, key, self.slot.index)
+        return {}
+
 
 class WorkerProcess(ProcessProtocol):
     """
@@ -215,6 +237,8 @@ class WorkerSupervisor(Service):
         self._all_served = False
         self._stopped: Optional[defer.Deferred[None]] = None
         self._kill_call: Any = None
+        # The instance's one count of the store: local rate limits.
+        self.limits = MainLimits(reactor)
 
     # -- start ------------------------------------------------------------------
 
@@ -316,6 +340,8 @@ class WorkerSupervisor(Service):
         self.departed.add(slot.counters, gauges=False)
         slot.counters = Counters()
         slot.clients = []
+        # Its requests in flight are gone with it.
+        self.limits.forget(slot.index)
         if not self.stopping:
             self.main.worker_gone(slot.index)
         code = getattr(reason.value, "exitCode", None)
@@ -448,6 +474,12 @@ class WorkerSupervisor(Service):
         totals.clients.sort(key=lambda c: c.get("since") or 0.0)
         del totals.clients[MAX_LISTED_CLIENTS:]
         return totals
+
+    def limit_keys(self) -> int:
+        """
+        The keys of the instance's local rate-limit tables (held here).
+        """
+        return self.limits.keys()
 
     def describe(self) -> list[dict[str, Any]]:
         """

@@ -8,7 +8,10 @@ socketpair per worker with L{twisted.protocols.amp}:
     found in DNS), L{NodeStates} (health and drain changes, as they
     happen), L{GetCounters} (on each admin scrape, and once a second for
     the status page's charts), L{Stop};
-  - worker -> main: L{NodeFailed} (a passive failure the proxy saw).
+  - worker -> main: L{NodeFailed} (a passive failure the proxy saw);
+    L{TakeToken}, L{AcquireSlot} and L{ReleaseSlot}: the decisions of the
+    C{store: local} rate limits, made in the main process so that the
+    whole instance has one count (L{rrlb.workers.limitlink}).
 
 A node is named on the wire by its pool and its key (its URL): one URL in
 two pools is two nodes, with their own health, drain state and counts.
@@ -157,6 +160,44 @@ class NodeFailed(amp.Command):
         (b"key", amp.Unicode()),
         (b"reason", amp.Unicode()),
     ]
+    requiresAnswer = False
+
+
+class TakeToken(amp.Command):
+    """
+    Worker -> main: one request of C{key} on rate limit C{limit} (a
+    filter's place in the configuration) of C{count} requests per
+    C{period} seconds, C{burst}, C{max_keys}: C{retry_after} 0 to go on,
+    else its C{Retry-After}.
+    """
+
+    arguments = [
+        (b"limit", amp.Unicode()),
+        (b"key", amp.String()),
+        (b"count", amp.Integer()),
+        (b"period", amp.Integer()),
+        (b"burst", amp.Integer()),
+        (b"max_keys", amp.Integer()),
+    ]
+    response = [(b"retry_after", amp.Integer())]
+
+
+class AcquireSlot(amp.Command):
+    """
+    Worker -> main: one more request of C{key} in flight on
+    C{limit_in_flight} C{limit}, if fewer than C{max} are.
+    """
+
+    arguments = [(b"limit", amp.Unicode()), (b"key", amp.String()), (b"max", amp.Integer())]
+    response = [(b"ok", amp.Boolean())]
+
+
+class ReleaseSlot(amp.Command):
+    """
+    Worker -> main: a request that held a slot of C{limit} ended.
+    """
+
+    arguments = [(b"limit", amp.Unicode()), (b"key", amp.String())]
     requiresAnswer = False
 
 
