@@ -6,6 +6,7 @@ Retry-After, store errors, and the counts /metrics shows.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -24,6 +25,7 @@ from rrlb.redisstore import StoreError
 from rrlb.values import ConfigError
 from rrlb.workers.limitlink import LimitLink, MainLimits
 from rrlb.workers.supervisor import MainChannel
+from rrlb.workers.totals import Counters
 from rrlb.workers.wire import QuietAMP
 from tests.support import LOOPBACK, reactor, wait_for
 
@@ -342,3 +344,20 @@ class LimitLinkTests(unittest.TestCase):
         self.assertEqual(link.errors, 1)
         stores = LimitStores(reactor, link)
         self.assertEqual(stores.store_errors(), 1)
+
+
+class CountersTests(unittest.TestCase):
+    """
+    Each worker's 429s and store errors travel to the main process and add
+    up.
+    """
+
+    def test_round_trip_and_add(self) -> None:
+        """
+        rate_limited and store_errors survive JSON and add up.
+        """
+        one = Counters(rate_limited={("api", "rate_limit"): 2}, store_errors=1)
+        two = Counters.from_json(json.loads(json.dumps(one.to_json())))
+        self.assertEqual(two, one)
+        two.add(one, gauges=False)
+        self.assertEqual((two.rate_limited, two.store_errors), ({("api", "rate_limit"): 4}, 2))
