@@ -31,6 +31,7 @@ from rrlb.filters import Answer, FilterContext, FilterKind, FilterRequest
 from rrlb.ratelimit import (
     STORE_LOCAL,
     InFlightSpec,
+    Key,
     LocalLimits,
     RateLimitSpec,
     parse_in_flight,
@@ -127,6 +128,13 @@ class RateLimit:
         self.counted = (_label(context), "rate_limit")
         self.deny = spec.on_store_error == "deny"
         self.redis: Optional[RedisStore] = None
+        # In one process, the table itself: asked synchronously.
+        local = self.stores.local
+        self.table = (
+            local.rate_table(self.limit, spec)
+            if spec.store == STORE_LOCAL and isinstance(local, LocalLimits)
+            else None
+        )
         if spec.store != STORE_LOCAL:
             self.redis = self.stores.redis_store(context.where, spec.store)
             # One token's time and the burst tolerance, in microseconds.
@@ -142,14 +150,17 @@ class RateLimit:
             )
 
     def request(self, request: FilterRequest) -> Union[None, Answer, defer.Deferred[Any]]:
-        key = request_key(self.key, request.raw)
+        key = request_key(self.key, request.raw, request.client)
         if key is None:
             return None
+        table = self.table
+        if table is not None:
+            wait = table.take(key, self.clock.seconds())
+            return self.refuse(wait) if wait else None
         redis = self.redis
+        decided: defer.Deferred[int]
         if redis is None:
             decided = self.stores.local.take(self.limit, self.spec, key, self.clock.seconds())
-            if decided.__class__ is int:
-                return self.refuse(decided) if decided else None
         else:
             decided = redis.take(
                 redis_key(self.namespace, key), self.interval_us, self.tolerance_us
@@ -170,7 +181,7 @@ class RateLimit:
 
 
 # A request whose in-flight slot is being asked for.
-_ASKING = b"\x00asking"
+_ASKING: Any = object()
 
 
 class LimitInFlight:
@@ -187,10 +198,10 @@ class LimitInFlight:
         self.stores = stores_of(context)
         self.counted = (_label(context), "limit_in_flight")
         # FilterRequest -> the key its slot is held under.
-        self.held: dict[FilterRequest, bytes] = {}
+        self.held: dict[FilterRequest, Key] = {}
 
     def request(self, request: FilterRequest) -> Union[None, Answer, defer.Deferred[Any]]:
-        key = request_key(self.key, request.raw)
+        key = request_key(self.key, request.raw, request.client)
         if key is None:
             return None
         granted = self.stores.local.acquire(self.limit, self.spec, key)

@@ -107,6 +107,9 @@ class InFlightSpec:
 
 
 Spec = Union[RateLimitSpec, InFlightSpec]
+# A request's key: the client's address (a str, as the channel has it) or a
+# header's or cookie's value (bytes).
+Key = Union[str, bytes]
 
 
 # -- reading the YAML ------------------------------------------------------------------
@@ -243,20 +246,16 @@ def cookie_value(headers: list[bytes], name: bytes) -> Optional[bytes]:
     return None
 
 
-def request_key(spec: KeySpec, request: Any) -> Optional[bytes]:
+def request_key(spec: KeySpec, request: Any, client: str = "") -> Optional[Key]:
     """
     C{request}'s key of kind C{spec} (bounded in size), or L{None} when it
     has none (no such header or cookie): such a request is not limited.
-    C{request} is a proxy request: C{real_client} behind trusted proxies,
-    else the channel's C{peer}.
+    C{request} is a proxy request; C{client} the real client's address
+    (behind trusted proxies, the one they vouch for), the C{source} key.
     """
     kind = spec.kind
     if kind == KIND_SOURCE:
-        real = request.real_client
-        if real is None:
-            peer = request.client
-            real = peer.host.encode("ascii") if hasattr(peer, "host") else b""
-        return real
+        return client
     if kind == KIND_ROUTE:
         return b""
     if kind == KIND_HEADER:
@@ -276,9 +275,10 @@ def request_key(spec: KeySpec, request: Any) -> Optional[bytes]:
 
 def nanoseconds(seconds: float) -> int:
     """
-    The reactor's C{seconds} in whole nanoseconds.
+    The reactor's C{seconds} in whole nanoseconds (rounded, so that a
+    float a hair under a whole nanosecond counts as it).
     """
-    return round(seconds * NS)
+    return int(seconds * NS + 0.5)
 
 
 class Bucket:
@@ -339,13 +339,13 @@ class KeyTable:
 
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
-        self.entries: OrderedDict[bytes, int] = OrderedDict()
+        self.entries: OrderedDict[Key, int] = OrderedDict()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, key: bytes, default: int) -> int:
+    def get(self, key: Key, default: int) -> int:
         """
         The value of C{key} (now the most recently used), or C{default}.
         """
@@ -356,7 +356,7 @@ class KeyTable:
         entries.move_to_end(key)
         return value
 
-    def put(self, key: bytes, value: int) -> None:
+    def put(self, key: Key, value: int) -> None:
         """
         Set C{key} (the most recently used), dropping the least recently
         used key past C{max_keys}.
@@ -371,7 +371,7 @@ class KeyTable:
             entries.popitem(last=False)
             self.dropped += 1
 
-    def pop(self, key: bytes) -> None:
+    def pop(self, key: Key) -> None:
         self.entries.pop(key, None)
 
 
@@ -385,18 +385,32 @@ class RateTable:
         self.bucket = Bucket(spec.rate, spec.burst)
         self.keys = KeyTable(spec.max_keys)
 
-    def take(self, key: bytes, seconds: float) -> int:
+    def take(self, key: Key, seconds: float) -> int:
         """
         One request of C{key} at C{seconds}: 0 if it may go on, else its
         C{Retry-After} in whole seconds.
         """
+        # Bucket.take and KeyTable's get and put, inline: this runs per
+        # request.
         bucket = self.bucket
-        now = bucket.now(seconds)
+        now = int(seconds * NS + 0.5) * bucket.scale
         keys = self.keys
-        full_at, wait = bucket.take(keys.get(key, now), now)
-        if wait:
+        entries = keys.entries
+        full_at = entries.get(key)
+        if full_at is None:
+            # A new key: a full bucket (burst is at least 1).
+            entries[key] = now + bucket.interval
+            if len(entries) > keys.max_keys:
+                entries.popitem(last=False)
+                keys.dropped += 1
+            return 0
+        entries.move_to_end(key)
+        if full_at < now:
+            full_at = now
+        wait = full_at - now - bucket.tolerance
+        if wait > 0:
             return bucket.retry_after(wait)
-        keys.put(key, full_at)
+        entries[key] = full_at + bucket.interval
         return 0
 
 
@@ -409,12 +423,12 @@ class InFlightTable:
 
     def __init__(self, spec: InFlightSpec) -> None:
         self.spec = spec
-        self.counts: dict[bytes, int] = {}
+        self.counts: dict[Key, int] = {}
 
     def __len__(self) -> int:
         return len(self.counts)
 
-    def acquire(self, key: bytes) -> bool:
+    def acquire(self, key: Key) -> bool:
         """
         One more request of C{key}, if it is under C{max}.
         """
@@ -425,7 +439,7 @@ class InFlightTable:
         counts[key] = n + 1
         return True
 
-    def release(self, key: bytes) -> None:
+    def release(self, key: Key) -> None:
         counts = self.counts
         n = counts.get(key, 0)
         if n <= 1:
@@ -449,7 +463,7 @@ class LocalLimits:
     def __init__(self) -> None:
         self.rates: dict[str, RateTable] = {}
         self.flights: dict[str, InFlightTable] = {}
-        self.held: dict[Any, dict[tuple[str, bytes], int]] = {}
+        self.held: dict[Any, dict[tuple[str, Key], int]] = {}
 
     def rate_table(self, limit: str, spec: RateLimitSpec) -> RateTable:
         table = self.rates.get(limit)
@@ -457,7 +471,7 @@ class LocalLimits:
             table = self.rates[limit] = RateTable(spec)
         return table
 
-    def take(self, limit: str, spec: RateLimitSpec, key: bytes, seconds: float) -> int:
+    def take(self, limit: str, spec: RateLimitSpec, key: Key, seconds: float) -> int:
         """
         One request of C{key} on filter C{limit}: 0 or its C{Retry-After}.
         """
@@ -466,7 +480,7 @@ class LocalLimits:
             table = self.rate_table(limit, spec)
         return table.take(key, seconds)
 
-    def acquire(self, limit: str, spec: InFlightSpec, key: bytes, holder: Any = None) -> bool:
+    def acquire(self, limit: str, spec: InFlightSpec, key: Key, holder: Any = None) -> bool:
         """
         One more request of C{key} in flight on filter C{limit}, if there is
         room.
@@ -481,7 +495,7 @@ class LocalLimits:
             held[(limit, key)] = held.get((limit, key), 0) + 1
         return True
 
-    def release(self, limit: str, key: bytes, holder: Any = None) -> None:
+    def release(self, limit: str, key: Key, holder: Any = None) -> None:
         table = self.flights.get(limit)
         if table is not None:
             table.release(key)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
@@ -132,11 +132,13 @@ def parse_redis_url(where: str, url: str) -> RedisAddress:
     )
 
 
-def redis_key(namespace: bytes, key: bytes) -> bytes:
+def redis_key(namespace: bytes, key: Union[str, bytes]) -> bytes:
     """
     The Redis key of C{key}'s bucket in a filter's C{namespace}: a digest,
     so any header value is a short key.
     """
+    if isinstance(key, str):
+        key = key.encode("utf-8")
     return _KEY_PREFIX + namespace + b":" + hashlib.blake2b(key, digest_size=16).digest()
 
 

@@ -47,7 +47,7 @@ class _Raw:
         self.requestHeaders = Headers(headers or {})
         self.channel = _Channel()
         self.client = _Peer(peer)
-        self.real_client: Optional[bytes] = None
+        self.real_client: Optional[str] = None
         self.log_notes = None
 
 
@@ -99,9 +99,9 @@ class RateLimitTests(unittest.TestCase):
         limit = build({"rate_limit": {"rate": "1/m", "burst": 1}}, self.context)
         self.assertEqual(statuses(limit, lambda: request("10.0.0.1"), 2), [None, 429])
         self.assertEqual(statuses(limit, lambda: request("10.0.0.2"), 1), [None])
-        behind = request("10.0.0.1")
-        behind.raw.real_client = b"192.0.2.1"
-        self.assertIsNone(limit.request(behind))
+        raw = _Raw("10.0.0.1")
+        raw.real_client = "192.0.2.1"
+        self.assertIsNone(limit.request(FilterRequest(raw)))
 
     def test_header_key(self) -> None:
         """
@@ -250,7 +250,7 @@ class InFlightTests(unittest.TestCase):
         self.assertEqual(limit.request(request()).status, 429)
         limit.done(first)
         self.assertIsNone(limit.request(request()))
-        self.assertEqual(stores_of(context).local.flights["filters[0]"].counts[b"10.0.0.1"], 2)
+        self.assertEqual(stores_of(context).local.flights["filters[0]"].counts["10.0.0.1"], 2)
 
 
 class _Slot:

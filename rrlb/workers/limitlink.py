@@ -24,7 +24,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from rrlb.ratelimit import InFlightSpec, LocalLimits, Rate, RateLimitSpec
+from rrlb.ratelimit import InFlightSpec, Key, LocalLimits, Rate, RateLimitSpec
 from rrlb.redisstore import DECISION_TIMEOUT, StoreError
 from rrlb.workers.wire import AcquireSlot, ReleaseSlot, TakeToken
 
@@ -77,32 +77,36 @@ class LimitLink:
         return result
 
     def take(
-        self, limit: str, spec: RateLimitSpec, key: bytes, seconds: float
+        self, limit: str, spec: RateLimitSpec, key: Key, seconds: float
     ) -> defer.Deferred[int]:
         rate = spec.rate
         return self._ask(
             TakeToken,
             limit=limit,
-            key=key,
+            key=_wire(key),
             count=rate.count,
             period=rate.period,
             burst=spec.burst,
             max_keys=spec.max_keys,
         ).addCallback(lambda answer: answer["retry_after"])
 
-    def acquire(self, limit: str, spec: InFlightSpec, key: bytes) -> defer.Deferred[bool]:
+    def acquire(self, limit: str, spec: InFlightSpec, key: Key) -> defer.Deferred[bool]:
         def late(answer: Any) -> None:
             if answer["ok"]:
                 self.release(limit, key)
 
-        return self._ask(AcquireSlot, late, limit=limit, key=key, max=spec.max).addCallback(
+        return self._ask(AcquireSlot, late, limit=limit, key=_wire(key), max=spec.max).addCallback(
             lambda answer: answer["ok"]
         )
 
-    def release(self, limit: str, key: bytes) -> None:
+    def release(self, limit: str, key: Key) -> None:
         if self.channel.transport is None:
             return
-        self.channel.callRemote(ReleaseSlot, limit=limit, key=key)
+        self.channel.callRemote(ReleaseSlot, limit=limit, key=_wire(key))
+
+
+def _wire(key: Key) -> bytes:
+    return key.encode("utf-8") if isinstance(key, str) else key
 
 
 class MainLimits:
