@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
+from rrlb.actions import Forward, Redirect, Respond
 from rrlb.filters import FilterSpec
 from rrlb.values import (
     Network,
@@ -274,7 +275,7 @@ class RouteConfig:
     @ivar name: its C{name:}, else L{None} (filters then see its index).
     """
 
-    pool: str
+    pool: str = ""
     host: Optional[str] = None
     path_prefix: Optional[str] = None
     methods: tuple[str, ...] = ()
@@ -282,6 +283,12 @@ class RouteConfig:
     strip_prefix: bool = False
     name: Optional[str] = None
     filters: tuple[FilterSpec, ...] = ()
+    scheme: Optional[str] = None
+    query: tuple[tuple[str, str], ...] = ()
+    source: tuple[Network, ...] = ()
+    path: Optional[str] = None
+    # Its action if not pool (""): an rrlb.actions Redirect, Respond or Forward.
+    action: Union[Redirect, Respond, Forward, None] = None
 
 
 # -- the table: every setting, declared once --------------------------------------

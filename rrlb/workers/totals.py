@@ -76,6 +76,7 @@ class Counters:
     # WebSocket tunnels: open now (a gauge), bytes to nodes and to clients.
     tunnels_open: int = 0
     tunnel_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    filter_errors: dict[str, int] = dataclasses.field(default_factory=dict)
     # Rate limits: 429s by (route, filter), and the store errors.
     rate_limited: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     store_errors: int = 0
@@ -107,6 +108,7 @@ class Counters:
             clients=list(clients or ()),
             tunnels_open=metrics.tunnels_open(),
             tunnel_bytes=metrics.tunnel_bytes(),
+            filter_errors=metrics.filter_errors(),
             rate_limited=rate_limited,
             store_errors=store_errors,
         )
@@ -127,6 +129,7 @@ class Counters:
             "clients": self.clients,
             "tunnels_open": self.tunnels_open,
             "tunnel_bytes": self.tunnel_bytes,
+            "filter_errors": self.filter_errors,
             "rate_limited": [[r, f, n] for (r, f), n in self.rate_limited.items()],
             "store_errors": self.store_errors,
         }
@@ -147,6 +150,7 @@ class Counters:
             clients=list(value["clients"]),
             tunnels_open=int(value.get("tunnels_open", 0)),
             tunnel_bytes={str(d): int(n) for d, n in value.get("tunnel_bytes", {}).items()},
+            filter_errors={str(f): int(n) for f, n in value.get("filter_errors", {}).items()},
             rate_limited={(str(r), str(f)): int(n) for r, f, n in value.get("rate_limited", [])},
             store_errors=int(value.get("store_errors", 0)),
         )
@@ -182,6 +186,8 @@ class Counters:
         self.store_errors += other.store_errors
         for direction, count in other.tunnel_bytes.items():
             self.tunnel_bytes[direction] = self.tunnel_bytes.get(direction, 0) + count
+        for name, count in other.filter_errors.items():
+            self.filter_errors[name] = self.filter_errors.get(name, 0) + count
         if gauges:
             self.connections += other.connections
             self.upstream_connections += other.upstream_connections
@@ -309,6 +315,9 @@ class WorkersMetrics(Metrics):
 
     def tunnel_bytes(self) -> dict[str, int]:
         return {"to_node": 0, "to_client": 0, **self.totals.tunnel_bytes}
+
+    def filter_errors(self) -> dict[str, int]:
+        return dict(self.totals.filter_errors)
 
     def queue_timeouts(self) -> int:
         return sum(timeouts for _, timeouts in self.totals.queues.values())
