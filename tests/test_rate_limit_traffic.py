@@ -21,6 +21,7 @@ from tests.support import (
     Daemon,
     HTTPClient,
     Reply,
+    closed_port_url,
     reactor,
     samples,
     start_balancer,
@@ -211,12 +212,15 @@ class WorkersTests(unittest.TestCase):
         The documented error is 0.
         """
         node = await backend(self)
+        admin = (await closed_port_url()).rsplit(":", 1)[1]
         rrlb = await daemon(
             self,
             node,
             "  - rate_limit: {rate: 1/m, burst: 20, key: header:X-Client}\n",
             "--workers",
             "2",
+            "--admin",
+            f"tcp:{admin}:interface=127.0.0.1",
         )
         one = client(self)
         single = await codes(one, rrlb.url, 40, {b"X-Client": [b"one"]})
@@ -232,6 +236,15 @@ class WorkersTests(unittest.TestCase):
         flat = [code for run in spread for code in run]
         self.assertEqual(flat.count(200), 20)
         self.assertEqual(flat.count(429), 20)
+        # Both workers' 429s add up in the main process's /metrics, where
+        # the keys are held; no decision failed.
+        scrape = await client(self).request("GET", f"http://127.0.0.1:{admin}/metrics")
+        found = samples(scrape.body.decode())
+        self.assertEqual(
+            found[("rrlb_rate_limited_total", (("filter", "rate_limit"), ("route", "")))], 40
+        )
+        self.assertEqual(found[("rrlb_rate_limit_keys", ())], 2)
+        self.assertEqual(found[("rrlb_rate_limit_store_errors_total", ())], 0)
 
 
 class RedisTests(unittest.TestCase):

@@ -335,7 +335,8 @@ class LimitLinkTests(unittest.TestCase):
 
     async def test_main_too_slow(self) -> None:
         """
-        A decision not answered within 50 ms is a store error, counted.
+        A decision not answered within LINK_TIMEOUT is a store error,
+        counted.
         """
         link = await linked(self, _Silent())
         spec = parse_rate_limit("x", {"rate": "1/s"})

@@ -12,9 +12,13 @@ process is exact (the main process serializes them: no extra request gets
 through, whatever the number of workers or connections) and costs one AMP
 round trip over a Unix socket per request, measured in docs/scaling.md.
 
-A decision the main process has not answered within L{DECISION_TIMEOUT} is
-a store error (the filter's C{on_store_error} decides); a slot granted
-after that is given back at once.
+A decision the main process has not answered within L{LINK_TIMEOUT} is a
+store error (the filter's C{on_store_error} decides); a slot granted after
+that is given back at once. It is longer than Redis's 50 ms: the main
+process is on the same machine and serves no traffic, so a slow answer
+means a machine under load (where 50 ms were measured to pass now and
+then, letting a request through that the count would have refused), not
+a store that is away.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from rrlb.ratelimit import InFlightSpec, Key, LocalLimits, Rate, RateLimitSpec
-from rrlb.redisstore import DECISION_TIMEOUT, StoreError
+from rrlb.redisstore import StoreError
 from rrlb.workers.wire import AcquireSlot, ReleaseSlot, TakeToken
+
+# How long a worker waits for the main process's decision.
+LINK_TIMEOUT = 0.5
 
 
 class LimitLink:
@@ -59,7 +66,7 @@ class LimitLink:
             self.errors += 1
             result.errback(StoreError("the main process did not answer in time"))
 
-        timer = self.clock.callLater(DECISION_TIMEOUT, timed_out)
+        timer = self.clock.callLater(LINK_TIMEOUT, timed_out)
 
         def answered(answer: Any) -> None:
             if not timer.active():
