@@ -143,6 +143,46 @@ class RateLimitTests(unittest.TestCase):
         self.assertEqual(found[("rrlb_rate_limit_keys", ())], 1)
 
 
+class HostileKeysTests(unittest.TestCase):
+    """
+    Keys a hostile client chooses: huge, binary, and a flood of distinct
+    ones.
+    """
+
+    async def test_huge_and_binary(self) -> None:
+        """
+        A 12 KB header value (the test node takes no longer line) and one of obs-text bytes are keys like any
+        other: limited, no traceback (a logged error fails the test).
+        """
+        node = await backend(self)
+        rrlb = await balancer(
+            self, node, "  - rate_limit: {rate: 1/m, burst: 1, key: header:X-K}\n"
+        )
+        c = client(self)
+        for value in (b"k" * 12000, bytes(range(0x80, 0x100)), b"k" * 12000 + b"!"):
+            self.assertEqual(await codes(c, rrlb.url, 2, {b"X-K": [value]}), [200, 429])
+
+    async def test_flood_bounded(self) -> None:
+        """
+        2,000 distinct keys against max_keys 50 leave 50 keys; the oldest
+        was dropped and starts with a full bucket again.
+        """
+        node = await backend(self)
+        path = write_config(
+            self,
+            f"nodes: [{node.url}]\nadmin: tcp:0:interface=127.0.0.1\nfilters:\n"
+            "  - rate_limit: {rate: 1/m, burst: 1, key: header:X-K, max_keys: 50}\n",
+        )
+        rrlb = await start_balancer(self, (), "--config", path)
+        c = client(self)
+        for i in range(2000):
+            await c.request("GET", rrlb.url + "/", {b"X-K": [b"%d" % i]})
+        found = samples(await metrics_text(rrlb))
+        self.assertEqual(found[("rrlb_rate_limit_keys", ())], 50)
+        self.assertEqual(await codes(c, rrlb.url, 1, {b"X-K": [b"0"]}), [200])
+        self.assertEqual(await codes(c, rrlb.url, 1, {b"X-K": [b"1999"]}), [429])
+
+
 async def wait_for_async(step: Any, timeout: float = 10.0) -> None:
     """
     Run the coroutine function C{step} to its end within C{timeout}.
