@@ -151,8 +151,9 @@ class HostileKeysTests(unittest.TestCase):
 
     async def test_huge_and_binary(self) -> None:
         """
-        A 12 KB header value (the test node takes no longer line) and one of obs-text bytes are keys like any
-        other: limited, no traceback (a logged error fails the test).
+        A 12 KB header value (the test node takes no longer line) and one
+        of obs-text bytes are keys like any other: limited, no traceback (a
+        logged error fails the test).
         """
         node = await backend(self)
         rrlb = await balancer(

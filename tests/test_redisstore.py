@@ -104,6 +104,26 @@ class RedisTests(unittest.TestCase):
         )
         self.assertEqual(results.count(0), 50)
 
+    async def test_password_and_database(self) -> None:
+        """
+        A password in the URL is sent with AUTH and the database chosen
+        with SELECT; a wrong password keeps the store away (logged once)
+        without a traceback.
+        """
+        logged = LogCapture.install(self)
+        server = await start_redis(self, "--requirepass", "s3cret")
+        url = server.url.replace("redis://", "redis://:s3cret@").replace("/0", "/2")
+        store = await connected(self, url)
+        self.assertEqual(await takes(store, b"k", 1), [0])
+        wrong = RedisStore(parse_redis_url("x", server.url.replace("//", "//:nope@")), reactor)
+        wrong.start()
+        self.addCleanup(wrong.stop)
+        await wait_for(lambda: not wrong.up, "the refused connection")
+        self.assertFailure(wrong.take(b"k", INTERVAL, TOLERANCE), StoreError)
+        lines = [m for m in logged.messages() if "rate-limit store" in m]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("could not auth", lines[0])
+
     async def test_killed_and_restarted(self) -> None:
         """
         While redis-server is down each decision fails at once and is
