@@ -142,6 +142,20 @@ def redis_key(namespace: bytes, key: Union[str, bytes]) -> bytes:
     return _KEY_PREFIX + namespace + b":" + hashlib.blake2b(key, digest_size=16).digest()
 
 
+def store_endpoint(reactor: Any, address: RedisAddress, trust_root: Any = None) -> Any:
+    """
+    The client endpoint of C{address}: TCP, with TLS for C{rediss://}
+    (verified for the URL's host against the system's trust store, or
+    C{trust_root}).
+    """
+    endpoint: Any = HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT)
+    if address.tls:
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(address.host, trust_root), endpoint)
+    return endpoint
+
+
 def _protocol_class() -> Any:
     # txredisapi imports the global reactor when it is imported (installing
     # the default one if none is yet): only import it once rrlb's reactor is
@@ -211,15 +225,7 @@ class RedisStore:
         self.address = address
         self.reactor = reactor
         self.on_error = on_error
-        if endpoint is None:
-            endpoint = HostnameEndpoint(
-                reactor, address.host, address.port, timeout=CONNECT_TIMEOUT
-            )
-            if address.tls:
-                from twisted.internet.ssl import optionsForClientTLS
-
-                endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-        self.endpoint = endpoint
+        self.endpoint = store_endpoint(reactor, address) if endpoint is None else endpoint
         self.protocol_class: Any = None
         self.errors = 0
         self.up = True

@@ -2362,14 +2362,16 @@ class RedisServer:
     L{start} again restart it on the same port.
     """
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, tls: Optional[tuple[str, str, str]] = None) -> None:
         self.port = 0
         self.args = args
+        # (certificate, key, CA) files: serve TLS only, on self.port.
+        self.tls = tls
         self.process: Optional[_RedisProcess] = None
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
 
     async def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -2385,9 +2387,15 @@ class RedisServer:
                 self.port = probe.getsockname()[1]
                 probe.close()
             process = self.process = _RedisProcess()
+            ports = ["--port", str(self.port)]
+            if self.tls:
+                cert, key, ca = self.tls
+                ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                         "--tls-auth-clients", "no"]  # fmt: skip
             argv = [
                 binary,
-                "--port", str(self.port),
+                *ports,
                 "--bind", LOOPBACK,
                 "--save", "",
                 "--appendonly", "no",

@@ -6,11 +6,13 @@ that hang, answer garbage or drop mid-reply.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate
 from twisted.trial import unittest
 
 from rrlb.redisstore import (
@@ -20,9 +22,18 @@ from rrlb.redisstore import (
     StoreError,
     parse_redis_url,
     redis_key,
+    store_endpoint,
 )
 from rrlb.values import ConfigError
-from tests.support import LOOPBACK, LogCapture, RedisServer, reactor, start_redis, wait_for
+from tests.support import (
+    LOOPBACK,
+    LogCapture,
+    RedisServer,
+    certs,
+    reactor,
+    start_redis,
+    wait_for,
+)
 
 # 1 request a minute, burst 3: one token's time and the burst tolerance in µs.
 INTERVAL = 60_000_000.0
@@ -123,6 +134,43 @@ class RedisTests(unittest.TestCase):
         lines = [m for m in logged.messages() if "rate-limit store" in m]
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("could not auth", lines[0])
+
+    async def test_tls(self) -> None:
+        """
+        rediss:// speaks TLS, verifying the server's certificate for the
+        URL's host: against a trust root that knows its CA it works, against
+        the system's trust store it is refused.
+        """
+        tls = certs()
+        directory = self.mktemp()
+        os.makedirs(directory)
+        files = []
+        for name, data in (
+            ("cert.pem", tls.node.cert_pem),
+            ("key.pem", tls.node.key_pem),
+            ("ca.pem", tls.ca.cert_pem),
+        ):
+            path = os.path.join(directory, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            files.append(path)
+        server = RedisServer(tls=(files[0], files[1], files[2]))
+        self.addCleanup(lambda: defer.ensureDeferred(server.kill()))
+        await server.start()
+        address = parse_redis_url("x", server.url)
+        self.assertTrue(address.tls)
+        trust = Certificate.loadPEM(tls.ca.cert_pem)
+        store = RedisStore(address, reactor, store_endpoint(reactor, address, trust))
+        store.start()
+        self.addCleanup(store.stop)
+        await wait_for(lambda: store._ready is not None, "the TLS connection")
+        self.assertEqual(await takes(store, b"k", 1), [0])
+        # The system's trust store does not know the test CA: refused.
+        untrusted = RedisStore(address, reactor)
+        untrusted.start()
+        self.addCleanup(untrusted.stop)
+        await wait_for(lambda: not untrusted.up, "the refused certificate")
+        self.assertIsNone(untrusted._ready)
 
     async def test_killed_and_restarted(self) -> None:
         """
