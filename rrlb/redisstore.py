@@ -227,6 +227,7 @@ class RedisStore:
         self.on_error = on_error
         self.endpoint = store_endpoint(reactor, address) if endpoint is None else endpoint
         self.protocol_class: Any = None
+        self.timeout = DECISION_TIMEOUT
         self.errors = 0
         self.up = True
         self.refused: Optional[str] = None
@@ -351,7 +352,8 @@ class RedisStore:
         One request of C{key} (a L{redis_key}) on a bucket whose token takes
         C{interval_us} and whose burst tolerance is C{tolerance_us}: 0 if it
         may go on, else its C{Retry-After}. Fails with L{StoreError} (at
-        once while the store is away, or after L{DECISION_TIMEOUT}).
+        once while the store is away, or after C{timeout}: the issue's
+        L{DECISION_TIMEOUT}).
         """
         protocol = self._ready
         if protocol is None:
@@ -379,7 +381,7 @@ class RedisStore:
             if reactor.seconds() - self._progress >= STALL_TIMEOUT:
                 self._drop()
 
-        timer = reactor.callLater(DECISION_TIMEOUT, timed_out)
+        timer = reactor.callLater(self.timeout, timed_out)
 
         def answered(value: Any) -> None:
             if protocol is self._ready:
