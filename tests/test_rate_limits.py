@@ -228,10 +228,56 @@ class StoreErrorTests(unittest.TestCase):
         self.assertEqual(limit.held, {})
 
 
+class _Asked:
+    """
+    A worker's link whose answers the test gives.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[defer.Deferred[bool]] = []
+        self.released: list[Any] = []
+
+    def acquire(self, *args: Any) -> defer.Deferred[bool]:
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.asked.append(d)
+        return d
+
+    def release(self, limit: str, key: Any) -> None:
+        self.released.append(key)
+
+
 class InFlightTests(unittest.TestCase):
     """
     limit_in_flight on the local store.
     """
+
+    def test_asked_of_the_main_process(self) -> None:
+        """
+        With --workers the slot is asked for: granted, the request goes on
+        and gives it back when it ends; refused, 429; granted after the
+        request ended (its client left), it is given back at once.
+        """
+        context = FilterContext(Clock(), where="filters[0]")
+        link = _Asked()
+        context.shared["limits"] = LimitStores(context.reactor, link)
+        limit = build({"limit_in_flight": {"max": 1}}, context)
+        first, second, third = request(), request(), request()
+        granted = limit.request(first)
+        link.asked[0].callback(True)
+        self.assertIsNone(self.successResultOf(granted))
+        refused = limit.request(second)
+        link.asked[1].callback(False)
+        self.assertEqual(self.successResultOf(refused).status, 429)
+        limit.done(second)
+        self.assertEqual(link.released, [])
+        limit.done(first)
+        self.assertEqual(link.released, ["10.0.0.1"])
+        late = limit.request(third)
+        limit.done(third)
+        link.asked[2].callback(True)
+        self.successResultOf(late)
+        self.assertEqual(link.released, ["10.0.0.1", "10.0.0.1"])
+        self.assertEqual(limit.held, {})
 
     def test_max_then_done(self) -> None:
         """
