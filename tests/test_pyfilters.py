@@ -318,9 +318,9 @@ class PythonFilterTests(FilterCase):
         leaves cancels it, the filter's done() runs, nothing is logged as an
         error, no node is contacted, and others are served meanwhile.
         """
-        from tests.filterpkg import NeverFires
-
         main, _ = await self.start_py()
+        router = self.balancer.service.traffic.proxy.router
+        NeverFires = type(router.routes[9].filters[0].filter)
         cancelled, finished = NeverFires.cancelled, NeverFires.finished
         logs = LogCapture.install(self)
         client = await raw_connect(self, self.balancer.port)
