@@ -67,10 +67,16 @@ class RedirectAction:
     def __init__(self, redirect: Redirect) -> None:
         self.redirect = redirect
 
-    def act(self, flow: Flow) -> None:
-        request = flow.request
+    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
         location = self.redirect.location(request)
-        answer(request, self.redirect.status, b"", [(b"Location", location)], content_type=None)
+        answer(
+            request,
+            self.redirect.status,
+            b"",
+            [(b"Location", location)],
+            content_type=None,
+            date=chains.proxy.date(),
+        )
 
 
 class RespondAction:
@@ -81,9 +87,9 @@ class RespondAction:
     def __init__(self, respond: Respond) -> None:
         self.respond = respond
 
-    def act(self, flow: Flow) -> None:
+    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
         r = self.respond
-        answer(flow.request, r.status, r.body, r.headers, r.content_type)
+        answer(request, r.status, r.body, r.headers, r.content_type, date=chains.proxy.date())
 
 
 class ForwardAction:
@@ -97,12 +103,17 @@ class ForwardAction:
         sticky = picker.stickiness
         self.cookie = None if sticky is None else sticky.cookie
 
-    def act(self, flow: Flow) -> None:
-        cookie = None if self.cookie is None else flow.view.cookie(self.cookie)
+    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
+        cookie = None
+        if self.cookie is not None:
+            if flow is None:
+                flow = Flow(chains, request, route)
+            cookie = flow.view.cookie(self.cookie)
         dest, set_cookie = self.picker.pick(_serving, cookie)
         if set_cookie is not None:
+            assert flow is not None
             flow.add_response(Step("stickiness", _SetCookie(set_cookie)))
-        flow.chains.proxy.send(flow.request, dest, flow.route)
+        chains.proxy.send(request, dest, route)
 
 
 def _serving(dest: Any) -> bool:
@@ -142,6 +153,10 @@ class Chains:
         Run C{request}'s chain: from the top-level filters, or with C{route}
         (matched already), from the route's filters.
         """
+        if route is not None and not route.filters and not self.top:
+            # Only an action: no filter to run, no request view to make.
+            route.action.act(self, request, route, None)
+            return
         Flow(self, request, route).run()
 
     def failed(self, flow: Flow, label: str, failure: Failure) -> None:
@@ -285,7 +300,7 @@ class Flow:
         elif route.action is None:
             proxy.send(self.request, route.target, route)
         else:
-            route.action.act(self)
+            route.action.act(self.chains, self.request, route, self)
 
     def add_response(self, step: Step) -> None:
         request = self.request
@@ -351,7 +366,7 @@ class Flow:
             self.chains.failed(self, step.label, Failure(e))
             return
         content_type = None if b"Content-Type" in dict(headers) or not body else PLAIN_TEXT
-        answer(self.request, status, body, headers, content_type)
+        answer(self.request, status, body, headers, content_type, date=self.chains.proxy.date())
 
     def wait(self, step: Step, d: Deferred[Any]) -> None:
         """

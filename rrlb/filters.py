@@ -63,12 +63,20 @@ FORBIDDEN_NAMES = HOP_BY_HOP_NAMES | {b"Content-Length"}
 # -- what a filter sees ----------------------------------------------------------
 
 
+# Names filters used, as they spelt them -> the key (those they may change).
+_KEYS: dict[str, bytes] = {}
+_KEYS_SIZE = 1024
+
+
 def header_name(name: str) -> bytes:
     """
     C{name} as L{Headers} keys it.
 
     @raise ValueError: it is not a header name, or one no filter may touch.
     """
+    key = _KEYS.get(name) if type(name) is str else None
+    if key is not None:
+        return key
     if not isinstance(name, str):
         raise ValueError(f"a header name must be a str, not {name!r}")
     try:
@@ -77,6 +85,19 @@ def header_name(name: str) -> bytes:
         raise ValueError(f"{name!r} is not a header name") from None
     if key in FORBIDDEN_NAMES:
         raise ValueError(f"{name} is a hop-by-hop or framing header; filters cannot change it")
+    if len(_KEYS) < _KEYS_SIZE:
+        _KEYS[name] = key
+    return key
+
+
+def _lookup_key(name: str) -> Optional[bytes]:
+    # A name to read by: any header, hop-by-hop ones too; None if not a name.
+    key = _KEYS.get(name) if type(name) is str else None
+    if key is None:
+        try:
+            key = canonical_name(name.encode("ascii"))
+        except (AttributeError, UnicodeEncodeError, HeaderNameError):
+            return None
     return key
 
 
@@ -87,6 +108,8 @@ def header_value(name: str, value: str) -> bytes:
     @raise ValueError: it is not a C{str} of Latin-1 characters without CR,
         LF or NUL.
     """
+    if type(value) is str and value.isascii() and value.isprintable():
+        return value.encode("ascii")  # the common case: no control character at all
     if not isinstance(value, str):
         raise ValueError(f"the value of {name} must be a str, not {type(value).__name__}")
     try:
@@ -114,9 +137,8 @@ class FilterHeaders:
         """
         The header's values joined by C{", "}, or L{None} without one.
         """
-        try:
-            key = canonical_name(name.encode("ascii"))
-        except (UnicodeEncodeError, HeaderNameError):
+        key = _lookup_key(name)
+        if key is None:
             return None
         values = raw_headers(self._headers).get(key)
         if not values:
@@ -127,9 +149,8 @@ class FilterHeaders:
         """
         Each line of the header, in order (none: an empty list).
         """
-        try:
-            key = canonical_name(name.encode("ascii"))
-        except (UnicodeEncodeError, HeaderNameError):
+        key = _lookup_key(name)
+        if key is None:
             return []
         return [v.decode("latin-1") for v in raw_headers(self._headers).get(key, ())]
 
@@ -248,8 +269,13 @@ class FilterRequest:
         Add C{name=value} to the request's access log line (a key of the
         JSON line). C{name} is lower-case letters and C{_}.
         """
-        if not name or not set(name) <= _NOTE_NAME or not isinstance(value, str):
-            raise ValueError(f"a log field is a name of a-z and _ with a str value, not {name!r}")
+        if name not in _NOTES_SEEN or type(value) is not str:
+            if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
+                raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
+            if not isinstance(value, str):
+                raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
+            if len(_NOTES_SEEN) < _KEYS_SIZE:
+                _NOTES_SEEN.add(name)
         notes = self.raw.log_notes
         if notes is None:
             notes = self.raw.log_notes = {}
@@ -257,6 +283,7 @@ class FilterRequest:
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_NOTES_SEEN: set[str] = set()
 
 
 def request_scheme(request: Any) -> bytes:

@@ -196,6 +196,7 @@ def answer(
     headers: Any = (),
     content_type: Optional[bytes] = PLAIN_TEXT,
     filtered: bool = True,
+    date: Optional[bytes] = None,
 ) -> None:
     """
     Every answer rrlb makes itself, not a node (its errors, redirects, fixed
@@ -203,7 +204,8 @@ def answer(
     client is gone: C{code}, C{headers} (name, value pairs), a
     C{Content-Type} if C{content_type} is given, then the request's response
     filters (C{request.response_hook}, unless not C{filtered}), then
-    C{body} with its length.
+    C{body} with its length. C{date} is the C{Date} value if the caller
+    has it formatted already.
     """
     if client_gone(request) or request.finished:
         return
@@ -213,7 +215,7 @@ def answer(
         response_headers.addRawHeader(name, value)
     if content_type is not None:
         response_headers.setRawHeaders(b"Content-Type", [content_type])
-    response_headers.setRawHeaders(b"Date", [http.datetimeToString()])
+    response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
     hook = getattr(request, "response_hook", None) if filtered else None
     if hook is not None and not hook(request, code):
         return  # a response filter failed, and the hook answered 500 instead
