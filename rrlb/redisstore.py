@@ -72,6 +72,8 @@ redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX',
 return 0
 """
 
+TOKEN_BUCKET_SHA = hashlib.sha1(TOKEN_BUCKET).hexdigest()
+
 _KEY_PREFIX = b"rrlb:rl:"
 
 
@@ -364,10 +366,16 @@ class RedisStore:
             self._progress = reactor.seconds()
         self._pending += 1
         result: defer.Deferred[int] = defer.Deferred()
+        args = [b"%.6f" % interval_us, b"%.6f" % tolerance_us]
         try:
-            reply = protocol.eval(
-                TOKEN_BUCKET, [key], [b"%.6f" % interval_us, b"%.6f" % tolerance_us]
-            )
+            if TOKEN_BUCKET_SHA in protocol.script_hashes:
+                # Loaded on this connection: by its hash, without hashing
+                # the script again per call (txredisapi's eval does); a
+                # NOSCRIPT (the server restarted) makes it EVAL again.
+                reply = protocol.evalsha(TOKEN_BUCKET_SHA, [key], args)
+                reply.addErrback(self._reload_script, protocol, key, args)
+            else:
+                reply = protocol.eval(TOKEN_BUCKET, [key], args)
         except Exception:
             self._pending -= 1
             self.failed()
@@ -403,6 +411,14 @@ class RedisStore:
 
         reply.addBoth(answered)
         return result
+
+
+    @staticmethod
+    def _reload_script(reason: Failure, protocol: Any, key: bytes, args: list[bytes]) -> Any:
+        import txredisapi
+
+        reason.trap(txredisapi.ScriptDoesNotExist)
+        return protocol.eval(TOKEN_BUCKET, [key], args)
 
 
 def _server_error(reason: Failure) -> bool:

@@ -90,7 +90,8 @@ class RedisTests(unittest.TestCase):
     async def test_bucket(self) -> None:
         """
         burst requests go on, the next gets its Retry-After (a token a
-        minute: 60 s at most, at least 1); another key has its own bucket.
+        minute: 60 s at most, at least 1); another key has its own bucket;
+        a script the server forgot is loaded again.
         """
         server = await start_redis(self)
         store = await connected(self, server.url)
@@ -98,6 +99,11 @@ class RedisTests(unittest.TestCase):
         self.assertEqual(results[:3], [0, 0, 0])
         self.assertTrue(55 <= results[3] <= 60, results)
         self.assertEqual(await takes(store, redis_key(b"t", b"other"), 1), [0])
+        # The server forgets its scripts (a restart, SCRIPT FLUSH from
+        # another client): the next decision loads it again.
+        other = await connected(self, server.url)
+        await other._ready.script_flush()
+        self.assertEqual(await takes(store, redis_key(b"t", b"third"), 1), [0])
         self.assertEqual(store.errors, 0)
 
     async def test_one_step_on_the_server(self) -> None:
