@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from rrlb.filters import Answer, FilterContext, FilterKind, FilterRequest
 from rrlb.ratelimit import (
+    KIND_SOURCE,
     STORE_LOCAL,
     InFlightSpec,
     Key,
@@ -122,8 +123,11 @@ class RateLimit:
     def __init__(self, spec: RateLimitSpec, context: FilterContext) -> None:
         self.spec = spec
         self.key = spec.key
+        # The common case, without a call: the client's address.
+        self.by_source = spec.key.kind == KIND_SOURCE
         self.limit = context.where
         self.clock = context.reactor
+        self.seconds = context.reactor.seconds
         self.stores = stores_of(context)
         self.counted = (_label(context), "rate_limit")
         self.deny = spec.on_store_error == "deny"
@@ -150,17 +154,23 @@ class RateLimit:
             )
 
     def request(self, request: FilterRequest) -> Union[None, Answer, defer.Deferred[Any]]:
-        key = request_key(self.key, request.raw, request.client)
-        if key is None:
-            return None
+        key: Optional[Key]
+        if self.by_source:
+            key = request.client
+        else:
+            key = request_key(self.key, request.raw, request.client)
+            if key is None:
+                return None
         table = self.table
         if table is not None:
-            wait = table.take(key, self.clock.seconds())
-            return self.refuse(wait) if wait else None
+            wait = table.take(key, self.seconds())
+            if wait:
+                return self.refuse(wait)
+            return None
         redis = self.redis
         decided: defer.Deferred[int]
         if redis is None:
-            decided = self.stores.local.take(self.limit, self.spec, key, self.clock.seconds())
+            decided = self.stores.local.take(self.limit, self.spec, key, self.seconds())
         else:
             decided = redis.take(
                 redis_key(self.namespace, key), self.interval_us, self.tolerance_us

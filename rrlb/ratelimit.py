@@ -380,10 +380,17 @@ class RateTable:
     The buckets of one C{rate_limit} filter in one process.
     """
 
+    __slots__ = ("spec", "bucket", "keys", "_entries", "_scale", "_interval", "_tolerance")
+
     def __init__(self, spec: RateLimitSpec) -> None:
         self.spec = spec
-        self.bucket = Bucket(spec.rate, spec.burst)
+        self.bucket = bucket = Bucket(spec.rate, spec.burst)
         self.keys = KeyTable(spec.max_keys)
+        # What take() reads per request, one attribute each.
+        self._entries = self.keys.entries
+        self._scale = bucket.scale
+        self._interval = bucket.interval
+        self._tolerance = bucket.tolerance
 
     def take(self, key: Key, seconds: float) -> int:
         """
@@ -392,14 +399,13 @@ class RateTable:
         """
         # Bucket.take and KeyTable's get and put, inline: this runs per
         # request.
-        bucket = self.bucket
-        now = int(seconds * NS + 0.5) * bucket.scale
-        keys = self.keys
-        entries = keys.entries
+        now = int(seconds * NS + 0.5) * self._scale
+        entries = self._entries
         full_at = entries.get(key)
         if full_at is None:
             # A new key: a full bucket (burst is at least 1).
-            entries[key] = now + bucket.interval
+            entries[key] = now + self._interval
+            keys = self.keys
             if len(entries) > keys.max_keys:
                 entries.popitem(last=False)
                 keys.dropped += 1
@@ -407,10 +413,10 @@ class RateTable:
         entries.move_to_end(key)
         if full_at < now:
             full_at = now
-        wait = full_at - now - bucket.tolerance
+        wait = full_at - now - self._tolerance
         if wait > 0:
-            return bucket.retry_after(wait)
-        entries[key] = full_at + bucket.interval
+            return self.bucket.retry_after(wait)
+        entries[key] = full_at + self._interval
         return 0
 
 
