@@ -44,8 +44,10 @@ from rrlb.redisstore import RedisStore, StoreError, parse_redis_url, redis_key
 # The key of this module's state in a FilterContext's shared dict.
 SHARED = "limits"
 
-TOO_MANY = "too many requests\n"
-STORE_DOWN = "the rate-limit store cannot be reached\n"
+# The bodies of rrlb's own answers, worded as rrlb.http1.error_response's.
+TOO_MANY = "429 Too Many Requests: over the rate limit\n"
+TOO_MANY_IN_FLIGHT = "429 Too Many Requests: too many requests in flight\n"
+STORE_DOWN = "503 Service Unavailable: the rate-limit store cannot decide\n"
 
 
 class LimitStores:
@@ -244,7 +246,7 @@ class LimitInFlight:
     def refuse(self) -> Answer:
         counts = self.stores.rate_limited
         counts[self.counted] = counts.get(self.counted, 0) + 1
-        return Answer(429, TOO_MANY)
+        return Answer(429, TOO_MANY_IN_FLIGHT)
 
     def done(self, request: FilterRequest) -> None:
         key = self.held.pop(request, None)

@@ -79,6 +79,8 @@ class RateLimitTests(unittest.TestCase):
         self.assertEqual(await codes(c, rrlb.url, 6), [200] * 5 + [429])
         refused = await c.request("GET", rrlb.url + "/")
         self.assertEqual((refused.code, refused.header(b"Retry-After")), (429, b"1"))
+        self.assertEqual(refused.body, b"429 Too Many Requests: over the rate limit\n")
+        self.assertEqual(refused.header(b"Content-Type"), b"text/plain; charset=utf-8")
         self.assertEqual(len(node.requests), 5)
         # A token every 0.5 s: wait for the request that gets one.
         ok: list[Reply] = []
