@@ -123,6 +123,24 @@ class RateLimitTests(unittest.TestCase):
             await codes(c, route.url, 2, a) + await codes(c, route.url, 1), [200, 200, 429]
         )
 
+    async def test_source_behind_trusted_proxies(self) -> None:
+        """
+        Behind --trusted-proxies, key: source is the real client each
+        X-Forwarded-For names: two clients, two buckets.
+        """
+        node = await backend(self)
+        path = write_config(
+            self,
+            f"nodes: [{node.url}]\ntrusted_proxies: [127.0.0.1/32]\nfilters:\n"
+            "  - rate_limit: {rate: 1/m, burst: 2}\n",
+        )
+        rrlb = await start_balancer(self, (), "--config", path)
+        c = client(self)
+        one = {b"X-Forwarded-For": [b"192.0.2.1"]}
+        two = {b"X-Forwarded-For": [b"192.0.2.2"]}
+        self.assertEqual(await codes(c, rrlb.url, 3, one), [200, 200, 429])
+        self.assertEqual(await codes(c, rrlb.url, 3, two), [200, 200, 429])
+
     async def test_source_key_and_metrics(self) -> None:
         """
         key: source counts each client address; /metrics counts the 429s by
