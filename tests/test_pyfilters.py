@@ -232,6 +232,10 @@ routes:
     pool: main
     filters: [{use: tests.filterpkg:AsksLater, with: {allow: false}}]
   - {path_prefix: /hold, pool: main, filters: [{use: tests.filterpkg:NeverFires}]}
+  - {path_prefix: /crlf, pool: main, filters: [{use: tests.filterpkg:Hostile}]}
+  - path_prefix: /status
+    pool: main
+    filters: [{use: tests.filterpkg:Hostile, with: {what: status}}]
 """
 
 
@@ -288,7 +292,7 @@ class PythonFilterTests(FilterCase):
         """
         main, _ = await self.start_py()
         logs = LogCapture.install(self)
-        for path in ("/raise", "/late", "/fails", "/garbage"):
+        for path in ("/raise", "/late", "/fails", "/garbage", "/crlf", "/status"):
             reply = await self.get(path)
             self.assertEqual(reply.code, 500, path)
             self.assertEqual(reply.body, b"500 Internal Server Error: a filter failed\n")
@@ -301,6 +305,8 @@ class PythonFilterTests(FilterCase):
                 ("tests.filterpkg:Raises", "/late"),
                 ("tests.filterpkg:FailsLater", "/fails"),
                 ("tests.filterpkg:Garbage", "/garbage"),
+                ("tests.filterpkg:Hostile", "/crlf"),
+                ("tests.filterpkg:Hostile", "/status"),
             ],
         )
         self.assertTrue(all("log_failure" in e for e in failures))
@@ -310,7 +316,8 @@ class PythonFilterTests(FilterCase):
         self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:FailsLater"} 1.0', errors)
         self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:Garbage"} 1.0', errors)
         self.assertEqual((await self.get("/rewrite")).code, 200)
-        self.flushLoggedErrors(RuntimeError, TypeError)
+        self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:Hostile"} 2.0', errors)
+        self.flushLoggedErrors(RuntimeError, TypeError, ValueError)
 
     async def test_client_leaves_while_held(self) -> None:
         """
