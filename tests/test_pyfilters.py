@@ -122,6 +122,25 @@ class BuiltinFilterTests(FilterCase):
         self.assertIn(f"request_id={rid.decode()} trace_id=", lines[0])
         self.assertIn("request_id=client-id-1 trace_id=4bf92f3577b34da6a3ce929d0e0e4736", lines[1])
 
+    async def test_no_route(self) -> None:
+        """
+        A request no route matches gets its 404 through the top-level
+        response filters; a route's index is what its filters see.
+        """
+        (n,) = await start_backends(self, "n")
+        await self.start(
+            f"nodes: [{n.url}]\n"
+            "filters: [{response_headers: {set: {X-Frame-Options: DENY}}}]\n"
+            "routes:\n"
+            "  - {host: a.example, pool: default}\n"
+            "  - {host: b.example, pool: default, filters: [{use: tests.filterpkg:Rewrite}]}\n"
+        )
+        reply = await self.get("/", host=b"c.example")
+        self.assertEqual(reply.code, 404)
+        self.assertEqual(reply.header(b"X-Frame-Options"), b"DENY")
+        await self.get("/", host=b"b.example")
+        self.assertIn(b" route=1 ", n.requests[-1].header(b"X-Seen") or b"")
+
     async def test_json_log_and_no_node(self) -> None:
         """
         The JSON access log has request_id and trace_id keys; a 503 with no
@@ -216,6 +235,7 @@ routes:
       - use: tests.filterpkg:TenantFilter
         with: {header: X-Tenant, pools: {acme: gold}}
   - path_prefix: /rewrite
+    name: rw
     pool: main
     filters: [{use: tests.filterpkg:Rewrite}]
   - path_prefix: /answer
@@ -232,6 +252,10 @@ routes:
     pool: main
     filters: [{use: tests.filterpkg:AsksLater, with: {allow: false}}]
   - {path_prefix: /hold, pool: main, filters: [{use: tests.filterpkg:NeverFires}]}
+  - {path_prefix: /crlf, pool: main, filters: [{use: tests.filterpkg:Hostile}]}
+  - path_prefix: /status
+    pool: main
+    filters: [{use: tests.filterpkg:Hostile, with: {what: status}}]
 """
 
 
@@ -262,7 +286,7 @@ class PythonFilterTests(FilterCase):
         reply = await self.get("/rewrite/./x?a=1", method="POST", x_drop=b"1")
         seen = main.requests[-1]
         self.assertEqual(
-            seen.header(b"X-Seen"), b"POST /rewrite/./x q=a=1 route=1 client=127.0.0.1"
+            seen.header(b"X-Seen"), b"POST /rewrite/./x q=a=1 route=rw client=127.0.0.1"
         )
         self.assertIsNone(seen.header(b"X-Drop"))
         self.assertEqual(reply.header(b"X-Status-Seen"), b"200")
@@ -270,6 +294,7 @@ class PythonFilterTests(FilterCase):
         count = len(main.requests)
         reply = await self.get("/answer")
         self.assertEqual((reply.code, reply.body), (418, b"short and stout\n"))
+        self.assertEqual(reply.header(b"X-Seen"), None)
         self.assertEqual(reply.header(b"X-Answered"), b"yes")
         self.assertEqual(reply.header(b"X-Status-Seen"), b"418")
         self.assertEqual(reply.header(b"Content-Type"), b"text/plain; charset=utf-8")
@@ -288,7 +313,7 @@ class PythonFilterTests(FilterCase):
         """
         main, _ = await self.start_py()
         logs = LogCapture.install(self)
-        for path in ("/raise", "/late", "/fails", "/garbage"):
+        for path in ("/raise", "/late", "/fails", "/garbage", "/crlf", "/status"):
             reply = await self.get(path)
             self.assertEqual(reply.code, 500, path)
             self.assertEqual(reply.body, b"500 Internal Server Error: a filter failed\n")
@@ -301,6 +326,8 @@ class PythonFilterTests(FilterCase):
                 ("tests.filterpkg:Raises", "/late"),
                 ("tests.filterpkg:FailsLater", "/fails"),
                 ("tests.filterpkg:Garbage", "/garbage"),
+                ("tests.filterpkg:Hostile", "/crlf"),
+                ("tests.filterpkg:Hostile", "/status"),
             ],
         )
         self.assertTrue(all("log_failure" in e for e in failures))
@@ -310,7 +337,8 @@ class PythonFilterTests(FilterCase):
         self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:FailsLater"} 1.0', errors)
         self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:Garbage"} 1.0', errors)
         self.assertEqual((await self.get("/rewrite")).code, 200)
-        self.flushLoggedErrors(RuntimeError, TypeError)
+        self.assertIn('rrlb_filter_errors_total{filter="tests.filterpkg:Hostile"} 2.0', errors)
+        self.flushLoggedErrors(RuntimeError, TypeError, ValueError)
 
     async def test_client_leaves_while_held(self) -> None:
         """

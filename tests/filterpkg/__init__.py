@@ -148,3 +148,19 @@ def not_a_filter() -> object:
     Returns an object without request().
     """
     return object()
+
+
+class Hostile:
+    """
+    Sets a header value with CR/LF in it (what=header), or returns an Answer
+    with a status no response may have (what=status).
+    """
+
+    def __init__(self, what: str = "header") -> None:
+        self.what = what
+
+    def request(self, request: FilterRequest) -> Optional[Answer]:
+        if self.what == "header":
+            request.headers.set("X-Evil", "a\r\nSet-Cookie: owned=1")
+            return None
+        return Answer(99, b"x")
