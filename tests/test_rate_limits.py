@@ -359,6 +359,29 @@ class LimitLinkTests(unittest.TestCase):
         self.assertTrue(all(r == 0 or 1 <= r <= 60 for r in results))
         self.assertEqual(supervisor.limits.keys(), 1)
 
+    async def test_one_message_per_turn(self) -> None:
+        """
+        The decisions of one reactor turn travel in one message; binary keys
+        arrive as the same key each time.
+        """
+        supervisor = _Supervisor()
+        decided: list[int] = []
+        decide = supervisor.limits.decide
+
+        def counting(decisions: list[Any], holder: Any) -> list[int]:
+            decided.append(len(decisions))
+            return decide(decisions, holder)
+
+        supervisor.limits.decide = counting  # type: ignore[method-assign]
+        link = await linked(self, MainChannel(supervisor, _Slot(0)))  # type: ignore[arg-type]
+        spec = parse_rate_limit("x", {"rate": "1/m", "burst": 2})
+        results = await defer.gatherResults(
+            [link.take("f", spec, b"\xff\x00k", 0) for _ in range(3)]
+        )
+        self.assertEqual(results[:2], [0, 0])
+        self.assertGreater(results[2], 0)
+        self.assertEqual(decided, [3])
+
     async def test_slots_and_a_dead_worker(self) -> None:
         """
         In-flight slots are counted across workers; a released one makes
@@ -373,7 +396,7 @@ class LimitLinkTests(unittest.TestCase):
         self.assertFalse(await one.acquire("f", spec, b"k"))
         two.release("f", b"k")
         counts = supervisor.limits.local.flights["f"].counts
-        await wait_for(lambda: counts[b"k"] == 1, "the release")
+        await wait_for(lambda: counts["k"] == 1, "the release")
         self.assertTrue(await one.acquire("f", spec, b"k"))
         self.assertFalse(await two.acquire("f", spec, b"k"))
         supervisor.limits.forget(0)

@@ -9,8 +9,10 @@ share of the rate fails a client on one keep-alive connection (it only
 ever meets one worker), and shared memory would need locks across
 processes that Python cannot take cheaply. A decision through the main
 process is exact (the main process serializes them: no extra request gets
-through, whatever the number of workers or connections) and costs one AMP
-round trip over a Unix socket per request, measured in docs/scaling.md.
+through, whatever the number of workers or connections). It costs an AMP
+round trip over a Unix socket, shared by every decision a worker needed in
+one turn of its reactor (under load, many requests per message), measured
+in docs/scaling.md.
 
 A decision the main process has not answered within L{LINK_TIMEOUT} is a
 store error (the filter's C{on_store_error} decides); a slot granted after
@@ -23,22 +25,34 @@ a store that is away.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from rrlb.ratelimit import InFlightSpec, Key, LocalLimits, Rate, RateLimitSpec
 from rrlb.redisstore import StoreError
-from rrlb.workers.wire import AcquireSlot, ReleaseSlot, TakeToken
+from rrlb.workers.wire import Decide, Release
 
-# How long a worker waits for the main process's decision.
+# How long a worker waits for the main process's decisions.
 LINK_TIMEOUT = 0.5
+
+TAKE = "take"
+ACQUIRE = "acquire"
+
+
+def _wire(key: Key) -> str:
+    # JSON carries strings: bytes (header and cookie values) as Latin-1,
+    # which maps each byte to one character and back.
+    return key if isinstance(key, str) else key.decode("latin-1")
 
 
 class LimitLink:
     """
     A worker's local counts, asked of the main process over C{channel}.
+    The decisions needed in one turn of the reactor go in one L{Decide}
+    message, and the places given back in one L{Release}: under load one
+    message carries many requests' decisions.
 
     @ivar errors: decisions not answered in time (store errors).
     """
@@ -47,79 +61,93 @@ class LimitLink:
         self.channel = channel
         self.clock = clock
         self.errors = 0
+        self._asked: list[tuple[list[Any], defer.Deferred[int]]] = []
+        self._released: list[list[str]] = []
+        self._flush_call: Any = None
 
     def keys(self) -> int:
         # The keys are the main process's.
         return 0
-
-    def _ask(
-        self, command: Any, late: Callable[[Any], None] = lambda answer: None, **kw: Any
-    ) -> defer.Deferred[Any]:
-        try:
-            asked = self.channel.callRemote(command, **kw)
-        except Exception:
-            self.errors += 1
-            return defer.fail(StoreError("the main process cannot be asked"))
-        result: defer.Deferred[Any] = defer.Deferred()
-
-        def timed_out() -> None:
-            self.errors += 1
-            result.errback(StoreError("the main process did not answer in time"))
-
-        timer = self.clock.callLater(LINK_TIMEOUT, timed_out)
-
-        def answered(answer: Any) -> None:
-            if not timer.active():
-                if not isinstance(answer, Failure):
-                    late(answer)
-                return
-            timer.cancel()
-            if isinstance(answer, Failure):
-                self.errors += 1
-                result.errback(StoreError("the main process could not decide"))
-            else:
-                result.callback(answer)
-
-        asked.addBoth(answered)
-        return result
 
     def take(
         self, limit: str, spec: RateLimitSpec, key: Key, seconds: float
     ) -> defer.Deferred[int]:
         rate = spec.rate
         return self._ask(
-            TakeToken,
-            limit=limit,
-            key=_wire(key),
-            count=rate.count,
-            period=rate.period,
-            burst=spec.burst,
-            max_keys=spec.max_keys,
-        ).addCallback(lambda answer: answer["retry_after"])
-
-    def acquire(self, limit: str, spec: InFlightSpec, key: Key) -> defer.Deferred[bool]:
-        def late(answer: Any) -> None:
-            if answer["ok"]:
-                self.release(limit, key)
-
-        return self._ask(AcquireSlot, late, limit=limit, key=_wire(key), max=spec.max).addCallback(
-            lambda answer: answer["ok"]
+            [TAKE, limit, _wire(key), rate.count, rate.period, spec.burst, spec.max_keys]
         )
 
+    def acquire(self, limit: str, spec: InFlightSpec, key: Key) -> defer.Deferred[bool]:
+        return self._ask([ACQUIRE, limit, _wire(key), spec.max]).addCallback(bool)
+
     def release(self, limit: str, key: Key) -> None:
-        if self.channel.transport is None:
+        self._released.append([limit, _wire(key)])
+        self._schedule()
+
+    def _ask(self, decision: list[Any]) -> defer.Deferred[int]:
+        d: defer.Deferred[int] = defer.Deferred()
+        self._asked.append((decision, d))
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Send what this turn asked for and gave back.
+        """
+        self._flush_call = None
+        released, self._released = self._released, []
+        asked, self._asked = self._asked, []
+        channel = self.channel
+        if released and channel.transport is not None:
+            channel.callRemote(Release, releases=released)
+        if not asked:
             return
-        self.channel.callRemote(ReleaseSlot, limit=limit, key=_wire(key))
+        try:
+            answer = channel.callRemote(Decide, decisions=[decision for decision, _ in asked])
+        except Exception:
+            answer = defer.fail(StoreError("the main process cannot be asked"))
+        waiting = [d for _, d in asked]
+        timer = self.clock.callLater(LINK_TIMEOUT, self._timed_out, waiting)
 
+        def answered(result: Any) -> None:
+            late = not timer.active()
+            if not late:
+                timer.cancel()
+            if isinstance(result, Failure):
+                if not late:
+                    self._timed_out(waiting, "could not decide")
+                return
+            answers = result["answers"]
+            if late:
+                # Places granted after the requests went on without them.
+                self._give_back(asked, answers)
+                return
+            for d, value in zip(waiting, answers):
+                d.callback(value)
 
-def _wire(key: Key) -> bytes:
-    return key.encode("utf-8") if isinstance(key, str) else key
+        answer.addBoth(answered)
+
+    def _timed_out(self, waiting: list[defer.Deferred[int]], why: str = "did not answer") -> None:
+        self.errors += len(waiting)
+        for d in waiting:
+            d.errback(StoreError(f"the main process {why} in time"))
+
+    def _give_back(self, asked: list[tuple[list[Any], Any]], answers: list[Any]) -> None:
+        for (decision, _), value in zip(asked, answers):
+            if decision[0] == ACQUIRE and value:
+                self._released.append([decision[1], decision[2]])
+        if self._released:
+            self._schedule()
 
 
 class MainLimits:
     """
     The main process's side: the instance's L{LocalLimits}, deciding for
-    every worker (a worker's slots are given back when it dies).
+    every worker (a worker's places are given back when it dies).
     """
 
     def __init__(self, clock: Any) -> None:
@@ -128,23 +156,39 @@ class MainLimits:
         self._specs: dict[tuple[int, int, int, int], RateLimitSpec] = {}
         self._flights: dict[int, InFlightSpec] = {}
 
-    def take(
-        self, limit: str, key: bytes, count: int, period: int, burst: int, max_keys: int
-    ) -> int:
-        shape = (count, period, burst, max_keys)
-        spec = self._specs.get(shape)
-        if spec is None:
-            spec = self._specs[shape] = RateLimitSpec(Rate(count, period), burst, max_keys=max_keys)
-        return self.local.take(limit, spec, key, self.clock.seconds())
+    def decide(self, decisions: list[Any], holder: Any) -> list[int]:
+        """
+        The answers to a worker's L{Decide}, in order.
+        """
+        now = self.clock.seconds()
+        answers = []
+        for decision in decisions:
+            try:
+                answers.append(self._one(decision, now, holder))
+            except (TypeError, ValueError, IndexError):
+                # Not what a worker sends: go on (it is rrlb's own worker).
+                answers.append(0)
+        return answers
 
-    def acquire(self, limit: str, key: bytes, maximum: int, holder: Any) -> bool:
-        spec = self._flights.get(maximum)
-        if spec is None:
-            spec = self._flights[maximum] = InFlightSpec(maximum)
-        return self.local.acquire(limit, spec, key, holder)
+    def _one(self, decision: list[Any], now: float, holder: Any) -> int:
+        if decision[0] == TAKE:
+            _, limit, key, count, period, burst, max_keys = decision
+            shape = (count, period, burst, max_keys)
+            spec = self._specs.get(shape)
+            if spec is None:
+                spec = self._specs[shape] = RateLimitSpec(
+                    Rate(count, period), burst, max_keys=max_keys
+                )
+            return self.local.take(limit, spec, key, now)
+        _, limit, key, maximum = decision
+        flight = self._flights.get(maximum)
+        if flight is None:
+            flight = self._flights[maximum] = InFlightSpec(maximum)
+        return int(self.local.acquire(limit, flight, key, holder))
 
-    def release(self, limit: str, key: bytes, holder: Any) -> None:
-        self.local.release(limit, key, holder)
+    def release_all(self, releases: list[Any], holder: Any) -> None:
+        for limit, key in releases:
+            self.local.release(limit, key, holder)
 
     def forget(self, holder: Any) -> None:
         self.local.forget(holder)

@@ -28,16 +28,15 @@ from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
-    AcquireSlot,
     Configure,
+    Decide,
     GetCounters,
     NodeFailed,
     NodeStates,
     OneProtocol,
     QuietAMP,
-    ReleaseSlot,
+    Release,
     Stop,
-    TakeToken,
     node_states,
 )
 
@@ -152,20 +151,13 @@ class MainChannel(QuietAMP):
 
     # The store: local rate limits of every worker, decided here.
 
-    @TakeToken.responder
-    def take_token(
-        self, limit: str, key: bytes, count: int, period: int, burst: int, max_keys: int
-    ) -> dict[str, Any]:
-        limits = self.supervisor.limits
-        return {"retry_after": limits.take(limit, key, count, period, burst, max_keys)}
+    @Decide.responder
+    def decide(self, decisions: list[Any]) -> dict[str, Any]:
+        return {"answers": self.supervisor.limits.decide(decisions, self.slot.index)}
 
-    @AcquireSlot.responder
-    def acquire_slot(self, limit: str, key: bytes, max: int) -> dict[str, Any]:
-        return {"ok": self.supervisor.limits.acquire(limit, key, max, self.slot.index)}
-
-    @ReleaseSlot.responder
-    def release_slot(self, limit: str, key: bytes) -> dict[str, Any]:
-        self.supervisor.limits.release(limit, key, self.slot.index)
+    @Release.responder
+    def release(self, releases: list[Any]) -> dict[str, Any]:
+        self.supervisor.limits.release_all(releases, self.slot.index)
         return {}
 
 

@@ -9,9 +9,9 @@ socketpair per worker with L{twisted.protocols.amp}:
     happen), L{GetCounters} (on each admin scrape, and once a second for
     the status page's charts), L{Stop};
   - worker -> main: L{NodeFailed} (a passive failure the proxy saw);
-    L{TakeToken}, L{AcquireSlot} and L{ReleaseSlot}: the decisions of the
-    C{store: local} rate limits, made in the main process so that the
-    whole instance has one count (L{rrlb.workers.limitlink}).
+    L{Decide} and L{Release}: the decisions of the C{store: local} rate
+    limits, made in the main process so that the whole instance has one
+    count (L{rrlb.workers.limitlink}).
 
 A node is named on the wire by its pool and its key (its URL): one URL in
 two pools is two nodes, with their own health, drain state and counts.
@@ -163,41 +163,29 @@ class NodeFailed(amp.Command):
     requiresAnswer = False
 
 
-class TakeToken(amp.Command):
+class Decide(amp.Command):
     """
-    Worker -> main: one request of C{key} on rate limit C{limit} (a
-    filter's place in the configuration) of C{count} requests per
-    C{period} seconds, C{burst}, C{max_keys}: C{retry_after} 0 to go on,
-    else its C{Retry-After}.
-    """
-
-    arguments = [
-        (b"limit", amp.Unicode()),
-        (b"key", amp.String()),
-        (b"count", amp.Integer()),
-        (b"period", amp.Integer()),
-        (b"burst", amp.Integer()),
-        (b"max_keys", amp.Integer()),
-    ]
-    response = [(b"retry_after", amp.Integer())]
-
-
-class AcquireSlot(amp.Command):
-    """
-    Worker -> main: one more request of C{key} in flight on
-    C{limit_in_flight} C{limit}, if fewer than C{max} are.
+    Worker -> main: the C{store: local} rate-limit decisions a worker
+    needed in one turn of its reactor, in order, each
+    C{["take", limit, key, count, period, burst, max_keys]} (one request
+    on rate limit C{limit}, a filter's place in the configuration) or
+    C{["acquire", limit, key, max]} (one more request in flight on
+    C{limit_in_flight} C{limit}). C{answers}: for each, in order, its
+    C{Retry-After} (0: go on) or 1 (granted) / 0 (refused). Keys are
+    strings (bytes as Latin-1).
     """
 
-    arguments = [(b"limit", amp.Unicode()), (b"key", amp.String()), (b"max", amp.Integer())]
-    response = [(b"ok", amp.Boolean())]
+    arguments = [(b"decisions", Json())]
+    response = [(b"answers", Json())]
 
 
-class ReleaseSlot(amp.Command):
+class Release(amp.Command):
     """
-    Worker -> main: a request that held a slot of C{limit} ended.
+    Worker -> main: requests that held in-flight places ended, each
+    C{[limit, key]}.
     """
 
-    arguments = [(b"limit", amp.Unicode()), (b"key", amp.String())]
+    arguments = [(b"releases", Json())]
     requiresAnswer = False
 
 
