@@ -402,6 +402,24 @@ class LimitLinkTests(unittest.TestCase):
         supervisor.limits.forget(0)
         self.assertTrue(await two.acquire("f", spec, b"k"))
 
+    async def test_cancelled_wait(self) -> None:
+        """
+        A request whose client left while its place was asked for (the
+        chain cancels the wait) gives the place back when it is granted;
+        a cancelled wait is not a store error.
+        """
+        supervisor = _Supervisor()
+        link = await linked(self, MainChannel(supervisor, _Slot(0)))  # type: ignore[arg-type]
+        spec = parse_in_flight("x", {"max": 1})
+        asked = link.acquire("f", spec, "k")
+        asked.cancel()
+        self.failureResultOf(asked, defer.CancelledError)
+        await wait_for(lambda: "f" in supervisor.limits.local.flights, "the decision")
+        counts = supervisor.limits.local.flights["f"].counts
+        await wait_for(lambda: not counts, "the place given back")
+        self.assertTrue(await link.acquire("f", spec, "k"))
+        self.assertEqual(link.errors, 0)
+
     async def test_main_too_slow(self) -> None:
         """
         A decision not answered within LINK_TIMEOUT is a store error,

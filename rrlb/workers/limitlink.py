@@ -114,34 +114,31 @@ class LimitLink:
         timer = self.clock.callLater(LINK_TIMEOUT, self._timed_out, waiting)
 
         def answered(result: Any) -> None:
-            late = not timer.active()
-            if not late:
+            if timer.active():
                 timer.cancel()
             if isinstance(result, Failure):
-                if not late:
-                    self._timed_out(waiting, "could not decide")
+                self._timed_out(waiting, "could not decide")
                 return
             answers = result["answers"]
-            if late:
-                # Places granted after the requests went on without them.
-                self._give_back(asked, answers)
-                return
-            for d, value in zip(waiting, answers):
-                d.callback(value)
+            for (decision, d), value in zip(asked, answers):
+                if not d.called:
+                    d.callback(value)
+                elif decision[0] == ACQUIRE and value:
+                    # Granted after the request went on without it (the
+                    # answer came late) or left (the chain cancelled its
+                    # wait): give the place back.
+                    self._released.append([decision[1], decision[2]])
+            if self._released:
+                self._schedule()
 
         answer.addBoth(answered)
 
     def _timed_out(self, waiting: list[defer.Deferred[int]], why: str = "did not answer") -> None:
-        self.errors += len(waiting)
         for d in waiting:
-            d.errback(StoreError(f"the main process {why} in time"))
-
-    def _give_back(self, asked: list[tuple[list[Any], Any]], answers: list[Any]) -> None:
-        for (decision, _), value in zip(asked, answers):
-            if decision[0] == ACQUIRE and value:
-                self._released.append([decision[1], decision[2]])
-        if self._released:
-            self._schedule()
+            if not d.called:
+                # (A cancelled one, whose client left, is not an error.)
+                self.errors += 1
+                d.errback(StoreError(f"the main process {why} in time"))
 
 
 class MainLimits:
