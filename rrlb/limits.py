@@ -22,6 +22,7 @@ filter answer; no node is contacted.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any, Optional, Union
 
 from twisted.internet import defer
@@ -63,17 +64,42 @@ class LimitStores:
         self.reactor = reactor
         self.local: Any = LocalLimits() if local is None else local
         self.redis: dict[str, RedisStore] = {}
+        # The filters using each store (weak references): one that none
+        # uses any more (a reload changed or removed its URL) is closed once
+        # the last of them is gone.
+        self.users: dict[str, set[weakref.ref[Any]]] = {}
         self.rate_limited: dict[tuple[str, str], int] = {}
+        # The errors of stores closed since (the metric never goes down).
+        self.retired_errors = 0
 
-    def redis_store(self, where: str, url: str) -> RedisStore:
+    def redis_store(self, where: str, url: str, user: Any) -> RedisStore:
         """
-        The (started) store of C{url}, one per URL in the process.
+        The (started) store of C{url} for filter C{user}, one per URL in the
+        process.
         """
         store = self.redis.get(url)
         if store is None:
             store = self.redis[url] = RedisStore(parse_redis_url(where, url), self.reactor)
+            self.users[url] = set()
+        users = self.users[url]
+
+        def gone(ref: weakref.ref[Any]) -> None:
+            users.discard(ref)
+            if not users:
+                self.reactor.callLater(0, self._close_unused, url)
+
+        users.add(weakref.ref(user, gone))
         store.start()
         return store
+
+    def _close_unused(self, url: str) -> None:
+        if self.users.get(url):
+            return  # a new filter took it up meanwhile
+        self.users.pop(url, None)
+        store = self.redis.pop(url, None)
+        if store is not None:
+            self.retired_errors += store.errors
+            store.stop()
 
     def store_errors(self) -> int:
         """
@@ -81,7 +107,7 @@ class LimitStores:
         make.
         """
         link_errors = getattr(self.local, "errors", 0)
-        return link_errors + sum(s.errors for s in self.redis.values())
+        return link_errors + self.retired_errors + sum(s.errors for s in self.redis.values())
 
     def keys(self) -> int:
         """
@@ -142,7 +168,7 @@ class RateLimit:
             else None
         )
         if spec.store != STORE_LOCAL:
-            self.redis = self.stores.redis_store(context.where, spec.store)
+            self.redis = self.stores.redis_store(context.where, spec.store, self)
             # One token's time and the burst tolerance, in microseconds.
             self.interval_us = spec.rate.period * 1_000_000 / spec.rate.count
             self.tolerance_us = (spec.burst - 1) * self.interval_us

@@ -6,6 +6,7 @@ Retry-After, store errors, and the counts /metrics shows.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any, Optional
 
@@ -179,6 +180,42 @@ class RateLimitTests(unittest.TestCase):
         ]:
             e = self.assertRaises(ConfigError, parse_filters, "filters", [entry])
             self.assertIn(words, str(e))
+
+
+class StoreLifetimeTests(unittest.TestCase):
+    """
+    Redis stores live as long as a filter uses them.
+    """
+
+    def test_unused_store_closed(self) -> None:
+        """
+        A store no filter uses any more (a reload changed the URL) is
+        closed once its last filter is gone, its errors still counted; one
+        still in use stays, and one taken up again meanwhile stays too.
+        """
+        clock = Clock()
+        context = FilterContext(clock, where="filters[0]")
+        stores = stores_of(context)
+        self.addCleanup(stores.stop)
+        one = {"rate_limit": {"rate": "1/s", "store": "redis://127.0.0.1:1/0"}}
+        two = {"rate_limit": {"rate": "1/s", "store": "redis://127.0.0.1:2/0"}}
+        first = build(one, context)
+        old = stores.redis["redis://127.0.0.1:1/0"]
+        old.errors = 3
+        kept = build(two, context)
+        del first
+        gc.collect()
+        clock.advance(0)
+        self.assertEqual(sorted(stores.redis), ["redis://127.0.0.1:2/0"])
+        self.assertFalse(old._running)
+        self.assertEqual(stores.store_errors(), 3)
+        # Gone and taken up again in the same turn (a reload): kept.
+        again = build(two, context)
+        del kept
+        gc.collect()
+        clock.advance(0)
+        self.assertEqual(sorted(stores.redis), ["redis://127.0.0.1:2/0"])
+        del again
 
 
 class _Failing:
