@@ -31,6 +31,7 @@ from rrlb.values import (
     parse_hash_key,
     parse_health_path,
     parse_listen,
+    parse_log_format,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -389,6 +390,10 @@ class Config(PoolSettings):
         None, string, "Access log file ('-' for stdout)", shown="off"
     )
     access_log_format: str = setting("combined", parse_access_log_format, "combined or json")
+    log_format: str = setting(
+        "text", parse_log_format, "The daemon's own log: text (Twisted's) or json, a JSON object"
+        " a line", reload=False,
+    )  # fmt: skip
     admin: Optional[str] = setting(
         None, string, "Endpoint of the admin API and status page", reload=False, shown="off"
     )

@@ -2333,3 +2333,60 @@ class Client(WebSocketClientProtocol):
     async def message(self, count: int = 1) -> tuple[bytes, bool]:
         await wait_for(lambda: len(self.messages) >= count, f"message {count}")
         return self.messages[count - 1]
+
+
+# == rrlb's command line, run to its end ==============================================
+
+
+class _Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+@dataclass
+class Ran:
+    """
+    What a command that ran to its end said and how it exited.
+    """
+
+    code: Optional[int]
+    out: str
+    err: str
+
+
+# twistd's own entry point, run from the worktree so its rrlb is the one.
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+
+async def run_twistd(*args: str, timeout: float = START_TIMEOUT) -> Ran:
+    """
+    Run C{twistd ARGS} (C{-n --pidfile=} first) to its end, killed after
+    C{timeout} seconds, and return what it wrote and its exit code.
+    """
+    output = _Output()
+    argv = [sys.executable, "-W", "ignore", "-c", TWISTD, "-n", "--pidfile=", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=ROOT)
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    timer = reactor.callLater(timeout, kill)
+    code = await output.ended
+    if timer.active():
+        timer.cancel()
+    return Ran(code, output.out.decode("utf-8", "replace"), output.err.decode("utf-8", "replace"))
