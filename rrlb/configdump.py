@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 from typing import Any, Optional
 
+from rrlb.config import all_pools
 from rrlb.settings import (
     Config,
     DnsNodes,
@@ -70,12 +71,15 @@ def _route(route: Any) -> dict[str, Any]:
     return {"pool": out.pop("pool"), **out} if "pool" in out else out
 
 
-def summary(config: Config, pools: int, nodes: int) -> str:
+def summary(config: Config) -> str:
     """
-    The line C{--check} and C{PUT /config} say about a configuration that
-    runs with C{pools} pools of C{nodes} nodes in all.
+    What C{--check} and C{PUT /config} say of a configuration: its pools
+    (the named ones, and C{default} for top-level nodes), its nodes (each
+    listed one, DNS entry and demo backend) and its routes.
     """
-    return f"{pools} pools, {nodes} nodes, {len(config.routes)} routes"
+    pools = all_pools(config)
+    nodes = sum(len(p.nodes) + len(p.dns_nodes) for p in pools) + config.demo
+    return f"{len(pools)} pools, {nodes} nodes, {len(config.routes)} routes"
 
 
 def plain(value: Any) -> Any:

@@ -24,7 +24,6 @@ from rrlb.clients import raise_fd_limit
 from rrlb.config import (
     Config,
     ConfigError,
-    all_pools,
     build_config,
     parser,
     with_admin_token,
@@ -181,9 +180,7 @@ class Options(usage.Options):
             print(f"# rrlb {__version__}: the effective configuration (secrets left out)")
             print(yaml.safe_dump(document(config), sort_keys=False), end="")
         else:
-            pools = all_pools(config)
-            nodes = sum(len(p.nodes) + len(p.dns_nodes) for p in pools) + config.demo
-            print(f"configuration ok: {summary(config, len(pools), nodes)}")
+            print(f"configuration ok: {summary(config)}")
         raise SystemExit(0)
 
     def validate(self, checking: bool = False) -> None:
