@@ -11,6 +11,9 @@ The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
   - C{POST /nodes/<pool>/<id>/drain}, C{POST /nodes/<pool>/<id>/enable}
     (or without the pool): take a node out of rotation by hand (its
     in-flight requests finish) and put it back.
+  - The runtime API (L{rrlb.runtime}), given a control side: C{GET /config},
+    C{PUT /config}, C{POST /nodes/<pool>}, C{PATCH} and C{DELETE
+    /nodes/<pool>/<id>}. Request bodies are read up to L{MAX_ADMIN_BODY}.
 
 A node's C{<id>} is its position in its pool's node list (C{0}, C{1}, ...),
 its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or its
@@ -321,7 +324,7 @@ class AdminResource(Resource):
                 if answer is not None:
                     return answer
             if len(path) == 2 and path[0] == "nodes":
-                self._allow(method, b"GET, HEAD")
+                self._allow(method, b"GET, HEAD, POST" if self.runtime else b"GET, HEAD")
                 pool = self.pools.get(path[1])
                 if pool is not None:
                     return _json(

@@ -275,8 +275,12 @@ class RuntimeAPI:
             raise ApiError(400, str(e)) from None
         except RecursionError:
             raise ApiError(400, "the configuration is nested too deeply") from None
-        before, after = summary(self.control.config), summary(config)
-        d = self._apply(config, peer, "the configuration (PUT /config)", before, after)
+        running = self.control.config
+        before, after = summary(running), summary(config)
+        old, new = document(running), document(config)
+        changed = ", ".join(key for key, value in new.items() if old.get(key) != value)
+        what = f"the configuration (PUT /config; settings changed: {changed or 'none'})"
+        d = self._apply(config, peer, what, before, after)
         return d.addCallback(lambda _: (200, {"applied": True, "summary": after}))
 
     def add_node(self, request: Any, pool_name: str, peer: str) -> Any:

@@ -407,6 +407,9 @@ class ControlService(MultiService):
                 new=config.workers,
             )
             config = dataclasses.replace(config, workers=self.config.workers)
+        if config.log_format != self.config.log_format:
+            self.log.warn("reload: log_format changes only with a restart")
+            config = dataclasses.replace(config, log_format=self.config.log_format)
         return config
 
     # -- the runtime API (rrlb.runtime) -------------------------------------------

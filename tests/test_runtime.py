@@ -126,6 +126,9 @@ class ConfigTests(RuntimeCase):
         self.assertEqual((config.retries, config.health.path), (1, "/health"))
         (line,) = logs.matching(source="api")
         self.assertTrue(line["peer"].startswith(f"{LOOPBACK}:"), line)
+        self.assertEqual(
+            line["what"], "the configuration (PUT /config; settings changed: nodes, retries)"
+        )
         self.assertEqual((line["before"], line["after"]), ("1 pools, 1 nodes, 0 routes",) * 2)
         self.assertEqual(self.changes(), {"sighup": 0, "api": 1})
         metrics = (await self.client.request("GET", self.admin + "/metrics")).body.decode()
@@ -233,6 +236,17 @@ class BadRequestTests(RuntimeCase):
             ("POST", "/nodes/default", {"url": "http://c:1", "max_connections": -1}, b"", 400),
             ("POST", "/nodes/default", {"url": "http://c:1", "colour": "red"}, b"", 400),
             ("POST", "/nodes/default", {"url": a.url}, b"application/json", 409),
+            ("POST", "/nodes/default", {"url": "http://c:1", "send_proxy": "v3"}, b"", 400),
+            ("POST", "/nodes/default", {"url": "https://c:1", "tls": {"verify": "no"}}, b"", 400),
+            (
+                "POST",
+                "/nodes/default",
+                {"url": "https://c:1", "tls": {"ca_file": "/nonexistent/ca.pem"}},
+                b"application/json",
+                400,
+            ),
+            ("POST", "/nodes/default/%FF", {"url": "http://c:1"}, b"application/json", 404),
+            ("PATCH", "/nodes/default/%FF", {"weight": 2}, b"application/json", 404),
             ("POST", "/nodes/nopool", {"url": "http://c:1"}, b"application/json", 404),
             ("POST", "/nodes/default", deep, b"application/json", 400),
             ("PATCH", "/nodes/default/0", {"weight": "3"}, b"application/json", 400),
