@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_runtime -*-
 """
 The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
 

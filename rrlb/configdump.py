@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_check -*-
+# -*- test-case-name: tests.test_check,tests.test_runtime -*-
 """
 A configuration written out again in the layout of a config file: what
 C{--print-config} prints as YAML and C{GET /config} answers as JSON. Every

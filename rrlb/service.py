@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_notify,tests.test_tap -*-
+# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_notify,tests.test_runtime -*-
 """
 The control side: L{ControlService} owns the running configuration and
 what decides about the nodes (the health checkers, DNS discovery, the demo

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_settings -*-
+# -*- test-case-name: tests.test_tap,tests.test_settings,tests.test_check,tests.test_jsonlog -*-
 """
 The twistd plugin: its options, built from the table of L{rrlb.settings},
 and L{makeService}, the only place that picks the real reactor and the
