@@ -49,6 +49,8 @@ def document(config: Config) -> dict[str, Any]:
             out["resolvers"] = [_resolver(host, port) for host, port in config.resolvers]
         elif row.name == "routes":
             out["routes"] = [_route(route) for route in config.routes]
+        elif row.name == "filters":
+            out["filters"] = _filters(config.filters)
         else:
             out[row.name] = _setting(row.name, getattr(config, row.name))
     return out
@@ -64,11 +66,19 @@ def _setting(name: str, value: Any) -> Any:
     return plain(value)
 
 
-def _route(route: Any) -> dict[str, Any]:
+def _route(route: Any) -> Any:
+    # As the file gave it: a route's actions and filters are read into
+    # values with no way back to their YAML.
+    if route.entry is not None:
+        return plain(route.entry)
     out = plain(route)
     if "header" in out:
         out["header"] = dict(route.header)
     return {"pool": out.pop("pool"), **out} if "pool" in out else out
+
+
+def _filters(filters: Any) -> list[Any]:
+    return [plain(f.entry) if f.entry is not None else plain(f) for f in filters]
 
 
 def summary(config: Config) -> str:
@@ -94,6 +104,8 @@ def plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: plain(getattr(value, f.name))

@@ -217,6 +217,14 @@ class CheckTests(Checking):
         """
         self.bad(lambda s: s["routes"].insert(0, {"pool": "web"}), "routes[0].pool: no pool 'web'")
 
+    def test_filters(self) -> None:
+        """
+        A filter that cannot be imported, or a built-in one with a bad
+        argument, is refused.
+        """
+        self.bad(lambda s: s.update(filters=[{"use": "no.such.module:Filter"}]), "filters[0]")
+        self.bad(lambda s: s.update(filters=[{"request_id": {"colour": 1}}]), "filters[0]")
+
     def test_token_file(self) -> None:
         """
         A missing admin token file is refused.
@@ -250,6 +258,36 @@ class PrintConfigTests(Checking):
         self.assertEqual(printed["max_connections"], None)
         again = self.write("again.yaml", out.encode("utf-8"))
         self.assertEqual(build_config(again), build_config(path, {"retries": 4}))
+
+    def test_round_trip_filters_and_actions(self) -> None:
+        """
+        Filters and route actions (redirect, respond, weighted forward) are
+        printed as the file gave them, and read back the same.
+        """
+        settings = self.good()
+        settings["pools"]["canary"] = {"nodes": ["http://127.0.0.1:12"]}
+        settings["filters"] = [
+            {"request_id": {}},
+            {"response_headers": {"set": {"Strict-Transport-Security": "max-age=31536000"}}},
+        ]
+        settings["routes"] = [
+            {"scheme": "http", "redirect": {"scheme": "https"}},
+            {"host": "status.example.com", "respond": {"status": 503, "body": "Back soon\n"}},
+            {
+                "path_prefix": "/api",
+                "forward": [{"pool": "api", "weight": 90}, {"pool": "canary", "weight": 10}],
+                "filters": [{"request_headers": {"set": {"X-Route": "api"}}}],
+            },
+            {"pool": "default"},
+        ]
+        path = self.config_file(settings)
+        code, out, err = self.run_options("--config", path, "--print-config")
+        self.assertEqual((code, err), (0, ""))
+        printed = yaml.safe_load(out)
+        self.assertEqual(printed["routes"], settings["routes"])
+        self.assertEqual(printed["filters"], settings["filters"])
+        again = self.write("again.yaml", out.encode("utf-8"))
+        self.assertEqual(build_config(again), build_config(path))
 
     def test_no_secrets(self) -> None:
         """
