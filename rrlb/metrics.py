@@ -166,9 +166,15 @@ class Metrics:
                 upstream_status,
                 upstream_time,
             )
+            tunnel = None
             if code == 101 and exchange is not None and exchange.tunnel is not None:
                 # A WebSocket tunnel: its bytes each way and how long it was open.
-                entry += (exchange.tunnel.summary(),)
+                tunnel = exchange.tunnel.summary()
+                entry += (tunnel,)
+            client_cert = getattr(request.channel, "client_cert", None)
+            if client_cert is not None:
+                # The subject of the client's certificate (tls.client_auth).
+                entry += (tunnel, client_cert.subject) if tunnel is None else (client_cert.subject,)
             access_log.append(entry)
 
     # -- the read side -------------------------------------------------------

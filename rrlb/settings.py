@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, TypeVar
 
 from rrlb.values import (
+    ClientAuth,
     Network,
     Parser,
     admin_host_names,
@@ -28,6 +29,7 @@ from rrlb.values import (
     parse_access_log_format,
     parse_balance,
     parse_certificates,
+    parse_client_auth,
     parse_hash_key,
     parse_health_path,
     parse_listen,
@@ -298,7 +300,8 @@ class HealthConfig:
 class ListenTLS:
     """
     The listeners' certificate and key (the key may sit in the certificate
-    file), more certificates chosen by SNI, and the https nodes' CA file.
+    file), more certificates chosen by SNI, client certificates, and the
+    https nodes' CA file.
     """
 
     cert: Optional[str] = setting(
@@ -312,6 +315,10 @@ class ListenTLS:
     )
     certificates: tuple[tuple[str, Optional[str]], ...] = setting(
         (), parse_certificates, "More certificates, chosen by SNI", flag=""
+    )
+    # Client certificates (mTLS) on the TLS listeners rrlb serves.
+    client_auth: Optional[ClientAuth] = setting(
+        None, parse_client_auth, "Client certificates: {ca_file, mode: require|optional}", flag=""
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
@@ -63,22 +63,66 @@ log = Logger()
 # -- the listener side ---------------------------------------------------------
 
 
-def server_options(pair: LoadedKeyPair, dh: Optional[str] = None) -> CertificateOptions:
+# How long a TLS session may be resumed (seconds): an hour. Sessions live in
+# each context's cache in memory only (no ticket keys: see
+# docs/security.md, "Session resumption").
+SESSION_TIMEOUT = 3600
+
+
+def server_options(
+    pair: LoadedKeyPair,
+    dh: Optional[str] = None,
+    client_auth: Optional[ClientAuthCAs] = None,
+) -> CertificateOptions:
     """
     Modern server settings for one certificate: TLS 1.2 at least, forward
-    secret AEAD ciphers only.
+    secret AEAD ciphers only, sessions resumed from a server-side cache
+    (TLS 1.2 session IDs, TLS 1.3 stateful tickets); with C{client_auth},
+    client certificates checked against its CAs.
     """
     kwargs: dict[str, Any] = {}
     if dh:
         kwargs["dhParameters"] = DiffieHellmanParameters.fromFile(FilePath(dh))
+    if client_auth is not None:
+        kwargs.update(
+            verify=True,
+            caCerts=list(client_auth.cas),
+            requireCertificate=client_auth.mode == "require",
+        )
     return CertificateOptions(
         privateKey=pair.key,
         certificate=pair.certificate,
         extraCertChain=list(pair.chain),
         raiseMinimumTo=MINIMUM_TLS_VERSION,
         acceptableCiphers=MODERN_CIPHERS,
+        # A session cache, not tickets: OpenSSL's ticket keys cannot be
+        # rotated through pyOpenSSL (see SESSION_TIMEOUT).
+        enableSessions=True,
         **kwargs,
     )
+
+
+@dataclass(frozen=True)
+class ClientAuthCAs:
+    """
+    C{tls.client_auth} with its CA file read.
+    """
+
+    cas: tuple[crypto.X509, ...]
+    mode: str
+
+
+def read_client_auth(listen_tls: ListenTLS) -> Optional[ClientAuthCAs]:
+    """
+    Read C{tls.client_auth.ca_file} (at start-up and on every reload).
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    client_auth = listen_tls.client_auth
+    if client_auth is None:
+        return None
+    certs = load_certificates("tls.client_auth.ca_file", client_auth.ca_file)
+    return ClientAuthCAs(tuple(crypto.X509.from_cryptography(c) for c in certs), client_auth.mode)
 
 
 @dataclass(frozen=True)
@@ -133,10 +177,12 @@ class ServerTLS:
         by_name: dict[str, SSL.Context] = {}
         contexts = []
         leaf = None
+        client_auth = read_client_auth(listen_tls)
         for files in sources:
             pair = load_key_pair(files)
             try:
-                context = server_options(pair, self.dh).getContext()
+                context = server_options(pair, self.dh, client_auth).getContext()
+                context.set_timeout(SESSION_TIMEOUT)
             except (ValueError, SSL.Error, OSError) as e:
                 raise ConfigError(f"{self.name}: {files.cert!r}: {e}") from None
             contexts.append(context)
@@ -413,6 +459,7 @@ def check_tls(config: Config) -> None:
             NodeTLSClients().prepare(tuple(nodes) + tuple(d.template for d in dns_nodes))
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
+    read_client_auth(config.tls)
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)
