@@ -46,6 +46,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from rrlb.nodetls import NodeTLSClients
+from rrlb.ocsp import Stapler, fingerprint, responder_url
 from rrlb.proxyproto import ProxyHeaderEndpoint
 from rrlb.settings import Config, ListenTLS, NodeSpec
 from rrlb.tlsfiles import (
@@ -134,6 +135,8 @@ class ServerTLSState:
     context: SSL.Context
     by_name: dict[str, SSL.Context]
     leaf: x509.Certificate
+    # The certificates that name an OCSP responder, and their issuers.
+    ocsp: tuple[tuple[x509.Certificate, Optional[x509.Certificate]], ...] = ()
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -144,7 +147,10 @@ class ServerTLS:
     @ivar name: what the listener is called in messages.
     @ivar files: the certificates it serves (the first is the default), or
         L{None} to take them from the C{--tls-cert}/C{--tls-key} settings.
+    @ivar stapler: the OCSP responses to staple (L{BalancerTLS.add_listener}).
     """
+
+    stapler: Optional[Stapler] = None
 
     def __init__(
         self,
@@ -178,11 +184,17 @@ class ServerTLS:
         contexts = []
         leaf = None
         client_auth = read_client_auth(listen_tls)
+        stapled = []
         for files in sources:
             pair = load_key_pair(files)
             try:
                 context = server_options(pair, self.dh, client_auth).getContext()
                 context.set_timeout(SESSION_TIMEOUT)
+                if responder_url(pair.leaf) is not None:
+                    # Only certificates with a responder cost a callback.
+                    context.set_ocsp_server_callback(self._staple, fingerprint(pair.leaf))
+                    issuer = pair.chain[0].to_cryptography() if pair.chain else None
+                    stapled.append((pair.leaf, issuer))
             except (ValueError, SSL.Error, OSError) as e:
                 raise ConfigError(f"{self.name}: {files.cert!r}: {e}") from None
             contexts.append(context)
@@ -193,7 +205,19 @@ class ServerTLS:
         if len(contexts) > 1:
             default.set_tlsext_servername_callback(_sni_selector(by_name, default))
         assert leaf is not None
-        return ServerTLSState(default, by_name, leaf)
+        return ServerTLSState(default, by_name, leaf, tuple(stapled))
+
+    def _staple(self, connection: SSL.Connection, key: Optional[bytes]) -> bytes:
+        stapler = self.stapler
+        return stapler.staple(key) if stapler is not None and key else b""
+
+    @property
+    def stapled(self) -> tuple[tuple[x509.Certificate, Optional[x509.Certificate]], ...]:
+        """
+        The certificates served now that name an OCSP responder, with their
+        issuers.
+        """
+        return self._state.ocsp
 
     def commit(self, state: ServerTLSState) -> None:
         """
@@ -407,6 +431,7 @@ class BalancerTLS:
 
     nodes: NodeTLSClients = dataclasses.field(default_factory=NodeTLSClients)
     listeners: list[ServerTLS] = dataclasses.field(default_factory=list)
+    stapler: Optional[Stapler] = None
 
     def listen_endpoint(
         self, reactor: Any, description: str, config: Config
@@ -415,8 +440,20 @@ class BalancerTLS:
             reactor, description, config.tls, tls_on_tcp(config.listen, config.tls)
         )
         if server is not None:
-            self.listeners.append(server)
+            self.add_listener(server)
         return endpoint
+
+    def add_listener(self, server: ServerTLS) -> None:
+        """
+        Reload C{server}'s certificates with the others, and staple theirs.
+        """
+        self.listeners.append(server)
+        server.stapler = self.stapler
+        self._track()
+
+    def _track(self) -> None:
+        if self.stapler is not None:
+            self.stapler.track(c for server in self.listeners for c in server.stapled)
 
     def prepare(self, config: Config, nodes: Sequence[NodeSpec]) -> Callable[[], list[str]]:
         """
@@ -433,6 +470,7 @@ class BalancerTLS:
         def commit() -> list[str]:
             for server, state in listener_states:
                 server.commit(state)
+            self._track()
             return self.nodes.commit(node_state)
 
         return commit

@@ -28,6 +28,7 @@ from rrlb.drain import Drain
 from rrlb.failures import LocalErrors
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
+from rrlb.ocsp import Stapler
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
 from rrlb.routes import Route, Router
@@ -150,7 +151,7 @@ class Traffic(MultiService):
         self._retired_call: Any = None
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
-        self.tls = BalancerTLS()
+        self.tls = BalancerTLS(stapler=Stapler(reactor))
         self.tls.prepare(config, unique_nodes(pool_configs))()
         self.upstream = UpstreamPool(
             reactor,
@@ -201,8 +202,8 @@ class Traffic(MultiService):
         for description in config.listen:
             endpoint, server = endpoints(len(self.listeners), description)
             if server is not None:
-                # Its certificate is read again on reload.
-                self.tls.listeners.append(server)
+                # Its certificate is read again on reload, and stapled.
+                self.tls.add_listener(server)
             listener = Listener(
                 endpoint,
                 self.site,
@@ -213,6 +214,8 @@ class Traffic(MultiService):
             self.listeners.append(listener)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
+        assert self.tls.stapler is not None
+        self.tls.stapler.setServiceParent(self)
 
     def _own_endpoint(
         self, index: int, description: str

@@ -1954,6 +1954,7 @@ def issue(
     not_after: datetime.datetime = NOW + 30 * DAY,
     uris: Sequence[str] = (),
     subject: Optional[x509.Name] = None,
+    ocsp_url: Optional[str] = None,
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
@@ -1973,9 +1974,13 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
         )
-        .sign(ca.key, hashes.SHA256())
     )
-    return Issued(key, cert)
+    if ocsp_url is not None:
+        access = x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+        )
+        cert = cert.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
+    return Issued(key, cert.sign(ca.key, hashes.SHA256()))
 
 
 class Certs:
