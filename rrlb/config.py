@@ -41,7 +41,9 @@ from rrlb.values import (
 )
 
 MAX_WEIGHT = 256
-_ROUTE_KEYS = frozenset({"host", "path_prefix", "methods", "header", "strip_prefix", "pool"})
+_ROUTE_KEYS = frozenset(
+    {"host", "path_prefix", "methods", "header", "strip_prefix", "client_cert", "pool"}
+)
 _NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections", "send_proxy"})
 # Keys of a DNS node entry besides the node keys (url excepted) it shares.
 _DNS_NODE_KEYS = frozenset({"dns", "srv", "port", "scheme"})
@@ -277,6 +279,8 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
                     raise ConfigError(f"{where}.header.{name} must be a string, not {wanted!r}")
                 pairs.append((name, wanted))
             kwargs["header"] = tuple(pairs)
+        if "client_cert" in raw:
+            kwargs["client_cert"] = boolean(f"{where}.client_cert", raw["client_cert"])
         if "strip_prefix" in raw:
             kwargs["strip_prefix"] = boolean(f"{where}.strip_prefix", raw["strip_prefix"])
             if kwargs["strip_prefix"] and "path_prefix" not in kwargs:

@@ -17,6 +17,8 @@ Conditions (all optional; a route without any is the default):
   - C{methods}: one of these methods.
   - C{header}: every one of these headers has (one of its values) exactly
     this value.
+  - C{client_cert}: C{true}, the client showed a verified certificate in
+    its TLS handshake (C{tls.client_auth}); C{false}, it showed none.
 
 The per-request cost is kept small: hosts and paths in their common forms
 are compared without copying, and the normalized host of the last few
@@ -133,6 +135,7 @@ class Route(Generic[T]):
         methods: Sequence[str] = (),
         header: Sequence[tuple[str, str]] = (),
         strip_prefix: bool = False,
+        client_cert: Optional[bool] = None,
     ) -> None:
         self.target = target
         self.pool = pool
@@ -153,10 +156,14 @@ class Route(Generic[T]):
             self.prefix_slash = prefix + b"/"
         self.strip_prefix = strip_prefix and bool(self.prefix)
         self.methods = frozenset(m.encode("ascii") for m in methods) or None
-        self.headers = tuple(
+        self.headers: tuple[tuple[Optional[bytes], Any], ...] = tuple(
             (canonical_name(name.encode("ascii")), value.encode("latin-1"))
             for name, value in header
         )
+        if client_cert is not None:
+            # Checked with the headers, as a name-less condition, so that
+            # routes without it cost nothing more per request.
+            self.headers += ((None, client_cert),)
         self.is_default = (
             host is None and path_prefix is None and not self.methods and not self.headers
         )
@@ -308,6 +315,12 @@ class Router(Generic[T]):
                     headers = raw_headers(request.requestHeaders)
                 missing = False
                 for name, value in wanted:
+                    if name is None:
+                        # client_cert: the connection's verified certificate.
+                        if (request.channel.client_cert is not None) is not value:
+                            missing = True
+                            break
+                        continue
                     values = headers.get(name)
                     if values is None or value not in values:
                         missing = True

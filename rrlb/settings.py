@@ -278,6 +278,8 @@ class RouteConfig:
     methods: tuple[str, ...] = ()
     header: tuple[tuple[str, str], ...] = ()
     strip_prefix: bool = False
+    # Whether the client showed a verified certificate (tls.client_auth).
+    client_cert: Optional[bool] = None
 
 
 # -- the table: every setting, declared once --------------------------------------

@@ -295,6 +295,7 @@ class Traffic(MultiService):
                         methods=r.methods,
                         header=r.header,
                         strip_prefix=r.strip_prefix,
+                        client_cert=r.client_cert,
                     )
                     for r in config.routes
                 ]

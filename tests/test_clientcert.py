@@ -336,6 +336,46 @@ class OptionalTests(ClientCertCase):
         self.assertEqual(backend.requests, [])
 
 
+class RouteTests(ClientCertCase):
+    """
+    The route condition client_cert.
+    """
+
+    async def test_route_by_certificate(self) -> None:
+        """
+        With optional client certificates, a route with client_cert: true
+        takes the clients that showed one, client_cert: false those that did
+        not.
+        """
+        certs = await start_backend(self, "certs")
+        anon = await start_backend(self, "anon")
+        balancer, _ = await self.mtls_balancer(
+            "optional",
+            pools={"certs": {"nodes": [certs.url]}, "anon": {"nodes": [anon.url]}},
+            routes=[
+                {"client_cert": True, "pool": "certs"},
+                {"client_cert": False, "path_prefix": "/mtls", "pool": "anon"},
+            ],
+        )
+        with_cert = await self.get(balancer.port, self.alice)
+        without = await self.get(balancer.port)
+        self.assertTrue(with_cert.endswith(b"certs"), with_cert[-80:])
+        self.assertTrue(without.endswith(b"anon"), without[-80:])
+        self.assertEqual((len(certs.requests), len(anon.requests)), (1, 1))
+
+    def test_parse(self) -> None:
+        """
+        client_cert takes true or false, nothing else.
+        """
+        from rrlb.config import parse_routes
+
+        routes = parse_routes([{"client_cert": True, "pool": "p"}])
+        self.assertIs(routes[0].client_cert, True)
+        with self.assertRaises(ConfigError) as caught:
+            parse_routes([{"client_cert": "yes", "pool": "p"}])
+        self.assertIn("routes[0].client_cert must be true or false", str(caught.exception))
+
+
 class PlainTLSTests(ClientCertCase):
     """
     Without client_auth.
