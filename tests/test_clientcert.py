@@ -57,6 +57,7 @@ def mtls_get(
     cert_file: Optional[str] = None,
     head: bytes = b"",
     maximum: Optional[ssl.TLSVersion] = None,
+    before_tls: bytes = b"",
 ) -> bytes:
     """
     One request with the standard library's TLS client, showing the
@@ -73,6 +74,7 @@ def mtls_get(
         context.load_cert_chain(cert_file)
     try:
         with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
+            sock.sendall(before_tls)
             with context.wrap_socket(sock, server_hostname="a.test") as tls:
                 tls.sendall(
                     b"GET /mtls HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n" + head + b"\r\n"
@@ -270,6 +272,23 @@ class RequireTests(ClientCertCase):
         response = await self.get(balancer.port, bob)
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:80])
         self.assertEqual(len(backend.requests), 2)
+
+    async def test_behind_proxy_protocol(self) -> None:
+        """
+        On a haproxy:ssl: listener, where the channel is made after the
+        handshake (once the PROXY header is read), the certificate still
+        reaches the node.
+        """
+        balancer, backend = await self.mtls_balancer(
+            "require", "--listen", "haproxy:ssl:0:interface=127.0.0.1"
+        )
+        header = b"PROXY TCP4 127.8.9.10 127.0.0.1 5555 8080\r\n"
+        response = await self.get(balancer.port, self.alice, before_tls=header)
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:80])
+        self.assertEqual(
+            backend.requests[0].header(b"X-Forwarded-Client-Cert"), expected_xfcc(self.alice)
+        )
+        self.assertEqual(backend.requests[0].header(b"X-Forwarded-For"), b"127.8.9.10")
 
     async def test_http2(self) -> None:
         """
