@@ -35,9 +35,11 @@ from tests.support import (
     H2Client,
     Issued,
     TLSCase,
+    closed_port_url,
     issue,
     make_ca,
     start_backend,
+    start_daemon,
     wait_until,
 )
 
@@ -393,6 +395,44 @@ class RouteTests(ClientCertCase):
         with self.assertRaises(ConfigError) as caught:
             parse_routes([{"client_cert": "yes", "pool": "p"}])
         self.assertIn("routes[0].client_cert must be true or false", str(caught.exception))
+
+
+class WorkersTests(ClientCertCase):
+    """
+    With --workers 2, each worker checks client certificates.
+    """
+
+    timeout = 120
+
+    async def test_workers(self) -> None:
+        """
+        rrlb as a daemon with two workers: clients with a certificate are
+        served and their header reaches the node; one without is refused.
+        """
+        backend = await start_backend(self, "node")
+        # The daemon runs in the repository: absolute paths.
+        cert, key = (os.path.abspath(p) for p in self.write_pair("site", self.certs.site_a))
+        ca = os.path.abspath(self.write("clients-ca.pem", self.clients_ca.cert_pem))
+        client_auth = {"ca_file": ca, "mode": "require"}
+        settings = {
+            "nodes": [backend.url],
+            "health": {"path": "/health"},
+            "tls": {"cert": cert, "key": key, "client_auth": client_auth},
+        }
+        config = os.path.abspath(self.write("workers.yaml", json.dumps(settings).encode()))
+        port = int((await closed_port_url()).rsplit(":", 1)[1])
+        listen = f"ssl:{port}:interface=127.0.0.1"
+        daemon = await start_daemon(self, "--workers", "2", "--listen", listen, "--config", config)
+        await daemon.wait_for_message("READY=1")
+        for _ in range(4):
+            response = await self.get(port, self.alice)
+            self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:80])
+        with self.assertRaises(HandshakeRefused):
+            await self.get(port)
+        self.assertEqual(
+            [r.header(b"X-Forwarded-Client-Cert") for r in backend.requests],
+            [expected_xfcc(self.alice)] * 4,
+        )
 
 
 class PlainTLSTests(ClientCertCase):
