@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import crypto
 from twisted.logger import Logger
 
 log = Logger()
@@ -105,11 +106,23 @@ def describe(cert: x509.Certificate) -> ClientCertificate:
     for each such subjectAltName; the subject is always quoted, other values
     when they hold C{, ; = "}.
     """
-    der = cert.public_bytes(Encoding.DER)
-    subject = _subject(cert)
+    return describe_der(cert.public_bytes(Encoding.DER), cert)
+
+
+def describe_der(der: bytes, cert: Optional[x509.Certificate] = None) -> ClientCertificate:
+    """
+    L{describe} from the certificate's DER. One that C{cryptography} cannot
+    read (OpenSSL verified it, but is more lenient) gets its hash alone.
+    """
     parts = [b"Hash=" + hashlib.sha256(der).hexdigest().encode("ascii")]
+    try:
+        if cert is None:
+            cert = x509.load_der_x509_certificate(der)
+        subject = _subject(cert)
+        uris, dns = _names(cert)
+    except Exception:
+        return ClientCertificate(parts[0], "")
     parts.append(b"Subject=" + _quoted(_safe(subject)))
-    uris, dns = _names(cert)
     parts += [_field(b"URI", _safe(u)) for u in uris]
     parts += [_field(b"DNS", _safe(d)) for d in dns]
     return ClientCertificate(b";".join(parts), _safe(subject).decode("ascii"))
@@ -128,7 +141,8 @@ def peer_certificate(transport: Any) -> Optional[ClientCertificate]:
         peer = get()
         if peer is None:
             return None
-        return describe(peer.to_cryptography())
-    except Exception:
-        log.failure("reading a client certificate")
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)
+    except Exception as e:
+        log.warn("cannot read a client certificate: {error}", error=e)
         return None
+    return describe_der(der)

@@ -25,7 +25,7 @@ from twisted.internet import threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
-from rrlb.clientcert import describe
+from rrlb.clientcert import describe, describe_der
 from rrlb.config import ConfigError, build_config
 from tests.support import (
     DAY,
@@ -552,6 +552,16 @@ class DescribeTests(TLSCase):
         # (each RFC 4514 backslash escaped once more inside the quotes)
         self.assertTrue(subject.startswith(rb'"CN=eve\\\"\\0D\\0AX-Admin: 1\\;Hash=\\C3\\A9"'))
         self.assertTrue(described.subject.isprintable())
+
+    def test_unreadable(self) -> None:
+        """
+        A certificate OpenSSL took but cryptography cannot read is passed on
+        by its hash alone, with no subject.
+        """
+        der = b"\x30\x03\x02\x01\x00"
+        described = describe_der(der)
+        self.assertEqual(described.xfcc, b"Hash=" + hashlib.sha256(der).hexdigest().encode())
+        self.assertEqual(described.subject, "")
 
     def test_many_names(self) -> None:
         """
