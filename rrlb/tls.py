@@ -111,6 +111,8 @@ class ClientAuthCAs:
 
     cas: tuple[crypto.X509, ...]
     mode: str
+    # The same, for the names sent in the handshake's CertificateRequest.
+    names: tuple[x509.Certificate, ...] = ()
 
 
 def read_client_auth(listen_tls: ListenTLS) -> Optional[ClientAuthCAs]:
@@ -123,7 +125,8 @@ def read_client_auth(listen_tls: ListenTLS) -> Optional[ClientAuthCAs]:
     if client_auth is None:
         return None
     certs = load_certificates("tls.client_auth.ca_file", client_auth.ca_file)
-    return ClientAuthCAs(tuple(crypto.X509.from_cryptography(c) for c in certs), client_auth.mode)
+    cas = tuple(crypto.X509.from_cryptography(c) for c in certs)
+    return ClientAuthCAs(cas, client_auth.mode, tuple(certs))
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,10 @@ class ServerTLS:
             try:
                 context = server_options(pair, self.dh, client_auth).getContext()
                 context.set_timeout(SESSION_TIMEOUT)
+                for ca in client_auth.names if client_auth is not None else ():
+                    # Named in the certificate request: a browser then
+                    # offers only the user's certificates from these CAs.
+                    context.add_client_ca(ca)
                 if responder_url(pair.leaf) is not None:
                     # Only certificates with a responder cost a callback.
                     context.set_ocsp_server_callback(self._staple, fingerprint(pair.leaf))

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 from typing import Any, Optional
 
 from cryptography import x509
@@ -170,6 +171,21 @@ class RequireTests(ClientCertCase):
         self.assertEqual(
             backend.requests[0].header(b"X-Forwarded-Client-Cert"), expected_xfcc(self.alice)
         )
+
+    async def test_acceptable_ca_names(self) -> None:
+        """
+        The certificate request names the CAs of ca_file, as openssl
+        s_client shows them.
+        """
+        balancer, _ = await self.mtls_balancer("require")
+        client = self.client_file("client", self.alice)
+        args = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{balancer.port}"]
+        args += ["-CAfile", self.ca_file, "-cert", client, "-key", client]
+        done = await threads.deferToThread(
+            subprocess.run, args, input=b"", capture_output=True, timeout=20
+        )
+        out = done.stdout.decode()
+        self.assertIn("Acceptable client certificate CA names\nCN = rrlb clients CA\n", out)
 
     async def test_no_certificate_refused(self) -> None:
         """
