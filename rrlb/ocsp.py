@@ -399,9 +399,20 @@ class Stapler(Service):
             if key not in wanted:
                 self._forget(self._entries.pop(key))
         for key, (leaf, issuer, url) in wanted.items():
-            if key in self._entries:
+            if key in self._entries or key in self._unstapled:
                 continue
-            entry = self._entries[key] = _Entry(leaf, issuer, url)
+            try:
+                entry = _Entry(leaf, issuer, url)
+            except Exception as e:
+                # An issuer whose key cannot name it in a request.
+                self._unstapled.add(key)
+                self.log.warn(
+                    "OCSP: cannot ask about {name}: {error}; served without a staple",
+                    name=leaf.subject.rfc4514_string(),
+                    error=e,
+                )
+                continue
+            self._entries[key] = entry
             if self.running:
                 self._start(entry)
 
