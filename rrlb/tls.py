@@ -508,13 +508,26 @@ def check_tls(config: Config) -> None:
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)
+    served = 0
     for description in config.listen:
         kind = listen_kind(description)[1]
         if kind == "ssl" or (kind == "tcp" and on_tcp):
             try:
                 # Endpoints are only built here, never listened on: no reactor.
-                listen_endpoint(None, description, config.tls, on_tcp)
+                server = listen_endpoint(None, description, config.tls, on_tcp)[1]
             except ConfigError:
                 raise
             except Exception as e:
                 raise ConfigError(f"--listen {description!r}: {e}") from None
+            if server is None and config.tls.client_auth is not None:
+                # Twisted's own TLS (sslmethod=...) would not ask for one.
+                raise ConfigError(
+                    f"tls.client_auth: --listen {description!r} is served by Twisted as"
+                    " given and would not check client certificates; drop its sslmethod="
+                )
+            served += server is not None
+    if config.tls.client_auth is not None and not served:
+        raise ConfigError(
+            "tls.client_auth: no TLS listener to ask for client certificates"
+            " (--listen ssl:..., or --tls-cert with a tcp: listener)"
+        )

@@ -517,6 +517,50 @@ class ConfigTests(TLSCase):
                 self.config(value)
             self.assertIn(message, str(caught.exception))
 
+    def test_without_tls_listener(self) -> None:
+        """
+        client_auth with no listener rrlb serves TLS on (only plain ones, or
+        one Twisted serves as given with sslmethod=) is refused: clients
+        would get in without a certificate.
+        """
+        from rrlb.tls import check_tls
+
+        ca = self.write("ca.pem", self.certs.ca.cert_pem)
+        client_auth = {"ca_file": ca, "mode": "require"}
+        plain = build_config(
+            self.write(
+                "plain.yaml",
+                json.dumps(
+                    {
+                        "nodes": ["http://127.0.0.1:9"],
+                        "listen": ["tcp:8080"],
+                        "tls": {"client_auth": client_auth},
+                    }
+                ).encode(),
+            )
+        )
+        with self.assertRaises(ConfigError) as caught:
+            check_tls(plain)
+        self.assertIn("tls.client_auth: no TLS listener", str(caught.exception))
+        cert, key = self.write_pair("site", self.certs.site_a)
+        twisted_tls = build_config(
+            self.write(
+                "twisted.yaml",
+                json.dumps(
+                    {
+                        "nodes": ["http://127.0.0.1:9"],
+                        "listen": [
+                            f"ssl:8443:privateKey={key}:certKey={cert}:sslmethod=TLS_METHOD"
+                        ],
+                        "tls": {"client_auth": client_auth},
+                    }
+                ).encode(),
+            )
+        )
+        with self.assertRaises(ConfigError) as caught:
+            check_tls(twisted_tls)
+        self.assertIn("would not check client certificates", str(caught.exception))
+
     def test_unreadable_ca_file(self) -> None:
         """
         A ca_file that cannot be read or holds no certificate stops rrlb at
