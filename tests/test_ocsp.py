@@ -153,7 +153,7 @@ class Responder(Resource):
         testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
 
 
-def s_client_status(port: int, ca_file: str) -> str:
+def s_client_status(port: int, ca_file: str, name: str = "a.test") -> str:
     """
     What C{openssl s_client -status} prints of the server's staple.
     """
@@ -164,7 +164,7 @@ def s_client_status(port: int, ca_file: str) -> str:
             "-connect",
             f"{LOOPBACK}:{port}",
             "-servername",
-            "a.test",
+            name,
             "-status",
             "-CAfile",
             ca_file,
@@ -227,6 +227,41 @@ class ListenerTests(StapledCase):
         self.assertIn("OCSP Response Status: successful", out)
         self.assertIn("Cert Status: good", out)
         self.assertEqual(responder.requests, 1)
+
+    async def test_sni_certificate(self) -> None:
+        """
+        A certificate chosen by SNI gets its own staple: s_client asking for
+        b.test sees a good response about that certificate.
+        """
+        responder, ca, site = await self.responder_and_site()
+        other = issue(ca, names=["b.test"], ips=[], ocsp_url=responder.url)
+        responder.known[other.cert.serial_number] = other
+        backend = await start_backend(self, "node")
+        cert = self.write("a.pem", site.cert_pem + ca.cert_pem)
+        key = self.write("a.key", site.key_pem)
+        b_cert = self.write("b.pem", other.cert_pem + ca.cert_pem)
+        b_key = self.write("b.key", other.key_pem)
+        ca_file = self.write("ocsp-ca.pem", ca.cert_pem)
+        balancer = await self.balancer_yaml(
+            {
+                "nodes": [backend.url],
+                "health": {"path": "/health"},
+                "tls": {
+                    "cert": cert,
+                    "key": key,
+                    "certificates": [{"cert": b_cert, "key": b_key}],
+                },
+            },
+            "--listen",
+            "ssl:0:interface=127.0.0.1",
+        )
+        stapler = balancer.service.traffic.tls.stapler
+        await wait_until(
+            lambda: [e["stapled"] for e in stapler.state()] == [True, True], what="two staples"
+        )
+        out = await threads.deferToThread(s_client_status, balancer.port, ca_file, "b.test")
+        self.assertIn("Cert Status: good", out)
+        self.assertIn(f"Serial Number: {other.cert.serial_number:X}", out)
 
     async def test_responder_down(self) -> None:
         """
