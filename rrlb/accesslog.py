@@ -31,8 +31,9 @@ node="http://10.0.0.1:8080" upstream_status=200 upstream_time=0.003
     C{upstream_time} (L{None} as C{null}).
 
   - With C{tls.client_auth}, a request whose client showed a certificate
-    ends with its subject (RFC 4514): C{client_cert_subject="CN=alice,O=Example"}
-    in C{combined}, C{"client_cert_subject"} in C{json}.
+    ends with its subject (RFC 4514), after any fields filters added:
+    C{client_cert_subject=CN=alice,O=Example} in C{combined},
+    C{"client_cert_subject"} in C{json}.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ Entry = tuple[
     Optional[float],  # upstream time
 ]
 # A WebSocket tunnel's entry has one more field: (bytes to the node, bytes
-# to the client, seconds open); a request over a connection with a client
-# certificate two more: that field (or None) and the certificate's subject.
+# to the client, seconds open), or None; then, if filters added fields to
+# the line (request_id, trace_id: rrlb.filters.FilterRequest.note), a dict
+# of them, written as name="value" (combined) or as keys (JSON).
 
 
 def _hex(match: re.Match[bytes]) -> bytes:
@@ -161,7 +163,8 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
             duration,
         )
     if len(entry) > 13:
-        line += b' client_cert_subject="%s"' % _escape(entry[13].encode("utf-8"))  # type: ignore[misc]
+        for name, value in entry[13].items():  # type: ignore[misc]
+            line += b" %s=%s" % (name.encode("ascii"), _escape(value.encode("utf-8")))
     return line + b"\n"
 
 
@@ -194,7 +197,8 @@ def format_json(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
         record["tunnel_bytes_to_client"] = to_client
         record["tunnel_time"] = round(duration, 6)
     if len(entry) > 13:
-        record["client_cert_subject"] = entry[13]  # type: ignore[misc]
+        for name, value in entry[13].items():  # type: ignore[misc]
+            record.setdefault(name, value)
     return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
 
 

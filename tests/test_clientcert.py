@@ -269,7 +269,7 @@ class RequireTests(ClientCertCase):
                 self.assertEqual(record["client_cert_subject"], "CN=alice,O=Example\\, Inc")
             else:
                 self.assertTrue(
-                    line.endswith(b' client_cert_subject="CN=alice,O=Example\\x5C, Inc"\n'), line
+                    line.endswith(b" client_cert_subject=CN=alice,O=Example\\x5C, Inc\n"), line
                 )
 
     async def test_reload_rereads_ca_file(self) -> None:
@@ -404,7 +404,7 @@ class RouteTests(ClientCertCase):
         """
         client_cert takes true or false, nothing else.
         """
-        from rrlb.config import parse_routes
+        from rrlb.routeconfig import parse_routes
 
         routes = parse_routes([{"client_cert": True, "pool": "p"}])
         self.assertIs(routes[0].client_cert, True)
