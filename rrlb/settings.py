@@ -35,6 +35,7 @@ from rrlb.values import (
     parse_hash_key,
     parse_health_path,
     parse_listen,
+    parse_log_format,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -293,6 +294,9 @@ class RouteConfig:
     action: Union[Redirect, Respond, Forward, None] = None
     # Whether the client showed a verified certificate (tls.client_auth).
     client_cert: Optional[bool] = None
+    # The route as the file gave it, which --print-config writes back
+    # (rrlb.configdump).
+    entry: Any = field(default=None, compare=False, repr=False)
 
 
 # -- the table: every setting, declared once --------------------------------------
@@ -414,6 +418,10 @@ class Config(PoolSettings):
         None, string, "Access log file ('-' for stdout)", shown="off"
     )
     access_log_format: str = setting("combined", parse_access_log_format, "combined or json")
+    log_format: str = setting(
+        "text", parse_log_format, "The daemon's own log: text (Twisted's) or json, a JSON object"
+        " a line", reload=False,
+    )  # fmt: skip
     admin: Optional[str] = setting(
         None, string, "Endpoint of the admin API and status page", reload=False, shown="off"
     )

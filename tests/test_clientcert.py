@@ -502,6 +502,22 @@ class ConfigTests(TLSCase):
             (config.tls.client_auth.ca_file, config.tls.client_auth.mode), (ca, "optional")
         )
 
+    def test_printed_back(self) -> None:
+        """
+        --print-config and GET /config write client_auth back as the file
+        gave it, and reading that back gives the same configuration.
+        """
+        import yaml
+
+        from rrlb.configdump import document
+
+        ca = self.write("ca.pem", self.certs.ca.cert_pem)
+        config = self.config({"ca_file": ca, "mode": "optional"})
+        doc = document(config)
+        self.assertEqual(doc["tls"]["client_auth"], {"ca_file": ca, "mode": "optional"})
+        again = build_config(self.write("again.yaml", yaml.safe_dump(doc).encode()))
+        self.assertEqual(again.tls, config.tls)
+
     def test_mistakes(self) -> None:
         """
         A wrong mode, a missing key or an unknown one is refused naming the
