@@ -16,6 +16,7 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from rrlb._twisted import HeaderNameError, canonical_name, client_gone
+from rrlb.grpcwire import CONTENT_TYPE, grpc_request, message_value, status_for
 
 # Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
 HOP_BY_HOP = frozenset(
@@ -178,11 +179,18 @@ def switching_head(reason: bytes, headers: dict[bytes, list[bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
+def error_response(
+    request: Any, code: int, text: str, headers: Any = (), grpc_status: Optional[int] = None
+) -> None:
     """
     Answer C{request} with a short plain-text error, unless its client is gone.
+    A gRPC call gets it gRPC-shaped instead (L{grpc_error}): C{grpc_status},
+    or the status gRPC maps C{code} to.
     """
     if client_gone(request) or request.finished:
+        return
+    if grpc_request(request):
+        grpc_error(request, status_for(code) if grpc_status is None else grpc_status, text)
         return
     phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
     body = b"%d %s: %s\n" % (code, phrase, text.encode())
@@ -194,6 +202,24 @@ def error_response(request: Any, code: int, text: str, headers: Any = ()) -> Non
     request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
     request.write(body)
+    request.finish()
+
+
+def grpc_error(request: Any, status: int, text: str) -> None:
+    """
+    Answer a gRPC call as gRPC clients read rrlb's own errors (never a
+    plain-text 502 they would report as an unknown protocol error): HTTP
+    200, C{application/grpc}, and C{status} in trailers-only form, the
+    response's only HEADERS frame ending the stream.
+    """
+    request.setResponseCode(200)
+    request.responseHeaders = Headers(
+        {
+            b"Content-Type": [CONTENT_TYPE],
+            b"Grpc-Status": [b"%d" % status],
+            b"Grpc-Message": [message_value(text)],
+        }
+    )
     request.finish()
 
 

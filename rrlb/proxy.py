@@ -23,6 +23,7 @@ from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
 from rrlb.exchange import Destination, ProxyExchange, ProxySettings
 from rrlb.failures import LocalErrors, log_text
+from rrlb.grpcwire import RESOURCE_EXHAUSTED
 from rrlb.http1 import error_response
 from rrlb.pool import Node, Pool
 from rrlb.queue import RequestQueue, RetryBudget
@@ -89,6 +90,9 @@ class RotatingProxy(ReverseProxyResource):
         # No routes: every request goes to the default pool.
         self.router: Optional[Router[Destination]] = None
         self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
+        # The HTTP/2 client to nodes (rrlb.h2upstream), once a pool has
+        # protocol: h2.
+        self.h2: Any = None
         self._date_second = -1
         self._date = b""
 
@@ -182,7 +186,7 @@ class RotatingProxy(ReverseProxyResource):
         dest: Optional[Destination] = None,
         route: Optional[Route[Destination]] = None,
     ) -> None:
-        exchange = ProxyExchange(self, request, node, dest)
+        exchange = (dest or self.default).exchange(self, request, node, dest)
         if exchange.prepare():
             if route is not None and route.strip_prefix:
                 exchange.target = route.strip(exchange.target)
@@ -214,6 +218,7 @@ class RotatingProxy(ReverseProxyResource):
                 503,
                 "every node is busy and the request waited the whole queue timeout",
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
+                grpc_status=RESOURCE_EXHAUSTED,
             )
 
         waiter = queue.wait(deliver, expire)

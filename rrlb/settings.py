@@ -30,7 +30,9 @@ from rrlb.values import (
     parse_certificates,
     parse_hash_key,
     parse_health_path,
+    parse_health_type,
     parse_listen,
+    parse_node_protocol,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -292,6 +294,15 @@ class HealthConfig:
     timeout: float = setting(2.0, positive_float, "Seconds a check may take", flag="health-timeout")
     rise: int = setting(2, positive_int, "Passed checks in a row that bring a node back")
     fall: int = setting(3, positive_int, "Failed checks in a row that take a node out")
+    # None: not set, which is http (and a warning for an h2 pool).
+    type: Optional[str] = setting(
+        None, parse_health_type, "http (GET the health path), grpc (grpc.health.v1) or tcp",
+        flag="health-type", shown="`http`",
+    )  # fmt: skip
+    service: str = setting(
+        "", string, "Service name a grpc check asks after", flag="health-service",
+        shown="the whole server",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -341,6 +352,10 @@ class PoolSettings:
     connect_timeout: float = setting(
         5.0, positive_float, "Seconds to wait for a connection to a node", scope=POOL
     )
+    protocol: str = setting(
+        "http1", parse_node_protocol, "Protocol to nodes: http1, or h2 (HTTP/2; gRPC)",
+        scope=POOL, flag="node-protocol",
+    )  # fmt: skip
     node_host: bool = setting(
         False, boolean, "Send each node its own host:port as Host", scope=POOL, feeds="proxy"
     )

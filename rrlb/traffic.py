@@ -25,6 +25,7 @@ from rrlb.accesslog import AccessLog
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
+from rrlb.exchange import ProxyExchange
 from rrlb.failures import LocalErrors
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
@@ -253,7 +254,7 @@ class Traffic(MultiService):
         else:
             changed = self.tls.nodes.commit(self.tls.nodes.prepare(nodes))
         for key in changed:
-            self.upstream.drop_node(key)
+            self._drop_node(key)
         if reload:
             self.upstream.connect_timeout = config.connect_timeout
             self.upstream.max_idle_per_node = config.max_idle_per_node
@@ -273,12 +274,13 @@ class Traffic(MultiService):
         C{config.routes}.
         """
         removed = update_pools(
-            self.pools, config, pool_configs, self.new_pool, self.upstream.drop_node
+            self.pools, config, pool_configs, self.new_pool, self._drop_node
         )
         destinations: dict[str, Destination] = {}
         for pc in pool_configs:
             dest = self.proxy.destination(self.pools.by_name[pc.name], pc.node_host, pc.timeout)
             dest.queue.timeout = config.queue_timeout
+            dest.exchange = self._h2_exchange() if pc.protocol == "h2" else ProxyExchange
             destinations[pc.name] = dest
         router: Optional[Router[Destination]] = None
         if config.routes:
@@ -312,11 +314,36 @@ class Traffic(MultiService):
         in_use = {n.key for n in self.pools.nodes}
         for node in removed:
             if node.key not in in_use:
-                self.upstream.drop_node(node.key)
+                self._drop_node(node.key)
         self._retire(removed)
         # New nodes or higher limits may have room for queued requests.
         for dest in destinations.values():
             dest.queue.dispatch()
+
+    def _h2_exchange(self) -> Any:
+        """
+        The exchange of C{protocol: h2} pools, with the HTTP/2 client to
+        nodes made the first time (nothing of it is loaded before).
+        """
+        from rrlb.h2exchange import H2Exchange
+        from rrlb.h2upstream import H2UpstreamPool
+
+        if self.proxy.h2 is None:
+            self.proxy.h2 = H2UpstreamPool(
+                self.reactor, self.config.connect_timeout, tls_creator=self.tls.nodes
+            )
+        return H2Exchange
+
+    def _drop_node(self, key: str) -> None:
+        self.upstream.drop_node(key)
+        if self.proxy.h2 is not None:
+            self.proxy.h2.drop_node(key)
+
+    def _close_upstream(self) -> defer.Deferred[Any]:
+        closing = [self.upstream.close()]
+        if self.proxy.h2 is not None:
+            closing.append(self.proxy.h2.close())
+        return defer.DeferredList(closing)
 
     def _apply_access_log(self, config: Config) -> None:
         """
@@ -363,7 +390,7 @@ class Traffic(MultiService):
             if node.in_flight > 0:
                 remaining.append(node)
             elif not any(pool.get(node.key) is not None for pool in self.pools):
-                self.upstream.drop_node(node.key)
+                self._drop_node(node.key)
                 self.log.info("node {node} removed; its last request finished", node=node.url)
         self.retired = remaining
         if remaining:
@@ -404,7 +431,7 @@ class Traffic(MultiService):
         d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
         d.addCallback(lambda _: self._drain(timeout))
         d.addBoth(lambda _: super(Traffic, self).stopService())
-        d.addBoth(lambda _: self.upstream.close())
+        d.addBoth(lambda _: self._close_upstream())
         d.addBoth(self._stopped)
         return d
 

@@ -217,8 +217,12 @@ def one_of(*choices: str) -> Parser:
 
 BALANCE_POLICIES = ("roundrobin", "leastconn", "p2c", "hash")
 ACCESS_LOG_FORMATS = ("combined", "json")
+NODE_PROTOCOLS = ("http1", "h2")
+HEALTH_TYPES = ("http", "grpc", "tcp")
 parse_balance = one_of(*BALANCE_POLICIES)
 parse_access_log_format = one_of(*ACCESS_LOG_FORMATS)
+parse_node_protocol = one_of(*NODE_PROTOCOLS)
+parse_health_type = one_of(*HEALTH_TYPES)
 
 
 def parse_hash_key(name: str, value: Any) -> str:

@@ -1,0 +1,933 @@
+# -*- test-case-name: tests.test_h2upstream,tests.test_grpc -*-
+"""
+HTTP/2 to nodes (C{protocol: h2}): the client beside L{rrlb.upstream}'s
+HTTP/1.1 one, on the C{h2} state machine. Prior knowledge over C{http://},
+ALPN C{h2} over C{https://}.
+
+ - L{H2UpstreamPool}: the connections to each node. Requests are streams
+   multiplexed over few connections: a new connection opens only when every
+   open one has as many streams as the node's
+   C{SETTINGS_MAX_CONCURRENT_STREAMS}.
+ - L{H2NodeConnection}: one connection. A node's GOAWAY lets the streams it
+   processes finish, and takes the connection out of use; the streams it
+   did not process (numbered above its last stream ID, or refused with
+   C{REFUSED_STREAM}) fail with L{Unprocessed}, which the exchange retries
+   whatever the method (RFC 9113 8.7).
+ - L{NodeStream}: one request, the exchange's upstream, as an
+   L{rrlb.nodeconn.UpstreamProtocol} is for HTTP/1.1: the same exchange
+   callbacks, plus C{response_trailers(headers)}.
+
+Flow control both ways, per stream: the request body goes out as the
+node's windows allow, and a body the windows hold back pauses its client
+(L{rrlb.body}); the response's stream window is reopened only as the client
+takes the bytes, so a slow client pauses its own stream, not the connection
+(the connection's window is reopened as bytes arrive). What rrlb holds per
+stream is bounded by L{STREAM_WINDOW}. Anything a node sends that is not
+HTTP/2 ends its connection and fails its streams, never the daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    SettingsAcknowledged,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error
+from h2.settings import SettingCodes
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rrlb._twisted import HeaderNameError, canonical_name, name_cache
+from rrlb.http1 import H2_CONNECTION_SPECIFIC
+
+log = Logger()
+
+# What a node may send on one stream ahead of the client reading it, and on
+# the whole connection (bytes rrlb holds are bounded by these).
+STREAM_WINDOW = 1 << 20
+CONNECTION_WINDOW = 1 << 24
+# Streams assumed open at once before the node's SETTINGS say.
+DEFAULT_STREAMS = 100
+# A response head (and trailers) at most, decoded (SETTINGS_MAX_HEADER_LIST_SIZE).
+MAX_HEADER_LIST = 65536
+# Body bytes held for a stream whose window is closed before its client is
+# paused.
+BODY_HIGH_WATER = 65536
+# A node's connection with no stream left, beside another of its
+# connections, is closed after this long.
+IDLE_EXTRA = 1.0
+
+
+class Unprocessed(Exception):
+    """
+    The node did not process the stream: it refused it (C{REFUSED_STREAM})
+    or its GOAWAY said it never will. Safe to send again, whatever the method.
+    """
+
+
+class StreamFailed(Exception):
+    """
+    The node reset the stream, or the connection carrying it failed.
+    """
+
+
+class NotHTTP2(Exception):
+    """
+    The node broke HTTP/2 (a protocol error), or did not agree to it.
+    """
+
+
+def _h2_creator(creator: Any) -> Any:
+    """
+    C{creator} (a node's TLS connection creator) offering only C{h2} by ALPN.
+    """
+    return _ALPNCreator(creator)
+
+
+class _ALPNCreator:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        connection = self.inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_alpn_protos([b"h2"])
+        return connection
+
+
+class NodeStream:
+    """
+    One request to a node on an L{H2NodeConnection}: the upstream its
+    exchange holds, and the consumer of its request body (L{rrlb.body}).
+    """
+
+    __slots__ = (
+        "conn",
+        "stream_id",
+        "exchange",
+        "head_request",
+        "got_response",
+        "paused",
+        "unacked",
+        "pending",
+        "pending_size",
+        "end_pending",
+        "local_closed",
+        "body",
+        "producer",
+        "producer_paused",
+        "trailers",
+    )
+
+    def __init__(self, conn: H2NodeConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.exchange: Any = None
+        self.head_request = False
+        self.got_response = False
+        self.paused = False
+        self.unacked = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.end_pending = False
+        self.local_closed = False
+        self.body: Any = None
+        self.producer: Any = None
+        self.producer_paused = False
+
+    @property
+    def transport(self) -> Any:
+        return self.conn.transport
+
+    def send(
+        self,
+        exchange: Any,
+        headers: list[tuple[bytes, bytes]],
+        body: Any = None,
+        head_request: bool = False,
+    ) -> None:
+        """
+        Send the request: C{headers} (pseudo-headers first), then C{body}:
+        L{None}, C{bytes}, or an L{rrlb.body.StreamedBody} still coming.
+        """
+        self.exchange = exchange
+        self.head_request = head_request
+        conn = self.conn
+        try:
+            conn.conn.send_headers(self.stream_id, headers, end_stream=body is None)
+        except H2Error as e:
+            conn.fail_stream(self, Unprocessed(f"cannot open a stream: {e}"))
+            return
+        if body is None:
+            self.local_closed = True
+        elif isinstance(body, bytes):
+            if body:
+                self.pending.append(body)
+                self.pending_size = len(body)
+            self.end_pending = True
+            conn.send_body(self)
+        else:
+            self.body = body
+            body.attach(self)
+        conn.flush()
+
+    # -- the request body's consumer (rrlb.body) --------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        if not data or self.local_closed:
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.active = True
+        self.pending.append(data)
+        self.pending_size += len(data)
+        self.conn.send_body(self)
+        self.conn.flush()
+
+    def body_end(self) -> None:
+        self.body = None
+        self.end_pending = True
+        self.conn.send_body(self)
+        self.conn.flush()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self.producer_paused = False
+        self.check_producer()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def check_producer(self) -> None:
+        """
+        Pause the body's client while more than L{BODY_HIGH_WATER} bytes
+        wait for the node's window, and resume it once they went out.
+        """
+        producer = self.producer
+        if producer is None:
+            return
+        if self.pending_size > BODY_HIGH_WATER:
+            if not self.producer_paused:
+                self.producer_paused = True
+                producer.pauseProducing()
+        elif self.producer_paused:
+            self.producer_paused = False
+            producer.resumeProducing()
+
+    def stop_body(self) -> None:
+        """
+        Take no more of the request body.
+        """
+        body = self.body
+        self.body = None
+        self.producer = None
+        self.pending = []
+        self.pending_size = 0
+        if body is not None:
+            body.detach(self)
+
+    # -- what the exchange calls -------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """
+        The client is slow: stop reopening this stream's window.
+        """
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.unacked:
+                self.conn.ack(self)
+
+    def abort(self) -> None:
+        """
+        The exchange gave up on the request: reset the stream.
+        """
+        self.exchange = None
+        self.conn.cancel(self)
+
+
+@implementer(IPushProducer)
+class H2NodeConnection(Protocol):
+    """
+    One HTTP/2 connection to a node, carrying many streams.
+
+    @ivar waiting: exchanges (or probes) waiting for the connection to open.
+    @ivar going_away: no new stream goes on it (its GOAWAY came, or the node
+        left the configuration); it closes when its last stream ends.
+    """
+
+    transport: Any
+
+    def __init__(self, pool: H2UpstreamPool, key: str, tls: bool = False) -> None:
+        self.pool = pool
+        self.key = key
+        self.tls = tls
+        self.conn = H2Connection(
+            H2Configuration(client_side=True, header_encoding=None, normalize_inbound_headers=False)
+        )
+        self.streams: dict[int, NodeStream] = {}
+        self.waiting: list[Any] = []
+        self.open = False
+        self.closed = False
+        self.going_away = False
+        self.max_streams = DEFAULT_STREAMS
+        self.write_paused = False
+        self.conn_unacked = 0
+        self.checked_alpn = not tls
+        self.idle_call: Any = None
+        self.connector: Any = None
+        # A handshake waiter (the tcp health check on an h2 pool).
+        self.settled: Optional[defer.Deferred[None]] = None
+        self._got_settings = False
+        self._got_ack = False
+
+    # -- capacity --------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        if self.closed or self.going_away:
+            return False
+        return len(self.streams) + len(self.waiting) < self.max_streams
+
+    def take(self, exchange: Any) -> None:
+        """
+        Give C{exchange} a stream now, or when the connection is open.
+        """
+        if self.open:
+            self._give(exchange, True)
+        else:
+            self.waiting.append(exchange)
+
+    def _give(self, exchange: Any, reused: bool) -> None:
+        idle_call, self.idle_call = self.idle_call, None
+        if idle_call is not None and idle_call.active():
+            idle_call.cancel()
+        stream = NodeStream(self, self.conn.get_next_available_stream_id())
+        self.streams[stream.stream_id] = stream
+        exchange.connected(stream, reused)
+
+    # -- the connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        conn = self.conn
+        conn.local_settings.update(
+            {
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            }
+        )
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.transport.registerProducer(self, True)
+        self.open = True
+        self.flush()
+        waiting, self.waiting = self.waiting, []
+        for exchange in waiting:
+            if self.closed:
+                exchange.connect_failed(Failure(StreamFailed("the connection closed")))
+            else:
+                self._give(exchange, False)
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.checked_alpn:
+            self.checked_alpn = True
+            chosen = getattr(self.transport, "negotiatedProtocol", None)
+            if chosen != b"h2":
+                self._broken(f"the node did not agree to h2 by ALPN ({chosen!r})")
+                return
+        try:
+            events = self.conn.receive_data(data)
+        except Exception as e:
+            # Garbage, a header block too large, a CONTINUATION flood, a
+            # window overflow: whatever it is, it ends this connection only.
+            self._broken(f"HTTP/2 protocol error: {type(e).__name__}: {e}"[:300])
+            return
+        try:
+            for event in events:
+                self._event(event)
+        except Exception:
+            log.failure("handling HTTP/2 events from node {node}", node=self.key)
+            self._broken("internal error")
+            return
+        self.flush()
+
+    def _event(self, event: Any) -> None:
+        kind = type(event)
+        if kind is DataReceived:
+            self._data(event)
+        elif kind is ResponseReceived:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._response(stream, event.headers, event.stream_ended is not None)
+        elif kind is TrailersReceived:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._trailers(stream, event.headers)
+        elif kind is StreamEnded:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._ended(stream)
+        elif kind is StreamReset:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                if event.error_code == ErrorCodes.REFUSED_STREAM and not stream.got_response:
+                    why: Exception = Unprocessed("the node refused the stream")
+                else:
+                    why = StreamFailed(f"the node reset the stream ({_code_name(event)})")
+                self.fail_stream(stream, why, reset=False)
+        elif kind is WindowUpdated:
+            if event.stream_id:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and stream.pending:
+                    self.send_body(stream)
+            else:
+                self._send_all()
+        elif kind is RemoteSettingsChanged:
+            changed = event.changed_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS)
+            if changed is not None:
+                self.max_streams = max(1, min(changed.new_value, 1000))
+            self._got_settings = True
+            self._check_settled()
+        elif kind is SettingsAcknowledged:
+            self._got_ack = True
+            self._check_settled()
+        elif kind is ConnectionTerminated:
+            self._goaway(event)
+        elif kind is InformationalResponseReceived:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.exchange is not None:
+                for name, value in event.headers:
+                    if name == b":status" and value == b"100":
+                        interim = getattr(stream.exchange, "interim_continue", None)
+                        if interim is not None:
+                            interim()
+
+    def _check_settled(self) -> None:
+        settled = self.settled
+        if settled is not None and self._got_settings and self._got_ack:
+            self.settled = None
+            settled.callback(None)
+
+    # -- responses ----------------------------------------------------------------
+
+    def _response(self, stream: NodeStream, headers: Any, ended: bool) -> None:
+        exchange = stream.exchange
+        if exchange is None:
+            return
+        code = 0
+        out: dict[bytes, list[bytes]] = {}
+        names = name_cache()
+        try:
+            for name, value in headers:
+                if name[:1] == b":":
+                    if name == b":status" and len(value) == 3 and value.isdigit():
+                        code = int(value)
+                    continue
+                if name in H2_CONNECTION_SPECIFIC:
+                    continue
+                key = names.get(name)
+                if key is None:
+                    key = canonical_name(name)
+                values = out.get(key)
+                if values is None:
+                    out[key] = [value]
+                else:
+                    values.append(value)
+        except HeaderNameError:
+            code = 0
+        if not 200 <= code <= 599:
+            self.fail_stream(stream, NotHTTP2("bad response head"), got_response=True)
+            return
+        stream.got_response = True
+        exchange.active = True
+        has_body = not (stream.head_request or code in (204, 304) or ended)
+        exchange.response_head(code, b"", out, has_body)
+        if ended and stream.exchange is exchange:
+            self._ended(stream)
+
+    def _data(self, event: Any) -> None:
+        length = event.flow_controlled_length
+        self.conn_unacked += length
+        if self.conn_unacked >= CONNECTION_WINDOW // 2:
+            self.conn.increment_flow_control_window(self.conn_unacked)
+            self.conn_unacked = 0
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.exchange is None:
+            return
+        stream.unacked += length
+        exchange = stream.exchange
+        exchange.active = True
+        if event.data and not stream.head_request:
+            exchange.response_body(event.data)
+        if not stream.paused and stream.unacked >= STREAM_WINDOW // 4:
+            self.ack(stream)
+
+    def ack(self, stream: NodeStream) -> None:
+        """
+        Reopen C{stream}'s window by what its client took.
+        """
+        unacked, stream.unacked = stream.unacked, 0
+        if unacked and stream.stream_id in self.streams:
+            try:
+                self.conn.increment_flow_control_window(unacked, stream.stream_id)
+            except H2Error:
+                pass  # the stream closed meanwhile
+            self.flush()
+
+    def _trailers(self, stream: NodeStream, headers: Any) -> None:
+        exchange = stream.exchange
+        if exchange is None:
+            return
+        out = []
+        for name, value in headers:
+            if name[:1] == b":" or name in H2_CONNECTION_SPECIFIC:
+                continue
+            out.append((name, value))
+        trailers = getattr(exchange, "response_trailers", None)
+        if trailers is not None:
+            trailers(out)
+
+    def _ended(self, stream: NodeStream) -> None:
+        """
+        The node's response is complete.
+        """
+        exchange = stream.exchange
+        stream.exchange = None
+        self.streams.pop(stream.stream_id, None)
+        if not stream.local_closed:
+            # It answered before taking the whole body (RFC 9113 8.1: it may):
+            # the rest is not wanted.
+            stream.local_closed = True
+            stream.stop_body()
+            self._reset(stream.stream_id, ErrorCodes.NO_ERROR)
+        self._stream_gone()
+        if exchange is not None:
+            exchange.response_done()
+
+    # -- request bodies -------------------------------------------------------------
+
+    def send_body(self, stream: NodeStream) -> None:
+        """
+        Send what the windows allow of C{stream}'s pending body, then its end.
+        """
+        if self.write_paused or stream.local_closed:
+            return
+        conn = self.conn
+        stream_id = stream.stream_id
+        pending = stream.pending
+        frame_size = conn.max_outbound_frame_size
+        try:
+            while pending:
+                window = min(conn.local_flow_control_window(stream_id), frame_size)
+                if window <= 0:
+                    break
+                data = pending[0]
+                if len(data) <= window:
+                    pending.pop(0)
+                else:
+                    pending[0] = data[window:]
+                    data = data[:window]
+                stream.pending_size -= len(data)
+                conn.send_data(stream_id, data)
+            if not pending and stream.end_pending:
+                stream.local_closed = True
+                conn.end_stream(stream_id)
+        except H2Error:
+            # The stream closed under it (the node reset it): its reset event
+            # tells the exchange.
+            stream.pending = []
+            stream.pending_size = 0
+            return
+        stream.check_producer()
+
+    def _send_all(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.pending or stream.end_pending:
+                self.send_body(stream)
+
+    # IPushProducer, for the transport: while the node reads slowly, no body
+    # bytes go out (they wait, and their clients are paused).
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        self._send_all()
+        self.flush()
+
+    def stopProducing(self) -> None:
+        self.write_paused = True
+
+    # -- ends ---------------------------------------------------------------------------
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(stream_id, error_code=code)
+        except H2Error:
+            pass
+
+    def cancel(self, stream: NodeStream) -> None:
+        """
+        Reset C{stream} (its client left, or it timed out).
+        """
+        stream.stop_body()
+        if self.streams.pop(stream.stream_id, None) is not None:
+            if not self.closed:
+                self._reset(stream.stream_id, ErrorCodes.CANCEL)
+                self.flush()
+            self._stream_gone()
+
+    def fail_stream(
+        self,
+        stream: NodeStream,
+        why: Exception,
+        reset: bool = True,
+        got_response: Optional[bool] = None,
+    ) -> None:
+        exchange = stream.exchange
+        stream.exchange = None
+        stream.stop_body()
+        if self.streams.pop(stream.stream_id, None) is not None:
+            if reset and not self.closed:
+                self._reset(stream.stream_id, ErrorCodes.CANCEL)
+                self.flush()
+            self._stream_gone()
+        if exchange is not None:
+            exchange.upstream_lost(
+                Failure(why), stream.got_response if got_response is None else got_response
+            )
+
+    def _stream_gone(self) -> None:
+        if self.streams or self.closed:
+            return
+        if self.going_away:
+            self.close()
+        else:
+            self.pool.idle(self)
+
+    def _goaway(self, event: Any) -> None:
+        """
+        The node's GOAWAY: its streams up to the last one it names finish,
+        the others never will (they are sent again elsewhere).
+        """
+        conn = self.conn
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # h2 closes the connection on any GOAWAY, and would refuse the
+            # frames of the streams still finishing: it goes on reading them
+            # (rrlb opens no new stream on it).
+            conn.state_machine.state = ConnectionState.CLIENT_OPEN
+        self.going_away = True
+        self.pool.forget(self)
+        last = event.last_stream_id
+        for stream_id in sorted(self.streams):
+            if stream_id > last:
+                self.fail_stream(
+                    self.streams[stream_id],
+                    Unprocessed("the node said GOAWAY before processing it"),
+                    reset=False,
+                )
+        if event.error_code != ErrorCodes.NO_ERROR:
+            why = f"the node said GOAWAY ({_code_name(event)})"
+            for stream in list(self.streams.values()):
+                self.fail_stream(stream, StreamFailed(why), reset=False)
+        if not self.streams:
+            self.close()
+
+    def _broken(self, why: str) -> None:
+        """
+        The node broke HTTP/2: drop the connection and fail its streams.
+        """
+        self.pool.broken(self, why)
+        try:
+            self.conn.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+            self.flush()
+        except Exception:
+            pass
+        self._fail_all(NotHTTP2(why))
+        self.closed = True
+        self.transport.abortConnection()
+
+    def _fail_all(self, why: Exception) -> None:
+        for stream in list(self.streams.values()):
+            self.fail_stream(stream, why, reset=False)
+        waiting, self.waiting = self.waiting, []
+        for exchange in waiting:
+            exchange.connect_failed(Failure(why))
+        settled, self.settled = self.settled, None
+        if settled is not None:
+            settled.errback(Failure(why))
+
+    def close(self) -> None:
+        """
+        Say GOAWAY and close (no stream is open).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.conn.close_connection()
+            self.transport.write(self.conn.data_to_send())
+        except Exception:
+            pass
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        call, self.idle_call = self.idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self.pool.connection_lost(self)
+        why = StreamFailed(f"the connection to the node closed ({reason.getErrorMessage()})")
+        for stream in list(self.streams.values()):
+            self.fail_stream(stream, why, reset=False)
+        self._fail_all(why)
+
+
+def _code_name(event: Any) -> str:
+    code = event.error_code
+    return getattr(code, "name", str(code))
+
+
+class _ConnectFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, connection: H2NodeConnection) -> None:
+        self.connection = connection
+
+    def buildProtocol(self, addr: Any) -> H2NodeConnection:
+        return self.connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        connection = self.connection
+        connection.closed = True
+        connection.pool.connection_lost(connection)
+        waiting, connection.waiting = connection.waiting, []
+        for exchange in waiting:
+            exchange.connect_failed(reason)
+        settled, connection.settled = connection.settled, None
+        if settled is not None:
+            settled.errback(reason)
+
+
+class _Waiting:
+    """
+    What an exchange waiting for a connection holds as its connector: it
+    stops waiting, not the connection (others may wait on it too).
+    """
+
+    __slots__ = ("connection", "exchange")
+
+    def __init__(self, connection: H2NodeConnection, exchange: Any) -> None:
+        self.connection = connection
+        self.exchange = exchange
+
+    def stopConnecting(self) -> None:
+        waiting = self.connection.waiting
+        if self.exchange in waiting:
+            waiting.remove(self.exchange)
+
+
+class H2UpstreamPool:
+    """
+    HTTP/2 connections to nodes, a few per node, each carrying many streams.
+
+    @ivar tls_creator: called with a node, returns the client connection
+        creator for an https node (see L{rrlb.tls}); rrlb makes it offer h2.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 5.0,
+        tls_creator: Optional[Callable[[Any], Any]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.tls_creator = tls_creator
+        # Node key -> its connections that take new streams, oldest first.
+        self._usable: dict[str, list[H2NodeConnection]] = {}
+        self._connections: set[H2NodeConnection] = set()
+        self._closed_waiters: list[defer.Deferred[None]] = []
+        self._broken_logged: dict[str, float] = {}
+        self.new_connections = 0
+
+    def acquire(self, node: Any, exchange: Any, fresh: bool = False) -> Any:
+        """
+        Give C{exchange} a stream to C{node}, on a connection with room or a
+        new one.
+
+        @return: what stops the wait for a new connection, or L{None}.
+        """
+        if not fresh:
+            for connection in self._usable.get(node.key, ()):
+                if connection.has_room():
+                    connection.take(exchange)
+                    return _Waiting(connection, exchange) if connection.waiting else None
+        connection = self.connect(node)
+        connection.take(exchange)
+        return _Waiting(connection, exchange)
+
+    def connect(self, node: Any) -> H2NodeConnection:
+        """
+        Open a new connection to C{node}.
+        """
+        connection = H2NodeConnection(self, node.key, node.scheme == "https")
+        self._usable.setdefault(node.key, []).append(connection)
+        self.new_connections += 1
+        self._open(connection, node)
+        return connection
+
+    def handshake(self, node: Any) -> defer.Deferred[None]:
+        """
+        Open a connection to C{node} just to exchange the preface and
+        SETTINGS (the C{tcp} health check of an h2 pool); it is closed after.
+        """
+        connection = H2NodeConnection(self, node.key, node.scheme == "https")
+        connection.going_away = True
+
+        def cancel(d: defer.Deferred[None]) -> None:
+            connection.settled = None
+            self._abort(connection)
+
+        d: defer.Deferred[None] = defer.Deferred(cancel)
+        connection.settled = d
+        self._open(connection, node)
+
+        def done(result: Any) -> Any:
+            if not connection.closed and connection.transport is not None:
+                connection.close()
+            return result
+
+        return d.addBoth(done)
+
+    def _open(self, connection: H2NodeConnection, node: Any) -> None:
+        self._connections.add(connection)
+        factory = _ConnectFactory(connection)
+        timeout = getattr(node, "connect_timeout", None) or self.connect_timeout
+        if connection.tls:
+            creator = self.tls_creator(node) if self.tls_creator else None
+            if creator is None:
+                from twisted.internet.ssl import optionsForClientTLS
+
+                creator = optionsForClientTLS(node.host, acceptableProtocols=[b"h2"])
+            else:
+                creator = _h2_creator(creator)
+            connection.connector = self.reactor.connectSSL(
+                node.host, node.port, factory, creator, timeout=timeout
+            )
+        else:
+            connection.connector = self.reactor.connectTCP(
+                node.host, node.port, factory, timeout=timeout
+            )
+
+    def _abort(self, connection: H2NodeConnection) -> None:
+        transport = connection.transport
+        if transport is not None:
+            transport.abortConnection()
+        elif connection.connector is not None:
+            try:
+                connection.connector.stopConnecting()
+            except Exception:
+                pass  # not connecting any more
+
+    # -- what connections tell the pool -------------------------------------------
+
+    def idle(self, connection: H2NodeConnection) -> None:
+        """
+        C{connection} has no stream left: it stays for the next ones if it
+        is the node's first, else it closes after L{IDLE_EXTRA} unused.
+        """
+        usable = self._usable.get(connection.key)
+        if usable and usable[0] is not connection and connection.idle_call is None:
+            connection.idle_call = self.reactor.callLater(IDLE_EXTRA, self._idle_close, connection)
+
+    def _idle_close(self, connection: H2NodeConnection) -> None:
+        connection.idle_call = None
+        if not connection.streams and not connection.closed:
+            self.forget(connection)
+            connection.close()
+
+    def forget(self, connection: H2NodeConnection) -> None:
+        """
+        Open no new stream on C{connection}.
+        """
+        usable = self._usable.get(connection.key)
+        if usable and connection in usable:
+            usable.remove(connection)
+            if not usable:
+                del self._usable[connection.key]
+
+    def broken(self, connection: H2NodeConnection, why: str) -> None:
+        self.forget(connection)
+        now = self.reactor.seconds()
+        last = self._broken_logged.get(connection.key)
+        if last is None or now - last >= 60:
+            self._broken_logged[connection.key] = now
+            log.warn(
+                "node {node} broke HTTP/2, its connection was closed: {why}"
+                " (said at most once a minute per node)",
+                node=connection.key,
+                why=why,
+            )
+
+    def connection_lost(self, connection: H2NodeConnection) -> None:
+        self.forget(connection)
+        self._connections.discard(connection)
+        if not self._connections and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drop_node(self, key: str) -> None:
+        """
+        A node left: close its idle connections, and the others once their
+        streams end.
+        """
+        self._broken_logged.pop(key, None)
+        for connection in self._usable.pop(key, []):
+            connection.going_away = True
+            if not connection.streams and not connection.waiting and connection.open:
+                connection.close()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Close every connection; fires when all are gone.
+        """
+        self._usable.clear()
+        for connection in list(self._connections):
+            self._abort(connection)
+        if not self._connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
