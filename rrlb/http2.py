@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_http2 -*-
 """
 HTTP/2 for clients (C{--http2}): TLS listeners offer C{h2} and C{http/1.1}
-by ALPN, and a client that picks C{h2} is served by Twisted's own HTTP/2
+by ALPN, C{tcp:} listeners take a client that opens with the HTTP/2 preface
+for one (h2c with prior knowledge), and an HTTP/2 client is served by Twisted's own HTTP/2
 connection (L{twisted.web._http2}), each stream a request proxied to a node
 over the same pooled HTTP/1.1 connections as any other.
 
@@ -63,6 +64,11 @@ from rrlb.parser import (
     BadRequest,
     validate_request,
 )
+
+# How an HTTP/2 client opens a connection (RFC 9113 3.4); on a cleartext
+# listener it is how rrlb tells HTTP/2 with prior knowledge (h2c) from
+# HTTP/1.1.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Offered by ALPN on TLS listeners, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
@@ -505,6 +511,9 @@ class ALPNChannel(ProxyChannel):
     """
 
     h2: Optional[ProxyH2Connection] = None
+    # The first bytes of a cleartext connection while they may still be the
+    # start of the HTTP/2 preface.
+    _preface = b""
 
     # Where reads go once the first one chose: the HTTP/2 connection's or
     # ProxyChannel's dataReceived.
@@ -515,6 +524,18 @@ class ALPNChannel(ProxyChannel):
         if reader is None:
             if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
                 reader = self._start_h2().dataReceived
+            elif self.forwarded[0] == b"http" and (self._preface or data[:1] == b"P"):
+                # h2c with prior knowledge (RFC 9113 3.3): on a cleartext
+                # listener, a client that opens with the HTTP/2 preface.
+                data = self._preface + data
+                if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                    self._preface = data  # the rest of it is still coming
+                    return
+                self._preface = b""
+                if data.startswith(PREFACE):
+                    reader = self._start_h2().dataReceived
+                else:
+                    reader = super().dataReceived
             else:
                 reader = super().dataReceived
             self.reader = reader

@@ -467,7 +467,9 @@ class Config(PoolSettings):
         3600.0, positive_float, "Seconds a quiet WebSocket tunnel stays open", feeds="proxy"
     )
     http2: bool = setting(
-        False, boolean, "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners", reload=False
+        False, boolean, "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners, and h2c"
+        " (prior knowledge) on tcp: listeners",
+        reload=False,
     )
     # Nodes from DNS (rrlb.discovery).
     dns_refresh: float = setting(30.0, positive_float, "Seconds between DNS lookups at most")
