@@ -46,7 +46,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
@@ -327,25 +327,36 @@ class H2NodeConnection(Protocol):
 
     def connectionMade(self) -> None:
         conn = self.conn
-        conn.local_settings.update(
-            {
+        # Made whole, not updated: h2 sends a Settings' acknowledged values,
+        # and updates count only once the node acknowledges them.
+        conn.local_settings = Settings(
+            client=True,
+            initial_values={
                 SettingCodes.ENABLE_PUSH: 0,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-            }
+            },
         )
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.transport.registerProducer(self, True)
-        self.open = True
         self.flush()
+
+    def _opened(self) -> None:
+        """
+        The node's first SETTINGS came (its stream limit among them): the
+        requests that waited get their streams, as many as it allows; the
+        others go back to the pool for another connection.
+        """
+        self.open = True
         waiting, self.waiting = self.waiting, []
         for exchange in waiting:
             if self.closed:
                 exchange.connect_failed(Failure(StreamFailed("the connection closed")))
-            else:
+            elif len(self.streams) < self.max_streams:
                 self._give(exchange, False)
-        self.flush()
+            else:
+                self.pool.acquire_again(self.key, exchange)
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -374,6 +385,14 @@ class H2NodeConnection(Protocol):
         except Exception:
             log.failure("handling HTTP/2 events from node {node}", node=self.key)
             self._broken("internal error")
+            return
+        # h2 checks a frame's length only once the whole frame is in: a node
+        # announcing a 16 MiB frame would have it buffered. Its header says.
+        pending = getattr(self.conn.incoming_buffer, "_data", b"")
+        if len(pending) >= 9 and (
+            int.from_bytes(pending[:3], "big") > self.conn.max_inbound_frame_size
+        ):
+            self._broken("a frame larger than SETTINGS_MAX_FRAME_SIZE")
             return
         self.flush()
 
@@ -412,8 +431,10 @@ class H2NodeConnection(Protocol):
             changed = event.changed_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS)
             if changed is not None:
                 self.max_streams = max(1, min(changed.new_value, 1000))
-            self._got_settings = True
-            self._check_settled()
+            if not self._got_settings:
+                self._got_settings = True
+                self._check_settled()
+                self._opened()
         elif kind is SettingsAcknowledged:
             self._got_ack = True
             self._check_settled()
@@ -775,6 +796,8 @@ class H2UpstreamPool:
         self._connections: set[H2NodeConnection] = set()
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._broken_logged: dict[str, float] = {}
+        # Node key -> the node, as last connected to.
+        self._nodes: dict[str, Any] = {}
         self.new_connections = 0
 
     def acquire(self, node: Any, exchange: Any, fresh: bool = False) -> Any:
@@ -793,12 +816,25 @@ class H2UpstreamPool:
         connection.take(exchange)
         return _Waiting(connection, exchange)
 
+    def acquire_again(self, key: str, exchange: Any) -> None:
+        """
+        C{exchange} waited for a connection the node allows fewer streams
+        on: another one takes it.
+        """
+        node = self._nodes.get(key)
+        if node is None:
+            exchange.connect_failed(Failure(Unprocessed("the node left")))
+            return
+        connector = self.acquire(node, exchange)
+        exchange.connector = connector
+
     def connect(self, node: Any) -> H2NodeConnection:
         """
         Open a new connection to C{node}.
         """
         connection = H2NodeConnection(self, node.key, node.scheme == "https")
         self._usable.setdefault(node.key, []).append(connection)
+        self._nodes[node.key] = node
         self.new_connections += 1
         self._open(connection, node)
         return connection
@@ -813,7 +849,7 @@ class H2UpstreamPool:
 
         def cancel(d: defer.Deferred[None]) -> None:
             connection.settled = None
-            self._abort(connection)
+            self.abort(connection)
 
         d: defer.Deferred[None] = defer.Deferred(cancel)
         connection.settled = d
@@ -846,7 +882,7 @@ class H2UpstreamPool:
                 node.host, node.port, factory, timeout=timeout
             )
 
-    def _abort(self, connection: H2NodeConnection) -> None:
+    def abort(self, connection: H2NodeConnection) -> None:
         transport = connection.transport
         if transport is not None:
             transport.abortConnection()
@@ -910,6 +946,7 @@ class H2UpstreamPool:
         streams end.
         """
         self._broken_logged.pop(key, None)
+        self._nodes.pop(key, None)
         for connection in self._usable.pop(key, []):
             connection.going_away = True
             if not connection.streams and not connection.waiting and connection.open:
@@ -925,7 +962,7 @@ class H2UpstreamPool:
         """
         self._usable.clear()
         for connection in list(self._connections):
-            self._abort(connection)
+            self.abort(connection)
         if not self._connections:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
