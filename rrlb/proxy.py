@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
+from rrlb._twisted import client_gone
 from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
 from rrlb.exchange import Destination, ProxyExchange, ProxySettings
@@ -298,6 +299,18 @@ class ProxyRequest(server.Request):
             self.render(resource)
         except Exception:
             self.processingFailed(Failure())
+
+    def write_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        End the response with C{headers} as trailers (gRPC's C{grpc-status}),
+        called just before L{finish}: over HTTP/2 the stream ends with a
+        HEADERS frame carrying them; over HTTP/1.1 they are the chunked
+        body's trailer section, and are dropped when the body is not
+        chunked. Names and values are the node's, checked by its parser.
+        """
+        if self.finished or client_gone(self):
+            return
+        self.channel.write_trailers(self, headers)
 
     def processingFailed(self, reason: Failure) -> None:
         log.failure(
