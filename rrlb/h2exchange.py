@@ -109,7 +109,14 @@ class H2Exchange(ProxyExchange):
         if self.upstream is stream:
             self.proxy.upstream.watch(self)
 
-    def connect_failed(self, reason: Failure) -> None:
+    def connect_failed(self, reason: Failure, shared: bool = False) -> None:
+        """
+        No connection to the node could be made: nothing was sent, so any
+        method may go to another node. C{shared}: the request only waited
+        for a connection another one asked for (a burst of requests, a
+        node gone after its GOAWAY); that one counts the failure and the
+        retry, this one is sent to another node as if first picked there.
+        """
         self.connector = None
         if self.finished:
             return
@@ -117,8 +124,15 @@ class H2Exchange(ProxyExchange):
         if code is not None:
             self._local_failure(code)
             return
-        # Nothing was sent: any method may go to another node.
-        self._failed(reason, passive=True, unprocessed=True)
+        if shared:
+            other = self.dest.pool.pick_other(self.tried)
+            if other is not None:
+                self.node.in_flight -= 1
+                self.tried.append(other)
+                self.node = other
+                self.start()
+                return
+        self._failed(reason, passive=not shared, unprocessed=True)
 
     def upstream_lost(self, reason: Failure, got_response: bool) -> None:
         if not got_response and reason.check(Unprocessed) and not self.finished:
@@ -136,7 +150,9 @@ class H2Exchange(ProxyExchange):
             # A gRPC client may wait for the response head before it sends
             # (bidirectional streaming): it goes out now, not with the
             # first message.
-            self.request.write(b"")
+            request = self.request
+            request.write(b"")
+            request.channel.write(b"")
 
     def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.trailers = trailers

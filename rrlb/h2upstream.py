@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -109,6 +109,25 @@ class _ALPNCreator:
         connection = self.inner.clientConnectionForTLS(tlsProtocol)
         connection.set_alpn_protos([b"h2"])
         return connection
+
+
+class _NodeH2Connection(H2Connection):
+    """
+    h2's client connection, but a GOAWAY does not close it: h2 would refuse
+    every frame after one (and drop what it had to send), while the node
+    still answers the streams up to the last one it names (RFC 9113 6.8).
+    rrlb opens no new stream on it (L{H2NodeConnection.going_away}).
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        event = ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class NodeStream:
@@ -280,7 +299,7 @@ class H2NodeConnection(Protocol):
         self.pool = pool
         self.key = key
         self.tls = tls
-        self.conn = H2Connection(
+        self.conn = _NodeH2Connection(
             H2Configuration(client_side=True, header_encoding=None, normalize_inbound_headers=False)
         )
         self.streams: dict[int, NodeStream] = {}
@@ -657,12 +676,6 @@ class H2NodeConnection(Protocol):
         The node's GOAWAY: its streams up to the last one it names finish,
         the others never will (they are sent again elsewhere).
         """
-        conn = self.conn
-        if conn.state_machine.state is ConnectionState.CLOSED:
-            # h2 closes the connection on any GOAWAY, and would refuse the
-            # frames of the streams still finishing: it goes on reading them
-            # (rrlb opens no new stream on it).
-            conn.state_machine.state = ConnectionState.CLIENT_OPEN
         self.going_away = True
         self.pool.forget(self)
         last = event.last_stream_id
@@ -749,8 +762,10 @@ class _ConnectFactory(ClientFactory):
         connection.closed = True
         connection.pool.connection_lost(connection)
         waiting, connection.waiting = connection.waiting, []
-        for exchange in waiting:
-            exchange.connect_failed(reason)
+        for index, exchange in enumerate(waiting):
+            # The first asked for the connection; the others only waited
+            # on it, and did not cause a connection attempt of their own.
+            exchange.connect_failed(reason, index > 0)
         settled, connection.settled = connection.settled, None
         if settled is not None:
             settled.errback(reason)

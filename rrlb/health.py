@@ -315,7 +315,7 @@ class _GrpcCheck:
             health_request(self.service),
         )
 
-    def connect_failed(self, reason: Failure) -> None:
+    def connect_failed(self, reason: Failure, shared: bool = False) -> None:
         self._fire(reason)
 
     def upstream_lost(self, reason: Failure, got_response: bool) -> None:
@@ -361,7 +361,7 @@ class _GrpcCheck:
 
     def _fire(self, result: Any) -> None:
         done, self.done = self.done, None
-        if done is not None:
+        if done is not None and not done.called:  # (called: cancelled at its timeout)
             if isinstance(result, Failure):
                 done.errback(result)
             else:

@@ -2487,7 +2487,7 @@ class H2Node(Factory):
         return f"http://{LOOPBACK}:{self.port.getHost().port}"
 
     async def stop(self) -> None:
-        await self.port.stopListening()
+        await defer.maybeDeferred(self.port.stopListening)
         for conn in self.connections:
             if conn.transport is not None and conn.transport.connected:
                 conn.transport.abortConnection()
@@ -2517,7 +2517,7 @@ class GrpcNode:
      - C{Bidi}: each request answered with C{NAME:request} as it comes.
     """
 
-    def __init__(self, name: str, workers: int = 32) -> None:
+    def __init__(self, name: str, workers: int = 32, options: Sequence[Any] = ()) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2_grpc
 
@@ -2527,7 +2527,7 @@ class GrpcNode:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(workers),
             options=[("grpc.max_receive_message_length", 64 << 20),
-                     ("grpc.max_send_message_length", 64 << 20)],
+                     ("grpc.max_send_message_length", 64 << 20), *options],
         )  # fmt: skip
         prefix = name.encode() + b":"
 
@@ -2594,10 +2594,10 @@ def _status_tuple(number: int) -> Any:
     raise ValueError(number)
 
 
-def grpc_node(testcase: TestCase, name: str) -> GrpcNode:
+def grpc_node(testcase: TestCase, name: str, options: Sequence[Any] = ()) -> GrpcNode:
     """
-    A L{GrpcNode}, stopped at cleanup.
+    A L{GrpcNode} (with grpc server C{options}), stopped at cleanup.
     """
-    node = GrpcNode(name)
+    node = GrpcNode(name, options=options)
     testcase.addCleanup(node.stop)
     return node

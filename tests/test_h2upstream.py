@@ -70,7 +70,7 @@ class Recorder:
         self.stream = stream
         stream.send(self, self.request, self.send_body)
 
-    def connect_failed(self, reason: Failure) -> None:
+    def connect_failed(self, reason: Failure, shared: bool = False) -> None:
         self.failure = reason
         self.done.callback(self)
 
