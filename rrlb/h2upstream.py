@@ -300,7 +300,17 @@ class H2NodeConnection(Protocol):
         self.key = key
         self.tls = tls
         self.conn = _NodeH2Connection(
-            H2Configuration(client_side=True, header_encoding=None, normalize_inbound_headers=False)
+            H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                # What rrlb sends was checked already (rrlb.parser for the
+                # client's fields, lower-cased by the exchange): h2 would
+                # check and copy every field again. What the node sends is
+                # checked (CR, LF, NUL, pseudo-fields, connection fields).
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                normalize_inbound_headers=False,
+            )
         )
         self.streams: dict[int, NodeStream] = {}
         self.waiting: list[Any] = []
@@ -358,6 +368,12 @@ class H2NodeConnection(Protocol):
         )
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        # Frames go out as they are made (a request's HEADERS, its DATA,
+        # window updates): Nagle's algorithm would hold each small write
+        # back for the node's delayed ACK, 40 ms a round.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self.transport.registerProducer(self, True)
         self.flush()
 
