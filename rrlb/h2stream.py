@@ -29,6 +29,7 @@ from rrlb.body import CONTINUE, StreamedBody
 from rrlb.channel import MAX_LOGGED_TARGET
 from rrlb.clients import real_client
 from rrlb.h2buffers import STREAM_BUFFER, STREAM_FULL, WINDOW, Paused
+from rrlb.h2fields import h2_fields
 from rrlb.http1 import EDGE_TRUSTED, H2_CONNECTION_SPECIFIC, error_response
 from rrlb.parser import (
     BAD_REQUEST,
@@ -44,30 +45,11 @@ from rrlb.parser import (
 # (as rrlb.channel.request_line_of keeps of an HTTP/1.1 one).
 MAX_LOGGED_METHOD = 32
 
-# Header names as HTTP/2 spells them (lower case), by the name the response
-# headers are kept under; at most this many distinct names are cached.
-_LOWER_CACHE_SIZE = 4096
-_lower: dict[bytes, bytes] = {}
-
-
-def h2_fields(raw: dict[bytes, list[bytes]]) -> list[tuple[bytes, bytes]]:
-    """
-    The header fields of C{raw} (name -> values) for an HTTP/2 client:
-    lower-case names, no connection-specific field.
-    """
-    fields = []
-    lower = _lower
-    for name, values in raw.items():
-        key = lower.get(name)
-        if key is None:
-            key = name.lower()
-            if len(lower) < _LOWER_CACHE_SIZE:
-                lower[name] = key
-        if key in H2_CONNECTION_SPECIFIC:
-            continue
-        for value in values:
-            fields.append((key, value))
-    return fields
+# Connection-specific fields, malformed in an HTTP/2 request (RFC 9113
+# 8.2.2); TE is allowed as "trailers" only.
+_FORBIDDEN = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te")
+)
 
 
 class H2Stream(Paused):
@@ -105,6 +87,7 @@ class H2Stream(Paused):
         # ended (its end waits behind the queue) and the stream is over.
         self._head: Optional[list[tuple[bytes, bytes]]] = None
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._last: Optional[bytes] = None
         self.ending = False
         self.closed = False
         self.request: Any = site.requestFactory(self, False)
@@ -148,24 +131,33 @@ class H2Stream(Paused):
 
         @raise BadRequest: it breaks the rules.
         """
-        method = path = authority = None
+        method = path = authority = scheme = None
         # The fields as HTTP/1.1 lines (name: value), for validate_request.
         lines: list[bytes] = []
         cookies: list[bytes] = []
+        regular = False
         for name, value in fields:
             if name[:1] == b":":
-                # Pseudo-header fields come first (h2 checks that).
-                if name == b":method":
+                # The pseudo-header fields: each once, before the others,
+                # and only a request's (RFC 9113 8.3).
+                if regular:
+                    raise BadRequest(400, BAD_REQUEST, "a pseudo-header field after the others")
+                if name == b":method" and method is None:
                     method = value
-                elif name == b":path":
+                elif name == b":path" and path is None:
                     path = value
-                elif name == b":authority":
+                elif name == b":scheme" and scheme is None:
+                    scheme = value
+                elif name == b":authority" and authority is None:
                     authority = value
                     lines.append(b"host: " + value)
+                else:
+                    raise BadRequest(400, BAD_REQUEST, "a bad or repeated pseudo-header field")
                 continue
-            if b":" in name:
-                # Read as a line, the name would end at its colon (RFC 9113
-                # 8.2.1 forbids it; h2 checks that too).
+            regular = True
+            if b":" in name or not name or name.lower() != name:
+                # Read as a line, the name would end at its colon; and HTTP/2
+                # names are lower case (RFC 9113 8.2.1, 8.2.2).
                 raise BadRequest(400, BAD_REQUEST, "malformed header field name")
             if name == b"cookie":
                 cookies.append(value)
@@ -174,7 +166,12 @@ class H2Stream(Paused):
                 if value != authority:
                     raise BadRequest(400, BAD_REQUEST, "Host and :authority differ")
                 continue
+            if name in _FORBIDDEN:
+                if name != b"te" or value != b"trailers":
+                    raise BadRequest(400, BAD_REQUEST, "a connection-specific header field")
             lines.append(name + b": " + value)
+        if method != b"CONNECT" and (method is None or path is None or scheme is None):
+            raise BadRequest(400, BAD_REQUEST, "a required pseudo-header field is missing")
         if cookies:
             lines.append(b"cookie: " + b"; ".join(cookies))
         self.command = method = method or b""
@@ -318,11 +315,32 @@ class H2Stream(Paused):
         if head is not None:
             self._head = None
             self.conn.send_headers(self, head, False)
-        if data:
+        if not data:
+            return
+        if self.queue:
+            self.enqueue(data)
+            return
+        # The latest write waits for the end of the reactor's turn (or of
+        # the response, if that comes first: it then carries END_STREAM, one
+        # frame fewer for the common response that comes in one read).
+        last = self._last
+        self._last = data
+        if last is None:
+            self.conn.hold_last(self)
+        else:
+            self.conn.send_data(self, last)
             if self.queue:
+                self._last = None
                 self.enqueue(data)
-            else:
-                self.conn.send_data(self, data)
+
+    def send_last(self) -> None:
+        """
+        Send the write held back by L{write}, if any.
+        """
+        last = self._last
+        if last is not None and not self.closed:
+            self._last = None
+            self.conn.send_data(self, last)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
@@ -359,6 +377,17 @@ class H2Stream(Paused):
                 conn.stream_done(self)
                 return
             conn.send_headers(self, head, False)
+        last, self._last = self._last, None
+        if last is not None:
+            if trailers is None:
+                if conn.send_data(self, last, True):
+                    conn.stream_done(self)
+                # Else the rest waits in the queue, and the end after it.
+                return
+            conn.send_data(self, last)
+            if self.queue:
+                self._trailers = trailers
+                return
         if trailers is not None:
             conn.send_headers(self, trailers, True)
         else:

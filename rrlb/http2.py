@@ -28,9 +28,11 @@ package) is loaded otherwise.
    (what HPACK may inflate to) and C{--max-header-size} (a 431 on the
    stream), and a header block by the C{h2} library's 64 CONTINUATION
    frames.
- - What the C{h2} library refuses itself (an uppercase or empty name, CR,
-   LF or NUL, a connection-specific field, a missing pseudo-header, a frame
-   out of place) is a connection error: rrlb sends GOAWAY and closes.
+ - A request whose fields break HTTP/2's rules (an uppercase or empty name,
+   a connection-specific field, a pseudo-header field missing, repeated or
+   out of place) is malformed and answered 400 on its stream, as one that
+   breaks HTTP/1.1's; a frame out of place is a connection error: rrlb
+   sends GOAWAY and closes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from twisted.python.failure import Failure
 
 from rrlb.channel import _CLOSED, ProxyChannel
 from rrlb.h2buffers import CONNECTION_BUFFER, CONNECTION_FULL
+from rrlb.h2fields import FieldEncoder
 from rrlb.h2stream import H2Stream
 
 # How an HTTP/2 client opens a connection (RFC 9113 3.4); on a cleartext
@@ -110,9 +113,14 @@ class _LocalSettings(Settings):
 _CONFIG = H2Configuration(
     client_side=False,
     header_encoding=None,
+    # Each request's fields are checked once, by rrlb.h2stream and
+    # rrlb.parser.validate_request (a malformed one is answered on its
+    # stream); h2's own pass over them cost more than that whole check.
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
     # rrlb's response headers come from its own parser (or its own
     # answers), checked once there, with names lower-cased and
-    # connection-specific fields dropped by rrlb.h2stream.h2_fields.
+    # connection-specific fields dropped by rrlb.h2fields.h2_fields.
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
@@ -141,6 +149,8 @@ class H2ServerConnection:
         self._socket_full = False
         self._reading = False
         self._flush_call: Any = None
+        # Streams holding back a write until the end of the turn.
+        self._lasts: list[H2Stream] = []
         # Streams beyond the first holding a place under --max-connections.
         self._extra_streams = 0
         self._floods = [0, 0, 0]
@@ -153,8 +163,18 @@ class H2ServerConnection:
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
             },
         )
+        conn.encoder = FieldEncoder()  # type: ignore[assignment]  # what h2 uses of one
         conn.initiate_connection()
         transport.registerProducer(self, True)
+        # Responses of many streams go out as they come, often a small
+        # frame at a time: Nagle's algorithm would hold each behind the
+        # client's delayed ACK (40 ms) while others are in flight.
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not TCP (a UNIX socket), or already gone
         self._flush()
 
     # -- bytes in ---------------------------------------------------------------
@@ -276,6 +296,11 @@ class H2ServerConnection:
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
+        lasts = self._lasts
+        if lasts:
+            self._lasts = []
+            for stream in lasts:
+                stream.send_last()
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
@@ -287,33 +312,43 @@ class H2ServerConnection:
             return  # the stream or the connection is closed meanwhile
         self._want_flush()
 
-    def send_data(self, stream: H2Stream, data: bytes) -> None:
+    def send_data(self, stream: H2Stream, data: bytes, end: bool = False) -> bool:
         """
-        Send what the client's window and socket take of C{data} now, and
-        queue the rest on C{stream}.
+        Send what the client's window and socket take of C{data} now (with
+        END_STREAM after it if C{end}), and queue the rest on C{stream}.
+        Returns whether the end went out.
         """
         if self._socket_full:
             stream.enqueue(data)
-            return
+            return False
         conn = self.conn
         stream_id = stream.stream_id
+        size = len(data)
+        pos = 0
         try:
             window = conn.local_flow_control_window(stream_id)
-            size = len(data)
             frame = conn.max_outbound_frame_size
             if size <= window and size <= frame:
-                conn.send_data(stream_id, data)
+                conn.send_data(stream_id, data, end_stream=end)
+                pos = size
             else:
-                pos = 0
                 while window > 0 and pos < size:
                     n = min(window, frame, size - pos)
-                    conn.send_data(stream_id, data[pos : pos + n])
                     pos += n
                     window -= n
+                    conn.send_data(stream_id, data[pos - n : pos], end_stream=end and pos == size)
                 if pos < size:
                     stream.enqueue(data[pos:] if pos else data)
         except H2Error:
-            return
+            return end  # the stream or the connection is closed meanwhile
+        self._want_flush()
+        return end and pos == size
+
+    def hold_last(self, stream: H2Stream) -> None:
+        """
+        C{stream} holds back a write until the end of this turn.
+        """
+        self._lasts.append(stream)
         self._want_flush()
 
     def end_stream(self, stream: H2Stream) -> None:

@@ -568,8 +568,10 @@ class StreamBufferTests(unittest.TestCase):
         (stream,) = self.streams(conn, client, 1)
         (request,) = conn.requests
         request.write(b"a" * 65535)
+        clock.advance(0)  # the turn ends: what the stream held back goes out
         self.assertFalse(request.producer_.paused)
         request.write(b"a")
+        clock.advance(0)
         self.assertTrue(request.producer_.paused)
         self.assertEqual(request.channel.paused_for, WINDOW)
         request.write(b"a" * STREAM_BUFFER)
@@ -597,6 +599,7 @@ class StreamBufferTests(unittest.TestCase):
         requests = conn.requests
         for request in requests[:-1]:
             request.write(b"b" * STREAM_BUFFER)
+        clock.advance(0)
         self.assertGreater(conn.queued, CONNECTION_BUFFER)
         self.assertTrue(all(r.producer_.paused for r in requests))
         client.increment_flow_control_window(LARGEST_WINDOW - 65535)
@@ -618,6 +621,7 @@ class StreamBufferTests(unittest.TestCase):
         self.streams(conn, client, 1)
         self.assertEqual([r.producer_.paused for r in conn.requests], [True] * 3)
         conn.requests[0].write(b"held")
+        clock.advance(0)
         self.assertEqual(conn.queued, 4)
         conn.resumeProducing()
         self.assertEqual([r.producer_.paused for r in conn.requests], [False] * 3)
@@ -635,6 +639,7 @@ class StreamBufferTests(unittest.TestCase):
         conn, client, transport, clock = self.connect(large=False)
         (stream,) = self.streams(conn, client, 1)
         conn.requests[0].write(b"c" * (65535 + STREAM_BUFFER))
+        clock.advance(0)
         self.assertEqual(conn.queued, STREAM_BUFFER)
         client.reset_stream(stream)
         conn.dataReceived(client.data_to_send())
@@ -785,3 +790,13 @@ class ResponseEndTests(unittest.TestCase):
         self.assertIsNotNone(head.stream_ended)
         self.assertIn((b"content-type", b"application/grpc"), head.headers)
         self.assertFalse([e for e in events if isinstance(e, h2.events.DataReceived)])
+
+    def test_last_write_carries_the_end(self) -> None:
+        """
+        A body written in the same turn as the end goes out as HEADERS and
+        one DATA frame with END_STREAM: no empty DATA frame after it.
+        """
+        events = self.answer(lambda request: request.write(b"body"))
+        (data,) = [e for e in events if isinstance(e, h2.events.DataReceived)]
+        self.assertEqual(data.data, b"body")
+        self.assertIsNotNone(data.stream_ended)
