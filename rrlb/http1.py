@@ -184,42 +184,80 @@ def error_response(
 ) -> None:
     """
     Answer C{request} with a short plain-text error, unless its client is gone.
-    A gRPC call gets it gRPC-shaped instead (L{grpc_error}): C{grpc_status},
-    or the status gRPC maps C{code} to.
+    A gRPC call gets it gRPC-shaped instead (see L{answer}): C{grpc_status},
+    or the status gRPC maps C{code} to, with C{text} as its message.
+    """
+    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
+    answer(
+        request,
+        code,
+        b"%d %s: %s\n" % (code, phrase, text.encode()),
+        headers,
+        grpc_status=grpc_status,
+        grpc_message=text,
+    )
+
+
+PLAIN_TEXT = b"text/plain; charset=utf-8"
+
+
+def answer(
+    request: Any,
+    code: int,
+    body: bytes,
+    headers: Any = (),
+    content_type: Optional[bytes] = PLAIN_TEXT,
+    filtered: bool = True,
+    date: Optional[bytes] = None,
+    grpc_status: Optional[int] = None,
+    grpc_message: Optional[str] = None,
+) -> None:
+    """
+    Every answer rrlb makes itself, not a node (its errors, redirects, fixed
+    answers, a filter's L{rrlb.filters.Answer}), goes out here, unless the
+    client is gone: C{code}, C{headers} (name, value pairs), a
+    C{Content-Type} if C{content_type} is given, then the request's response
+    filters (C{request.response_hook}, unless not C{filtered}), then
+    C{body} with its length. C{date} is the C{Date} value if the caller
+    has it formatted already.
+
+    An error (4xx, 5xx) to a gRPC call is gRPC-shaped instead, as gRPC
+    clients read rrlb's own errors (never a plain-text 502 they would report
+    as a protocol error): HTTP 200, C{application/grpc}, and C{grpc_status}
+    (or the status gRPC maps C{code} to) with C{grpc_message} (or the body)
+    in trailers-only form, the response's only HEADERS frame ending the
+    stream.
     """
     if client_gone(request) or request.finished:
         return
-    if grpc_request(request):
-        grpc_error(request, status_for(code) if grpc_status is None else grpc_status, text)
-        return
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
-    request.write(body)
-    request.finish()
-
-
-def grpc_error(request: Any, status: int, text: str) -> None:
-    """
-    Answer a gRPC call as gRPC clients read rrlb's own errors (never a
-    plain-text 502 they would report as an unknown protocol error): HTTP
-    200, C{application/grpc}, and C{status} in trailers-only form, the
-    response's only HEADERS frame ending the stream.
-    """
-    request.setResponseCode(200)
-    request.responseHeaders = Headers(
-        {
-            b"Content-Type": [CONTENT_TYPE],
-            b"Grpc-Status": [b"%d" % status],
-            b"Grpc-Message": [message_value(text)],
-        }
-    )
+    shaped = code >= 400 and grpc_request(request)
+    if shaped:
+        status = status_for(code) if grpc_status is None else grpc_status
+        if grpc_message is None:
+            grpc_message = body.decode("utf-8", "replace").strip()
+        code = 200
+        request.setResponseCode(200)
+        response_headers = request.responseHeaders = Headers(
+            {
+                b"Content-Type": [CONTENT_TYPE],
+                b"Grpc-Status": [b"%d" % status],
+                b"Grpc-Message": [message_value(grpc_message)],
+            }
+        )
+    else:
+        request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
+        response_headers = request.responseHeaders = Headers()
+        for name, value in headers:
+            response_headers.addRawHeader(name, value)
+        if content_type is not None:
+            response_headers.setRawHeaders(b"Content-Type", [content_type])
+        response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
+    hook = getattr(request, "response_hook", None) if filtered else None
+    if hook is not None and not hook(request, code):
+        return  # a response filter failed, and the hook answered 500 instead
+    if not shaped:
+        response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        request.write(body)
     request.finish()
 
 
