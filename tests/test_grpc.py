@@ -368,6 +368,26 @@ class OwnErrorTests(GrpcCase):
         error = await in_thread(lambda: _error_of(lambda: unary(b"x", timeout=10)))
         self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
 
+    async def test_grpc_timeout_bounds_rrlb_wait(self) -> None:
+        """
+        A call whose client does not enforce its deadline itself: rrlb
+        forwards grpc-timeout to the node, and when it passes answers
+        DEADLINE_EXCEEDED (4) itself and resets the node's stream.
+        """
+        nodes, balancer, _ = await self.setup()
+        client = await self.raw(balancer.port)
+        started = reactor.seconds()
+        _, answer = client.request(
+            b"POST", b"/test.Echo/Unary", frame(b"sleep:3"),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers"),
+             (b"grpc-timeout", b"300m")),
+        )  # fmt: skip
+        await answer.done
+        self.assertLess(reactor.seconds() - started, 2.5)
+        self.assertEqual(answer.headers[b":status"], b"200")
+        self.assertEqual(answer.headers[b"grpc-status"], b"4")
+        await wait_for(lambda: self.nodes_of(balancer)[0].in_flight == 0, "the call to end")
+
     async def test_queue_timeout_is_resource_exhausted(self) -> None:
         """
         A call that waited the whole queue timeout for a full node gets 8
@@ -382,6 +402,43 @@ class OwnErrorTests(GrpcCase):
         error = await in_thread(lambda: _error_of(lambda: unary(b"x", timeout=10)))
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(await in_thread(slow.result), b"g0:sleep:2")
+
+
+class ForwardingTests(GrpcCase):
+    """
+    What an h2 node gets of a gRPC call.
+    """
+
+    async def test_fields_forwarded(self) -> None:
+        """
+        grpc-timeout goes to the node as received, with te: trailers and
+        the request's own fields, lower-cased, X-Forwarded-For added; the
+        node's trailers come back to the client.
+        """
+        peer = await start_h2_node(self, H2Node("n"))
+
+        def trailers(conn: Any, sid: int) -> None:
+            conn.respond(sid, frame(b"ok"), headers=[(b"content-type", b"application/grpc")],
+                         trailers=[(b"grpc-status", b"0"), (b"x-t", b"v")])  # fmt: skip
+
+        peer.handler = trailers
+        balancer = await start_balancer(
+            self, [peer.url], "--http2", "--node-protocol", "h2", "--health-type", "tcp"
+        )
+        client = await OwnErrorTests.raw(self, balancer.port)  # type: ignore[arg-type]
+        _, answer = client.request(
+            b"POST", b"/test.Echo/Unary", frame(b"x"),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers"),
+             (b"grpc-timeout", b"5S"), (b"x-meta", b"m")),
+        )  # fmt: skip
+        await answer.done
+        (head,) = [h for conn in peer.connections for h in conn.heads.values()]
+        self.assertEqual(head[b"grpc-timeout"], b"5S")
+        self.assertEqual(head[b"te"], b"trailers")
+        self.assertEqual(head[b"x-meta"], b"m")
+        self.assertEqual(head[b"x-forwarded-for"], b"127.0.0.1")
+        self.assertEqual(head[b":path"], b"/test.Echo/Unary")
+        self.assertEqual(bytes(answer.body), frame(b"ok"))
 
 
 class CurlTests(GrpcCase):
