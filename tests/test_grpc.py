@@ -441,6 +441,45 @@ class ForwardingTests(GrpcCase):
         self.assertEqual(bytes(answer.body), frame(b"ok"))
 
 
+class MisbehavingNodeTests(GrpcCase):
+    """
+    A node that breaks HTTP/2 costs its own clients a 502 (UNAVAILABLE for
+    gRPC), never the daemon or another client.
+    """
+
+    async def test_garbage_from_node(self) -> None:
+        """
+        A node answering with garbage: its client gets 502 over HTTP/1.1,
+        a gRPC call to it UNAVAILABLE, and a request to the good pool
+        meanwhile is answered.
+        """
+
+        def garbage(conn: Any, sid: int) -> None:
+            conn.transport.write(b"\x00\x00\x05\xfe\x00\x00\x00\x00\x01garbage" * 3)
+
+        bad = await start_h2_node(self, H2Node("bad", handler=garbage))
+        good = await start_h2_node(self, H2Node("good"))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"nodes: [{bad.url}]\nprotocol: h2\nhealth: {{type: tcp}}\nhttp2: true\n"
+                f"pools: {{good: {{nodes: [{good.url}], protocol: h2}}}}\n"
+                "routes: [{path_prefix: /good, pool: good}, {pool: default}]\n"
+            )
+        balancer = await start_balancer(self, (), "--config", path, "--retries", "0")
+        client = await OwnErrorTests.raw(self, balancer.port)  # type: ignore[arg-type]
+        _, broken = client.request(
+            b"POST", b"/test.Echo/Unary", frame(b"x"),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers")),
+        )  # fmt: skip
+        _, fine = client.request(b"GET", b"/good/x")
+        await broken.done
+        await fine.done
+        self.assertEqual(broken.headers[b"grpc-status"], b"14")
+        self.assertEqual(bytes(fine.body), b"good:/good/x")
+        self.assertFalse(balancer.service.traffic.proxy.pool.nodes[0].in_flight)
+
+
 class CurlTests(GrpcCase):
     """
     curl --http2-prior-knowledge through rrlb to an h2 pool.
