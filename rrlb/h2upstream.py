@@ -48,7 +48,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -101,6 +101,7 @@ def _h2_creator(creator: Any) -> Any:
     return _ALPNCreator(creator)
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class _ALPNCreator:
     def __init__(self, inner: Any) -> None:
         self.inner = inner

@@ -198,7 +198,7 @@ class Traffic(MultiService):
             queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
             connections=lambda: getattr(self.site, "open_count", 0),
-            upstream_connections=lambda: self.upstream.connection_count,
+            upstream_connections=self._upstream_connections,
             clients=self.site.client_list,
         )
         self._apply_pools(config, pool_configs)
@@ -329,6 +329,13 @@ class Traffic(MultiService):
                 self.reactor, self.config.connect_timeout, tls_creator=self.tls.nodes
             )
         return H2Exchange
+
+    def _upstream_connections(self) -> int:
+        """
+        Connections open to nodes: HTTP/1.1 ones, and HTTP/2 ones if any.
+        """
+        h2 = self.proxy.h2
+        return self.upstream.connection_count + (h2.connection_count if h2 is not None else 0)
 
     def _drop_node(self, key: str) -> None:
         self.upstream.drop_node(key)

@@ -2517,7 +2517,13 @@ class GrpcNode:
      - C{Bidi}: each request answered with C{NAME:request} as it comes.
     """
 
-    def __init__(self, name: str, workers: int = 32, options: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: int = 32,
+        options: Sequence[Any] = (),
+        tls: Optional[Issued] = None,
+    ) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2_grpc
 
@@ -2569,12 +2575,19 @@ class GrpcNode:
         self.server.add_generic_rpc_handlers((handler,))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{LOOPBACK}:0")
+        address = f"{LOOPBACK}:0"
+        self.scheme = "http"
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.scheme = "https"
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            self.port = self.server.add_secure_port(address, credentials)
         self.server.start()
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
 
     def stop(self, grace: Optional[float] = None) -> defer.Deferred[Any]:
         """
@@ -2594,10 +2607,13 @@ def _status_tuple(number: int) -> Any:
     raise ValueError(number)
 
 
-def grpc_node(testcase: TestCase, name: str, options: Sequence[Any] = ()) -> GrpcNode:
+def grpc_node(
+    testcase: TestCase, name: str, options: Sequence[Any] = (), tls: Optional[Issued] = None
+) -> GrpcNode:
     """
-    A L{GrpcNode} (with grpc server C{options}), stopped at cleanup.
+    A L{GrpcNode} (with grpc server C{options}; TLS with C{tls}), stopped
+    at cleanup.
     """
-    node = GrpcNode(name, options=options)
+    node = GrpcNode(name, options=options, tls=tls)
     testcase.addCleanup(node.stop)
     return node

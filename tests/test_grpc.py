@@ -15,17 +15,21 @@ from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet import threads, utils
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
+from twisted.web import server
 
 from rrlb.grpcwire import frame
 from tests.support import (
     LOOPBACK,
+    Backend,
     GrpcNode,
     H2Client,
     H2Node,
     LogCapture,
+    certs,
     grpc_node,
+    http_request,
     reactor,
     start_balancer,
     start_h2_node,
@@ -99,11 +103,13 @@ class RpcKindTests(GrpcCase):
 
     async def test_unary(self) -> None:
         """
-        A unary RPC through rrlb gets the node's answer and status OK.
+        A unary RPC through rrlb gets the node's answer and status OK; its
+        connection to the node counts in rrlb_upstream_connections.
         """
-        _, _, channel = await self.setup()
+        _, balancer, channel = await self.setup()
         unary = channel.unary_unary("/test.Echo/Unary")
         self.assertEqual(await in_thread(lambda: unary(b"hi", timeout=10)), b"g0:hi")
+        self.assertEqual(balancer.service.traffic.metrics.upstream_connections(), 1)
 
     async def test_metadata_both_ways(self) -> None:
         """
@@ -478,6 +484,57 @@ class MisbehavingNodeTests(GrpcCase):
         self.assertEqual(broken.headers[b"grpc-status"], b"14")
         self.assertEqual(bytes(fine.body), b"good:/good/x")
         self.assertFalse(balancer.service.traffic.proxy.pool.nodes[0].in_flight)
+
+
+class TLSNodeTests(GrpcCase):
+    """
+    h2 over https: ALPN h2 to the node, its certificate verified.
+    """
+
+    def setUp(self) -> None:
+        GrpcCase.setUp(self)
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.ca_file = os.path.join(self.dir, "ca.pem")
+        with open(self.ca_file, "wb") as f:
+            f.write(certs().ca.cert_pem)
+
+    async def test_grpc_over_tls(self) -> None:
+        """
+        A gRPC node serving TLS: its health check passes and a call goes
+        through, over ALPN h2.
+        """
+        node = grpc_node(self, "t", tls=certs().node)
+        balancer = await self.balancer([node], "--ca-file", self.ca_file)
+        unary = self.channel(balancer.port).unary_unary("/test.Echo/Unary")
+        self.assertEqual(await in_thread(lambda: unary(b"hi", timeout=10)), b"t:hi")
+
+    async def test_node_without_h2(self) -> None:
+        """
+        An https node that does not agree to h2 by ALPN (HTTP/1.1 only)
+        fails the request with 502, logged.
+        """
+        backend = Backend("h1")
+        site = server.Site(backend)
+        # Twisted's Site offers h2 by ALPN whenever h2 is installed: not this one.
+        site.acceptableProtocols = lambda: [b"http/1.1"]  # type: ignore[method-assign]
+        port = await SSL4ServerEndpoint(
+            reactor, 0, certs().node.options(), interface=LOOPBACK
+        ).listen(site)
+        self.addCleanup(port.stopListening)
+        url = f"https://{LOOPBACK}:{port.getHost().port}"
+        logged = LogCapture.install(self)
+        balancer = await start_balancer(
+            self, [url], "--node-protocol", "h2", "--ca-file", self.ca_file,
+            "--health-type", "tcp", "--retries", "0",
+        )  # fmt: skip
+        reply = await http_request(self, "GET", balancer.url + "/x")
+        self.assertEqual(reply.code, 502)
+        # The node refuses the handshake (no protocol in common) or, if it
+        # lets it through, rrlb refuses a connection without h2.
+        failed = [m for m in logged.messages() if "failed for GET /x" in m]
+        self.assertEqual(len(failed), 1)
+        self.assertTrue("alert" in failed[0] or "did not agree to h2" in failed[0], failed)
 
 
 class CurlTests(GrpcCase):

@@ -24,7 +24,13 @@ from twisted.trial import unittest
 
 from rrlb.config import parse_node
 from rrlb.grpcwire import frame
-from rrlb.h2upstream import STREAM_WINDOW, H2UpstreamPool, NotHTTP2, Unprocessed
+from rrlb.h2upstream import (
+    STREAM_WINDOW,
+    H2NodeConnection,
+    H2UpstreamPool,
+    NotHTTP2,
+    Unprocessed,
+)
 from rrlb.pool import Node
 from tests.support import (
     H2Node,
@@ -390,3 +396,30 @@ class GrpcNodeTests(H2UpstreamCase):
         trailers = dict(recorder.trailers or [])
         self.assertEqual(trailers[b"grpc-status"], b"0")
         self.assertEqual(trailers[b"x-trailer"], b"m")
+
+
+class ALPNTests(unittest.TestCase):
+    """
+    Over https, h2 only when the node agrees to it by ALPN.
+    """
+
+    def test_no_h2_by_alpn(self) -> None:
+        """
+        A TLS connection on which the node chose another protocol (or none)
+        by ALPN fails its waiting requests as L{NotHTTP2} on the first bytes,
+        which are never read as HTTP/2.
+        """
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        pool = H2UpstreamPool(Clock())
+        connection = H2NodeConnection(pool, "https://node", tls=True)
+        recorder = Recorder()
+        connection.take(recorder)
+        transport = StringTransport()
+        transport.negotiatedProtocol = b"http/1.1"  # type: ignore[attr-defined]
+        connection.makeConnection(transport)
+        connection.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(recorder.failure.check(NotHTTP2))
+        self.assertIn("did not agree to h2", recorder.failure.getErrorMessage())
+        self.assertTrue(connection.closed)
