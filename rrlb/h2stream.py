@@ -45,13 +45,6 @@ from rrlb.parser import (
 # (as rrlb.channel.request_line_of keeps of an HTTP/1.1 one).
 MAX_LOGGED_METHOD = 32
 
-# Connection-specific fields, malformed in an HTTP/2 request (RFC 9113
-# 8.2.2); TE is allowed as "trailers" only.
-_FORBIDDEN = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te")
-)
-
-
 class H2Stream(Paused):
     """
     One HTTP/2 stream: a request, and what the proxy needs of a channel
@@ -166,9 +159,9 @@ class H2Stream(Paused):
                 if value != authority:
                     raise BadRequest(400, BAD_REQUEST, "Host and :authority differ")
                 continue
-            if name in _FORBIDDEN:
-                if name != b"te" or value != b"trailers":
-                    raise BadRequest(400, BAD_REQUEST, "a connection-specific header field")
+            if name == b"te" and value != b"trailers":
+                # The other connection-specific fields are validate_request's.
+                raise BadRequest(400, BAD_REQUEST, "TE other than trailers (RFC 9113 8.2.2)")
             lines.append(name + b": " + value)
         if method != b"CONNECT" and (method is None or path is None or scheme is None):
             raise BadRequest(400, BAD_REQUEST, "a required pseudo-header field is missing")

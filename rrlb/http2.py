@@ -24,7 +24,8 @@ package) is loaded otherwise.
    L{MAX_RESETS} of its streams (rapid reset, CVE-2023-44487), or sends more
    than L{MAX_PINGS} PING or L{MAX_SETTINGS} SETTINGS frames, within
    L{FLOOD_WINDOW} seconds is told GOAWAY (C{ENHANCE_YOUR_CALM}) and cut
-   off. The header list is bounded by C{SETTINGS_MAX_HEADER_LIST_SIZE}
+   off; so is one that makes rrlb write more than L{MAX_UNREAD} while it
+   does not read. The header list is bounded by C{SETTINGS_MAX_HEADER_LIST_SIZE}
    (what HPACK may inflate to) and C{--max-header-size} (a 431 on the
    stream), and a header block by the C{h2} library's 64 CONTINUATION
    frames.
@@ -58,7 +59,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from rrlb.channel import _CLOSED, ProxyChannel
-from rrlb.h2buffers import CONNECTION_BUFFER, CONNECTION_FULL
+from rrlb.h2buffers import CONNECTION_FULL, Sender
 from rrlb.h2fields import FieldEncoder
 from rrlb.h2stream import H2Stream
 
@@ -88,6 +89,10 @@ FLOOD_WINDOW = 10.0
 MAX_RESETS = 2 * MAX_STREAMS
 MAX_PINGS = 100
 MAX_SETTINGS = 100
+
+# Bytes of frames rrlb may write while the client's socket does not drain
+# (its DATA is queued on the streams, and bounded there).
+MAX_UNREAD = 256 * 1024
 
 _RESETS, _PINGS, _SETTINGS = range(3)
 _FLOOD_LIMITS = (MAX_RESETS, MAX_PINGS, MAX_SETTINGS)
@@ -126,7 +131,7 @@ _CONFIG = H2Configuration(
 )
 
 
-class H2ServerConnection:
+class H2ServerConnection(Sender):
     """
     A client's HTTP/2 connection, driven by its L{ALPNChannel}: bytes in to
     C{h2}'s events, each stream's request handed to the proxy, responses
@@ -147,6 +152,7 @@ class H2ServerConnection:
         self.held = False
         self.going_away = False
         self._socket_full = False
+        self._unread = 0
         self._reading = False
         self._flush_call: Any = None
         # Streams holding back a write until the end of the turn.
@@ -251,8 +257,11 @@ class H2ServerConnection:
         streams = self.streams
         if self.going_away or len(streams) >= MAX_STREAMS:
             # Draining (the GOAWAY told the client no new stream is served),
-            # or too many open: refused, the client may send it again.
+            # or too many open: refused, the client may send it again. Past
+            # the limit it was told, it counts as a reset.
             self._refuse(stream_id)
+            if not self.going_away:
+                self._flood(_RESETS)
             return
         if streams:
             # This stream may hold a node connection beside the others': it
@@ -304,51 +313,21 @@ class H2ServerConnection:
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
+            if self._socket_full:
+                # What rrlb writes while the client does not read is bounded
+                # (its DATA waits in the streams' queues): past MAX_UNREAD of
+                # frames it answered with (RST_STREAM for frames on closed
+                # streams, say) the client is cut off.
+                unread = self._unread = self._unread + len(data)
+                if unread > MAX_UNREAD:
+                    self.channel._state = _CLOSED
+                    self.transport.abortConnection()
 
     def send_headers(self, stream: H2Stream, fields: list[Any], end: bool) -> None:
         try:
             self.conn.send_headers(stream.stream_id, fields, end_stream=end)
         except H2Error:
             return  # the stream or the connection is closed meanwhile
-        self._want_flush()
-
-    def send_data(self, stream: H2Stream, data: bytes, end: bool = False) -> bool:
-        """
-        Send what the client's window and socket take of C{data} now (with
-        END_STREAM after it if C{end}), and queue the rest on C{stream}.
-        Returns whether the end went out.
-        """
-        if self._socket_full:
-            stream.enqueue(data)
-            return False
-        conn = self.conn
-        stream_id = stream.stream_id
-        size = len(data)
-        pos = 0
-        try:
-            window = conn.local_flow_control_window(stream_id)
-            frame = conn.max_outbound_frame_size
-            if size <= window and size <= frame:
-                conn.send_data(stream_id, data, end_stream=end)
-                pos = size
-            else:
-                while window > 0 and pos < size:
-                    n = min(window, frame, size - pos)
-                    pos += n
-                    window -= n
-                    conn.send_data(stream_id, data[pos - n : pos], end_stream=end and pos == size)
-                if pos < size:
-                    stream.enqueue(data[pos:] if pos else data)
-        except H2Error:
-            return end  # the stream or the connection is closed meanwhile
-        self._want_flush()
-        return end and pos == size
-
-    def hold_last(self, stream: H2Stream) -> None:
-        """
-        C{stream} holds back a write until the end of this turn.
-        """
-        self._lasts.append(stream)
         self._want_flush()
 
     def end_stream(self, stream: H2Stream) -> None:
@@ -364,64 +343,6 @@ class H2ServerConnection:
         except H2Error:
             return
         self._want_flush()
-
-    def _window_opened(self, stream_id: int) -> None:
-        """
-        The client's window grew (for the connection, if C{stream_id} is
-        0): send what the streams queued.
-        """
-        if stream_id:
-            stream = self.streams.get(stream_id)
-            if stream is not None and stream.queue:
-                self._send_queue(stream)
-        else:
-            for stream in list(self.streams.values()):
-                if stream.queue:
-                    self._send_queue(stream)
-
-    def _send_queue(self, stream: H2Stream) -> None:
-        """
-        Send what the client's window takes of C{stream}'s queue; its end
-        follows once the queue is out.
-        """
-        if self._socket_full or stream.closed:
-            return
-        conn = self.conn
-        stream_id = stream.stream_id
-        queue = stream.queue
-        sent = 0
-        try:
-            window = conn.local_flow_control_window(stream_id)
-            frame = conn.max_outbound_frame_size
-            while queue and window > 0:
-                data = queue[0]
-                n = min(window, frame, len(data))
-                if n < len(data):
-                    queue[0] = data[n:]
-                    data = data[:n]
-                else:
-                    queue.popleft()
-                conn.send_data(stream_id, data)
-                window -= n
-                sent += n
-        except H2Error:
-            return
-        if sent:
-            self.queued -= sent
-            stream.dequeued(sent)
-            if self.held:
-                self.release_nodes()
-            self._want_flush()
-        if not queue and stream.ending:
-            stream.end()
-
-    def queued_more(self, size: int) -> None:
-        """
-        A stream queued C{size} more bytes.
-        """
-        queued = self.queued = self.queued + size
-        if queued > CONNECTION_BUFFER and not self.held:
-            self.hold_nodes()
 
     def stream_done(self, stream: H2Stream) -> None:
         """
@@ -472,43 +393,6 @@ class H2ServerConnection:
             elif channel._state != _CLOSED:
                 channel.deadline = self.clock.seconds() + site.limits.keepalive_timeout
 
-    # -- the client's socket (IPushProducer) -------------------------------------
-
-    def pauseProducing(self) -> None:
-        self._socket_full = True
-        if not self.held:
-            self.hold_nodes()
-
-    def resumeProducing(self) -> None:
-        self._socket_full = False
-        for stream in list(self.streams.values()):
-            if stream.queue:
-                self._send_queue(stream)
-        if self.held:
-            self.release_nodes()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def hold_nodes(self) -> None:
-        """
-        Pause every stream's producer.
-        """
-        self.held = True
-        for stream in list(self.streams.values()):
-            stream.pause_node(CONNECTION_FULL)
-
-    def release_nodes(self) -> None:
-        """
-        Resume them, unless the socket is still full or more than half of
-        L{CONNECTION_BUFFER} is still queued.
-        """
-        if self._socket_full or self.queued > CONNECTION_BUFFER // 2:
-            return
-        self.held = False
-        for stream in list(self.streams.values()):
-            stream.resume_node(CONNECTION_FULL)
-
     # -- the end -----------------------------------------------------------------
 
     def go_away(self) -> None:
@@ -534,10 +418,13 @@ class H2ServerConnection:
             return
         channel._state = _CLOSED
         channel.deadline = self.clock.seconds() + channel.site.close_timeout
-        try:
-            self.conn.close_connection(error_code=error)
-        except H2Error:
-            pass  # h2 sent its own GOAWAY already
+        if self.conn.state_machine.state is not ConnectionState.CLOSED:
+            # Else h2 queued its own GOAWAY (a protocol error), or the
+            # client sent one.
+            try:
+                self.conn.close_connection(error_code=error)
+            except H2Error:
+                pass
         self._flush()
         transport = self.transport
         # TLS closes only once no producer is registered on it.

@@ -18,6 +18,7 @@ from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
@@ -28,7 +29,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from rrlb.http2 import MAX_PINGS, MAX_RESETS, MAX_SETTINGS, MAX_STREAMS
+from rrlb.http2 import MAX_PINGS, MAX_RESETS, MAX_SETTINGS, MAX_STREAMS, MAX_UNREAD
 from tests.support import (
     LOOPBACK,
     BackendConnection,
@@ -143,6 +144,24 @@ class Raw(Protocol):
         return stream, frame.serialize()
 
 
+class Writer:
+    """
+    A producer on a client's transport: paused while its write buffer is
+    full.
+    """
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+
 def answer(request: RecordedRequest, conn: BackendConnection) -> bytes:
     return response(body=b"ok")
 
@@ -216,8 +235,9 @@ class ProtectionsTests(HTTP2Case):
     async def test_continuation_flood(self) -> None:
         """
         A HEADERS frame followed by CONTINUATION frames that never end the
-        block is a connection error: GOAWAY, and the connection closes
-        without rrlb keeping what follows.
+        block is a connection error past h2's 64 frames: one GOAWAY
+        (PROTOCOL_ERROR), and the connection closes without rrlb keeping
+        what follows.
         """
         node, balancer = await self.setup()
         client = await self.connect(balancer.port)
@@ -231,7 +251,10 @@ class ProtectionsTests(HTTP2Case):
                 break
             client.transport.write(piece)
         await wait_for(lambda: client.lost.called, "rrlb to close the connection")
-        self.assertIsNotNone(client.goaway())
+        # One GOAWAY, h2's, with its error code.
+        goaways = [f for f in client.frames() if f[0] == GOAWAY]
+        self.assertEqual(len(goaways), 1)
+        self.assertEqual(client.goaway(), ErrorCodes.PROTOCOL_ERROR)
         self.assertEqual(node.requests, [])
 
     async def test_header_list_too_large(self) -> None:
@@ -284,6 +307,36 @@ class ProtectionsTests(HTTP2Case):
         await self.assert_cut_off(client, balancer, ErrorCodes.ENHANCE_YOUR_CALM)
         acks = [f for f in client.frames() if f[0] == 0x6 and f[1] & 0x1]
         self.assertLessEqual(len(acks), MAX_PINGS + 50)
+
+    async def test_answers_to_a_client_that_does_not_read(self) -> None:
+        """
+        A client that does not read and sends empty DATA frames on a stream
+        it reset (h2 answers each with RST_STREAM) is cut off once rrlb
+        has written MAX_UNREAD bytes it did not take; before, they piled up
+        in rrlb's transport.
+        """
+        node, balancer = await self.setup(lambda request, conn: None)
+        client = await self.connect(balancer.port)
+        client.transport.pauseProducing()
+        stream, frame = client.head()
+        client.transport.write(frame + RstStreamFrame(stream, error_code=8).serialize())
+        empty = DataFrame(stream).serialize()
+        batch = empty * 10000
+        writer = Writer()
+        client.transport.registerProducer(writer, True)
+        channels = balancer.service.traffic.site.channels
+        # Enough answers to fill the socket buffers and MAX_UNREAD several
+        # times over; each batch once the client's own buffer drained.
+        for _ in range(2000):
+            if client.lost.called or not channels:
+                break
+            client.transport.write(batch)
+            await wait_for(
+                lambda: not writer.paused or client.lost.called or not channels,
+                "the client's writes to drain",
+            )
+        await wait_for(lambda: not balancer.service.traffic.site.channels, "rrlb to cut it off")
+        self.assertGreater(MAX_UNREAD, 0)
 
 
 def rss(pid: int) -> int:

@@ -22,7 +22,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from rrlb.parser import BAD_METHOD, BAD_REQUEST, HEADER_TOO_LARGE, TOO_MANY_HEADERS
+from rrlb.parser import (
+    BAD_FRAMING,
+    BAD_METHOD,
+    BAD_REQUEST,
+    HEADER_TOO_LARGE,
+    TOO_MANY_HEADERS,
+)
 from tests.support import (
     LOOPBACK,
     H2Client,
@@ -425,16 +431,16 @@ class FieldRulesTests(RequestsCase):
 
     async def test_connection_specific(self) -> None:
         """
-        Transfer-Encoding, Connection, Upgrade and a TE other than
-        "trailers": 400 each (TE: trailers is allowed).
+        Transfer-Encoding (counted as bad_framing), Connection, Upgrade and
+        a TE other than "trailers": 400 each (TE: trailers is allowed).
         """
-        for field in (
-            (b"transfer-encoding", b"chunked"),
-            (b"connection", b"close"),
-            (b"upgrade", b"websocket"),
-            (b"te", b"gzip"),
+        for field, reason in (
+            ((b"transfer-encoding", b"chunked"), BAD_FRAMING),
+            ((b"connection", b"close"), BAD_REQUEST),
+            ((b"upgrade", b"websocket"), BAD_REQUEST),
+            ((b"te", b"gzip"), BAD_REQUEST),
         ):
-            await self.assertRefused(request_block(fields=(field,)))
+            await self.assertRefused(request_block(fields=(field,)), 400, reason)
 
     async def test_pseudo_header_rules(self) -> None:
         """
