@@ -236,13 +236,19 @@ class Flow:
         action.
         """
         view = self.view
+        request = self.request
+        ran = self.ran
         while True:
             steps = self.steps
-            while self.index < len(steps):
-                step = steps[self.index]
-                self.index += 1
+            index = self.index
+            while index < len(steps):
+                step = steps[index]
+                index += 1
+                self.index = index
                 if step.response is not None:
-                    self.add_response(step)
+                    if request.response_hook is None:
+                        request.response_hook = self.respond
+                    ran.append(step)
                 if step.done is not None:
                     self.add_done(step)
                 try:
@@ -309,11 +315,17 @@ class Flow:
         self.ran.append(step)
 
     def add_done(self, step: Step) -> None:
+        self.watch()
+        if step not in self.ran:
+            self.ran.append(step)
+
+    def watch(self) -> None:
+        """
+        Be told when the request ends (L{finished}).
+        """
         if not self.watched:
             self.watched = True
             self.request.notifyFinish().addBoth(self.finished)
-        if step not in self.ran:
-            self.ran.append(step)
 
     def finished(self, reason: Any) -> None:
         """
@@ -374,9 +386,7 @@ class Flow:
         cancels it.
         """
         self.waiting = d
-        if not self.watched:
-            self.watched = True
-            self.request.notifyFinish().addBoth(self.finished)
+        self.watch()
         d.addCallbacks(
             self.resumed, self.deferred_failed, callbackArgs=(step, d), errbackArgs=(step, d)
         )

@@ -128,19 +128,22 @@ class FilterHeaders:
     value with CR, LF or NUL is refused (L{ValueError}).
     """
 
-    __slots__ = ("_headers",)
+    __slots__ = ("_raw",)
 
     def __init__(self, headers: Headers) -> None:
-        self._headers = headers
+        # The name -> values dict inside the Headers: changed in place.
+        self._raw = raw_headers(headers)
 
     def get(self, name: str) -> Optional[str]:
         """
         The header's values joined by C{", "}, or L{None} without one.
         """
-        key = _lookup_key(name)
+        key = _KEYS.get(name) if type(name) is str else None
         if key is None:
-            return None
-        values = raw_headers(self._headers).get(key)
+            key = _lookup_key(name)
+            if key is None:
+                return None
+        values = self._raw.get(key)
         if not values:
             return None
         return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
@@ -152,32 +155,36 @@ class FilterHeaders:
         key = _lookup_key(name)
         if key is None:
             return []
-        return [v.decode("latin-1") for v in raw_headers(self._headers).get(key, ())]
+        return [v.decode("latin-1") for v in self._raw.get(key, ())]
 
     def set(self, name: str, value: str) -> None:
         """
         Make C{value} the header's only value.
         """
-        raw_headers(self._headers)[header_name(name)] = [header_value(name, value)]
+        key = (_KEYS.get(name) if type(name) is str else None) or header_name(name)
+        if type(value) is str and value.isascii() and value.isprintable():
+            self._raw[key] = [value.encode("ascii")]
+        else:
+            self._raw[key] = [header_value(name, value)]
 
     def add(self, name: str, value: str) -> None:
         """
         Add C{value} as one more line of the header.
         """
         key = header_name(name)
-        raw_headers(self._headers).setdefault(key, []).append(header_value(name, value))
+        self._raw.setdefault(key, []).append(header_value(name, value))
 
     def remove(self, name: str) -> None:
         """
         Remove the header (nothing happens without one).
         """
-        raw_headers(self._headers).pop(header_name(name), None)
+        self._raw.pop(header_name(name), None)
 
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        for key, values in list(raw_headers(self._headers).items()):
+        for key, values in list(self._raw.items()):
             for value in values:
                 yield key.decode("ascii"), value.decode("latin-1")
 
@@ -197,19 +204,30 @@ class FilterRequest:
         believed: C{--trusted-proxies} is unset, or the peer is one of them.
     """
 
-    __slots__ = ("raw", "method", "client", "route", "headers", "pool", "peer_trusted", "_path")
+    __slots__ = ("raw", "route", "headers", "pool", "_path")
 
     def __init__(self, raw: Any) -> None:
         #: The L{rrlb.proxy.ProxyRequest} (not part of the interface).
         self.raw = raw
-        self.method: str = raw.method.decode("latin-1")
-        self.client: str = raw.real_client or getattr(raw.client, "host", "") or ""
         self.route: Union[str, int, None] = None
         self.headers = FilterHeaders(raw.requestHeaders)
         self.pool: Optional[str] = None
-        channel = raw.channel
-        self.peer_trusted = getattr(channel, "edge", 0) != EDGE_UNTRUSTED
         self._path: Optional[tuple[str, str]] = None
+
+    # Read from the request when asked: most filters read one or two of them.
+
+    @property
+    def method(self) -> str:
+        return str(self.raw.method.decode("latin-1"))
+
+    @property
+    def client(self) -> str:
+        raw = self.raw
+        return str(raw.real_client or getattr(raw.client, "host", "") or "")
+
+    @property
+    def peer_trusted(self) -> bool:
+        return bool(getattr(self.raw.channel, "edge", 0) != EDGE_UNTRUSTED)
 
     def _split(self) -> tuple[str, str]:
         parts = self._path
@@ -269,7 +287,7 @@ class FilterRequest:
         Add C{name=value} to the request's access log line (a key of the
         JSON line). C{name} is lower-case letters and C{_}.
         """
-        if name not in _NOTES_SEEN or type(value) is not str:
+        if not (type(name) is str and name in _NOTES_SEEN and type(value) is str):
             if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
@@ -278,8 +296,9 @@ class FilterRequest:
                 _NOTES_SEEN.add(name)
         notes = self.raw.log_notes
         if notes is None:
-            notes = self.raw.log_notes = {}
-        notes[name] = value
+            self.raw.log_notes = {name: value}
+        else:
+            notes[name] = value
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")

@@ -10,9 +10,10 @@ from typing import Any, Optional
 
 from twisted.trial import unittest
 
-from rrlb.actions import Forward, cookie_value, smooth_schedule
+from rrlb.actions import Forward, Redirect, cookie_value, smooth_schedule
 from tests.support import (
     Balancer,
+    FakeRequest,
     HTTPClient,
     http_request,
     parse_error,
@@ -160,6 +161,41 @@ class RedirectTests(ActionCase):
         reply = await self.get("/r", host=b"[::1]:81")
         self.assertEqual(reply.header(b"Location"), b"https://[::1]/r")
         self.assertEqual(n.requests, [])
+
+    def test_location_forms(self) -> None:
+        """
+        The host and port come from an absolute-form target, else Host,
+        else the address the request came in on; {path} is the path as
+        sent.
+        """
+
+        class Local:
+            host = "10.0.0.9"
+
+        class Channel:
+            edge = 0
+            forwarded = (b"http", b"10.1.1.1")
+            local = Local()
+
+        def request(uri: bytes, host: Optional[bytes] = None) -> Any:
+            r = FakeRequest(uri=uri, headers={b"Host": [host]} if host else {})
+            r.channel = Channel()
+            return r
+
+        to_https = Redirect(scheme="https")
+        self.assertEqual(
+            to_https.location(request(b"http://abs.example:8080/p?q", b"other")),
+            b"https://abs.example/p?q",
+        )
+        self.assertEqual(to_https.location(request(b"/x")), b"https://10.0.0.9/x")
+        self.assertEqual(
+            Redirect(port=8443, path="/v2{path}").location(request(b"/a%20b?x", b"h.example")),
+            b"http://h.example:8443/v2/a%20b?x",
+        )
+        self.assertEqual(
+            Redirect(host="n.example", query="").location(request(b"/?x", b"h:81")),
+            b"http://n.example:81/",
+        )
 
     def test_bad_redirects(self) -> None:
         """
@@ -346,7 +382,3 @@ class ForwardTests(ActionCase):
             message = self.error(base % text)
             self.assertIn(wanted, message)
             self.assertNotIn("\n", message)
-
-
-def header(reply: Any, name: bytes) -> Optional[bytes]:
-    return reply.header(name)
