@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rrlb._twisted import HeaderNameError, canonical_name, name_cache
+from rrlb.h2fields import FieldEncoder
 from rrlb.http1 import H2_CONNECTION_SPECIFIC
 
 log = Logger()
@@ -313,6 +314,9 @@ class H2NodeConnection(Protocol):
                 normalize_inbound_headers=False,
             )
         )
+        # rrlb's own HPACK encoder (rrlb.h2fields), as on client connections:
+        # hpack's cost more than the rest of a request's head.
+        self.conn.encoder = FieldEncoder()  # type: ignore[assignment]
         self.streams: dict[int, NodeStream] = {}
         self.waiting: list[Any] = []
         self.open = False
