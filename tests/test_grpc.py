@@ -9,6 +9,7 @@ grpcio's calls block, so each runs in a thread (the reactor runs rrlb).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import Counter
@@ -208,6 +209,62 @@ class RpcKindTests(GrpcCase):
         payload = os.urandom(BIG)
         got = await in_thread(lambda: unary(payload, timeout=60))
         self.assertEqual(got, b"g0:" + payload)
+
+
+class PerStreamTests(GrpcCase):
+    """
+    The access log, the response timeout and passive health work per
+    stream (per RPC).
+    """
+
+    async def test_access_log_per_rpc(self) -> None:
+        """
+        Three RPCs on one client connection are three access-log lines,
+        each with the node that served it.
+        """
+        path = self.mktemp()
+        nodes, balancer, channel = await self.setup(
+            2, "--access-log", path, "--access-log-format", "json"
+        )
+        unary = channel.unary_unary("/test.Echo/Unary")
+        for _ in range(3):
+            await in_thread(lambda: unary(b"x", timeout=10))
+        balancer.service.traffic.access_log.flush()
+        with open(path) as f:
+            records = [json.loads(line) for line in f if "/test.Echo/Unary" in line]
+        self.assertEqual(len(records), 3)
+        self.assertEqual({r["node"] for r in records}, {n.url for n in nodes})
+        self.assertEqual({r["status"] for r in records}, {200})
+
+    async def test_response_timeout_is_deadline_exceeded(self) -> None:
+        """
+        A node that does not answer within --timeout: the call (with no
+        grpc-timeout of its own) gets DEADLINE_EXCEEDED (4) from rrlb.
+        """
+        _, balancer, _ = await self.setup(1, "--timeout", "0.5")
+        client = await OwnErrorTests.raw(self, balancer.port)  # type: ignore[arg-type]
+        _, answer = client.request(
+            b"POST", b"/test.Echo/Unary", frame(b"sleep:3"),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers")),
+        )  # fmt: skip
+        await answer.done
+        self.assertEqual(answer.headers[b"grpc-status"], b"4")
+
+    async def test_tcp_health_on_http1_pool(self) -> None:
+        """
+        health.type tcp on an http1 pool passes on a connection alone (the
+        node need not answer HTTP), and fails once nothing listens.
+        """
+        peer = await start_h2_node(self, H2Node("n"))
+        balancer = await start_balancer(
+            self, [peer.url], "--health-type", "tcp", "--health-interval", "0.2",
+            "--fall", "1",
+        )  # fmt: skip
+        node = self.nodes_of(balancer)[0]
+        await wait_for(lambda: node.successes >= 2, "passed checks")
+        self.assertEqual(peer.streams_seen, 0)
+        await peer.stop()
+        await wait_for(lambda: not node.healthy, "the node to go down")
 
 
 class BalancingTests(GrpcCase):
