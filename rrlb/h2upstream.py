@@ -37,6 +37,7 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
+    PingReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     SettingsAcknowledged,
@@ -74,6 +75,10 @@ BODY_HIGH_WATER = 65536
 # A node's connection with no stream left, beside another of its
 # connections, is closed after this long.
 IDLE_EXTRA = 1.0
+# PING and SETTINGS frames a node may send in FLOOD_PERIOD seconds: each
+# costs rrlb an answer written to it, read or not.
+MAX_CONTROL_FRAMES = 1000
+FLOOD_PERIOD = 10.0
 
 
 class Unprocessed(Exception):
@@ -86,6 +91,12 @@ class Unprocessed(Exception):
 class StreamFailed(Exception):
     """
     The node reset the stream, or the connection carrying it failed.
+    """
+
+
+class _Flood(Exception):
+    """
+    The node sent more control frames than rrlb answers.
     """
 
 
@@ -332,6 +343,8 @@ class H2NodeConnection(Protocol):
         self.settled: Optional[defer.Deferred[None]] = None
         self._got_settings = False
         self._got_ack = False
+        self._control_frames = 0
+        self._control_since = 0.0
 
     # -- capacity --------------------------------------------------------------
 
@@ -422,6 +435,9 @@ class H2NodeConnection(Protocol):
         try:
             for event in events:
                 self._event(event)
+        except _Flood:
+            self._broken("a flood of PING or SETTINGS frames")
+            return
         except Exception:
             log.failure("handling HTTP/2 events from node {node}", node=self.key)
             self._broken("internal error")
@@ -467,7 +483,10 @@ class H2NodeConnection(Protocol):
                     self.send_body(stream)
             else:
                 self._send_all()
+        elif kind is PingReceived:
+            self._control()
         elif kind is RemoteSettingsChanged:
+            self._control()
             changed = event.changed_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS)
             if changed is not None:
                 self.max_streams = max(1, min(changed.new_value, 1000))
@@ -488,6 +507,19 @@ class H2NodeConnection(Protocol):
                         interim = getattr(stream.exchange, "interim_continue", None)
                         if interim is not None:
                             interim()
+
+    def _control(self) -> None:
+        """
+        Count a PING or SETTINGS from the node: past L{MAX_CONTROL_FRAMES}
+        in L{FLOOD_PERIOD}, it is flooding rrlb with answers to write.
+        """
+        now = self.pool.reactor.seconds()
+        if now - self._control_since > FLOOD_PERIOD:
+            self._control_since = now
+            self._control_frames = 0
+        self._control_frames += 1
+        if self._control_frames > MAX_CONTROL_FRAMES:
+            raise _Flood()
 
     def _check_settled(self) -> None:
         settled = self.settled

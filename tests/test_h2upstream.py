@@ -16,6 +16,7 @@ from hyperframe.frame import (
     ContinuationFrame,
     GoAwayFrame,
     HeadersFrame,
+    PingFrame,
     WindowUpdateFrame,
 )
 from twisted.internet import defer
@@ -356,6 +357,21 @@ class AdversarialNodeTests(H2UpstreamCase):
             return update.serialize() * 2
 
         await self.misbehave(overflow)
+
+    async def test_ping_flood(self) -> None:
+        """
+        More PING frames than rrlb answers in a period end the connection
+        (each would cost an answer written to a node that may not read).
+        """
+
+        def flood(conn: H2ServerConnection, sid: int) -> bytes:
+            ping = PingFrame(0)
+            ping.opaque_data = b"12345678"
+            return ping.serialize() * 1200
+
+        victim, _ = await self.misbehave(flood)
+        self.assertTrue(victim.failure.check(NotHTTP2))
+        self.assertIn("flood", victim.failure.getErrorMessage())
 
     async def test_trailers_with_cr_lf(self) -> None:
         """
