@@ -83,6 +83,8 @@ class H2Stream(Paused):
         self._last: Optional[bytes] = None
         self.ending = False
         self.closed = False
+        # The client may still send on the stream (a body).
+        self.remote_open = False
         self.request: Any = site.requestFactory(self, False)
 
     # -- the request -----------------------------------------------------------
@@ -93,6 +95,7 @@ class H2Stream(Paused):
         as it arrives; or answer it if it breaks the rules.
         """
         request = self.request
+        self.remote_open = has_body
         try:
             head = self.head = self._validate(fields)
         except BadRequest as e:
@@ -280,6 +283,7 @@ class H2Stream(Paused):
         """
         The client ended its side of the stream.
         """
+        self.remote_open = False
         self._stop_body_timer()
         body = self.request.body
         if body is not None and not body.complete:

@@ -53,7 +53,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError
+from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
@@ -75,6 +75,8 @@ ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
 # (SETTINGS_MAX_CONCURRENT_STREAMS; nginx's http2_max_concurrent_streams is
 # 128, HAProxy's 100). One beyond them is refused with REFUSED_STREAM.
 MAX_STREAMS = 100
+# The open streams h2 itself allows: more than one read can open.
+H2_STREAM_LIMIT = 1 << 20
 # What HPACK may inflate one header list to (SETTINGS_MAX_HEADER_LIST_SIZE,
 # h2's default); past it the connection ends. Smaller, --max-header-size
 # answers 431 on the stream.
@@ -102,13 +104,16 @@ class _LocalSettings(Settings):
     """
     rrlb's settings as C{h2} sends them, but for the stream limit it
     enforces: a stream beyond L{MAX_STREAMS} must reach rrlb, to be refused
-    with REFUSED_STREAM, rather than end the connection inside C{h2}
-    (rrlb refuses each at once, so no more than one is ever over).
+    with REFUSED_STREAM, rather than end the connection inside C{h2}. h2
+    opens every stream of one read before rrlb sees the first, so its limit
+    is what a read can hold (a HEADERS frame is at least 10 bytes); rrlb
+    refuses the extra ones at once, and cuts off a client that keeps
+    sending them (L{MAX_RESETS}).
     """
 
     @property
     def max_concurrent_streams(self) -> int:
-        return 2 * MAX_STREAMS
+        return H2_STREAM_LIMIT
 
     @max_concurrent_streams.setter
     def max_concurrent_streams(self, value: int) -> None:
@@ -193,9 +198,9 @@ class H2ServerConnection(Sender):
         try:
             try:
                 events = conn.receive_data(data)
-            except ProtocolError:
-                # h2 queued its GOAWAY: send it and close.
-                self.close()
+            except H2Error:
+                # A protocol error: h2 queued its GOAWAY (close sends it).
+                self.close(ErrorCodes.PROTOCOL_ERROR)
                 return
             streams = self.streams
             event: Any
@@ -253,7 +258,6 @@ class H2ServerConnection(Sender):
     def _request(self, event: Any) -> None:
         stream_id = event.stream_id
         channel = self.channel
-        channel.deadline = None
         streams = self.streams
         if self.going_away or len(streams) >= MAX_STREAMS:
             # Draining (the GOAWAY told the client no new stream is served),
@@ -271,6 +275,7 @@ class H2ServerConnection(Sender):
                 self._refuse(stream_id)
                 return
             self._extra_streams += 1
+        channel.deadline = None  # the streams' own timeouts run now
         stream = H2Stream(self, stream_id)
         if self.held:
             stream.paused_for |= CONNECTION_FULL
@@ -352,8 +357,7 @@ class H2ServerConnection(Sender):
         """
         stream.closed = True
         if self.streams.get(stream.stream_id) is stream:
-            body = stream.request.body
-            if body is not None and not body.complete:
+            if stream.remote_open:
                 try:
                     self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
                 except H2Error:

@@ -127,7 +127,13 @@ class Raw(Protocol):
             if flags & END_STREAM and kind in (0, HEADERS)
         }
 
-    def head(self, path: bytes = b"/", end_headers: bool = True) -> tuple[int, bytes]:
+    def head(
+        self,
+        path: bytes = b"/",
+        end_headers: bool = True,
+        end_stream: bool = True,
+        fields: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> tuple[int, bytes]:
         """
         A new stream's HEADERS frame for a GET of C{path}.
         """
@@ -136,9 +142,10 @@ class Raw(Protocol):
         frame = HeadersFrame(stream)
         frame.data = self.encoder.encode(
             [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
-             (b":authority", b"h2.example")]
+             (b":authority", b"h2.example"), *fields]
         )  # fmt: skip
-        frame.flags.add("END_STREAM")
+        if end_stream:
+            frame.flags.add("END_STREAM")
         if end_headers:
             frame.flags.add("END_HEADERS")
         return stream, frame.serialize()
@@ -194,17 +201,20 @@ class ProtectionsTests(HTTP2Case):
 
     async def test_stream_cap_refuses_extra_streams(self) -> None:
         """
-        A client that opens 150 streams at once (ignoring the 100 it was
-        told) gets REFUSED_STREAM on the 50 beyond the cap, and the first
-        100 answered, on a connection that stays open.
+        A client that opens 300 streams in one write (ignoring the 100 it
+        was told) gets REFUSED_STREAM on the 200 beyond the cap, and the
+        first 100 answered, on a connection that stays open: h2 opens all
+        of them before rrlb sees the first, and does not end the
+        connection for it.
         """
         held: list[BackendConnection] = []
         node, balancer = await self.setup(lambda request, conn: held.append(conn))
         client = await self.connect(balancer.port)
-        heads = [client.head(b"/%d" % i) for i in range(MAX_STREAMS + 50)]
+        extra = MAX_RESETS
+        heads = [client.head(b"/%d" % i) for i in range(MAX_STREAMS + extra)]
         client.transport.write(b"".join(frame for _, frame in heads))
         ids = [stream for stream, _ in heads]
-        await wait_for(lambda: len(client.resets()) >= 50, "the refusals")
+        await wait_for(lambda: len(client.resets()) >= extra, "the refusals")
         self.assertEqual(client.resets(), {s: ErrorCodes.REFUSED_STREAM for s in ids[MAX_STREAMS:]})
         await wait_for(lambda: len(held) == MAX_STREAMS, "100 requests at the node")
         for conn in held:
@@ -212,6 +222,26 @@ class ProtectionsTests(HTTP2Case):
         await wait_for(lambda: client.ended() >= set(ids[:MAX_STREAMS]), "100 answers")
         self.assertIsNone(client.goaway())
         self.assertFalse(client.lost.called)
+
+    async def test_answered_before_the_body_ends(self) -> None:
+        """
+        Streams answered (here refused, 400) while the client may still send
+        a body are reset with NO_ERROR after the answer (RFC 9113 8.1), so
+        none stays open: 300 of them, more than twice the stream limit, on
+        one connection that carries on.
+        """
+        node, balancer = await self.setup()
+        client = await self.connect(balancer.port)
+        heads = [client.head(end_stream=False, fields=((b"X-Upper", b"1"),)) for _ in range(300)]
+        client.transport.write(b"".join(frame for _, frame in heads))
+        ids = [stream for stream, _ in heads]
+        await wait_for(lambda: len(client.resets()) == 300, "300 resets")
+        self.assertEqual(client.resets(), {s: ErrorCodes.NO_ERROR for s in ids})
+        statuses = [payload for kind, _, _, payload in client.frames() if kind == HEADERS]
+        self.assertEqual(len(statuses), 300)
+        self.assertIsNone(client.goaway())
+        self.assertFalse(client.lost.called)
+        self.assertEqual(node.requests, [])
 
     async def test_rapid_reset(self) -> None:
         """
@@ -397,7 +427,10 @@ class FloodMemoryTests(HTTP2Case):
         port = int(found.group(1))
         pid = daemon.transport.pid
         floods: list[Callable[[Raw], bytes]] = [
-            continuation_flood, rapid_reset, ping_flood, settings_flood
+            continuation_flood,
+            rapid_reset,
+            ping_flood,
+            settings_flood,
         ]
         before = 0
         for round in range(FLOOD_ROUNDS):
