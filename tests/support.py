@@ -2357,6 +2357,19 @@ class H2ServerConnection(Protocol):
         self.outgoing: dict[int, list[Any]] = {}
         self.resets: list[int] = []
         self.lost: defer.Deferred[None] = defer.Deferred()
+        # What the node read but did not let the client send again (its
+        # windows), while its node is not reading.
+        self.unacked: list[tuple[int, int]] = []
+
+    def read_on(self) -> None:
+        """
+        Open the windows for everything read so far, and from now on.
+        """
+        self.node.reading = True
+        unacked, self.unacked = self.unacked, []
+        for size, stream_id in unacked:
+            self.conn.acknowledge_received_data(size, stream_id)
+        self.flush()
 
     def connectionMade(self) -> None:
         self.node.connections.append(self)
@@ -2388,7 +2401,12 @@ class H2ServerConnection(Protocol):
                     self.node.on_headers(self, event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
                 self.bodies[event.stream_id] += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if self.node.reading:
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                else:
+                    self.unacked.append((event.flow_controlled_length, event.stream_id))
             elif isinstance(event, h2.events.StreamEnded):
                 self.node.handler(self, event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
@@ -2478,6 +2496,8 @@ class H2Node(Factory):
         self.connections: list[H2ServerConnection] = []
         self.streams_seen = 0
         self.port: Any = None
+        # Reopen windows for the bytes received (off: a node that reads slowly).
+        self.reading = True
 
     def buildProtocol(self, addr: Any) -> H2ServerConnection:
         return H2ServerConnection(self)

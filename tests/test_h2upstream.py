@@ -281,6 +281,60 @@ class FlowControlTests(H2UpstreamCase):
         self.assertEqual(bytes(recorder.body), b"n:/up" + body)
 
 
+class _Body:
+    """
+    A request body still coming, as L{rrlb.body.StreamedBody} is to its
+    consumer: it is paused and resumed.
+    """
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+        self.paused = False
+
+    def attach(self, consumer: Any) -> None:
+        self.consumer = consumer
+        consumer.registerProducer(self, True)
+
+    def detach(self, consumer: Any) -> None:
+        self.consumer = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+class BodyBackpressureTests(H2UpstreamCase):
+    """
+    A node that reads a request body slowly holds back its client.
+    """
+
+    async def test_closed_window_pauses_client(self) -> None:
+        """
+        While the node's window is closed and more than a few frames wait,
+        the body's client is paused; once the node reads, it is resumed
+        and the whole body arrives.
+        """
+        peer, node = await self.node(name="n")
+        peer.reading = False
+        body = _Body()
+        recorder = Recorder(b"/up", body, method=b"POST")
+        self.pool.acquire(node, recorder)
+        await wait_for(lambda: body.consumer is not None, "the stream")
+        data = b"y" * 300000
+        body.consumer.body_data(data)
+        await wait_for(lambda: body.paused, "the client to be paused")
+        conn = peer.connections[0]
+        received = len(conn.bodies[1])
+        self.assertLessEqual(received, 65535)
+        conn.read_on()
+        await wait_for(lambda: not body.paused, "the client to go on")
+        body.consumer.body_end()
+        await recorder.done
+        self.assertEqual(bytes(recorder.body), b"n:/up" + data)
+
+
 class AdversarialNodeTests(H2UpstreamCase):
     """
     What a node sends ends at most its own connection: its streams fail,
