@@ -32,6 +32,7 @@ from rrlb.values import (
     parse_certificates,
     parse_hash_key,
     parse_health_path,
+    parse_health_service,
     parse_health_type,
     parse_listen,
     parse_log_format,
@@ -317,7 +318,7 @@ class HealthConfig:
         flag="health-type", shown="`http`",
     )  # fmt: skip
     service: str = setting(
-        "", string, "Service name a grpc check asks after", flag="health-service",
+        "", parse_health_service, "Service name a grpc check asks after", flag="health-service",
         shown="the whole server",
     )  # fmt: skip
 

@@ -106,6 +106,15 @@ def string(name: str, value: Any) -> str:
     return str(value)
 
 
+def parse_health_service(name: str, value: Any) -> str:
+    """
+    The service a grpc health check asks after: a string, empty for the
+    server as a whole (grpc.health.v1's own meaning of an empty name).
+    """
+    _check(isinstance(value, str), f"{name} must be a service name, not {value!r}")
+    return str(value)
+
+
 def as_given(name: str, value: str) -> str:
     return value
 

@@ -638,6 +638,29 @@ def _outcome(future: Any) -> Any:
         return e.code()
 
 
+class HealthServiceSettingTests(unittest.TestCase):
+    """
+    health.service may be empty: the server as a whole.
+    """
+
+    def test_empty_service(self) -> None:
+        """
+        C{service: ""} in YAML is the server as a whole, as leaving it out
+        is; a service that is not a string is refused, naming the setting.
+        """
+        from rrlb.config import ConfigError, build_config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('nodes: [http://a]\nhealth: {type: grpc, service: ""}\n')
+        self.assertEqual(build_config(path).health.service, "")
+        with open(path, "w") as f:
+            f.write("nodes: [http://a]\nhealth: {type: grpc, service: 5}\n")
+        with self.assertRaises(ConfigError) as caught:
+            build_config(path)
+        self.assertIn("health.service", str(caught.exception))
+
+
 class WarningTests(unittest.TestCase):
     """
     An h2 pool without a health type is warned about once at load.
