@@ -182,6 +182,7 @@ class ProxyExchange:
             channel.forwarded,
             channel.edge,
             request.clientproto,
+            channel.client_cert,
         )
         self.upgrade = upgrade is not None
         self.body = body

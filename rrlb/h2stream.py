@@ -63,6 +63,7 @@ class H2Stream(Paused):
         self.local = channel.local
         self.forwarded = channel.forwarded
         self.edge = channel.edge
+        self.client_cert = channel.client_cert
         self.site = self.factory = site = channel.site
         self.limits = site.limits
         self.clock = channel.clock
