@@ -21,14 +21,6 @@ failing requests quietly.
     but keeps the rest of its backpressure between the transport and the
     request, which reads these.
   - L{Request._disconnected}: whether the client went away.
-  - With C{--http2} only, L{rrlb.http2} subclasses the private
-    L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
-    overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
-    L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
-    send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
-    Twisted's send loop only appends to and pops from. L{H2Connection}
-    and L{H2Stream} are imported from here.
   - C{twisted.web.client._HTTP11ClientFactory} and
     C{HTTPConnectionPool._factory}: L{quiet_connection_pool} makes the
     health checker's connections not log their start and stop (one pair per
@@ -42,14 +34,11 @@ failing requests quietly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from twisted.python.systemd import ListenFDs
 from twisted.web import client as _webclient
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
-
-if TYPE_CHECKING:
-    from twisted.web._http2 import H2Connection, H2Stream
 
 __all__ = [
     "canonical_name",
@@ -57,8 +46,6 @@ __all__ = [
     "set_raw_headers",
     "client_gone",
     "HeaderNameError",
-    "H2Connection",
-    "H2Stream",
     "quiet_connection_pool",
     "systemd_descriptors",
     "adopt_systemd_descriptors",
@@ -129,48 +116,6 @@ def header_values(headers: Headers, name: bytes) -> Optional[list[bytes]]:
     return headers._rawHeaders.get(name)
 
 
-# What rrlb.http2 overrides and uses of twisted.web._http2 (see the module
-# docstring); the test checks that the installed Twisted still has them.
-H2_OVERRIDES = {
-    "H2Connection": (
-        "_requestReceived",
-        "_requestDataReceived",
-        "_requestEnded",
-        "_requestAborted",
-        "_requestDone",
-        "_handlePriorityUpdate",
-        "pauseProducing",
-        "resumeProducing",
-        "remainingOutboundWindow",
-    ),
-    "H2Stream": (
-        "_convertHeaders",
-        "receiveDataChunk",
-        "requestComplete",
-        "writeHeaders",
-        "registerProducer",
-        "flowControlBlocked",
-        "windowUpdated",
-    ),
-}
-H2_STATE = {
-    "H2Connection": (
-        "_streamCleanupCallbacks",
-        "_outboundStreamQueues",
-        "_consumerBlocked",
-        "_tryToWriteControlData",
-        "_send100Continue",
-        "_streamIsActive",
-        "openStreamWindow",
-        "writeHeaders",
-        "priority",
-        "streams",
-        "conn",
-    ),
-    "H2Stream": ("_conn", "_request", "streamID", "command", "path", "producer"),
-}
-
-
 class _QuietFactory(_webclient._HTTP11ClientFactory):
     noisy = False
 
@@ -234,13 +179,3 @@ def clear_exit_signal(reactor: Any, signals: tuple[int, ...]) -> None:
     """
     if getattr(reactor, "_exitSignal", None) in signals:
         reactor._exitSignal = None
-
-
-def __getattr__(name: str) -> Any:
-    # H2Connection and H2Stream on first use only: twisted.web._http2
-    # imports h2, which rrlb does without unless --http2 is on.
-    if name in ("H2Connection", "H2Stream"):
-        from twisted.web import _http2
-
-        return getattr(_http2, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -399,6 +399,22 @@ class ProxyChannel(ClientConnection):
         if self._state == _BODY:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def write_trailers(self, request: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The trailers of C{request}'s response (L{ProxyRequest.write_trailers}):
+        the last chunk and the trailer section, if the body is chunked;
+        nothing otherwise (RFC 9112 7.1.2: only chunked bodies carry them).
+        """
+        if not request.startedWriting:
+            request.write(b"")
+        if request.chunked:
+            request.chunked = False  # finish() writes no last chunk of its own
+            lines = [b"0\r\n"]
+            for name, value in headers:
+                lines += (name, b": ", value, b"\r\n")
+            lines.append(b"\r\n")
+            self.transport.write(b"".join(lines))
+
     def requestDone(self, request: Any) -> None:
         """
         The response to C{request} is complete: read the next request (the

@@ -286,11 +286,18 @@ class ControlService(MultiService):
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
                 checker = HealthChecker(
-                    pool, pc.health, self.reactor, self.health_agent, self.local_errors
+                    pool,
+                    pc.health,
+                    self.reactor,
+                    self.health_agent,
+                    self.local_errors,
+                    pc.protocol,
+                    self.traffic.tls_policy,
                 )
                 self.checkers[pc.name] = checker
                 checker.setServiceParent(self)
             else:
+                checker.protocol = pc.protocol
                 checker.update(pc.health)
         names = {pc.name for pc in pool_configs}
         for name in list(self.checkers):

@@ -188,46 +188,6 @@ class ExitSignalTests(unittest.TestCase):
         self.assertEqual(reactor._exitSignal, signal.SIGHUP)
 
 
-class HTTP2Tests(unittest.TestCase):
-    """
-    What rrlb.http2 leans on in Twisted's private HTTP/2 module.
-    """
-
-    def test_names(self) -> None:
-        """
-        Every method rrlb.http2 overrides and every attribute it uses is
-        still there.
-        """
-        # h2 is a dependency (twisted[http2]): no skip when it is missing.
-        import h2.config
-        import h2.connection
-        from twisted.web import _http2
-
-        for cls, names in _twisted.H2_OVERRIDES.items():
-            for name in names:
-                self.assertTrue(callable(getattr(getattr(_http2, cls), name, None)), name)
-        clock = Clock()
-        connection = _http2.H2Connection(clock)
-        connection.requestFactory = lambda channel, queued: http.Request(channel, queued)
-        connection.makeConnection(StringTransport())
-        for name in _twisted.H2_STATE["H2Connection"]:
-            self.assertTrue(hasattr(connection, name), name)
-        client = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        client.initiate_connection()
-        client.send_headers(
-            1, [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"),
-                (b":authority", b"x")],
-        )  # fmt: skip
-        connection.dataReceived(client.data_to_send())
-        (stream,) = connection.streams.values()
-        for name in _twisted.H2_STATE["H2Stream"]:
-            self.assertTrue(hasattr(stream, name), name)
-        connection.connectionLost(Failure(ConnectionDone()))
-        clock.advance(1)
-
-
 class ClientPoolTests(unittest.TestCase):
     """
     The private factory hook behind L{_twisted.quiet_connection_pool}.
@@ -296,14 +256,6 @@ _allow(
     "_handlingRequest _networkProducer _requestProducer _waitingForTransport",
     "the producer half of ProxyChannel (an HTTPChannel subclass), split out of channel.py:"
     " it works HTTPChannel's own backpressure state (CHANNEL_STATE)",
-)
-_allow(
-    "http2",
-    "_conn _request _producer _convertHeaders _outboundStreamQueues _handlePriorityUpdate"
-    " _requestAborted _requestDataReceived _requestDone _requestEnded _requestReceived"
-    " _send100Continue _streamCleanupCallbacks _streamIsActive _tryToWriteControlData",
-    "subclasses of Twisted's private HTTP/2 classes (H2_OVERRIDES, H2_STATE) and a TLS"
-    " transport's producer",
 )
 
 
