@@ -435,6 +435,12 @@ class ProxyChannel(ClientConnection):
             self._stop_reading(_SENDING)
             self._next_waits = True
             return
+        if not self._more and self._offset >= len(self._buffer):
+            # Nothing read ahead (the common case): wait for the next request.
+            self._buffer = b""
+            self._offset = 0
+            self._go_on_reading(_AHEAD)
+            return
         self._next_requests()
 
     def _next_requests(self) -> None:
