@@ -293,15 +293,16 @@ def _allow(module: str, names: str, why: str) -> None:
 
 _allow(
     "channel",
-    "_buffer _handlingRequest _waitingForTransport",
-    "ProxyChannel subclasses HTTPChannel and works its state (CHANNEL_STATE); _buffer is"
-    " LineReceiver's name, reused for ProxyChannel's own buffer",
+    "_handlingRequest _waitingForTransport",
+    "ProxyChannel subclasses HTTPChannel and works its state (CHANNEL_STATE), set and read"
+    " per request: a property or function in _twisted would cost a call each time",
 )
 _allow(
     "connection",
     "_handlingRequest _networkProducer _requestProducer _waitingForTransport",
     "the producer half of ProxyChannel (an HTTPChannel subclass), split out of channel.py:"
-    " it works HTTPChannel's own backpressure state (CHANNEL_STATE)",
+    " it works HTTPChannel's own backpressure state (CHANNEL_STATE) on every pause and"
+    " resume, where a property or function in _twisted would cost a call each time",
 )
 _allow(
     "http2",
