@@ -66,6 +66,7 @@ SKIP_REQUEST = HOP_BY_HOP_NAMES | {
     b"X-Forwarded-For",
     b"X-Forwarded-Proto",
     b"X-Forwarded-Host",
+    b"X-Forwarded-Client-Cert",
     b"Via",
 }
 
@@ -86,6 +87,7 @@ CLIENT_CLAIMS = frozenset(
         b"x-forwarded-scheme",
         b"x-forwarded-ssl",
         b"x-forwarded-prefix",
+        b"x-forwarded-client-cert",
         b"x-forwarded",
         b"forwarded-for",
         b"x-real-ip",
@@ -182,17 +184,44 @@ def error_response(request: Any, code: int, text: str, headers: Any = ()) -> Non
     """
     Answer C{request} with a short plain-text error, unless its client is gone.
     """
+    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
+    answer(request, code, b"%d %s: %s\n" % (code, phrase, text.encode()), headers)
+
+
+PLAIN_TEXT = b"text/plain; charset=utf-8"
+
+
+def answer(
+    request: Any,
+    code: int,
+    body: bytes,
+    headers: Any = (),
+    content_type: Optional[bytes] = PLAIN_TEXT,
+    filtered: bool = True,
+    date: Optional[bytes] = None,
+) -> None:
+    """
+    Every answer rrlb makes itself, not a node (its errors, redirects, fixed
+    answers, a filter's L{rrlb.filters.Answer}), goes out here, unless the
+    client is gone: C{code}, C{headers} (name, value pairs), a
+    C{Content-Type} if C{content_type} is given, then the request's response
+    filters (C{request.response_hook}, unless not C{filtered}), then
+    C{body} with its length. C{date} is the C{Date} value if the caller
+    has it formatted already.
+    """
     if client_gone(request) or request.finished:
         return
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
+    request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
+    response_headers = request.responseHeaders = Headers()
     for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
+        response_headers.addRawHeader(name, value)
+    if content_type is not None:
+        response_headers.setRawHeaders(b"Content-Type", [content_type])
+    response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
+    hook = getattr(request, "response_hook", None) if filtered else None
+    if hook is not None and not hook(request, code):
+        return  # a response filter failed, and the hook answered 500 instead
+    response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     request.write(body)
     request.finish()
 
@@ -238,6 +267,7 @@ def rewrite_request_head(
     forwarded: tuple[bytes, bytes],
     edge: int,
     clientproto: bytes,
+    client_cert: Any = None,
 ) -> tuple[bytes, Optional[bytes], bool]:
     """
     The node-independent part of the head a node gets for a client's
@@ -252,6 +282,9 @@ def rewrite_request_head(
     @param host: the request's host (absolute-form authority or C{Host}).
     @param forwarded: the channel's (scheme, client address) pair.
     @param edge: the channel's C{EDGE_*} standing.
+    @param client_cert: the client's verified certificate (its C{xfcc}
+        element goes to the node as C{X-Forwarded-Client-Cert}); a client's
+        own header of that name is dropped unless its peer is trusted.
     @return: the head from after the C{Host} line to its end, the C{Upgrade}
         token forwarded (or L{None}), and whether the head asks the node
         C{Expect: 100-continue}.
@@ -300,6 +333,12 @@ def rewrite_request_head(
             claimed = raw.get(b"X-Forwarded-Host")
             if claimed and forwarded_host is not None:
                 forwarded_host = b", ".join(claimed + [forwarded_host])
+            claimed = raw.get(b"X-Forwarded-Client-Cert")
+            if claimed:
+                # Envoy's APPEND_FORWARD: the proxy's elements, then rrlb's.
+                own = [client_cert.xfcc] if client_cert is not None else []
+                append(b"X-Forwarded-Client-Cert: " + b",".join(claimed + own) + b"\r\n")
+                client_cert = None
     xff_value: Optional[bytes]
     if ip:
         xff_value = b", ".join(xff + [ip]) if xff else ip
@@ -310,6 +349,8 @@ def rewrite_request_head(
     append(b"X-Forwarded-Proto: " + proto + b"\r\n")
     if forwarded_host is not None:
         append(b"X-Forwarded-Host: " + forwarded_host + b"\r\n")
+    if client_cert is not None:
+        append(b"X-Forwarded-Client-Cert: " + client_cert.xfcc + b"\r\n")
     version = clientproto[5:] or b"1.1"
     via = raw.get(b"Via")
     via_self = version + b" rrlb"

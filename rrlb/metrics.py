@@ -93,6 +93,8 @@ class Metrics:
         self.clock = clock
         self.stats = stats
         self.checkers = checkers
+        # Configurations applied, by source (set by the control side).
+        self.config_changes: Callable[[], dict[str, int]] = lambda: {}
         self.queues = queues
         self.budget = budget
         self.connections = connections
@@ -169,6 +171,15 @@ class Metrics:
             if code == 101 and exchange is not None and exchange.tunnel is not None:
                 # A WebSocket tunnel: its bytes each way and how long it was open.
                 entry += (exchange.tunnel.summary(),)
+            notes = request.log_notes
+            client_cert = getattr(request.channel, "client_cert", None)
+            if client_cert is not None:
+                # The subject of the client's certificate (tls.client_auth),
+                # last on the line.
+                notes = {**(notes or {}), "client_cert_subject": client_cert.subject}
+            if notes is not None:
+                # Fields filters added (request_id, trace_id, ...).
+                entry += (None,) * (13 - len(entry)) + (notes,)
             access_log.append(entry)
 
     # -- the read side -------------------------------------------------------
@@ -252,6 +263,12 @@ class Metrics:
 
     def tunnels_open(self) -> int:
         return int(getattr(self.stats, "tunnels_open", 0))
+
+    def filter_errors(self) -> dict[str, int]:
+        """
+        Failures of filters, by label (the C{use:} string or the kind).
+        """
+        return dict(getattr(self.stats, "filter_errors", {}))
 
     def tunnel_bytes(self) -> dict[str, int]:
         """
@@ -394,6 +411,15 @@ class RrlbCollector:
             "Retries not made because the retry budget was spent (the client got 502).",
             value=m.retries_refused(),
         )
+        changes = CounterMetricFamily(
+            "rrlb_config_changes",
+            "Configurations applied, by source: sighup (a reload from the file) or api"
+            " (the admin API's PUT /config and node changes).",
+            labels=["source"],
+        )
+        for source, count in m.config_changes().items():
+            changes.add_metric([source], count)
+        yield changes
         yield GaugeMetricFamily(
             "rrlb_queue_length",
             "Requests waiting now because every node in rotation is full.",
@@ -438,6 +464,16 @@ class RrlbCollector:
         for reason, count in sorted(m.client_errors.items()):
             client_errors.add_metric([reason], count)
         yield client_errors
+        filter_errors = CounterMetricFamily(
+            "rrlb_filter_errors",
+            "Filters that raised, returned something else than None, an Answer or a"
+            " Deferred, or whose Deferred failed (the client got 500), by filter: its"
+            " use: string or its kind.",
+            labels=["filter"],
+        )
+        for name, count in sorted(m.filter_errors().items()):
+            filter_errors.add_metric([name], count)
+        yield filter_errors
 
         yield GaugeMetricFamily(
             "rrlb_client_connections", "Client connections open now.", value=m.connections()

@@ -357,6 +357,7 @@ class SignalTests(unittest.TestCase):
             ),
             "http2": ("http2: true\n", "False -> True"),
             "workers": ("workers: 2\n", "1 -> 2"),
+            "log_format": ("log_format: json\n", "text -> json"),
         }
         # Every restart-only setting of the table is covered here.
         self.assertEqual(sorted(changed), sorted(row.name for row in restart_only()))

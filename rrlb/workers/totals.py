@@ -22,6 +22,7 @@ from rrlb.history import History
 from rrlb.metrics import PROXY_ERRORS, Metrics
 from rrlb.parser import CLIENT_ERROR_REASONS
 from rrlb.pool import Node, Pool, Pools
+from rrlb.runtime import Control
 
 log = Logger()
 
@@ -71,6 +72,7 @@ class Counters:
     # WebSocket tunnels: open now (a gauge), bytes to nodes and to clients.
     tunnels_open: int = 0
     tunnel_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    filter_errors: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(
@@ -98,6 +100,7 @@ class Counters:
             clients=list(clients or ()),
             tunnels_open=metrics.tunnels_open(),
             tunnel_bytes=metrics.tunnel_bytes(),
+            filter_errors=metrics.filter_errors(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +119,7 @@ class Counters:
             "clients": self.clients,
             "tunnels_open": self.tunnels_open,
             "tunnel_bytes": self.tunnel_bytes,
+            "filter_errors": self.filter_errors,
         }
 
     @classmethod
@@ -134,6 +138,7 @@ class Counters:
             clients=list(value["clients"]),
             tunnels_open=int(value.get("tunnels_open", 0)),
             tunnel_bytes={str(d): int(n) for d, n in value.get("tunnel_bytes", {}).items()},
+            filter_errors={str(f): int(n) for f, n in value.get("filter_errors", {}).items()},
         )
 
     def add(self, other: Counters, gauges: bool = True) -> None:
@@ -164,6 +169,8 @@ class Counters:
                 counts[0] += in_flight
         for direction, count in other.tunnel_bytes.items():
             self.tunnel_bytes[direction] = self.tunnel_bytes.get(direction, 0) + count
+        for name, count in other.filter_errors.items():
+            self.filter_errors[name] = self.filter_errors.get(name, 0) + count
         if gauges:
             self.connections += other.connections
             self.upstream_connections += other.upstream_connections
@@ -292,6 +299,9 @@ class WorkersMetrics(Metrics):
     def tunnel_bytes(self) -> dict[str, int]:
         return {"to_node": 0, "to_client": 0, **self.totals.tunnel_bytes}
 
+    def filter_errors(self) -> dict[str, int]:
+        return dict(self.totals.filter_errors)
+
     def queue_timeouts(self) -> int:
         return sum(timeouts for _, timeouts in self.totals.queues.values())
 
@@ -334,9 +344,13 @@ class MainAdminResource(AdminResource):
     """
 
     def __init__(
-        self, pools: Pools, metrics: WorkersMetrics, history: Optional[History] = None
+        self,
+        pools: Pools,
+        metrics: WorkersMetrics,
+        history: Optional[History] = None,
+        control: Optional[Control] = None,
     ) -> None:
-        super().__init__(pools, metrics, history)
+        super().__init__(pools, metrics, history, control)
         self.workers_metrics = metrics
 
     def render(self, request: Any) -> Any:
@@ -349,6 +363,8 @@ class MainAdminResource(AdminResource):
             if gone:
                 return
             body = AdminResource.render(self, request)
+            if body is server.NOT_DONE_YET:
+                return  # a change, answered once every worker runs it
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.write(body)
             request.finish()
@@ -369,6 +385,8 @@ class MainAdminSite(AdminSite):
         pools: Pools,
         metrics: WorkersMetrics,
         history: Optional[History] = None,
+        control: Optional[Control] = None,
         **kw: Any,
     ) -> None:
-        super().__init__(pools, metrics, history, MainAdminResource(pools, metrics, history), **kw)
+        resource = MainAdminResource(pools, metrics, history, control)
+        super().__init__(pools, metrics, history, resource, **kw)
