@@ -38,6 +38,7 @@ from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Pool, Pools
 from rrlb.proxyproto import ProbeEndpoints
+from rrlb.settings import restart_only
 
 
 class TrafficSide(Protocol):
@@ -254,15 +255,10 @@ class ControlService(MultiService):
             resolver = make_resolver(self.reactor, config.resolvers)
         self.discovery.configure(entries, config.dns_refresh, resolver)
         self._resolvers = config.resolvers
-        http2_changed = config.http2 != self.config.http2
-        if http2_changed:
-            config = dataclasses.replace(config, http2=self.config.http2)
         pool_configs = self._pool_configs(config)
         applied = self.traffic.apply(config, pool_configs, True)
         self._check(pool_configs)
         self._apply_admin(config)
-        if http2_changed:
-            self.log.warn("http2 changes only with a restart")
         self.config = dataclasses.replace(config)
         return applied
 
@@ -270,8 +266,6 @@ class ControlService(MultiService):
         """
         The admin endpoint's part of a configuration (its listener stays).
         """
-        if config.admin != self.config.admin:
-            self.log.warn("the admin endpoint changes only with a restart")
         if self.admin_listener is not None:
             # New admin_hosts and token (read again by the reload) from now on.
             self.admin_listener.factory.configure(config)
@@ -397,27 +391,22 @@ class ControlService(MultiService):
 
     def _restart_only(self, config: Config) -> Config:
         """
-        C{config} with the running values of the settings only a restart
-        changes (with a warning for each one that differs).
+        C{config} with the running value of every setting a reload does not
+        apply (declared with C{reload=False} in L{rrlb.settings}), each one
+        that changed logged as needing a restart.
         """
-        if config.listen != self.config.listen:
-            self.log.warn(
-                "reload: listen endpoints changed ({old} -> {new}); restart rrlb to apply them",
-                old=", ".join(self.config.listen),
-                new=", ".join(config.listen),
-            )
-            config = dataclasses.replace(config, listen=self.config.listen)
-        if config.workers != self.config.workers:
-            self.log.warn(
-                "reload: workers changed ({old} -> {new}); restart rrlb to apply it",
-                old=self.config.workers,
-                new=config.workers,
-            )
-            config = dataclasses.replace(config, workers=self.config.workers)
-        if config.log_format != self.config.log_format:
-            self.log.warn("reload: log_format changes only with a restart")
-            config = dataclasses.replace(config, log_format=self.config.log_format)
-        return config
+        kept = {}
+        for row in restart_only():
+            old, new = getattr(self.config, row.name), getattr(config, row.name)
+            if new != old:
+                self.log.warn(
+                    "reload: {setting} changed ({old} -> {new}); restart rrlb to apply it",
+                    setting=row.name,
+                    old=_shown(old),
+                    new=_shown(new),
+                )
+                kept[row.name] = old
+        return dataclasses.replace(config, **kept) if kept else config
 
     # -- the runtime API (rrlb.runtime) -------------------------------------------
 
@@ -578,3 +567,12 @@ class ControlService(MultiService):
         # so the process would die "killed by SIGTERM". A drained shutdown is
         # a clean exit: exit 0 instead.
         clear_exit_signal(self.reactor, (signal.SIGTERM, signal.SIGINT))
+
+
+def _shown(value: Any) -> str:
+    """
+    A setting's value as a log line shows it.
+    """
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

@@ -512,3 +512,11 @@ class Config(PoolSettings):
         each=parse_resolver, shown="`/etc/resolv.conf`",
     )  # fmt: skip
     workers: int = setting(1, parse_workers, "Worker processes, or auto", reload=False)
+
+
+def restart_only() -> tuple[Setting, ...]:
+    """
+    The settings a reload does not apply (declared with C{reload=False}):
+    they change only with a restart.
+    """
+    return tuple(row for row in rows(Config) if not row.reload)

@@ -161,6 +161,9 @@ class WorkerChannel(QuietAMP):
                     filter_state={SHARED: self.limits},
                 )
                 apply_states(self.pools, states)
+                # One client per wake-up: the least busy worker takes the
+                # next (every worker is woken for each client).
+                traffic.site.accepts_per_wakeup = 1
                 traffic.startService()
             except (Exception, SystemExit) as e:
                 log.failure("starting the worker")
