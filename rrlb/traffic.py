@@ -30,6 +30,7 @@ from rrlb.failures import LocalErrors
 from rrlb.filters import FilterContext
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
+from rrlb.ocsp import Stapler
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
 from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, tls_on_tcp
@@ -155,7 +156,7 @@ class Traffic(MultiService):
         self._retired_call: Any = None
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
-        self.tls = BalancerTLS()
+        self.tls = BalancerTLS(stapler=Stapler(reactor))
         self.tls.prepare(config, unique_nodes(pool_configs))()
         self.upstream = UpstreamPool(
             reactor,
@@ -206,8 +207,8 @@ class Traffic(MultiService):
         for description in config.listen:
             endpoint, server = endpoints(len(self.listeners), description)
             if server is not None:
-                # Its certificate is read again on reload.
-                self.tls.listeners.append(server)
+                # Its certificate is read again on reload, and stapled.
+                self.tls.add_listener(server)
             listener = Listener(
                 endpoint,
                 self.site,
@@ -218,6 +219,8 @@ class Traffic(MultiService):
             self.listeners.append(listener)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
+        assert self.tls.stapler is not None
+        self.tls.stapler.setServiceParent(self)
 
     def _own_endpoint(
         self, index: int, description: str
