@@ -2351,6 +2351,100 @@ class Client(WebSocketClientProtocol):
         return self.messages[count - 1]
 
 
+# == Redis =============================================================================
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Ready to accept connections" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(AssertionError(f"redis-server ended: {self.output[-500:]!r}"))
+        self.ended.callback(None)
+
+
+class RedisServer:
+    """
+    A redis-server (Debian's package, installed by .ci/run) of one test
+    case, on a free loopback port, without persistence; L{kill} and
+    L{start} again restart it on the same port.
+    """
+
+    def __init__(self, *args: str, tls: Optional[tuple[str, str, str]] = None) -> None:
+        self.port = 0
+        self.args = args
+        # (certificate, key, CA) files: serve TLS only, on self.port.
+        self.tls = tls
+        self.process: Optional[_RedisProcess] = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
+
+    async def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise unittest.SkipTest("redis-server is not installed (apt-get install redis-server)")
+        # A port free a moment ago may be taken by the time redis-server
+        # binds it: then another, unless this is a restart on its port.
+        fixed = bool(self.port)
+        for _ in range(1 if fixed else 5):
+            if not fixed:
+                probe = socket.socket()
+                probe.bind((LOOPBACK, 0))
+                self.port = probe.getsockname()[1]
+                probe.close()
+            process = self.process = _RedisProcess()
+            ports = ["--port", str(self.port)]
+            if self.tls:
+                cert, key, ca = self.tls
+                ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                         "--tls-auth-clients", "no"]  # fmt: skip
+            argv = [
+                binary,
+                *ports,
+                "--bind", LOOPBACK,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--protected-mode", "no",
+                *self.args,
+            ]  # fmt: skip
+            reactor.spawnProcess(process, binary, argv, env=None)
+            try:
+                await process.ready.addTimeout(START_TIMEOUT, reactor)
+                return self
+            except AssertionError:
+                if b"Address already in use" not in process.output:
+                    raise
+        raise AssertionError(f"redis-server could not listen on port {self.port}")
+
+    async def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended
+
+
+async def start_redis(testcase: unittest.TestCase, *args: str) -> RedisServer:
+    """
+    A L{RedisServer} of C{testcase} (with more redis-server C{args}), killed
+    in its cleanup.
+    """
+    server = RedisServer(*args)
+    testcase.addCleanup(lambda: defer.ensureDeferred(server.kill()))
+    return await server.start()
+
+
 # == rrlb's command line, run to its end ==============================================
 
 

@@ -25,8 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb.config import Config, ConfigError, PoolConfig
+from rrlb.limits import SHARED, LimitStores
 from rrlb.pool import Node, Pool, Pools
 from rrlb.traffic import Traffic
+from rrlb.workers.limitlink import LimitLink
 from rrlb.workers.sockets import adopted_endpoint
 from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
@@ -120,6 +122,8 @@ class WorkerChannel(QuietAMP):
         self.traffic: Optional[Traffic] = None
         self.exit_code = 0
         self._stopping = False
+        # The store: local rate limits count in the main process.
+        self.limits = LimitStores(reactor, LimitLink(self, reactor))
 
     def new_pool(self, name: str) -> Pool:
         pool = WorkerPool((), name=name, clock=self.reactor)
@@ -154,6 +158,7 @@ class WorkerChannel(QuietAMP):
                     new_pool=self.new_pool,
                     endpoints=self.endpoint(config),
                     count_requests=count,
+                    filter_state={SHARED: self.limits},
                 )
                 apply_states(self.pools, states)
                 traffic.startService()
