@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 
 from rrlb._twisted import clear_exit_signal
+from rrlb.acme import AcmeManager, AcmeState
 from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
@@ -76,6 +77,11 @@ class TrafficSide(Protocol):
     def ready(self) -> list[defer.Deferred[Any]]:
         """
         What fires once the traffic is served (for C{READY=1}).
+        """
+
+    def acme_update(self, state: AcmeState) -> Any:
+        """
+        Serve C{state} (the ACME certificate and challenges) everywhere.
         """
 
     def stopping_status(self) -> str:
@@ -215,6 +221,11 @@ class ControlService(MultiService):
                 )
         self.notify = SystemdNotify(reactor, self.pools, environ or {}, pid)
         self.notify.setServiceParent(self)
+        # Certificates from ACME: orders from this process only.
+        self.acme: Optional[AcmeManager] = None
+        if config.tls.acme.enabled:
+            self.acme = AcmeManager(config.tls.acme, reactor, traffic.acme_update)
+            self.acme.setServiceParent(self)
 
     @property
     def pool(self) -> Pool:
@@ -248,10 +259,17 @@ class ControlService(MultiService):
         http2_changed = config.http2 != self.config.http2
         if http2_changed:
             config = dataclasses.replace(config, http2=self.config.http2)
+        if config.tls.acme.enabled != self.config.tls.acme.enabled:
+            self.log.warn("tls.acme on or off changes only with a restart")
+            tls = dataclasses.replace(config.tls, acme=self.config.tls.acme)
+            config = dataclasses.replace(config, tls=tls)
         pool_configs = self._pool_configs(config)
         applied = self.traffic.apply(config, pool_configs, True)
         self._check(pool_configs)
         self._apply_admin(config)
+        if self.acme is not None:
+            # A reload is one of the renewal checks.
+            self.acme.configure(config.tls.acme)
         if http2_changed:
             self.log.warn("http2 changes only with a restart")
         self.config = dataclasses.replace(config)

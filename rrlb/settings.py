@@ -23,17 +23,22 @@ from rrlb.values import (
     as_given,
     boolean,
     byte_size,
+    duration,
     non_negative_float,
     non_negative_int,
+    one_of,
     parse_access_log_format,
     parse_balance,
     parse_certificates,
+    parse_domains,
+    parse_email,
     parse_hash_key,
     parse_health_path,
     parse_listen,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
+    parse_url,
     parse_workers,
     percent,
     positive_float,
@@ -294,6 +299,36 @@ class HealthConfig:
     fall: int = setting(3, positive_int, "Failed checks in a row that take a node out")
 
 
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """
+    Certificates from an ACME CA (L{rrlb.acme}), YAML only (C{tls: acme:});
+    off unless C{directory} is set.
+    """
+
+    directory: Optional[str] = setting(None, parse_url, "ACME directory URL", flag="")
+    email: Optional[str] = setting(None, parse_email, "Contact address of the account", flag="")
+    domains: tuple[str, ...] = setting((), parse_domains, "Names of the certificate", flag="")
+    storage: Optional[str] = setting(
+        None, string, "Directory of the account key, keys and certificates", flag=""
+    )
+    challenge: str = setting("http-01", one_of(*ACME_CHALLENGES), "http-01 or tls-alpn-01", flag="")
+    ca_file: Optional[str] = setting(
+        None, string, "PEM CA certificates of the ACME server's HTTPS", flag=""
+    )
+    # None: a third of the certificate's lifetime.
+    renew_before: Optional[float] = setting(
+        None, duration, "Renew with less than this left (30d)", flag=""
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+
 @dataclass(frozen=True)
 class ListenTLS:
     """
@@ -313,6 +348,7 @@ class ListenTLS:
     certificates: tuple[tuple[str, Optional[str]], ...] = setting(
         (), parse_certificates, "More certificates, chosen by SNI", flag=""
     )
+    acme: AcmeConfig = setting(AcmeConfig(), None, "Certificates from an ACME CA", flag="")
 
 
 DEFAULT_POOL = "default"
@@ -382,9 +418,7 @@ class Config(PoolSettings):
     )  # fmt: skip
     pools: tuple[PoolConfig, ...] = setting((), None, "Named pools", flag="")
     routes: tuple[RouteConfig, ...] = setting((), None, "Routes to pools", flag="")
-    demo: int = setting(
-        0, positive_int, "Start N demo nodes on loopback", yaml=False, shown=""
-    )
+    demo: int = setting(0, positive_int, "Start N demo nodes on loopback", yaml=False, shown="")
     access_log: Optional[str] = setting(
         None, string, "Access log file ('-' for stdout)", shown="off"
     )

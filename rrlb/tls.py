@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -81,6 +81,28 @@ def server_options(pair: LoadedKeyPair, dh: Optional[str] = None) -> Certificate
     )
 
 
+def bare_context() -> SSL.Context:
+    """
+    A server context with rrlb's settings and no certificate: a handshake
+    that stays on it fails (C{handshake_failure}).
+    """
+    return CertificateOptions(
+        raiseMinimumTo=MINIMUM_TLS_VERSION, acceptableCiphers=MODERN_CIPHERS
+    ).getContext()
+
+
+class CertificateHook(Protocol):
+    """
+    Certificates a listener serves by SNI beside its files (L{rrlb.acme}).
+    """
+
+    def context_for(self, name: str) -> Optional[SSL.Context]:
+        """
+        The context for a ClientHello naming C{name}, or L{None}: not one of
+        the hook's names.
+        """
+
+
 @dataclass(frozen=True)
 class ServerTLSState:
     """
@@ -89,7 +111,11 @@ class ServerTLSState:
 
     context: SSL.Context
     by_name: dict[str, SSL.Context]
-    leaf: x509.Certificate
+    leaf: Optional[x509.Certificate]
+    # Every certificate of the files, the default first; and the settings
+    # they were read by.
+    leaves: tuple[x509.Certificate, ...] = ()
+    listen_tls: ListenTLS = ListenTLS()
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -112,7 +138,15 @@ class ServerTLS:
         self.name = name
         self.files = files
         self.dh = dh
+        self.hook: Optional[CertificateHook] = None
         self._state = self.prepare(listen_tls or ListenTLS())
+
+    def set_hook(self, hook: CertificateHook) -> None:
+        """
+        Serve C{hook}'s certificates too, chosen by SNI before the files'.
+        """
+        self.hook = hook
+        self.commit(self.prepare(self._state.listen_tls))
 
     def sources(self, listen_tls: ListenTLS) -> tuple[KeyPairFiles, ...]:
         if self.files is not None:
@@ -126,13 +160,18 @@ class ServerTLS:
         @raise ConfigError: a file cannot be used.
         """
         sources = self.sources(listen_tls)
+        if not sources and (self.hook is not None or listen_tls.acme.enabled):
+            # Only certificates from ACME, chosen by SNI; without SNI none.
+            context = bare_context()
+            context.set_tlsext_servername_callback(_sni_selector({}, context, self))
+            return ServerTLSState(context, {}, None, (), listen_tls)
         if not sources:
             raise ConfigError(
                 f"{self.name}: no certificate (give privateKey=/certKey= or --tls-cert/--tls-key)"
             )
         by_name: dict[str, SSL.Context] = {}
         contexts = []
-        leaf = None
+        leaves = []
         for files in sources:
             pair = load_key_pair(files)
             try:
@@ -140,14 +179,13 @@ class ServerTLS:
             except (ValueError, SSL.Error, OSError) as e:
                 raise ConfigError(f"{self.name}: {files.cert!r}: {e}") from None
             contexts.append(context)
-            leaf = leaf or pair.leaf
+            leaves.append(pair.leaf)
             for name in pair.names():
                 by_name.setdefault(name, context)
         default = contexts[0]
-        if len(contexts) > 1:
-            default.set_tlsext_servername_callback(_sni_selector(by_name, default))
-        assert leaf is not None
-        return ServerTLSState(default, by_name, leaf)
+        if len(contexts) > 1 or self.hook is not None:
+            default.set_tlsext_servername_callback(_sni_selector(by_name, default, self))
+        return ServerTLSState(default, by_name, leaves[0], tuple(leaves), listen_tls)
 
     def commit(self, state: ServerTLSState) -> None:
         """
@@ -159,11 +197,18 @@ class ServerTLS:
         self.commit(self.prepare(listen_tls))
 
     @property
-    def certificate(self) -> x509.Certificate:
+    def certificate(self) -> Optional[x509.Certificate]:
         """
-        The default certificate served now.
+        The default certificate served now (none: only ACME's, by SNI).
         """
         return self._state.leaf
+
+    @property
+    def certificates(self) -> list[x509.Certificate]:
+        """
+        Every certificate of the files served now, the default first.
+        """
+        return list(self._state.leaves)
 
     def getContext(self) -> SSL.Context:
         return self._state.context
@@ -175,7 +220,7 @@ class ServerTLS:
 
 
 def _sni_selector(
-    by_name: dict[str, SSL.Context], default: SSL.Context
+    by_name: dict[str, SSL.Context], default: SSL.Context, server: ServerTLS
 ) -> Callable[[SSL.Connection], None]:
     def select(connection: SSL.Connection) -> None:
         try:
@@ -183,6 +228,11 @@ def _sni_selector(
             if not raw:
                 return
             name = raw.decode("ascii", "replace").lower().rstrip(".")
+            hook = server.hook
+            context = hook.context_for(name) if hook is not None else None
+            if context is not None:
+                connection.set_context(context)
+                return
             context = by_name.get(name)
             if context is None and "." in name:
                 context = by_name.get("*." + name.split(".", 1)[1])
@@ -339,7 +389,7 @@ def _tls_endpoint(
         )
     elif "certKey" in kwargs:
         raise ConfigError(f"{name}: certKey= needs privateKey=")
-    elif not listen_tls.cert:
+    elif not listen_tls.cert and not listen_tls.acme.enabled:
         raise ConfigError(
             f"{name}: no certificate: give privateKey=KEY.pem:certKey=CERT.pem"
             " or --tls-cert/--tls-key (tls: {cert, key} in the YAML file)"

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from rrlb.accesslog import AccessLog
+from rrlb.acme import AcmeServing, AcmeState, ChallengeResource
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
@@ -185,6 +186,12 @@ class Traffic(MultiService):
 
             self.site.protocol = ALPNChannel
             self.site.alpn = ALPN_PROTOCOLS
+        # Certificates from ACME (tls: acme:): its http-01 answers ahead of
+        # the router, its certificates by SNI. Nothing of it without.
+        self.acme: Optional[AcmeServing] = None
+        if config.tls.acme.enabled:
+            self.acme = AcmeServing()
+            self.site.resource = ChallengeResource(self.acme, self.proxy)
         self.metrics = Metrics(
             pools,
             reactor,
@@ -211,6 +218,9 @@ class Traffic(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        if self.acme is not None:
+            for server in self.tls.listeners:
+                server.set_hook(self.acme)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
 
@@ -224,6 +234,14 @@ class Traffic(MultiService):
             config.tls,
             tls_on_tcp(config.listen, config.tls),
         )
+
+    def acme_update(self, state: AcmeState) -> defer.Deferred[None]:
+        """
+        Serve C{state}: the ACME certificate and the challenges pending.
+        """
+        if self.acme is not None:
+            self.acme.update(state)
+        return defer.succeed(None)
 
     @property
     def tls_policy(self) -> Any:

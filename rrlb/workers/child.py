@@ -24,6 +24,7 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rrlb.acme import AcmeState
 from rrlb.config import Config, ConfigError, PoolConfig
 from rrlb.pool import Node, Pool, Pools
 from rrlb.traffic import Traffic
@@ -32,6 +33,7 @@ from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
+    AcmeUpdate,
     ConfigRefused,
     Configure,
     GetCounters,
@@ -179,6 +181,12 @@ class WorkerChannel(QuietAMP):
             raise ConfigRefused(str(e)) from None
         apply_states(self.pools, states)
         return {"pid": os.getpid()}
+
+    @AcmeUpdate.responder
+    def acme_update(self, state: AcmeState) -> dict[str, Any]:
+        if self.traffic is not None:
+            self.traffic.acme_update(state)
+        return {"names": len(state.names)}
 
     @NodeStates.responder
     def node_states(self, states: list[Any]) -> dict[str, Any]:
