@@ -28,6 +28,7 @@ from tests.support import (
     http_request,
     served_certificate,
     start_backend,
+    start_daemon,
     start_balancer,
     start_pebble,
     start_server,
@@ -50,6 +51,8 @@ class PebbleCase(TLSCase):
 
     def setUp(self) -> None:
         super().setUp()
+        # Absolute: rrlb as a process runs elsewhere.
+        self.dir = os.path.abspath(self.dir)
         self.dns = start_server(self)
         self.http_port = free_port()
         self.tls_port = free_port()
@@ -260,3 +263,30 @@ class BeforeTheFirstTests(TLSCase):
         self.assertIsNone(cert)
         [line] = [m for m in logs.messages() if "ACME order" in m]
         self.assertIn("retrying in 60s", line)
+
+
+class WorkersTests(PebbleCase):
+    """
+    ACME with C{--workers}.
+    """
+
+    async def test_two_workers(self) -> None:
+        """
+        With C{--workers 2} the main process places the one order (the
+        http-01 token reaches the workers, which serve the plain listener),
+        and every worker serves the certificate.
+        """
+        pebble = await self.pebble()
+        settings = self.settings(pebble)
+        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
+        listen = [arg for d in settings["listen"] for arg in ("--listen", d)]
+        daemon = await start_daemon(self, "--config", path, *listen, "--workers", "2")
+        await daemon.wait_for_message("READY=1")
+        first = await self.certificate()
+        # Connections land on either worker: each one serves it.
+        for _ in range(8):
+            cert, _ = await served_certificate(self.tls_port, ACME_NAME)
+            assert cert is not None
+            self.assertEqual(cert.serial_number, first.serial_number)
+        self.assertEqual(pebble.text.count("POST /order-plz"), 1)
+        self.assertEqual(pebble.text.count("POST /sign-me-up"), 1)
