@@ -480,7 +480,7 @@ def describe(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + "..."
 
 
-def _network(key_pem: bytes, ca_file: Optional[str]) -> Any:
+def _network(key_pem: bytes, ca_file: Optional[str], timeout: float = NETWORK_TIMEOUT) -> Any:
     """
     The C{acme} package's network client with an account key, whose
     answers are bounded in size and time.
@@ -493,18 +493,18 @@ def _network(key_pem: bytes, ca_file: Optional[str]) -> Any:
         def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
             kwargs["verify"] = self.verify_ssl
             kwargs.setdefault("headers", {}).setdefault("User-Agent", self.user_agent)
-            kwargs.setdefault("timeout", NETWORK_TIMEOUT)
+            kwargs.setdefault("timeout", timeout)
             kwargs["stream"] = True
             response = self.session.request(method, url, *args, **kwargs)
             try:
                 body = b""
-                deadline = time.monotonic() + NETWORK_TIMEOUT
+                deadline = time.monotonic() + timeout
                 for chunk in response.iter_content(65536):
                     body += chunk
                     if len(body) > MAX_ANSWER:
                         raise AcmeError(f"{url}: an answer over {MAX_ANSWER} bytes")
                     if time.monotonic() > deadline:
-                        raise AcmeError(f"{url}: the answer took over {NETWORK_TIMEOUT:g}s")
+                        raise AcmeError(f"{url}: the answer took over {timeout:g}s")
             except requests.RequestException as e:
                 raise AcmeError(f"{url}: {type(e).__name__}: {e}") from None
             finally:
@@ -547,7 +547,7 @@ class Order:
     challenges: list[Challenge] = field(default_factory=list)
 
 
-def place_order(acme: AcmeConfig, account_key: bytes) -> Order:
+def place_order(acme: AcmeConfig, account_key: bytes, timeout: float = NETWORK_TIMEOUT) -> Order:
     """
     Register (or find) the account and place an order for the names,
     picking each authorization's challenge of the configured kind. Runs in
@@ -557,7 +557,7 @@ def place_order(acme: AcmeConfig, account_key: bytes) -> Order:
     from acme import client, crypto_util, errors, messages
 
     assert acme.directory is not None
-    net = _network(account_key, acme.ca_file)
+    net = _network(account_key, acme.ca_file, timeout)
     directory = client.ClientV2.get_directory(acme.directory, net)
     acme_client = client.ClientV2(directory, net)
     registration = messages.NewRegistration.from_data(

@@ -449,6 +449,8 @@ def check_tls(config: Config) -> None:
 
     @raise ConfigError: naming the setting and the file.
     """
+    if config.tls.acme.ca_file:
+        load_certificates("tls.acme.ca_file", config.tls.acme.ca_file)
     if config.tls.ca_file:
         # Read even when no node is https now: a reload may add one, and a
         # wrong path should be caught where it was typed.

@@ -2484,7 +2484,7 @@ async def _accepts(port: int) -> bool:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _AnyCertificate:
+class AnyCertificate:
     """
     A TLS client that sends C{name} by SNI (and C{alpn}), and takes any
     certificate: the tests look at what was served.
@@ -2530,7 +2530,7 @@ async def served_certificate(
     handshake fails.
     """
     endpoint = wrapClientTLS(
-        _AnyCertificate(name, alpn), TCP4ClientEndpoint(reactor, LOOPBACK, port, timeout=5)
+        AnyCertificate(name, alpn), TCP4ClientEndpoint(reactor, LOOPBACK, port, timeout=5)
     )
     protocol = _Handshake()
     try:

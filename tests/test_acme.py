@@ -11,25 +11,51 @@ misbehaving CA served by the test itself.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 import stat
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.task import Clock
 
+from rrlb.acme import (
+    ACME_IDENTIFIER,
+    ACME_TLS_ALPN,
+    CHECK_INTERVAL,
+    FIRST_RETRY,
+    AcmeError,
+    AcmeManager,
+    AcmeState,
+    Challenge,
+    Order,
+    challenge_certificate,
+    new_key,
+)
+from rrlb.config import build_config
+from rrlb.settings import AcmeConfig
+from rrlb.values import ConfigError
 from tests.support import (
     ACME_NAME,
     LOOPBACK,
+    AnyCertificate,
     Balancer,
     LogCapture,
     TLSCase,
+    WireClient,
+    certs,
     free_port,
     http_request,
+    reactor,
     served_certificate,
     start_backend,
-    start_daemon,
     start_balancer,
+    start_daemon,
     start_pebble,
     start_server,
     wait_for_value,
@@ -290,3 +316,471 @@ class WorkersTests(PebbleCase):
             self.assertEqual(cert.serial_number, first.serial_number)
         self.assertEqual(pebble.text.count("POST /order-plz"), 1)
         self.assertEqual(pebble.text.count("POST /sign-me-up"), 1)
+
+
+# -- the manager on a clock, with the order's steps given by the test ------------------
+
+
+def fake_chain(key_pem: bytes, names: Sequence[str], days: float = 90) -> bytes:
+    """
+    A chain for the key C{key_pem}: a leaf for C{names} valid for C{days}
+    from now, issued by the test CA, and the CA.
+    """
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    ca = certs().ca
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return leaf.public_bytes(serialization.Encoding.PEM) + ca.cert_pem
+
+
+class FakeCA:
+    """
+    The steps of an order, answered here: each call to C{place} or
+    C{finish} is recorded and waits for the test (C{answer}), or answers
+    at once with what the test set.
+    """
+
+    def __init__(self, challenge: str = "http-01") -> None:
+        self.challenge = challenge
+        self.placed: list[AcmeConfig] = []
+        self.finished: list[Order] = []
+        self.names: Optional[Sequence[str]] = None
+        self.days = 90.0
+        self.error: Optional[Exception] = None
+        self.chain: Optional[bytes] = None
+
+    def place(self, acme: AcmeConfig, account: bytes) -> Order:
+        self.placed.append(acme)
+        if self.error is not None:
+            raise self.error
+        challenge = Challenge(acme.domains[0], self.challenge, "tok", "tok.thumb", None)
+        return Order(None, None, new_key(), [challenge])
+
+    def finish(self, order: Order) -> bytes:
+        self.finished.append(order)
+        if self.chain is not None:
+            return self.chain
+        return fake_chain(order.key, list(self.names or ["a.test"]), self.days)
+
+
+class ManagerTests(TLSCase):
+    """
+    L{AcmeManager} on a L{Clock}, its order's steps run at once.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        # The certificates are made now; the clock starts there too.
+        self.clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
+        self.ca = FakeCA()
+        self.states: list[AcmeState] = []
+        self.storage = os.path.join(self.dir, "acme")
+        self.logs = LogCapture.install(self)
+
+    def manager(self, **acme: Any) -> AcmeManager:
+        settings = AcmeConfig(
+            **{
+                "directory": "https://ca.test/dir",
+                "domains": ("a.test",),
+                "storage": self.storage,
+                **acme,
+            }
+        )
+        manager = AcmeManager(
+            settings,
+            self.clock,
+            self.states.append,
+            place=self.ca.place,
+            finish=self.ca.finish,
+            run=lambda work: defer.maybeDeferred(work),
+        )
+        self.addCleanup(lambda: manager.running and manager.stopService())
+        return manager
+
+    def errors(self) -> list[str]:
+        return [m for m in self.logs.messages() if "ACME order" in m]
+
+    def test_first_order(self) -> None:
+        """
+        At start with nothing stored, one order: its http-01 token is
+        served while it runs, then the certificate, stored 0600 in a 0700
+        directory; the next check finds nothing to do.
+        """
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(len(self.ca.placed), 1)
+        self.assertIn((("tok", "tok.thumb"),), [s.tokens for s in self.states])
+        state = self.states[-1]
+        self.assertEqual(state.tokens, ())
+        self.assertEqual(state.names, ("a.test",))
+        self.assertTrue(state.chain.startswith(b"-----BEGIN CERTIFICATE-----"))
+        self.assertEqual(manager.orders, {"ok": 1, "error": 0})
+        self.assertEqual(stat.S_IMODE(os.stat(self.storage).st_mode), 0o700)
+        for name in ("account.key", "certificate.pem"):
+            mode = os.stat(os.path.join(self.storage, name)).st_mode
+            self.assertEqual(stat.S_IMODE(mode), 0o600)
+        self.assertEqual(sorted(os.listdir(self.storage)), ["account.key", "certificate.pem"])
+        self.clock.advance(CHECK_INTERVAL)
+        self.assertEqual(len(self.ca.placed), 1)
+
+    def test_restart(self) -> None:
+        """
+        A new manager on the same storage serves the stored certificate
+        and orders nothing.
+        """
+        first = self.manager()
+        first.startService()
+        first.stopService()
+        chain = self.states[-1].chain
+        self.states.clear()
+        second = self.manager()
+        second.startService()
+        self.assertEqual(len(self.ca.placed), 1)
+        self.assertEqual(self.states[0].chain, chain)
+
+    def test_renewal_once_per_check(self) -> None:
+        """
+        With less than C{renew_before} left, the check at start and each
+        12-hour check renew once; nothing orders between checks.
+        """
+        self.ca.days = 1
+        manager = self.manager(renew_before=2 * 86400.0)
+        manager.startService()
+        self.assertEqual(len(self.ca.placed), 1)
+        # Due again at once, but nothing happens until the next check.
+        self.assertIsNotNone(manager.due())
+        self.clock.advance(CHECK_INTERVAL - 1)
+        self.assertEqual(len(self.ca.placed), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.ca.placed), 2)
+
+    def test_default_renew_before(self) -> None:
+        """
+        Without C{renew_before}, a certificate is renewed with less than a
+        third of its life left.
+        """
+        self.ca.days = 90
+        manager = self.manager()
+        manager.startService()
+        self.assertIsNone(manager.due())
+        self.clock.advance(59 * 86400)
+        self.assertIsNone(manager.due())
+        self.clock.advance(86400 + 3600)
+        self.assertIsNotNone(manager.due())
+
+    def test_backoff(self) -> None:
+        """
+        A failed order is logged in one line with the CA's error and
+        retried after 60 s, then twice as long each time up to an hour; a
+        success starts again from 60 s.
+        """
+        self.ca.error = AcmeError("urn:ietf:params:acme:error:serverInternal: down")
+        manager = self.manager()
+        manager.startService()
+        delays = []
+        for _ in range(8):
+            call = manager._retry
+            assert call is not None
+            delays.append(call.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+        self.assertEqual(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600])
+        self.assertEqual(manager.orders["error"], 9)
+        line = self.errors()[0]
+        self.assertIn("serverInternal: down; retrying in 60s", line)
+        self.ca.error = None
+        self.clock.advance(3600)
+        self.assertEqual(manager.orders["ok"], 1)
+        self.assertEqual(manager.retry_in, FIRST_RETRY)
+
+    def test_one_order_at_a_time(self) -> None:
+        """
+        A check while an order is under way places no second one.
+        """
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        manager = self.manager()
+        manager.run = lambda work: waiting.addCallback(lambda _: work())
+        manager.startService()
+        manager.check()
+        manager.configure(manager.acme)
+        self.assertEqual(self.ca.placed, [])
+        waiting.callback(None)
+        self.assertEqual(len(self.ca.placed), 1)
+
+    def test_wrong_names(self) -> None:
+        """
+        A certificate for other names than those ordered is refused, the
+        order counts as failed, and nothing is stored.
+        """
+        self.ca.names = ["evil.test"]
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(manager.orders, {"ok": 0, "error": 1})
+        self.assertIn("is for evil.test, not a.test", self.errors()[0])
+        self.assertEqual(self.states[-1].chain, b"")
+        self.assertFalse(os.path.exists(os.path.join(self.storage, "certificate.pem")))
+
+    def test_garbage_certificate(self) -> None:
+        """
+        A chain that is not a certificate for the key is refused.
+        """
+        self.ca.chain = b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(manager.orders, {"ok": 0, "error": 1})
+        self.assertIn("cannot be used", self.errors()[0])
+
+    def test_corrupt_storage(self) -> None:
+        """
+        A corrupt certificate file and account key are said in the log and
+        replaced by a new order.
+        """
+        os.makedirs(self.storage, mode=0o700)
+        for name in ("certificate.pem", "account.key"):
+            with open(os.path.join(self.storage, name), "wb") as f:
+                f.write(b"\x00garbage")
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(manager.orders, {"ok": 1, "error": 0})
+        messages = "\n".join(self.logs.messages())
+        self.assertIn("certificate.pem is not a certificate and its key", messages)
+        self.assertIn("account.key holds no usable key", messages)
+
+    def test_storage_permissions(self) -> None:
+        """
+        A storage directory open to others is made 0700 (and said).
+        """
+        os.makedirs(self.storage)
+        os.chmod(self.storage, 0o755)
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(stat.S_IMODE(os.stat(self.storage).st_mode), 0o700)
+        self.assertTrue([m for m in self.logs.messages() if "was mode 755" in m])
+
+    def test_storage_unusable(self) -> None:
+        """
+        A storage path that cannot be a directory fails each order with one
+        line, retried; nothing raises.
+        """
+        with open(os.path.join(self.dir, "file"), "wb"):
+            pass
+        self.storage = os.path.join(self.dir, "file", "acme")
+        manager = self.manager()
+        manager.startService()
+        self.assertEqual(manager.orders, {"ok": 0, "error": 1})
+        self.assertIn("tls.acme.storage", self.errors()[0])
+        self.assertIn("retrying in 60s", self.errors()[0])
+
+
+class SettingsTests(TLSCase):
+    """
+    C{tls: acme:} in the YAML file.
+    """
+
+    def load(self, acme: Any) -> Any:
+        settings = {"nodes": ["http://127.0.0.1:9"], "tls": {"acme": acme}}
+        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
+        return build_config(path)
+
+    def test_read(self) -> None:
+        """
+        Every key is read as the issue writes it; names are lower-cased.
+        """
+        config = self.load(
+            {
+                "directory": "https://acme.example/directory",
+                "email": "ops@example.com",
+                "domains": ["Example.com", "www.example.com"],
+                "storage": "/var/lib/rrlb/acme",
+                "challenge": "tls-alpn-01",
+                "ca_file": "/etc/rrlb/acme-server-ca.pem",
+                "renew_before": "30d",
+            }
+        )
+        self.assertEqual(
+            config.tls.acme,
+            AcmeConfig(
+                directory="https://acme.example/directory",
+                email="ops@example.com",
+                domains=("example.com", "www.example.com"),
+                storage="/var/lib/rrlb/acme",
+                challenge="tls-alpn-01",
+                ca_file="/etc/rrlb/acme-server-ca.pem",
+                renew_before=30 * 86400.0,
+            ),
+        )
+        self.assertFalse(self.load({}).tls.acme.enabled)
+
+    def test_errors(self) -> None:
+        """
+        A bad or missing value is one line naming the key.
+        """
+        good = {"directory": "https://ca.test/dir", "domains": ["a.test"], "storage": "/s"}
+        cases = [
+            ({**good, "directory": "ftp://x"}, "tls.acme.directory must be an https:// URL"),
+            ({**good, "domains": []}, "tls.acme.domains must be a list of DNS names"),
+            ({**good, "domains": ["a b"]}, "tls.acme.domains: 'a b' is not a DNS name"),
+            ({**good, "domains": ["*.a.test"]}, "tls.acme.domains: wildcard names need dns-01"),
+            ({**good, "challenge": "dns-01"}, "tls.acme.challenge must be one of http-01"),
+            ({**good, "renew_before": "soon"}, "tls.acme.renew_before must be a time"),
+            ({**good, "renew_before": 0}, "tls.acme.renew_before must be a time"),
+            ({**good, "email": "nobody"}, "tls.acme.email must be an e-mail address"),
+            ({**good, "color": "red"}, "unknown setting tls.acme.color"),
+            ({"domains": ["a.test"]}, "tls.acme.directory: "),
+            ({**good, "domains": None}, "tls.acme.domains"),
+            ({k: v for k, v in good.items() if k != "storage"}, "tls.acme.storage: "),
+            ({k: v for k, v in good.items() if k != "domains"}, "tls.acme.domains: "),
+            ("yes", "tls.acme must be a mapping"),
+        ]
+        for acme, message in cases:
+            with self.assertRaises(ConfigError) as caught:
+                self.load(acme)
+            self.assertIn(message, str(caught.exception), acme)
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_ca_file_checked(self) -> None:
+        """
+        C{ca_file} is read at start-up (and reload), like every TLS file.
+        """
+        from rrlb.tls import check_tls
+
+        config = self.load(
+            {
+                "directory": "https://ca.test/dir",
+                "domains": ["a.test"],
+                "storage": "/s",
+                "ca_file": os.path.join(self.dir, "missing.pem"),
+            }
+        )
+        with self.assertRaises(ConfigError) as caught:
+            check_tls(config)
+        self.assertIn("tls.acme.ca_file: cannot read", str(caught.exception))
+
+
+class ServingTests(TLSCase):
+    """
+    L{AcmeServing} behind real listeners, fed states by the test (the CA
+    cannot be reached: nothing else changes them).
+    """
+
+    async def balancer(self) -> tuple[Balancer, int]:
+        tls_port = free_port()
+        backend = await start_backend(self, "a")
+        self.backend = backend
+        settings = {
+            "tls": {
+                "acme": {
+                    "directory": f"https://{LOOPBACK}:{free_port()}/dir",
+                    "domains": [ACME_NAME],
+                    "storage": os.path.join(self.dir, "acme"),
+                }
+            },
+        }
+        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--config",
+            path,
+            "--listen",
+            f"tcp:0:interface={LOOPBACK}",
+            "--listen",
+            f"ssl:{tls_port}:interface={LOOPBACK}",
+        )
+        return balancer, tls_port
+
+    async def test_http01_paths(self) -> None:
+        """
+        A pending token's path gets its key authorization from rrlb; any
+        other path under the prefix, and the path after the token is gone,
+        goes to the nodes as usual.
+        """
+        balancer, _ = await self.balancer()
+        traffic = balancer.service.traffic
+        traffic.acme_update(AcmeState(names=(ACME_NAME,), tokens=(("tok", "tok.thumb"),)))
+        prefix = balancer.url + "/.well-known/acme-challenge/"
+        answer = await http_request(self, "GET", prefix + "tok")
+        self.assertEqual((answer.code, answer.body), (200, b"tok.thumb"))
+        self.assertEqual(self.backend.requests, [])
+        other = await http_request(self, "GET", prefix + "other")
+        self.assertEqual(other.body, b"a")
+        traffic.acme_update(AcmeState(names=(ACME_NAME,)))
+        gone = await http_request(self, "GET", prefix + "tok")
+        self.assertEqual(gone.body, b"a")
+        self.assertEqual(
+            [r.path for r in self.backend.requests],
+            [b"/.well-known/acme-challenge/other", b"/.well-known/acme-challenge/tok"],
+        )
+
+    async def test_tls_alpn01_challenge(self) -> None:
+        """
+        A ClientHello for a pending name offering C{acme-tls/1} gets the
+        RFC 8737 challenge certificate (the name in its SAN, the critical
+        acmeIdentifier extension with the key authorization's SHA-256);
+        without C{acme-tls/1} the handshake fails (no certificate yet), as
+        it does for a name with no challenge pending.
+        """
+        balancer, port = await self.balancer()
+        cert_pem, key_pem = challenge_certificate(ACME_NAME, "tok.thumb")
+        balancer.service.traffic.acme_update(
+            AcmeState(names=(ACME_NAME,), alpn=((ACME_NAME, cert_pem, key_pem),))
+        )
+        cert, protocol = await served_certificate(port, ACME_NAME, [ACME_TLS_ALPN])
+        assert cert is not None
+        self.assertEqual(protocol, ACME_TLS_ALPN)
+        extension = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER)
+        self.assertTrue(extension.critical)
+        digest = hashlib.sha256(b"tok.thumb").digest()
+        self.assertEqual(extension.value.value, b"\x04\x20" + digest)
+        self.assertEqual(
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value,
+            x509.SubjectAlternativeName([x509.DNSName(ACME_NAME)]),
+        )
+        self.assertEqual(await served_certificate(port, ACME_NAME), (None, None))
+        self.assertEqual(
+            await served_certificate(port, "other.rrlb.test", [ACME_TLS_ALPN]), (None, None)
+        )
+
+    async def test_swap(self) -> None:
+        """
+        A new certificate is served to new handshakes at once; a connection
+        open before keeps working.
+        """
+        balancer, port = await self.balancer()
+        traffic = balancer.service.traffic
+        key = new_key()
+        chain = fake_chain(key, [ACME_NAME])
+        traffic.acme_update(AcmeState(names=(ACME_NAME,), chain=chain, key=key))
+        first, _ = await served_certificate(port, ACME_NAME)
+        assert first is not None
+        endpoint = wrapClientTLS(
+            AnyCertificate(ACME_NAME), TCP4ClientEndpoint(reactor, LOOPBACK, port)
+        )
+        open_before = await connectProtocol(endpoint, WireClient())
+        self.addCleanup(open_before.close)
+        open_before.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        before = await open_before.response()
+        assert before is not None
+        key2 = new_key()
+        traffic.acme_update(
+            AcmeState(names=(ACME_NAME,), chain=fake_chain(key2, [ACME_NAME]), key=key2)
+        )
+        second, _ = await served_certificate(port, ACME_NAME)
+        assert second is not None
+        self.assertNotEqual(first.serial_number, second.serial_number)
+        open_before.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        after = await open_before.response()
+        assert after is not None
+        self.assertEqual((after.code, after.body), (200, b"a"))
