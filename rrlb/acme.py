@@ -458,6 +458,7 @@ def describe(error: BaseException) -> str:
     """
     An order's failure in one line, naming the CA's error where it gave one.
     """
+    import requests
     from acme import errors, messages
 
     if isinstance(error, AcmeError):
@@ -474,6 +475,12 @@ def describe(error: BaseException) -> str:
                         f" {challb.error.detail or ''}"
                     )
         text = "validation failed: " + "; ".join(problems)
+    elif isinstance(error, errors.ClientError) and isinstance(
+        next(iter(error.args), None), requests.Response
+    ):
+        # The package raises the bare response when it is not JSON.
+        response = error.args[0]
+        text = f"HTTP {response.status_code} from {response.url} without a problem document"
     else:
         text = f"{type(error).__name__}: {error}"
     text = " ".join(text.split())

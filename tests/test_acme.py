@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import stat
+from functools import partial
 from typing import Any, Optional, Sequence
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from rrlb.acme import (
     ACME_IDENTIFIER,
@@ -36,6 +45,7 @@ from rrlb.acme import (
     Order,
     challenge_certificate,
     new_key,
+    place_order,
 )
 from rrlb.config import build_config
 from rrlb.settings import AcmeConfig
@@ -58,6 +68,7 @@ from tests.support import (
     start_daemon,
     start_pebble,
     start_server,
+    track_connections,
     wait_for_value,
     wait_until,
 )
@@ -784,3 +795,136 @@ class ServingTests(TLSCase):
         after = await open_before.response()
         assert after is not None
         self.assertEqual((after.code, after.body), (200, b"a"))
+
+
+# -- a CA that misbehaves ---------------------------------------------------------------
+
+
+class BadCA(Resource):
+    """
+    An "ACME server" on plain HTTP that answers every request the way
+    C{mode} says: C{hang} (never), C{garbage} (JSON that is not),
+    C{huge} (a 2 MiB body) or C{problem} (a directory, then a problem
+    document for everything else).
+    """
+
+    isLeaf = True
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.requests = 0
+        self.port: Any = None
+
+    def render(self, request: Any) -> Any:
+        self.requests += 1
+        if self.mode == "hang":
+            return NOT_DONE_YET
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.mode == "garbage":
+            return b'{"newNonce": [1, 2, {'
+        if self.mode == "huge":
+            return b"[" + b"1," * (1 << 20) + b"1]"
+        base = f"http://{LOOPBACK}:{self.port.getHost().port}"
+        if request.path == b"/dir":
+            return json.dumps(
+                {k: f"{base}/{k}" for k in ("newNonce", "newAccount", "newOrder", "revokeCert")}
+            ).encode("ascii")
+        request.setHeader(b"Replay-Nonce", b"bm9uY2U")
+        if request.path == b"/newNonce":
+            return b""
+        request.setResponseCode(500)
+        request.setHeader(b"Content-Type", b"application/problem+json")
+        return b'{"type": "urn:ietf:params:acme:error:serverInternal", "detail": "on fire"}'
+
+
+class BadCATests(TLSCase):
+    """
+    The real client against CAs that misbehave: every order fails with one
+    line, and is retried; nothing raises, and nothing else stops.
+    """
+
+    async def order(self, mode: str) -> tuple[AcmeManager, str]:
+        ca = BadCA(mode)
+        site = Site(ca)
+        tracker = track_connections(site)
+        ca.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(site)
+        self.addCleanup(ca.port.stopListening)
+        self.addCleanup(tracker.close_all)
+        logs = LogCapture.install(self)
+        settings = AcmeConfig(
+            directory=f"http://{LOOPBACK}:{ca.port.getHost().port}/dir",
+            domains=("a.test",),
+            storage=os.path.join(self.dir, "acme"),
+        )
+        states: list[AcmeState] = []
+        manager = AcmeManager(
+            settings, reactor, states.append, place=partial(place_order, timeout=1.0)
+        )
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        await wait_until(lambda: manager.orders["error"], 15.0, "the order to fail")
+        [line] = [m for m in logs.messages() if "ACME order" in m]
+        self.assertNotIn("\n", line)
+        self.assertIn("retrying in 60s", line)
+        self.assertTrue(manager._retry is not None and manager._retry.active())
+        self.assertEqual(states[-1].chain, b"")
+        return manager, line
+
+    async def test_hang(self) -> None:
+        """
+        A CA that never answers: the order gives up after the timeout.
+        """
+        _, line = await self.order("hang")
+        self.assertIn("timed out", line)
+
+    async def test_garbage(self) -> None:
+        """
+        A CA that answers broken JSON.
+        """
+        _, line = await self.order("garbage")
+        self.assertIn("ACME order for a.test failed", line)
+
+    async def test_huge(self) -> None:
+        """
+        A CA whose answer is too big: it is not read past 1 MiB.
+        """
+        _, line = await self.order("huge")
+        self.assertIn("an answer over 1048576 bytes", line)
+
+    async def test_problem(self) -> None:
+        """
+        A CA's problem document is named in the line.
+        """
+        _, line = await self.order("problem")
+        self.assertIn("serverInternal: on fire", line)
+
+    async def test_serving_while_it_hangs(self) -> None:
+        """
+        While an order hangs on the CA, rrlb serves its plain listener.
+        """
+        ca = BadCA("hang")
+        site = Site(ca)
+        tracker = track_connections(site)
+        ca.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(site)
+        self.addCleanup(ca.port.stopListening)
+        self.addCleanup(tracker.close_all)
+        backend = await start_backend(self, "a")
+        settings = {
+            "tls": {
+                "acme": {
+                    "directory": f"http://{LOOPBACK}:{ca.port.getHost().port}/dir",
+                    "domains": [ACME_NAME],
+                    "storage": os.path.join(self.dir, "acme"),
+                }
+            }
+        }
+        balancer = await self.balancer_yaml(settings, "--nodes", backend.url)
+        await wait_until(lambda: ca.requests, what="the order to reach the CA")
+        acme = balancer.service.acme
+        assert acme is not None
+        self.assertIsNotNone(acme.ordering)
+        for _ in range(3):
+            response = await http_request(self, "GET", balancer.url + "/")
+            self.assertEqual(response.code, 200)
+        self.assertIsNotNone(acme.ordering)
