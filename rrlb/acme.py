@@ -42,8 +42,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from rrlb.settings import AcmeConfig
-from rrlb.tls import bare_context, server_options
+from rrlb.settings import AcmeConfig, Config
+from rrlb.tls import bare_context, listen_endpoint, listen_kind, server_options, tls_on_tcp
 from rrlb.tlsfiles import LoadedKeyPair, not_after
 
 T = TypeVar("T")
@@ -425,6 +425,48 @@ def challenge_certificate(name: str, key_authorization: str) -> tuple[bytes, byt
             serialization.NoEncryption(),
         ),
     )
+
+
+# -- what is served, for /metrics and the status page --------------------------------
+
+
+def listener_certificates(config: Config) -> list[x509.Certificate]:
+    """
+    The certificates of the files of the listeners rrlb serves TLS on
+    itself, each once (read again: a reload calls this).
+    """
+    on_tcp = tls_on_tcp(config.listen, config.tls)
+    found: dict[bytes, x509.Certificate] = {}
+    for description in config.listen:
+        kind = listen_kind(description)[1]
+        if kind != "ssl" and not (kind == "tcp" and on_tcp):
+            continue
+        try:
+            # Endpoints are only built here, never listened on: no reactor.
+            server = listen_endpoint(None, description, config.tls, on_tcp)[1]
+        except Exception:
+            # check_tls has said what is wrong with it at start or reload.
+            continue
+        for leaf in server.certificates if server is not None else ():
+            found.setdefault(leaf.fingerprint(hashes.SHA256()), leaf)
+    return list(found.values())
+
+
+def certificate_status(cert: x509.Certificate, source: str) -> dict[str, Any]:
+    """
+    What C{/status} says of a certificate served: its names, issuer,
+    expiry (Unix time of its notAfter), and where it comes from (C{acme}
+    or C{file}).
+    """
+    names = list(certificate_names(cert)) or [
+        str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    ]
+    return {
+        "names": names,
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_after": not_after(cert).timestamp(),
+        "source": source,
+    }
 
 
 # -- the ACME protocol, in threads ----------------------------------------------------

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 
 from rrlb._twisted import clear_exit_signal
-from rrlb.acme import AcmeManager, AcmeState
+from rrlb.acme import AcmeManager, AcmeState, certificate_status, listener_certificates
 from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
@@ -226,6 +226,22 @@ class ControlService(MultiService):
         if config.tls.acme.enabled:
             self.acme = AcmeManager(config.tls.acme, reactor, traffic.acme_update)
             self.acme.setServiceParent(self)
+            self.metrics.acme_orders = lambda: self.acme.orders if self.acme else None
+        # The certificates of the listeners' files, read at start and reload.
+        self._file_certificates = listener_certificates(config)
+        self.metrics.certificates = self.certificates
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """
+        Every certificate served (ACME's first), for C{/status} and
+        C{/metrics}.
+        """
+        found = []
+        current = self.acme.current if self.acme is not None else None
+        if current is not None:
+            found.append(certificate_status(current.leaf, "acme"))
+        found += [certificate_status(c, "file") for c in self._file_certificates]
+        return found
 
     @property
     def pool(self) -> Pool:
@@ -267,6 +283,7 @@ class ControlService(MultiService):
         applied = self.traffic.apply(config, pool_configs, True)
         self._check(pool_configs)
         self._apply_admin(config)
+        self._file_certificates = listener_certificates(config)
         if self.acme is not None:
             # A reload is one of the renewal checks.
             self.acme.configure(config.tls.acme)

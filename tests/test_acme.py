@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import html
 import json
 import os
 import stat
@@ -52,16 +53,19 @@ from rrlb.settings import AcmeConfig
 from rrlb.values import ConfigError
 from tests.support import (
     ACME_NAME,
+    ADMIN,
     LOOPBACK,
     AnyCertificate,
     Balancer,
     LogCapture,
     TLSCase,
     WireClient,
+    admin_url,
     certs,
     free_port,
     http_request,
     reactor,
+    samples,
     served_certificate,
     start_backend,
     start_balancer,
@@ -138,6 +142,38 @@ class PebbleCase(TLSCase):
 
         return await wait_for_value(served, f"a certificate for {name}", ISSUE_TIMEOUT)
 
+    async def check_reported(self, balancer: Balancer, cert: x509.Certificate) -> None:
+        """
+        C{/metrics}, C{/status} and the status page tell of C{cert}.
+        """
+        acme = balancer.service.acme
+        assert acme is not None
+        await wait_until(lambda: acme.ordering is None, what="the order to finish")
+        admin = await admin_url(balancer)
+        metrics = await http_request(self, "GET", admin + "/metrics")
+        found = samples(metrics.body.decode("utf-8"))
+        end = cert.not_valid_after_utc.timestamp()
+        expiry = ("rrlb_tls_certificate_expiry_seconds", (("name", ACME_NAME),))
+        self.assertEqual(found[expiry], end)
+        self.assertEqual(found[("rrlb_acme_orders_total", (("result", "ok"),))], 1)
+        self.assertEqual(found[("rrlb_acme_orders_total", (("result", "error"),))], 0)
+        status = await http_request(self, "GET", admin + "/status")
+        [described] = json.loads(status.body)["certificates"]
+        self.assertEqual(
+            described,
+            {
+                "names": [ACME_NAME],
+                "issuer": issuer_name(cert),
+                "not_after": end,
+                "source": "acme",
+            },
+        )
+        page = await http_request(self, "GET", admin + "/", {b"Accept": [b"text/html"]})
+        text = page.body.decode("utf-8")
+        self.assertIn(f'<td class="names">{ACME_NAME}</td>', text)
+        self.assertIn(html.escape(issuer_name(cert)), text)
+        self.assertIn(f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", text)
+
 
 class IssuanceTests(PebbleCase):
     """
@@ -152,8 +188,9 @@ class IssuanceTests(PebbleCase):
         directory it made.
         """
         pebble = await self.pebble()
-        await self.start(self.settings(pebble, challenge="http-01"))
+        balancer = await self.start(self.settings(pebble, challenge="http-01"), "--admin", ADMIN)
         cert = await self.certificate()
+        await self.check_reported(balancer, cert)
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertEqual(names.get_values_for_type(x509.DNSName), [ACME_NAME])
         self.assertIn("Pebble", issuer_name(cert))
@@ -928,3 +965,44 @@ class BadCATests(TLSCase):
             response = await http_request(self, "GET", balancer.url + "/")
             self.assertEqual(response.code, 200)
         self.assertIsNotNone(acme.ordering)
+
+
+class ReportTests(TLSCase):
+    """
+    C{/metrics} and C{/status} on the certificates of files, without ACME.
+    """
+
+    async def test_file_certificates(self) -> None:
+        """
+        Every certificate a listener serves from a file has its names'
+        expiry in C{rrlb_tls_certificate_expiry_seconds}; without ACME there
+        is no C{rrlb_acme_orders_total}.
+        """
+        cert, key = self.write_pair("site", self.certs.node)
+        other_cert, other_key = self.write_pair("b", self.certs.site_b)
+        settings = {
+            "listen": [f"ssl:0:interface={LOOPBACK}"],
+            "tls": {
+                "cert": cert,
+                "key": key,
+                "certificates": [{"cert": other_cert, "key": other_key}],
+            },
+        }
+        backend = await start_backend(self, "a")
+        balancer = await self.balancer_yaml(settings, "--nodes", backend.url, "--admin", ADMIN)
+        admin = await admin_url(balancer)
+        found = samples((await http_request(self, "GET", admin + "/metrics")).body.decode())
+        expiry = {
+            labels[0][1]: value
+            for (name, labels), value in found.items()
+            if name == "rrlb_tls_certificate_expiry_seconds"
+        }
+        node_end = self.certs.node.cert.not_valid_after_utc.timestamp()
+        b_end = self.certs.site_b.cert.not_valid_after_utc.timestamp()
+        self.assertEqual(expiry, {"localhost": node_end, "b.test": b_end, "*.b.test": b_end})
+        self.assertFalse([k for k in found if k[0].startswith("rrlb_acme")])
+        status = json.loads((await http_request(self, "GET", admin + "/status")).body)
+        self.assertEqual(
+            [(c["names"], c["source"]) for c in status["certificates"]],
+            [(["localhost"], "file"), (["b.test", "*.b.test"], "file")],
+        )
