@@ -26,7 +26,8 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 
 from rrlb._twisted import clear_exit_signal
-from rrlb.acme import AcmeManager, AcmeState, certificate_status, listener_certificates
+from rrlb.acme import AcmeManager
+from rrlb.acmetls import AcmeState, certificate_status, listener_certificates
 from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends

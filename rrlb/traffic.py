@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from rrlb.accesslog import AccessLog
-from rrlb.acme import AcmeServing, AcmeState, ChallengeResource
+from rrlb.acmetls import AcmeServing, AcmeState, ChallengeResource
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain

@@ -36,18 +36,17 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from rrlb.acme import (
     ACME_IDENTIFIER,
-    ACME_TLS_ALPN,
     CHECK_INTERVAL,
     FIRST_RETRY,
     AcmeError,
     AcmeManager,
-    AcmeState,
     Challenge,
     Order,
     challenge_certificate,
     new_key,
     place_order,
 )
+from rrlb.acmetls import ACME_TLS_ALPN, AcmeState
 from rrlb.config import build_config
 from rrlb.settings import AcmeConfig
 from rrlb.values import ConfigError

@@ -24,7 +24,7 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rrlb.acme import AcmeState
+from rrlb.acmetls import AcmeState
 from rrlb.config import Config, ConfigError, PoolConfig
 from rrlb.pool import Node, Pool, Pools
 from rrlb.traffic import Traffic

@@ -18,7 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from rrlb.acme import AcmeState
+from rrlb.acmetls import AcmeState
 from rrlb.config import Config, PoolConfig, all_pools
 from rrlb.listeners import Listener
 from rrlb.nodetls import NodeTLSClients

@@ -20,7 +20,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rrlb.acme import AcmeState
+from rrlb.acmetls import AcmeState
 from rrlb.clients import MAX_LISTED_CLIENTS
 from rrlb.config import Config, PoolConfig
 from rrlb.pool import Node, Pools
