@@ -799,6 +799,15 @@ class ServingTests(TLSCase):
         self.assertEqual(
             await served_certificate(port, "other.rrlb.test", [ACME_TLS_ALPN]), (None, None)
         )
+        # Nothing else is served on a validation connection: rrlb closes it.
+        endpoint = wrapClientTLS(
+            AnyCertificate(ACME_NAME, [ACME_TLS_ALPN]), TCP4ClientEndpoint(reactor, LOOPBACK, port)
+        )
+        client = await connectProtocol(endpoint, WireClient())
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        await wait_until(lambda: client.closed, what="rrlb to close the validation connection")
+        self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(self.backend.requests, [])
 
     async def test_swap(self) -> None:
         """
