@@ -500,7 +500,7 @@ class AcmeManager(Service):
             return
         try:
             stored = split_certificate_file(data)
-        except ValueError as e:
+        except Exception as e:  # cryptography raises more than ValueError
             self.log.error(
                 "tls.acme.storage: {name} is not a certificate and its key ({error});"
                 " ordering a new one",
@@ -561,7 +561,7 @@ class AcmeManager(Service):
         if account is not None:
             try:
                 serialization.load_pem_private_key(account, password=None)
-            except (ValueError, TypeError):
+            except Exception:  # not a key, or one cryptography cannot use
                 self.log.error(
                     "tls.acme.storage: {name} holds no usable key; making a new account key",
                     name=ACCOUNT_FILE,
@@ -592,7 +592,7 @@ class AcmeManager(Service):
             self._publish()
         try:
             stored = Stored(chain, order.key, key_pair(chain, order.key).leaf)
-        except ValueError as e:
+        except Exception as e:  # cryptography raises more than ValueError
             raise AcmeError(f"the CA's certificate cannot be used: {e}") from None
         names = certificate_names(stored.leaf)
         if set(names) != set(acme.domains):

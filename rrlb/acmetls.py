@@ -132,14 +132,17 @@ class AcmeServing:
                 pair = key_pair(state.chain, state.key)
                 context = self._with_callbacks(server_options(pair).getContext())
                 leaf = pair.leaf
-            except (ValueError, SSL.Error) as e:
+            except Exception as e:  # a certificate cryptography or OpenSSL refuses
                 log.error("ACME certificate not served: {error}", error=str(e))
         alpn = {}
         for name, cert, key in state.alpn:
-            alpn[name] = (
-                crypto.load_certificate(crypto.FILETYPE_PEM, cert),
-                crypto.load_privatekey(crypto.FILETYPE_PEM, key),
-            )
+            try:
+                alpn[name] = (
+                    crypto.load_certificate(crypto.FILETYPE_PEM, cert),
+                    crypto.load_privatekey(crypto.FILETYPE_PEM, key),
+                )
+            except Exception as e:
+                log.error("ACME challenge for {name} not served: {error}", name=name, error=e)
         self.state = state
         self.names = frozenset(state.names)
         self.tokens = {t.encode("ascii"): a.encode("ascii") for t, a in state.tokens}

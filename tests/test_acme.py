@@ -46,7 +46,7 @@ from rrlb.acme import (
     new_key,
     place_order,
 )
-from rrlb.acmetls import ACME_TLS_ALPN, AcmeState
+from rrlb.acmetls import ACME_TLS_ALPN, AcmeServing, AcmeState
 from rrlb.config import build_config
 from rrlb.settings import AcmeConfig
 from rrlb.values import ConfigError
@@ -336,6 +336,28 @@ class BeforeTheFirstTests(TLSCase):
         self.assertIsNone(cert)
         [line] = [m for m in logs.messages() if "ACME order" in m]
         self.assertIn("retrying in 60s", line)
+
+    async def test_ready(self) -> None:
+        """
+        rrlb as a process says C{READY=1} and serves while the CA cannot be
+        reached.
+        """
+        settings = {
+            "tls": {
+                "acme": {
+                    "directory": f"https://{LOOPBACK}:{free_port()}/dir",
+                    "domains": [ACME_NAME],
+                    "storage": os.path.abspath(os.path.join(self.dir, "acme")),
+                }
+            },
+        }
+        backend = await start_backend(self, "a")
+        path = os.path.abspath(self.write("rrlb.yaml", yaml.safe_dump(settings).encode()))
+        daemon = await start_daemon(self, "--config", path, "--nodes", backend.url)
+        await daemon.wait_for_message("READY=1")
+        response = await http_request(self, "GET", daemon.url + "/")
+        self.assertEqual(response.code, 200)
+        await daemon.wait_for_output("ACME order for site.rrlb.test failed")
 
 
 class WorkersTests(PebbleCase):
@@ -722,7 +744,7 @@ class ServingTests(TLSCase):
     cannot be reached: nothing else changes them).
     """
 
-    async def balancer(self) -> tuple[Balancer, int]:
+    async def balancer(self, *args: str) -> tuple[Balancer, int]:
         tls_port = free_port()
         backend = await start_backend(self, "a")
         self.backend = backend
@@ -745,6 +767,7 @@ class ServingTests(TLSCase):
             f"tcp:0:interface={LOOPBACK}",
             "--listen",
             f"ssl:{tls_port}:interface={LOOPBACK}",
+            *args,
         )
         return balancer, tls_port
 
@@ -808,6 +831,19 @@ class ServingTests(TLSCase):
         await wait_until(lambda: client.closed, what="rrlb to close the validation connection")
         self.assertEqual(bytes(client.data), b"")
         self.assertEqual(self.backend.requests, [])
+
+    async def test_alpn(self) -> None:
+        """
+        On the ACME certificate, ALPN offers what the site offers: h2 with
+        C{--http2}.
+        """
+        balancer, port = await self.balancer("--http2")
+        key = new_key()
+        chain = fake_chain(key, [ACME_NAME])
+        balancer.service.traffic.acme_update(AcmeState(names=(ACME_NAME,), chain=chain, key=key))
+        cert, protocol = await served_certificate(port, ACME_NAME, [b"h2", b"http/1.1"])
+        self.assertIsNotNone(cert)
+        self.assertEqual(protocol, b"h2")
 
     async def test_swap(self) -> None:
         """
@@ -1014,3 +1050,35 @@ class ReportTests(TLSCase):
             [(c["names"], c["source"]) for c in status["certificates"]],
             [(["localhost"], "file"), (["b.test", "*.b.test"], "file")],
         )
+
+
+class ServingStateTests(TLSCase):
+    """
+    L{AcmeServing} given states that cannot be used.
+    """
+
+    def test_bad_state(self) -> None:
+        """
+        A certificate or challenge that cannot be read is said in the log;
+        the certificate served before stays, and nothing raises.
+        """
+        logs = LogCapture.install(self)
+        serving = AcmeServing()
+        key = new_key()
+        serving.update(AcmeState(names=("a.test",), chain=fake_chain(key, ["a.test"]), key=key))
+        context = serving.context
+        self.assertIsNotNone(context)
+        self.assertIs(serving.context_for("a.test"), context)
+        serving.update(
+            AcmeState(
+                names=("a.test",),
+                chain=b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                key=key,
+                alpn=(("a.test", b"not a certificate", b"not a key"),),
+            )
+        )
+        self.assertIs(serving.context, context)
+        self.assertEqual(serving.alpn, {})
+        errors = [m for m in logs.messages() if "not served" in m]
+        self.assertEqual(len(errors), 2)
+        self.assertIsNone(serving.context_for("b.test"))
