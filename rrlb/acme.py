@@ -408,9 +408,14 @@ class AcmeManager(Service):
     storage, orders one when there is none or it is due, and publishes
     every change (L{AcmeState}) to the traffic side.
 
+    @param publish: hands each new L{AcmeState} to the traffic side.
+    @param place: the order's first step (account, order, challenges), and
+        C{finish} its second (answers, validation, the certificate); each
+        is run by C{run} (default: in a thread of its own, L{in_thread}).
+        Tests give their own.
     @ivar orders: orders finished, by result (C{ok}, C{error}).
-    @ivar order_steps: the steps of an order, each run in a thread (tests
-        give their own).
+    @ivar current: the certificate served, if any.
+    @ivar ordering: the order under way, if any (one at a time).
     """
 
     log = log

@@ -283,7 +283,7 @@ class RenewalTests(PebbleCase):
         acme = again.service.acme
         assert acme is not None
         await wait_until(lambda: acme.orders["error"] == 1, ISSUE_TIMEOUT, "the refused order")
-        [line] = [m for m in logs.messages() if "failed" in m]
+        [line] = [m for m in logs.messages() if "ACME order" in m]
         self.assertIn("rejectedIdentifier", line)
         self.assertIn("retrying in 60s", line)
         self.assertNotIn("\n", line)
