@@ -418,7 +418,9 @@ class Config(PoolSettings):
     )  # fmt: skip
     pools: tuple[PoolConfig, ...] = setting((), None, "Named pools", flag="")
     routes: tuple[RouteConfig, ...] = setting((), None, "Routes to pools", flag="")
-    demo: int = setting(0, positive_int, "Start N demo nodes on loopback", yaml=False, shown="")
+    demo: int = setting(
+        0, positive_int, "Start N demo nodes on loopback", yaml=False, shown=""
+    )
     access_log: Optional[str] = setting(
         None, string, "Access log file ('-' for stdout)", shown="off"
     )
