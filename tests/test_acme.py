@@ -173,6 +173,21 @@ class PebbleCase(TLSCase):
         self.assertIn(html.escape(issuer_name(cert)), text)
         self.assertIn(f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", text)
 
+    async def everywhere(self, cert: x509.Certificate, count: int = 8) -> None:
+        """
+        Wait until C{count} handshakes in a row get C{cert}: connections
+        land on either worker, and each one serves it.
+        """
+
+        async def all_of_them() -> bool:
+            for _ in range(count):
+                served, _ = await served_certificate(self.tls_port, ACME_NAME)
+                if served is None or served.serial_number != cert.serial_number:
+                    return False
+            return True
+
+        await wait_for_value(all_of_them, "every worker to serve the certificate")
+
 
 class IssuanceTests(PebbleCase):
     """
@@ -378,11 +393,7 @@ class WorkersTests(PebbleCase):
         daemon = await start_daemon(self, "--config", path, *listen, "--workers", "2")
         await daemon.wait_for_message("READY=1")
         first = await self.certificate()
-        # Connections land on either worker: each one serves it.
-        for _ in range(8):
-            cert, _ = await served_certificate(self.tls_port, ACME_NAME)
-            assert cert is not None
-            self.assertEqual(cert.serial_number, first.serial_number)
+        await self.everywhere(first)
         self.assertEqual(pebble.text.count("POST /order-plz"), 1)
         self.assertEqual(pebble.text.count("POST /sign-me-up"), 1)
 
@@ -1082,3 +1093,27 @@ class ServingStateTests(TLSCase):
         errors = [m for m in logs.messages() if "not served" in m]
         self.assertEqual(len(errors), 2)
         self.assertIsNone(serving.context_for("b.test"))
+
+
+class SighupTests(PebbleCase):
+    """
+    C{SIGHUP} to rrlb as a process with workers is a renewal check.
+    """
+
+    async def test_sighup_renews(self) -> None:
+        """
+        With C{renew_before} longer than the certificate's life, C{SIGHUP}
+        renews it once, and every worker serves the new one.
+        """
+        pebble = await self.pebble(validity=3600)
+        settings = self.settings(pebble, renew_before="2h", challenge="tls-alpn-01")
+        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
+        listen = [arg for d in settings["listen"] for arg in ("--listen", d)]
+        daemon = await start_daemon(self, "--config", path, *listen, "--workers", "2")
+        await daemon.wait_for_message("READY=1")
+        first = await self.certificate()
+        await daemon.wait_for_output("ACME: new certificate")
+        daemon.signal("HUP")
+        second = await self.certificate(serial=first.serial_number)
+        await self.everywhere(second)
+        self.assertEqual(pebble.text.count("POST /order-plz"), 2)
