@@ -188,14 +188,18 @@ class AcmeServing:
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def _handshake_info(self, connection: SSL.Connection, where: int, ret: int) -> None:
-        if where & SSL.SSL_CB_HANDSHAKE_DONE and (
-            connection.get_alpn_proto_negotiated() == ACME_TLS_ALPN
-        ):
-            # A validation connection: the validator has its certificate.
-            # Close without reading anything more from it.
-            transport = getattr(connection.get_app_data(), "transport", None)
-            if transport is not None:
-                transport.loseConnection()
+        if not where & SSL.SSL_CB_HANDSHAKE_DONE:
+            return
+        try:
+            if connection.get_alpn_proto_negotiated() == ACME_TLS_ALPN:
+                # A validation connection: the validator has its
+                # certificate. Close without reading anything more from it.
+                transport = getattr(connection.get_app_data(), "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+        except Exception:
+            # pyOpenSSL would only print it: say it in the log instead.
+            log.failure("closing an acme-tls/1 connection")
 
     # -- http-01 --------------------------------------------------------------
 
@@ -236,6 +240,9 @@ class ChallengeResource(Resource):
 
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """
+    The DNS names of a certificate's subjectAltName, lower-cased.
+    """
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
