@@ -391,6 +391,9 @@ class ControlService(MultiService):
             )
             self.notify.note = "last reload rejected, see the log"
             self.notify.reloaded()
+            if self.acme is not None:
+                # SIGHUP is a renewal check, whatever became of the reload.
+                self.acme.check()
             return False
         if config.listen != self.config.listen:
             self.log.warn(

@@ -351,6 +351,11 @@ class BeforeTheFirstTests(TLSCase):
         self.assertIsNone(cert)
         [line] = [m for m in logs.messages() if "ACME order" in m]
         self.assertIn("retrying in 60s", line)
+        # A reload (SIGHUP) is a check, even one whose file is refused.
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("tls: [")
+        self.assertFalse(balancer.service.reload())
+        await wait_until(lambda: acme.orders["error"] == 2, what="the order at the reload")
 
     async def test_ready(self) -> None:
         """
