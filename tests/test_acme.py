@@ -308,6 +308,40 @@ class RenewalTests(PebbleCase):
         self.assertTrue(acme._retry is not None and acme._retry.active())
 
 
+def out_of_reach(case: TLSCase) -> str:
+    """
+    Write a YAML file whose C{tls: acme:} names a CA that cannot be reached
+    (nothing listens on its port); its path.
+    """
+    acme = {
+        "directory": f"https://{LOOPBACK}:{free_port()}/dir",
+        "domains": [ACME_NAME],
+        "storage": os.path.abspath(os.path.join(case.dir, "acme")),
+    }
+    data = yaml.safe_dump({"tls": {"acme": acme}}).encode("utf-8")
+    return os.path.abspath(case.write("rrlb.yaml", data))
+
+
+async def start_out_of_reach(case: TLSCase, tls_port: int, *args: str) -> Balancer:
+    """
+    rrlb in this process with L{out_of_reach}'s settings, a plain listener
+    on port 0 and a TLS one on C{tls_port}, in front of a backend C{a}.
+    """
+    backend = await start_backend(case, "a")
+    case.backend = backend  # type: ignore[attr-defined]
+    return await start_balancer(
+        case,
+        [backend.url],
+        "--config",
+        out_of_reach(case),
+        "--listen",
+        f"tcp:0:interface={LOOPBACK}",
+        "--listen",
+        f"ssl:{tls_port}:interface={LOOPBACK}",
+        *args,
+    )
+
+
 class BeforeTheFirstTests(TLSCase):
     """
     While no certificate has come (the CA cannot be reached at all).
@@ -320,28 +354,7 @@ class BeforeTheFirstTests(TLSCase):
         """
         logs = LogCapture.install(self)
         tls_port = free_port()
-        settings = {
-            "listen": [f"tcp:0:interface={LOOPBACK}", f"ssl:{tls_port}:interface={LOOPBACK}"],
-            "tls": {
-                "acme": {
-                    "directory": f"https://{LOOPBACK}:{free_port()}/dir",
-                    "domains": [ACME_NAME],
-                    "storage": os.path.join(self.dir, "acme"),
-                }
-            },
-        }
-        backend = await start_backend(self, "a")
-        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            "--config",
-            path,
-            "--listen",
-            settings["listen"][0],
-            "--listen",
-            settings["listen"][1],
-        )
+        balancer = await start_out_of_reach(self, tls_port)
         acme = balancer.service.acme
         assert acme is not None
         await wait_until(lambda: acme.orders["error"], what="the failed order")
@@ -352,7 +365,7 @@ class BeforeTheFirstTests(TLSCase):
         [line] = [m for m in logs.messages() if "ACME order" in m]
         self.assertIn("retrying in 60s", line)
         # A reload (SIGHUP) is a check, even one whose file is refused.
-        with open(path, "w", encoding="utf-8") as f:
+        with open(os.path.join(self.dir, "rrlb.yaml"), "w", encoding="utf-8") as f:
             f.write("tls: [")
         self.assertFalse(balancer.service.reload())
         await wait_until(lambda: acme.orders["error"] == 2, what="the order at the reload")
@@ -362,17 +375,8 @@ class BeforeTheFirstTests(TLSCase):
         rrlb as a process says C{READY=1} and serves while the CA cannot be
         reached.
         """
-        settings = {
-            "tls": {
-                "acme": {
-                    "directory": f"https://{LOOPBACK}:{free_port()}/dir",
-                    "domains": [ACME_NAME],
-                    "storage": os.path.abspath(os.path.join(self.dir, "acme")),
-                }
-            },
-        }
         backend = await start_backend(self, "a")
-        path = os.path.abspath(self.write("rrlb.yaml", yaml.safe_dump(settings).encode()))
+        path = out_of_reach(self)
         daemon = await start_daemon(self, "--config", path, "--nodes", backend.url)
         await daemon.wait_for_message("READY=1")
         response = await http_request(self, "GET", daemon.url + "/")
@@ -762,30 +766,7 @@ class ServingTests(TLSCase):
 
     async def balancer(self, *args: str) -> tuple[Balancer, int]:
         tls_port = free_port()
-        backend = await start_backend(self, "a")
-        self.backend = backend
-        settings = {
-            "tls": {
-                "acme": {
-                    "directory": f"https://{LOOPBACK}:{free_port()}/dir",
-                    "domains": [ACME_NAME],
-                    "storage": os.path.join(self.dir, "acme"),
-                }
-            },
-        }
-        path = self.write("rrlb.yaml", yaml.safe_dump(settings).encode("utf-8"))
-        balancer = await start_balancer(
-            self,
-            [backend.url],
-            "--config",
-            path,
-            "--listen",
-            f"tcp:0:interface={LOOPBACK}",
-            "--listen",
-            f"ssl:{tls_port}:interface={LOOPBACK}",
-            *args,
-        )
-        return balancer, tls_port
+        return await start_out_of_reach(self, tls_port, *args), tls_port
 
     async def test_http01_paths(self) -> None:
         """
