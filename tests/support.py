@@ -2350,6 +2350,7 @@ PEBBLE = shutil.which("pebble")
 PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
 # Names under the test DNS server's zone, which it answers with 127.0.0.1.
 ACME_NAME = "site.rrlb.test"
+ACME_WWW = "www.site.rrlb.test"
 ACME_BLOCKED = "blocked.rrlb.test"
 
 
@@ -2407,7 +2408,7 @@ async def start_pebble(
     """
     if PEBBLE is None:
         raise unittest.SkipTest("pebble is not installed (apt-get install pebble)")
-    for name in (ACME_NAME, ACME_BLOCKED):
+    for name in (ACME_NAME, ACME_WWW, ACME_BLOCKED):
         dns_server.authority.set(name, a(LOOPBACK))
     directory = os.path.abspath(testcase.mktemp())
     os.makedirs(directory)

@@ -52,6 +52,7 @@ from rrlb.settings import AcmeConfig
 from rrlb.values import ConfigError
 from tests.support import (
     ACME_NAME,
+    ACME_WWW,
     ADMIN,
     LOOPBACK,
     AnyCertificate,
@@ -207,6 +208,21 @@ class IssuanceTests(PebbleCase):
         await self.check_reported(balancer, cert)
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertEqual(names.get_values_for_type(x509.DNSName), [ACME_NAME])
+
+    async def test_two_names(self) -> None:
+        """
+        C{domains} with two names: one order, each name validated, one
+        certificate with both, served for either.
+        """
+        pebble = await self.pebble()
+        await self.start(self.settings(pebble, domains=[ACME_NAME, ACME_WWW]))
+        cert = await self.certificate()
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(sorted(names.get_values_for_type(x509.DNSName)), [ACME_NAME, ACME_WWW])
+        other, _ = await served_certificate(self.tls_port, ACME_WWW)
+        assert other is not None
+        self.assertEqual(other.serial_number, cert.serial_number)
+        self.assertEqual(pebble.text.count("POST /order-plz"), 1)
         self.assertIn("Pebble", issuer_name(cert))
         self.assertEqual(stat.S_IMODE(os.stat(self.storage).st_mode), 0o700)
         files = sorted(os.listdir(self.storage))
