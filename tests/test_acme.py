@@ -786,17 +786,31 @@ class ServingTests(TLSCase):
 
     async def test_http01_paths(self) -> None:
         """
-        A pending token's path gets its key authorization from rrlb; any
-        other path under the prefix, and the path after the token is gone,
-        goes to the nodes as usual.
+        A pending token's path gets its key authorization from rrlb on a
+        plain listener; on a TLS one, any other path under the prefix, and
+        the path after the token is gone, it goes to the nodes as usual.
         """
-        balancer, _ = await self.balancer()
+        balancer, port = await self.balancer()
         traffic = balancer.service.traffic
-        traffic.acme_update(AcmeState(names=(ACME_NAME,), tokens=(("tok", "tok.thumb"),)))
+        key = new_key()
+        chain = fake_chain(key, [ACME_NAME])
+        pending = AcmeState(
+            names=(ACME_NAME,), chain=chain, key=key, tokens=(("tok", "tok.thumb"),)
+        )
+        traffic.acme_update(pending)
         prefix = balancer.url + "/.well-known/acme-challenge/"
         answer = await http_request(self, "GET", prefix + "tok")
         self.assertEqual((answer.code, answer.body), (200, b"tok.thumb"))
         self.assertEqual(self.backend.requests, [])
+        endpoint = wrapClientTLS(
+            AnyCertificate(ACME_NAME), TCP4ClientEndpoint(reactor, LOOPBACK, port)
+        )
+        secure = await connectProtocol(endpoint, WireClient())
+        self.addCleanup(secure.close)
+        secure.send(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: a\r\n\r\n")
+        over_tls = await secure.response()
+        assert over_tls is not None
+        self.assertEqual(over_tls.body, b"a")
         other = await http_request(self, "GET", prefix + "other")
         self.assertEqual(other.body, b"a")
         traffic.acme_update(AcmeState(names=(ACME_NAME,)))
@@ -804,7 +818,11 @@ class ServingTests(TLSCase):
         self.assertEqual(gone.body, b"a")
         self.assertEqual(
             [r.path for r in self.backend.requests],
-            [b"/.well-known/acme-challenge/other", b"/.well-known/acme-challenge/tok"],
+            [
+                b"/.well-known/acme-challenge/tok",
+                b"/.well-known/acme-challenge/other",
+                b"/.well-known/acme-challenge/tok",
+            ],
         )
 
     async def test_tls_alpn01_challenge(self) -> None:
