@@ -67,7 +67,9 @@ Entry = tuple[
     Optional[float],  # upstream time
 ]
 # A WebSocket tunnel's entry has one more field: (bytes to the node, bytes
-# to the client, seconds open).
+# to the client, seconds open), or None; then, if filters added fields to
+# the line (request_id, trace_id: rrlb.filters.FilterRequest.note), a dict
+# of them, written as name="value" (combined) or as keys (JSON).
 
 
 def _hex(match: re.Match[bytes]) -> bytes:
@@ -148,13 +150,16 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
             b"-" if utime is None else b"%.3f" % utime,
         )
     )
-    if len(entry) > 12:
+    if len(entry) > 12 and entry[12] is not None:  # type: ignore[misc]
         to_node, to_client, duration = entry[12]  # type: ignore[misc]
         line += b" tunnel_bytes_to_node=%d tunnel_bytes_to_client=%d tunnel_time=%.3f" % (
             to_node,
             to_client,
             duration,
         )
+    if len(entry) > 13:
+        for name, value in entry[13].items():  # type: ignore[misc]
+            line += b" %s=%s" % (name.encode("ascii"), _escape(value.encode("utf-8")))
     return line + b"\n"
 
 
@@ -181,11 +186,14 @@ def format_json(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
         "upstream_status": ustatus,
         "upstream_time": None if utime is None else round(utime, 6),
     }
-    if len(entry) > 12:
+    if len(entry) > 12 and entry[12] is not None:  # type: ignore[misc]
         to_node, to_client, duration = entry[12]  # type: ignore[misc]
         record["tunnel_bytes_to_node"] = to_node
         record["tunnel_bytes_to_client"] = to_client
         record["tunnel_time"] = round(duration, 6)
+    if len(entry) > 13:
+        for name, value in entry[13].items():  # type: ignore[misc]
+            record.setdefault(name, value)
     return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
 
 

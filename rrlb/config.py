@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from rrlb.actions import Forward
+from rrlb.filters import parse_filters
+from rrlb.routeconfig import BAD_URL_CHARS, parse_routes, pool_name
 from rrlb.settings import (
     DEFAULT_POOL,
     POOL,
@@ -26,7 +29,6 @@ from rrlb.settings import (
     NodeTLS,
     PoolConfig,
     PoolSettings,
-    RouteConfig,
     Setting,
     rows,
 )
@@ -38,17 +40,14 @@ from rrlb.values import (
     non_negative_int,
     positive_int,
     string,
-    token,
 )
 
 MAX_WEIGHT = 256
-_ROUTE_KEYS = frozenset({"host", "path_prefix", "methods", "header", "strip_prefix", "pool"})
 _NODE_KEYS = frozenset({"url", "weight", "tls", "max_connections", "send_proxy"})
 # Keys of a DNS node entry besides the node keys (url excepted) it shares.
 _DNS_NODE_KEYS = frozenset({"dns", "srv", "port", "scheme"})
 SEND_PROXY_VERSIONS = ("v1", "v2")
 _NODE_TLS_KEYS = frozenset({"verify", "ca_file", "server_name", "cert", "key"})
-_POOL_NAME = frozenset("-_.0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def parse_node_tls(name: str, value: Any) -> NodeTLS:
@@ -63,11 +62,6 @@ def parse_node_tls(name: str, value: Any) -> NodeTLS:
     if ("cert" in kwargs) != ("key" in kwargs):
         raise ConfigError(f"{name} needs both cert and key for a client certificate")
     return NodeTLS(**kwargs)
-
-
-# Characters that cannot appear in a host or path as sent on the wire (they
-# would break the request line or the Host header).
-_BAD_URL_CHARS = frozenset(' <>"{}|\\^`')
 
 
 def parse_node(value: Any, where: str = "nodes") -> NodeSpec:
@@ -104,9 +98,9 @@ def parse_node(value: Any, where: str = "nodes") -> NodeSpec:
         raise ConfigError(f"{where}: node URL {url!r} must start with http:// or https://")
     if not parts.hostname:
         raise ConfigError(f"{where}: node URL {url!r} has no host")
-    if any(c in _BAD_URL_CHARS or not c.isprintable() for c in parts.hostname):
+    if any(c in BAD_URL_CHARS or not c.isprintable() for c in parts.hostname):
         raise ConfigError(f"{where}: node URL {url!r} has a bad host {parts.hostname!r}")
-    if any(c in _BAD_URL_CHARS or not c.isprintable() for c in parts.path):
+    if any(c in BAD_URL_CHARS or not c.isprintable() for c in parts.path):
         raise ConfigError(f"{where}: node URL {url!r} has a path that is not percent-encoded")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}: node URL {url!r} may have only a scheme, host, port and path")
@@ -214,91 +208,6 @@ def parse_nodes(value: Any, where: str = "nodes") -> tuple[NodeSpec, ...]:
     return nodes
 
 
-def _pool_name(name: str, value: Any) -> str:
-    # Not all digits: /nodes/0 in the admin API is a node's position.
-    if not isinstance(value, str) or not value or not set(value) <= _POOL_NAME or value.isdigit():
-        raise ConfigError(
-            f"{name}: a pool name must be letters, digits, '-', '_' or '.' (not only"
-            f" digits), not {value!r}"
-        )
-    if value == "none":
-        # The pool label of answers that had no pool (rrlb.metrics.NO_NODE).
-        raise ConfigError(f"{name}: 'none' is reserved (the metrics' label for no pool)")
-    return value
-
-
-def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
-    """
-    The YAML C{routes} list (their pools are checked by L{build_config}).
-    """
-    if not isinstance(value, list) or not value:
-        raise ConfigError(
-            f"routes must be a list of routes like {{host: ..., pool: ...}}, not {value!r}"
-        )
-    routes = []
-    for i, item in enumerate(value):
-        where = f"routes[{i}]"
-        raw = mapping(where, item, _ROUTE_KEYS)
-        if "pool" not in raw:
-            raise ConfigError(f"{where} needs a pool")
-        kwargs: dict[str, Any] = {"pool": _pool_name(f"{where}.pool", raw["pool"])}
-        if "host" in raw:
-            kwargs["host"] = parse_route_host(f"{where}.host", raw["host"])
-        if "path_prefix" in raw:
-            prefix = string(f"{where}.path_prefix", raw["path_prefix"])
-            if (
-                not prefix.startswith("/")
-                or not prefix.isascii()
-                or any(c in _BAD_URL_CHARS or not c.isprintable() or c in "?#" for c in prefix)
-            ):
-                raise ConfigError(
-                    f"{where}.path_prefix must be a percent-encoded path starting with '/',"
-                    f" not {prefix!r}"
-                )
-            kwargs["path_prefix"] = prefix
-        if "methods" in raw:
-            methods = [raw["methods"]] if isinstance(raw["methods"], str) else raw["methods"]
-            if not isinstance(methods, list) or not methods:
-                raise ConfigError(f"{where}.methods must be a list of methods, not {methods!r}")
-            kwargs["methods"] = tuple(
-                token(f"{where}.methods", m, "an HTTP method").upper() for m in methods
-            )
-        if "header" in raw:
-            header = raw["header"]
-            if not isinstance(header, dict) or not header:
-                raise ConfigError(
-                    f"{where}.header must be a mapping of header names to values, not {header!r}"
-                )
-            pairs = []
-            for name, wanted in header.items():
-                token(f"{where}.header", name, "a header name")
-                if isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
-                    wanted = str(wanted)
-                if not isinstance(wanted, str) or any(c in wanted for c in "\r\n\0"):
-                    raise ConfigError(f"{where}.header.{name} must be a string, not {wanted!r}")
-                pairs.append((name, wanted))
-            kwargs["header"] = tuple(pairs)
-        if "strip_prefix" in raw:
-            kwargs["strip_prefix"] = boolean(f"{where}.strip_prefix", raw["strip_prefix"])
-            if kwargs["strip_prefix"] and "path_prefix" not in kwargs:
-                raise ConfigError(f"{where}.strip_prefix needs a path_prefix")
-        routes.append(RouteConfig(**kwargs))
-    return tuple(routes)
-
-
-def parse_route_host(name: str, value: Any) -> str:
-    """
-    A route's host: a name (any case, no port) or C{*.} and a name.
-    """
-    host = string(name, value).strip().lower().rstrip(".")
-    bare = host[2:] if host.startswith("*.") else host
-    if not bare or "*" in bare or ":" in bare.strip("[]") and not bare.startswith("["):
-        raise ConfigError(f"{name} must be a host name, or *.name for one label, not {value!r}")
-    if any(c in _BAD_URL_CHARS or c in "/?#@" or not c.isprintable() for c in bare):
-        raise ConfigError(f"{name} must be a host name, or *.name for one label, not {value!r}")
-    return host
-
-
 def has_default_pool(config: Config) -> bool:
     """
     Whether the top-level nodes make a pool: they do when there are any (or
@@ -336,10 +245,16 @@ def check_pools(config: Config) -> None:
         )
     known = ([DEFAULT_POOL] if has_default else []) + names
     for i, route in enumerate(config.routes):
-        if route.pool not in known:
-            raise ConfigError(
-                f"routes[{i}].pool: no pool {route.pool!r} (pools: {', '.join(known) or 'none'})"
-            )
+        named = [(f"routes[{i}].pool", route.pool)] if route.pool else []
+        if isinstance(route.action, Forward):
+            named = [
+                (f"routes[{i}].forward[{j}].pool", p) for j, (p, _) in enumerate(route.action.pools)
+            ]
+        for where, wanted in named:
+            if wanted not in known:
+                raise ConfigError(
+                    f"{where}: no pool {wanted!r} (pools: {', '.join(known) or 'none'})"
+                )
     if not config.routes and not has_default and len(names) > 1:
         raise ConfigError(
             f"routes: {len(names)} pools ({', '.join(names)}) but no routes to send requests"
@@ -506,8 +421,8 @@ def parse_pools(name: str, value: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"{name} must be a mapping of pool names to pools, not {value!r}")
     pools = {}
-    for pool_name, raw in value.items():
-        where = f"{name}.{_pool_name(name, pool_name)}"
+    for key, raw in value.items():
+        where = f"{name}.{pool_name(name, key)}"
         own = read(PoolSettings, raw, where)
         if "nodes" not in own:
             raise ConfigError(f"{where}.nodes: a pool needs nodes")
@@ -515,7 +430,7 @@ def parse_pools(name: str, value: Any) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}.nodes: a pool needs at least one node")
         if "hash_key" in own and own.get("balance") != "hash":
             raise ConfigError(f"{where}.hash_key is only used with balance: hash")
-        pools[pool_name] = own
+        pools[key] = own
     return pools
 
 
@@ -526,6 +441,7 @@ _STRUCTURES: dict[str, Parser] = {
     "nodes": _nodes_flag,
     "pools": parse_pools,
     "routes": lambda name, value: parse_routes(value),
+    "filters": parse_filters,
 }
 
 

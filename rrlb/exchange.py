@@ -185,9 +185,7 @@ class ProxyExchange:
         return True
 
     def interim_continue(self) -> None:
-        """
-        The node answered C{Expect: 100-continue} with 100 Continue.
-        """
+        """The node answered C{Expect: 100-continue} with 100 Continue."""
         body = self.body
         if body is not None:
             body.go_on()
@@ -433,15 +431,16 @@ class ProxyExchange:
         request.setResponseCode(code, reason)
         if b"Date" not in headers:
             headers[b"Date"] = [self.proxy.date()]
-        # The upstream parser already keyed the headers by canonical name and
-        # refused CR, LF and NUL, which is what Headers.addRawHeader checks:
-        # hand the dict over whole instead of re-adding it value by value.
+        # The upstream parser keyed the headers by canonical name and refused
+        # CR, LF and NUL (Headers.addRawHeader's checks): hand the dict over.
         response_headers = request.responseHeaders
         closing = raw_headers(response_headers).get(b"Connection")
-        if closing is not None:
-            # Twisted's own "Connection: close" for a client that asked for it.
+        if closing is not None:  # Twisted's "Connection: close" for a client that asked
             headers[b"Connection"] = closing
         set_raw_headers(response_headers, headers)
+        hook = request.response_hook  # response filters (rrlb.chain)
+        if hook is not None and not hook(request, code):
+            return  # one failed: the client got rrlb's 500 instead
         if has_body:
             request.registerProducer(self, True)
 

@@ -182,17 +182,44 @@ def error_response(request: Any, code: int, text: str, headers: Any = ()) -> Non
     """
     Answer C{request} with a short plain-text error, unless its client is gone.
     """
+    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
+    answer(request, code, b"%d %s: %s\n" % (code, phrase, text.encode()), headers)
+
+
+PLAIN_TEXT = b"text/plain; charset=utf-8"
+
+
+def answer(
+    request: Any,
+    code: int,
+    body: bytes,
+    headers: Any = (),
+    content_type: Optional[bytes] = PLAIN_TEXT,
+    filtered: bool = True,
+    date: Optional[bytes] = None,
+) -> None:
+    """
+    Every answer rrlb makes itself, not a node (its errors, redirects, fixed
+    answers, a filter's L{rrlb.filters.Answer}), goes out here, unless the
+    client is gone: C{code}, C{headers} (name, value pairs), a
+    C{Content-Type} if C{content_type} is given, then the request's response
+    filters (C{request.response_hook}, unless not C{filtered}), then
+    C{body} with its length. C{date} is the C{Date} value if the caller
+    has it formatted already.
+    """
     if client_gone(request) or request.finished:
         return
-    phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    body = b"%d %s: %s\n" % (code, phrase, text.encode())
-    request.setResponseCode(code, phrase)
-    request.responseHeaders = Headers()
+    request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
+    response_headers = request.responseHeaders = Headers()
     for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.responseHeaders.setRawHeaders(b"Date", [http.datetimeToString()])
+        response_headers.addRawHeader(name, value)
+    if content_type is not None:
+        response_headers.setRawHeaders(b"Content-Type", [content_type])
+    response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
+    hook = getattr(request, "response_hook", None) if filtered else None
+    if hook is not None and not hook(request, code):
+        return  # a response filter failed, and the hook answered 500 instead
+    response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     request.write(body)
     request.finish()
 

@@ -174,6 +174,10 @@ class Metrics:
             if code == 101 and exchange is not None and exchange.tunnel is not None:
                 # A WebSocket tunnel: its bytes each way and how long it was open.
                 entry += (exchange.tunnel.summary(),)
+            notes = request.log_notes
+            if notes is not None:
+                # Fields filters added (request_id, trace_id, ...).
+                entry += (None,) * (13 - len(entry)) + (notes,)
             access_log.append(entry)
 
     # -- the read side -------------------------------------------------------
@@ -258,6 +262,12 @@ class Metrics:
 
     def tunnels_open(self) -> int:
         return int(getattr(self.stats, "tunnels_open", 0))
+
+    def filter_errors(self) -> dict[str, int]:
+        """
+        Failures of filters, by label (the C{use:} string or the kind).
+        """
+        return dict(getattr(self.stats, "filter_errors", {}))
 
     def tunnel_bytes(self) -> dict[str, int]:
         """
@@ -444,6 +454,16 @@ class RrlbCollector:
         for reason, count in sorted(m.client_errors.items()):
             client_errors.add_metric([reason], count)
         yield client_errors
+        filter_errors = CounterMetricFamily(
+            "rrlb_filter_errors",
+            "Filters that raised, returned something else than None, an Answer or a"
+            " Deferred, or whose Deferred failed (the client got 500), by filter: its"
+            " use: string or its kind.",
+            labels=["filter"],
+        )
+        for name, count in sorted(m.filter_errors().items()):
+            filter_errors.add_metric([name], count)
+        yield filter_errors
 
         yield GaugeMetricFamily(
             "rrlb_client_connections", "Client connections open now.", value=m.connections()

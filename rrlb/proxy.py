@@ -42,6 +42,8 @@ class ProxyStats:
         self.tunnels_open = 0
         self.tunnel_bytes_to_node = 0
         self.tunnel_bytes_to_client = 0
+        # Failures of filters, by label (rrlb.chain).
+        self.filter_errors: dict[str, int] = {}
 
 
 class RotatingProxy(ReverseProxyResource):
@@ -88,6 +90,11 @@ class RotatingProxy(ReverseProxyResource):
         self.queue = self.default.queue
         # No routes: every request goes to the default pool.
         self.router: Optional[Router[Destination]] = None
+        # What runs filters and actions (rrlb.chain.Chains), if any are
+        # configured; all_chained is it too with top-level filters, which
+        # every request goes through.
+        self.chains: Any = None
+        self.all_chained: Any = None
         self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
         self._date_second = -1
         self._date = b""
@@ -146,6 +153,10 @@ class RotatingProxy(ReverseProxyResource):
     def render(self, request: Any) -> int:
         # CONNECT and malformed targets never get here: the channel's parser
         # refuses them (rrlb.parser).
+        if self.all_chained is not None:
+            # Filters at the top level: every request goes through them.
+            self.all_chained.start(request)
+            return server.NOT_DONE_YET
         router = self.router
         route: Optional[Route[Destination]]
         if router is None:
@@ -156,7 +167,19 @@ class RotatingProxy(ReverseProxyResource):
             if route is None:
                 error_response(request, 404, "no route for this request")
                 return server.NOT_DONE_YET
+            if route.chained:
+                # Filters, or an action other than a pool (rrlb.chain).
+                self.chains.start(request, route)
+                return server.NOT_DONE_YET
             dest = route.target
+        self.send(request, dest, route)
+        return server.NOT_DONE_YET
+
+    def send(self, request: Any, dest: Destination, route: Optional[Route[Destination]]) -> None:
+        """
+        Forward C{request} to a node of C{dest}'s pool: at once, after a
+        wait in its queue while every node is full, or answer 503.
+        """
         pool = dest.pool
         node = pool.pick(request)
         if node is None:
@@ -164,16 +187,15 @@ class RotatingProxy(ReverseProxyResource):
             if pool.serving:
                 # Every node in rotation is full: wait for a slot.
                 self._wait_for_node(request, dest, route)
-                return server.NOT_DONE_YET
+                return
             error_response(
                 request,
                 503,
                 "no healthy node to send the request to",
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
             )
-            return server.NOT_DONE_YET
+            return
         self._forward(request, node, dest, route)
-        return server.NOT_DONE_YET
 
     def _forward(
         self,
@@ -242,6 +264,11 @@ class ProxyRequest(server.Request):
     body: Optional[StreamedBody] = None
     # The pool of a request answered without a node (503, queue timeout).
     pool_name: Optional[str] = None
+    # What its response filters do to each response head (rrlb.chain), if
+    # it has any.
+    response_hook: Optional[Callable[[Any, int], bool]] = None
+    # Fields filters added to its access log line (FilterRequest.note).
+    log_notes: Optional[dict[str, str]] = None
 
     channel: Any
 

@@ -17,6 +17,17 @@ Conditions (all optional; a route without any is the default):
   - C{methods}: one of these methods.
   - C{header}: every one of these headers has (one of its values) exactly
     this value.
+  - C{scheme}: C{http} or C{https}, what the client used (behind
+    C{--trusted-proxies}, the trusted C{X-Forwarded-Proto}).
+  - C{query}: each of these query parameters is present with exactly this
+    value (percent-decoded).
+  - C{source}: the real client's address is in one of these networks.
+  - C{path}: a glob of the whole normalized path: C{*} any run of
+    characters, C{?} one.
+
+A route also carries what the proxy does with its requests besides
+forwarding them to its pool: its C{filters} and its C{action}
+(L{rrlb.chain}); C{chained} says it has either.
 
 The per-request cost is kept small: hosts and paths in their common forms
 are compared without copying, and the normalized host of the last few
@@ -27,8 +38,11 @@ from __future__ import annotations
 
 import re
 from typing import Any, Generic, Optional, Sequence, TypeVar
+from urllib.parse import parse_qsl
 
 from rrlb._twisted import canonical_name, raw_headers
+from rrlb.filters import request_scheme
+from rrlb.stdfilters import AccessList
 
 T = TypeVar("T")
 
@@ -122,6 +136,16 @@ class Route(Generic[T]):
         "methods",
         "headers",
         "is_default",
+        "scheme",
+        "query",
+        "source",
+        "glob",
+        "extra",
+        "name",
+        "label",
+        "filters",
+        "action",
+        "chained",
     )
 
     def __init__(
@@ -133,6 +157,10 @@ class Route(Generic[T]):
         methods: Sequence[str] = (),
         header: Sequence[tuple[str, str]] = (),
         strip_prefix: bool = False,
+        scheme: Optional[str] = None,
+        query: Sequence[tuple[str, str]] = (),
+        source: Sequence[Any] = (),
+        path: Optional[str] = None,
     ) -> None:
         self.target = target
         self.pool = pool
@@ -157,9 +185,27 @@ class Route(Generic[T]):
             (canonical_name(name.encode("ascii")), value.encode("latin-1"))
             for name, value in header
         )
+        self.scheme = scheme.encode("ascii") if scheme is not None else None
+        self.query = tuple(query)
+        self.source = AccessList(tuple(source), allow=True) if source else None
+        self.glob = glob_pattern(path) if path is not None else None
+        # The conditions checked by extra_matches, only for a route with any.
+        self.extra = bool(self.scheme or self.query or self.source or self.glob)
         self.is_default = (
-            host is None and path_prefix is None and not self.methods and not self.headers
+            host is None
+            and path_prefix is None
+            and not self.methods
+            and not self.headers
+            and not self.extra
         )
+        # What happens to its requests (set by whoever builds the routes):
+        # its name (else its index) as filters see it, its filters (see
+        # rrlb.chain) and its action (None: forward to target).
+        self.name: Optional[str] = None
+        self.label: Any = None
+        self.filters: tuple[Any, ...] = ()
+        self.action: Any = None
+        self.chained = False
 
     def host_matches(self, host: Optional[bytes]) -> bool:
         if host is None:
@@ -181,6 +227,29 @@ class Route(Generic[T]):
         if not prefix:
             return True  # "/": every path
         return path == prefix or path.startswith(self.prefix_slash)
+
+    def extra_matches(self, request: Any, path: bytes) -> bool:
+        """
+        Whether C{request} (of normalized path C{path}) meets this route's
+        scheme, query, source and path glob conditions.
+        """
+        if self.scheme is not None and request_scheme(request) != self.scheme:
+            return False
+        if self.glob is not None and self.glob.fullmatch(path) is None:
+            return False
+        if self.source is not None:
+            client = request.real_client or getattr(request.client, "host", None) or ""
+            if not self.source.permits(client):
+                return False
+        if self.query:
+            cut = request.uri.find(b"?")
+            if cut < 0:
+                return False
+            text = request.uri[cut + 1 :].decode("latin-1")
+            pairs = set(parse_qsl(text, keep_blank_values=True, encoding="latin-1"))
+            if not all(pair in pairs for pair in self.query):
+                return False
+        return True
 
     def strip(self, target: bytes) -> bytes:
         """
@@ -218,12 +287,13 @@ class Router(Generic[T]):
                 r.prefix_slash,
                 r.methods,
                 r.headers,
+                r.extra,
                 r,
             )
             for r in routes
         )
         self.uses_host = any(r.hosts is not None or r.wildcards is not None for r in routes)
-        self.uses_path = any(r.prefix is not None for r in routes)
+        self.uses_path = any(r.prefix is not None or r.glob is not None for r in routes)
         self._hosts: dict[bytes, bytes] = {}
 
     def request_host(self, request: Any) -> Optional[bytes]:
@@ -290,6 +360,7 @@ class Router(Generic[T]):
             prefix_slash,
             methods,
             wanted,
+            extra,
             route,
         ) in self._compiled:
             if is_default:
@@ -314,5 +385,22 @@ class Router(Generic[T]):
                         break
                 if missing:
                     continue
+            if extra and not route.extra_matches(request, path):
+                continue
             return route
         return None
+
+
+def glob_pattern(pattern: str) -> re.Pattern[bytes]:
+    """
+    A route's C{path} glob as a regular expression over normalized paths:
+    C{*} is any run of characters (C{/} included), C{?} one, as ALB path
+    patterns work; the rest is literal, normalized as paths are.
+    """
+    literal = normalize_path(pattern.encode("ascii"))
+    parts = [b".*" if c == b"*" else b"." if c == b"?" else re.escape(c) for c in _chars(literal)]
+    return re.compile(b"".join(parts), re.S)
+
+
+def _chars(text: bytes) -> list[bytes]:
+    return [text[i : i + 1] for i in range(len(text))]

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
+from rrlb.actions import Forward, Redirect, Respond
+from rrlb.filters import FilterSpec
 from rrlb.values import (
     Network,
     Parser,
@@ -272,15 +274,26 @@ class DnsNodes:
 @dataclass(frozen=True)
 class RouteConfig:
     """
-    One route: its conditions (none: the default route) and its pool.
+    One route: its conditions (none: the default route), its filters, and
+    its action: its pool, or another action (L{rrlb.actions}).
+
+    @ivar name: its C{name:}, else L{None} (filters then see its index).
     """
 
-    pool: str
+    pool: str = ""
     host: Optional[str] = None
     path_prefix: Optional[str] = None
     methods: tuple[str, ...] = ()
     header: tuple[tuple[str, str], ...] = ()
     strip_prefix: bool = False
+    name: Optional[str] = None
+    filters: tuple[FilterSpec, ...] = ()
+    scheme: Optional[str] = None
+    query: tuple[tuple[str, str], ...] = ()
+    source: tuple[Network, ...] = ()
+    path: Optional[str] = None
+    # Its action if not pool (""): an rrlb.actions Redirect, Respond or Forward.
+    action: Union[Redirect, Respond, Forward, None] = None
 
 
 # -- the table: every setting, declared once --------------------------------------
@@ -418,6 +431,9 @@ class Config(PoolSettings):
     )  # fmt: skip
     pools: tuple[PoolConfig, ...] = setting((), None, "Named pools", flag="")
     routes: tuple[RouteConfig, ...] = setting((), None, "Routes to pools", flag="")
+    filters: tuple[FilterSpec, ...] = setting(
+        (), None, "Filters of every request, before routes", flag=""
+    )
     demo: int = setting(
         0, positive_int, "Start N demo nodes on loopback", yaml=False, shown=""
     )

@@ -23,15 +23,16 @@ from twisted.logger import Logger
 
 from rrlb.accesslog import AccessLog
 from rrlb.acmetls import AcmeServing, AcmeState, ChallengeResource
+from rrlb.chain import Built, Chains, build_routes, build_steps
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
 from rrlb.failures import LocalErrors
+from rrlb.filters import FilterContext
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
-from rrlb.routes import Route, Router
 from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, tls_on_tcp
 from rrlb.upstream import UpstreamPool
 
@@ -146,6 +147,10 @@ class Traffic(MultiService):
         if pool_configs is None:
             pool_configs = all_pools(config)
         self.drain: Optional[Drain] = None
+        # Filters' state kept across reloads (FilterContext.shared), and the
+        # filters of the running configuration.
+        self.filter_state: dict[str, Any] = {}
+        self._built: Optional[tuple[Config, Built]] = None
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
@@ -266,6 +271,7 @@ class Traffic(MultiService):
         @raise ConfigError: a TLS file cannot be used; nothing was changed.
         """
         nodes = unique_nodes(pool_configs)
+        self._steps(config)  # a filter that cannot be built changes nothing
         if reload:
             changed = self.tls.prepare(config, nodes)()
         else:
@@ -298,23 +304,13 @@ class Traffic(MultiService):
             dest = self.proxy.destination(self.pools.by_name[pc.name], pc.node_host, pc.timeout)
             dest.queue.timeout = config.queue_timeout
             destinations[pc.name] = dest
-        router: Optional[Router[Destination]] = None
-        if config.routes:
-            router = Router(
-                [
-                    Route(
-                        destinations[r.pool],
-                        r.pool,
-                        host=r.host,
-                        path_prefix=r.path_prefix,
-                        methods=r.methods,
-                        header=r.header,
-                        strip_prefix=r.strip_prefix,
-                    )
-                    for r in config.routes
-                ]
-            )
-        self.proxy.set_routes(router, destinations[pool_configs[0].name], destinations)
+        router, top = build_routes(config, self._steps(config), destinations)
+        proxy = self.proxy
+        chained = bool(top) or (router is not None and any(r.chained for r in router.routes))
+        chains = Chains(proxy, top, proxy.stats.filter_errors) if chained else None
+        proxy.set_routes(router, destinations[pool_configs[0].name], destinations)
+        proxy.chains = chains
+        proxy.all_chained = chains if top else None
 
         # Upstream settings that differ by pool: idle connections per node
         # (the largest of its pools'), and the response timeout sweep runs
@@ -335,6 +331,22 @@ class Traffic(MultiService):
         # New nodes or higher limits may have room for queued requests.
         for dest in destinations.values():
             dest.queue.dispatch()
+
+    def _steps(self, config: Config) -> Built:
+        """
+        The filters of C{config}, built once per configuration (a change of
+        nodes alone keeps them and their state).
+
+        @raise ConfigError: one cannot be built in this process.
+        """
+        if self._built is None or self._built[0] is not config:
+            metrics = getattr(self, "metrics", None)
+
+            def context(where: str, route: Any) -> FilterContext:
+                return FilterContext(self.reactor, where, route, metrics, self.filter_state)
+
+            self._built = (config, build_steps(config, context))
+        return self._built[1]
 
     def _apply_access_log(self, config: Config) -> None:
         """

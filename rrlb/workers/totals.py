@@ -71,6 +71,7 @@ class Counters:
     # WebSocket tunnels: open now (a gauge), bytes to nodes and to clients.
     tunnels_open: int = 0
     tunnel_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    filter_errors: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(
@@ -98,6 +99,7 @@ class Counters:
             clients=list(clients or ()),
             tunnels_open=metrics.tunnels_open(),
             tunnel_bytes=metrics.tunnel_bytes(),
+            filter_errors=metrics.filter_errors(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +118,7 @@ class Counters:
             "clients": self.clients,
             "tunnels_open": self.tunnels_open,
             "tunnel_bytes": self.tunnel_bytes,
+            "filter_errors": self.filter_errors,
         }
 
     @classmethod
@@ -134,6 +137,7 @@ class Counters:
             clients=list(value["clients"]),
             tunnels_open=int(value.get("tunnels_open", 0)),
             tunnel_bytes={str(d): int(n) for d, n in value.get("tunnel_bytes", {}).items()},
+            filter_errors={str(f): int(n) for f, n in value.get("filter_errors", {}).items()},
         )
 
     def add(self, other: Counters, gauges: bool = True) -> None:
@@ -164,6 +168,8 @@ class Counters:
                 counts[0] += in_flight
         for direction, count in other.tunnel_bytes.items():
             self.tunnel_bytes[direction] = self.tunnel_bytes.get(direction, 0) + count
+        for name, count in other.filter_errors.items():
+            self.filter_errors[name] = self.filter_errors.get(name, 0) + count
         if gauges:
             self.connections += other.connections
             self.upstream_connections += other.upstream_connections
@@ -291,6 +297,9 @@ class WorkersMetrics(Metrics):
 
     def tunnel_bytes(self) -> dict[str, int]:
         return {"to_node": 0, "to_client": 0, **self.totals.tunnel_bytes}
+
+    def filter_errors(self) -> dict[str, int]:
+        return dict(self.totals.filter_errors)
 
     def queue_timeouts(self) -> int:
         return sum(timeouts for _, timeouts in self.totals.queues.values())
