@@ -612,6 +612,10 @@ class AcmeManager(Service):
     def _ordered(self, result: Any) -> None:
         self.ordering = None
         names = ", ".join(self.acme.domains)
+        if isinstance(result, Failure) and not self.running:
+            # An order cut short by the shutdown (its thread ran on until
+            # the CA answered or the connection went): nothing to retry.
+            return
         if not isinstance(result, Failure):
             self.orders["ok"] += 1
             self.retry_in = FIRST_RETRY

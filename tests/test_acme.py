@@ -1137,3 +1137,36 @@ class SighupTests(PebbleCase):
         second = await self.certificate(serial=first.serial_number)
         await self.everywhere(second)
         self.assertEqual(pebble.text.count("POST /order-plz"), 2)
+
+
+class ShutdownTests(TLSCase):
+    """
+    An order under way when rrlb stops.
+    """
+
+    def test_failure_after_stop(self) -> None:
+        """
+        An order that fails once its manager has stopped (its thread ran on)
+        is neither logged as a failure nor retried.
+        """
+        logs = LogCapture.install(self)
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        clock = Clock()
+        manager = AcmeManager(
+            AcmeConfig(
+                directory="https://ca.test/dir",
+                domains=("a.test",),
+                storage=os.path.join(self.dir, "acme"),
+            ),
+            clock,
+            lambda state: None,
+            run=lambda work: waiting,
+        )
+        manager.startService()
+        self.assertIsNotNone(manager.ordering)
+        manager.stopService()
+        waiting.errback(AcmeError("connection closed"))
+        self.assertIsNone(manager.ordering)
+        self.assertEqual(manager.orders, {"ok": 0, "error": 0})
+        self.assertEqual([m for m in logs.messages() if "ACME order" in m], [])
+        self.assertEqual(clock.getDelayedCalls(), [])
