@@ -93,6 +93,8 @@ class Metrics:
         self.clock = clock
         self.stats = stats
         self.checkers = checkers
+        # Configurations applied, by source (set by the control side).
+        self.config_changes: Callable[[], dict[str, int]] = lambda: {}
         self.queues = queues
         self.budget = budget
         self.connections = connections
@@ -410,6 +412,15 @@ class RrlbCollector:
             "Retries not made because the retry budget was spent (the client got 502).",
             value=m.retries_refused(),
         )
+        changes = CounterMetricFamily(
+            "rrlb_config_changes",
+            "Configurations applied, by source: sighup (a reload from the file) or api"
+            " (the admin API's PUT /config and node changes).",
+            labels=["source"],
+        )
+        for source, count in m.config_changes().items():
+            changes.add_metric([source], count)
+        yield changes
         yield GaugeMetricFamily(
             "rrlb_queue_length",
             "Requests waiting now because every node in rotation is full.",

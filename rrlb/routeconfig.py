@@ -45,7 +45,7 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
     """
     The YAML C{routes} list (their pools are checked by L{build_config}).
     """
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         raise ConfigError(
             f"routes must be a list of routes like {{host: ..., pool: ...}}, not {value!r}"
         )
@@ -99,7 +99,7 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
         if "filters" in raw:
             kwargs["filters"] = parse_filters(f"{where}.filters", raw["filters"])
         kwargs.update(route_conditions(where, raw))
-        routes.append(RouteConfig(**kwargs))
+        routes.append(RouteConfig(**kwargs, entry=item))
     names = [r.name for r in routes if r.name is not None]
     for name in names:
         if names.count(name) > 1:

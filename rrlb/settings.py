@@ -37,6 +37,7 @@ from rrlb.values import (
     parse_hash_key,
     parse_health_path,
     parse_listen,
+    parse_log_format,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -294,6 +295,9 @@ class RouteConfig:
     path: Optional[str] = None
     # Its action if not pool (""): an rrlb.actions Redirect, Respond or Forward.
     action: Union[Redirect, Respond, Forward, None] = None
+    # The route as the file gave it, which --print-config writes back
+    # (rrlb.configdump).
+    entry: Any = field(default=None, compare=False, repr=False)
 
 
 # -- the table: every setting, declared once --------------------------------------
@@ -441,6 +445,10 @@ class Config(PoolSettings):
         None, string, "Access log file ('-' for stdout)", shown="off"
     )
     access_log_format: str = setting("combined", parse_access_log_format, "combined or json")
+    log_format: str = setting(
+        "text", parse_log_format, "The daemon's own log: text (Twisted's) or json, a JSON object"
+        " a line", reload=False,
+    )  # fmt: skip
     admin: Optional[str] = setting(
         None, string, "Endpoint of the admin API and status page", reload=False, shown="off"
     )

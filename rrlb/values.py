@@ -217,8 +217,10 @@ def one_of(*choices: str) -> Parser:
 
 BALANCE_POLICIES = ("roundrobin", "leastconn", "p2c", "hash")
 ACCESS_LOG_FORMATS = ("combined", "json")
+LOG_FORMATS = ("text", "json")
 parse_balance = one_of(*BALANCE_POLICIES)
 parse_access_log_format = one_of(*ACCESS_LOG_FORMATS)
+parse_log_format = one_of(*LOG_FORMATS)
 
 
 def parse_hash_key(name: str, value: Any) -> str:

@@ -1392,9 +1392,13 @@ def client_buffered(channel: Any) -> int:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# twistd's own entry point, run from the worktree so its rrlb is the one.
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None) -> str:
+def launcher(
+    listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None, twistd: bool = False
+) -> str:
     """
     Python code that sets C{LISTEN_PID} to its own pid (exec keeps it), as
     systemd does, then becomes rrlb; the listening socket is already fd 3.
@@ -1413,10 +1417,11 @@ def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = N
         lines.append("os.environ['LISTEN_FDS'] = '1'")
     if fdnames is not None:
         lines.append(f"os.environ['LISTEN_FDNAMES'] = {fdnames!r}")
-    lines.append(
-        "os.execv(sys.executable, [sys.executable, '-m', 'twisted', '--log-format', 'text',"
-        " 'rrlb'] + sys.argv[1:])"
-    )
+    if twistd:
+        runner = f"'-c', {TWISTD!r}, '-n', '--pidfile='"
+    else:
+        runner = "'-m', 'twisted', '--log-format', 'text'"
+    lines.append(f"os.execv(sys.executable, [sys.executable, {runner}, 'rrlb'] + sys.argv[1:])")
     return "\n".join(lines) + "\n"
 
 
@@ -1513,6 +1518,7 @@ async def start_daemon(
     fdnames: Optional[str] = None,
     wrapper: Sequence[str] = (),
     nofile: Optional[int] = None,
+    twistd: bool = False,
 ) -> Daemon:
     """
     Start rrlb with C{args} (C{--listen systemd:domain=INET:index=0} unless
@@ -1525,6 +1531,8 @@ async def start_daemon(
     @param wrapper: a command that runs rrlb in its own process, C{exec}ing
         it (C{("prlimit", "--nofile=300:300")}).
     @param nofile: its C{RLIMIT_NOFILE}, soft and hard, if not this process's.
+    @param twistd: run it as C{twistd -n --pidfile= rrlb} rather than as
+        C{python -m twisted rrlb}.
     """
     directory = tempfile.mkdtemp(prefix="rrlb-test-")
     testcase.addCleanup(shutil.rmtree, directory, True)
@@ -1550,7 +1558,7 @@ async def start_daemon(
         *wrapper,
         sys.executable,
         "-c",
-        launcher(listen_fds, fdnames, nofile),
+        launcher(listen_fds, fdnames, nofile, twistd),
         *listen,
         *args,
     ]
@@ -2540,3 +2548,56 @@ async def served_certificate(
         return None, None
     result: tuple[Optional[x509.Certificate], Optional[bytes]] = await protocol.done
     return result
+
+
+# == rrlb's command line, run to its end ==============================================
+
+
+class _Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+@dataclass
+class Ran:
+    """
+    What a command that ran to its end said and how it exited.
+    """
+
+    code: Optional[int]
+    out: str
+    err: str
+
+
+async def run_twistd(*args: str, timeout: float = START_TIMEOUT) -> Ran:
+    """
+    Run C{twistd ARGS} (C{-n --pidfile=} first) to its end, killed after
+    C{timeout} seconds, and return what it wrote and its exit code.
+    """
+    output = _Output()
+    argv = [sys.executable, "-W", "ignore", "-c", TWISTD, "-n", "--pidfile=", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=ROOT)
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    timer = reactor.callLater(timeout, kill)
+    code = await output.ended
+    if timer.active():
+        timer.cancel()
+    return Ran(code, output.out.decode("utf-8", "replace"), output.err.decode("utf-8", "replace"))

@@ -242,7 +242,7 @@ class WorkerChannel(QuietAMP):
         self.reactor.callLater(0, self.stop)
 
 
-def _log_observer(index: int) -> Any:
+def _log_observer(index: int, log_format: str = "text") -> Any:
     from twisted.logger import (
         FilteringLogObserver,
         ILogObserver,
@@ -251,7 +251,10 @@ def _log_observer(index: int) -> Any:
         textFileLogObserver,
     )
 
-    text = textFileLogObserver(sys.stderr)
+    from rrlb.jsonlog import json_file_observer
+
+    out = json_file_observer if log_format == "json" else textFileLogObserver
+    text = out(sys.stderr)
 
     def observe(event: dict[str, Any]) -> None:
         event = dict(event)
@@ -274,7 +277,8 @@ def run_worker(argv: Sequence[str]) -> int:
     reactor: Any = _reactor
 
     index, listeners = int(argv[0]), int(argv[1])
-    globalLogBeginner.beginLoggingTo([_log_observer(index)], redirectStandardIO=False)
+    log_format = argv[2] if len(argv) > 2 else "text"
+    globalLogBeginner.beginLoggingTo([_log_observer(index, log_format)], redirectStandardIO=False)
     # A terminal's hangup or a SIGHUP to the process group: the main process
     # decides about reloads.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

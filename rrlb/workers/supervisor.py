@@ -245,6 +245,8 @@ class WorkerSupervisor(Service):
         for i, fd in enumerate(fds):
             child_fds[FIRST_LISTEN_FD + i] = fd
         argv = [sys.executable, "-m", "rrlb.workers.child", str(slot.index), str(len(fds))]
+        # Its log in the main process's format (log_format).
+        argv.append(self.main.config.log_format)
         process = WorkerProcess(self, slot)
         try:
             transport = self.reactor.spawnProcess(

@@ -22,6 +22,7 @@ from rrlb.history import History
 from rrlb.metrics import PROXY_ERRORS, Metrics
 from rrlb.parser import CLIENT_ERROR_REASONS
 from rrlb.pool import Node, Pool, Pools
+from rrlb.runtime import Control
 
 log = Logger()
 
@@ -343,9 +344,13 @@ class MainAdminResource(AdminResource):
     """
 
     def __init__(
-        self, pools: Pools, metrics: WorkersMetrics, history: Optional[History] = None
+        self,
+        pools: Pools,
+        metrics: WorkersMetrics,
+        history: Optional[History] = None,
+        control: Optional[Control] = None,
     ) -> None:
-        super().__init__(pools, metrics, history)
+        super().__init__(pools, metrics, history, control)
         self.workers_metrics = metrics
 
     def render(self, request: Any) -> Any:
@@ -358,6 +363,8 @@ class MainAdminResource(AdminResource):
             if gone:
                 return
             body = AdminResource.render(self, request)
+            if body is server.NOT_DONE_YET:
+                return  # a change, answered once every worker runs it
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.write(body)
             request.finish()
@@ -378,6 +385,8 @@ class MainAdminSite(AdminSite):
         pools: Pools,
         metrics: WorkersMetrics,
         history: Optional[History] = None,
+        control: Optional[Control] = None,
         **kw: Any,
     ) -> None:
-        super().__init__(pools, metrics, history, MainAdminResource(pools, metrics, history), **kw)
+        resource = MainAdminResource(pools, metrics, history, control)
+        super().__init__(pools, metrics, history, resource, **kw)
