@@ -735,7 +735,8 @@ class SettingsTests(TLSCase):
         good = {"directory": "https://ca.test/dir", "domains": ["a.test"], "storage": "/s"}
         cases = [
             ({**good, "directory": "ftp://x"}, "tls.acme.directory must be an https:// URL"),
-            ({**good, "domains": []}, "tls.acme.domains must be a list of DNS names"),
+            ({**good, "domains": []}, "tls.acme.domains: the names of the certificate"),
+            ({**good, "domains": {"a": 1}}, "tls.acme.domains must be a list of DNS names"),
             ({**good, "domains": ["a b"]}, "tls.acme.domains: 'a b' is not a DNS name"),
             ({**good, "domains": ["*.a.test"]}, "tls.acme.domains: wildcard names need dns-01"),
             ({**good, "challenge": "dns-01"}, "tls.acme.challenge must be one of http-01"),
