@@ -756,6 +756,27 @@ class SettingsTests(TLSCase):
             self.assertIn(message, str(caught.exception), acme)
             self.assertNotIn("\n", str(caught.exception))
 
+    def test_printed(self) -> None:
+        """
+        C{--print-config}'s document (and C{GET /config}'s) holds C{tls.acme},
+        and reads back as the same settings; without ACME too.
+        """
+        from rrlb.configdump import document
+
+        acme = {
+            "directory": "https://ca.test/dir",
+            "email": "ops@example.com",
+            "domains": ["a.test", "b.test"],
+            "storage": "/var/lib/rrlb/acme",
+            "challenge": "tls-alpn-01",
+            "renew_before": "30d",
+        }
+        for config in (self.load(acme), self.load({})):
+            printed = document(config)
+            path = self.write("again.yaml", yaml.safe_dump(printed).encode("utf-8"))
+            self.assertEqual(build_config(path).tls.acme, config.tls.acme)
+        self.assertEqual(document(self.load(acme))["tls"]["acme"]["renew_before"], 30 * 86400.0)
+
     def test_ca_file_checked(self) -> None:
         """
         C{ca_file} is read at start-up (and reload), like every TLS file.
