@@ -23,7 +23,14 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from rrlb.settings import Config
-from rrlb.tls import bare_context, listen_endpoint, listen_kind, server_options, tls_on_tcp
+from rrlb.tls import (
+    ClientAuthCAs,
+    bare_context,
+    listen_endpoint,
+    listen_kind,
+    listener_context,
+    tls_on_tcp,
+)
 from rrlb.tlsfiles import LoadedKeyPair, not_after
 
 log = Logger()
@@ -108,7 +115,9 @@ class AcmeServing:
     @ivar tokens: http-01 token (bytes) -> its key authorization.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, client_auth: Optional[ClientAuthCAs] = None) -> None:
+        # Client certificates (tls.client_auth) as on the files' contexts.
+        self.client_auth = client_auth
         self.state = AcmeState()
         self.names: frozenset[str] = frozenset()
         self.tokens: dict[bytes, bytes] = {}
@@ -120,6 +129,15 @@ class AcmeServing:
         self.fallback = self._with_callbacks(bare_context())
         self.context: Optional[SSL.Context] = None
 
+    def set_client_auth(self, client_auth: Optional[ClientAuthCAs]) -> None:
+        """
+        Ask for client certificates as C{client_auth} says (a reload read
+        it again), on the certificate served now too.
+        """
+        self.client_auth = client_auth
+        state, self.state = self.state, AcmeState()
+        self.update(state)
+
     def update(self, state: AcmeState) -> None:
         """
         Serve C{state} from now on; open connections keep what they have.
@@ -130,7 +148,8 @@ class AcmeServing:
         if state.chain and (state.chain, state.key) != (self.state.chain, self.state.key):
             try:
                 pair = key_pair(state.chain, state.key)
-                context = self._with_callbacks(server_options(pair).getContext())
+                context = listener_context(pair, client_auth=self.client_auth)
+                context = self._with_callbacks(context)
                 leaf = pair.leaf
             except Exception as e:  # a certificate cryptography or OpenSSL refuses
                 log.error("ACME certificate not served: {error}", error=str(e))
@@ -176,6 +195,8 @@ class AcmeServing:
                 # type (both are P-256).
                 connection.use_certificate(challenge[0])
                 connection.use_privatekey(challenge[1])
+                # A validator has no client certificate to give.
+                connection.set_verify(SSL.VERIFY_NONE, None)
                 return ACME_TLS_ALPN
         # The site's own protocols, as Twisted offers them on the first
         # context (which SNI replaced with this one).

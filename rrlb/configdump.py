@@ -130,7 +130,7 @@ def _resolver(host: str, port: int) -> str:
 
 
 def _listen_tls(tls: ListenTLS) -> dict[str, Any]:
-    out = {row.name: getattr(tls, row.name) for row in rows(ListenTLS) if row.yaml}
+    out = {row.name: plain(getattr(tls, row.name)) for row in rows(ListenTLS) if row.yaml}
     out["certificates"] = [
         {"cert": cert, **({"key": key} if key is not None else {})}
         for cert, key in tls.certificates

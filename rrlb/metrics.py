@@ -177,6 +177,11 @@ class Metrics:
                 # A WebSocket tunnel: its bytes each way and how long it was open.
                 entry += (exchange.tunnel.summary(),)
             notes = request.log_notes
+            client_cert = getattr(request.channel, "client_cert", None)
+            if client_cert is not None:
+                # The subject of the client's certificate (tls.client_auth),
+                # last on the line.
+                notes = {**(notes or {}), "client_cert_subject": client_cert.subject}
             if notes is not None:
                 # Fields filters added (request_id, trace_id, ...).
                 entry += (None,) * (13 - len(entry)) + (notes,)

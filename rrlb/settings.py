@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, TypeVar, Union
 from rrlb.actions import Forward, Redirect, Respond
 from rrlb.filters import FilterSpec
 from rrlb.values import (
+    ClientAuth,
     Network,
     Parser,
     admin_host_names,
@@ -32,6 +33,7 @@ from rrlb.values import (
     parse_access_log_format,
     parse_balance,
     parse_certificates,
+    parse_client_auth,
     parse_domains,
     parse_email,
     parse_hash_key,
@@ -295,6 +297,8 @@ class RouteConfig:
     path: Optional[str] = None
     # Its action if not pool (""): an rrlb.actions Redirect, Respond or Forward.
     action: Union[Redirect, Respond, Forward, None] = None
+    # Whether the client showed a verified certificate (tls.client_auth).
+    client_cert: Optional[bool] = None
     # The route as the file gave it, which --print-config writes back
     # (rrlb.configdump).
     entry: Any = field(default=None, compare=False, repr=False)
@@ -350,7 +354,8 @@ class AcmeConfig:
 class ListenTLS:
     """
     The listeners' certificate and key (the key may sit in the certificate
-    file), more certificates chosen by SNI, and the https nodes' CA file.
+    file), more certificates chosen by SNI, client certificates, and the
+    https nodes' CA file.
     """
 
     cert: Optional[str] = setting(
@@ -366,6 +371,10 @@ class ListenTLS:
         (), parse_certificates, "More certificates, chosen by SNI", flag=""
     )
     acme: AcmeConfig = setting(AcmeConfig(), None, "Certificates from an ACME CA", flag="")
+    # Client certificates (mTLS) on the TLS listeners rrlb serves.
+    client_auth: Optional[ClientAuth] = setting(
+        None, parse_client_auth, "Client certificates: {ca_file, mode: require|optional}", flag=""
+    )
 
 
 DEFAULT_POOL = "default"

@@ -31,9 +31,10 @@ from rrlb.failures import LocalErrors
 from rrlb.filters import FilterContext
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
+from rrlb.ocsp import Stapler
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
-from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, tls_on_tcp
+from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, read_client_auth, tls_on_tcp
 from rrlb.upstream import UpstreamPool
 
 # How often nodes removed by a reload are looked at until their last
@@ -156,7 +157,7 @@ class Traffic(MultiService):
         self._retired_call: Any = None
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
-        self.tls = BalancerTLS()
+        self.tls = BalancerTLS(stapler=Stapler(reactor))
         self.tls.prepare(config, unique_nodes(pool_configs))()
         self.upstream = UpstreamPool(
             reactor,
@@ -195,7 +196,7 @@ class Traffic(MultiService):
         # the router, its certificates by SNI. Nothing of it without.
         self.acme: Optional[AcmeServing] = None
         if config.tls.acme.enabled:
-            self.acme = AcmeServing()
+            self.acme = AcmeServing(read_client_auth(config.tls))
             self.site.resource = ChallengeResource(self.acme, self.proxy)
         self.metrics = Metrics(
             pools,
@@ -213,8 +214,8 @@ class Traffic(MultiService):
         for description in config.listen:
             endpoint, server = endpoints(len(self.listeners), description)
             if server is not None:
-                # Its certificate is read again on reload.
-                self.tls.listeners.append(server)
+                # Its certificate is read again on reload, and stapled.
+                self.tls.add_listener(server)
             listener = Listener(
                 endpoint,
                 self.site,
@@ -228,6 +229,8 @@ class Traffic(MultiService):
                 server.set_hook(self.acme)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
+        assert self.tls.stapler is not None
+        self.tls.stapler.setServiceParent(self)
 
     def _own_endpoint(
         self, index: int, description: str
@@ -274,6 +277,9 @@ class Traffic(MultiService):
         self._steps(config)  # a filter that cannot be built changes nothing
         if reload:
             changed = self.tls.prepare(config, nodes)()
+            if self.acme is not None:
+                # Read again with the listeners' files (it was checked).
+                self.acme.set_client_auth(read_client_auth(config.tls))
         else:
             changed = self.tls.nodes.commit(self.tls.nodes.prepare(nodes))
         for key in changed:

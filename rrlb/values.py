@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -382,3 +383,36 @@ def duration(name: str, value: Any) -> float:
         f"{name} must be a time like 30d, 12h or 3600 (seconds), not {value!r}",
     )
     return n * _DURATION_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """
+    C{tls.client_auth}: client certificates are asked for on TLS listeners
+    and checked against C{ca_file}; with C{mode} C{require} a client
+    without one fails the handshake, with C{optional} it gets through.
+    """
+
+    ca_file: str
+    mode: str
+
+
+CLIENT_AUTH_MODES = ("require", "optional")
+
+
+def parse_client_auth(name: str, value: Any) -> ClientAuth:
+    """
+    C{tls.client_auth: {ca_file: PEM, mode: require|optional}}.
+    """
+    raw = mapping(name, value, frozenset({"ca_file", "mode"}))
+    _check(
+        "ca_file" in raw and "mode" in raw,
+        f"{name} needs ca_file and mode, like {{ca_file: clients-ca.pem, mode: require}},"
+        f" not {value!r}",
+    )
+    mode = raw["mode"]
+    _check(
+        mode in CLIENT_AUTH_MODES,
+        f"{name}.mode must be one of {', '.join(CLIENT_AUTH_MODES)}, not {mode!r}",
+    )
+    return ClientAuth(string(f"{name}.ca_file", raw["ca_file"]), mode)

@@ -1966,13 +1966,17 @@ def issue(
     ips: Sequence[str] = (LOOPBACK,),
     not_before: datetime.datetime = NOW - DAY,
     not_after: datetime.datetime = NOW + 30 * DAY,
+    uris: Sequence[str] = (),
+    subject: Optional[x509.Name] = None,
+    ocsp_url: Optional[str] = None,
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    san += [x509.UniformResourceIdentifier(u) for u in uris]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name((list(names) + list(ips))[0]))
+        .subject_name(subject or _name((list(names) + list(ips))[0]))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -1984,9 +1988,13 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
         )
-        .sign(ca.key, hashes.SHA256())
     )
-    return Issued(key, cert)
+    if ocsp_url is not None:
+        access = x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+        )
+        cert = cert.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
+    return Issued(key, cert.sign(ca.key, hashes.SHA256()))
 
 
 class Certs:

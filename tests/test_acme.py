@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -324,17 +325,17 @@ class RenewalTests(PebbleCase):
         self.assertTrue(acme._retry is not None and acme._retry.active())
 
 
-def out_of_reach(case: TLSCase) -> str:
+def out_of_reach(case: TLSCase, **tls: Any) -> str:
     """
     Write a YAML file whose C{tls: acme:} names a CA that cannot be reached
-    (nothing listens on its port); its path.
+    (nothing listens on its port), with more C{tls} settings; its path.
     """
     acme = {
         "directory": f"https://{LOOPBACK}:{free_port()}/dir",
         "domains": [ACME_NAME],
         "storage": os.path.abspath(os.path.join(case.dir, "acme")),
     }
-    data = yaml.safe_dump({"tls": {"acme": acme}}).encode("utf-8")
+    data = yaml.safe_dump({"tls": {"acme": acme, **tls}}).encode("utf-8")
     return os.path.abspath(case.write("rrlb.yaml", data))
 
 
@@ -1192,3 +1193,45 @@ class ShutdownTests(TLSCase):
         self.assertEqual(manager.orders, {"ok": 0, "error": 0})
         self.assertEqual([m for m in logs.messages() if "ACME order" in m], [])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ClientAuthTests(TLSCase):
+    """
+    ACME's certificate with C{tls.client_auth} (issue 22's mTLS).
+    """
+
+    async def test_require(self) -> None:
+        """
+        The ACME certificate's context asks for client certificates as the
+        files' do; a tls-alpn-01 validation (which has none) still gets its
+        challenge certificate.
+        """
+        ca_file = self.write("clients-ca.pem", self.certs.client_ca.cert_pem)
+        path = out_of_reach(self, client_auth={"ca_file": ca_file, "mode": "require"})
+        tls_port = free_port()
+        backend = await start_backend(self, "a")
+        balancer = await start_balancer(
+            self,
+            [backend.url],
+            "--config",
+            path,
+            "--listen",
+            f"ssl:{tls_port}:interface={LOOPBACK}",
+        )
+        traffic = balancer.service.traffic
+        key = new_key()
+        cert_pem, key_pem = challenge_certificate(ACME_NAME, "tok.thumb")
+        state = AcmeState(
+            names=(ACME_NAME,),
+            chain=fake_chain(key, [ACME_NAME]),
+            key=key,
+            alpn=((ACME_NAME, cert_pem, key_pem),),
+        )
+        traffic.acme_update(state)
+        assert traffic.acme is not None and traffic.acme.context is not None
+        required = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        self.assertEqual(traffic.acme.context.get_verify_mode() & required, required)
+        cert, protocol = await served_certificate(tls_port, ACME_NAME, [ACME_TLS_ALPN])
+        assert cert is not None
+        self.assertEqual(protocol, ACME_TLS_ALPN)
+        self.assertTrue(cert.extensions.get_extension_for_oid(ACME_IDENTIFIER).critical)
