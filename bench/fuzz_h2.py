@@ -561,17 +561,18 @@ class Responses:
             self.done = True
 
 
-async def throw(port, data, rng, wait):
-    """Send data over a new h2 connection; the outcome of its first stream."""
+async def throw(port, data, rng, wait, tls=True):
+    """Send data over a new h2 connection (TLS, or cleartext with prior
+    knowledge); the outcome of its first stream."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=client_tls()), wait * 5
+            asyncio.open_connection("127.0.0.1", port, ssl=client_tls() if tls else None), wait * 5
         )
     except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
         return f"connect failed ({type(e).__name__})"
     responses = Responses()
     try:
-        if writer.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
+        if tls and writer.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
             return "no h2 by ALPN"
         cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 2))))
         last = 0
@@ -603,8 +604,8 @@ async def throw(port, data, rng, wait):
     return responses.outcome or "no response"
 
 
-def valid_exchange(port, authority):
-    """One valid GET over h2 with a blocking socket: its status, or None."""
+def valid_exchange(port, authority, tls=True):
+    """One valid GET over h2 (TLS, or h2c) with a blocking socket: its status, or None."""
     import socket
 
     data = PREFACE + _serialize(
@@ -625,13 +626,13 @@ def valid_exchange(port, authority):
     responses = Responses()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with client_tls().wrap_socket(raw) as s:
-                s.sendall(data)
-                while not responses.done:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    responses.feed(chunk)
+            s = client_tls().wrap_socket(raw) if tls else raw
+            s.sendall(data)
+            while not responses.done:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                responses.feed(chunk)
     except OSError:
         return None
     return responses.outcome

@@ -21,14 +21,8 @@ failing requests quietly.
     but keeps the rest of its backpressure between the transport and the
     request, which reads these.
   - L{Request._disconnected}: whether the client went away.
-  - With C{--http2} only, L{rrlb.http2} subclasses the private
-    L{twisted.web._http2} (Twisted's own HTTP/2, there is no public one): it
-    overrides the event handlers of C{H2Connection} and C{H2Stream} named in
-    L{H2_OVERRIDES} and uses the attributes in L{H2_STATE} (with
-    L{rrlb.h2buffers}, which bounds what they hold). Its per-stream
-    send queues (C{_outboundStreamQueues}) are rrlb's own deques, which
-    Twisted's send loop only appends to and pops from. L{H2Connection}
-    and L{H2Stream} are imported from here.
+  - L{Request.__init__}'s work: L{init_request} sets what it sets, more
+    cheaply (see there); the test compares the two attribute by attribute.
   - C{twisted.web.client._HTTP11ClientFactory} and
     C{HTTPConnectionPool._factory}: L{quiet_connection_pool} makes the
     health checker's connections not log their start and stop (one pair per
@@ -42,23 +36,20 @@ failing requests quietly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from twisted.python.components import Componentized
 from twisted.python.systemd import ListenFDs
 from twisted.web import client as _webclient
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
-
-if TYPE_CHECKING:
-    from twisted.web._http2 import H2Connection, H2Stream
 
 __all__ = [
     "canonical_name",
     "raw_headers",
     "set_raw_headers",
     "client_gone",
+    "init_request",
     "HeaderNameError",
-    "H2Connection",
-    "H2Stream",
     "quiet_connection_pool",
     "systemd_descriptors",
     "adopt_systemd_descriptors",
@@ -116,6 +107,34 @@ def client_gone(request: Any) -> bool:
     return bool(request._disconnected)
 
 
+def init_request(request: Any, channel: Any) -> None:
+    """
+    Set up C{request} (a L{twisted.web.server.Request}) of C{channel} as
+    C{Request.__init__} does, without calling it. Twisted's constructor
+    evaluates its attribute annotations (C{Deferred[None]}, C{dict[bytes,
+    bytes]}, ...) on every call and asks the transport for both addresses,
+    which together doubled the cost of making a request (6 us against
+    13-15 us per request on the bench machine); the channel
+    (L{rrlb.connection.ClientConnection}) has the addresses already. Only
+    public attributes and L{Componentized}'s own constructor, but for the
+    form-parsing flag, which only C{Request.requestReceived} reads (rrlb's
+    requests override it). tests/test_twisted_private.py checks that this
+    sets every other attribute Twisted's constructor sets, to the same
+    values.
+    """
+    request.notifications = []
+    request.channel = channel
+    request.client = channel.peer
+    request.host = channel.local
+    request.requestHeaders = Headers()
+    request.received_cookies = {}
+    request.responseHeaders = Headers()
+    request.cookies = []
+    request.transport = channel.transport
+    request.queued = False
+    Componentized.__init__(request)
+
+
 # The HTTPChannel attributes rrlb.channel and rrlb.connection read or set
 # (see the module docstring); the test checks that the installed Twisted
 # still has them.
@@ -127,48 +146,6 @@ def header_values(headers: Headers, name: bytes) -> Optional[list[bytes]]:
     The values of a header given by its canonical name, or L{None}.
     """
     return headers._rawHeaders.get(name)
-
-
-# What rrlb.http2 overrides and uses of twisted.web._http2 (see the module
-# docstring); the test checks that the installed Twisted still has them.
-H2_OVERRIDES = {
-    "H2Connection": (
-        "_requestReceived",
-        "_requestDataReceived",
-        "_requestEnded",
-        "_requestAborted",
-        "_requestDone",
-        "_handlePriorityUpdate",
-        "pauseProducing",
-        "resumeProducing",
-        "remainingOutboundWindow",
-    ),
-    "H2Stream": (
-        "_convertHeaders",
-        "receiveDataChunk",
-        "requestComplete",
-        "writeHeaders",
-        "registerProducer",
-        "flowControlBlocked",
-        "windowUpdated",
-    ),
-}
-H2_STATE = {
-    "H2Connection": (
-        "_streamCleanupCallbacks",
-        "_outboundStreamQueues",
-        "_consumerBlocked",
-        "_tryToWriteControlData",
-        "_send100Continue",
-        "_streamIsActive",
-        "openStreamWindow",
-        "writeHeaders",
-        "priority",
-        "streams",
-        "conn",
-    ),
-    "H2Stream": ("_conn", "_request", "streamID", "command", "path", "producer"),
-}
 
 
 class _QuietFactory(_webclient._HTTP11ClientFactory):
@@ -234,13 +211,3 @@ def clear_exit_signal(reactor: Any, signals: tuple[int, ...]) -> None:
     """
     if getattr(reactor, "_exitSignal", None) in signals:
         reactor._exitSignal = None
-
-
-def __getattr__(name: str) -> Any:
-    # H2Connection and H2Stream on first use only: twisted.web._http2
-    # imports h2, which rrlb does without unless --http2 is on.
-    if name in ("H2Connection", "H2Stream"):
-        from twisted.web import _http2
-
-        return getattr(_http2, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

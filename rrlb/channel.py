@@ -112,10 +112,10 @@ class ProxyChannel(ClientConnection):
 
     def __init__(self) -> None:
         super().__init__()
-        # What was read and not parsed yet: self._buffer[self._offset:], then
+        # What was read and not parsed yet: self._unread[self._offset:], then
         # the reads in self._more (those that came while a request was in
         # progress, kept as they came rather than copied onto the rest).
-        self._buffer = b""
+        self._unread = b""
         self._offset = 0
         self._more: list[bytes] = []
         self._more_size = 0
@@ -139,7 +139,7 @@ class ProxyChannel(ClientConnection):
             # while it sends would otherwise fill rrlb's memory).
             self._more.append(data)
             self._more_size += len(data)
-            if self._more_size + len(self._buffer) - self._offset > READ_AHEAD:
+            if self._more_size + len(self._unread) - self._offset > READ_AHEAD:
                 self._stop_reading(_AHEAD)
         elif state == _TUNNEL:
             self.tunnel_reader(data)  # type: ignore[misc]
@@ -150,7 +150,7 @@ class ProxyChannel(ClientConnection):
                 self._more.append(data)
                 self._more_size += len(data)
                 return
-            buffer = self._buffer
+            buffer = self._unread
             # A head that came in pieces (at most max_header_size) is joined.
             self._head_received(buffer + data if buffer else data, 0)
 
@@ -163,7 +163,7 @@ class ProxyChannel(ClientConnection):
             # Empty lines before a request line are ignored (RFC 9112 2.2).
             pos = _skip_empty_lines(buffer, pos)
             if pos == len(buffer):
-                self._buffer = b""
+                self._unread = b""
                 self._offset = 0
                 return
         limits = self.site.limits
@@ -175,7 +175,7 @@ class ProxyChannel(ClientConnection):
             if end < 0 and len(buffer) - pos <= limits.max_header_size:
                 if pos:
                     buffer = buffer[pos:]  # the head so far, nothing before it
-                self._buffer = buffer
+                self._unread = buffer
                 self._offset = 0
                 if len(buffer) > MAX_REQUEST_LINE + 1 and (
                     buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
@@ -195,7 +195,7 @@ class ProxyChannel(ClientConnection):
                         self._state = _HEAD
                         self.deadline = self.clock.seconds() + limits.header_timeout
                 return
-            self._buffer = buffer
+            self._unread = buffer
             self._offset = pos
             if buffer.find(b"\r\n", pos, pos + MAX_REQUEST_LINE + 2) < 0:
                 self._refuse(BadRequest(414, URI_TOO_LONG, "the request line is too long"))
@@ -206,7 +206,7 @@ class ProxyChannel(ClientConnection):
         try:
             head = parse_request_head(buffer[pos:end], limits.max_headers)
         except BadRequest as e:
-            self._buffer = buffer
+            self._unread = buffer
             self._offset = pos
             self._refuse(e)
             return
@@ -238,7 +238,7 @@ class ProxyChannel(ClientConnection):
             self.deadline = None
             self._handlingRequest = True
             # Whatever follows stays where it is, read ahead: no copy.
-            self._buffer = buffer
+            self._unread = buffer
             self._offset = pos
             if len(buffer) - pos + self._more_size > READ_AHEAD:
                 self._stop_reading(_AHEAD)
@@ -254,7 +254,7 @@ class ProxyChannel(ClientConnection):
         # request is forwarded as soon as its head is in, and the channel
         # reads the body only as fast as the node takes it.
         request.content = None
-        self._buffer = b""
+        self._unread = b""
         self._offset = 0
         self._state = _BODY
         self._handlingRequest = True
@@ -313,7 +313,7 @@ class ProxyChannel(ClientConnection):
         self._decoder = None
         self._state = _BUSY
         self.deadline = None
-        self._buffer = rest
+        self._unread = rest
         self._offset = pos
         self._holds = 0
         # Nothing more of this request to read: take pipelined bytes (up to
@@ -384,8 +384,8 @@ class ProxyChannel(ClientConnection):
         self.deadline = None
         self.persistent = False
         self.transport.write(head)
-        buffered = b"".join([self._buffer[self._offset :], *self._more])
-        self._buffer = b""
+        buffered = b"".join([self._unread[self._offset :], *self._more])
+        self._unread = b""
         self._offset = 0
         self._more = []
         self._more_size = 0
@@ -398,6 +398,22 @@ class ProxyChannel(ClientConnection):
         """
         if self._state == _BODY:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def write_trailers(self, request: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The trailers of C{request}'s response (L{ProxyRequest.write_trailers}):
+        the last chunk and the trailer section, if the body is chunked;
+        nothing otherwise (RFC 9112 7.1.2: only chunked bodies carry them).
+        """
+        if not request.startedWriting:
+            request.write(b"")
+        if request.chunked:
+            request.chunked = False  # finish() writes no last chunk of its own
+            lines = [b"0\r\n"]
+            for name, value in headers:
+                lines += (name, b": ", value, b"\r\n")
+            lines.append(b"\r\n")
+            self.transport.write(b"".join(lines))
 
     def requestDone(self, request: Any) -> None:
         """
@@ -435,6 +451,12 @@ class ProxyChannel(ClientConnection):
             self._stop_reading(_SENDING)
             self._next_waits = True
             return
+        if not self._more and self._offset >= len(self._unread):
+            # Nothing read ahead (the common case): wait for the next request.
+            self._unread = b""
+            self._offset = 0
+            self._go_on_reading(_AHEAD)
+            return
         self._next_requests()
 
     def _next_requests(self) -> None:
@@ -456,7 +478,7 @@ class ProxyChannel(ClientConnection):
         finally:
             self._starting = False
         if self._state != _BUSY or (
-            len(self._buffer) - self._offset + self._more_size <= READ_AHEAD
+            len(self._unread) - self._offset + self._more_size <= READ_AHEAD
         ):
             self._go_on_reading(_AHEAD)
 
@@ -470,7 +492,7 @@ class ProxyChannel(ClientConnection):
         more at most, so the cost per request is that of its own bytes,
         however much waits behind it.
         """
-        buffer = self._buffer
+        buffer = self._unread
         pos = self._offset
         if buffer[pos : pos + 1] in (b"\r", b"\n"):
             pos = _skip_empty_lines(buffer, pos)
@@ -485,7 +507,7 @@ class ProxyChannel(ClientConnection):
             if buffer[:1] in (b"\r", b"\n"):
                 pos = _skip_empty_lines(buffer, 0)
         if pos >= len(buffer):
-            self._buffer = b""
+            self._unread = b""
             self._offset = 0
             return
         self._head_received(buffer, pos)
@@ -499,11 +521,11 @@ class ProxyChannel(ClientConnection):
         once the answer is out.
         """
         offset = self._offset
-        head = self._buffer[offset : offset + MAX_REQUEST_LINE + 2]
+        head = self._unread[offset : offset + MAX_REQUEST_LINE + 2]
         self._state = _CLOSED
         self.deadline = None
         self._decoder = None
-        self._buffer = b""
+        self._unread = b""
         self._offset = 0
         self._more = []
         self._more_size = 0

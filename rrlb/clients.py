@@ -194,10 +194,16 @@ class ClientSite(server.Site):
         closing (off in tests that use in-memory transports).
     @ivar close_timeout: how long a connection rrlb closes may take to send
         what is left of its last response (L{CLOSE_TIMEOUT}).
+    @ivar accepts_per_wakeup: the most clients a port accepts per wake-up
+        (L{None}: as many as there are places). A worker sets 1, nginx's
+        C{multi_accept off}: every worker is woken for each client on the
+        listening socket they share, and a port that accepts a burst in
+        one go leaves the other workers idle.
     """
 
     linger = True
     close_timeout = CLOSE_TIMEOUT
+    accepts_per_wakeup: Optional[int] = None
 
     def __init__(self, resource: Any, clock: Any, limits: ClientLimits, **kw: Any) -> None:
         # No twisted.web timeout: the sweep does every client timeout.
@@ -249,6 +255,8 @@ class ClientSite(server.Site):
         """
         self._cap_call = None
         room = max(1, self.limits.max_connections - self.taken)
+        if self.accepts_per_wakeup is not None:
+            room = min(room, self.accepts_per_wakeup)
         for port in self.ports:
             if hasattr(port, "numberAccepts"):
                 port.numberAccepts = min(port.numberAccepts, room)

@@ -67,9 +67,11 @@ class Destination:
 
     @ivar timeout: its response timeout, or L{None} for the upstream
         client's.
+    @ivar exchange: what carries its requests: L{ProxyExchange} (HTTP/1.1),
+        or with C{protocol: h2} L{rrlb.h2exchange.H2Exchange}.
     """
 
-    __slots__ = ("name", "pool", "queue", "node_host", "timeout")
+    __slots__ = ("name", "pool", "queue", "node_host", "timeout", "exchange")
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class Destination:
         self.queue = queue
         self.node_host = node_host
         self.timeout = timeout
+        self.exchange: type[ProxyExchange] = ProxyExchange
 
 
 @implementer(IPushProducer)
@@ -336,10 +339,11 @@ class ProxyExchange:
         body = self.body
         return body is None or body.replayable
 
-    def _failed(self, reason: Failure, passive: bool) -> None:
+    def _failed(self, reason: Failure, passive: bool, unprocessed: bool = False) -> None:
         """
         Nothing of a response came: mark the node, retry elsewhere if the
-        method allows it, else answer 502.
+        method allows it (any method if the node did not process the
+        request: C{unprocessed}), else answer 502.
         """
         node = self.node
         proxy = self.proxy
@@ -349,11 +353,15 @@ class ProxyExchange:
         if passive:
             pool.mark(node, False, f"request failed: {why}")
         if (
-            self.request.method in IDEMPOTENT
+            (unprocessed or self.request.method in IDEMPOTENT)
             and self.retries < proxy.settings.retries
             and self.replayable()
         ):
             other = pool.pick_other(self.tried)
+            if other is None and unprocessed and not passive and node.in_rotation:
+                # Refused or turned away by a GOAWAY, not failing: a fresh
+                # connection to the same node may take it.
+                other = node
             # A request holds one place in the retry budget from its first
             # retry until it ends, however many nodes it tries.
             if other is not None and not self.retries:

@@ -605,3 +605,7 @@ def build_filter(spec: FilterSpec, context: FilterContext) -> Any:
 # names one of them.
 for _name in ("request_headers", "response_headers", "request_id", "traceparent", "allow", "deny"):
     register(_name, f"rrlb.stdfilters:{_name.upper()}")
+
+# The rate limits (rrlb.limits, issue 20).
+register("rate_limit", "rrlb.limits:RATE_LIMIT")
+register("limit_in_flight", "rrlb.limits:LIMIT_IN_FLIGHT")

@@ -4,40 +4,33 @@ What an HTTP/2 connection holds for its client: bounded, whatever windows
 the client advertises (docs/security.md, "Bounded buffering").
 
 HTTP/2 flow control bounds what a client I{allows} rrlb to send, not what
-its socket takes. Twisted's L{H2Connection} stops its send loop when the
-transport pauses it, but goes on queueing each stream's DATA up to the
-client's window and never pauses the streams' producers: a client that
-advertises 2^31-1 windows and stops reading made rrlb read whole responses
-from the nodes into memory. The pieces here, mixed into L{rrlb.http2}'s
-stream and connection:
+its socket takes: a client that advertises 2^31-1 windows and stops
+reading must not make rrlb read whole responses from the nodes into
+memory. A stream's response DATA goes to the connection at once while the
+client's window and socket take it, and waits in the stream's queue
+otherwise. A stream's producer (its node connection) is paused for any of
+these reasons, each lifted on its own (it runs when none is left):
 
- - L{SendQueue}: one stream's DATA waiting for the connection's send loop
-   (Twisted's C{_outboundStreamQueues} holds one per stream), counting its
-   bytes and the connection's.
- - L{BoundedStream}: why the stream's producer (its node connection) is
-   paused: the client's window for the stream is used up, more than
-   L{STREAM_BUFFER} is queued on it, or the connection is full. Each reason
-   is lifted on its own; the producer runs when none is left.
- - L{BoundedConnection}: every stream's producer is paused while more than
-   L{CONNECTION_BUFFER} is queued on the connection, and while the client's
-   socket does not drain (the transport's pause reaches each stream's
-   producer, as it reaches the request's producer over HTTP/1.1).
+ - L{WINDOW}: the client's window for the stream is used up;
+ - L{STREAM_FULL}: more than L{STREAM_BUFFER} is queued on the stream;
+ - L{CONNECTION_FULL}: more than L{CONNECTION_BUFFER} is queued on all the
+   connection's streams together, or the client's socket does not drain
+   (the transport's pause reaches each stream's producer, as it reaches the
+   request's producer over HTTP/1.1).
 
 Resuming waits until half of a threshold went out, so a fast client does
 not pause and resume its nodes on every frame.
+
+L{Paused} is the stream's side (L{rrlb.h2stream.H2Stream}), L{Sender} the
+connection's (L{rrlb.http2.H2ServerConnection}): what goes out at once,
+what waits, and the pauses.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from rrlb._twisted import H2Connection, H2Stream
-else:
-    # Mixins: rrlb.http2 puts Twisted's classes after them. This module
-    # imports nothing of HTTP/2 itself.
-    H2Connection = H2Stream = object
+from h2.exceptions import H2Error
 
 # Response bytes queued for the client on one stream past which its node
 # connection is paused. One read from the node (nodeconn.READ_SIZE) may come
@@ -53,69 +46,23 @@ STREAM_FULL = 2  # more than STREAM_BUFFER queued on the stream
 CONNECTION_FULL = 4  # more than CONNECTION_BUFFER queued, or the socket does not drain
 
 
-class SendQueue(deque[Any]):
+class Paused:
     """
-    One stream's DATA waiting for the connection's send loop, and its size.
-    Twisted's loop appends, pops from the left and puts back what did not
-    fit in a frame; the end-of-stream marker it queues is not bytes and
-    counts nothing.
-    """
+    A response producer paused for any of several reasons.
 
-    __slots__ = ("size", "stream", "connection")
-
-    def __init__(self, stream: BoundedStream, connection: BoundedConnection) -> None:
-        deque.__init__(self)
-        self.size = 0
-        self.stream = stream
-        self.connection = connection
-
-    def append(self, data: Any) -> None:
-        deque.append(self, data)
-        if data.__class__ is bytes:
-            self._grew(len(data))
-
-    def appendleft(self, data: Any) -> None:
-        deque.appendleft(self, data)
-        if data.__class__ is bytes:
-            self._grew(len(data))
-
-    def popleft(self) -> Any:
-        data = deque.popleft(self)
-        if data.__class__ is bytes:
-            size = self.size = self.size - len(data)
-            connection = self.connection
-            connection.queued -= len(data)
-            stream = self.stream
-            if stream.paused_for & STREAM_FULL and size <= STREAM_BUFFER // 2:
-                stream.resume_node(STREAM_FULL)
-            if connection.held:
-                connection.release_nodes()
-        return data
-
-    def _grew(self, n: int) -> None:
-        size = self.size = self.size + n
-        connection = self.connection
-        connection.queued += n
-        if size > STREAM_BUFFER:
-            self.stream.pause_node(STREAM_FULL)
-        if connection.queued > CONNECTION_BUFFER and not connection.held:
-            connection.hold_nodes()
-
-
-class BoundedStream(H2Stream):
-    """
-    An L{H2Stream} whose producer is paused for any of several reasons.
-
+    @ivar producer: the producer (the exchange, which passes the pause on
+        to the node's connection), or L{None}.
     @ivar paused_for: the reasons (L{WINDOW}, L{STREAM_FULL},
-        L{CONNECTION_FULL}) its producer is paused for now.
+        L{CONNECTION_FULL}) it is paused for now.
     """
 
+    producer: Any = None
     paused_for = 0
 
     def pause_node(self, why: int) -> None:
         """
-        Pause the response's producer for reason C{why}, if it is not
-        paused already for another.
+        Pause the producer for reason C{why}, if it is not paused already
+        for another.
         """
         paused = self.paused_for
         self.paused_for = paused | why
@@ -133,68 +80,155 @@ class BoundedStream(H2Stream):
                 self.producer.resumeProducing()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        super().registerProducer(producer, streaming)
-        registered = self.producer
-        if self.paused_for and registered is not None:
+        self.producer = producer
+        if self.paused_for:
             # Say, the client's socket is already full.
-            registered.pauseProducing()
+            producer.pauseProducing()
 
-    def flowControlBlocked(self) -> None:
-        self.pause_node(WINDOW)
-
-    def windowUpdated(self) -> None:
-        if self.paused_for & WINDOW and self._conn.remainingOutboundWindow(self.streamID) > 0:
-            self.resume_node(WINDOW)
+    def unregisterProducer(self) -> None:
+        self.producer = None
 
 
-class BoundedConnection(H2Connection):
+class Sender:
     """
-    An L{H2Connection} that pauses every stream's producer while it holds
-    too much for its client or the client's socket does not drain.
+    The sending half of an HTTP/2 server connection: DATA to C{h2} while
+    the client's window and socket take it, the rest queued on its stream,
+    and every stream's producer paused while the connection holds too much
+    or the client's socket does not drain.
 
-    @ivar queued: response bytes queued for the client on all its streams.
+    @ivar conn: the C{h2} connection.
+    @ivar streams: the open streams, by id.
+    @ivar queued: response bytes queued on all the streams.
     @ivar held: every stream's producer is paused for L{CONNECTION_FULL}; a
         stream that starts meanwhile starts paused.
     """
 
+    conn: Any
+    streams: dict[int, Any]
     queued = 0
     held = False
     _socket_full = False
+    _unread = 0
+    _lasts: list[Any]
 
-    def send_queue(self, stream: BoundedStream) -> SendQueue:
-        """
-        A new stream's queue (for C{_outboundStreamQueues}); the stream
-        starts paused if the connection is held.
-        """
-        if self.held:
-            stream.paused_for |= CONNECTION_FULL
-        return SendQueue(stream, self)
+    def _want_flush(self) -> None:
+        raise NotImplementedError
 
-    def queue_dropped(self, queue: SendQueue) -> None:
+    def send_data(self, stream: Any, data: bytes, end: bool = False) -> bool:
         """
-        A stream ended (or was reset) with C{queue} still holding bytes.
+        Send what the client's window and socket take of C{data} now (with
+        END_STREAM after it if C{end}), and queue the rest on C{stream}.
+        Returns whether the end went out.
         """
-        if queue.size:
-            self.queued -= queue.size
+        if self._socket_full:
+            stream.enqueue(data)
+            return False
+        conn = self.conn
+        stream_id = stream.stream_id
+        size = len(data)
+        pos = 0
+        try:
+            window = conn.local_flow_control_window(stream_id)
+            frame = conn.max_outbound_frame_size
+            if size <= window and size <= frame:
+                conn.send_data(stream_id, data, end_stream=end)
+                pos = size
+            else:
+                while window > 0 and pos < size:
+                    n = min(window, frame, size - pos)
+                    pos += n
+                    window -= n
+                    conn.send_data(stream_id, data[pos - n : pos], end_stream=end and pos == size)
+                if pos < size:
+                    stream.enqueue(data[pos:] if pos else data)
+        except H2Error:
+            return end  # the stream or the connection is closed meanwhile
+        self._want_flush()
+        return end and pos == size
+
+    def hold_last(self, stream: Any) -> None:
+        """
+        C{stream} holds back a write until the end of this turn.
+        """
+        self._lasts.append(stream)
+        self._want_flush()
+
+    def _window_opened(self, stream_id: int) -> None:
+        """
+        The client's window grew (for the connection, if C{stream_id} is
+        0): send what the streams queued.
+        """
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.queue:
+                self._send_queue(stream)
+        else:
+            for stream in list(self.streams.values()):
+                if stream.queue:
+                    self._send_queue(stream)
+
+    def _send_queue(self, stream: Any) -> None:
+        """
+        Send what the client's window takes of C{stream}'s queue; its end
+        follows once the queue is out.
+        """
+        if self._socket_full or stream.closed:
+            return
+        conn = self.conn
+        stream_id = stream.stream_id
+        queue = stream.queue
+        sent = 0
+        try:
+            window = conn.local_flow_control_window(stream_id)
+            frame = conn.max_outbound_frame_size
+            while queue and window > 0:
+                data = queue[0]
+                n = min(window, frame, len(data))
+                if n < len(data):
+                    queue[0] = data[n:]
+                    data = data[:n]
+                else:
+                    queue.popleft()
+                conn.send_data(stream_id, data)
+                window -= n
+                sent += n
+        except H2Error:
+            return
+        if sent:
+            self.queued -= sent
+            stream.dequeued(sent)
             if self.held:
                 self.release_nodes()
+            self._want_flush()
+        if not queue and stream.ending:
+            stream.end()
+
+    def queued_more(self, size: int) -> None:
+        """
+        A stream queued C{size} more bytes.
+        """
+        queued = self.queued = self.queued + size
+        if queued > CONNECTION_BUFFER and not self.held:
+            self.hold_nodes()
+
+    # -- the client's socket (IPushProducer) -------------------------------------
 
     def pauseProducing(self) -> None:
-        # Besides the send loop (Twisted's pause stops it), every stream's
-        # node; Twisted's own pause must not run twice, or the loop's
-        # resumption is lost.
-        if self._consumerBlocked is None:
-            super().pauseProducing()
         self._socket_full = True
         if not self.held:
             self.hold_nodes()
 
     def resumeProducing(self) -> None:
         self._socket_full = False
-        # This runs the send loop, which may pause again at once.
-        super().resumeProducing()
+        self._unread = 0
+        for stream in list(self.streams.values()):
+            if stream.queue:
+                self._send_queue(stream)
         if self.held:
             self.release_nodes()
+
+    def stopProducing(self) -> None:
+        pass
 
     def hold_nodes(self) -> None:
         """
@@ -215,7 +249,3 @@ class BoundedConnection(H2Connection):
         for stream in list(self.streams.values()):
             stream.resume_node(CONNECTION_FULL)
 
-    def remainingOutboundWindow(self, streamID: int) -> int:
-        # Twisted's sums the queue on every write; SendQueue keeps the count.
-        queue = self._outboundStreamQueues[streamID]
-        return int(self.conn.local_flow_control_window(streamID)) - queue.size

@@ -1,9 +1,16 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Active health checks: every node is probed on its own timer with
-C{GET <health path>} through a twisted.web agent (the body is read with
-treq), and the outcome is fed to the pool; a probe that could not connect
-for want of a local resource (L{rrlb.failures}) feeds it nothing.
+Active health checks: every node is probed on its own timer, and the
+outcome is fed to the pool; a probe that could not connect for want of a
+local resource (L{rrlb.failures}) feeds it nothing. By C{health.type}:
+
+ - C{http} (the default): C{GET <health path>} through a twisted.web agent
+   (the body is read with treq); a 2xx or 3xx passes;
+ - C{grpc}: C{grpc.health.v1.Health/Check} for C{health.service}, through
+   rrlb's own HTTP/2 client (L{rrlb.h2upstream}) on a connection of its
+   own; only C{SERVING} passes;
+ - C{tcp}: a connection, and on an C{h2} pool the HTTP/2 preface and
+   SETTINGS exchanged both ways.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ from twisted.web.iweb import IAgent
 from rrlb import __version__
 from rrlb._twisted import quiet_connection_pool
 from rrlb.failures import LocalErrors, describe_failure, exhausted_now, local_errno
+from rrlb.grpcwire import (
+    HEALTH_CHECK_PATH,
+    SERVING,
+    health_request,
+    health_status,
+)
 from rrlb.pool import Node, Pool
 from rrlb.settings import HealthConfig
 
@@ -52,11 +65,18 @@ class HealthChecker(Service):
         reactor: IReactorTime,
         agent: IAgent,
         local_errors: Optional[LocalErrors] = None,
+        protocol: str = "http1",
+        tls_policy: Any = None,
     ) -> None:
         self.pool = pool
         self.health = health
         self.reactor = reactor
         self._agent = agent
+        # The pool's protocol to its nodes, and what grpc and tcp probes
+        # connect with (made on first use).
+        self.protocol = protocol
+        self.tls_policy = tls_policy
+        self._h2: Any = None
         self.local_errors = LocalErrors(reactor) if local_errors is None else local_errors
         self._loops: dict[str, tuple[Node, LoopingCall]] = {}
         self._probes: dict[str, defer.Deferred[Any]] = {}
@@ -75,6 +95,8 @@ class HealthChecker(Service):
         self._loops.clear()
         for d in list(self._probes.values()):
             d.cancel()
+        if self._h2 is not None:
+            self._h2.close()
         return None
 
     def update(self, health: HealthConfig) -> None:
@@ -144,12 +166,7 @@ class HealthChecker(Service):
             )
         )
 
-    def probe(self, node: Node) -> defer.Deferred[Any]:
-        """
-        Probe C{node} once and mark it. The returned Deferred never fails.
-        """
-        started = self.reactor.seconds()
-        health = self.health
+    def _http(self, node: Node) -> defer.Deferred[tuple[bool, str]]:
         d = defer.maybeDeferred(
             self._agent.request,
             b"GET",
@@ -158,10 +175,69 @@ class HealthChecker(Service):
             None,
         )
 
-        def read(response: Any) -> defer.Deferred[int]:
-            return treq.collect(response, lambda data: None).addCallback(lambda _: response.code)
+        def read(response: Any) -> defer.Deferred[tuple[bool, str]]:
+            code = response.code
+            return treq.collect(response, lambda data: None).addCallback(
+                lambda _: (200 <= code < 400, f"HTTP {code}")
+            )
 
-        d.addCallback(read)
+        return d.addCallback(read)
+
+    def _h2_pool(self) -> Any:
+        if self._h2 is None:
+            from rrlb.h2upstream import H2UpstreamPool
+
+            policy = self.tls_policy
+
+            def creator(node: Node) -> Any:
+                if policy is None:
+                    return None
+                return policy.creatorForNetloc(node.host.encode("idna"), node.port)
+
+            self._h2 = H2UpstreamPool(self.reactor, self.health.timeout, tls_creator=creator)
+        return self._h2
+
+    def _grpc(self, node: Node) -> defer.Deferred[tuple[bool, str]]:
+        h2 = self._h2_pool()
+        connection = h2.connect(node)
+        h2.forget(connection)
+        # Closed once the probe's stream ends: a probe per connection.
+        connection.going_away = True
+        check = _GrpcCheck(node, self.health.service)
+        d: defer.Deferred[tuple[bool, str]] = defer.Deferred(lambda _: h2.abort(connection))
+        check.done = d
+        connection.take(check)
+        return d
+
+    def _tcp(self, node: Node) -> defer.Deferred[tuple[bool, str]]:
+        if self.protocol == "h2":
+            return self._h2_pool().handshake(node).addCallback(
+                lambda _: (True, "HTTP/2 SETTINGS exchanged")
+            )
+        from twisted.internet.endpoints import HostnameEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        endpoint = HostnameEndpoint(self.reactor, node.host, node.port, self.health.timeout)
+
+        def connected(protocol: Any) -> tuple[bool, str]:
+            protocol.transport.abortConnection()
+            return True, "TCP connection made"
+
+        return endpoint.connect(Factory.forProtocol(Protocol)).addCallback(connected)
+
+    def probe(self, node: Node) -> defer.Deferred[Any]:
+        """
+        Probe C{node} once and mark it. The returned Deferred never fails.
+        """
+        started = self.reactor.seconds()
+        health = self.health
+        kind = health.type
+        if kind == "grpc":
+            d = self._grpc(node)
+        elif kind == "tcp":
+            d = self._tcp(node)
+        else:
+            d = self._http(node)
         d.addTimeout(health.timeout, self.reactor)
         self._probes[node.key] = d
 
@@ -187,10 +263,8 @@ class HealthChecker(Service):
                 else:
                     reason = describe_failure(result)
                 ok = False
-            elif 200 <= result < 400:
-                ok, reason = True, f"HTTP {result}"
             else:
-                ok, reason = False, f"HTTP {result}"
+                ok, reason = result
             if node.removed:
                 return
             counted = (node.label, ok)
@@ -202,3 +276,96 @@ class HealthChecker(Service):
             lambda f: self.log.failure("recording a health check of {node}", f, node=node.url)
         )
         return d
+
+
+class _GrpcCheck:
+    """
+    One C{grpc.health.v1.Health/Check} call, as the exchange of a stream of
+    L{rrlb.h2upstream}: its outcome fires C{done} with (passed, why).
+    """
+
+    # Bytes of an answer read at most (a HealthCheckResponse is a few).
+    MAX_BODY = 4096
+    active = False
+
+    def __init__(self, node: Node, service: str) -> None:
+        self.node = node
+        self.service = service
+        self.done: Optional[defer.Deferred[tuple[bool, str]]] = None
+        self.code = 0
+        self.status: Optional[bytes] = None
+        self.message = b""
+        self.body = b""
+        self.stream: Any = None
+
+    def connected(self, stream: Any, reused: bool) -> None:
+        node = self.node
+        self.stream = stream
+        stream.send(
+            self,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https" if node.scheme == "https" else b"http"),
+                (b":authority", node.host_header),
+                (b":path", node.base_path + HEALTH_CHECK_PATH),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"user-agent", USER_AGENT),
+            ],
+            health_request(self.service),
+        )
+
+    def connect_failed(self, reason: Failure, shared: bool = False) -> None:
+        self._fire(reason)
+
+    def upstream_lost(self, reason: Failure, got_response: bool) -> None:
+        self._fire(reason)
+
+    def response_head(
+        self, code: int, reason: bytes, headers: dict[bytes, list[bytes]], has_body: bool
+    ) -> None:
+        self.code = code
+        self._take(headers.get(b"Grpc-Status"), headers.get(b"Grpc-Message"))
+
+    def response_body(self, data: bytes) -> None:
+        self.body += data
+        if len(self.body) > self.MAX_BODY:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.abort()
+            self._fire((False, "the health answer is too large"))
+
+    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        values = dict(trailers)
+        status = values.get(b"grpc-status")
+        self._take([status] if status is not None else None, [values.get(b"grpc-message", b"")])
+
+    def _take(self, status: Optional[list[bytes]], message: Optional[list[bytes]]) -> None:
+        if status:
+            self.status = status[0]
+            self.message = (message or [b""])[0]
+
+    def response_done(self) -> None:
+        if self.code != 200:
+            self._fire((False, f"HTTP {self.code}"))
+        elif self.status != b"0":
+            status = "none" if self.status is None else self.status.decode("ascii", "replace")
+            text = self.message[:100].decode("ascii", "replace")
+            self._fire((False, f"gRPC status {status}{': ' + text if text else ''}"))
+        else:
+            serving = health_status(self.body)
+            if serving == SERVING:
+                self._fire((True, "SERVING"))
+            else:
+                self._fire((False, _SERVING_NAMES.get(serving, f"status {serving}")))
+
+    def _fire(self, result: Any) -> None:
+        done, self.done = self.done, None
+        if done is not None and not done.called:  # (called: cancelled at its timeout)
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(result)
+
+
+_SERVING_NAMES = {0: "UNKNOWN", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN", None: "not a health answer"}

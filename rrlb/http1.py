@@ -16,6 +16,7 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from rrlb._twisted import HeaderNameError, canonical_name, client_gone
+from rrlb.grpcwire import CONTENT_TYPE, grpc_request, message_value, status_for
 
 # Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
 HOP_BY_HOP = frozenset(
@@ -180,12 +181,23 @@ def switching_head(reason: bytes, headers: dict[bytes, list[bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def error_response(request: Any, code: int, text: str, headers: Any = ()) -> None:
+def error_response(
+    request: Any, code: int, text: str, headers: Any = (), grpc_status: Optional[int] = None
+) -> None:
     """
     Answer C{request} with a short plain-text error, unless its client is gone.
+    A gRPC call gets it gRPC-shaped instead (see L{answer}): C{grpc_status},
+    or the status gRPC maps C{code} to, with C{text} as its message.
     """
     phrase = _PHRASES.get(code) or http.RESPONSES.get(code, b"Error")
-    answer(request, code, b"%d %s: %s\n" % (code, phrase, text.encode()), headers)
+    answer(
+        request,
+        code,
+        b"%d %s: %s\n" % (code, phrase, text.encode()),
+        headers,
+        grpc_status=grpc_status,
+        grpc_message=text,
+    )
 
 
 PLAIN_TEXT = b"text/plain; charset=utf-8"
@@ -199,6 +211,8 @@ def answer(
     content_type: Optional[bytes] = PLAIN_TEXT,
     filtered: bool = True,
     date: Optional[bytes] = None,
+    grpc_status: Optional[int] = None,
+    grpc_message: Optional[str] = None,
 ) -> None:
     """
     Every answer rrlb makes itself, not a node (its errors, redirects, fixed
@@ -208,21 +222,44 @@ def answer(
     filters (C{request.response_hook}, unless not C{filtered}), then
     C{body} with its length. C{date} is the C{Date} value if the caller
     has it formatted already.
+
+    An error (4xx, 5xx) to a gRPC call is gRPC-shaped instead, as gRPC
+    clients read rrlb's own errors (never a plain-text 502 they would report
+    as a protocol error): HTTP 200, C{application/grpc}, and C{grpc_status}
+    (or the status gRPC maps C{code} to) with C{grpc_message} (or the body)
+    in trailers-only form, the response's only HEADERS frame ending the
+    stream.
     """
     if client_gone(request) or request.finished:
         return
-    request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
-    response_headers = request.responseHeaders = Headers()
-    for name, value in headers:
-        response_headers.addRawHeader(name, value)
-    if content_type is not None:
-        response_headers.setRawHeaders(b"Content-Type", [content_type])
-    response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
+    shaped = code >= 400 and grpc_request(request)
+    if shaped:
+        status = status_for(code) if grpc_status is None else grpc_status
+        if grpc_message is None:
+            grpc_message = body.decode("utf-8", "replace").strip()
+        code = 200
+        request.setResponseCode(200)
+        response_headers = request.responseHeaders = Headers(
+            {
+                b"Content-Type": [CONTENT_TYPE],
+                b"Grpc-Status": [b"%d" % status],
+                b"Grpc-Message": [message_value(grpc_message)],
+            }
+        )
+    else:
+        request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
+        response_headers = request.responseHeaders = Headers()
+        for name, value in headers:
+            response_headers.addRawHeader(name, value)
+        if content_type is not None:
+            response_headers.setRawHeaders(b"Content-Type", [content_type])
+        response_headers.setRawHeaders(b"Date", [date or http.datetimeToString()])
     hook = getattr(request, "response_hook", None) if filtered else None
     if hook is not None and not hook(request, code):
         return  # a response filter failed, and the hook answered 500 instead
-    response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.write(body)
+    if not shaped:
+        response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        request.write(body)
     request.finish()
 
 

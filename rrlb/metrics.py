@@ -110,6 +110,9 @@ class Metrics:
         # off); the control side sets both.
         self.certificates: Callable[[], list[dict[str, Any]]] = lambda: []
         self.acme_orders: Callable[[], Optional[dict[str, int]]] = lambda: None
+        # The rate limits' state (rrlb.limits.LimitStores), once a filter
+        # made one.
+        self.limits: Any = None
 
     # -- the request path ----------------------------------------------------
 
@@ -291,6 +294,16 @@ class Metrics:
 
     def queue_timeouts(self) -> int:
         return sum(int(getattr(queue, "timeouts", 0)) for queue in self.queues())
+
+    def rate_limits(self) -> tuple[dict[tuple[str, str], int], int, int]:
+        """
+        Requests refused by a limit by C{(route, filter)}, the keys in the
+        local tables, and the store errors.
+        """
+        limits = self.limits
+        if limits is None:
+            return {}, 0, 0
+        return dict(limits.rate_limited), limits.keys(), limits.store_errors()
 
     def health_results(self) -> dict[tuple[tuple[str, str], bool], int]:
         results: dict[tuple[tuple[str, str], bool], int] = {}
@@ -481,6 +494,25 @@ class RrlbCollector:
             filter_errors.add_metric([name], count)
         yield filter_errors
 
+        refused, keys, store_errors = m.rate_limits()
+        limited = CounterMetricFamily(
+            "rrlb_rate_limited",
+            "Requests answered 429 by a rate_limit or limit_in_flight filter, by route"
+            " (its name or index; empty for top-level filters) and filter.",
+            labels=["route", "filter"],
+        )
+        for (route, kind), count in sorted(refused.items()):
+            limited.add_metric([route, kind], count)
+        yield limited
+        yield GaugeMetricFamily(
+            "rrlb_rate_limit_keys", "Keys held in the local rate-limit tables.", value=keys
+        )
+        yield CounterMetricFamily(
+            "rrlb_rate_limit_store_errors",
+            "Rate-limit decisions a store could not make (unreachable, no answer within"
+            " 50 ms, or a wrong answer).",
+            value=store_errors,
+        )
         yield GaugeMetricFamily(
             "rrlb_client_connections", "Client connections open now.", value=m.connections()
         )

@@ -12,17 +12,17 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
-from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
+from rrlb._twisted import client_gone, init_request
 from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
 from rrlb.exchange import Destination, ProxyExchange, ProxySettings
 from rrlb.failures import LocalErrors, log_text
+from rrlb.grpcwire import RESOURCE_EXHAUSTED
 from rrlb.http1 import error_response
 from rrlb.pool import Node, Pool
 from rrlb.queue import RequestQueue, RetryBudget
@@ -96,6 +96,9 @@ class RotatingProxy(ReverseProxyResource):
         self.chains: Any = None
         self.all_chained: Any = None
         self.on_done: Optional[Callable[[ProxyExchange, bool], None]] = None
+        # The HTTP/2 client to nodes (rrlb.h2upstream), once a pool has
+        # protocol: h2.
+        self.h2: Any = None
         self._date_second = -1
         self._date = b""
 
@@ -204,7 +207,7 @@ class RotatingProxy(ReverseProxyResource):
         dest: Optional[Destination] = None,
         route: Optional[Route[Destination]] = None,
     ) -> None:
-        exchange = ProxyExchange(self, request, node, dest)
+        exchange = (dest or self.default).exchange(self, request, node, dest)
         if exchange.prepare():
             if route is not None and route.strip_prefix:
                 exchange.target = route.strip(exchange.target)
@@ -236,6 +239,7 @@ class RotatingProxy(ReverseProxyResource):
                 503,
                 "every node is busy and the request waited the whole queue timeout",
                 [(b"Retry-After", b"%d" % self.settings.retry_after)],
+                grpc_status=RESOURCE_EXHAUSTED,
             )
 
         waiter = queue.wait(deliver, expire)
@@ -273,27 +277,8 @@ class ProxyRequest(server.Request):
     channel: Any
 
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
-        # What server.Request.__init__ sets, without its cost: Twisted's
-        # constructor evaluates its attribute annotations (Deferred[None],
-        # dict[bytes, bytes], ...) on every call and asks the transport for
-        # both addresses, which together doubled the cost of making a
-        # request (measured 6 us against 13-15 us per request on the bench
-        # machine); the channel has the addresses already. Only public
-        # attributes and Componentized's own constructor:
-        # tests/test_twisted_private.py checks that this still sets every
-        # attribute Twisted's does (but the form-parsing flag, which only
-        # the requestReceived overridden here reads).
-        self.notifications = []
-        self.channel = channel
-        self.client = channel.peer
-        self.host = channel.local
-        self.requestHeaders = Headers()
-        self.received_cookies = {}
-        self.responseHeaders = Headers()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        Componentized.__init__(self)
+        # What server.Request.__init__ sets, at half its cost (see there).
+        init_request(self, channel)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # ProxyChannel has parsed and checked everything already; the
@@ -320,6 +305,18 @@ class ProxyRequest(server.Request):
             self.render(resource)
         except Exception:
             self.processingFailed(Failure())
+
+    def write_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        End the response with C{headers} as trailers (gRPC's C{grpc-status}),
+        called just before L{finish}: over HTTP/2 the stream ends with a
+        HEADERS frame carrying them; over HTTP/1.1 they are the chunked
+        body's trailer section, and are dropped when the body is not
+        chunked. Names and values are the node's, checked by its parser.
+        """
+        if self.finished or client_gone(self):
+            return
+        self.channel.write_trailers(self, headers)
 
     def processingFailed(self, reason: Failure) -> None:
         log.failure(

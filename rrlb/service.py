@@ -40,6 +40,7 @@ from rrlb.metrics import Metrics
 from rrlb.notify import SystemdNotify
 from rrlb.pool import Pool, Pools
 from rrlb.proxyproto import ProbeEndpoints
+from rrlb.settings import restart_only
 
 
 class TrafficSide(Protocol):
@@ -282,9 +283,6 @@ class ControlService(MultiService):
             resolver = make_resolver(self.reactor, config.resolvers)
         self.discovery.configure(entries, config.dns_refresh, resolver)
         self._resolvers = config.resolvers
-        http2_changed = config.http2 != self.config.http2
-        if http2_changed:
-            config = dataclasses.replace(config, http2=self.config.http2)
         if config.tls.acme.enabled != self.config.tls.acme.enabled:
             self.log.warn("tls.acme on or off changes only with a restart")
             tls = dataclasses.replace(config.tls, acme=self.config.tls.acme)
@@ -297,8 +295,6 @@ class ControlService(MultiService):
         if self.acme is not None:
             # A reload is one of the renewal checks.
             self.acme.configure(config.tls.acme)
-        if http2_changed:
-            self.log.warn("http2 changes only with a restart")
         self.config = dataclasses.replace(config)
         return applied
 
@@ -306,8 +302,6 @@ class ControlService(MultiService):
         """
         The admin endpoint's part of a configuration (its listener stays).
         """
-        if config.admin != self.config.admin:
-            self.log.warn("the admin endpoint changes only with a restart")
         if self.admin_listener is not None:
             # New admin_hosts and token (read again by the reload) from now on.
             self.admin_listener.factory.configure(config)
@@ -322,11 +316,18 @@ class ControlService(MultiService):
             pool = self.pools.by_name[pc.name]
             if checker is None or checker.pool is not pool:
                 checker = HealthChecker(
-                    pool, pc.health, self.reactor, self.health_agent, self.local_errors
+                    pool,
+                    pc.health,
+                    self.reactor,
+                    self.health_agent,
+                    self.local_errors,
+                    pc.protocol,
+                    self.traffic.tls_policy,
                 )
                 self.checkers[pc.name] = checker
                 checker.setServiceParent(self)
             else:
+                checker.protocol = pc.protocol
                 checker.update(pc.health)
         names = {pc.name for pc in pool_configs}
         for name in list(self.checkers):
@@ -429,27 +430,22 @@ class ControlService(MultiService):
 
     def _restart_only(self, config: Config) -> Config:
         """
-        C{config} with the running values of the settings only a restart
-        changes (with a warning for each one that differs).
+        C{config} with the running value of every setting a reload does not
+        apply (declared with C{reload=False} in L{rrlb.settings}), each one
+        that changed logged as needing a restart.
         """
-        if config.listen != self.config.listen:
-            self.log.warn(
-                "reload: listen endpoints changed ({old} -> {new}); restart rrlb to apply them",
-                old=", ".join(self.config.listen),
-                new=", ".join(config.listen),
-            )
-            config = dataclasses.replace(config, listen=self.config.listen)
-        if config.workers != self.config.workers:
-            self.log.warn(
-                "reload: workers changed ({old} -> {new}); restart rrlb to apply it",
-                old=self.config.workers,
-                new=config.workers,
-            )
-            config = dataclasses.replace(config, workers=self.config.workers)
-        if config.log_format != self.config.log_format:
-            self.log.warn("reload: log_format changes only with a restart")
-            config = dataclasses.replace(config, log_format=self.config.log_format)
-        return config
+        kept = {}
+        for row in restart_only():
+            old, new = getattr(self.config, row.name), getattr(config, row.name)
+            if new != old:
+                self.log.warn(
+                    "reload: {setting} changed ({old} -> {new}); restart rrlb to apply it",
+                    setting=row.name,
+                    old=_shown(old),
+                    new=_shown(new),
+                )
+                kept[row.name] = old
+        return dataclasses.replace(config, **kept) if kept else config
 
     # -- the runtime API (rrlb.runtime) -------------------------------------------
 
@@ -610,3 +606,12 @@ class ControlService(MultiService):
         # so the process would die "killed by SIGTERM". A drained shutdown is
         # a clean exit: exit 0 instead.
         clear_exit_signal(self.reactor, (signal.SIGTERM, signal.SIGINT))
+
+
+def _shown(value: Any) -> str:
+    """
+    A setting's value as a log line shows it.
+    """
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

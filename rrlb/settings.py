@@ -38,8 +38,11 @@ from rrlb.values import (
     parse_email,
     parse_hash_key,
     parse_health_path,
+    parse_health_service,
+    parse_health_type,
     parse_listen,
     parse_log_format,
+    parse_node_protocol,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -318,6 +321,15 @@ class HealthConfig:
     timeout: float = setting(2.0, positive_float, "Seconds a check may take", flag="health-timeout")
     rise: int = setting(2, positive_int, "Passed checks in a row that bring a node back")
     fall: int = setting(3, positive_int, "Failed checks in a row that take a node out")
+    # None: not set, which is http (and a warning for an h2 pool).
+    type: Optional[str] = setting(
+        None, parse_health_type, "http (GET the health path), grpc (grpc.health.v1) or tcp",
+        flag="health-type", shown="`http`",
+    )  # fmt: skip
+    service: str = setting(
+        "", parse_health_service, "Service name a grpc check asks after", flag="health-service",
+        shown="the whole server",
+    )  # fmt: skip
 
 
 ACME_CHALLENGES = ("http-01", "tls-alpn-01")
@@ -403,6 +415,10 @@ class PoolSettings:
     connect_timeout: float = setting(
         5.0, positive_float, "Seconds to wait for a connection to a node", scope=POOL
     )
+    protocol: str = setting(
+        "http1", parse_node_protocol, "Protocol to nodes: http1, or h2 (HTTP/2; gRPC)",
+        scope=POOL, flag="node-protocol",
+    )  # fmt: skip
     node_host: bool = setting(
         False, boolean, "Send each node its own host:port as Host", scope=POOL, feeds="proxy"
     )
@@ -521,7 +537,9 @@ class Config(PoolSettings):
         3600.0, positive_float, "Seconds a quiet WebSocket tunnel stays open", feeds="proxy"
     )
     http2: bool = setting(
-        False, boolean, "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners", reload=False
+        False, boolean, "Offer HTTP/2 (h2) besides HTTP/1.1 by ALPN on TLS listeners, and h2c"
+        " (prior knowledge) on tcp: listeners",
+        reload=False,
     )
     # Nodes from DNS (rrlb.discovery).
     dns_refresh: float = setting(30.0, positive_float, "Seconds between DNS lookups at most")
@@ -530,3 +548,11 @@ class Config(PoolSettings):
         each=parse_resolver, shown="`/etc/resolv.conf`",
     )  # fmt: skip
     workers: int = setting(1, parse_workers, "Worker processes, or auto", reload=False)
+
+
+def restart_only() -> tuple[Setting, ...]:
+    """
+    The settings a reload does not apply (declared with C{reload=False}):
+    they change only with a restart.
+    """
+    return tuple(row for row in rows(Config) if not row.reload)

@@ -24,6 +24,7 @@ from rrlb.clients import raise_fd_limit
 from rrlb.config import (
     Config,
     ConfigError,
+    all_pools,
     build_config,
     parser,
     with_admin_token,
@@ -313,6 +314,23 @@ def warn_open_proxy_protocol(config: Config) -> None:
         )
 
 
+def warn_h2_health(config: Config) -> None:
+    """
+    Say once at start-up which C{protocol: h2} pools have no C{health.type}:
+    their nodes are probed with a plain GET, which a gRPC server may not
+    answer.
+    """
+    for pc in all_pools(config):
+        if pc.protocol == "h2" and pc.health.type is None:
+            log.warn(
+                "pool {pool}: protocol h2 with the default health check, a GET of"
+                " {path}, which gRPC nodes may not answer; set health.type to grpc"
+                " or tcp (--health-type)",
+                pool=pc.name,
+                path=pc.health.path,
+            )
+
+
 def compose(
     config: Config,
     reactor: Any,
@@ -379,6 +397,7 @@ def makeService(options: Options) -> ControlService:
 
     raise_fd_limit(options.config.max_connections)
     warn_open_proxy_protocol(options.config)
+    warn_h2_health(options.config)
     return compose(
         options.config,
         reactor,

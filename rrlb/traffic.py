@@ -27,6 +27,7 @@ from rrlb.chain import Built, Chains, build_routes, build_steps
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
 from rrlb.drain import Drain
+from rrlb.exchange import ProxyExchange
 from rrlb.failures import LocalErrors
 from rrlb.filters import FilterContext
 from rrlb.listeners import Listener, with_default_backlog
@@ -124,6 +125,9 @@ class Traffic(MultiService):
         (default: when C{config} has an admin endpoint).
     @param local_errors: logs rrlb's own resource errors, shared with the
         health probes of this process (default: this side's own).
+    @param filter_state: the filters' state to start with (a worker's link
+        to the main process for the local rate limits); whatever in it has
+        a C{stop()} is stopped with this side.
     """
 
     log = log
@@ -138,6 +142,7 @@ class Traffic(MultiService):
         endpoints: Optional[Endpoints] = None,
         count_requests: Optional[bool] = None,
         local_errors: Optional[LocalErrors] = None,
+        filter_state: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -150,7 +155,7 @@ class Traffic(MultiService):
         self.drain: Optional[Drain] = None
         # Filters' state kept across reloads (FilterContext.shared), and the
         # filters of the running configuration.
-        self.filter_state: dict[str, Any] = {}
+        self.filter_state: dict[str, Any] = {} if filter_state is None else filter_state
         self._built: Optional[tuple[Config, Built]] = None
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
@@ -205,7 +210,7 @@ class Traffic(MultiService):
             queues=lambda: [d.queue for d in self.proxy.destinations.values()],
             budget=self.proxy.budget,
             connections=lambda: getattr(self.site, "open_count", 0),
-            upstream_connections=lambda: self.upstream.connection_count,
+            upstream_connections=self._upstream_connections,
             clients=self.site.client_list,
         )
         self._apply_pools(config, pool_configs)
@@ -283,7 +288,7 @@ class Traffic(MultiService):
         else:
             changed = self.tls.nodes.commit(self.tls.nodes.prepare(nodes))
         for key in changed:
-            self.upstream.drop_node(key)
+            self._drop_node(key)
         if reload:
             self.upstream.connect_timeout = config.connect_timeout
             self.upstream.max_idle_per_node = config.max_idle_per_node
@@ -303,12 +308,13 @@ class Traffic(MultiService):
         C{config.routes}.
         """
         removed = update_pools(
-            self.pools, config, pool_configs, self.new_pool, self.upstream.drop_node
+            self.pools, config, pool_configs, self.new_pool, self._drop_node
         )
         destinations: dict[str, Destination] = {}
         for pc in pool_configs:
             dest = self.proxy.destination(self.pools.by_name[pc.name], pc.node_host, pc.timeout)
             dest.queue.timeout = config.queue_timeout
+            dest.exchange = self._h2_exchange() if pc.protocol == "h2" else ProxyExchange
             destinations[pc.name] = dest
         router, top = build_routes(config, self._steps(config), destinations)
         proxy = self.proxy
@@ -332,11 +338,43 @@ class Traffic(MultiService):
         in_use = {n.key for n in self.pools.nodes}
         for node in removed:
             if node.key not in in_use:
-                self.upstream.drop_node(node.key)
+                self._drop_node(node.key)
         self._retire(removed)
         # New nodes or higher limits may have room for queued requests.
         for dest in destinations.values():
             dest.queue.dispatch()
+
+    def _h2_exchange(self) -> Any:
+        """
+        The exchange of C{protocol: h2} pools, with the HTTP/2 client to
+        nodes made the first time (nothing of it is loaded before).
+        """
+        from rrlb.h2exchange import H2Exchange
+        from rrlb.h2upstream import H2UpstreamPool
+
+        if self.proxy.h2 is None:
+            self.proxy.h2 = H2UpstreamPool(
+                self.reactor, self.config.connect_timeout, tls_creator=self.tls.nodes
+            )
+        return H2Exchange
+
+    def _upstream_connections(self) -> int:
+        """
+        Connections open to nodes: HTTP/1.1 ones, and HTTP/2 ones if any.
+        """
+        h2 = self.proxy.h2
+        return self.upstream.connection_count + (h2.connection_count if h2 is not None else 0)
+
+    def _drop_node(self, key: str) -> None:
+        self.upstream.drop_node(key)
+        if self.proxy.h2 is not None:
+            self.proxy.h2.drop_node(key)
+
+    def _close_upstream(self) -> defer.Deferred[Any]:
+        closing = [self.upstream.close()]
+        if self.proxy.h2 is not None:
+            closing.append(self.proxy.h2.close())
+        return defer.DeferredList(closing)
 
     def _steps(self, config: Config) -> Built:
         """
@@ -399,7 +437,7 @@ class Traffic(MultiService):
             if node.in_flight > 0:
                 remaining.append(node)
             elif not any(pool.get(node.key) is not None for pool in self.pools):
-                self.upstream.drop_node(node.key)
+                self._drop_node(node.key)
                 self.log.info("node {node} removed; its last request finished", node=node.url)
         self.retired = remaining
         if remaining:
@@ -440,9 +478,19 @@ class Traffic(MultiService):
         d: defer.Deferred[Any] = defer.DeferredList(stops, consumeErrors=True)
         d.addCallback(lambda _: self._drain(timeout))
         d.addBoth(lambda _: super(Traffic, self).stopService())
-        d.addBoth(lambda _: self.upstream.close())
+        d.addBoth(lambda _: self._close_upstream())
+        d.addBoth(lambda _: self._stop_filter_state())
         d.addBoth(self._stopped)
         return d
+
+    def _stop_filter_state(self) -> defer.Deferred[Any]:
+        # The filters' own connections (a rate limit's Redis store).
+        stops = [
+            defer.maybeDeferred(state.stop)
+            for state in self.filter_state.values()
+            if callable(getattr(state, "stop", None))
+        ]
+        return defer.DeferredList(stops, consumeErrors=True)
 
     def _drain(self, timeout: float) -> defer.Deferred[Any]:
         self.drain = drain = Drain(self.reactor, self.site, timeout)

@@ -107,6 +107,15 @@ def string(name: str, value: Any) -> str:
     return str(value)
 
 
+def parse_health_service(name: str, value: Any) -> str:
+    """
+    The service a grpc health check asks after: a string, empty for the
+    server as a whole (grpc.health.v1's own meaning of an empty name).
+    """
+    _check(isinstance(value, str), f"{name} must be a service name, not {value!r}")
+    return str(value)
+
+
 def as_given(name: str, value: str) -> str:
     return value
 
@@ -218,10 +227,14 @@ def one_of(*choices: str) -> Parser:
 
 BALANCE_POLICIES = ("roundrobin", "leastconn", "p2c", "hash")
 ACCESS_LOG_FORMATS = ("combined", "json")
+NODE_PROTOCOLS = ("http1", "h2")
+HEALTH_TYPES = ("http", "grpc", "tcp")
 LOG_FORMATS = ("text", "json")
 parse_balance = one_of(*BALANCE_POLICIES)
 parse_access_log_format = one_of(*ACCESS_LOG_FORMATS)
 parse_log_format = one_of(*LOG_FORMATS)
+parse_node_protocol = one_of(*NODE_PROTOCOLS)
+parse_health_type = one_of(*HEALTH_TYPES)
 
 
 def parse_hash_key(name: str, value: Any) -> str:

@@ -44,12 +44,15 @@ import shutil
 import socket
 import sys
 import tempfile
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import h2.settings
 import yaml
 from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
@@ -2556,6 +2559,401 @@ async def served_certificate(
         return None, None
     result: tuple[Optional[x509.Certificate], Optional[bytes]] = await protocol.done
     return result
+
+
+# == Redis =============================================================================
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Ready to accept connections" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(AssertionError(f"redis-server ended: {self.output[-500:]!r}"))
+        self.ended.callback(None)
+
+
+class RedisServer:
+    """
+    A redis-server (Debian's package, installed by .ci/run) of one test
+    case, on a free loopback port, without persistence; L{kill} and
+    L{start} again restart it on the same port.
+    """
+
+    def __init__(self, *args: str, tls: Optional[tuple[str, str, str]] = None) -> None:
+        self.port = 0
+        self.args = args
+        # (certificate, key, CA) files: serve TLS only, on self.port.
+        self.tls = tls
+        self.process: Optional[_RedisProcess] = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
+
+    async def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise unittest.SkipTest("redis-server is not installed (apt-get install redis-server)")
+        # A port free a moment ago may be taken by the time redis-server
+        # binds it: then another, unless this is a restart on its port.
+        fixed = bool(self.port)
+        for _ in range(1 if fixed else 5):
+            if not fixed:
+                probe = socket.socket()
+                probe.bind((LOOPBACK, 0))
+                self.port = probe.getsockname()[1]
+                probe.close()
+            process = self.process = _RedisProcess()
+            ports = ["--port", str(self.port)]
+            if self.tls:
+                cert, key, ca = self.tls
+                ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                         "--tls-auth-clients", "no"]  # fmt: skip
+            argv = [
+                binary,
+                *ports,
+                "--bind", LOOPBACK,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--protected-mode", "no",
+                *self.args,
+            ]  # fmt: skip
+            reactor.spawnProcess(process, binary, argv, env=None)
+            try:
+                await process.ready.addTimeout(START_TIMEOUT, reactor)
+                return self
+            except AssertionError:
+                if b"Address already in use" not in process.output:
+                    raise
+        raise AssertionError(f"redis-server could not listen on port {self.port}")
+
+    async def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended
+
+
+async def start_redis(testcase: unittest.TestCase, *args: str) -> RedisServer:
+    """
+    A L{RedisServer} of C{testcase} (with more redis-server C{args}), killed
+    in its cleanup.
+    """
+    server = RedisServer(*args)
+    testcase.addCleanup(lambda: defer.ensureDeferred(server.kill()))
+    return await server.start()
+
+
+# == HTTP/2 and gRPC nodes (issue 21) ===================================================
+
+
+class H2ServerConnection(Protocol):
+    """
+    One connection to an L{H2Node}: HTTP/2 with prior knowledge, made with
+    the C{h2} library. Each complete request goes to the node's handler.
+    """
+
+    def __init__(self, node: H2Node) -> None:
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.node = node
+        self.conn = h2.connection.H2Connection(config=config)
+        self.heads: dict[int, dict[bytes, bytes]] = {}
+        self.bodies: dict[int, bytearray] = {}
+        # Stream id -> [bytes still to send, trailers or None, end at the end].
+        self.outgoing: dict[int, list[Any]] = {}
+        self.resets: list[int] = []
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        # What the node read but did not let the client send again (its
+        # windows), while its node is not reading.
+        self.unacked: list[tuple[int, int]] = []
+
+    def read_on(self) -> None:
+        """
+        Open the windows for everything read so far, and from now on.
+        """
+        self.node.reading = True
+        unacked, self.unacked = self.unacked, []
+        for size, stream_id in unacked:
+            self.conn.acknowledge_received_data(size, stream_id)
+        self.flush()
+
+    def connectionMade(self) -> None:
+        self.node.connections.append(self)
+        if self.node.settings:
+            # Whole: h2 sends only acknowledged values, never pending updates.
+            self.conn.local_settings = h2.settings.Settings(
+                client=False, initial_values=self.node.settings
+            )
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except Exception:
+            self.transport.abortConnection()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.heads[event.stream_id] = dict(event.headers)
+                self.bodies[event.stream_id] = bytearray()
+                self.node.streams_seen += 1
+                if self.node.on_headers is not None:
+                    self.node.on_headers(self, event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                self.bodies[event.stream_id] += event.data
+                if self.node.reading:
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                else:
+                    self.unacked.append((event.flow_controlled_length, event.stream_id))
+            elif isinstance(event, h2.events.StreamEnded):
+                self.node.handler(self, event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets.append(event.stream_id)
+                self.outgoing.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.WindowUpdated):
+                self.pump()
+        self.flush()
+
+    def respond(
+        self,
+        stream_id: int,
+        body: bytes = b"",
+        status: int = 200,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        trailers: Optional[list[tuple[bytes, bytes]]] = None,
+    ) -> None:
+        """
+        Answer a stream: its head, its body as the windows allow, then its
+        trailers or its end.
+        """
+        head = [(b":status", b"%d" % status), *headers]
+        self.conn.send_headers(stream_id, head, end_stream=not body and trailers is None)
+        if body or trailers is not None:
+            self.outgoing[stream_id] = [body, trailers]
+            self.pump()
+        self.flush()
+
+    def pump(self) -> None:
+        for stream_id in list(self.outgoing):
+            body, trailers = self.outgoing[stream_id]
+            try:
+                while body:
+                    window = min(
+                        self.conn.local_flow_control_window(stream_id),
+                        self.conn.max_outbound_frame_size,
+                    )
+                    if window <= 0:
+                        break
+                    self.conn.send_data(stream_id, body[:window])
+                    body = body[window:]
+                self.outgoing[stream_id][0] = body
+                if not body:
+                    del self.outgoing[stream_id]
+                    if trailers is not None:
+                        self.conn.send_headers(stream_id, trailers, end_stream=True)
+                    else:
+                        self.conn.end_stream(stream_id)
+            except h2.exceptions.StreamClosedError:
+                self.outgoing.pop(stream_id, None)
+        self.flush()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback(None)
+
+
+def h2_echo(conn: H2ServerConnection, stream_id: int) -> None:
+    """
+    An L{H2Node} handler: the node's name, the path and the body it got.
+    """
+    head = conn.heads[stream_id]
+    conn.respond(
+        stream_id, conn.node.name.encode() + b":" + head[b":path"] + bytes(conn.bodies[stream_id])
+    )
+
+
+class H2Node(Factory):
+    """
+    A node serving HTTP/2 with prior knowledge on 127.0.0.1 (L{start_h2_node}).
+
+    @ivar handler: called with the connection and a stream id once a request
+        is complete (L{h2_echo} by default).
+    @ivar on_headers: called with the same as soon as a request's head came.
+    @ivar settings: the node's SETTINGS, beyond h2's defaults.
+    """
+
+    def __init__(
+        self,
+        name: str = "node",
+        handler: Callable[[H2ServerConnection, int], None] = h2_echo,
+        settings: Optional[dict[int, int]] = None,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.on_headers: Optional[Callable[[H2ServerConnection, int], None]] = None
+        self.settings = settings or {}
+        self.connections: list[H2ServerConnection] = []
+        self.streams_seen = 0
+        self.port: Any = None
+        # Reopen windows for the bytes received (off: a node that reads slowly).
+        self.reading = True
+
+    def buildProtocol(self, addr: Any) -> H2ServerConnection:
+        return H2ServerConnection(self)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port.getHost().port}"
+
+    async def stop(self) -> None:
+        await defer.maybeDeferred(self.port.stopListening)
+        for conn in self.connections:
+            if conn.transport is not None and conn.transport.connected:
+                conn.transport.abortConnection()
+            if not conn.lost.called:
+                await conn.lost
+
+
+async def start_h2_node(testcase: TestCase, node: H2Node) -> H2Node:
+    """
+    Listen for C{node} on a free loopback port; stopped at cleanup.
+    """
+    node.port = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(node)
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(node.stop()))
+    return node
+
+
+class GrpcNode:
+    """
+    A grpcio server on 127.0.0.1 with the four kinds of RPC of service
+    C{test.Echo} (raw bytes, no protobuf) and the standard health service.
+
+     - C{Unary}: C{NAME:request}; C{fail:N} ends with status N, C{sleep:S}
+       answers after S seconds; request metadata C{x-echo} comes back as
+       initial metadata C{x-echo} and trailing metadata C{x-trailer};
+     - C{ServerStream}: C{N} answers C{NAME:0} ... C{NAME:N-1};
+     - C{ClientStream}: the requests joined, after C{NAME:};
+     - C{Bidi}: each request answered with C{NAME:request} as it comes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        workers: int = 32,
+        options: Sequence[Any] = (),
+        tls: Optional[Issued] = None,
+    ) -> None:
+        import grpc
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        self.grpc = grpc
+        self.name = name
+        self.calls = 0
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(workers),
+            options=[("grpc.max_receive_message_length", 64 << 20),
+                     ("grpc.max_send_message_length", 64 << 20), *options],
+        )  # fmt: skip
+        prefix = name.encode() + b":"
+
+        def unary(request: bytes, context: Any) -> bytes:
+            self.calls += 1
+            metadata = dict(context.invocation_metadata())
+            echo = metadata.get("x-echo")
+            if echo is not None:
+                context.send_initial_metadata((("x-echo", echo),))
+                context.set_trailing_metadata((("x-trailer", echo),))
+            if request.startswith(b"fail:"):
+                context.abort(grpc.StatusCode(_status_tuple(int(request[5:]))), "asked to fail")
+            if request.startswith(b"sleep:"):
+                import time
+
+                time.sleep(float(request[6:]))
+            return prefix + request
+
+        def server_stream(request: bytes, context: Any) -> Any:
+            for i in range(int(request)):
+                yield prefix + b"%d" % i
+
+        def client_stream(requests: Any, context: Any) -> bytes:
+            return prefix + b"".join(requests)
+
+        def bidi(requests: Any, context: Any) -> Any:
+            for request in requests:
+                yield prefix + request
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+                "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+                "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"{LOOPBACK}:0"
+        self.scheme = "http"
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.scheme = "https"
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            self.port = self.server.add_secure_port(address, credentials)
+        self.server.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
+
+    def stop(self, grace: Optional[float] = None) -> defer.Deferred[Any]:
+        """
+        Stop serving (after C{grace} seconds for the calls in flight).
+        """
+        from twisted.internet import threads
+
+        return threads.deferToThread(lambda: self.server.stop(grace).wait(30))
+
+
+def _status_tuple(number: int) -> Any:
+    import grpc
+
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    raise ValueError(number)
+
+
+def grpc_node(
+    testcase: TestCase, name: str, options: Sequence[Any] = (), tls: Optional[Issued] = None
+) -> GrpcNode:
+    """
+    A L{GrpcNode} (with grpc server C{options}; TLS with C{tls}), stopped
+    at cleanup.
+    """
+    node = GrpcNode(name, options=options, tls=tls)
+    testcase.addCleanup(node.stop)
+    return node
 
 
 # == rrlb's command line, run to its end ==============================================

@@ -56,6 +56,33 @@ def descriptors(pid: int) -> set[int]:
     return used
 
 
+def connected_ports(pid: int) -> list[int]:
+    """
+    The remote loopback ports of the TCP sockets process C{pid} holds (one
+    entry per descriptor, in any state: one the peer closed stays until the
+    process closes it too).
+    """
+    inodes = set()
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        try:
+            target = os.readlink(os.path.join(directory, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                port = int(fields[2].rsplit(":", 1)[1], 16)
+                if fields[9] in inodes and port:
+                    ports.append(port)
+    return ports
+
+
 def _lower_limit(testcase: unittest.TestCase, pid: int) -> tuple[int, Callable[[], None]]:
     """
     Lower the soft C{RLIMIT_NOFILE} of process C{pid} to one above its
@@ -318,9 +345,19 @@ class OutOfDescriptorsTests(unittest.TestCase):
         await daemon.wait_for_message("READY=1")
         client = Exchange(await raw_connect(self, daemon.port), "rrlb.test")
         self.assertEqual((await client.get("/"))[2], b"a")
-        # Only the connection to a is open now (pooled, idle); b's probe
-        # connection is gone.
-        await wait_until(lambda: a.probes and b.probes and not b.open_connections, what="idle")
+        # Only the connection to a is open now (pooled, idle); the probe
+        # connections are gone, on rrlb's side too: a node closes its end
+        # first, and a descriptor rrlb let go of after exhaust_daemon counted
+        # would leave it a free one.
+        await wait_until(lambda: a.probes and b.probes, what="both probes")
+        nodes = (a.port_number, b.port_number)
+        await wait_until(
+            lambda: [
+                p for p in connected_ports(daemon.transport.pid) if p in nodes
+            ]
+            == [a.port_number],
+            what="rrlb's probe connections closed",
+        )
         await exhaust_daemon(self, daemon)
         line, _, _ = await client.get("/")
         self.assertTrue(line.startswith(b"HTTP/1.1 503 "), line)

@@ -173,3 +173,84 @@ class ExactFramingTests(unittest.TestCase):
         (request,) = backend.requests
         self.assertEqual(request.body, b"abc")
         self.assertEqual(request.header(b"content-length"), b"3")
+
+
+class Trailing:
+    """
+    A resource whose response is C{body} (in pieces) and C{trailers}, as a
+    gRPC answer from a node ends (ProxyRequest.write_trailers).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, body: list[bytes], trailers: list[tuple[bytes, bytes]], length: bool
+    ) -> None:
+        self.body = body
+        self.trailers = trailers
+        self.length = length
+
+    def render(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        request.setResponseCode(200)
+        if self.length:
+            size = sum(len(piece) for piece in self.body)
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % size])
+        for piece in self.body:
+            request.write(piece)
+        request.write_trailers(self.trailers)
+        request.finish()
+        return NOT_DONE_YET
+
+
+class TrailerTests(unittest.TestCase):
+    """
+    Response trailers over HTTP/1.1: the chunked body's trailer section, or
+    nothing when the body is not chunked.
+    """
+
+    def answer(self, resource: Trailing, request: bytes) -> bytes:
+        from tests.support import Harness
+
+        harness = Harness(resource)
+        channel, transport = harness.connect()
+        channel.dataReceived(request)
+        return transport.value()  # type: ignore[no-any-return]
+
+    def test_chunked_trailer_section(self) -> None:
+        """
+        A chunked response ends with the last chunk, the trailers and the
+        empty line, once.
+        """
+        got = self.answer(
+            Trailing([b"abc"], [(b"grpc-status", b"0"), (b"grpc-message", b"ok")], False),
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", got)
+        self.assertTrue(
+            got.endswith(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\ngrpc-message: ok\r\n\r\n"), got
+        )
+
+    def test_trailers_only(self) -> None:
+        """
+        Trailers with no body: the head goes out chunked, then the trailer
+        section alone.
+        """
+        got = self.answer(
+            Trailing([], [(b"grpc-status", b"14")], False), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        self.assertTrue(got.endswith(b"\r\n\r\n0\r\ngrpc-status: 14\r\n\r\n"), got)
+
+    def test_dropped_without_chunking(self) -> None:
+        """
+        With a Content-Length (or to an HTTP/1.0 client) the trailers are
+        dropped and the body is exactly as long as it says.
+        """
+        got = self.answer(
+            Trailing([b"abc"], [(b"grpc-status", b"0")], True), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        self.assertTrue(got.endswith(b"\r\n\r\nabc"), got)
+        http10 = b"GET / HTTP/1.0\r\nHost: a\r\n\r\n"
+        got = self.answer(Trailing([b"abc"], [(b"grpc-status", b"0")], False), http10)
+        self.assertTrue(got.endswith(b"\r\n\r\nabc"), got)

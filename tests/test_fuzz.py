@@ -433,6 +433,16 @@ class RawFuzzerTests(WireCase):
         text = await self.run_fuzz("--http2", *RAW_FUZZ_ARGS)
         self.assertRegex(text, r"- ok +a normal GET over HTTP/2")
 
+    async def test_bench_fuzz_h2c(self) -> None:
+        """
+        bench/fuzz --h2c sends the HTTP/2 mutations in cleartext (prior
+        knowledge) and the HTTP/1.1 ones to the same plain port of an rrlb
+        with --http2: the same checks hold, for both protocols.
+        """
+        text = await self.run_fuzz("--h2c", *RAW_FUZZ_ARGS)
+        self.assertIn("| h2c valid ", text)
+        self.assertRegex(text, r"- ok +a normal GET over HTTP/2")
+
 
 class FoundByFuzzingTests(WireCase):
     """

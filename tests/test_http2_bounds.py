@@ -464,6 +464,7 @@ class Answering(http.Request):
     """
 
     body = None
+    exchange = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # rrlb's streams leave the body to rrlb.body (content is None).
@@ -473,17 +474,21 @@ class Answering(http.Request):
     def process(self) -> None:
         self.producer_ = Producer()
         self.registerProducer(self.producer_, True)
-        self.channel._conn.requests.append(self)
+        self.channel.conn.requests.append(self)
+
+    def write_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.channel.write_trailers(self, headers)
 
 
 class StubChannel:
     """
-    What L{ProxyH2Connection} and its streams ask of their L{ALPNChannel}.
+    What L{H2ServerConnection} and its streams ask of their L{ALPNChannel}.
     """
 
-    def __init__(self, site: ClientSite, clock: Clock) -> None:
+    def __init__(self, site: ClientSite, clock: Clock, transport: StringTransport) -> None:
         self.site = site
         self.clock = clock
+        self.transport = transport
         self.peer = IPv4Address("TCP", "127.0.0.1", 1)
         self.local = IPv4Address("TCP", "127.0.0.1", 2)
         self.forwarded = (b"https", b"127.0.0.1")
@@ -495,30 +500,37 @@ class StubChannel:
 
 class StreamBufferTests(unittest.TestCase):
     """
-    What one HTTP/2 connection holds for its client, and the places its
-    streams take under --max-connections, driven by hand.
+    What one HTTP/2 connection holds for its client, the places its streams
+    take under --max-connections, and how its responses end, driven by hand.
     """
 
-    def connect(self, max_connections: int = 1000) -> tuple[Any, Any, StringTransport, Clock]:
-        from rrlb.http2 import ProxyH2Connection
+    def connect(
+        self, max_connections: int = 1000, large: bool = True
+    ) -> tuple[Any, Any, StringTransport, Clock]:
+        """
+        A connection and an h2 client for it; with C{large}, the client
+        advertises the largest windows.
+        """
+        from rrlb.http2 import H2ServerConnection
 
         clock = Clock()
         site = ClientSite(Resource(), clock, ClientLimits(max_connections=max_connections))
-        channel = StubChannel(site, clock)
-        site.channels.add(channel)  # type: ignore[arg-type]
-        conn = ProxyH2Connection(clock, channel)  # type: ignore[arg-type]
-        conn.requests = []  # type: ignore[attr-defined]
-        conn.requestFactory = Answering
-        conn.site = site
+        site.requestFactory = Answering
         transport = StringTransport()
-        conn.makeConnection(transport)
+        channel = StubChannel(site, clock, transport)
+        site.channels.add(channel)  # type: ignore[arg-type]
+        conn = H2ServerConnection(channel)  # type: ignore[arg-type]
+        conn.requests = []  # type: ignore[attr-defined]
         client = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
         client.initiate_connection()
-        client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: LARGEST_WINDOW})
-        client.increment_flow_control_window(LARGEST_WINDOW - 65535)
+        if large:
+            client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: LARGEST_WINDOW})
+            client.increment_flow_control_window(LARGEST_WINDOW - 65535)
         conn.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
         self.addCleanup(conn.connectionLost, Failure(ConnectionDone()))
         return conn, client, transport, clock
 
@@ -536,28 +548,44 @@ class StreamBufferTests(unittest.TestCase):
         conn.dataReceived(client.data_to_send())
         return ids
 
+    def received(self, client: Any, transport: StringTransport, clock: Clock) -> list[Any]:
+        """
+        The events of what the connection sent the client so far.
+        """
+        clock.advance(0)
+        events = client.receive_data(transport.value())
+        transport.clear()
+        return events  # type: ignore[no-any-return]
+
     def test_stream_buffer(self) -> None:
         """
-        A stream's node is paused once more than STREAM_BUFFER is queued for
-        the client, and resumed once the send loop has taken it under half.
+        A stream's node is paused once the client's window is used up and
+        bytes wait, and for STREAM_FULL past STREAM_BUFFER queued; both are
+        lifted once the client's window takes the queue.
         """
-        from rrlb.h2buffers import STREAM_BUFFER
+        from rrlb.h2buffers import STREAM_BUFFER, STREAM_FULL, WINDOW
 
-        conn, client, transport, clock = self.connect()
-        self.streams(conn, client, 2)
-        first, second = conn.requests
-        first.write(b"a" * STREAM_BUFFER)
-        self.assertFalse(first.producer_.paused)
-        first.write(b"a")
-        self.assertTrue(first.producer_.paused)
-        self.assertFalse(second.producer_.paused)
+        conn, client, transport, clock = self.connect(large=False)
+        (stream,) = self.streams(conn, client, 1)
+        (request,) = conn.requests
+        request.write(b"a" * 65535)
+        clock.advance(0)  # the turn ends: what the stream held back goes out
+        self.assertFalse(request.producer_.paused)
+        request.write(b"a")
+        clock.advance(0)
+        self.assertTrue(request.producer_.paused)
+        self.assertEqual(request.channel.paused_for, WINDOW)
+        request.write(b"a" * STREAM_BUFFER)
+        self.assertEqual(request.channel.paused_for, WINDOW | STREAM_FULL)
         self.assertEqual(conn.queued, STREAM_BUFFER + 1)
-        for _ in range(100):
-            if not first.producer_.paused:
-                break
-            clock.advance(0)
-        self.assertFalse(first.producer_.paused)
-        self.assertLessEqual(conn.queued, STREAM_BUFFER // 2)
+        client.increment_flow_control_window(LARGEST_WINDOW - 65535)
+        client.increment_flow_control_window(LARGEST_WINDOW - 65535, stream)
+        conn.dataReceived(client.data_to_send())
+        self.assertFalse(request.producer_.paused)
+        self.assertEqual(conn.queued, 0)
+        events = self.received(client, transport, clock)
+        got = sum(len(e.data) for e in events if isinstance(e, h2.events.DataReceived))
+        self.assertEqual(got, 65535 + 1 + STREAM_BUFFER)
 
     def test_connection_buffer(self) -> None:
         """
@@ -566,33 +594,41 @@ class StreamBufferTests(unittest.TestCase):
         """
         from rrlb.h2buffers import CONNECTION_BUFFER, STREAM_BUFFER
 
-        conn, client, transport, clock = self.connect()
+        conn, client, transport, clock = self.connect(large=False)
         count = CONNECTION_BUFFER // STREAM_BUFFER + 2
-        self.streams(conn, client, count)
+        ids = self.streams(conn, client, count)
         requests = conn.requests
         for request in requests[:-1]:
             request.write(b"b" * STREAM_BUFFER)
+        clock.advance(0)
+        self.assertGreater(conn.queued, CONNECTION_BUFFER)
         self.assertTrue(all(r.producer_.paused for r in requests))
-        for _ in range(1000):
-            if not requests[-1].producer_.paused:
-                break
-            clock.advance(0)
+        client.increment_flow_control_window(LARGEST_WINDOW - 65535)
+        for stream in ids:
+            client.increment_flow_control_window(LARGEST_WINDOW - 65535, stream)
+        conn.dataReceived(client.data_to_send())
         self.assertFalse(requests[-1].producer_.paused)
         self.assertLessEqual(conn.queued, CONNECTION_BUFFER // 2)
 
     def test_socket_full(self) -> None:
         """
         The transport's pause (the client's socket does not drain) pauses
-        every stream's node, and a stream that starts meanwhile; its resume
-        resumes them.
+        every stream's node, and a stream that starts meanwhile, and what
+        they write waits; its resume sends it and resumes them.
         """
         conn, client, transport, clock = self.connect()
         self.streams(conn, client, 2)
         conn.pauseProducing()
         self.streams(conn, client, 1)
         self.assertEqual([r.producer_.paused for r in conn.requests], [True] * 3)
+        conn.requests[0].write(b"held")
+        clock.advance(0)
+        self.assertEqual(conn.queued, 4)
         conn.resumeProducing()
         self.assertEqual([r.producer_.paused for r in conn.requests], [False] * 3)
+        self.assertEqual(conn.queued, 0)
+        events = self.received(client, transport, clock)
+        self.assertIn(b"held", [e.data for e in events if isinstance(e, h2.events.DataReceived)])
 
     def test_reset_stream_unqueued(self) -> None:
         """
@@ -601,9 +637,11 @@ class StreamBufferTests(unittest.TestCase):
         """
         from rrlb.h2buffers import STREAM_BUFFER
 
-        conn, client, transport, clock = self.connect()
+        conn, client, transport, clock = self.connect(large=False)
         (stream,) = self.streams(conn, client, 1)
-        conn.requests[0].write(b"c" * STREAM_BUFFER)
+        conn.requests[0].write(b"c" * (65535 + STREAM_BUFFER))
+        clock.advance(0)
+        self.assertEqual(conn.queued, STREAM_BUFFER)
         client.reset_stream(stream)
         conn.dataReceived(client.data_to_send())
         self.assertEqual(conn.queued, 0)
@@ -620,7 +658,7 @@ class StreamBufferTests(unittest.TestCase):
         self.assertEqual(len(conn.requests), 3)
         self.assertEqual(site.streams, 2)
         self.assertTrue(site.paused)
-        events = client.receive_data(transport.value())
+        events = self.received(client, transport, clock)
         resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
         self.assertEqual(
             [(e.stream_id, e.error_code) for e in resets],
@@ -629,8 +667,6 @@ class StreamBufferTests(unittest.TestCase):
         request = conn.requests[1]
         request.unregisterProducer()
         request.finish()
-        clock.advance(0)
-        clock.advance(0)
         self.assertEqual(site.streams, 1)
         self.assertFalse(site.paused)
         (again,) = self.streams(conn, client, 1)
@@ -639,11 +675,38 @@ class StreamBufferTests(unittest.TestCase):
         conn.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(site.streams, 0)
 
+    def test_stream_limit_refuses(self) -> None:
+        """
+        A stream beyond MAX_STREAMS open at once is refused with
+        REFUSED_STREAM, not a GOAWAY: the connection and its other streams
+        carry on, and a stream opened once one ended is served.
+        """
+        from rrlb.http2 import MAX_STREAMS
+
+        conn, client, transport, clock = self.connect()
+        # The client obeys the limit it was told; a rude one does not.
+        client.remote_settings.max_concurrent_streams = 2**31 - 1
+        client.remote_settings.acknowledge()
+        ids = self.streams(conn, client, MAX_STREAMS + 1)
+        self.assertEqual(len(conn.streams), MAX_STREAMS)
+        events = self.received(client, transport, clock)
+        resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual(
+            [(e.stream_id, e.error_code) for e in resets],
+            [(ids[-1], h2.errors.ErrorCodes.REFUSED_STREAM)],
+        )
+        self.assertFalse([e for e in events if isinstance(e, h2.events.ConnectionTerminated)])
+        request = conn.requests[0]
+        request.unregisterProducer()
+        request.finish()
+        self.streams(conn, client, 1)
+        self.assertEqual(len(conn.streams), MAX_STREAMS)
+
     def test_priority_frames_for_other_streams(self) -> None:
         """
         PRIORITY frames naming 1,500 streams that are not open (and open
-        streams depending on them) add nothing to the priority tree and
-        raise nothing; the connection serves its streams as before.
+        streams depending on them) raise nothing and keep nothing; the
+        connection serves its streams as before.
         """
         from hyperframe.frame import PriorityFrame
 
@@ -658,12 +721,83 @@ class StreamBufferTests(unittest.TestCase):
             for i in range(1500)
         ]
         conn.dataReceived(b"".join(frames))
-        self.assertLessEqual(len(conn.priority._streams), 3)
+        self.assertEqual(list(conn.streams), [stream])
         request = conn.requests[0]
         request.unregisterProducer()
         request.write(b"ok")
         request.finish()
-        for _ in range(5):
-            clock.advance(0)
-        events = client.receive_data(transport.value())
+        events = self.received(client, transport, clock)
         self.assertIn(stream, [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)])
+
+
+class ResponseEndTests(unittest.TestCase):
+    """
+    How a response ends on its stream: trailers, and a response with no
+    body in one HEADERS frame.
+    """
+
+    connect = StreamBufferTests.connect
+    streams = StreamBufferTests.streams
+    received = StreamBufferTests.received
+
+    def answer(self, write: Callable[[Any], None]) -> list[Any]:
+        conn, client, transport, clock = self.connect()
+        self.streams(conn, client, 1)
+        request = conn.requests[0]
+        request.unregisterProducer()
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/grpc"])
+        write(request)
+        request.finish()
+        return self.received(client, transport, clock)
+
+    def test_trailers(self) -> None:
+        """
+        write_trailers before finish ends the stream with a HEADERS frame
+        carrying them, after the body.
+        """
+
+        def write(request: Any) -> None:
+            request.write(b"message")
+            request.write_trailers([(b"grpc-status", b"0"), (b"grpc-message", b"")])
+
+        events = self.answer(write)
+        kinds = [e.__class__ for e in events if e.__class__ is not h2.events.SettingsAcknowledged]
+        self.assertEqual(
+            kinds,
+            [h2.events.ResponseReceived, h2.events.DataReceived, h2.events.TrailersReceived,
+             h2.events.StreamEnded],
+        )  # fmt: skip
+        (trailers,) = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        self.assertEqual(trailers.headers, [(b"grpc-status", b"0"), (b"grpc-message", b"")])
+
+    def test_trailers_only(self) -> None:
+        """
+        Trailers with no body: the head, then a HEADERS frame with them and
+        END_STREAM, and no DATA frame.
+        """
+        events = self.answer(lambda request: request.write_trailers([(b"grpc-status", b"14")]))
+        self.assertFalse([e for e in events if isinstance(e, h2.events.DataReceived)])
+        (trailers,) = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        self.assertEqual(trailers.headers, [(b"grpc-status", b"14")])
+
+    def test_no_body_one_headers_frame(self) -> None:
+        """
+        A response finished with no body written goes out as one HEADERS
+        frame with END_STREAM (gRPC's trailers-only form), no DATA frame.
+        """
+        events = self.answer(lambda request: None)
+        (head,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        self.assertIsNotNone(head.stream_ended)
+        self.assertIn((b"content-type", b"application/grpc"), head.headers)
+        self.assertFalse([e for e in events if isinstance(e, h2.events.DataReceived)])
+
+    def test_last_write_carries_the_end(self) -> None:
+        """
+        A body written in the same turn as the end goes out as HEADERS and
+        one DATA frame with END_STREAM: no empty DATA frame after it.
+        """
+        events = self.answer(lambda request: request.write(b"body"))
+        (data,) = [e for e in events if isinstance(e, h2.events.DataReceived)]
+        self.assertEqual(data.data, b"body")
+        self.assertIsNotNone(data.stream_ended)

@@ -22,7 +22,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from rrlb.parser import BAD_METHOD, BAD_REQUEST, HEADER_TOO_LARGE, TOO_MANY_HEADERS
+from rrlb.parser import (
+    BAD_FRAMING,
+    BAD_METHOD,
+    BAD_REQUEST,
+    HEADER_TOO_LARGE,
+    TOO_MANY_HEADERS,
+)
 from tests.support import (
     LOOPBACK,
     H2Client,
@@ -408,6 +414,50 @@ class RequestRulesTests(RequestsCase):
         self.assertIn(b"allow", dict(answer.headers))
 
 
+class FieldRulesTests(RequestsCase):
+    """
+    HTTP/2's own rules for a request's fields (RFC 9113 8.2, 8.3), checked
+    by rrlb rather than h2: a request that breaks one is malformed and
+    answered 400 on its stream; the connection carries on.
+    """
+
+    assertRefused = RequestRulesTests.assertRefused
+
+    async def test_uppercase_name(self) -> None:
+        """
+        A field name with an uppercase letter: 400.
+        """
+        await self.assertRefused(request_block(fields=((b"X-Upper", b"1"),)))
+
+    async def test_connection_specific(self) -> None:
+        """
+        Transfer-Encoding (counted as bad_framing), Connection, Upgrade and
+        a TE other than "trailers": 400 each (TE: trailers is allowed).
+        """
+        for field, reason in (
+            ((b"transfer-encoding", b"chunked"), BAD_FRAMING),
+            ((b"connection", b"close"), BAD_REQUEST),
+            ((b"upgrade", b"websocket"), BAD_REQUEST),
+            ((b"te", b"gzip"), BAD_REQUEST),
+        ):
+            await self.assertRefused(request_block(fields=(field,)), 400, reason)
+
+    async def test_pseudo_header_rules(self) -> None:
+        """
+        A missing :scheme, a repeated :path, an unknown or a response
+        pseudo-header field, and one after a regular field: 400 each.
+        """
+        blocks = [
+            [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"h2.example")],
+            request_block(fields=((b":path", b"/again"),)),
+            request_block() + [(b":protocol", b"websocket")],
+            request_block() + [(b":status", b"200")],
+            [(b":method", b"GET"), (b":scheme", b"https"), (b"x-a", b"1"), (b":path", b"/")],
+        ]
+        for block in blocks:
+            await self.assertRefused(block)
+
+
 class AcceptedRequestTests(RequestsCase):
     """
     What the rules let through reaches the node as it should.
@@ -416,7 +466,8 @@ class AcceptedRequestTests(RequestsCase):
     async def test_valid_requests(self) -> None:
         """
         A request with obs-text and an inner tab in a value, cookies in
-        several fields and a Host the same as :authority reaches the node
+        several fields, TE: trailers (gRPC's) and a Host the same as
+        :authority reaches the node
         with one Host and one Cookie; OPTIONS * reaches it too.
         """
         node, balancer, client = await self.started()
@@ -428,6 +479,7 @@ class AcceptedRequestTests(RequestsCase):
                 (b"x-text", b"caf\xc3\xa9\tok"),
                 (b"cookie", b"a=1"),
                 (b"cookie", b"b=2"),
+                (b"te", b"trailers"),
             ),
         )
         answer = client.send_block(block, b"body")

@@ -743,6 +743,57 @@ class ConnectionCapTests(unittest.TestCase):
         await wait_until(lambda: not site.paused, what="accepting again")
 
 
+class AcceptsPerWakeupTests(unittest.TestCase):
+    """
+    C{ClientSite.accepts_per_wakeup}: a worker's port accepts one client
+    per wake-up (nginx's C{multi_accept off}), through the port's own
+    C{numberAccepts}, set before each wake-up.
+    """
+
+    async def accepted_per_wakeup(self, cap: Any) -> list[int]:
+        """
+        The channels a site with C{accepts_per_wakeup} C{cap} has after
+        each of three wake-ups of its port, with three clients waiting in
+        the backlog from the start.
+        """
+        clock = Clock()
+        site = ClientSite(Resource(), clock, ClientLimits())
+        site.protocol = ProxyChannel  # type: ignore[assignment]
+        site.linger = False
+        site.accepts_per_wakeup = cap
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = await endpoint.listen(site)
+        self.addCleanup(port.stopListening)
+        # The test wakes the port itself.
+        port.stopReading()
+        site.add_port(port)
+        clients = [await raw_connect(self, port.getHost().port) for _ in range(3)]
+        self.addCleanup(lambda: wait_until(lambda: not site.channels, what="channels closed"))
+        counts = []
+        for _ in range(3):
+            port.doRead()
+            counts.append(len(site.channels))
+            # The reactor's turn after the wake-up.
+            clock.advance(0)
+        for client in clients:
+            await client.close()
+        return counts
+
+    async def test_one_per_wakeup(self) -> None:
+        """
+        With C{accepts_per_wakeup} 1, each wake-up takes one client of
+        those waiting, although Twisted raises the port's count after a
+        full wake-up.
+        """
+        self.assertEqual(await self.accepted_per_wakeup(1), [1, 2, 3])
+
+    async def test_no_cap(self) -> None:
+        """
+        Without it, one wake-up takes every client waiting.
+        """
+        self.assertEqual(await self.accepted_per_wakeup(None), [3, 3, 3])
+
+
 class AdminConnectionTests(unittest.TestCase):
     """
     The admin endpoint is not under C{--max-connections}: it keeps at most

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from rrlb.service import ControlService
+from rrlb.settings import restart_only
 from rrlb.tap import Options, compose
 from tests.support import (
     LOOPBACK,
@@ -335,6 +336,55 @@ class SignalTests(unittest.TestCase):
         self.assertEqual(reply.body, b"b")
         await balancer.stop()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+    async def test_restart_only_settings(self) -> None:
+        """
+        A SIGHUP whose file changes the settings a reload does not apply
+        (those declared with C{reload=False}) logs each as needing a
+        restart and keeps its running value; the rest of the file (the
+        nodes) is applied.
+        """
+        a, b = await start_backends(self, "a", "b")
+        # Each setting: its line in the new file, and the log's old -> new.
+        changed = {
+            "listen": (
+                "listen: [tcp:0:interface=127.0.0.2]\n",
+                f"tcp:0:interface={LOOPBACK} -> tcp:0:interface=127.0.0.2",
+            ),
+            "admin": (
+                f"admin: tcp:0:interface={LOOPBACK}\n",
+                f"None -> tcp:0:interface={LOOPBACK}",
+            ),
+            "http2": ("http2: true\n", "False -> True"),
+            "workers": ("workers: 2\n", "1 -> 2"),
+            "log_format": ("log_format: json\n", "text -> json"),
+        }
+        # Every restart-only setting of the table is covered here.
+        self.assertEqual(sorted(changed), sorted(row.name for row in restart_only()))
+        path = self.mktemp()
+        write_config(path, [a.url], f"listen: [tcp:0:interface={LOOPBACK}]\n")
+        options = Options()
+        options.parseOptions(["--config", path, "--drain-timeout", "2"])
+        balancer = await start_balancer(self, config=options.config)
+        service = balancer.service
+        service.load_config = options.load
+        running = service.config
+        logs = LogCapture.install(self)
+        write_config(path, [b.url], "".join(line for line, _ in changed.values()))
+        service._sighup(signal.SIGHUP, None)
+        await wait_until(lambda: [n.key for n in service.pool.nodes] == [b.url], what="the reload")
+        warnings = [m for m in logs.messages() if "restart" in m]
+        self.assertEqual(
+            sorted(warnings),
+            sorted(
+                f"reload: {name} changed ({values}); restart rrlb to apply it"
+                for name, (_, values) in changed.items()
+            ),
+        )
+        for name in changed:
+            self.assertEqual(getattr(service.config, name), getattr(running, name))
+        reply = await http_request(self, "GET", balancer.url + "/")
+        self.assertEqual(reply.body, b"b")
 
     async def test_not_installed_by_default(self) -> None:
         """

@@ -74,6 +74,9 @@ SAMPLE_BY_NAME = {
     "workers": "2",
     "balance": "hash",
     "hash_key": "uri",
+    "protocol": "h2",
+    "type": "grpc",
+    "service": "echo",
 }
 # What a sample needs beside it to be valid: (options, YAML lines).
 NEEDS = {
@@ -204,7 +207,7 @@ class PoolScopeTests(unittest.TestCase):
             f.write(
                 "nodes: [http://a]\ntimeout: 7\nconnect_timeout: 7\nnode_host: true\n"
                 "max_idle_per_node: 7\nhealth: {rise: 7}\nbalance: hash\nhash_key: uri\n"
-                "sticky: {cookie: s}\nslow_start: 7\n"
+                "sticky: {cookie: s}\nslow_start: 7\nprotocol: h2\n"
                 "pools: {p: {nodes: [http://b]}}\nroutes: [{pool: p}]\n"
             )
         config = build_config(path)

@@ -415,6 +415,9 @@ class BackpressureTests(WireCase):
         client = await self.client(port)
         count = read_then_pause(client)
         client.send(get(b"/"))
+        # The client has stopped reading (on its first bytes): resumed
+        # before that, it would stop for good on them.
+        await wait_for(lambda: count["n"], "the client's first bytes")
         await wait_for(lambda: producers and producers[0].paused, "the backend to be paused")
         (node,) = backend.connections
         rrlb_node = rrlb_end(service, node.transport)

@@ -26,8 +26,10 @@ from twisted.python.failure import Failure
 
 from rrlb.acmetls import AcmeState
 from rrlb.config import Config, ConfigError, PoolConfig
+from rrlb.limits import SHARED, LimitStores
 from rrlb.pool import Node, Pool, Pools
 from rrlb.traffic import Traffic
+from rrlb.workers.limitlink import LimitLink
 from rrlb.workers.sockets import adopted_endpoint
 from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
@@ -122,6 +124,8 @@ class WorkerChannel(QuietAMP):
         self.traffic: Optional[Traffic] = None
         self.exit_code = 0
         self._stopping = False
+        # The store: local rate limits count in the main process.
+        self.limits = LimitStores(reactor, LimitLink(self, reactor))
 
     def new_pool(self, name: str) -> Pool:
         pool = WorkerPool((), name=name, clock=self.reactor)
@@ -156,8 +160,12 @@ class WorkerChannel(QuietAMP):
                     new_pool=self.new_pool,
                     endpoints=self.endpoint(config),
                     count_requests=count,
+                    filter_state={SHARED: self.limits},
                 )
                 apply_states(self.pools, states)
+                # One client per wake-up: the least busy worker takes the
+                # next (every worker is woken for each client).
+                traffic.site.accepts_per_wakeup = 1
                 traffic.startService()
             except (Exception, SystemExit) as e:
                 log.failure("starting the worker")

@@ -179,8 +179,9 @@ def adopted_endpoint(
     """
     The endpoint of a worker for the listening socket C{fd} the main process
     bound for C{description}, with its TLS (the L{rrlb.tls.ServerTLS}, also
-    returned) and PROXY header as that description asks. Its port accepts
-    one client at a time (L{accept_one_at_a_time}).
+    returned) and PROXY header as that description asks. (The worker's site
+    has its port accept one client per wake-up: L{rrlb.clients.ClientSite}'s
+    C{accepts_per_wakeup}.)
     """
     proxied, kind, _ = listen_kind(description)
     on_tcp = tls_on_tcp(config.listen, config.tls)
@@ -194,34 +195,7 @@ def adopted_endpoint(
     finally:
         family.close()
     if proxied:
-        return _OneAtATime(ProxyHeaderEndpoint(base, reactor, tls)), tls
+        return ProxyHeaderEndpoint(base, reactor, tls), tls
     if tls is not None:
-        return _OneAtATime(_TLSEndpoint(base, tls)), tls
-    return _OneAtATime(base), None
-
-
-def accept_one_at_a_time(port: Any) -> Any:
-    """
-    Make C{port} accept one client per wake-up (nginx's C{multi_accept
-    off}). Every worker is woken for each client on the listening socket
-    they share; Twisted's port accepts up to a hundred in a loop, so the
-    first worker awake took a whole burst (all of wrk's 64 connections).
-    One at a time, the least busy worker takes the next client.
-    """
-    read = port.doRead
-
-    def doRead() -> Any:
-        port.numberAccepts = 1
-        return read()
-
-    port.doRead = doRead
-    return port
-
-
-@implementer(IStreamServerEndpoint)
-class _OneAtATime:
-    def __init__(self, wrapped: IStreamServerEndpoint) -> None:
-        self.wrapped = wrapped
-
-    def listen(self, factory: Any) -> defer.Deferred[Any]:
-        return self.wrapped.listen(factory).addCallback(accept_one_at_a_time)
+        return _TLSEndpoint(base, tls), tls
+    return base, None
