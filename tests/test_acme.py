@@ -35,12 +35,10 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from rrlb.acme import (
+from rrlb.acme import CHECK_INTERVAL, FIRST_RETRY, AcmeManager
+from rrlb.acmeorder import (
     ACME_IDENTIFIER,
-    CHECK_INTERVAL,
-    FIRST_RETRY,
     AcmeError,
-    AcmeManager,
     Challenge,
     Order,
     challenge_certificate,
