@@ -41,6 +41,7 @@ from rrlb.notify import SystemdNotify
 from rrlb.pool import Pool, Pools
 from rrlb.proxyproto import ProbeEndpoints
 from rrlb.settings import restart_only
+from rrlb.signals import ProcessSignals
 
 
 class TrafficSide(Protocol):
@@ -161,8 +162,6 @@ class ControlService(MultiService):
         # admin API), for rrlb_config_changes_total.
         self.config_changes = dict.fromkeys(CHANGE_SOURCES, 0)
         self.handle_signals = handle_signals
-        self._previous_sighup: Any = None
-        self._held_signals: dict[int, Any] = {}
         self.stopping = False
         self._stopping_d: Optional[defer.Deferred[Any]] = None
         # Nodes named by DNS (top-level and in pools): looked up by the
@@ -187,6 +186,15 @@ class ControlService(MultiService):
         self.metrics = traffic.metrics
         self.metrics.checkers = lambda: list(self.checkers.values())
         self.metrics.config_changes = lambda: dict(self.config_changes)
+        # Looked up at each signal: the metrics' connection count can be
+        # set after this.
+        self.signals = ProcessSignals(
+            reactor,
+            lambda: self.reload(),
+            lambda: self.metrics.connections(),
+            handle_signals,
+            self.log,
+        )
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
         self.health_agent = Agent.usingEndpointFactory(
             reactor,
@@ -485,59 +493,6 @@ class ControlService(MultiService):
         self.notify.send_status()
         return applied
 
-    # -- signals ----------------------------------------------------------------
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        # A signal handler runs between two bytecodes of whatever the reactor
-        # was doing: hand the reload to the reactor's own turn.
-        self.reactor.callFromThread(self.reload)
-
-    def _install_signals(self) -> None:
-        if not self.handle_signals or self._previous_sighup is not None:
-            return
-        try:
-            previous = signal.signal(signal.SIGHUP, self._sighup)
-        except (ValueError, OSError, AttributeError) as e:
-            self.log.warn("cannot handle SIGHUP, so no reload on it: {error}", error=e)
-            return
-        self._previous_sighup = signal.SIG_DFL if previous is None else previous
-
-    def _restore_signals(self) -> None:
-        previous, self._previous_sighup = self._previous_sighup, None
-        if previous is not None:
-            signal.signal(signal.SIGHUP, previous)
-
-    def _hold_signals(self) -> None:
-        """
-        While draining, a second SIGTERM or SIGINT only says so: Twisted's
-        own handler would try to stop the stopping reactor and log a
-        traceback.
-        """
-        if not self.handle_signals:
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous = signal.signal(signum, self._signal_while_draining)
-            except (ValueError, OSError):
-                continue
-            self._held_signals[signum] = signal.SIG_DFL if previous is None else previous
-
-    def _release_signals(self) -> None:
-        held, self._held_signals = self._held_signals, {}
-        for signum, previous in held.items():
-            signal.signal(signum, previous)
-
-    def _signal_while_draining(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._log_signal_while_draining, signum)
-
-    def _log_signal_while_draining(self, signum: int) -> None:
-        self.log.warn(
-            "received {signal} while draining {connections} connections;"
-            " still waiting (SIGKILL stops at once)",
-            signal=signal.Signals(signum).name,
-            connections=self.metrics.connections(),
-        )
-
     # -- start and stop -------------------------------------------------------
 
     def readiness(self) -> list[defer.Deferred[Any]]:
@@ -551,7 +506,7 @@ class ControlService(MultiService):
     def startService(self) -> None:
         self.stopping = False
         super().startService()
-        self._install_signals()
+        self.signals.install()
         listening = self.readiness()
         # twistd starts services before the reactor runs and installs its
         # SIGTERM/SIGINT handlers: tell systemd READY=1 only once it does.
@@ -577,8 +532,8 @@ class ControlService(MultiService):
             self._stopping_d.addBoth(also)
             return waiter
         self.stopping = True
-        self._restore_signals()
-        self._hold_signals()
+        self.signals.restore()
+        self.signals.hold()
         self.notify.stopping(self.traffic.stopping_status())
         d: defer.Deferred[Any] = defer.maybeDeferred(self.traffic.stopService)
         self._stopping_d = d
@@ -601,7 +556,7 @@ class ControlService(MultiService):
 
     def _stopped(self, result: Any) -> None:
         self._stopping_d = None
-        self._release_signals()
+        self.signals.release()
         # twistd re-raises SIGTERM/SIGINT on itself after the reactor stops,
         # so the process would die "killed by SIGTERM". A drained shutdown is
         # a clean exit: exit 0 instead.

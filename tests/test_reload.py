@@ -328,7 +328,7 @@ class SignalTests(unittest.TestCase):
         service = balancer.service
         # Never send the signal unless rrlb's handler is the one installed:
         # the default action would end the test run.
-        self.assertEqual(signal.getsignal(signal.SIGHUP), service._sighup)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), service.signals.sighup)
         write_config(path, [b.url])
         os.kill(os.getpid(), signal.SIGHUP)
         await wait_until(lambda: [n.key for n in service.pool.nodes] == [b.url], what="the reload")
@@ -371,7 +371,7 @@ class SignalTests(unittest.TestCase):
         running = service.config
         logs = LogCapture.install(self)
         write_config(path, [b.url], "".join(line for line, _ in changed.values()))
-        service._sighup(signal.SIGHUP, None)
+        service.signals.sighup(signal.SIGHUP, None)
         await wait_until(lambda: [n.key for n in service.pool.nodes] == [b.url], what="the reload")
         warnings = [m for m in logs.messages() if "restart" in m]
         self.assertEqual(
