@@ -63,8 +63,11 @@ FORBIDDEN_NAMES = HOP_BY_HOP_NAMES | {b"Content-Length"}
 # -- what a filter sees ----------------------------------------------------------
 
 
-# Names filters used, as they spelt them -> the key (those they may change).
+# Names filters used, as they spelt them -> the key: those they may change,
+# and every name they read by. Bounded: past the size, names are worked out
+# each time.
 _KEYS: dict[str, bytes] = {}
+_READ_KEYS: dict[str, bytes] = {}
 _KEYS_SIZE = 1024
 
 
@@ -92,12 +95,14 @@ def header_name(name: str) -> bytes:
 
 def _lookup_key(name: str) -> Optional[bytes]:
     # A name to read by: any header, hop-by-hop ones too; None if not a name.
-    key = _KEYS.get(name) if type(name) is str else None
+    key = _READ_KEYS.get(name) if type(name) is str else None
     if key is None:
         try:
             key = canonical_name(name.encode("ascii"))
         except (AttributeError, UnicodeEncodeError, HeaderNameError):
             return None
+        if len(_READ_KEYS) < _KEYS_SIZE:
+            _READ_KEYS[name] = key
     return key
 
 
@@ -138,15 +143,21 @@ class FilterHeaders:
         """
         The header's values joined by C{", "}, or L{None} without one.
         """
-        key = _KEYS.get(name) if type(name) is str else None
-        if key is None:
+        # (The names seen before, without a call; a name of another type,
+        # unhashable or not, goes the long way.)
+        key: Optional[bytes]
+        try:
+            key = _READ_KEYS[name]
+        except (KeyError, TypeError):
             key = _lookup_key(name)
             if key is None:
                 return None
         values = self._raw.get(key)
         if not values:
             return None
-        return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
+        if len(values) == 1:
+            return values[0].decode("latin-1")
+        return b", ".join(values).decode("latin-1")
 
     def get_all(self, name: str) -> list[str]:
         """
@@ -161,9 +172,12 @@ class FilterHeaders:
         """
         Make C{value} the header's only value.
         """
-        key = (_KEYS.get(name) if type(name) is str else None) or header_name(name)
+        try:
+            key = _KEYS[name]
+        except (KeyError, TypeError):
+            key = header_name(name)
         if type(value) is str and value.isascii() and value.isprintable():
-            self._raw[key] = [value.encode("ascii")]
+            self._raw[key] = [value.encode()]  # the common case: no control character
         else:
             self._raw[key] = [header_value(name, value)]
 
@@ -274,31 +288,43 @@ class FilterRequest:
         """
         The value of the request's cookie C{name}, or L{None}.
         """
-        wanted = name.encode("latin-1", "replace")
-        for line in raw_headers(self.raw.requestHeaders).get(b"Cookie", ()):
-            for pair in line.split(b";"):
-                key, sep, value = pair.strip().partition(b"=")
-                if sep and key == wanted:
-                    return value.decode("latin-1")
-        return None
+        return request_cookie(self.raw, name)
 
     def note(self, name: str, value: str) -> None:
         """
         Add C{name=value} to the request's access log line (a key of the
         JSON line). C{name} is lower-case letters and C{_}.
         """
-        if not (type(name) is str and name in _NOTES_SEEN and type(value) is str):
+        try:
+            seen = type(value) is str and name in _NOTES_SEEN
+        except TypeError:  # an unhashable name
+            seen = False
+        if not seen:
             if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
             if len(_NOTES_SEEN) < _KEYS_SIZE:
-                _NOTES_SEEN.add(name)
-        notes = self.raw.log_notes
+                _NOTES_SEEN.add(str(name))
+        raw = self.raw
+        notes = raw.log_notes
         if notes is None:
-            self.raw.log_notes = {name: value}
+            raw.log_notes = {name: value}
         else:
             notes[name] = value
+
+
+def request_cookie(request: Any, name: str) -> Optional[str]:
+    """
+    The value of C{request}'s cookie C{name}, or L{None}.
+    """
+    wanted = name.encode("latin-1", "replace")
+    for line in raw_headers(request.requestHeaders).get(b"Cookie", ()):
+        for pair in line.split(b";"):
+            key, sep, value = pair.strip().partition(b"=")
+            if sep and key == wanted:
+                return value.decode("latin-1")
+    return None
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")
