@@ -29,6 +29,11 @@ node="http://10.0.0.1:8080" upstream_status=200 upstream_time=0.003
     8601, UTC), C{remote_addr}, C{method}, C{uri}, C{protocol}, C{status},
     C{bytes}, C{referer}, C{user_agent}, C{node}, C{upstream_status},
     C{upstream_time} (L{None} as C{null}).
+
+  - With C{tls.client_auth}, a request whose client showed a certificate
+    ends with its subject (RFC 4514), after any fields filters added:
+    C{client_cert_subject=CN=alice,O=Example} in C{combined},
+    C{"client_cert_subject"} in C{json}.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_runtime -*-
 """
 The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
 
@@ -11,6 +11,9 @@ The admin endpoint (C{--admin DESC}, off by default; bind it to loopback):
   - C{POST /nodes/<pool>/<id>/drain}, C{POST /nodes/<pool>/<id>/enable}
     (or without the pool): take a node out of rotation by hand (its
     in-flight requests finish) and put it back.
+  - The runtime API (L{rrlb.runtime}), given a control side: C{GET /config},
+    C{PUT /config}, C{POST /nodes/<pool>}, C{PATCH} and C{DELETE
+    /nodes/<pool>/<id>}. Request bodies are read up to L{MAX_ADMIN_BODY}.
 
 A node's C{<id>} is its position in its pool's node list (C{0}, C{1}, ...),
 its name (C{host:port} plus any base path, e.g. C{10.0.0.1:8080}) or its
@@ -39,6 +42,7 @@ from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -47,19 +51,16 @@ from rrlb.config import Config
 from rrlb.history import History
 from rrlb.metrics import Metrics, exposition, node_name
 from rrlb.pool import Node, Pool, Pools
+from rrlb.runtime import ApiError, Control, RuntimeAPI, peer_of
 from rrlb.statuspage import PAGE_POLICY, STYLESHEET, render_page
+
+log = Logger()
 
 JSON = b"application/json"
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 ACTIONS = {"drain": True, "enable": False}
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str, allow: Optional[bytes] = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.allow = allow
+# The methods of the runtime API's changes.
+WRITES = (b"PUT", b"POST", b"PATCH", b"DELETE")
 
 
 def find_node(pools: Pools, ident: str, pool_name: Optional[str] = None) -> tuple[int, Node]:
@@ -279,11 +280,19 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pools: Pools, metrics: Metrics, history: Optional[History] = None) -> None:
+    def __init__(
+        self,
+        pools: Pools,
+        metrics: Metrics,
+        history: Optional[History] = None,
+        control: Optional[Control] = None,
+    ) -> None:
         super().__init__()
         self.pools = pools
         self.metrics = metrics
         self.history = history
+        # The runtime API (rrlb.runtime), with a control side to change.
+        self.runtime = None if control is None else RuntimeAPI(control, pools, metrics.node_status)
 
     def render(self, request: Any) -> bytes:
         request.setHeader(b"Cache-Control", b"no-store")
@@ -310,8 +319,12 @@ class AdminResource(Resource):
             if path == ["nodes"]:
                 self._allow(method, b"GET, HEAD")
                 return _json(request, 200, self.metrics.status()["nodes"])
+            if self.runtime is not None and (path == ["config"] or method in WRITES):
+                answer = self.change(request, path, self.runtime)
+                if answer is not None:
+                    return answer
             if len(path) == 2 and path[0] == "nodes":
-                self._allow(method, b"GET, HEAD")
+                self._allow(method, b"GET, HEAD, POST" if self.runtime else b"GET, HEAD")
                 pool = self.pools.get(path[1])
                 if pool is not None:
                     return _json(
@@ -323,7 +336,7 @@ class AdminResource(Resource):
                 return _json(request, 200, self.metrics.node_status(index, node))
             if len(path) == 3 and path[0] == "nodes" and path[2] not in ACTIONS:
                 index, node = find_node(self.pools, path[2], path[1])
-                self._allow(method, b"GET, HEAD")
+                self._allow(method, b"GET, HEAD, PATCH, DELETE" if self.runtime else b"GET, HEAD")
                 return _json(request, 200, self.metrics.node_status(index, node))
             if len(path) in (3, 4) and path[0] == "nodes" and path[-1] in ACTIONS:
                 self._allow(method, b"POST")
@@ -346,6 +359,59 @@ class AdminResource(Resource):
             if e.allow is not None:
                 request.setHeader(b"Allow", e.allow)
             return _json(request, e.code, {"error": e.message})
+
+    def change(self, request: Any, path: list[str], runtime: RuntimeAPI) -> Any:
+        """
+        The runtime API's answer to C{request}, or L{None} for a path it
+        does not serve. A change is answered once every process runs it.
+        """
+        method = request.method
+        if path == ["config"]:
+            self._allow(method, b"GET, HEAD, PUT")
+            if method != b"PUT":
+                return _json(request, 200, runtime.get_config())
+        elif len(path) == 2 and path[0] == "nodes" and method == b"POST":
+            pass
+        elif len(path) == 3 and path[0] == "nodes" and method in (b"PATCH", b"DELETE"):
+            pass
+        else:
+            return None
+        if _cross_site(request):
+            raise ApiError(403, "cross-site requests to the admin API are refused")
+        peer = peer_of(request)
+        if method == b"PUT":
+            applied = runtime.put_config(request, peer)
+        elif method == b"POST":
+            applied = runtime.add_node(request, path[1], peer)
+        else:
+            node = find_node(self.pools, path[2], path[1])[1]
+            if method == b"DELETE":
+                applied = runtime.remove_node(node, peer)
+            else:
+                applied = runtime.change_node(request, node, peer)
+        return self._later(request, applied)
+
+    def _later(self, request: Any, applied: Any) -> Any:
+        """
+        Answer C{request} when C{applied} fires with C{(status, value)}.
+        """
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(result: tuple[int, Any]) -> None:
+            if not gone:
+                request.write(_json(request, *result))
+                request.finish()
+
+        def failed(reason: Failure) -> None:
+            error = reason.value
+            if isinstance(error, ApiError):
+                return answer((error.code, {"error": error.message}))
+            log.failure("admin API change", reason)
+            answer((500, {"error": "the change failed; see rrlb's log"}))
+
+        applied.addCallback(answer).addErrback(failed)
+        return server.NOT_DONE_YET
 
     @staticmethod
     def _allow(method: bytes, allowed: bytes) -> None:
@@ -370,6 +436,51 @@ class AdminResource(Resource):
 # every one is in the middle of a request.
 ADMIN_MAX_CONNECTIONS = 16
 ADMIN_IDLE_TIMEOUT = 60.0
+
+
+# The largest request body the admin endpoint reads (a PUT /config).
+MAX_ADMIN_BODY = 1024 * 1024
+_TOO_LARGE = json.dumps({"error": f"the body is larger than {MAX_ADMIN_BODY} bytes"}).encode()
+
+
+class AdminRequest(server.Request):
+    """
+    An admin request whose body is read up to L{MAX_ADMIN_BODY}: a longer
+    one (by its C{Content-Length}, or as it arrives) gets 413 and the
+    connection closes, before the rest is read.
+    """
+
+    too_large = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        super().gotLength(length)
+        if length is not None and length > MAX_ADMIN_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        content: Any = self.content
+        if content.tell() + len(data) > MAX_ADMIN_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        # The request is not complete, so twisted.web has no response to
+        # send yet: the answer goes out as Twisted sends its own 400s.
+        self.too_large = True
+        transport: Any = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s\n"
+            % (len(_TOO_LARGE) + 1, _TOO_LARGE)
+        )
+        transport.loseConnection()
+
+    def process(self) -> None:
+        if not self.too_large:
+            super().process()
 
 
 class AdminChannel(http.HTTPChannel):
@@ -398,6 +509,7 @@ class AdminSite(server.Site):
     noisy = False
     displayTracebacks = False
     protocol = AdminChannel  # type: ignore[assignment]  # HTTP/1.1 only
+    requestFactory = AdminRequest
     access = AdminAccess()
 
     def __init__(
@@ -406,10 +518,11 @@ class AdminSite(server.Site):
         metrics: Metrics,
         history: Optional[History] = None,
         resource: Optional[Resource] = None,
+        control: Optional[Control] = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("timeout", ADMIN_IDLE_TIMEOUT)
-        super().__init__(resource or AdminResource(pools, metrics, history), **kw)
+        super().__init__(resource or AdminResource(pools, metrics, history, control), **kw)
         # The open connections, oldest first.
         self.channels: dict[AdminChannel, None] = {}
 

@@ -628,6 +628,7 @@ def build_routes(
             query=r.query,
             source=r.source,
             path=r.path,
+            client_cert=r.client_cert,
         )
         route.name = r.name
         route.label = route_label(r, i)

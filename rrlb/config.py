@@ -303,14 +303,22 @@ def load_yaml(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"config: invalid YAML in {path!r}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config: {path!r} is not UTF-8 text") from None
+    return check_document(data, repr(path))
+
+
+def check_document(data: Any, source: str) -> Mapping[str, Any]:
+    """
+    C{data}, read from a YAML or JSON document (named C{source} in
+    messages), as a mapping of known top-level settings.
+    """
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config: {path!r} must hold a mapping of settings")
+        raise ConfigError(f"config: {source} must hold a mapping of settings")
     known = sorted(row.name for row in rows(Config) if row.yaml)
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise ConfigError(
-            f"config: unknown setting {unknown[0]!r} in {path!r} (known: {', '.join(known)})"
+            f"config: unknown setting {unknown[0]!r} in {source} (known: {', '.join(known)})"
         )
     return data
 
@@ -398,7 +406,7 @@ def parse_pools(name: str, value: Any) -> dict[str, dict[str, Any]]:
     The YAML C{pools} mapping: each pool's name and the settings it sets,
     completed from the top level by L{resolve_pools}.
     """
-    if not isinstance(value, dict) or not value:
+    if not isinstance(value, dict):
         raise ConfigError(f"{name} must be a mapping of pool names to pools, not {value!r}")
     pools = {}
     for key, raw in value.items():
@@ -446,6 +454,8 @@ def read(table: type, value: Any, where: str = "") -> dict[str, Any]:
         row, name = known[key], f"{where}.{key}" if where else key
         if key == "nodes":
             out["nodes"], out["dns_nodes"] = parse_node_entries(item, name)
+        elif item is None and row.default is None or item == [] and row.default == ():
+            out[key] = row.default  # null, []: unset, as --print-config shows it
         elif row.section is not None:
             out[key] = read(row.section, item, name)
         else:
@@ -481,17 +491,21 @@ def build_config(
     path: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     require_nodes: bool = True,
+    document: Optional[Mapping[str, Any]] = None,
 ) -> Config:
     """
-    Build a L{Config} from an optional YAML file and already-parsed
-    command-line values, which win over the file.
+    Build a L{Config} from an optional YAML file (or the C{document} read
+    from one, see L{check_document}) and already-parsed command-line
+    values, which win over the file.
 
     @param overrides: L{Config} field values; a section's (C{health},
         C{tls}) as a mapping of the settings given.
     @param require_nodes: whether no nodes at all is an error (it is not when
         demo backends will supply them).
     """
-    values = read(Config, load_yaml(path)) if path is not None else {}
+    if document is None and path is not None:
+        document = load_yaml(path)
+    values = read(Config, document) if document is not None else {}
     if overrides and "nodes" in overrides:
         # --nodes replaces the whole YAML nodes list, DNS entries too.
         values.pop("dns_nodes", None)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
 
+from rrlb.clientcert import ClientCertificate, peer_certificate
 from rrlb.clients import LINGER_TIMEOUT, ClientSite, is_trusted
 from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED
 
@@ -32,6 +35,7 @@ _IDLE, _HEAD, _BODY, _BUSY, _CLOSED, _TUNNEL = range(6)
 _STATE_NAMES = ("idle", "reading head", "reading body", "in progress", "closing", "tunnel")
 
 
+@implementer(IHandshakeListener)
 class ClientConnection(http.HTTPChannel):
     """
     An HTTP/1.1 connection from a client, as a connection: its addresses,
@@ -39,10 +43,13 @@ class ClientConnection(http.HTTPChannel):
 
     @ivar deadline: when the sweep of L{ClientSite} times this connection
         out (its idle, head, body or linger time runs out), or L{None}.
+    @ivar client_cert: the certificate the client showed in its TLS
+        handshake (C{tls.client_auth}), verified, or L{None}.
     """
 
     forwarded: tuple[bytes, bytes] = (b"http", b"")
     edge = EDGE_OFF
+    client_cert: Optional[ClientCertificate] = None
     peer: Any = None
     local: Any = None
     # For /status: when it opened, who the client is, requests answered.
@@ -94,6 +101,14 @@ class ClientConnection(http.HTTPChannel):
         trusted = self.site.limits.trusted_proxies
         if trusted:
             self.edge = EDGE_TRUSTED if is_trusted(host, trusted) else EDGE_UNTRUSTED
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is over: keep what every request on the connection
+        tells the nodes of the client's certificate (once per connection; a
+        client asked for none has none).
+        """
+        self.client_cert = peer_certificate(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _CLOSED

@@ -179,6 +179,7 @@ class ProxyExchange:
             channel.forwarded,
             channel.edge,
             request.clientproto,
+            channel.client_cert,
         )
         self.upgrade = upgrade is not None
         self.body = body

@@ -30,6 +30,7 @@ proxy calls (L{rrlb.chain} runs them).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union
@@ -448,6 +449,8 @@ class FilterSpec:
     @ivar args: what its kind's C{parse} returned.
     @ivar built: a Python filter's object, made when the configuration was
         loaded (not pickled: a worker process makes its own).
+    @ivar entry: the entry as the file gave it, which C{--print-config}
+        writes back (L{rrlb.configdump}; not pickled either).
     """
 
     kind: str
@@ -455,6 +458,7 @@ class FilterSpec:
     where: str
     args: Any = None
     built: Any = field(default=None, compare=False, repr=False)
+    entry: Any = field(default=None, compare=False, repr=False)
 
     def __reduce__(self) -> Any:
         return (FilterSpec, (self.kind, self.label, self.where, self.args))
@@ -513,7 +517,10 @@ def parse_filters(where: str, value: Any) -> tuple[FilterSpec, ...]:
         raise ConfigError(
             f"{where} must be a list of filters like - request_id: {{}}, not {value!r}"
         )
-    return tuple(parse_filter(f"{where}[{i}]", item) for i, item in enumerate(value))
+    return tuple(
+        dataclasses.replace(parse_filter(f"{where}[{i}]", item), entry=item)
+        for i, item in enumerate(value)
+    )
 
 
 def parse_filter(where: str, item: Any) -> FilterSpec:
@@ -624,3 +631,7 @@ def build_filter(spec: FilterSpec, context: FilterContext) -> Any:
 # names one of them.
 for _name in ("request_headers", "response_headers", "request_id", "traceparent", "allow", "deny"):
     register(_name, f"rrlb.stdfilters:{_name.upper()}")
+
+# The rate limits (rrlb.limits, issue 20).
+register("rate_limit", "rrlb.limits:RATE_LIMIT")
+register("limit_in_flight", "rrlb.limits:LIMIT_IN_FLIGHT")

@@ -66,6 +66,7 @@ SKIP_REQUEST = HOP_BY_HOP_NAMES | {
     b"X-Forwarded-For",
     b"X-Forwarded-Proto",
     b"X-Forwarded-Host",
+    b"X-Forwarded-Client-Cert",
     b"Via",
 }
 
@@ -86,6 +87,7 @@ CLIENT_CLAIMS = frozenset(
         b"x-forwarded-scheme",
         b"x-forwarded-ssl",
         b"x-forwarded-prefix",
+        b"x-forwarded-client-cert",
         b"x-forwarded",
         b"forwarded-for",
         b"x-real-ip",
@@ -265,6 +267,7 @@ def rewrite_request_head(
     forwarded: tuple[bytes, bytes],
     edge: int,
     clientproto: bytes,
+    client_cert: Any = None,
 ) -> tuple[bytes, Optional[bytes], bool]:
     """
     The node-independent part of the head a node gets for a client's
@@ -279,6 +282,9 @@ def rewrite_request_head(
     @param host: the request's host (absolute-form authority or C{Host}).
     @param forwarded: the channel's (scheme, client address) pair.
     @param edge: the channel's C{EDGE_*} standing.
+    @param client_cert: the client's verified certificate (its C{xfcc}
+        element goes to the node as C{X-Forwarded-Client-Cert}); a client's
+        own header of that name is dropped unless its peer is trusted.
     @return: the head from after the C{Host} line to its end, the C{Upgrade}
         token forwarded (or L{None}), and whether the head asks the node
         C{Expect: 100-continue}.
@@ -327,6 +333,12 @@ def rewrite_request_head(
             claimed = raw.get(b"X-Forwarded-Host")
             if claimed and forwarded_host is not None:
                 forwarded_host = b", ".join(claimed + [forwarded_host])
+            claimed = raw.get(b"X-Forwarded-Client-Cert")
+            if claimed:
+                # Envoy's APPEND_FORWARD: the proxy's elements, then rrlb's.
+                own = [client_cert.xfcc] if client_cert is not None else []
+                append(b"X-Forwarded-Client-Cert: " + b",".join(claimed + own) + b"\r\n")
+                client_cert = None
     xff_value: Optional[bytes]
     if ip:
         xff_value = b", ".join(xff + [ip]) if xff else ip
@@ -337,6 +349,8 @@ def rewrite_request_head(
     append(b"X-Forwarded-Proto: " + proto + b"\r\n")
     if forwarded_host is not None:
         append(b"X-Forwarded-Host: " + forwarded_host + b"\r\n")
+    if client_cert is not None:
+        append(b"X-Forwarded-Client-Cert: " + client_cert.xfcc + b"\r\n")
     version = clientproto[5:] or b"1.1"
     via = raw.get(b"Via")
     via_self = version + b" rrlb"

@@ -97,6 +97,7 @@ class ProxyH2Stream(BoundedStream, H2Stream):
         self.local = channel.local
         self.forwarded = channel.forwarded
         self.edge = channel.edge
+        self.client_cert = channel.client_cert
         self.limits = site.limits
         self.clock = channel.clock
         self._holds = 0

@@ -93,6 +93,8 @@ class Metrics:
         self.clock = clock
         self.stats = stats
         self.checkers = checkers
+        # Configurations applied, by source (set by the control side).
+        self.config_changes: Callable[[], dict[str, int]] = lambda: {}
         self.queues = queues
         self.budget = budget
         self.connections = connections
@@ -103,6 +105,9 @@ class Metrics:
         self.proxy_errors: dict[int, int] = dict.fromkeys(PROXY_ERRORS, 0)
         self.client_errors: dict[str, int] = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
         self.access_log: Any = None
+        # The rate limits' state (rrlb.limits.LimitStores), once a filter
+        # made one.
+        self.limits: Any = None
 
     # -- the request path ----------------------------------------------------
 
@@ -170,6 +175,11 @@ class Metrics:
                 # A WebSocket tunnel: its bytes each way and how long it was open.
                 entry += (exchange.tunnel.summary(),)
             notes = request.log_notes
+            client_cert = getattr(request.channel, "client_cert", None)
+            if client_cert is not None:
+                # The subject of the client's certificate (tls.client_auth),
+                # last on the line.
+                notes = {**(notes or {}), "client_cert_subject": client_cert.subject}
             if notes is not None:
                 # Fields filters added (request_id, trace_id, ...).
                 entry += (None,) * (13 - len(entry)) + (notes,)
@@ -278,6 +288,16 @@ class Metrics:
 
     def queue_timeouts(self) -> int:
         return sum(int(getattr(queue, "timeouts", 0)) for queue in self.queues())
+
+    def rate_limits(self) -> tuple[dict[tuple[str, str], int], int, int]:
+        """
+        Requests refused by a limit by C{(route, filter)}, the keys in the
+        local tables, and the store errors.
+        """
+        limits = self.limits
+        if limits is None:
+            return {}, 0, 0
+        return dict(limits.rate_limited), limits.keys(), limits.store_errors()
 
     def health_results(self) -> dict[tuple[tuple[str, str], bool], int]:
         results: dict[tuple[tuple[str, str], bool], int] = {}
@@ -404,6 +424,15 @@ class RrlbCollector:
             "Retries not made because the retry budget was spent (the client got 502).",
             value=m.retries_refused(),
         )
+        changes = CounterMetricFamily(
+            "rrlb_config_changes",
+            "Configurations applied, by source: sighup (a reload from the file) or api"
+            " (the admin API's PUT /config and node changes).",
+            labels=["source"],
+        )
+        for source, count in m.config_changes().items():
+            changes.add_metric([source], count)
+        yield changes
         yield GaugeMetricFamily(
             "rrlb_queue_length",
             "Requests waiting now because every node in rotation is full.",
@@ -459,6 +488,25 @@ class RrlbCollector:
             filter_errors.add_metric([name], count)
         yield filter_errors
 
+        refused, keys, store_errors = m.rate_limits()
+        limited = CounterMetricFamily(
+            "rrlb_rate_limited",
+            "Requests answered 429 by a rate_limit or limit_in_flight filter, by route"
+            " (its name or index; empty for top-level filters) and filter.",
+            labels=["route", "filter"],
+        )
+        for (route, kind), count in sorted(refused.items()):
+            limited.add_metric([route, kind], count)
+        yield limited
+        yield GaugeMetricFamily(
+            "rrlb_rate_limit_keys", "Keys held in the local rate-limit tables.", value=keys
+        )
+        yield CounterMetricFamily(
+            "rrlb_rate_limit_store_errors",
+            "Rate-limit decisions a store could not make (unreachable, no answer within"
+            " 50 ms, or a wrong answer).",
+            value=store_errors,
+        )
         yield GaugeMetricFamily(
             "rrlb_client_connections", "Client connections open now.", value=m.connections()
         )

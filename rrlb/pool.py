@@ -474,6 +474,7 @@ class Pool:
                 self.log.info(
                     "{where}node {node} is up: {successes} checks in a row passed ({reason})",
                     where=self._where,
+                    pool=self.name,
                     node=node.url,
                     successes=node.successes,
                     reason=reason or "ok",
@@ -489,6 +490,7 @@ class Pool:
                     "{where}node {node} is down: {failures} checks in a row failed,"
                     " last: {reason}",
                     where=self._where,
+                    pool=self.name,
                     node=node.url,
                     failures=node.failures,
                     reason=reason,
@@ -506,6 +508,7 @@ class Pool:
             self.log.info(
                 "{where}node {node} {what} by the operator",
                 where=self._where,
+                pool=self.name,
                 node=node.url,
                 what="drained" if drained else "enabled",
             )

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
@@ -147,6 +148,7 @@ def local_header(version: str, transport: Any) -> bytes:
     return V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
+@implementer(IHandshakeListener)
 class _AwaitProxyHeader(Protocol):
     """
     Stands in for the channel until Twisted's PROXY wrapper (or the TLS
@@ -163,6 +165,10 @@ class _AwaitProxyHeader(Protocol):
         self.factory = factory
         self.addr = addr
         self._timer: Any = None
+        self.handshake_done = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -213,6 +219,9 @@ class _AwaitProxyHeader(Protocol):
         # TLS protocol) is documented: point it at the channel directly.
         wrapper.wrappedProtocol = channel
         channel.makeConnection(wrapper)
+        if self.handshake_done and IHandshakeListener.providedBy(channel):
+            # The TLS handshake ended before the channel existed.
+            channel.handshakeCompleted()
         set_peer = getattr(channel, "set_peer", None)
         if set_peer is not None and client is not wrapper.getPeer():
             set_peer(client)  # the address in its usual spelling

@@ -19,6 +19,7 @@ from rrlb.values import ConfigError, boolean, mapping, string, token, trusted_ne
 _ROUTE_KEYS = frozenset(
     {"name", "host", "path_prefix", "methods", "header", "strip_prefix", "pool", "filters"}
     | {"scheme", "query", "source", "path", "redirect", "respond", "forward", "stickiness"}
+    | {"client_cert"}
 )
 _ACTIONS = ("pool", "forward", "redirect", "respond")
 _POOL_NAME = frozenset("-_.0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -45,7 +46,7 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
     """
     The YAML C{routes} list (their pools are checked by L{build_config}).
     """
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         raise ConfigError(
             f"routes must be a list of routes like {{host: ..., pool: ...}}, not {value!r}"
         )
@@ -90,6 +91,8 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
                     raise ConfigError(f"{where}.header.{name} must be a string, not {wanted!r}")
                 pairs.append((name, wanted))
             kwargs["header"] = tuple(pairs)
+        if "client_cert" in raw:
+            kwargs["client_cert"] = boolean(f"{where}.client_cert", raw["client_cert"])
         if "strip_prefix" in raw:
             kwargs["strip_prefix"] = boolean(f"{where}.strip_prefix", raw["strip_prefix"])
             if kwargs["strip_prefix"] and "path_prefix" not in kwargs:
@@ -99,7 +102,7 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
         if "filters" in raw:
             kwargs["filters"] = parse_filters(f"{where}.filters", raw["filters"])
         kwargs.update(route_conditions(where, raw))
-        routes.append(RouteConfig(**kwargs))
+        routes.append(RouteConfig(**kwargs, entry=item))
     names = [r.name for r in routes if r.name is not None]
     for name in names:
         if names.count(name) > 1:

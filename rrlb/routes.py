@@ -24,6 +24,8 @@ Conditions (all optional; a route without any is the default):
   - C{source}: the real client's address is in one of these networks.
   - C{path}: a glob of the whole normalized path: C{*} any run of
     characters, C{?} one.
+  - C{client_cert}: C{true}, the client showed a verified certificate in
+    its TLS handshake (C{tls.client_auth}); C{false}, it showed none.
 
 A route also carries what the proxy does with its requests besides
 forwarding them to its pool: its C{filters} and its C{action}
@@ -140,6 +142,7 @@ class Route(Generic[T]):
         "query",
         "source",
         "glob",
+        "client_cert",
         "extra",
         "name",
         "label",
@@ -162,6 +165,7 @@ class Route(Generic[T]):
         query: Sequence[tuple[str, str]] = (),
         source: Sequence[Any] = (),
         path: Optional[str] = None,
+        client_cert: Optional[bool] = None,
     ) -> None:
         self.target = target
         self.pool = pool
@@ -190,8 +194,11 @@ class Route(Generic[T]):
         self.query = tuple(query)
         self.source = AccessList(tuple(source), allow=True) if source else None
         self.glob = glob_pattern(path) if path is not None else None
+        self.client_cert = client_cert
         # The conditions checked by extra_matches, only for a route with any.
-        self.extra = bool(self.scheme or self.query or self.source or self.glob)
+        self.extra = bool(
+            self.scheme or self.query or self.source or self.glob or client_cert is not None
+        )
         self.is_default = (
             host is None
             and path_prefix is None
@@ -233,10 +240,14 @@ class Route(Generic[T]):
     def extra_matches(self, request: Any, path: bytes) -> bool:
         """
         Whether C{request} (of normalized path C{path}) meets this route's
-        scheme, query, source and path glob conditions.
+        scheme, client_cert, query, source and path glob conditions.
         """
         if self.scheme is not None and request_scheme(request) != self.scheme:
             return False
+        if self.client_cert is not None:
+            # The connection's verified certificate (tls.client_auth).
+            if (request.channel.client_cert is not None) is not self.client_cert:
+                return False
         if self.glob is not None and self.glob.fullmatch(path) is None:
             return False
         if self.source is not None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_notify,tests.test_tap -*-
+# -*- test-case-name: tests.test_reload,tests.test_drain,tests.test_notify,tests.test_runtime -*-
 """
 The control side: L{ControlService} owns the running configuration and
 what decides about the nodes (the health checkers, DNS discovery, the demo
@@ -89,6 +89,11 @@ class TrafficSide(Protocol):
 
 
 AdminSiteFactory = Callable[..., Any]
+# Where an applied configuration came from (rrlb_config_changes_total's
+# source label).
+SIGHUP = "sighup"
+API = "api"
+CHANGE_SOURCES = (SIGHUP, API)
 HistoryFactory = Callable[[Pools, Metrics, Any], History]
 
 
@@ -132,7 +137,7 @@ class ControlService(MultiService):
         reactor: Any,
         pools: Pools,
         traffic: TrafficSide,
-        load_config: Optional[Callable[[], Config]] = None,
+        load_config: Optional[Callable[..., Config]] = None,
         environ: Optional[Mapping[str, str]] = None,
         pid: int = 0,
         handle_signals: bool = False,
@@ -144,6 +149,9 @@ class ControlService(MultiService):
         self.reactor = reactor
         self.config = config
         self.load_config = load_config
+        # Configurations applied, by where they came from (SIGHUP, the
+        # admin API), for rrlb_config_changes_total.
+        self.config_changes = dict.fromkeys(CHANGE_SOURCES, 0)
         self.handle_signals = handle_signals
         self._previous_sighup: Any = None
         self._held_signals: dict[int, Any] = {}
@@ -170,6 +178,7 @@ class ControlService(MultiService):
         traffic.setServiceParent(self)
         self.metrics = traffic.metrics
         self.metrics.checkers = lambda: list(self.checkers.values())
+        self.metrics.config_changes = lambda: dict(self.config_changes)
         # Agent's own endpoints, plus the PROXY header for send_proxy nodes.
         self.health_agent = Agent.usingEndpointFactory(
             reactor,
@@ -191,7 +200,7 @@ class ControlService(MultiService):
         if config.admin:
             self.history = history(self.pools, self.metrics, reactor)
             self.history.setServiceParent(self)
-            site = admin_site(self.pools, self.metrics, self.history, reactor=reactor)
+            site = admin_site(self.pools, self.metrics, self.history, reactor=reactor, control=self)
             # Its admin_hosts and token (read by load_config).
             site.configure(config)
             self.admin_listener = Listener(
@@ -356,6 +365,34 @@ class ControlService(MultiService):
             self.notify.note = "last reload rejected, see the log"
             self.notify.reloaded()
             return False
+        config = self._restart_only(config)
+        before = {n.label for n in self.pools.nodes}
+        try:
+            applied = self.apply(config)
+        except Exception:
+            self.log.failure("reload failed while applying the new configuration")
+            self.notify.note = "last reload failed, see the log"
+            self.notify.reloaded()
+            return False
+        self.config_changes[SIGHUP] += 1
+        after = {n.label for n in self.pools.nodes}
+        self.log.info(
+            "configuration reloaded: {count} nodes in {pools} pools ({added} added,"
+            " {removed} removed)",
+            count=len(after),
+            pools=len(self.pools),
+            added=len(after - before),
+            removed=len(before - after),
+        )
+        self.notify.note = ""
+        applied.addBoth(lambda _: self.notify.reloaded())
+        return True
+
+    def _restart_only(self, config: Config) -> Config:
+        """
+        C{config} with the running values of the settings only a restart
+        changes (with a warning for each one that differs).
+        """
         if config.listen != self.config.listen:
             self.log.warn(
                 "reload: listen endpoints changed ({old} -> {new}); restart rrlb to apply them",
@@ -370,26 +407,48 @@ class ControlService(MultiService):
                 new=config.workers,
             )
             config = dataclasses.replace(config, workers=self.config.workers)
-        before = {n.label for n in self.pools.nodes}
-        try:
-            applied = self.apply(config)
-        except Exception:
-            self.log.failure("reload failed while applying the new configuration")
-            self.notify.note = "last reload failed, see the log"
-            self.notify.reloaded()
-            return False
-        after = {n.label for n in self.pools.nodes}
+        if config.log_format != self.config.log_format:
+            self.log.warn("reload: log_format changes only with a restart")
+            config = dataclasses.replace(config, log_format=self.config.log_format)
+        return config
+
+    # -- the runtime API (rrlb.runtime) -------------------------------------------
+
+    def load(self, document: Mapping[str, Any]) -> Config:
+        """
+        The configuration a reload would run if the C{--config} file held
+        C{document} (the command-line flags still win), for C{PUT /config}.
+
+        @raise ConfigError: it is not valid.
+        """
+        if self.load_config is None:
+            raise ConfigError("no command line to reload from")
+        return self._restart_only(self.load_config(document))
+
+    def change(self, config: Config, peer: str, what: str, before: str, after: str) -> Any:
+        """
+        Apply C{config}, made by the admin API, as a reload applies one;
+        count it and log it in one line: who, what, before and after. It
+        lasts until the next reload from the file.
+
+        @return: a Deferred that fires once every process runs it.
+        @raise ConfigError: it cannot be applied (a TLS file, or rrlb is
+            stopping); nothing changed.
+        """
+        if not self.running or self.stopping:
+            raise ConfigError("rrlb is stopping")
+        applied = self.apply(config)
+        self.config_changes[API] += 1
         self.log.info(
-            "configuration reloaded: {count} nodes in {pools} pools ({added} added,"
-            " {removed} removed)",
-            count=len(after),
-            pools=len(self.pools),
-            added=len(after - before),
-            removed=len(before - after),
+            "admin API: {peer} changed {what}: {before} -> {after}",
+            peer=peer,
+            what=what,
+            before=before,
+            after=after,
+            source=API,
         )
-        self.notify.note = ""
-        applied.addBoth(lambda _: self.notify.reloaded())
-        return True
+        self.notify.send_status()
+        return applied
 
     # -- signals ----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, TypeVar, Union
 from rrlb.actions import Forward, Redirect, Respond
 from rrlb.filters import FilterSpec
 from rrlb.values import (
+    ClientAuth,
     Network,
     Parser,
     admin_host_names,
@@ -30,9 +31,11 @@ from rrlb.values import (
     parse_access_log_format,
     parse_balance,
     parse_certificates,
+    parse_client_auth,
     parse_hash_key,
     parse_health_path,
     parse_listen,
+    parse_log_format,
     parse_resolver,
     parse_resolvers,
     parse_sticky,
@@ -289,6 +292,11 @@ class RouteConfig:
     path: Optional[str] = None
     # Its action if not pool (""): an rrlb.actions Redirect, Respond or Forward.
     action: Union[Redirect, Respond, Forward, None] = None
+    # Whether the client showed a verified certificate (tls.client_auth).
+    client_cert: Optional[bool] = None
+    # The route as the file gave it, which --print-config writes back
+    # (rrlb.configdump).
+    entry: Any = field(default=None, compare=False, repr=False)
 
 
 # -- the table: every setting, declared once --------------------------------------
@@ -311,7 +319,8 @@ class HealthConfig:
 class ListenTLS:
     """
     The listeners' certificate and key (the key may sit in the certificate
-    file), more certificates chosen by SNI, and the https nodes' CA file.
+    file), more certificates chosen by SNI, client certificates, and the
+    https nodes' CA file.
     """
 
     cert: Optional[str] = setting(
@@ -325,6 +334,10 @@ class ListenTLS:
     )
     certificates: tuple[tuple[str, Optional[str]], ...] = setting(
         (), parse_certificates, "More certificates, chosen by SNI", flag=""
+    )
+    # Client certificates (mTLS) on the TLS listeners rrlb serves.
+    client_auth: Optional[ClientAuth] = setting(
+        None, parse_client_auth, "Client certificates: {ca_file, mode: require|optional}", flag=""
     )
 
 
@@ -405,6 +418,10 @@ class Config(PoolSettings):
         None, string, "Access log file ('-' for stdout)", shown="off"
     )
     access_log_format: str = setting("combined", parse_access_log_format, "combined or json")
+    log_format: str = setting(
+        "text", parse_log_format, "The daemon's own log: text (Twisted's) or json, a JSON object"
+        " a line", reload=False,
+    )  # fmt: skip
     admin: Optional[str] = setting(
         None, string, "Endpoint of the admin API and status page", reload=False, shown="off"
     )

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_settings -*-
+# -*- test-case-name: tests.test_tap,tests.test_settings,tests.test_check,tests.test_jsonlog -*-
 """
 The twistd plugin: its options, built from the table of L{rrlb.settings},
 and L{makeService}, the only place that picks the real reactor and the
@@ -11,7 +11,8 @@ puts together: the control side (L{rrlb.service}) with a traffic side
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -20,8 +21,16 @@ from twisted.python import usage
 from rrlb import __version__
 from rrlb.accesslog import STDOUT
 from rrlb.clients import raise_fd_limit
-from rrlb.config import Config, ConfigError, build_config, parser, with_admin_token
+from rrlb.config import (
+    Config,
+    ConfigError,
+    build_config,
+    parser,
+    with_admin_token,
+)
+from rrlb.configdump import document, summary
 from rrlb.failures import LocalErrors
+from rrlb.jsonlog import use_json_log
 from rrlb.notify import recover_listen_fds
 from rrlb.pool import Pools
 from rrlb.service import ControlService
@@ -33,6 +42,8 @@ log = Logger()
 
 # Every setting with an option: its path in Config, its row, its option.
 _OPTIONS = tuple((path, row, str(row.flag)) for path, row in command_line())
+# What usage.Options puts before the error of a coerce function.
+_COERCE_FAILED = "Parameter type enforcement failed: "
 # The listener kinds whose sockets worker processes can share.
 SHARED_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
@@ -66,7 +77,20 @@ class Options(usage.Options):
         "rrlb balances HTTP requests over backend nodes in round-robin order, "
         "taking nodes out of rotation when their health checks fail."
     )
-    optFlags = [[o, None, r.help_text()] for _, r, o in _OPTIONS if r.default is False]
+    optFlags = [
+        [
+            "check",
+            None,
+            "Check the configuration (files, flags, TLS files) and exit: 0 with one line"
+            " 'configuration ok: ...', or 1 with the error. Binds no port.",
+        ],
+        [
+            "print-config",
+            None,
+            "Print the effective configuration as YAML (defaults filled in, secrets left"
+            " out) and exit.",
+        ],
+    ] + [[o, None, r.help_text()] for _, r, o in _OPTIONS if r.default is False]
     optParameters: list[list[Any]] = [
         ["config", "c", None, "YAML configuration file; command-line flags override it."]
     ] + [
@@ -105,30 +129,77 @@ class Options(usage.Options):
                 place[name] = tuple(value) if isinstance(value, list) else value
         return values
 
-    def load(self) -> Config:
+    def load(self, document: Optional[Mapping[str, Any]] = None) -> Config:
         """
         Build the configuration from the YAML file (read again on every
         call, so a reload calls this) and the command line.
 
+        @param document: the file's settings, read already (C{PUT
+            /config}): applied as if the C{--config} file held them.
         @raise ConfigError: for any bad setting.
         """
-        config = build_config(self["config"], self.given(), require_nodes=not self["demo"])
+        config = build_config(
+            self["config"], self.given(), require_nodes=not self["demo"], document=document
+        )
         # Certificate, key and CA files are read now, so a bad one is refused
         # at start-up and on reload before anything changes.
         check_tls(config)
         name = "--admin-token-file" if self["admin-token-file"] else "admin_token_file"
         return with_admin_token(config, name)
 
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        argv = sys.argv[1:] if options is None else list(options)
+        checking = "--check" in argv or "--print-config" in argv
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if not checking:
+                raise
+            # The one line alone, without twistd's usage text (nor the
+            # prefix usage.Options gives a coerce function's error).
+            print(str(e).removeprefix(_COERCE_FAILED), file=sys.stderr)
+            raise SystemExit(1) from None
+
     def postOptions(self) -> None:
+        checking = bool(self["check"] or self["print-config"])
+        self.validate(checking)
+        if checking:
+            self.report()
+        if self.config.log_format == "json":
+            use_json_log(getattr(self, "parent", None))
+
+    def report(self) -> None:
+        """
+        C{--check}: say the configuration is fine; C{--print-config}: print
+        it. Then exit 0, before anything listens or starts.
+        """
+        config = self.config
+        if self["print-config"]:
+            import yaml
+
+            print(f"# rrlb {__version__}: the effective configuration (secrets left out)")
+            print(yaml.safe_dump(document(config), sort_keys=False), end="")
+        else:
+            print(f"configuration ok: {summary(config)}")
+        raise SystemExit(0)
+
+    def validate(self, checking: bool = False) -> None:
+        """
+        Read and check everything a start would, without listening.
+
+        @param checking: for C{--check}: systemd's sockets are not looked
+            for (ExecReload runs without them).
+        """
         try:
             self.config = config = self.load()
             descriptions = config.listen + ((config.admin,) if config.admin else ())
-            if any(listen_kind(d.lstrip())[1] == "systemd" for d in descriptions):
+            if any(listen_kind(d.lstrip())[1] == "systemd" for d in descriptions) and not checking:
                 recover_listen_fds(os.getpid())
             on_tcp = tls_on_tcp(config.listen, config.tls)
             for description in config.listen:
-                check_endpoint(description, tls=(config.tls, on_tcp))
-            if config.admin:
+                if not (checking and listen_kind(description.lstrip())[1] == "systemd"):
+                    check_endpoint(description, tls=(config.tls, on_tcp))
+            if config.admin and not (checking and listen_kind(config.admin)[1] == "systemd"):
                 check_endpoint(config.admin, "--admin")
             if config.http2:
                 check_http2("--http2" if self["http2"] else "http2")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
@@ -46,6 +46,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from rrlb.nodetls import NodeTLSClients
+from rrlb.ocsp import Stapler, fingerprint, responder_url
 from rrlb.proxyproto import ProxyHeaderEndpoint
 from rrlb.settings import Config, ListenTLS, NodeSpec
 from rrlb.tlsfiles import (
@@ -63,22 +64,69 @@ log = Logger()
 # -- the listener side ---------------------------------------------------------
 
 
-def server_options(pair: LoadedKeyPair, dh: Optional[str] = None) -> CertificateOptions:
+# How long a TLS session may be resumed (seconds): an hour. Sessions live in
+# each context's cache in memory only (no ticket keys: see
+# docs/security.md, "Session resumption").
+SESSION_TIMEOUT = 3600
+
+
+def server_options(
+    pair: LoadedKeyPair,
+    dh: Optional[str] = None,
+    client_auth: Optional[ClientAuthCAs] = None,
+) -> CertificateOptions:
     """
     Modern server settings for one certificate: TLS 1.2 at least, forward
-    secret AEAD ciphers only.
+    secret AEAD ciphers only, sessions resumed from a server-side cache
+    (TLS 1.2 session IDs, TLS 1.3 stateful tickets); with C{client_auth},
+    client certificates checked against its CAs.
     """
     kwargs: dict[str, Any] = {}
     if dh:
         kwargs["dhParameters"] = DiffieHellmanParameters.fromFile(FilePath(dh))
+    if client_auth is not None:
+        kwargs.update(
+            verify=True,
+            caCerts=list(client_auth.cas),
+            requireCertificate=client_auth.mode == "require",
+        )
     return CertificateOptions(
         privateKey=pair.key,
         certificate=pair.certificate,
         extraCertChain=list(pair.chain),
         raiseMinimumTo=MINIMUM_TLS_VERSION,
         acceptableCiphers=MODERN_CIPHERS,
+        # A session cache, not tickets: OpenSSL's ticket keys cannot be
+        # rotated through pyOpenSSL (see SESSION_TIMEOUT).
+        enableSessions=True,
         **kwargs,
     )
+
+
+@dataclass(frozen=True)
+class ClientAuthCAs:
+    """
+    C{tls.client_auth} with its CA file read.
+    """
+
+    cas: tuple[crypto.X509, ...]
+    mode: str
+    # The same, for the names sent in the handshake's CertificateRequest.
+    names: tuple[x509.Certificate, ...] = ()
+
+
+def read_client_auth(listen_tls: ListenTLS) -> Optional[ClientAuthCAs]:
+    """
+    Read C{tls.client_auth.ca_file} (at start-up and on every reload).
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    client_auth = listen_tls.client_auth
+    if client_auth is None:
+        return None
+    certs = load_certificates("tls.client_auth.ca_file", client_auth.ca_file)
+    cas = tuple(crypto.X509.from_cryptography(c) for c in certs)
+    return ClientAuthCAs(cas, client_auth.mode, tuple(certs))
 
 
 @dataclass(frozen=True)
@@ -90,6 +138,8 @@ class ServerTLSState:
     context: SSL.Context
     by_name: dict[str, SSL.Context]
     leaf: x509.Certificate
+    # The certificates that name an OCSP responder, and their issuers.
+    ocsp: tuple[tuple[x509.Certificate, Optional[x509.Certificate]], ...] = ()
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -100,7 +150,10 @@ class ServerTLS:
     @ivar name: what the listener is called in messages.
     @ivar files: the certificates it serves (the first is the default), or
         L{None} to take them from the C{--tls-cert}/C{--tls-key} settings.
+    @ivar stapler: the OCSP responses to staple (L{BalancerTLS.add_listener}).
     """
+
+    stapler: Optional[Stapler] = None
 
     def __init__(
         self,
@@ -133,10 +186,22 @@ class ServerTLS:
         by_name: dict[str, SSL.Context] = {}
         contexts = []
         leaf = None
+        client_auth = read_client_auth(listen_tls)
+        stapled = []
         for files in sources:
             pair = load_key_pair(files)
             try:
-                context = server_options(pair, self.dh).getContext()
+                context = server_options(pair, self.dh, client_auth).getContext()
+                context.set_timeout(SESSION_TIMEOUT)
+                for ca in client_auth.names if client_auth is not None else ():
+                    # Named in the certificate request: a browser then
+                    # offers only the user's certificates from these CAs.
+                    context.add_client_ca(ca)
+                if responder_url(pair.leaf) is not None:
+                    # Only certificates with a responder cost a callback.
+                    context.set_ocsp_server_callback(self._staple, fingerprint(pair.leaf))
+                    issuer = pair.chain[0].to_cryptography() if pair.chain else None
+                    stapled.append((pair.leaf, issuer))
             except (ValueError, SSL.Error, OSError) as e:
                 raise ConfigError(f"{self.name}: {files.cert!r}: {e}") from None
             contexts.append(context)
@@ -147,7 +212,19 @@ class ServerTLS:
         if len(contexts) > 1:
             default.set_tlsext_servername_callback(_sni_selector(by_name, default))
         assert leaf is not None
-        return ServerTLSState(default, by_name, leaf)
+        return ServerTLSState(default, by_name, leaf, tuple(stapled))
+
+    def _staple(self, connection: SSL.Connection, key: Optional[bytes]) -> bytes:
+        stapler = self.stapler
+        return stapler.staple(key) if stapler is not None and key else b""
+
+    @property
+    def stapled(self) -> tuple[tuple[x509.Certificate, Optional[x509.Certificate]], ...]:
+        """
+        The certificates served now that name an OCSP responder, with their
+        issuers.
+        """
+        return self._state.ocsp
 
     def commit(self, state: ServerTLSState) -> None:
         """
@@ -361,6 +438,7 @@ class BalancerTLS:
 
     nodes: NodeTLSClients = dataclasses.field(default_factory=NodeTLSClients)
     listeners: list[ServerTLS] = dataclasses.field(default_factory=list)
+    stapler: Optional[Stapler] = None
 
     def listen_endpoint(
         self, reactor: Any, description: str, config: Config
@@ -369,8 +447,20 @@ class BalancerTLS:
             reactor, description, config.tls, tls_on_tcp(config.listen, config.tls)
         )
         if server is not None:
-            self.listeners.append(server)
+            self.add_listener(server)
         return endpoint
+
+    def add_listener(self, server: ServerTLS) -> None:
+        """
+        Reload C{server}'s certificates with the others, and staple theirs.
+        """
+        self.listeners.append(server)
+        server.stapler = self.stapler
+        self._track()
+
+    def _track(self) -> None:
+        if self.stapler is not None:
+            self.stapler.track(c for server in self.listeners for c in server.stapled)
 
     def prepare(self, config: Config, nodes: Sequence[NodeSpec]) -> Callable[[], list[str]]:
         """
@@ -387,6 +477,7 @@ class BalancerTLS:
         def commit() -> list[str]:
             for server, state in listener_states:
                 server.commit(state)
+            self._track()
             return self.nodes.commit(node_state)
 
         return commit
@@ -413,16 +504,30 @@ def check_tls(config: Config) -> None:
             NodeTLSClients().prepare(tuple(nodes) + tuple(d.template for d in dns_nodes))
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
+    read_client_auth(config.tls)
     if config.tls.cert:
         ServerTLS("--tls-cert/tls.cert", None, None, config.tls)
     on_tcp = tls_on_tcp(config.listen, config.tls)
+    served = 0
     for description in config.listen:
         kind = listen_kind(description)[1]
         if kind == "ssl" or (kind == "tcp" and on_tcp):
             try:
                 # Endpoints are only built here, never listened on: no reactor.
-                listen_endpoint(None, description, config.tls, on_tcp)
+                server = listen_endpoint(None, description, config.tls, on_tcp)[1]
             except ConfigError:
                 raise
             except Exception as e:
                 raise ConfigError(f"--listen {description!r}: {e}") from None
+            if server is None and config.tls.client_auth is not None:
+                # Twisted's own TLS (sslmethod=...) would not ask for one.
+                raise ConfigError(
+                    f"tls.client_auth: --listen {description!r} is served by Twisted as"
+                    " given and would not check client certificates; drop its sslmethod="
+                )
+            served += server is not None
+    if config.tls.client_auth is not None and not served:
+        raise ConfigError(
+            "tls.client_auth: no TLS listener to ask for client certificates"
+            " (--listen ssl:..., or --tls-cert with a tcp: listener)"
+        )

@@ -30,6 +30,7 @@ from rrlb.failures import LocalErrors
 from rrlb.filters import FilterContext
 from rrlb.listeners import Listener, with_default_backlog
 from rrlb.metrics import Metrics
+from rrlb.ocsp import Stapler
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
 from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, tls_on_tcp
@@ -122,6 +123,9 @@ class Traffic(MultiService):
         (default: when C{config} has an admin endpoint).
     @param local_errors: logs rrlb's own resource errors, shared with the
         health probes of this process (default: this side's own).
+    @param filter_state: the filters' state to start with (a worker's link
+        to the main process for the local rate limits); whatever in it has
+        a C{stop()} is stopped with this side.
     """
 
     log = log
@@ -136,6 +140,7 @@ class Traffic(MultiService):
         endpoints: Optional[Endpoints] = None,
         count_requests: Optional[bool] = None,
         local_errors: Optional[LocalErrors] = None,
+        filter_state: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -148,14 +153,14 @@ class Traffic(MultiService):
         self.drain: Optional[Drain] = None
         # Filters' state kept across reloads (FilterContext.shared), and the
         # filters of the running configuration.
-        self.filter_state: dict[str, Any] = {}
+        self.filter_state: dict[str, Any] = {} if filter_state is None else filter_state
         self._built: Optional[tuple[Config, Built]] = None
         # Nodes a reload removed that still have requests in flight.
         self.retired: list[Node] = []
         self._retired_call: Any = None
         # Node creators are built once per node here and on apply(), never
         # per request; traffic and health probes share them.
-        self.tls = BalancerTLS()
+        self.tls = BalancerTLS(stapler=Stapler(reactor))
         self.tls.prepare(config, unique_nodes(pool_configs))()
         self.upstream = UpstreamPool(
             reactor,
@@ -206,8 +211,8 @@ class Traffic(MultiService):
         for description in config.listen:
             endpoint, server = endpoints(len(self.listeners), description)
             if server is not None:
-                # Its certificate is read again on reload.
-                self.tls.listeners.append(server)
+                # Its certificate is read again on reload, and stapled.
+                self.tls.add_listener(server)
             listener = Listener(
                 endpoint,
                 self.site,
@@ -218,6 +223,8 @@ class Traffic(MultiService):
             self.listeners.append(listener)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
+        assert self.tls.stapler is not None
+        self.tls.stapler.setServiceParent(self)
 
     def _own_endpoint(
         self, index: int, description: str
@@ -417,8 +424,18 @@ class Traffic(MultiService):
         d.addCallback(lambda _: self._drain(timeout))
         d.addBoth(lambda _: super(Traffic, self).stopService())
         d.addBoth(lambda _: self.upstream.close())
+        d.addBoth(lambda _: self._stop_filter_state())
         d.addBoth(self._stopped)
         return d
+
+    def _stop_filter_state(self) -> defer.Deferred[Any]:
+        # The filters' own connections (a rate limit's Redis store).
+        stops = [
+            defer.maybeDeferred(state.stop)
+            for state in self.filter_state.values()
+            if callable(getattr(state, "stop", None))
+        ]
+        return defer.DeferredList(stops, consumeErrors=True)
 
     def _drain(self, timeout: float) -> defer.Deferred[Any]:
         self.drain = drain = Drain(self.reactor, self.site, timeout)

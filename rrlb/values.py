@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -217,8 +218,10 @@ def one_of(*choices: str) -> Parser:
 
 BALANCE_POLICIES = ("roundrobin", "leastconn", "p2c", "hash")
 ACCESS_LOG_FORMATS = ("combined", "json")
+LOG_FORMATS = ("text", "json")
 parse_balance = one_of(*BALANCE_POLICIES)
 parse_access_log_format = one_of(*ACCESS_LOG_FORMATS)
+parse_log_format = one_of(*LOG_FORMATS)
 
 
 def parse_hash_key(name: str, value: Any) -> str:
@@ -306,3 +309,36 @@ def parse_certificates(name: str, value: Any) -> tuple[tuple[str, Optional[str]]
         key = string(f"{where}.key", pair["key"]) if "key" in pair else None
         pairs.append((string(f"{where}.cert", pair["cert"]), key))
     return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """
+    C{tls.client_auth}: client certificates are asked for on TLS listeners
+    and checked against C{ca_file}; with C{mode} C{require} a client
+    without one fails the handshake, with C{optional} it gets through.
+    """
+
+    ca_file: str
+    mode: str
+
+
+CLIENT_AUTH_MODES = ("require", "optional")
+
+
+def parse_client_auth(name: str, value: Any) -> ClientAuth:
+    """
+    C{tls.client_auth: {ca_file: PEM, mode: require|optional}}.
+    """
+    raw = mapping(name, value, frozenset({"ca_file", "mode"}))
+    _check(
+        "ca_file" in raw and "mode" in raw,
+        f"{name} needs ca_file and mode, like {{ca_file: clients-ca.pem, mode: require}},"
+        f" not {value!r}",
+    )
+    mode = raw["mode"]
+    _check(
+        mode in CLIENT_AUTH_MODES,
+        f"{name}.mode must be one of {', '.join(CLIENT_AUTH_MODES)}, not {mode!r}",
+    )
+    return ClientAuth(string(f"{name}.ca_file", raw["ca_file"]), mode)

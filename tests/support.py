@@ -1386,9 +1386,13 @@ def client_buffered(channel: Any) -> int:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# twistd's own entry point, run from the worktree so its rrlb is the one.
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None) -> str:
+def launcher(
+    listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = None, twistd: bool = False
+) -> str:
     """
     Python code that sets C{LISTEN_PID} to its own pid (exec keeps it), as
     systemd does, then becomes rrlb; the listening socket is already fd 3.
@@ -1407,10 +1411,11 @@ def launcher(listen_fds: bool, fdnames: Optional[str], nofile: Optional[int] = N
         lines.append("os.environ['LISTEN_FDS'] = '1'")
     if fdnames is not None:
         lines.append(f"os.environ['LISTEN_FDNAMES'] = {fdnames!r}")
-    lines.append(
-        "os.execv(sys.executable, [sys.executable, '-m', 'twisted', '--log-format', 'text',"
-        " 'rrlb'] + sys.argv[1:])"
-    )
+    if twistd:
+        runner = f"'-c', {TWISTD!r}, '-n', '--pidfile='"
+    else:
+        runner = "'-m', 'twisted', '--log-format', 'text'"
+    lines.append(f"os.execv(sys.executable, [sys.executable, {runner}, 'rrlb'] + sys.argv[1:])")
     return "\n".join(lines) + "\n"
 
 
@@ -1507,6 +1512,7 @@ async def start_daemon(
     fdnames: Optional[str] = None,
     wrapper: Sequence[str] = (),
     nofile: Optional[int] = None,
+    twistd: bool = False,
 ) -> Daemon:
     """
     Start rrlb with C{args} (C{--listen systemd:domain=INET:index=0} unless
@@ -1519,6 +1525,8 @@ async def start_daemon(
     @param wrapper: a command that runs rrlb in its own process, C{exec}ing
         it (C{("prlimit", "--nofile=300:300")}).
     @param nofile: its C{RLIMIT_NOFILE}, soft and hard, if not this process's.
+    @param twistd: run it as C{twistd -n --pidfile= rrlb} rather than as
+        C{python -m twisted rrlb}.
     """
     directory = tempfile.mkdtemp(prefix="rrlb-test-")
     testcase.addCleanup(shutil.rmtree, directory, True)
@@ -1544,7 +1552,7 @@ async def start_daemon(
         *wrapper,
         sys.executable,
         "-c",
-        launcher(listen_fds, fdnames, nofile),
+        launcher(listen_fds, fdnames, nofile, twistd),
         *listen,
         *args,
     ]
@@ -1952,13 +1960,17 @@ def issue(
     ips: Sequence[str] = (LOOPBACK,),
     not_before: datetime.datetime = NOW - DAY,
     not_after: datetime.datetime = NOW + 30 * DAY,
+    uris: Sequence[str] = (),
+    subject: Optional[x509.Name] = None,
+    ocsp_url: Optional[str] = None,
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    san += [x509.UniformResourceIdentifier(u) for u in uris]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name((list(names) + list(ips))[0]))
+        .subject_name(subject or _name((list(names) + list(ips))[0]))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -1970,9 +1982,13 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
         )
-        .sign(ca.key, hashes.SHA256())
     )
-    return Issued(key, cert)
+    if ocsp_url is not None:
+        access = x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+        )
+        cert = cert.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
+    return Issued(key, cert.sign(ca.key, hashes.SHA256()))
 
 
 class Certs:
@@ -2333,3 +2349,152 @@ class Client(WebSocketClientProtocol):
     async def message(self, count: int = 1) -> tuple[bytes, bool]:
         await wait_for(lambda: len(self.messages) >= count, f"message {count}")
         return self.messages[count - 1]
+
+
+# == Redis =============================================================================
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Ready to accept connections" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(AssertionError(f"redis-server ended: {self.output[-500:]!r}"))
+        self.ended.callback(None)
+
+
+class RedisServer:
+    """
+    A redis-server (Debian's package, installed by .ci/run) of one test
+    case, on a free loopback port, without persistence; L{kill} and
+    L{start} again restart it on the same port.
+    """
+
+    def __init__(self, *args: str, tls: Optional[tuple[str, str, str]] = None) -> None:
+        self.port = 0
+        self.args = args
+        # (certificate, key, CA) files: serve TLS only, on self.port.
+        self.tls = tls
+        self.process: Optional[_RedisProcess] = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
+
+    async def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise unittest.SkipTest("redis-server is not installed (apt-get install redis-server)")
+        # A port free a moment ago may be taken by the time redis-server
+        # binds it: then another, unless this is a restart on its port.
+        fixed = bool(self.port)
+        for _ in range(1 if fixed else 5):
+            if not fixed:
+                probe = socket.socket()
+                probe.bind((LOOPBACK, 0))
+                self.port = probe.getsockname()[1]
+                probe.close()
+            process = self.process = _RedisProcess()
+            ports = ["--port", str(self.port)]
+            if self.tls:
+                cert, key, ca = self.tls
+                ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                         "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                         "--tls-auth-clients", "no"]  # fmt: skip
+            argv = [
+                binary,
+                *ports,
+                "--bind", LOOPBACK,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--protected-mode", "no",
+                *self.args,
+            ]  # fmt: skip
+            reactor.spawnProcess(process, binary, argv, env=None)
+            try:
+                await process.ready.addTimeout(START_TIMEOUT, reactor)
+                return self
+            except AssertionError:
+                if b"Address already in use" not in process.output:
+                    raise
+        raise AssertionError(f"redis-server could not listen on port {self.port}")
+
+    async def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended
+
+
+async def start_redis(testcase: unittest.TestCase, *args: str) -> RedisServer:
+    """
+    A L{RedisServer} of C{testcase} (with more redis-server C{args}), killed
+    in its cleanup.
+    """
+    server = RedisServer(*args)
+    testcase.addCleanup(lambda: defer.ensureDeferred(server.kill()))
+    return await server.start()
+
+
+# == rrlb's command line, run to its end ==============================================
+
+
+class _Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+@dataclass
+class Ran:
+    """
+    What a command that ran to its end said and how it exited.
+    """
+
+    code: Optional[int]
+    out: str
+    err: str
+
+
+
+
+async def run_twistd(*args: str, timeout: float = START_TIMEOUT) -> Ran:
+    """
+    Run C{twistd ARGS} (C{-n --pidfile=} first) to its end, killed after
+    C{timeout} seconds, and return what it wrote and its exit code.
+    """
+    output = _Output()
+    argv = [sys.executable, "-W", "ignore", "-c", TWISTD, "-n", "--pidfile=", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=ROOT)
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    timer = reactor.callLater(timeout, kill)
+    code = await output.ended
+    if timer.active():
+        timer.cancel()
+    return Ran(code, output.out.decode("utf-8", "replace"), output.err.decode("utf-8", "replace"))

@@ -488,6 +488,7 @@ class StubChannel:
         self.local = IPv4Address("TCP", "127.0.0.1", 2)
         self.forwarded = (b"https", b"127.0.0.1")
         self.edge = EDGE_OFF
+        self.client_cert = None
         self.deadline: Optional[float] = None
         self._state = 0
 

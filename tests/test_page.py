@@ -108,7 +108,7 @@ class StatusPageBrowserTests(unittest.TestCase):
             " install Debian's chromium package (.ci/run does, as root) to run this test"
         )
 
-    def browser_args(self, profile: str) -> list[str]:
+    def browser_args(self, profile: str, width: int = 1200) -> list[str]:
         return [
             "--headless",
             "--no-sandbox",
@@ -120,7 +120,7 @@ class StatusPageBrowserTests(unittest.TestCase):
             "--disable-sync",
             "--disable-dev-shm-usage",
             f"--user-data-dir={profile}",
-            "--window-size=1200,800",
+            f"--window-size={width},800",
         ]
 
     async def test_mixed_states(self) -> None:
@@ -189,6 +189,58 @@ class StatusPageBrowserTests(unittest.TestCase):
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertGreater(os.path.getsize(screenshot), 10_000)
+
+    async def test_fits_1280(self) -> None:
+        """
+        At 1,280 px the page needs no horizontal scroll, with long node
+        URLs, a long error, limits and both charts in every row: the
+        Drain buttons are in view.
+        """
+        up, down, drained = await start_backends(self, "up", "down", "drained")
+        base = "/a/fairly/long/base/path/for/this/node"
+        balancer = await start_balancer(
+            self,
+            [b.url + base for b in (up, down, drained)],
+            "--admin",
+            ADMIN,
+            "--max-conns-per-node",
+            "1000",
+            "--health-interval",
+            "3600",
+        )
+        pool = balancer.service.pool
+        # The first probes, then none for the rest of the test.
+        await wait_until(
+            lambda: all(n.last_check is not None for n in pool.nodes),
+            what="the first health checks",
+        )
+        error = (
+            "TLS certificate check failed: unknown CA: unable to get local issuer"
+            " certificate (issuer CN=Some Other Internal Certificate Authority)"
+        )
+        for node in pool.nodes[1:]:
+            for _ in range(pool.fall):
+                pool.mark(node, False, error)
+        pool.set_drained(pool.nodes[2], True)
+        history = balancer.service.history
+        assert history is not None
+        await wait_until(lambda: len(history.nodes) == 3, what="a history sample")
+        url = await admin_url(balancer) + "/"
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        code, dom, err = await run_browser(
+            self.browser_args(os.path.join(work, "profile"), width=1280)
+            + ["--virtual-time-budget=3000", "--dump-dom", url],
+            work,
+        )
+        self.assertEqual(code, 0, err[-2000:])
+        self.assertEqual(len(re.findall(r'<figure class="chart', dom)), 6, dom)
+        self.assertIn("Some Other Internal", dom)
+        width = re.search(r'<html lang="en" data-width="(\d+)/(\d+)"', dom)
+        assert width is not None, dom[:500]
+        scroll, client = int(width.group(1)), int(width.group(2))
+        self.assertGreater(client, 1200)
+        self.assertLessEqual(scroll, client, "the page is wider than 1280 px")
 
     async def test_charts_render_and_move(self) -> None:
         """

@@ -63,6 +63,7 @@ SAMPLE_BY_NAME = {
     "listen": "tcp:0",
     "access_log": "x.log",
     "access_log_format": "json",
+    "log_format": "json",
     "admin": "tcp:0",
     "admin_hosts": "admin.internal",
     "admin_token_file": "admin.token",
@@ -117,12 +118,13 @@ class ReadmeTests(unittest.TestCase):
         """
         Every option of the table is a row of README's options table with
         its default as the table shows it, and README lists no other
-        option (C{--config} is the options' own).
+        option (C{--config}, C{--check} and C{--print-config} are the
+        options' own).
         """
         self.maxDiff = None
         listed = self.readme_options()
         expected = {row.flag: row.shown for _, row in command_line()}
-        expected["config"] = ""
+        expected.update(config="", check="", **{"print-config": ""})
         self.assertEqual(listed, expected)
 
 

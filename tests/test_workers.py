@@ -229,6 +229,9 @@ class _FakeSupervisor:
         self.asked: list[bool] = []
         self.hold: Optional[defer.Deferred[Counters]] = None
 
+    def limit_keys(self) -> int:
+        return 0
+
     def gather(self, clients: bool = True) -> defer.Deferred[Counters]:
         self.asked.append(clients)
         for counts in self.totals.nodes.values():

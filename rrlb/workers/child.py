@@ -25,8 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb.config import Config, ConfigError, PoolConfig
+from rrlb.limits import SHARED, LimitStores
 from rrlb.pool import Node, Pool, Pools
 from rrlb.traffic import Traffic
+from rrlb.workers.limitlink import LimitLink
 from rrlb.workers.sockets import adopted_endpoint
 from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
@@ -120,6 +122,8 @@ class WorkerChannel(QuietAMP):
         self.traffic: Optional[Traffic] = None
         self.exit_code = 0
         self._stopping = False
+        # The store: local rate limits count in the main process.
+        self.limits = LimitStores(reactor, LimitLink(self, reactor))
 
     def new_pool(self, name: str) -> Pool:
         pool = WorkerPool((), name=name, clock=self.reactor)
@@ -154,6 +158,7 @@ class WorkerChannel(QuietAMP):
                     new_pool=self.new_pool,
                     endpoints=self.endpoint(config),
                     count_requests=count,
+                    filter_state={SHARED: self.limits},
                 )
                 apply_states(self.pools, states)
                 traffic.startService()
@@ -234,7 +239,7 @@ class WorkerChannel(QuietAMP):
         self.reactor.callLater(0, self.stop)
 
 
-def _log_observer(index: int) -> Any:
+def _log_observer(index: int, log_format: str = "text") -> Any:
     from twisted.logger import (
         FilteringLogObserver,
         ILogObserver,
@@ -243,7 +248,10 @@ def _log_observer(index: int) -> Any:
         textFileLogObserver,
     )
 
-    text = textFileLogObserver(sys.stderr)
+    from rrlb.jsonlog import json_file_observer
+
+    out = json_file_observer if log_format == "json" else textFileLogObserver
+    text = out(sys.stderr)
 
     def observe(event: dict[str, Any]) -> None:
         event = dict(event)
@@ -266,7 +274,8 @@ def run_worker(argv: Sequence[str]) -> int:
     reactor: Any = _reactor
 
     index, listeners = int(argv[0]), int(argv[1])
-    globalLogBeginner.beginLoggingTo([_log_observer(index)], redirectStandardIO=False)
+    log_format = argv[2] if len(argv) > 2 else "text"
+    globalLogBeginner.beginLoggingTo([_log_observer(index, log_format)], redirectStandardIO=False)
     # A terminal's hangup or a SIGHUP to the process group: the main process
     # decides about reloads.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -23,16 +23,19 @@ from twisted.python.failure import Failure
 from rrlb.clients import MAX_LISTED_CLIENTS
 from rrlb.config import Config, PoolConfig
 from rrlb.pool import Node, Pools
+from rrlb.workers.limitlink import MainLimits
 from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
     Configure,
+    Decide,
     GetCounters,
     NodeFailed,
     NodeStates,
     OneProtocol,
     QuietAMP,
+    Release,
     Stop,
     node_states,
 )
@@ -146,6 +149,17 @@ class MainChannel(QuietAMP):
         self.supervisor.node_failed(pool, key, reason)
         return {}
 
+    # The store: local rate limits of every worker, decided here.
+
+    @Decide.responder
+    def decide(self, decisions: list[Any]) -> dict[str, Any]:
+        return {"answers": self.supervisor.limits.decide(decisions, self.slot.index)}
+
+    @Release.responder
+    def release(self, releases: list[Any]) -> dict[str, Any]:
+        self.supervisor.limits.release_all(releases, self.slot.index)
+        return {}
+
 
 class WorkerProcess(ProcessProtocol):
     """
@@ -215,6 +229,8 @@ class WorkerSupervisor(Service):
         self._all_served = False
         self._stopped: Optional[defer.Deferred[None]] = None
         self._kill_call: Any = None
+        # The instance's one count of the store: local rate limits.
+        self.limits = MainLimits(reactor)
 
     # -- start ------------------------------------------------------------------
 
@@ -239,6 +255,8 @@ class WorkerSupervisor(Service):
         for i, fd in enumerate(fds):
             child_fds[FIRST_LISTEN_FD + i] = fd
         argv = [sys.executable, "-m", "rrlb.workers.child", str(slot.index), str(len(fds))]
+        # Its log in the main process's format (log_format).
+        argv.append(self.main.config.log_format)
         process = WorkerProcess(self, slot)
         try:
             transport = self.reactor.spawnProcess(
@@ -316,6 +334,8 @@ class WorkerSupervisor(Service):
         self.departed.add(slot.counters, gauges=False)
         slot.counters = Counters()
         slot.clients = []
+        # Its requests in flight are gone with it.
+        self.limits.forget(slot.index)
         if not self.stopping:
             self.main.worker_gone(slot.index)
         code = getattr(reason.value, "exitCode", None)
@@ -448,6 +468,12 @@ class WorkerSupervisor(Service):
         totals.clients.sort(key=lambda c: c.get("since") or 0.0)
         del totals.clients[MAX_LISTED_CLIENTS:]
         return totals
+
+    def limit_keys(self) -> int:
+        """
+        The keys of the instance's local rate-limit tables (held here).
+        """
+        return self.limits.keys()
 
     def describe(self) -> list[dict[str, Any]]:
         """

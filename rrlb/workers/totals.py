@@ -22,6 +22,7 @@ from rrlb.history import History
 from rrlb.metrics import PROXY_ERRORS, Metrics
 from rrlb.parser import CLIENT_ERROR_REASONS
 from rrlb.pool import Node, Pool, Pools
+from rrlb.runtime import Control
 
 log = Logger()
 
@@ -42,6 +43,11 @@ class CounterSource(Protocol):
     def describe(self) -> list[dict[str, Any]]:
         """
         The workers as C{/status} shows them.
+        """
+
+    def limit_keys(self) -> int:
+        """
+        The keys of the instance's local rate-limit tables.
         """
 
 
@@ -72,6 +78,9 @@ class Counters:
     tunnels_open: int = 0
     tunnel_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     filter_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Rate limits: 429s by (route, filter), and the store errors.
+    rate_limited: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    store_errors: int = 0
 
     @classmethod
     def of(
@@ -85,6 +94,7 @@ class Counters:
         The counters of a worker's L{Metrics}, its pools and their queues
         (pool name -> L{rrlb.queue.RequestQueue}).
         """
+        rate_limited, _, store_errors = metrics.rate_limits()
         return cls(
             requests=dict(metrics.requests),
             latency={k: list(v) for k, v in metrics.latency.items()},
@@ -100,6 +110,8 @@ class Counters:
             tunnels_open=metrics.tunnels_open(),
             tunnel_bytes=metrics.tunnel_bytes(),
             filter_errors=metrics.filter_errors(),
+            rate_limited=rate_limited,
+            store_errors=store_errors,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +131,8 @@ class Counters:
             "tunnels_open": self.tunnels_open,
             "tunnel_bytes": self.tunnel_bytes,
             "filter_errors": self.filter_errors,
+            "rate_limited": [[r, f, n] for (r, f), n in self.rate_limited.items()],
+            "store_errors": self.store_errors,
         }
 
     @classmethod
@@ -138,6 +152,8 @@ class Counters:
             tunnels_open=int(value.get("tunnels_open", 0)),
             tunnel_bytes={str(d): int(n) for d, n in value.get("tunnel_bytes", {}).items()},
             filter_errors={str(f): int(n) for f, n in value.get("filter_errors", {}).items()},
+            rate_limited={(str(r), str(f)): int(n) for r, f, n in value.get("rate_limited", [])},
+            store_errors=int(value.get("store_errors", 0)),
         )
 
     def add(self, other: Counters, gauges: bool = True) -> None:
@@ -166,6 +182,9 @@ class Counters:
             counts[2] += errors
             if gauges:
                 counts[0] += in_flight
+        for label, count in other.rate_limited.items():
+            self.rate_limited[label] = self.rate_limited.get(label, 0) + count
+        self.store_errors += other.store_errors
         for direction, count in other.tunnel_bytes.items():
             self.tunnel_bytes[direction] = self.tunnel_bytes.get(direction, 0) + count
         for name, count in other.filter_errors.items():
@@ -304,6 +323,12 @@ class WorkersMetrics(Metrics):
     def queue_timeouts(self) -> int:
         return sum(timeouts for _, timeouts in self.totals.queues.values())
 
+    def rate_limits(self) -> tuple[dict[tuple[str, str], int], int, int]:
+        # The keys are held here, in the main process's tables.
+        totals = self.totals
+        keys = self.supervisor.limit_keys()
+        return dict(totals.rate_limited), keys, totals.store_errors
+
     def node_status(self, index: int, node: Any) -> dict[str, Any]:
         return super().node_status(index, self.view.wrap(node))
 
@@ -343,9 +368,13 @@ class MainAdminResource(AdminResource):
     """
 
     def __init__(
-        self, pools: Pools, metrics: WorkersMetrics, history: Optional[History] = None
+        self,
+        pools: Pools,
+        metrics: WorkersMetrics,
+        history: Optional[History] = None,
+        control: Optional[Control] = None,
     ) -> None:
-        super().__init__(pools, metrics, history)
+        super().__init__(pools, metrics, history, control)
         self.workers_metrics = metrics
 
     def render(self, request: Any) -> Any:
@@ -358,6 +387,8 @@ class MainAdminResource(AdminResource):
             if gone:
                 return
             body = AdminResource.render(self, request)
+            if body is server.NOT_DONE_YET:
+                return  # a change, answered once every worker runs it
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.write(body)
             request.finish()
@@ -378,6 +409,8 @@ class MainAdminSite(AdminSite):
         pools: Pools,
         metrics: WorkersMetrics,
         history: Optional[History] = None,
+        control: Optional[Control] = None,
         **kw: Any,
     ) -> None:
-        super().__init__(pools, metrics, history, MainAdminResource(pools, metrics, history), **kw)
+        resource = MainAdminResource(pools, metrics, history, control)
+        super().__init__(pools, metrics, history, resource, **kw)

@@ -8,7 +8,10 @@ socketpair per worker with L{twisted.protocols.amp}:
     found in DNS), L{NodeStates} (health and drain changes, as they
     happen), L{GetCounters} (on each admin scrape, and once a second for
     the status page's charts), L{Stop};
-  - worker -> main: L{NodeFailed} (a passive failure the proxy saw).
+  - worker -> main: L{NodeFailed} (a passive failure the proxy saw);
+    L{Decide} and L{Release}: the decisions of the C{store: local} rate
+    limits, made in the main process so that the whole instance has one
+    count (L{rrlb.workers.limitlink}).
 
 A node is named on the wire by its pool and its key (its URL): one URL in
 two pools is two nodes, with their own health, drain state and counts.
@@ -157,6 +160,32 @@ class NodeFailed(amp.Command):
         (b"key", amp.Unicode()),
         (b"reason", amp.Unicode()),
     ]
+    requiresAnswer = False
+
+
+class Decide(amp.Command):
+    """
+    Worker -> main: the C{store: local} rate-limit decisions a worker
+    needed in one turn of its reactor, in order, each
+    C{["take", limit, key, count, period, burst, max_keys]} (one request
+    on rate limit C{limit}, a filter's place in the configuration) or
+    C{["acquire", limit, key, max]} (one more request in flight on
+    C{limit_in_flight} C{limit}). C{answers}: for each, in order, its
+    C{Retry-After} (0: go on) or 1 (granted) / 0 (refused). Keys are
+    strings (bytes as Latin-1).
+    """
+
+    arguments = [(b"decisions", Json())]
+    response = [(b"answers", Json())]
+
+
+class Release(amp.Command):
+    """
+    Worker -> main: requests that held in-flight places ended, each
+    C{[limit, key]}.
+    """
+
+    arguments = [(b"releases", Json())]
     requiresAnswer = False
 
 
