@@ -24,8 +24,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rrlb._twisted import client_gone, raw_headers
-from rrlb.actions import Forward, ForwardPicker, Redirect, Respond
+from rrlb._twisted import client_gone
+from rrlb.actions import Forward, Redirect, Respond
 from rrlb.failures import log_text
 from rrlb.filterheaders import header_name, header_value
 from rrlb.filters import (
@@ -34,9 +34,9 @@ from rrlb.filters import (
     FilterRequest,
     FilterResponse,
     build_filter,
-    request_cookie,
 )
 from rrlb.http1 import PLAIN_TEXT, answer, error_response
+from rrlb.routeactions import ForwardAction, RedirectAction, RespondAction
 from rrlb.routes import Route, Router
 
 log = Logger()
@@ -91,82 +91,6 @@ class Responders:
                 self.chains.failed(request, label, Failure())
                 return False
         return True
-
-
-class RedirectAction:
-    """
-    A route's C{redirect}.
-    """
-
-    def __init__(self, redirect: Redirect) -> None:
-        self.redirect = redirect
-
-    def act(self, chains: Chains, request: Any, route: Any) -> None:
-        location = self.redirect.location(request)
-        answer(
-            request,
-            self.redirect.status,
-            b"",
-            [(b"Location", location)],
-            content_type=None,
-            date=chains.proxy.date(),
-        )
-
-
-class RespondAction:
-    """
-    A route's C{respond}.
-    """
-
-    def __init__(self, respond: Respond) -> None:
-        self.respond = respond
-
-    def act(self, chains: Chains, request: Any, route: Any) -> None:
-        r = self.respond
-        answer(request, r.status, r.body, r.headers, r.content_type, date=chains.proxy.date())
-
-
-class ForwardAction:
-    """
-    A route's C{forward}: one of its pools per request (their
-    L{rrlb.exchange.Destination}s), sticky by a cookie if asked.
-    """
-
-    def __init__(self, picker: ForwardPicker[Any]) -> None:
-        self.picker = picker
-        sticky = picker.stickiness
-        self.cookie = None if sticky is None else sticky.cookie
-
-    def act(self, chains: Chains, request: Any, route: Any) -> None:
-        cookie = None
-        if self.cookie is not None:
-            cookie = request_cookie(request, self.cookie)
-        dest, set_cookie = self.picker.pick(_serving, cookie)
-        if set_cookie is not None:
-            request.response_hook = _SetCookie(set_cookie, request.response_hook).respond
-        chains.proxy.send(request, dest, route)
-
-
-def _serving(dest: Any) -> bool:
-    return bool(dest.pool.serving)
-
-
-class _SetCookie:
-    """
-    Gives a response the sticky cookie of the pool a forward chose, before
-    the response filters run (as the last of them would).
-    """
-
-    __slots__ = ("value", "then")
-
-    def __init__(self, value: bytes, then: Optional[Callable[[Any, int], bool]]) -> None:
-        self.value = value
-        self.then = then
-
-    def respond(self, request: Any, code: int) -> bool:
-        raw_headers(request.responseHeaders).setdefault(b"Set-Cookie", []).append(self.value)
-        then = self.then
-        return then is None or then(request, code)
 
 
 class Chains:
