@@ -74,7 +74,8 @@ Entry = tuple[
 # A WebSocket tunnel's entry has one more field: (bytes to the node, bytes
 # to the client, seconds open), or None; then, if filters added fields to
 # the line (request_id, trace_id: rrlb.filters.FilterRequest.note), a dict
-# of them, written as name="value" (combined) or as keys (JSON).
+# of them, written as name=value (combined, a space escaped too) or as keys
+# (JSON).
 
 
 def _hex(match: re.Match[bytes]) -> bytes:
@@ -164,7 +165,9 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
         )
     if len(entry) > 13:
         for name, value in entry[13].items():  # type: ignore[misc]
-            line += b" %s=%s" % (name.encode("ascii"), _escape(value.encode("utf-8")))
+            # Unquoted, so a space is escaped too: it would start a new field.
+            value_bytes = _escape(value.encode("utf-8")).replace(b" ", b"\\x20")
+            line += b" %s=%s" % (name.encode("ascii"), value_bytes)
     return line + b"\n"
 
 

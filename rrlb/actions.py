@@ -20,7 +20,8 @@ from math import gcd
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
 from rrlb._twisted import raw_headers
-from rrlb.filters import header_name, header_value, request_scheme
+from rrlb.filterheaders import header_name, header_value
+from rrlb.filters import request_scheme
 from rrlb.values import ConfigError, positive_int, string
 
 T = TypeVar("T")

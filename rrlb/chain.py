@@ -27,14 +27,13 @@ from twisted.python.failure import Failure
 from rrlb._twisted import client_gone
 from rrlb.actions import Forward, ForwardPicker, Redirect, Respond
 from rrlb.failures import log_text
+from rrlb.filterheaders import header_name, header_value
 from rrlb.filters import (
     Answer,
     FilterContext,
     FilterRequest,
     FilterResponse,
     build_filter,
-    header_name,
-    header_value,
 )
 from rrlb.http1 import PLAIN_TEXT, answer, error_response
 from rrlb.routes import Route, Router

@@ -22,6 +22,7 @@ from rrlb.routeconfig import BAD_URL_CHARS, parse_routes, pool_name
 from rrlb.settings import (
     DEFAULT_POOL,
     POOL,
+    AcmeConfig,
     Config,
     DnsNodes,
     NodeSpec,
@@ -333,6 +334,7 @@ def with_tls_defaults(config: Config) -> Config:
         raise ConfigError(f"--tls-key/tls.key {tls.key!r} needs --tls-cert/tls.cert as well")
     if tls.certificates and not tls.cert:
         raise ConfigError("tls.certificates needs tls.cert (the default certificate) as well")
+    check_acme(tls.acme)
     if not tls.ca_file:
         return config
 
@@ -350,6 +352,24 @@ def with_tls_defaults(config: Config) -> Config:
         for p in config.pools
     )
     return replace(config, nodes=nodes, dns_nodes=dns_with_ca(config.dns_nodes), pools=pools)
+
+
+def check_acme(acme: AcmeConfig) -> None:
+    """
+    C{tls.acme} needs a directory, domains and storage together.
+
+    @raise ConfigError: naming the missing key.
+    """
+    if not acme.enabled:
+        if acme != AcmeConfig():
+            raise ConfigError("tls.acme.directory: the ACME server's directory URL is needed")
+        return
+    if not acme.domains:
+        raise ConfigError("tls.acme.domains: the names of the certificate are needed")
+    if not acme.storage:
+        raise ConfigError("tls.acme.storage: a directory for keys and certificates is needed")
+    if any(d.startswith("*.") for d in acme.domains):
+        raise ConfigError("tls.acme.domains: wildcard names need dns-01, which rrlb does not do")
 
 
 # RFC 6750's b64token, what a bearer token may hold; and a bound on the file.
@@ -487,6 +507,18 @@ def resolve_pools(config: Config, raw: Mapping[str, Mapping[str, Any]]) -> tuple
     )
 
 
+def sections(table: type, values: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{values} with each section's mapping made its class, sections inside
+    sections (C{tls: acme:}) too.
+    """
+    out = dict(values)
+    for row in rows(table):
+        if row.section is not None and isinstance(out.get(row.name), dict):
+            out[row.name] = row.section(**sections(row.section, out[row.name]))
+    return out
+
+
 def build_config(
     path: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
@@ -511,9 +543,7 @@ def build_config(
         values.pop("dns_nodes", None)
     for key, value in (overrides or {}).items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
-    for row in rows(Config):
-        if row.section is not None and isinstance(values.get(row.name), dict):
-            values[row.name] = row.section(**values[row.name])
+    values = sections(Config, values)
     pools = values.pop("pools", {})
     config = Config(**values)
     if pools:

@@ -135,6 +135,7 @@ def _listen_tls(tls: ListenTLS) -> dict[str, Any]:
         {"cert": cert, **({"key": key} if key is not None else {})}
         for cert, key in tls.certificates
     ]
+    out["acme"] = _setting("acme", tls.acme)
     return out
 
 

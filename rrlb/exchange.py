@@ -10,7 +10,6 @@ starts it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IPushProducer
@@ -20,72 +19,17 @@ from zope.interface import implementer
 
 from rrlb._twisted import client_gone, raw_headers, set_raw_headers
 from rrlb.body import KEEP
+from rrlb.destination import Destination
 from rrlb.failures import DESCRIPTOR_ERRNOS, describe_failure, local_errno, log_text
 from rrlb.http1 import error_response, rewrite_request_head, split_target, switching_head
 from rrlb.nodeconn import UpstreamProtocol
-from rrlb.pool import Node, Pool
+from rrlb.pool import Node
 from rrlb.proxyproto import proxy_header
-from rrlb.queue import RequestQueue
-from rrlb.settings import Config, values_for
 from rrlb.tunnel import Tunnel
 
 log = Logger()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """
-    What the proxy needs of the configuration; swapped whole on reload.
-
-    @ivar node_host: send each node its own host:port as C{Host} instead of
-        the client's.
-    @ivar retries: other nodes an idempotent request is tried on at most.
-    """
-
-    node_host: bool = Config.node_host
-    retry_after: int = 1
-    retries: int = Config.retries
-    tunnel_timeout: float = Config.tunnel_timeout
-
-    @classmethod
-    def from_config(cls, config: Config) -> ProxySettings:
-        """
-        The settings of C{config} that feed C{proxy}, and C{Retry-After}
-        (a 503's) as the health check interval in whole seconds.
-        """
-        retry_after = max(1, int(config.health.interval + 0.999))
-        return cls(retry_after=retry_after, **values_for("proxy", config))
-
-
-class Destination:
-    """
-    One pool as the proxy uses it: the pool (nodes and policy), the queue
-    of its requests waiting for a node with room (a full pool queues only
-    its own), and its upstream settings.
-
-    @ivar timeout: its response timeout, or L{None} for the upstream
-        client's.
-    @ivar exchange: what carries its requests: L{ProxyExchange} (HTTP/1.1),
-        or with C{protocol: h2} L{rrlb.h2exchange.H2Exchange}.
-    """
-
-    __slots__ = ("name", "pool", "queue", "node_host", "timeout", "exchange")
-
-    def __init__(
-        self,
-        pool: Pool,
-        queue: RequestQueue,
-        node_host: bool = False,
-        timeout: Optional[float] = None,
-    ) -> None:
-        self.name = pool.name
-        self.pool = pool
-        self.queue = queue
-        self.node_host = node_host
-        self.timeout = timeout
-        self.exchange: type[ProxyExchange] = ProxyExchange
 
 
 @implementer(IPushProducer)

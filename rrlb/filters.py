@@ -24,6 +24,9 @@ filter object from what C{parse} returned, with the L{FilterContext} of the
 process that serves it. A module adds a kind with L{register}; a kind may
 also be named by C{"module:attribute"} and is imported on first use.
 
+The headers a filter sees and changes are L{FilterHeaders}, defined with
+the checks on every header a filter writes in L{rrlb.filterheaders}.
+
 Pure: no reactor, no I/O; the filters built here are plain objects the
 proxy calls (L{rrlb.chain} runs them).
 """
@@ -33,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
-from rrlb._twisted import HeaderNameError, canonical_name, raw_headers
-from rrlb.http1 import EDGE_TRUSTED, EDGE_UNTRUSTED, HOP_BY_HOP_NAMES
+from rrlb._twisted import raw_headers
+from rrlb.filterheaders import FilterHeaders
+from rrlb.http1 import EDGE_TRUSTED, EDGE_UNTRUSTED
 from rrlb.values import ConfigError
 
 __all__ = [
@@ -56,138 +60,8 @@ __all__ = [
     "register",
 ]
 
-# Headers no filter may set, add or remove: the hop-by-hop ones and the
-# framing (rrlb frames each message itself).
-FORBIDDEN_NAMES = HOP_BY_HOP_NAMES | {b"Content-Length"}
-
 
 # -- what a filter sees ----------------------------------------------------------
-
-
-# Names filters used, as they spelt them -> the key (those they may change).
-_KEYS: dict[str, bytes] = {}
-_KEYS_SIZE = 1024
-
-
-def header_name(name: str) -> bytes:
-    """
-    C{name} as L{Headers} keys it.
-
-    @raise ValueError: it is not a header name, or one no filter may touch.
-    """
-    key = _KEYS.get(name) if type(name) is str else None
-    if key is not None:
-        return key
-    if not isinstance(name, str):
-        raise ValueError(f"a header name must be a str, not {name!r}")
-    try:
-        key = canonical_name(name.encode("ascii"))
-    except (UnicodeEncodeError, HeaderNameError):
-        raise ValueError(f"{name!r} is not a header name") from None
-    if key in FORBIDDEN_NAMES:
-        raise ValueError(f"{name} is a hop-by-hop or framing header; filters cannot change it")
-    if len(_KEYS) < _KEYS_SIZE:
-        _KEYS[name] = key
-    return key
-
-
-def _lookup_key(name: str) -> Optional[bytes]:
-    # A name to read by: any header, hop-by-hop ones too; None if not a name.
-    key = _KEYS.get(name) if type(name) is str else None
-    if key is None:
-        try:
-            key = canonical_name(name.encode("ascii"))
-        except (AttributeError, UnicodeEncodeError, HeaderNameError):
-            return None
-    return key
-
-
-def header_value(name: str, value: str) -> bytes:
-    """
-    C{value} as it goes on the wire.
-
-    @raise ValueError: it is not a C{str} of Latin-1 characters without CR,
-        LF or NUL.
-    """
-    if type(value) is str and value.isascii() and value.isprintable():
-        return value.encode("ascii")  # the common case: no control character at all
-    if not isinstance(value, str):
-        raise ValueError(f"the value of {name} must be a str, not {type(value).__name__}")
-    try:
-        raw = value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ValueError(f"the value of {name} has characters outside Latin-1") from None
-    if b"\r" in raw or b"\n" in raw or b"\0" in raw:
-        raise ValueError(f"the value of {name} has a CR, LF or NUL")
-    return raw
-
-
-class FilterHeaders:
-    """
-    A message's headers as a filter changes them: C{str} names (any case)
-    and values. Hop-by-hop and framing headers cannot be changed, and a
-    value with CR, LF or NUL is refused (L{ValueError}).
-    """
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, headers: Headers) -> None:
-        # The name -> values dict inside the Headers: changed in place.
-        self._raw = raw_headers(headers)
-
-    def get(self, name: str) -> Optional[str]:
-        """
-        The header's values joined by C{", "}, or L{None} without one.
-        """
-        key = _KEYS.get(name) if type(name) is str else None
-        if key is None:
-            key = _lookup_key(name)
-            if key is None:
-                return None
-        values = self._raw.get(key)
-        if not values:
-            return None
-        return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
-
-    def get_all(self, name: str) -> list[str]:
-        """
-        Each line of the header, in order (none: an empty list).
-        """
-        key = _lookup_key(name)
-        if key is None:
-            return []
-        return [v.decode("latin-1") for v in self._raw.get(key, ())]
-
-    def set(self, name: str, value: str) -> None:
-        """
-        Make C{value} the header's only value.
-        """
-        key = (_KEYS.get(name) if type(name) is str else None) or header_name(name)
-        if type(value) is str and value.isascii() and value.isprintable():
-            self._raw[key] = [value.encode("ascii")]
-        else:
-            self._raw[key] = [header_value(name, value)]
-
-    def add(self, name: str, value: str) -> None:
-        """
-        Add C{value} as one more line of the header.
-        """
-        key = header_name(name)
-        self._raw.setdefault(key, []).append(header_value(name, value))
-
-    def remove(self, name: str) -> None:
-        """
-        Remove the header (nothing happens without one).
-        """
-        self._raw.pop(header_name(name), None)
-
-    def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        for key, values in list(self._raw.items()):
-            for value in values:
-                yield key.decode("ascii"), value.decode("latin-1")
 
 
 class FilterRequest:
@@ -293,7 +167,7 @@ class FilterRequest:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
-            if len(_NOTES_SEEN) < _KEYS_SIZE:
+            if len(_NOTES_SEEN) < _NOTES_SIZE:
                 _NOTES_SEEN.add(name)
         notes = self.raw.log_notes
         if notes is None:
@@ -303,7 +177,9 @@ class FilterRequest:
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")
+# Log field names filters used (checked once each), at most _NOTES_SIZE.
 _NOTES_SEEN: set[str] = set()
+_NOTES_SIZE = 1024
 
 
 def request_scheme(request: Any) -> bytes:

@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_h2upstream,tests.test_grpc -*-
 """
-One HTTP/2 connection to a node (L{H2NodeConnection}) and the requests on
-it (L{NodeStream}): the HTTP/2 side of rrlb's client to nodes, as
-L{rrlb.nodeconn} is its HTTP/1.1 side. L{rrlb.h2upstream.H2UpstreamPool}
-makes, shares and closes these connections.
+One HTTP/2 connection to a node (L{H2NodeConnection}), carrying the
+requests on it (L{rrlb.h2nodestream.NodeStream}): the HTTP/2 side of rrlb's
+client to nodes, as L{rrlb.nodeconn} is its HTTP/1.1 side.
+L{rrlb.h2upstream.H2UpstreamPool} makes, shares and closes these
+connections.
 
 A stream is its exchange's upstream, with the callbacks an
 L{rrlb.nodeconn.UpstreamProtocol} makes (C{response_head},
@@ -55,40 +56,30 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rrlb._twisted import HeaderNameError, canonical_name, name_cache
 from rrlb.h2fields import FieldEncoder
-from rrlb.http1 import H2_CONNECTION_SPECIFIC
+from rrlb.h2nodestream import (
+    STREAM_WINDOW,
+    NodeStream,
+    NotHTTP2,
+    StreamFailed,
+    Unprocessed,
+    response_fields,
+    trailer_fields,
+)
 
 log = Logger()
 
-# What a node may send on one stream ahead of the client reading it, and on
-# the whole connection (bytes rrlb holds are bounded by these).
-STREAM_WINDOW = 1 << 20
+# What a node may send on the whole connection ahead of the clients reading
+# it (rrlb.h2nodestream.STREAM_WINDOW bounds each stream).
 CONNECTION_WINDOW = 1 << 24
 # Streams assumed open at once before the node's SETTINGS say.
 DEFAULT_STREAMS = 100
 # A response head (and trailers) at most, decoded (SETTINGS_MAX_HEADER_LIST_SIZE).
 MAX_HEADER_LIST = 65536
-# Body bytes held for a stream whose window is closed before its client is
-# paused.
-BODY_HIGH_WATER = 65536
 # PING and SETTINGS frames a node may send in FLOOD_PERIOD seconds: each
 # costs rrlb an answer written to it, read or not.
 MAX_CONTROL_FRAMES = 1000
 FLOOD_PERIOD = 10.0
-
-
-class Unprocessed(Exception):
-    """
-    The node did not process the stream: it refused it (C{REFUSED_STREAM})
-    or its GOAWAY said it never will. Safe to send again, whatever the method.
-    """
-
-
-class StreamFailed(Exception):
-    """
-    The node reset the stream, or the connection carrying it failed.
-    """
 
 
 class _Flood(Exception):
@@ -96,11 +87,6 @@ class _Flood(Exception):
     The node sent more control frames than rrlb answers.
     """
 
-
-class NotHTTP2(Exception):
-    """
-    The node broke HTTP/2 (a protocol error), or did not agree to it.
-    """
 
 class _NodeH2Connection(H2Connection):
     """
@@ -119,159 +105,6 @@ class _NodeH2Connection(H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
-
-
-class NodeStream:
-    """
-    One request to a node on an L{H2NodeConnection}: the upstream its
-    exchange holds, and the consumer of its request body (L{rrlb.body}).
-    """
-
-    __slots__ = (
-        "conn",
-        "stream_id",
-        "exchange",
-        "head_request",
-        "got_response",
-        "paused",
-        "unacked",
-        "pending",
-        "pending_size",
-        "end_pending",
-        "local_closed",
-        "body",
-        "producer",
-        "producer_paused",
-        "trailers",
-    )
-
-    def __init__(self, conn: H2NodeConnection, stream_id: int) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-        self.exchange: Any = None
-        self.head_request = False
-        self.got_response = False
-        self.paused = False
-        self.unacked = 0
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.end_pending = False
-        self.local_closed = False
-        self.body: Any = None
-        self.producer: Any = None
-        self.producer_paused = False
-
-    @property
-    def transport(self) -> Any:
-        return self.conn.transport
-
-    def send(
-        self,
-        exchange: Any,
-        headers: list[tuple[bytes, bytes]],
-        body: Any = None,
-        head_request: bool = False,
-    ) -> None:
-        """
-        Send the request: C{headers} (pseudo-headers first), then C{body}:
-        L{None}, C{bytes}, or an L{rrlb.body.StreamedBody} still coming.
-        """
-        self.exchange = exchange
-        self.head_request = head_request
-        conn = self.conn
-        try:
-            conn.conn.send_headers(self.stream_id, headers, end_stream=body is None)
-        except H2Error as e:
-            conn.fail_stream(self, Unprocessed(f"cannot open a stream: {e}"))
-            return
-        if body is None:
-            self.local_closed = True
-        elif isinstance(body, bytes):
-            if body:
-                self.pending.append(body)
-                self.pending_size = len(body)
-            self.end_pending = True
-            conn.send_body(self)
-        else:
-            self.body = body
-            body.attach(self)
-        conn.flush()
-
-    # -- the request body's consumer (rrlb.body) --------------------------------
-
-    def body_data(self, data: bytes) -> None:
-        if not data or self.local_closed:
-            return
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.active = True
-        self.pending.append(data)
-        self.pending_size += len(data)
-        self.conn.send_body(self)
-        self.conn.flush()
-
-    def body_end(self) -> None:
-        self.body = None
-        self.end_pending = True
-        self.conn.send_body(self)
-        self.conn.flush()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-        self.producer_paused = False
-        self.check_producer()
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def check_producer(self) -> None:
-        """
-        Pause the body's client while more than L{BODY_HIGH_WATER} bytes
-        wait for the node's window, and resume it once they went out.
-        """
-        producer = self.producer
-        if producer is None:
-            return
-        if self.pending_size > BODY_HIGH_WATER:
-            if not self.producer_paused:
-                self.producer_paused = True
-                producer.pauseProducing()
-        elif self.producer_paused:
-            self.producer_paused = False
-            producer.resumeProducing()
-
-    def stop_body(self) -> None:
-        """
-        Take no more of the request body.
-        """
-        body = self.body
-        self.body = None
-        self.producer = None
-        self.pending = []
-        self.pending_size = 0
-        if body is not None:
-            body.detach(self)
-
-    # -- what the exchange calls -------------------------------------------------
-
-    def pause_reading(self) -> None:
-        """
-        The client is slow: stop reopening this stream's window.
-        """
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        if self.paused:
-            self.paused = False
-            if self.unacked:
-                self.conn.ack(self)
-
-    def abort(self) -> None:
-        """
-        The exchange gave up on the request: reset the stream.
-        """
-        self.exchange = None
-        self.conn.cancel(self)
 
 
 @implementer(IPushProducer)
@@ -460,7 +293,7 @@ class H2NodeConnection(Protocol):
             if event.stream_id:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None and stream.pending:
-                    self.send_body(stream)
+                    stream.send_pending()
             else:
                 self._send_all()
         elif kind is PingReceived:
@@ -513,27 +346,7 @@ class H2NodeConnection(Protocol):
         exchange = stream.exchange
         if exchange is None:
             return
-        code = 0
-        out: dict[bytes, list[bytes]] = {}
-        names = name_cache()
-        try:
-            for name, value in headers:
-                if name[:1] == b":":
-                    if name == b":status" and len(value) == 3 and value.isdigit():
-                        code = int(value)
-                    continue
-                if name in H2_CONNECTION_SPECIFIC:
-                    continue
-                key = names.get(name)
-                if key is None:
-                    key = canonical_name(name)
-                values = out.get(key)
-                if values is None:
-                    out[key] = [value]
-                else:
-                    values.append(value)
-        except HeaderNameError:
-            code = 0
+        code, out = response_fields(headers)
         if not 200 <= code <= 599:
             self.fail_stream(stream, NotHTTP2("bad response head"), got_response=True)
             return
@@ -577,14 +390,9 @@ class H2NodeConnection(Protocol):
         exchange = stream.exchange
         if exchange is None:
             return
-        out = []
-        for name, value in headers:
-            if name[:1] == b":" or name in H2_CONNECTION_SPECIFIC:
-                continue
-            out.append((name, value))
         trailers = getattr(exchange, "response_trailers", None)
         if trailers is not None:
-            trailers(out)
+            trailers(trailer_fields(headers))
 
     def _ended(self, stream: NodeStream) -> None:
         """
@@ -603,46 +411,12 @@ class H2NodeConnection(Protocol):
         if exchange is not None:
             exchange.response_done()
 
-    # -- request bodies -------------------------------------------------------------
-
-    def send_body(self, stream: NodeStream) -> None:
-        """
-        Send what the windows allow of C{stream}'s pending body, then its end.
-        """
-        if self.write_paused or stream.local_closed:
-            return
-        conn = self.conn
-        stream_id = stream.stream_id
-        pending = stream.pending
-        frame_size = conn.max_outbound_frame_size
-        try:
-            while pending:
-                window = min(conn.local_flow_control_window(stream_id), frame_size)
-                if window <= 0:
-                    break
-                data = pending[0]
-                if len(data) <= window:
-                    pending.pop(0)
-                else:
-                    pending[0] = data[window:]
-                    data = data[:window]
-                stream.pending_size -= len(data)
-                conn.send_data(stream_id, data)
-            if not pending and stream.end_pending:
-                stream.local_closed = True
-                conn.end_stream(stream_id)
-        except H2Error:
-            # The stream closed under it (the node reset it): its reset event
-            # tells the exchange.
-            stream.pending = []
-            stream.pending_size = 0
-            return
-        stream.check_producer()
+    # -- request bodies (each stream sends its own: NodeStream.send_pending) ---------
 
     def _send_all(self) -> None:
         for stream in list(self.streams.values()):
             if stream.pending or stream.end_pending:
-                self.send_body(stream)
+                stream.send_pending()
 
     # IPushProducer, for the transport: while the node reads slowly, no body
     # bytes go out (they wait, and their clients are paused).

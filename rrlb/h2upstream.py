@@ -9,8 +9,8 @@ ALPN C{h2} over C{https://}.
    open one has as many streams as the node's
    C{SETTINGS_MAX_CONCURRENT_STREAMS}.
  - L{rrlb.h2nodeconn}: one connection (L{H2NodeConnection}) and the
-   requests on it (L{NodeStream}): GOAWAY, REFUSED_STREAM, flow control,
-   and what a node may not send.
+   requests on it (L{NodeStream}, in L{rrlb.h2nodestream}): GOAWAY,
+   REFUSED_STREAM, flow control, and what a node may not send.
 
 A connection that could not be made fails the request that asked for it;
 the others that only waited on it go to another node as if first picked
@@ -28,9 +28,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rrlb.h2nodeconn import (
+from rrlb.h2nodeconn import H2NodeConnection
+from rrlb.h2nodestream import (
     STREAM_WINDOW,
-    H2NodeConnection,
     NodeStream,
     NotHTTP2,
     StreamFailed,

@@ -257,6 +257,12 @@ def answer(
     hook = getattr(request, "response_hook", None) if filtered else None
     if hook is not None and not hook(request, code):
         return  # a response filter failed, and the hook answered 500 instead
+    if code in http.NO_BODY_CODES:
+        # RFC 9110 8.6 and 15.4.5: a 204 never has a Content-Length, and
+        # neither has a 304 of ours (it would claim the size of a
+        # representation rrlb does not have); neither has a body.
+        request.finish()
+        return
     if not shaped:
         response_headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         request.write(body)

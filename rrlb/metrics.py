@@ -14,7 +14,7 @@ L{Metrics.status}, both reading the pool's nodes as they are now.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -105,6 +105,11 @@ class Metrics:
         self.proxy_errors: dict[int, int] = dict.fromkeys(PROXY_ERRORS, 0)
         self.client_errors: dict[str, int] = dict.fromkeys(CLIENT_ERROR_REASONS, 0)
         self.access_log: Any = None
+        # The TLS certificates served, as rrlb.acme.certificate_status
+        # describes them, and the ACME orders by result (None: ACME is
+        # off); the control side sets both.
+        self.certificates: Callable[[], list[dict[str, Any]]] = lambda: []
+        self.acme_orders: Callable[[], Optional[dict[str, int]]] = lambda: None
         # The rate limits' state (rrlb.limits.LimitStores), once a filter
         # made one.
         self.limits: Any = None
@@ -256,6 +261,7 @@ class Metrics:
             "pools": pools,
             "nodes": nodes,
             "clients": self.clients(),
+            "certificates": self.certificates(),
         }
 
     def retries(self) -> int:
@@ -519,6 +525,28 @@ class RrlbCollector:
             "rrlb_start_time_seconds", "When rrlb started, in Unix time.", value=m.started
         )
         yield GaugeMetricFamily("rrlb_uptime_seconds", "Seconds since start.", value=m.uptime())
+        expiry = GaugeMetricFamily(
+            "rrlb_tls_certificate_expiry_seconds",
+            "When each name's TLS certificate expires (its notAfter), in Unix time.",
+            labels=["name"],
+        )
+        seen: set[str] = set()
+        for cert in m.certificates():
+            for name in cert["names"]:
+                if name not in seen:
+                    seen.add(name)
+                    expiry.add_metric([name], cert["not_after"])
+        yield expiry
+        orders = m.acme_orders()
+        if orders is not None:
+            acme = CounterMetricFamily(
+                "rrlb_acme_orders",
+                "Certificate orders to the ACME CA, by result.",
+                labels=["result"],
+            )
+            for result in ("ok", "error"):
+                acme.add_metric([result], orders.get(result, 0))
+            yield acme
         info = GaugeMetricFamily("rrlb_info", "rrlb's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

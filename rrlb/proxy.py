@@ -20,7 +20,8 @@ from twisted.web.resource import Resource
 from rrlb._twisted import client_gone, init_request
 from rrlb.body import StreamedBody
 from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
-from rrlb.exchange import Destination, ProxyExchange, ProxySettings
+from rrlb.destination import Destination, ProxySettings
+from rrlb.exchange import ProxyExchange
 from rrlb.failures import LocalErrors, log_text
 from rrlb.grpcwire import RESOURCE_EXHAUSTED
 from rrlb.http1 import error_response
@@ -114,7 +115,9 @@ class RotatingProxy(ReverseProxyResource):
         """
         dest = self.destinations.get(pool.name)
         if dest is None or dest.pool is not pool:
-            dest = Destination(pool, RequestQueue(pool, self.clock), node_host, timeout)
+            dest = Destination(
+                pool, RequestQueue(pool, self.clock), node_host, timeout, exchange=ProxyExchange
+            )
             self.destinations[pool.name] = dest
         dest.node_host = node_host
         dest.timeout = timeout

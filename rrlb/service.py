@@ -26,6 +26,8 @@ from twisted.logger import Logger
 from twisted.web.client import Agent
 
 from rrlb._twisted import clear_exit_signal
+from rrlb.acme import AcmeManager
+from rrlb.acmetls import AcmeState, certificate_status, listener_certificates
 from rrlb.admin import AdminSite
 from rrlb.config import Config, ConfigError, DnsNodes, NodeSpec, PoolConfig, all_pools, parse_node
 from rrlb.demo import DemoBackends
@@ -77,6 +79,11 @@ class TrafficSide(Protocol):
     def ready(self) -> list[defer.Deferred[Any]]:
         """
         What fires once the traffic is served (for C{READY=1}).
+        """
+
+    def acme_update(self, state: AcmeState) -> Any:
+        """
+        Serve C{state} (the ACME certificate and challenges) everywhere.
         """
 
     def stopping_status(self) -> str:
@@ -225,6 +232,27 @@ class ControlService(MultiService):
                 )
         self.notify = SystemdNotify(reactor, self.pools, environ or {}, pid)
         self.notify.setServiceParent(self)
+        # Certificates from ACME: orders from this process only.
+        self.acme: Optional[AcmeManager] = None
+        if config.tls.acme.enabled:
+            self.acme = AcmeManager(config.tls.acme, reactor, traffic.acme_update)
+            self.acme.setServiceParent(self)
+            self.metrics.acme_orders = lambda: self.acme.orders if self.acme else None
+        # The certificates of the listeners' files, read at start and reload.
+        self._file_certificates = listener_certificates(config)
+        self.metrics.certificates = self.certificates
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """
+        Every certificate served (ACME's first), for C{/status} and
+        C{/metrics}.
+        """
+        found = []
+        current = self.acme.current if self.acme is not None else None
+        if current is not None:
+            found.append(certificate_status(current.leaf, "acme"))
+        found += [certificate_status(c, "file") for c in self._file_certificates]
+        return found
 
     @property
     def pool(self) -> Pool:
@@ -255,10 +283,18 @@ class ControlService(MultiService):
             resolver = make_resolver(self.reactor, config.resolvers)
         self.discovery.configure(entries, config.dns_refresh, resolver)
         self._resolvers = config.resolvers
+        if config.tls.acme.enabled != self.config.tls.acme.enabled:
+            self.log.warn("tls.acme on or off changes only with a restart")
+            tls = dataclasses.replace(config.tls, acme=self.config.tls.acme)
+            config = dataclasses.replace(config, tls=tls)
         pool_configs = self._pool_configs(config)
         applied = self.traffic.apply(config, pool_configs, True)
         self._check(pool_configs)
         self._apply_admin(config)
+        self._file_certificates = listener_certificates(config)
+        if self.acme is not None:
+            # A reload is one of the renewal checks.
+            self.acme.configure(config.tls.acme)
         self.config = dataclasses.replace(config)
         return applied
 
@@ -365,6 +401,9 @@ class ControlService(MultiService):
             )
             self.notify.note = "last reload rejected, see the log"
             self.notify.reloaded()
+            if self.acme is not None:
+                # SIGHUP is a renewal check, whatever became of the reload.
+                self.acme.check()
             return False
         config = self._restart_only(config)
         before = {n.label for n in self.pools.nodes}

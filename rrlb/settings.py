@@ -26,12 +26,16 @@ from rrlb.values import (
     as_given,
     boolean,
     byte_size,
+    duration,
     non_negative_float,
     non_negative_int,
+    one_of,
     parse_access_log_format,
     parse_balance,
     parse_certificates,
     parse_client_auth,
+    parse_domains,
+    parse_email,
     parse_hash_key,
     parse_health_path,
     parse_health_service,
@@ -42,6 +46,7 @@ from rrlb.values import (
     parse_resolver,
     parse_resolvers,
     parse_sticky,
+    parse_url,
     parse_workers,
     percent,
     positive_float,
@@ -327,6 +332,36 @@ class HealthConfig:
     )  # fmt: skip
 
 
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """
+    Certificates from an ACME CA (L{rrlb.acme}), YAML only (C{tls: acme:});
+    off unless C{directory} is set.
+    """
+
+    directory: Optional[str] = setting(None, parse_url, "ACME directory URL", flag="")
+    email: Optional[str] = setting(None, parse_email, "Contact address of the account", flag="")
+    domains: tuple[str, ...] = setting((), parse_domains, "Names of the certificate", flag="")
+    storage: Optional[str] = setting(
+        None, string, "Directory of the account key, keys and certificates", flag=""
+    )
+    challenge: str = setting("http-01", one_of(*ACME_CHALLENGES), "http-01 or tls-alpn-01", flag="")
+    ca_file: Optional[str] = setting(
+        None, string, "PEM CA certificates of the ACME server's HTTPS", flag=""
+    )
+    # None: a third of the certificate's lifetime.
+    renew_before: Optional[float] = setting(
+        None, duration, "Renew with less than this left (30d)", flag=""
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+
 @dataclass(frozen=True)
 class ListenTLS:
     """
@@ -347,6 +382,7 @@ class ListenTLS:
     certificates: tuple[tuple[str, Optional[str]], ...] = setting(
         (), parse_certificates, "More certificates, chosen by SNI", flag=""
     )
+    acme: AcmeConfig = setting(AcmeConfig(), None, "Certificates from an ACME CA", flag="")
     # Client certificates (mTLS) on the TLS listeners rrlb serves.
     client_auth: Optional[ClientAuth] = setting(
         None, parse_client_auth, "Client certificates: {ca_file, mode: require|optional}", flag=""

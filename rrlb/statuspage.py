@@ -15,6 +15,7 @@ import base64
 import hashlib
 import html
 import re
+import time
 from importlib import resources
 from typing import Any, Optional, Sequence
 
@@ -191,6 +192,38 @@ def _pool_section(pool: dict[str, Any], now: float, history: Optional[History]) 
   </section>"""
 
 
+def _certificates(certificates: Sequence[dict[str, Any]], now: float) -> str:
+    """
+    The TLS certificates served (none: no section): names, issuer, expiry.
+    """
+    if not certificates:
+        return ""
+    e = html.escape
+    rows = []
+    for cert in certificates:
+        end = cert["not_after"]
+        left = end - now
+        rows.append(
+            f"""
+    <tr class="certificate{" expiring" if left < 7 * 86400 else ""}">
+     <td class="names">{e(", ".join(cert["names"]))}</td>
+     <td class="issuer">{e(cert["issuer"])}</td>
+     <td>{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(end))}</td>
+     <td class="num">{_duration(left) if left > 0 else "expired"}</td>
+     <td>{e(cert["source"])}</td>
+    </tr>"""
+        )
+    return f"""
+  <section class="certificates">
+   <h2>TLS certificates</h2>
+   <table class="certificates">
+   <thead><tr><th>names</th><th>issuer</th><th>expires</th><th>left</th><th>from</th></tr></thead>
+   <tbody>{"".join(rows)}
+   </tbody>
+   </table>
+  </section>"""
+
+
 def render_page(status: dict[str, Any], history: Optional[History] = None) -> str:
     """
     The status page for a C{/status} document, with charts from C{history}.
@@ -211,6 +244,7 @@ def render_page(status: dict[str, Any], history: Optional[History] = None) -> st
         "down": str(counts["down"]),
         "draining": str(counts[DRAINING]),
         "pools": pools,
+        "certificates": _certificates(status.get("certificates", ()), now),
     }
     # One pass, so nothing a value holds (a node URL) is ever substituted.
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE_TEMPLATE)

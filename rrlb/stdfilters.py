@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from random import getrandbits
 from typing import Any, Mapping, Optional
 
+from rrlb.filterheaders import header_name, header_value
 from rrlb.filters import (
     Answer,
     FilterHeaders,
     FilterKind,
     FilterRequest,
     FilterResponse,
-    header_name,
-    header_value,
 )
 from rrlb.values import ConfigError, trusted_networks
 

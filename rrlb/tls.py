@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -103,6 +103,28 @@ def server_options(
     )
 
 
+def bare_context() -> SSL.Context:
+    """
+    A server context with rrlb's settings and no certificate: a handshake
+    that stays on it fails (C{handshake_failure}).
+    """
+    return CertificateOptions(
+        raiseMinimumTo=MINIMUM_TLS_VERSION, acceptableCiphers=MODERN_CIPHERS
+    ).getContext()
+
+
+class CertificateHook(Protocol):
+    """
+    Certificates a listener serves by SNI beside its files (L{rrlb.acme}).
+    """
+
+    def context_for(self, name: str) -> Optional[SSL.Context]:
+        """
+        The context for a ClientHello naming C{name}, or L{None}: not one of
+        the hook's names.
+        """
+
+
 @dataclass(frozen=True)
 class ClientAuthCAs:
     """
@@ -129,6 +151,22 @@ def read_client_auth(listen_tls: ListenTLS) -> Optional[ClientAuthCAs]:
     return ClientAuthCAs(cas, client_auth.mode, tuple(certs))
 
 
+def listener_context(
+    pair: LoadedKeyPair, dh: Optional[str] = None, client_auth: Optional[ClientAuthCAs] = None
+) -> SSL.Context:
+    """
+    A listener's context for one certificate (its files', or ACME's):
+    L{server_options}, the session cache's timeout, and the client CAs.
+    """
+    context = server_options(pair, dh, client_auth).getContext()
+    context.set_timeout(SESSION_TIMEOUT)
+    for ca in client_auth.names if client_auth is not None else ():
+        # Named in the certificate request: a browser then offers only the
+        # user's certificates from these CAs.
+        context.add_client_ca(ca)
+    return context
+
+
 @dataclass(frozen=True)
 class ServerTLSState:
     """
@@ -137,9 +175,13 @@ class ServerTLSState:
 
     context: SSL.Context
     by_name: dict[str, SSL.Context]
-    leaf: x509.Certificate
+    leaf: Optional[x509.Certificate]
     # The certificates that name an OCSP responder, and their issuers.
     ocsp: tuple[tuple[x509.Certificate, Optional[x509.Certificate]], ...] = ()
+    # Every certificate of the files, the default first; and the settings
+    # they were read by.
+    leaves: tuple[x509.Certificate, ...] = ()
+    listen_tls: ListenTLS = ListenTLS()
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -165,7 +207,15 @@ class ServerTLS:
         self.name = name
         self.files = files
         self.dh = dh
+        self.hook: Optional[CertificateHook] = None
         self._state = self.prepare(listen_tls or ListenTLS())
+
+    def set_hook(self, hook: CertificateHook) -> None:
+        """
+        Serve C{hook}'s certificates too, chosen by SNI before the files'.
+        """
+        self.hook = hook
+        self.commit(self.prepare(self._state.listen_tls))
 
     def sources(self, listen_tls: ListenTLS) -> tuple[KeyPairFiles, ...]:
         if self.files is not None:
@@ -179,24 +229,24 @@ class ServerTLS:
         @raise ConfigError: a file cannot be used.
         """
         sources = self.sources(listen_tls)
+        if not sources and (self.hook is not None or listen_tls.acme.enabled):
+            # Only certificates from ACME, chosen by SNI; without SNI none.
+            context = bare_context()
+            context.set_tlsext_servername_callback(_sni_selector({}, context, self))
+            return ServerTLSState(context, {}, None, (), (), listen_tls)
         if not sources:
             raise ConfigError(
                 f"{self.name}: no certificate (give privateKey=/certKey= or --tls-cert/--tls-key)"
             )
         by_name: dict[str, SSL.Context] = {}
         contexts = []
-        leaf = None
+        leaves = []
         client_auth = read_client_auth(listen_tls)
         stapled = []
         for files in sources:
             pair = load_key_pair(files)
             try:
-                context = server_options(pair, self.dh, client_auth).getContext()
-                context.set_timeout(SESSION_TIMEOUT)
-                for ca in client_auth.names if client_auth is not None else ():
-                    # Named in the certificate request: a browser then
-                    # offers only the user's certificates from these CAs.
-                    context.add_client_ca(ca)
+                context = listener_context(pair, self.dh, client_auth)
                 if responder_url(pair.leaf) is not None:
                     # Only certificates with a responder cost a callback.
                     context.set_ocsp_server_callback(self._staple, fingerprint(pair.leaf))
@@ -205,14 +255,15 @@ class ServerTLS:
             except (ValueError, SSL.Error, OSError) as e:
                 raise ConfigError(f"{self.name}: {files.cert!r}: {e}") from None
             contexts.append(context)
-            leaf = leaf or pair.leaf
+            leaves.append(pair.leaf)
             for name in pair.names():
                 by_name.setdefault(name, context)
         default = contexts[0]
-        if len(contexts) > 1:
-            default.set_tlsext_servername_callback(_sni_selector(by_name, default))
-        assert leaf is not None
-        return ServerTLSState(default, by_name, leaf, tuple(stapled))
+        if len(contexts) > 1 or self.hook is not None:
+            default.set_tlsext_servername_callback(_sni_selector(by_name, default, self))
+        return ServerTLSState(
+            default, by_name, leaves[0], tuple(stapled), tuple(leaves), listen_tls
+        )
 
     def _staple(self, connection: SSL.Connection, key: Optional[bytes]) -> bytes:
         stapler = self.stapler
@@ -236,11 +287,18 @@ class ServerTLS:
         self.commit(self.prepare(listen_tls))
 
     @property
-    def certificate(self) -> x509.Certificate:
+    def certificate(self) -> Optional[x509.Certificate]:
         """
-        The default certificate served now.
+        The default certificate served now (none: only ACME's, by SNI).
         """
         return self._state.leaf
+
+    @property
+    def certificates(self) -> list[x509.Certificate]:
+        """
+        Every certificate of the files served now, the default first.
+        """
+        return list(self._state.leaves)
 
     def getContext(self) -> SSL.Context:
         return self._state.context
@@ -252,7 +310,7 @@ class ServerTLS:
 
 
 def _sni_selector(
-    by_name: dict[str, SSL.Context], default: SSL.Context
+    by_name: dict[str, SSL.Context], default: SSL.Context, server: ServerTLS
 ) -> Callable[[SSL.Connection], None]:
     def select(connection: SSL.Connection) -> None:
         try:
@@ -260,6 +318,11 @@ def _sni_selector(
             if not raw:
                 return
             name = raw.decode("ascii", "replace").lower().rstrip(".")
+            hook = server.hook
+            context = hook.context_for(name) if hook is not None else None
+            if context is not None:
+                connection.set_context(context)
+                return
             context = by_name.get(name)
             if context is None and "." in name:
                 context = by_name.get("*." + name.split(".", 1)[1])
@@ -416,7 +479,7 @@ def _tls_endpoint(
         )
     elif "certKey" in kwargs:
         raise ConfigError(f"{name}: certKey= needs privateKey=")
-    elif not listen_tls.cert:
+    elif not listen_tls.cert and not listen_tls.acme.enabled:
         raise ConfigError(
             f"{name}: no certificate: give privateKey=KEY.pem:certKey=CERT.pem"
             " or --tls-cert/--tls-key (tls: {cert, key} in the YAML file)"
@@ -490,6 +553,8 @@ def check_tls(config: Config) -> None:
 
     @raise ConfigError: naming the setting and the file.
     """
+    if config.tls.acme.ca_file:
+        load_certificates("tls.acme.ca_file", config.tls.acme.ca_file)
     if config.tls.ca_file:
         # Read even when no node is https now: a reload may add one, and a
         # wrong path should be caught where it was typed.

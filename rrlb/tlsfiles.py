@@ -199,7 +199,7 @@ def cert_names(cert: x509.Certificate) -> str:
     return ", ".join(names)
 
 
-def _not_after(cert: x509.Certificate) -> datetime.datetime:
+def not_after(cert: x509.Certificate) -> datetime.datetime:
     try:
         return cert.not_valid_after_utc
     except AttributeError:  # cryptography < 42
@@ -217,7 +217,7 @@ def chain_error(errno: int, cert: Optional[crypto.X509], depth: int) -> str:
     if leaf is None:
         return what
     if errno == _EXPIRED:
-        return f"{what}{which} (not valid after {_not_after(leaf):%Y-%m-%d %H:%M:%S} UTC)"
+        return f"{what}{which} (not valid after {not_after(leaf):%Y-%m-%d %H:%M:%S} UTC)"
     if errno in _UNKNOWN_CA:
         return f"unknown CA: {what}{which} (issuer {leaf.issuer.rfc4514_string()})"
     return f"{what}{which} ({_describe_cert(leaf)})"

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from rrlb.accesslog import AccessLog
+from rrlb.acmetls import AcmeServing, AcmeState, ChallengeResource
 from rrlb.chain import Built, Chains, build_routes, build_steps
 from rrlb.clients import ClientLimits
 from rrlb.config import Config, NodeSpec, PoolConfig, all_pools
@@ -34,7 +35,7 @@ from rrlb.metrics import Metrics
 from rrlb.ocsp import Stapler
 from rrlb.pool import Node, Pool, Pools
 from rrlb.proxy import Destination, ProxySettings, ProxySite, RotatingProxy
-from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, tls_on_tcp
+from rrlb.tls import BalancerTLS, ServerTLS, listen_endpoint, read_client_auth, tls_on_tcp
 from rrlb.upstream import UpstreamPool
 
 # How often nodes removed by a reload are looked at until their last
@@ -196,6 +197,12 @@ class Traffic(MultiService):
 
             self.site.protocol = ALPNChannel
             self.site.alpn = ALPN_PROTOCOLS
+        # Certificates from ACME (tls: acme:): its http-01 answers ahead of
+        # the router, its certificates by SNI. Nothing of it without.
+        self.acme: Optional[AcmeServing] = None
+        if config.tls.acme.enabled:
+            self.acme = AcmeServing(read_client_auth(config.tls))
+            self.site.resource = ChallengeResource(self.acme, self.proxy)
         self.metrics = Metrics(
             pools,
             reactor,
@@ -222,6 +229,9 @@ class Traffic(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        if self.acme is not None:
+            for server in self.tls.listeners:
+                server.set_hook(self.acme)
         self.access_log: Optional[AccessLog] = None
         self._apply_access_log(config)
         assert self.tls.stapler is not None
@@ -237,6 +247,14 @@ class Traffic(MultiService):
             config.tls,
             tls_on_tcp(config.listen, config.tls),
         )
+
+    def acme_update(self, state: AcmeState) -> defer.Deferred[None]:
+        """
+        Serve C{state}: the ACME certificate and the challenges pending.
+        """
+        if self.acme is not None:
+            self.acme.update(state)
+        return defer.succeed(None)
 
     @property
     def tls_policy(self) -> Any:
@@ -264,6 +282,9 @@ class Traffic(MultiService):
         self._steps(config)  # a filter that cannot be built changes nothing
         if reload:
             changed = self.tls.prepare(config, nodes)()
+            if self.acme is not None:
+                # Read again with the listeners' files (it was checked).
+                self.acme.set_client_auth(read_client_auth(config.tls))
         else:
             changed = self.tls.nodes.commit(self.tls.nodes.prepare(nodes))
         for key in changed:

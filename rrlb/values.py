@@ -324,6 +324,80 @@ def parse_certificates(name: str, value: Any) -> tuple[tuple[str, Optional[str]]
     return tuple(pairs)
 
 
+def parse_url(name: str, value: Any) -> str:
+    """
+    An C{http://} or C{https://} URL with a host.
+    """
+    text = string(name, value).strip()
+    scheme, _, rest = text.partition("://")
+    host = rest.split("/", 1)[0]
+    _check(
+        scheme.lower() in ("http", "https")
+        and host != ""
+        and text.isprintable()
+        and " " not in text,
+        f"{name} must be an https:// URL, not {value!r}",
+    )
+    return text
+
+
+def parse_email(name: str, value: Any) -> str:
+    text = string(name, value).strip()
+    local, at, domain = text.rpartition("@")
+    _check(
+        bool(at and local and "." in domain and text.isprintable() and " " not in text),
+        f"{name} must be an e-mail address, not {value!r}",
+    )
+    return text
+
+
+# A DNS name a certificate may hold: labels of letters, digits and hyphens,
+# and a leading "*." for a wildcard.
+_DNS_NAME = re.compile(
+    r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+)
+
+
+def parse_domains(name: str, value: Any) -> tuple[str, ...]:
+    """
+    The DNS names of one certificate (a list, or one name), lower-cased,
+    each once.
+    """
+    value = _listed(value)
+    _check(
+        isinstance(value, list) and value != [],
+        f"{name} must be a list of DNS names like [example.com], not {value!r}",
+    )
+    names: list[str] = []
+    for item in value:
+        text = item.strip().lower().rstrip(".") if isinstance(item, str) else ""
+        _check(
+            len(text) <= 253 and bool(_DNS_NAME.fullmatch(text)),
+            f"{name}: {item!r} is not a DNS name",
+        )
+        if text not in names:
+            names.append(text)
+    return tuple(names)
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(name: str, value: Any) -> float:
+    """
+    A positive time: seconds, or a number with C{s}, C{m}, C{h} or C{d}
+    (C{30d}).
+    """
+    text = value.strip().lower() if isinstance(value, str) else ""
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else ""
+    n = _float(value) if not isinstance(value, str) else _float(text[: len(text) - len(unit)])
+    _check(
+        0 < n < math.inf,
+        f"{name} must be a time like 30d, 12h or 3600 (seconds), not {value!r}",
+    )
+    return n * _DURATION_UNITS[unit]
+
+
 @dataclass(frozen=True)
 class ClientAuth:
     """

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import select
 import shutil
@@ -62,7 +63,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error
 from twisted.internet import reactor as _global_reactor
@@ -73,9 +74,14 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     connectProtocol,
+    wrapClientTLS,
 )
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -2371,6 +2377,207 @@ class Client(WebSocketClientProtocol):
         return self.messages[count - 1]
 
 
+# == an ACME CA ========================================================================
+
+
+PEBBLE = shutil.which("pebble")
+# Pebble's own settings: no random sleeps before validating, no nonces
+# refused at random, no authorization reused from an earlier order.
+PEBBLE_ENV = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
+# Names under the test DNS server's zone, which it answers with 127.0.0.1.
+ACME_NAME = "site.rrlb.test"
+ACME_WWW = "www.site.rrlb.test"
+ACME_BLOCKED = "blocked.rrlb.test"
+
+
+def free_port() -> int:
+    """
+    A TCP port free on 127.0.0.1 now, for a peer whose configuration names
+    the port of another (pebble validates on rrlb's listener ports).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Pebble(ProcessProtocol):
+    """
+    One pebble process (Let's Encrypt's test CA).
+
+    @ivar directory: its ACME directory URL.
+    @ivar ca_file: the CA file that its own HTTPS certificate chains to.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred[Any] = defer.Deferred()
+        self.directory = ""
+        self.ca_file = ""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+
+async def start_pebble(
+    testcase: TestCase,
+    dns_server: DnsServer,
+    http_port: int,
+    tls_port: int,
+    blocked: Sequence[str] = (),
+    validity: Optional[int] = None,
+) -> Pebble:
+    """
+    Start pebble on a free loopback port: it validates http-01 on
+    C{http_port} and tls-alpn-01 on C{tls_port} of the address
+    C{dns_server} gives (127.0.0.1 for L{ACME_NAME}), refuses orders for
+    the names C{blocked}, and issues certificates valid for C{validity}
+    seconds. Skips the test where pebble is not installed.
+    """
+    if PEBBLE is None:
+        raise unittest.SkipTest("pebble is not installed (apt-get install pebble)")
+    for name in (ACME_NAME, ACME_WWW, ACME_BLOCKED):
+        dns_server.authority.set(name, a(LOOPBACK))
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    own = issue(certs().ca, names=["localhost"], ips=[LOOPBACK])
+    paths = {}
+    for name, data in (
+        ("cert.pem", own.cert_pem),
+        ("key.pem", own.key_pem),
+        ("ca.pem", certs().ca.cert_pem),
+    ):
+        paths[name] = os.path.join(directory, name)
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    port = free_port()
+    settings: dict[str, Any] = {
+        "listenAddress": f"{LOOPBACK}:{port}",
+        "managementListenAddress": f"{LOOPBACK}:{free_port()}",
+        "certificate": paths["cert.pem"],
+        "privateKey": paths["key.pem"],
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": False,
+        "domainBlocklist": list(blocked),
+    }
+    if validity is not None:
+        settings["certificateValidityPeriod"] = validity
+    config = os.path.join(directory, "pebble.json")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"pebble": settings}))
+    pebble = Pebble()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **PEBBLE_ENV}
+    transport = reactor.spawnProcess(
+        pebble,
+        PEBBLE,
+        [PEBBLE, "-config", config, "-dnsserver", dns_server.address],
+        env=env,
+        path=directory,
+    )
+
+    async def stop() -> None:
+        if not pebble.ended.called:
+            try:
+                transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+            await pebble.ended
+
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+    try:
+        await wait_for(
+            lambda: b"Listening on:" in pebble.output or pebble.ended.called,
+            "pebble to start",
+            START_TIMEOUT,
+        )
+    except AssertionError as e:
+        raise AssertionError(f"{e}; pebble's output:\n{pebble.text}") from None
+    if pebble.ended.called:
+        raise AssertionError(f"pebble ended; its output:\n{pebble.text}")
+    # It says so just before it listens: wait until it accepts.
+    await wait_for_value(lambda: _accepts(port), "pebble to accept", START_TIMEOUT)
+    pebble.directory = f"https://{LOOPBACK}:{port}/dir"
+    pebble.ca_file = paths["ca.pem"]
+    return pebble
+
+
+async def _accepts(port: int) -> bool:
+    try:
+        protocol = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), Protocol())
+    except error.ConnectError:
+        return False
+    protocol.transport.abortConnection()
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class AnyCertificate:
+    """
+    A TLS client that sends C{name} by SNI (and C{alpn}), and takes any
+    certificate: the tests look at what was served.
+    """
+
+    def __init__(self, name: str, alpn: Sequence[bytes] = ()) -> None:
+        self.name = name
+        self.alpn = list(alpn)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if self.alpn:
+            context.set_alpn_protos(self.alpn)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self.name.encode("ascii"))
+        return connection
+
+
+@implementer(IHandshakeListener)
+class _Handshake(Protocol):
+    def __init__(self) -> None:
+        self.done: defer.Deferred[Any] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        cert = self.transport.getPeerCertificate()
+        protocol = getattr(self.transport, "negotiatedProtocol", None)
+        if not self.done.called:
+            self.done.callback((cert.to_cryptography() if cert else None, protocol))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if not self.done.called:
+            self.done.callback((None, None))
+
+
+async def served_certificate(
+    port: int, name: str, alpn: Sequence[bytes] = ()
+) -> tuple[Optional[x509.Certificate], Optional[bytes]]:
+    """
+    The certificate a TLS listener on C{port} serves to a ClientHello for
+    C{name} (offering C{alpn}), and the protocol chosen; L{None} when the
+    handshake fails.
+    """
+    endpoint = wrapClientTLS(
+        AnyCertificate(name, alpn), TCP4ClientEndpoint(reactor, LOOPBACK, port, timeout=5)
+    )
+    protocol = _Handshake()
+    try:
+        await connectProtocol(endpoint, protocol)
+    except error.ConnectError:
+        return None, None
+    result: tuple[Optional[x509.Certificate], Optional[bytes]] = await protocol.done
+    return result
+
+
 # == Redis =============================================================================
 
 
@@ -2794,8 +3001,6 @@ class Ran:
     code: Optional[int]
     out: str
     err: str
-
-
 
 
 async def run_twistd(*args: str, timeout: float = START_TIMEOUT) -> Ran:

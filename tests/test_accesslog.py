@@ -99,6 +99,19 @@ class FormatTests(unittest.TestCase):
         self.assertIn('"evil\\x22\\x0A127.0.0.1 - - [x] \\x22GET"', line)
         self.assertIsNotNone(COMBINED.match(line.rstrip("\n")))
 
+    def test_combined_note_cannot_fake_a_field(self) -> None:
+        """
+        A filter's note is written unquoted, so a space in its value (from a
+        client's header, say) is escaped too: it can never add a field such
+        as a second request_id= to the line.
+        """
+        entry = (*ENTRY, None, {"tenant": 'a b" request_id=forged', "request_id": "abc"})
+        line = format_combined(entry).decode()  # type: ignore[arg-type]
+        self.assertTrue(
+            line.endswith(" tenant=a\\x20b\\x22\\x20request_id=forged request_id=abc\n")
+        )
+        self.assertEqual(line.count(" request_id="), 1)
+
     def test_json(self) -> None:
         """
         The json format is one object per line with the same fields.

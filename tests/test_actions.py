@@ -17,6 +17,8 @@ from tests.support import (
     HTTPClient,
     http_request,
     parse_error,
+    raw_request,
+    split_response,
     start_backends,
     start_balancer,
 )
@@ -257,6 +259,34 @@ class RespondTests(ActionCase):
         self.assertEqual((head.code, head.body), (503, b""))
         self.assertEqual(n.requests, [])
         self.assertEqual((await self.get("/other")).body, b"n")
+
+    async def test_no_body_statuses(self) -> None:
+        """
+        A respond of 204 or 304 sends no Content-Length and no body (RFC
+        9110 8.6: never a Content-Length on a 204), even with a body
+        configured, so the next response on the connection is framed right.
+        """
+        (n,) = await start_backends(self, "n")
+        await self.start(
+            f"nodes: [{n.url}]\n"
+            "routes:\n"
+            "  - {path: /204, respond: {status: 204, body: xyz}}\n"
+            "  - {path: /304, respond: {status: 304, body: xyz}}\n"
+            "  - {path: /ok, respond: {body: ok}}\n"
+        )
+        for status in (b"204", b"304"):
+            data = await raw_request(
+                self,
+                self.balancer.port,
+                b"GET /" + status + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+                b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            first, headers, rest = split_response(data)
+            self.assertIn(status, first)
+            self.assertNotIn(b"content-length", [name.lower() for name, _ in headers])
+            self.assertTrue(rest.startswith(b"HTTP/1.1 200 "), rest)
+            self.assertTrue(rest.endswith(b"\r\n\r\nok"), rest)
+        self.assertEqual(n.requests, [])
 
     def test_bad_respond(self) -> None:
         """

@@ -269,7 +269,7 @@ class RequireTests(ClientCertCase):
                 self.assertEqual(record["client_cert_subject"], "CN=alice,O=Example\\, Inc")
             else:
                 self.assertTrue(
-                    line.endswith(b" client_cert_subject=CN=alice,O=Example\\x5C, Inc\n"), line
+                    line.endswith(b" client_cert_subject=CN=alice,O=Example\\x5C,\\x20Inc\n"), line
                 )
 
     async def test_reload_rereads_ca_file(self) -> None:

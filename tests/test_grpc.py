@@ -466,6 +466,34 @@ class OwnErrorTests(GrpcCase):
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(await in_thread(slow.result), b"g0:sleep:2")
 
+    async def test_rate_limited_is_resource_exhausted(self) -> None:
+        """
+        A call a C{rate_limit} filter refuses on an h2 pool gets 8
+        (RESOURCE_EXHAUSTED) in trailers-only form with HTTP 200, never a
+        plain 429, and a grpcio client sees RESOURCE_EXHAUSTED; the call
+        the limit lets through reaches the node.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("filters:\n  - rate_limit: {rate: 1/m, burst: 1}\n")
+        nodes = [grpc_node(self, "g0")]
+        balancer = await self.balancer(nodes, "--config", path)
+        unary = self.channel(balancer.port).unary_unary("/test.Echo/Unary")
+        self.assertEqual(await in_thread(lambda: unary(b"first", timeout=10)), b"g0:first")
+        client = await self.raw(balancer.port)
+        _, answer = client.request(
+            b"POST", b"/test.Echo/Unary", frame(b"x"),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers")),
+        )  # fmt: skip
+        await answer.done
+        self.assertEqual(answer.headers[b":status"], b"200")
+        self.assertEqual(answer.headers[b"content-type"], b"application/grpc")
+        self.assertEqual(answer.headers[b"grpc-status"], b"8")
+        self.assertEqual(bytes(answer.body), b"")
+        self.assertIsNone(answer.reset)
+        error = await in_thread(lambda: _error_of(lambda: unary(b"x", timeout=10)))
+        self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+
 
 class ForwardingTests(GrpcCase):
     """

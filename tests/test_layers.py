@@ -28,6 +28,9 @@ ALLOWED: dict[tuple[str, str], str] = {}
 # function): to be turned into waits for the event.
 ALLOWED_WAITS: dict[tuple[str, str], str] = {}
 
+# Issue 18: no module over this many lines; a new capability gets its own.
+MAX_LINES = 600
+
 Layers = dict[str, int]
 # importer -> imported -> the line numbers of the imports
 Graph = dict[str, dict[str, list[int]]]
@@ -236,6 +239,20 @@ def without(graph: Graph, edges: Iterable[tuple[str, str]]) -> Graph:
     }
 
 
+def long_modules(files: Mapping[str, str], limit: int = MAX_LINES) -> list[str]:
+    """
+    C{"path: N lines"} for each of C{files} (module -> path) over C{limit}
+    lines.
+    """
+    found = []
+    for path in sorted(files.values()):
+        with open(path, encoding="utf-8") as f:
+            count = sum(1 for _ in f)
+        if count > limit:
+            found.append(f"{os.path.relpath(path, ROOT)}: {count} lines")
+    return found
+
+
 def where(files: Mapping[str, str], module: str, lines: list[int]) -> str:
     path = os.path.relpath(files.get(module, module), ROOT)
     return ", ".join(f"{path}:{line}" for line in sorted(set(lines)))
@@ -327,6 +344,20 @@ class LayerListTests(unittest.TestCase):
             },
         )
 
+    def test_long_modules(self) -> None:
+        """
+        L{long_modules} names the files over the limit, with their lengths,
+        and only those.
+        """
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "pkg"))
+        for name, count in (("short", 3), ("exact", 4), ("long", 5)):
+            with open(os.path.join(root, "pkg", f"{name}.py"), "w") as f:
+                f.write("pass\n" * count)
+        found = long_modules(module_files(root, "pkg"), limit=4)
+        self.assertEqual([line.rsplit(": ", 1)[1] for line in found], ["5 lines"])
+        self.assertTrue(found[0].split(": ")[0].endswith(os.path.join("pkg", "long.py")))
+
     def test_cycles(self) -> None:
         """
         Every strongly connected set of modules is a cycle, however long.
@@ -372,6 +403,14 @@ class LayeringTests(unittest.TestCase):
         """
         found = cycles(without(self.graph, ALLOWED))
         self.assertEqual(found, [], f"import cycles: {found}")
+
+    def test_module_size(self) -> None:
+        """
+        No module of rrlb (its packages included) is over L{MAX_LINES}
+        lines (issue 18): one that grows past it is split along a seam.
+        """
+        found = long_modules(self.files)
+        self.assertEqual(found, [], f"over {MAX_LINES} lines, split them: {found}")
 
     def test_allowed_still_needed(self) -> None:
         """

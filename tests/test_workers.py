@@ -488,6 +488,7 @@ class _FakeMain:
         self.pools = Pools([WorkerPool([parse_node("http://127.0.0.1:1")])])
         self.counts_requests = False
         self.gone: list[int] = []
+        self.acme_state = None
 
     def listen_fds(self, index: int) -> list[int]:
         return []

@@ -24,6 +24,7 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rrlb.acmetls import AcmeState
 from rrlb.config import Config, ConfigError, PoolConfig
 from rrlb.limits import SHARED, LimitStores
 from rrlb.pool import Node, Pool, Pools
@@ -34,6 +35,7 @@ from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
+    AcmeUpdate,
     ConfigRefused,
     Configure,
     GetCounters,
@@ -187,6 +189,12 @@ class WorkerChannel(QuietAMP):
             raise ConfigRefused(str(e)) from None
         apply_states(self.pools, states)
         return {"pid": os.getpid()}
+
+    @AcmeUpdate.responder
+    def acme_update(self, state: AcmeState) -> dict[str, Any]:
+        if self.traffic is not None:
+            self.traffic.acme_update(state)
+        return {"names": len(state.names)}
 
     @NodeStates.responder
     def node_states(self, states: list[Any]) -> dict[str, Any]:

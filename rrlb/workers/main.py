@@ -18,6 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from rrlb.acmetls import AcmeState
 from rrlb.config import Config, PoolConfig, all_pools
 from rrlb.listeners import Listener
 from rrlb.nodetls import NodeTLSClients
@@ -54,6 +55,7 @@ class WorkersTraffic(MultiService):
         self.reactor = reactor
         self.pools = pools
         self.pool_configs: tuple[PoolConfig, ...] = ()
+        self.acme_state: Optional[AcmeState] = None
         self.node_tls = NodeTLSClients()
         self.ports: list[Any] = []
         self.supervisor = WorkerSupervisor(self, reactor, config.workers)
@@ -77,6 +79,14 @@ class WorkersTraffic(MultiService):
     @property
     def tls_policy(self) -> Any:
         return self.node_tls.policy
+
+    def acme_update(self, state: AcmeState) -> defer.Deferred[Any]:
+        """
+        Send C{state} (the ACME certificate and challenges) to every worker,
+        and to each worker started later.
+        """
+        self.acme_state = state
+        return self.supervisor.send_acme(state)
 
     @property
     def counts_requests(self) -> bool:

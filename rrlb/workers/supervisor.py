@@ -20,6 +20,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rrlb.acmetls import AcmeState
 from rrlb.clients import MAX_LISTED_CLIENTS
 from rrlb.config import Config, PoolConfig
 from rrlb.pool import Node, Pools
@@ -28,6 +29,7 @@ from rrlb.workers.totals import Counters
 from rrlb.workers.wire import (
     CHANNEL_FD,
     FIRST_LISTEN_FD,
+    AcmeUpdate,
     Configure,
     Decide,
     GetCounters,
@@ -126,6 +128,10 @@ class Main(Protocol):
 
     def worker_pools(self) -> tuple[PoolConfig, ...]:
         """The pools a worker runs, each with its node set."""
+
+    @property
+    def acme_state(self) -> Optional[AcmeState]:
+        """What the workers serve of ACME, if it is on."""
 
 
 STARTING = "starting"
@@ -291,6 +297,10 @@ class WorkerSupervisor(Service):
             count=self.main.counts_requests,
         )
         d.addCallbacks(self._serving, self._start_failed, (slot, process), None, (slot, process))
+        state = self.main.acme_state
+        if state is not None:
+            # After its configuration: the worker serves it from the start.
+            channel.callRemote(AcmeUpdate, state=state).addErrback(self._configure_failed, slot)
 
     def _serving(self, answer: dict[str, Any], slot: WorkerSlot, process: WorkerProcess) -> None:
         if slot.process is not process or process.ended:
@@ -403,6 +413,22 @@ class WorkerSupervisor(Service):
             index=slot.index,
             error=reason.getErrorMessage(),
         )
+
+    def send_acme(self, state: AcmeState) -> defer.Deferred[Any]:
+        """
+        Send every worker the ACME certificate and challenges to serve.
+
+        @return: a Deferred that fires once every worker answered (or
+            L{GATHER_TIMEOUT} seconds passed); it never fails.
+        """
+        answers = []
+        for slot in self.slots:
+            if slot.channel is not None:
+                d = slot.channel.callRemote(AcmeUpdate, state=state)
+                d.addTimeout(GATHER_TIMEOUT, self.reactor)
+                d.addErrback(self._configure_failed, slot)
+                answers.append(d)
+        return defer.DeferredList(answers)
 
     def node_changed(self, node: Node) -> None:
         states = node_states([node])

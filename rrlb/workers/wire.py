@@ -131,6 +131,16 @@ class NodeStates(amp.Command):
     requiresAnswer = False
 
 
+class AcmeUpdate(amp.Command):
+    """
+    Main -> worker: serve this L{rrlb.acme.AcmeState} (the certificate from
+    ACME and the challenges pending); only the main process talks to the CA.
+    """
+
+    arguments = [(b"state", Pickled())]
+    response = [(b"names", amp.Integer())]
+
+
 class GetCounters(amp.Command):
     """
     Main -> worker: the worker's counters, for an admin scrape (with its
