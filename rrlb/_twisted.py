@@ -14,12 +14,13 @@ failing requests quietly.
   - C{twisted.web.http_headers._nameEncoder}: how L{Headers} spells a header
     name (C{content-type} -> C{Content-Type}); only asked once per distinct
     name, the answers are cached here.
-  - L{HTTPChannel}'s producer state (C{_handlingRequest},
-    C{_networkProducer}, C{_waitingForTransport}, C{_requestProducer}):
-    L{rrlb.channel} replaces the channel's parsing, and L{rrlb.connection}
-    its C{pauseProducing}/C{resumeProducing} (to count its reasons not to read),
-    but keeps the rest of its backpressure between the transport and the
-    request, which reads these.
+  - L{HTTPChannel}'s producer state (C{_networkProducer},
+    C{_requestProducer}, read through L{network_producer} and
+    L{request_producer}): L{rrlb.channel} replaces the channel's parsing,
+    and L{rrlb.connection} its C{pauseProducing}/C{resumeProducing} (to
+    count its reasons not to read), but keeps the rest of its backpressure
+    between the transport and the request (C{registerProducer} and
+    C{unregisterProducer} set these).
   - L{Request._disconnected}: whether the client went away.
   - L{Request.__init__}'s work: L{init_request} sets what it sets, more
     cheaply (see there); the test compares the two attribute by attribute.
@@ -49,6 +50,8 @@ __all__ = [
     "set_raw_headers",
     "client_gone",
     "init_request",
+    "request_producer",
+    "network_producer",
     "HeaderNameError",
     "quiet_connection_pool",
     "systemd_descriptors",
@@ -135,10 +138,28 @@ def init_request(request: Any, channel: Any) -> None:
     Componentized.__init__(request)
 
 
-# The HTTPChannel attributes rrlb.channel and rrlb.connection read or set
-# (see the module docstring); the test checks that the installed Twisted
-# still has them.
-CHANNEL_STATE = ("_handlingRequest", "_networkProducer", "_waitingForTransport", "_requestProducer")
+# The HTTPChannel attributes rrlb.connection reads, through the two
+# functions below (see the module docstring); the test checks that the
+# installed Twisted still has them. (HTTPChannel's _handlingRequest and
+# _waitingForTransport are read only by the methods ProxyChannel overrides:
+# rrlb keeps that state under its own names, ClientConnection.in_request and
+# client_full.)
+CHANNEL_STATE = ("_networkProducer", "_requestProducer")
+
+
+def request_producer(channel: Any) -> Any:
+    """
+    The producer the request registered on C{channel} (the node's
+    connection while a response streams), or L{None}.
+    """
+    return channel._requestProducer
+
+
+def network_producer(channel: Any) -> Any:
+    """
+    The transport C{channel} registered itself on as a producer.
+    """
+    return channel._networkProducer
 
 
 def header_values(headers: Headers, name: bytes) -> Optional[list[bytes]]:

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rrlb._twisted import client_gone
-from rrlb.actions import Forward, ForwardPicker, Redirect, Respond
+from rrlb.actions import Forward, Redirect, Respond
 from rrlb.failures import log_text
 from rrlb.filterheaders import header_name, header_value
 from rrlb.filters import (
@@ -36,6 +36,7 @@ from rrlb.filters import (
     build_filter,
 )
 from rrlb.http1 import PLAIN_TEXT, answer, error_response
+from rrlb.routeactions import ForwardAction, RedirectAction, RespondAction
 from rrlb.routes import Route, Router
 
 log = Logger()
@@ -58,80 +59,38 @@ class Step:
         self.done: Optional[Callable[[FilterRequest], Any]] = getattr(filter, "done", None)
 
 
-class RedirectAction:
+class Responders:
     """
-    A route's C{redirect}.
-    """
-
-    def __init__(self, redirect: Redirect) -> None:
-        self.redirect = redirect
-
-    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
-        location = self.redirect.location(request)
-        answer(
-            request,
-            self.redirect.status,
-            b"",
-            [(b"Location", location)],
-            content_type=None,
-            date=chains.proxy.date(),
-        )
-
-
-class RespondAction:
-    """
-    A route's C{respond}.
+    The response filters of a chain that ran to its end (the top-level
+    filters, then a route's), in the order they run: the reverse. Made once
+    per configuration, so that a request whose filters all went on at once
+    costs no object of its own for them: its hook is L{hook}.
     """
 
-    def __init__(self, respond: Respond) -> None:
-        self.respond = respond
+    __slots__ = ("chains", "steps", "hook")
 
-    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
-        r = self.respond
-        answer(request, r.status, r.body, r.headers, r.content_type, date=chains.proxy.date())
+    def __init__(self, chains: Chains, steps: tuple[Step, ...]) -> None:
+        self.chains = chains
+        self.steps = tuple((s.label, s.response) for s in reversed(steps) if s.response)
+        # What request.response_hook is (None: no response filter).
+        self.hook: Optional[Callable[[Any, int], bool]] = self.respond if self.steps else None
 
+    def respond(self, request: Any, code: int) -> bool:
+        """
+        Run the response filters on the head of a response with status
+        C{code}.
 
-class ForwardAction:
-    """
-    A route's C{forward}: one of its pools per request (their
-    L{rrlb.exchange.Destination}s), sticky by a cookie if asked.
-    """
-
-    def __init__(self, picker: ForwardPicker[Any]) -> None:
-        self.picker = picker
-        sticky = picker.stickiness
-        self.cookie = None if sticky is None else sticky.cookie
-
-    def act(self, chains: Chains, request: Any, route: Any, flow: Optional[Flow]) -> None:
-        cookie = None
-        if self.cookie is not None:
-            if flow is None:
-                flow = Flow(chains, request, route)
-            cookie = flow.view.cookie(self.cookie)
-        dest, set_cookie = self.picker.pick(_serving, cookie)
-        if set_cookie is not None:
-            assert flow is not None
-            flow.add_response(Step("stickiness", _SetCookie(set_cookie)))
-        chains.proxy.send(request, dest, route)
-
-
-def _serving(dest: Any) -> bool:
-    return bool(dest.pool.serving)
-
-
-class _SetCookie:
-    """
-    Gives a response the sticky cookie of the pool a forward chose.
-    """
-
-    def __init__(self, value: bytes) -> None:
-        self.value = value
-
-    def request(self, request: FilterRequest) -> None:
-        return None
-
-    def response(self, request: FilterRequest, response: FilterResponse) -> None:
-        response.headers.add("Set-Cookie", self.value.decode("ascii"))
+        @return: C{False} if one failed (the client got a 500 instead).
+        """
+        view = request.filter_view
+        response = FilterResponse(code, request.responseHeaders)
+        for label, method in self.steps:
+            try:
+                method(view, response)
+            except Exception:
+                self.chains.failed(request, label, Failure())
+                return False
+        return True
 
 
 class Chains:
@@ -142,28 +101,87 @@ class Chains:
     @ivar errors: label -> filter errors (C{rrlb_filter_errors_total}).
     """
 
-    def __init__(self, proxy: Any, top: tuple[Step, ...], errors: dict[str, int]) -> None:
+    def __init__(
+        self,
+        proxy: Any,
+        top: tuple[Step, ...],
+        errors: dict[str, int],
+        router: Optional[Router[Any]] = None,
+    ) -> None:
         self.proxy = proxy
         self.top = top
         self.errors = errors
+        self.responders = Responders(self, top)
+        # Each route's response filters after the top-level ones'.
+        for route in router.routes if router is not None else ():
+            route.responders = Responders(self, top + route.filters)
 
     def start(self, request: Any, route: Any = None) -> None:
         """
         Run C{request}'s chain: from the top-level filters, or with C{route}
         (matched already), from the route's filters.
-        """
-        if route is not None and not route.filters and not self.top:
-            # Only an action: no filter to run, no request view to make.
-            route.action.act(self, request, route, None)
-            return
-        Flow(self, request, route).run()
 
-    def failed(self, flow: Flow, label: str, failure: Failure) -> None:
+        Filters that all return L{None} at once (what the built-in ones
+        but C{allow}/C{deny} refusing do) run here in one loop, with a
+        response hook made per configuration; the first that answers,
+        waits, re-pools or wants C{done} hands the rest to a L{Flow}.
+        """
+        if route is None:
+            view = request.filter_view = FilterRequest(request)
+            if not self.run(request, view, self.top, None):
+                return
+            router = self.proxy.router
+            if router is None:
+                request.response_hook = self.responders.hook
+                self.proxy.send(request, self.proxy.default, None)
+                return
+            route = router.match(request)
+            if route is None:
+                request.response_hook = self.responders.hook
+                error_response(request, 404, "no route for this request")
+                return
+            view.route = route.label
+        elif not route.filters:
+            # Only an action: no filter to run, no request view to make.
+            route.action.act(self, request, route)
+            return
+        else:
+            view = request.filter_view = FilterRequest(request)
+            view.route = route.label
+        if not self.run(request, view, route.filters, route):
+            return
+        request.response_hook = route.responders.hook
+        action = route.action
+        if action is None:
+            self.proxy.send(request, route.target, route)
+        else:
+            action.act(self, request, route)
+
+    def run(self, request: Any, view: FilterRequest, steps: tuple[Step, ...], route: Any) -> bool:
+        """
+        Run C{steps} while each returns L{None} at once, sets no pool and
+        has no C{done}.
+
+        @return: whether all did; if not, the rest is in a L{Flow}'s hands.
+        """
+        index = 0
+        for step in steps:
+            try:
+                result = step.request(view)
+            except Exception:
+                self.failed(request, step.label, Failure())
+                return False
+            index += 1
+            if result is not None or view.pool is not None or step.done is not None:
+                Flow(self, request, view, route, steps, index).took(step, result)
+                return False
+        return True
+
+    def failed(self, request: Any, label: str, failure: Failure) -> None:
         """
         A filter failed: log it once with its traceback, count it, and answer
         a plain 500 (if the client is still there and nothing was sent).
         """
-        request = flow.request
         self.errors[label] = self.errors.get(label, 0) + 1
         log.failure(
             "filter {filter} failed on {method} {uri}",
@@ -193,7 +211,9 @@ class Chains:
 
 class Flow:
     """
-    One request's way through its chain.
+    The rest of one request's way through its chain, from the first filter
+    that did not simply go on (L{Chains.run}): it answered, waits on a
+    Deferred, re-pooled the request, or wants to be told when it ends.
     """
 
     __slots__ = (
@@ -210,23 +230,51 @@ class Flow:
         "watched",
     )
 
-    def __init__(self, chains: Chains, request: Any, route: Any) -> None:
+    def __init__(
+        self,
+        chains: Chains,
+        request: Any,
+        view: FilterRequest,
+        route: Any,
+        steps: tuple[Step, ...],
+        index: int,
+    ) -> None:
+        """
+        @param route: the matched route whose C{steps} these are, or L{None}
+            for the top-level filters.
+        @param index: how many of C{steps} ran.
+        """
         self.chains = chains
         self.request = request
-        self.view = FilterRequest(request)
+        self.view = view
         self.route = route
-        self.ran: list[Step] = []
+        self.steps = steps
+        self.index = index
+        self.matched = route is not None
         self.pool: Optional[str] = None
         self.waiting: Optional[Deferred[Any]] = None
         self.watched = False
-        self.index = 0
-        if route is None:
-            self.steps = chains.top
-            self.matched = False
+        # The filters that ran, whose response or done is owed to them.
+        ran = chains.top + steps[:index] if route is not None else steps[:index]
+        self.ran = [s for s in ran if s.response is not None or s.done is not None]
+        if any(s.response is not None for s in self.ran):
+            request.response_hook = self.respond
+        if any(s.done is not None for s in self.ran):
+            self.watch()
+
+    def took(self, step: Step, result: Any) -> None:
+        """
+        Go on from what C{step}'s C{request} returned.
+        """
+        if result is None:
+            view = self.view
+            if view.pool is not None and view.pool != self.pool and not self.repooled(step):
+                return
+            self.run()
+        elif isinstance(result, Deferred):
+            self.wait(step, result)
         else:
-            self.steps = route.filters
-            self.matched = True
-            self.view.route = route.label
+            self.answered(step, result)
 
     def run(self) -> None:
         """
@@ -253,7 +301,7 @@ class Flow:
                 try:
                     result = step.request(view)
                 except Exception:
-                    self.chains.failed(self, step.label, Failure())
+                    self.chains.failed(request, step.label, Failure())
                     return
                 if result is not None:
                     if isinstance(result, Deferred):
@@ -286,7 +334,7 @@ class Flow:
         name = self.view.pool
         if name not in self.chains.proxy.destinations:
             failure = Failure(ValueError(f"the filter set pool {name!r}; there is no such pool"))
-            self.chains.failed(self, step.label, failure)
+            self.chains.failed(self.request, step.label, failure)
             return False
         self.pool = name
         return True
@@ -305,13 +353,7 @@ class Flow:
         elif route.action is None:
             proxy.send(self.request, route.target, route)
         else:
-            route.action.act(self.chains, self.request, route, self)
-
-    def add_response(self, step: Step) -> None:
-        request = self.request
-        if request.response_hook is None:
-            request.response_hook = self.respond
-        self.ran.append(step)
+            route.action.act(self.chains, self.request, route)
 
     def add_done(self, step: Step) -> None:
         self.watch()
@@ -361,7 +403,7 @@ class Flow:
             try:
                 step.response(view, response)
             except Exception:
-                self.chains.failed(self, step.label, Failure())
+                self.chains.failed(request, step.label, Failure())
                 return False
         return True
 
@@ -374,7 +416,7 @@ class Flow:
         try:
             status, body, headers = checked_answer(result)
         except (TypeError, ValueError) as e:
-            self.chains.failed(self, step.label, Failure(e))
+            self.chains.failed(self.request, step.label, Failure(e))
             return
         content_type = None if b"Content-Type" in dict(headers) or not body else PLAIN_TEXT
         answer(self.request, status, body, headers, content_type, date=self.chains.proxy.date())
@@ -410,7 +452,7 @@ class Flow:
         self.waiting = None
         if failure.check(CancelledError) and client_gone(self.request):
             return
-        self.chains.failed(self, step.label, failure)
+        self.chains.failed(self.request, step.label, failure)
 
 
 def checked_answer(result: Any) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -236,7 +236,7 @@ class ProxyChannel(ClientConnection):
         if length == 0:
             self._state = _BUSY
             self.deadline = None
-            self._handlingRequest = True
+            self.in_request = True
             # Whatever follows stays where it is, read ahead: no copy.
             self._unread = buffer
             self._offset = pos
@@ -257,7 +257,7 @@ class ProxyChannel(ClientConnection):
         self._unread = b""
         self._offset = 0
         self._state = _BODY
-        self._handlingRequest = True
+        self.in_request = True
         self.deadline = self.clock.seconds() + limits.body_timeout
         body = request.body = StreamedBody(self, length, head.expect_continue)
         if length is None:
@@ -439,10 +439,10 @@ class ProxyChannel(ClientConnection):
         if not self.persistent or self._state == _CLOSED:
             self.loseConnection()
             return
-        self._handlingRequest = False
+        self.in_request = False
         self._state = _IDLE
         self.deadline = self.clock.seconds() + self.site.limits.keepalive_timeout
-        if self._waitingForTransport:
+        if self.client_full:
             # The client has not taken this response yet: nothing more is
             # read from it, and the next request does not start (even one
             # already read), until it has, as with nginx. Else a client that
@@ -541,7 +541,7 @@ class ProxyChannel(ClientConnection):
             request.clientproto = version if version in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
         request.content = None
         request.client_error = error.reason
-        self._handlingRequest = True
+        self.in_request = True
         error_response(
             request, error.code, error.text, ((b"Connection", b"close"),) + error.headers
         )

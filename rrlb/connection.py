@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
 
+from rrlb._twisted import network_producer, request_producer
 from rrlb.clientcert import ClientCertificate, peer_certificate
 from rrlb.clients import LINGER_TIMEOUT, ClientSite, is_trusted
 from rrlb.http1 import EDGE_OFF, EDGE_TRUSTED, EDGE_UNTRUSTED
@@ -60,6 +61,11 @@ class ClientConnection(http.HTTPChannel):
     # A drain asked it to close after the request in progress: its
     # response says Connection: close.
     closing = False
+    # rrlb's own producer state (HTTPChannel keeps its own under private
+    # names, which only its methods that rrlb overrides read): a request is
+    # being handled, and the client's write buffer is full.
+    in_request = False
+    client_full = False
     transport: Any
     site: ClientSite
 
@@ -144,11 +150,11 @@ class ClientConnection(http.HTTPChannel):
         (Twisted's HTTPChannel does the same). During a request, reading is
         bounded by L{READ_AHEAD} and the body's holds instead.
         """
-        self._waitingForTransport = True
-        producer = self._requestProducer
+        self.client_full = True
+        producer = request_producer(self)
         if producer is not None:
             producer.pauseProducing()
-        if not self._handlingRequest:
+        if not self.in_request:
             self._stop_reading(_SENDING)
 
     def resumeProducing(self) -> None:
@@ -157,8 +163,8 @@ class ClientConnection(http.HTTPChannel):
         request starts if it was waiting for that, and reading goes on
         unless another reason still stops it.
         """
-        self._waitingForTransport = False
-        producer = self._requestProducer
+        self.client_full = False
+        producer = request_producer(self)
         if producer is not None:
             producer.resumeProducing()
         self._go_on_reading(_SENDING)
@@ -183,7 +189,7 @@ class ClientConnection(http.HTTPChannel):
         to a reset.
         """
         self._state = _CLOSED
-        transport: Any = self._networkProducer
+        transport: Any = network_producer(self)
         transport.unregisterProducer()
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None or not self.site.linger:

@@ -25,7 +25,11 @@ FORBIDDEN_NAMES = HOP_BY_HOP_NAMES | {b"Content-Length"}
 
 
 # Names filters used, as they spelt them -> the key (those they may change).
+# Names filters used, as they spelt them -> the key: those they may change
+# (_KEYS), and every name they read by (_READ_KEYS). Bounded: past the size,
+# names are worked out each time.
 _KEYS: dict[str, bytes] = {}
+_READ_KEYS: dict[str, bytes] = {}
 _KEYS_SIZE = 1024
 
 
@@ -53,12 +57,14 @@ def header_name(name: str) -> bytes:
 
 def _lookup_key(name: str) -> Optional[bytes]:
     # A name to read by: any header, hop-by-hop ones too; None if not a name.
-    key = _KEYS.get(name) if type(name) is str else None
+    key = _READ_KEYS.get(name) if type(name) is str else None
     if key is None:
         try:
             key = canonical_name(name.encode("ascii"))
         except (AttributeError, UnicodeEncodeError, HeaderNameError):
             return None
+        if len(_READ_KEYS) < _KEYS_SIZE:
+            _READ_KEYS[name] = key
     return key
 
 
@@ -99,15 +105,21 @@ class FilterHeaders:
         """
         The header's values joined by C{", "}, or L{None} without one.
         """
-        key = _KEYS.get(name) if type(name) is str else None
-        if key is None:
+        # (The names seen before, without a call; a name of another type,
+        # unhashable or not, goes the long way.)
+        key: Optional[bytes]
+        try:
+            key = _READ_KEYS[name]
+        except (KeyError, TypeError):
             key = _lookup_key(name)
             if key is None:
                 return None
         values = self._raw.get(key)
         if not values:
             return None
-        return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
+        if len(values) == 1:
+            return values[0].decode("latin-1")
+        return b", ".join(values).decode("latin-1")
 
     def get_all(self, name: str) -> list[str]:
         """
@@ -122,9 +134,12 @@ class FilterHeaders:
         """
         Make C{value} the header's only value.
         """
-        key = (_KEYS.get(name) if type(name) is str else None) or header_name(name)
+        try:
+            key = _KEYS[name]
+        except (KeyError, TypeError):
+            key = header_name(name)
         if type(value) is str and value.isascii() and value.isprintable():
-            self._raw[key] = [value.encode("ascii")]
+            self._raw[key] = [value.encode()]  # the common case: no control character
         else:
             self._raw[key] = [header_value(name, value)]
 

@@ -149,31 +149,43 @@ class FilterRequest:
         """
         The value of the request's cookie C{name}, or L{None}.
         """
-        wanted = name.encode("latin-1", "replace")
-        for line in raw_headers(self.raw.requestHeaders).get(b"Cookie", ()):
-            for pair in line.split(b";"):
-                key, sep, value = pair.strip().partition(b"=")
-                if sep and key == wanted:
-                    return value.decode("latin-1")
-        return None
+        return request_cookie(self.raw, name)
 
     def note(self, name: str, value: str) -> None:
         """
         Add C{name=value} to the request's access log line (a key of the
         JSON line). C{name} is lower-case letters and C{_}.
         """
-        if not (type(name) is str and name in _NOTES_SEEN and type(value) is str):
+        try:
+            seen = type(value) is str and name in _NOTES_SEEN
+        except TypeError:  # an unhashable name
+            seen = False
+        if not seen:
             if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
             if len(_NOTES_SEEN) < _NOTES_SIZE:
-                _NOTES_SEEN.add(name)
-        notes = self.raw.log_notes
+                _NOTES_SEEN.add(str(name))
+        raw = self.raw
+        notes = raw.log_notes
         if notes is None:
-            self.raw.log_notes = {name: value}
+            raw.log_notes = {name: value}
         else:
             notes[name] = value
+
+
+def request_cookie(request: Any, name: str) -> Optional[str]:
+    """
+    The value of C{request}'s cookie C{name}, or L{None}.
+    """
+    wanted = name.encode("latin-1", "replace")
+    for line in raw_headers(request.requestHeaders).get(b"Cookie", ()):
+        for pair in line.split(b";"):
+            key, sep, value = pair.strip().partition(b"=")
+            if sep and key == wanted:
+                return value.decode("latin-1")
+    return None
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")

@@ -274,6 +274,8 @@ class ProxyRequest(server.Request):
     # What its response filters do to each response head (rrlb.chain), if
     # it has any.
     response_hook: Optional[Callable[[Any, int], bool]] = None
+    # The request as its filters see it (rrlb.filters.FilterRequest).
+    filter_view: Any = None
     # Fields filters added to its access log line (FilterRequest.note).
     log_notes: Optional[dict[str, str]] = None
 

@@ -149,6 +149,7 @@ class Route(Generic[T]):
         "filters",
         "action",
         "chained",
+        "responders",
     )
 
     def __init__(
@@ -213,6 +214,7 @@ class Route(Generic[T]):
         self.filters: tuple[Any, ...] = ()
         self.action: Any = None
         self.chained = False
+        self.responders: Any = None
 
     def host_matches(self, host: Optional[bytes]) -> bool:
         if host is None:

@@ -319,7 +319,7 @@ class Traffic(MultiService):
         router, top = build_routes(config, self._steps(config), destinations)
         proxy = self.proxy
         chained = bool(top) or (router is not None and any(r.chained for r in router.routes))
-        chains = Chains(proxy, top, proxy.stats.filter_errors) if chained else None
+        chains = Chains(proxy, top, proxy.stats.filter_errors, router) if chained else None
         proxy.set_routes(router, destinations[pool_configs[0].name], destinations)
         proxy.chains = chains
         proxy.all_chained = chains if top else None

@@ -100,9 +100,8 @@ class ChannelTests(unittest.TestCase):
         channel = self.connect(server.Site(Answer()))
         for name in _twisted.CHANNEL_STATE:
             self.assertTrue(hasattr(channel, name), name)
-        self.assertIs(channel._handlingRequest, False)
-        self.assertIs(channel._waitingForTransport, False)
-        self.assertIsNone(channel._requestProducer)
+        self.assertIsNone(_twisted.request_producer(channel))
+        self.assertIs(_twisted.network_producer(channel), channel.transport)
 
     def test_request_disconnected(self) -> None:
         """
@@ -249,21 +248,6 @@ ALLOWED: dict[tuple[str, str], str] = {}
 def _allow(module: str, names: str, why: str) -> None:
     for name in names.split():
         ALLOWED[(module, name)] = why
-
-
-_allow(
-    "channel",
-    "_handlingRequest _waitingForTransport",
-    "ProxyChannel subclasses HTTPChannel and works its state (CHANNEL_STATE), set and read"
-    " per request: a property or function in _twisted would cost a call each time",
-)
-_allow(
-    "connection",
-    "_handlingRequest _networkProducer _requestProducer _waitingForTransport",
-    "the producer half of ProxyChannel (an HTTPChannel subclass), split out of channel.py:"
-    " it works HTTPChannel's own backpressure state (CHANNEL_STATE) on every pause and"
-    " resume, where a property or function in _twisted would cost a call each time",
-)
 
 
 def private(name: str) -> bool:
