@@ -216,6 +216,23 @@ def stuck(transport: Any) -> bool:
     return not writable
 
 
+# Linux's struct tcp_info: where tcpi_snd_wnd is (Linux 5.19 and later).
+TCP_INFO_SND_WND = 228
+
+
+def peer_window(transport: Any) -> int:
+    """
+    The receive window the peer of TCP C{transport} last advertised: 0 once
+    the peer stopped reading and its receive buffer is full, so nothing
+    more can leave until it reads.
+    """
+    size = TCP_INFO_SND_WND + 4
+    info = transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, size)
+    if len(info) < size:
+        raise unittest.SkipTest("this kernel's TCP_INFO has no tcpi_snd_wnd")
+    return int.from_bytes(info[TCP_INFO_SND_WND:], sys.byteorder)
+
+
 def clock_on(service: Any) -> Clock:
     """
     Put the response timeouts of C{service}'s upstream client on a fresh

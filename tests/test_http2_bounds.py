@@ -15,11 +15,14 @@ descriptors can be read from C{/proc}:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
 import ssl
+import sys
+import termios
 from typing import Any, Callable, Optional
 
 import h2.config
@@ -50,10 +53,11 @@ from tests.support import (
     HTTP2Case,
     RecordedRequest,
     https_get,
+    peer_window,
     reactor,
     response,
-    sleep,
     start_daemon,
+    wait_for_value,
     wait_until,
 )
 
@@ -64,9 +68,6 @@ RSS_GROWTH = 32 << 20
 # What a node may have sent before the test calls the growth unbounded:
 # well past every socket buffer between it and rrlb.
 UNBOUNDED = 400 << 20
-# A stalled transfer: nothing more moved for this many samples in a row.
-SAMPLE_INTERVAL = 0.1
-QUIET_SAMPLES = 10
 # The most time a transfer may take to stall.
 STALL_TIMEOUT = 30.0
 CHUNK = b"x" * 65536
@@ -208,25 +209,47 @@ def stuck_client(port: int, streams: int) -> ssl.SSLSocket:
     return tls
 
 
-async def settle(moved: Callable[[], int], pid: int, limit: int) -> tuple[int, int]:
+async def settle(
+    stalled: Callable[[], Any], moved: Callable[[], int], pid: int, limit: int
+) -> tuple[int, int]:
     """
-    Sample rrlb's RSS until C{moved()} (bytes some transfer moved) stops
-    growing for L{QUIET_SAMPLES} samples, or passes C{limit} (then it is not
-    bounded). Returns the highest RSS seen and C{moved()} at the end.
+    Sample rrlb's RSS until the awaitable C{stalled()} says the transfer
+    can move nothing more (rrlb stopped taking it), or C{moved()} (the bytes
+    it moved) passes C{limit} (then it is not bounded). Fails after
+    L{STALL_TIMEOUT}. Returns the highest RSS seen and C{moved()} at the end.
     """
     highest = rss(pid)
-    last, quiet = -1, 0
-    for _ in range(int(STALL_TIMEOUT / SAMPLE_INTERVAL)):
-        await sleep(SAMPLE_INTERVAL)
+
+    async def done() -> bool:
+        nonlocal highest
         highest = max(highest, rss(pid))
-        now = moved()
-        if now > limit:
-            break
-        quiet = quiet + 1 if now == last else 0
-        if quiet >= QUIET_SAMPLES:
-            break
-        last = now
-    return highest, moved()
+        return moved() > limit or await stalled()
+
+    await wait_for_value(done, "the transfer to stall", STALL_TIMEOUT)
+    return max(highest, rss(pid)), moved()
+
+
+def unread_bytes(transport: Any) -> int:
+    """
+    What the kernel received on C{transport}'s socket that was not read.
+    """
+    count = fcntl.ioctl(transport.getHandle().fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(count, sys.byteorder)
+
+
+def nodes_stuck(node: Node) -> Callable[[], Any]:
+    """
+    Whether every connection of C{node} streaming an answer is stuck:
+    Twisted paused it (its write buffer is full) and rrlb's socket
+    advertises a zero window (rrlb stopped reading it); or it is closed.
+    """
+
+    async def stuck() -> bool:
+        return all(
+            c.closed or (c.paused and peer_window(c.transport) == 0) for c in node.streaming
+        )
+
+    return stuck
 
 
 class BoundsCase(HTTP2Case):
@@ -298,7 +321,7 @@ class SlowReaderTests(BoundsCase):
         stuck = await threads.deferToThread(stuck_client, daemon.port, 10)
         self.addCleanup(stuck.close)
         await wait_until(lambda: len(node.streaming) == 10, WAIT_TIMEOUT, "10 streams at the node")
-        highest, sent = await settle(lambda: node.sent, pid, UNBOUNDED)
+        highest, sent = await settle(nodes_stuck(node), lambda: node.sent, pid, UNBOUNDED)
         self.assertLess(sent, UNBOUNDED, "rrlb read on from the node")
         self.assertLess(highest - before, RSS_GROWTH, f"RSS {before} -> {highest}")
         # Everybody else is served meanwhile, over HTTP/2 and HTTP/1.1.
@@ -308,7 +331,7 @@ class SlowReaderTests(BoundsCase):
             self, f"https://127.0.0.1:{daemon.port}/small", self.certs.ca
         )
         self.assertEqual((code, body), (200, b"ok"))
-        highest, sent = await settle(lambda: node.sent, pid, UNBOUNDED)
+        highest, sent = await settle(nodes_stuck(node), lambda: node.sent, pid, UNBOUNDED)
         self.assertLess(highest - before, RSS_GROWTH, f"RSS {before} -> {highest}")
         stuck.close()
         await wait_until(
@@ -334,7 +357,7 @@ class UploadBoundsTests(BoundsCase):
         pid = daemon.transport.pid
         self.assertEqual(await self.get(daemon.port), (200, b"ok"))
         before = rss(pid)
-        client = await self.h2_connect(daemon.port)
+        client = await self.h2_connect(daemon.port, Uploader())
         size = 100 << 20
         started = [
             client.request(
@@ -342,37 +365,76 @@ class UploadBoundsTests(BoundsCase):
             )
             for _ in range(10)
         ]
-        streams = [stream for stream, _ in started]
         for _, answer in started:
             # The node never answers: the connection's end ends them.
             answer.done.addErrback(lambda failure: None)
-        sent = {stream: 0 for stream in streams}
-        stopped = False
-
-        async def upload() -> None:
-            # Send whatever the windows allow, as a client does.
-            while not stopped:
-                moved = False
-                for stream in streams:
-                    window = min(
-                        client.conn.local_flow_control_window(stream), size - sent[stream]
-                    )
-                    if window > 0:
-                        piece = min(window, 16384)
-                        client.send(stream, b"u" * piece)
-                        sent[stream] += piece
-                        moved = True
-                if not moved:
-                    await sleep(0.01)
-
-        uploading = defer.Deferred.fromCoroutine(upload())
+        client.upload({stream: size for stream, _ in started})
         await wait_until(lambda: len(node.sinks) == 10, WAIT_TIMEOUT, "10 requests at the node")
-        highest, total = await settle(lambda: sum(sent.values()), pid, UNBOUNDED)
-        stopped = True
-        await uploading
+
+        def unread() -> list[int]:
+            return [unread_bytes(c.transport) for c in node.sinks]
+
+        async def stuck() -> bool:
+            # Nothing moved, to the node or from the client, while a PING
+            # went to rrlb and back.
+            before = unread()
+            return await client.stalled() and unread() == before
+
+        highest, total = await settle(stuck, lambda: client.sent, pid, UNBOUNDED)
+        client.stopped = True
         self.assertLess(total, UNBOUNDED)
         self.assertLess(highest - before, RSS_GROWTH, f"RSS {before} -> {highest}")
         self.assertEqual(await self.get(daemon.port), (200, b"ok"))
+
+
+class Uploader(H2Client):
+    """
+    An HTTP/2 client that sends its request bodies as far as the windows
+    allow, and sends on each time rrlb opens them, as a client does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # What each upload has left to send.
+        self.left: dict[int, int] = {}
+        self.sent = 0
+        self.stopped = False
+
+    def upload(self, sizes: dict[int, int]) -> None:
+        """
+        Send C{sizes[stream]} bytes on each stream, in turns.
+        """
+        self.left.update(sizes)
+        self.fill()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # Windows open only on what rrlb sends (WINDOW_UPDATE, SETTINGS).
+        self.fill()
+
+    def fill(self) -> None:
+        moved = True
+        while moved and not self.stopped:
+            moved = False
+            for stream, left in self.left.items():
+                if self.responses[stream].done.called:
+                    continue
+                piece = min(self.conn.local_flow_control_window(stream), left, 16384)
+                if piece > 0:
+                    self.conn.send_data(stream, b"u" * piece)
+                    self.left[stream] -= piece
+                    self.sent += piece
+                    moved = True
+        self.flush()
+
+    async def stalled(self) -> bool:
+        """
+        Whether rrlb read all that was sent (a PING comes back after it)
+        and opened no window meanwhile: nothing more moves until it does.
+        """
+        sent = self.sent
+        await self.ping()
+        return self.sent == sent
 
 
 class DescriptorTests(BoundsCase):

@@ -26,14 +26,7 @@ ALLOWED: dict[tuple[str, str], str] = {}
 
 # Test functions that still wait a fixed time, each with why (test module,
 # function): to be turned into waits for the event.
-ALLOWED_WAITS: dict[tuple[str, str], str] = {
-    ("test_http2_bounds", "settle"): "samples rrlb's RSS every 0.1 s until a transfer has"
-    " moved nothing for 1 s (issue 17): wait until the node's or client's sends are stuck",
-    ("test_http2_bounds", "upload"): "polls the client's HTTP/2 windows every 10 ms: send"
-    " on the WINDOW_UPDATE event instead",
-    ("test_slow_peers", "node_stalled"): "the node counts as stalled after 2 s without"
-    " progress (issue 17): wait until its sends are stuck",
-}
+ALLOWED_WAITS: dict[tuple[str, str], str] = {}
 
 # Issue 18: no module over this many lines; a new capability gets its own.
 MAX_LINES = 600

@@ -31,7 +31,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rrlb.clients import LINGER_TIMEOUT
-from tests.support import LOOPBACK, Daemon, raw_request, sleep, start_daemon
+from tests.support import LOOPBACK, Daemon, peer_window, raw_request, start_daemon, wait_until
 
 reactor: Any = _reactor
 
@@ -96,6 +96,7 @@ class Stream:
         self.done = False
 
     def start(self) -> None:
+        self.node.factory.streams.append(self)
         self.transport.registerProducer(self, True)
         self.resumeProducing()
 
@@ -182,6 +183,7 @@ class NodeFactory(Factory):
     def __init__(self) -> None:
         self.sent = 0
         self.paths: list[bytes] = []
+        self.streams: list[Stream] = []
         self.connections: set[NodeConnection] = set()
         self.port: Any = None
 
@@ -308,18 +310,20 @@ class SlowPeerCase(unittest.TestCase):
 
     async def node_stalled(self) -> int:
         """
-        Wait until the node could send nothing more for L{STALL_SECONDS}
-        (rrlb stopped reading from it), or L{PUSH_SECONDS} passed; return
-        what it sent.
+        Wait until the node's latest stream is stuck: Twisted paused it (its
+        write buffer is full) and rrlb's socket advertises a zero window
+        (rrlb stopped reading from it); or until it sent all it had. Fails
+        after L{PUSH_SECONDS}. Returns what the node sent.
         """
-        start = last = reactor.seconds()
-        sent = self.node.sent
-        while reactor.seconds() - last < STALL_SECONDS and reactor.seconds() - start < PUSH_SECONDS:
-            await sleep(0.05)
-            if self.node.sent != sent:
-                sent = self.node.sent
-                last = reactor.seconds()
-        return sent
+
+        def stalled() -> bool:
+            if not self.node.streams:
+                return False
+            stream = self.node.streams[-1]
+            return stream.done or (stream.paused and peer_window(stream.transport) == 0)
+
+        await wait_until(stalled, PUSH_SECONDS, "the node's sends to be stuck or done")
+        return self.node.sent
 
     async def assert_bounded(self, pushed: int, cpu: float = CPU_BOUND) -> None:
         """
