@@ -163,11 +163,18 @@ class ProxyExchange:
 
     # -- driving it -----------------------------------------------------------
 
+    def connections(self) -> Any:
+        """
+        Where the node's connections come from: the HTTP/1.1 pool
+        (L{rrlb.h2exchange.H2Exchange}: the HTTP/2 one).
+        """
+        return self.proxy.upstream
+
     def start(self) -> None:
         node = self.node
         node.in_flight += 1
         node.requests += 1
-        self.connector = self.proxy.upstream.acquire(node, self)
+        self.connector = self.connections().acquire(node, self)
 
     def connected(self, protocol: UpstreamProtocol, reused: bool) -> None:
         self.connector = None

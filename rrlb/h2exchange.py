@@ -76,11 +76,8 @@ class H2Exchange(ProxyExchange):
             body.go_on()
         return True
 
-    def start(self) -> None:
-        node = self.node
-        node.in_flight += 1
-        node.requests += 1
-        self.connector = self.proxy.h2.acquire(node, self)
+    def connections(self) -> Any:
+        return self.proxy.h2
 
     def connected(self, stream: Any, reused: bool) -> None:
         self.connector = None
