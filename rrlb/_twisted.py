@@ -47,6 +47,7 @@ from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 __all__ = [
     "canonical_name",
     "raw_headers",
+    "RAW_HEADERS_SLOT",
     "set_raw_headers",
     "client_gone",
     "init_request",
@@ -88,6 +89,12 @@ def name_cache() -> dict[bytes, bytes]:
     return _names
 
 
+# The slot L{Headers} keeps that dict in, as a descriptor: a subclass names
+# it under a name of its own (L{rrlb.filterheaders.FilterHeaders._raw}) and
+# reads the dict at the cost of an attribute, without a call.
+RAW_HEADERS_SLOT: Any = Headers.__dict__["_rawHeaders"]
+
+
 def raw_headers(headers: Headers) -> dict[bytes, list[bytes]]:
     """
     The canonical name -> values dict inside C{headers} (not a copy).
@@ -110,7 +117,7 @@ def client_gone(request: Any) -> bool:
     return bool(request._disconnected)
 
 
-def init_request(request: Any, channel: Any) -> None:
+def init_request(request: Any, channel: Any, headers: type[Headers] = Headers) -> None:
     """
     Set up C{request} (a L{twisted.web.server.Request}) of C{channel} as
     C{Request.__init__} does, without calling it. Twisted's constructor
@@ -124,14 +131,17 @@ def init_request(request: Any, channel: Any) -> None:
     requests override it). tests/test_twisted_private.py checks that this
     sets every other attribute Twisted's constructor sets, to the same
     values.
+
+    @param headers: the class of both headers objects (L{Headers}, or a
+        subclass of it).
     """
     request.notifications = []
     request.channel = channel
     request.client = channel.peer
     request.host = channel.local
-    request.requestHeaders = Headers()
+    request.requestHeaders = headers()
     request.received_cookies = {}
-    request.responseHeaders = Headers()
+    request.responseHeaders = headers()
     request.cookies = []
     request.transport = channel.transport
     request.queued = False

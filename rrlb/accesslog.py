@@ -131,6 +131,11 @@ class _Clock:
         return value
 
 
+_COMBINED = (
+    b'%s - - [%s] "%s %s %s" %d %d "%s" "%s" node="%s" upstream_status=%s upstream_time=%s%s'
+)
+
+
 def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
     """
     One entry as a combined-format line with rrlb's fields, with its newline.
@@ -139,36 +144,45 @@ def format_combined(entry: Entry, clock: Optional[_Clock] = None) -> bytes:
     if clock is None:
         clock = _Clock()
     clock.set(when)
-    line = (
-        b'%s - - [%s] "%s %s %s" %d %d "%s" "%s" node="%s" upstream_status=%s upstream_time=%s'
-        % (
-            clock.ascii(host),
-            clock.combined,
-            _escape(method) if method is not None else b"-",
-            _escape(uri) if uri is not None else b"-",
-            _escape(proto),
-            code,
-            size,
-            b"-" if referer is None else _escape(referer),
-            b"-" if agent is None else _escape(agent),
-            clock.ascii(node),
-            b"-" if ustatus is None else b"%d" % ustatus,
-            b"-" if utime is None else b"%.3f" % utime,
-        )
+    return _COMBINED % (
+        clock.ascii(host),
+        clock.combined,
+        _escape(method) if method is not None else b"-",
+        _escape(uri) if uri is not None else b"-",
+        _escape(proto),
+        code,
+        size,
+        b"-" if referer is None else _escape(referer),
+        b"-" if agent is None else _escape(agent),
+        clock.ascii(node),
+        b"-" if ustatus is None else b"%d" % ustatus,
+        b"-" if utime is None else b"%.3f" % utime,
+        b"\n" if len(entry) == 12 else _combined_tail(entry),
     )
-    if len(entry) > 12 and entry[12] is not None:  # type: ignore[misc]
-        to_node, to_client, duration = entry[12]  # type: ignore[misc]
-        line += b" tunnel_bytes_to_node=%d tunnel_bytes_to_client=%d tunnel_time=%.3f" % (
-            to_node,
-            to_client,
-            duration,
-        )
+
+
+def _combined_tail(entry: Entry) -> bytes:
+    """
+    The end of a combined line after C{upstream_time}: a tunnel's fields,
+    then the filters', then the newline.
+    """
+    tunnel = entry[12]  # type: ignore[misc]
+    tail = b""
+    if tunnel is not None:
+        tail = b" tunnel_bytes_to_node=%d tunnel_bytes_to_client=%d tunnel_time=%.3f" % tunnel
     if len(entry) > 13:
-        for name, value in entry[13].items():  # type: ignore[misc]
-            # Unquoted, so a space is escaped too: it would start a new field.
+        notes = entry[13]  # type: ignore[misc]
+        ready = getattr(notes, "line", None)
+        if ready is not None:
+            # Made as the fields were added (rrlb.filters.LogNotes), with
+            # nothing to escape: the common case.
+            return tail + ready + b"\n"
+        # Unquoted, so a space in a value is escaped too: it would start a
+        # new field. Names are a-z and _ (FilterRequest.note).
+        for name, value in notes.items():
             value_bytes = _escape(value.encode("utf-8")).replace(b" ", b"\\x20")
-            line += b" %s=%s" % (name.encode("ascii"), value_bytes)
-    return line + b"\n"
+            tail += b" %s=%s" % (name.encode("ascii"), value_bytes)
+    return tail + b"\n"
 
 
 def format_json(entry: Entry, clock: Optional[_Clock] = None) -> bytes:

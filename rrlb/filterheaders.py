@@ -14,10 +14,10 @@ from typing import Iterator, Optional
 
 from twisted.web.http_headers import Headers
 
-from rrlb._twisted import HeaderNameError, canonical_name, raw_headers
+from rrlb._twisted import RAW_HEADERS_SLOT, HeaderNameError, canonical_name, raw_headers
 from rrlb.http1 import HOP_BY_HOP_NAMES
 
-__all__ = ["FORBIDDEN_NAMES", "FilterHeaders", "header_name", "header_value"]
+__all__ = ["FORBIDDEN_NAMES", "FilterHeaders", "filter_headers", "header_name", "header_value"]
 
 # Headers no filter may set, add or remove: the hop-by-hop ones and the
 # framing (rrlb frames each message itself).
@@ -88,18 +88,23 @@ def header_value(name: str, value: str) -> bytes:
     return raw
 
 
-class FilterHeaders:
+class FilterHeaders(Headers):
     """
     A message's headers as a filter changes them: C{str} names (any case)
     and values. Hop-by-hop and framing headers cannot be changed, and a
     value with CR, LF or NUL is refused (L{ValueError}).
+
+    Every request of the proxy keeps its request and response headers in
+    one of these from the start (L{rrlb.proxy.ProxyRequest}), so that a
+    filter reads and changes them with no object made for it. It is a
+    L{Headers}, whose C{bytes} methods stay for the code that serves the
+    request; filters use the methods below.
     """
 
-    __slots__ = ("_raw",)
+    __slots__ = ()
 
-    def __init__(self, headers: Headers) -> None:
-        # The name -> values dict inside the Headers: changed in place.
-        self._raw = raw_headers(headers)
+    # The name -> values dict the Headers keeps: read and changed in place.
+    _raw = RAW_HEADERS_SLOT
 
     def get(self, name: str) -> Optional[str]:
         """
@@ -163,3 +168,15 @@ class FilterHeaders:
         for key, values in list(self._raw.items()):
             for value in values:
                 yield key.decode("ascii"), value.decode("latin-1")
+
+
+def filter_headers(headers: Headers) -> FilterHeaders:
+    """
+    C{headers} as a L{FilterHeaders}: itself if it is one (every request of
+    the proxy), else one that reads and changes the same dict.
+    """
+    if isinstance(headers, FilterHeaders):
+        return headers
+    view = FilterHeaders()
+    view._raw = raw_headers(headers)
+    return view

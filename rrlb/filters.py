@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from rrlb._twisted import raw_headers
-from rrlb.filterheaders import FilterHeaders
+from rrlb.filterheaders import FilterHeaders, filter_headers
 from rrlb.http1 import EDGE_TRUSTED, EDGE_UNTRUSTED
 from rrlb.values import ConfigError
 
@@ -85,7 +87,9 @@ class FilterRequest:
         #: The L{rrlb.proxy.ProxyRequest} (not part of the interface).
         self.raw = raw
         self.route: Union[str, int, None] = None
-        self.headers = FilterHeaders(raw.requestHeaders)
+        headers = raw.requestHeaders
+        # (Always one, but for requests made by hand: tests.)
+        self.headers = headers if headers.__class__ is FilterHeaders else filter_headers(headers)
         self.pool: Optional[str] = None
         self._path: Optional[tuple[str, str]] = None
 
@@ -157,22 +161,44 @@ class FilterRequest:
         JSON line). C{name} is lower-case letters and C{_}.
         """
         try:
-            seen = type(value) is str and name in _NOTES_SEEN
-        except TypeError:  # an unhashable name
-            seen = False
-        if not seen:
+            prefix = _NOTE_PREFIXES[name] if type(value) is str else None
+        except (KeyError, TypeError):  # a new name, or an unhashable one
+            prefix = None
+        if prefix is None:
             if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
-            if len(_NOTES_SEEN) < _NOTES_SIZE:
-                _NOTES_SEEN.add(str(name))
+            prefix = b" %s=" % name.encode("ascii")
+            if len(_NOTE_PREFIXES) < _NOTES_SIZE:
+                _NOTE_PREFIXES[str(name)] = prefix
         raw = self.raw
         notes = raw.log_notes
         if notes is None:
-            raw.log_notes = {name: value}
+            notes = raw.log_notes = LogNotes()
+            line: Optional[bytes] = b""
         else:
-            notes[name] = value
+            line = notes.line if name not in notes else None
+        notes[name] = value
+        if line is not None:
+            if (value.isascii() and value.isalnum()) or _PLAIN_VALUE.fullmatch(value):
+                line += prefix + value.encode("ascii")
+            else:
+                line = None
+        notes.line = line
+
+
+class LogNotes(dict[str, str]):
+    """
+    The fields filters added to a request's access log line (name -> value),
+    and, while no value needs escaping and no name came twice, those fields
+    as they end a combined line (C{line}: C{b" name=value"} each), made as
+    they are added; L{None} has the access log make them from the dict.
+    """
+
+    __slots__ = ("line",)
+
+    line: Optional[bytes]
 
 
 def request_cookie(request: Any, name: str) -> Optional[str]:
@@ -189,9 +215,13 @@ def request_cookie(request: Any, name: str) -> Optional[str]:
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")
-# Log field names filters used (checked once each), at most _NOTES_SIZE.
-_NOTES_SEEN: set[str] = set()
+# Log field names filters used (checked once each) -> b" name=", at most
+# _NOTES_SIZE of them.
+_NOTE_PREFIXES: dict[str, bytes] = {}
 _NOTES_SIZE = 1024
+# A value that goes into a combined line as it is: visible ASCII but for the
+# quote and backslash (rrlb.accesslog's escaping leaves these alone).
+_PLAIN_VALUE = re.compile(r"[!#-\[\]-~]*")
 
 
 def request_scheme(request: Any) -> bytes:
@@ -211,17 +241,28 @@ def request_scheme(request: Any) -> bytes:
     return scheme
 
 
-class FilterResponse:
+class FilterResponse(tuple[int, FilterHeaders]):
     """
     A response as filters see it: its C{status} (read it) and its
     C{headers} (L{FilterHeaders}, change them).
+
+    A pair: L{rrlb.chain} makes one per response head as a tuple (no
+    constructor of its own to run); C{FilterResponse(status, headers)}
+    makes one by hand.
     """
 
-    __slots__ = ("status", "headers")
+    __slots__ = ()
 
-    def __init__(self, status: int, headers: Headers) -> None:
-        self.status = status
-        self.headers = FilterHeaders(headers)
+    status: int = property(itemgetter(0))  # type: ignore[assignment]
+    headers: FilterHeaders = property(itemgetter(1))  # type: ignore[assignment]
+
+    def __new__(cls, status: int, headers: Headers) -> FilterResponse:
+        if headers.__class__ is not FilterHeaders:
+            headers = filter_headers(headers)
+        return tuple.__new__(cls, (status, headers))
+
+    def __repr__(self) -> str:
+        return f"FilterResponse({self[0]!r})"
 
 
 class Answer:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.web import http
-from twisted.web.http_headers import Headers
 
-from rrlb._twisted import HeaderNameError, canonical_name, client_gone
+from rrlb._twisted import HeaderNameError, canonical_name, client_gone, set_raw_headers
 from rrlb.grpcwire import CONTENT_TYPE, grpc_request, message_value, status_for
 
 # Hop-by-hop headers (RFC 9110 7.6.1), lower-cased.
@@ -239,16 +238,20 @@ def answer(
             grpc_message = body.decode("utf-8", "replace").strip()
         code = 200
         request.setResponseCode(200)
-        response_headers = request.responseHeaders = Headers(
+        # (The headers object stays: the proxy's is the one filters change.)
+        response_headers = request.responseHeaders
+        set_raw_headers(
+            response_headers,
             {
                 b"Content-Type": [CONTENT_TYPE],
                 b"Grpc-Status": [b"%d" % status],
                 b"Grpc-Message": [message_value(grpc_message)],
-            }
+            },
         )
     else:
         request.setResponseCode(code, _PHRASES.get(code) or http.RESPONSES.get(code, b"Unknown"))
-        response_headers = request.responseHeaders = Headers()
+        response_headers = request.responseHeaders
+        set_raw_headers(response_headers, {})
         for name, value in headers:
             response_headers.addRawHeader(name, value)
         if content_type is not None:

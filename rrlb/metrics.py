@@ -187,7 +187,7 @@ class Metrics:
                 notes = {**(notes or {}), "client_cert_subject": client_cert.subject}
             if notes is not None:
                 # Fields filters added (request_id, trace_id, ...).
-                entry += (None,) * (13 - len(entry)) + (notes,)
+                entry += (notes,) if len(entry) == 13 else (None, notes)
             access_log.append(entry)
 
     # -- the read side -------------------------------------------------------

@@ -23,6 +23,7 @@ from rrlb.channel import ClientLimits, ClientSite, ProxyChannel
 from rrlb.destination import Destination, ProxySettings
 from rrlb.exchange import ProxyExchange
 from rrlb.failures import LocalErrors, log_text
+from rrlb.filterheaders import FilterHeaders
 from rrlb.grpcwire import RESOURCE_EXHAUSTED
 from rrlb.http1 import error_response
 from rrlb.pool import Node, Pool
@@ -262,28 +263,47 @@ class ProxyRequest(server.Request):
     """
 
     defaultContentType = None
-    exchange: Optional[ProxyExchange] = None
+
+    # rrlb's own state of a request, in slots set by the constructor: kept
+    # out of the instance dict, which Twisted's attributes fill to the size
+    # past which Python stops sharing its keys between instances, and a
+    # store into it would copy it (a filtered request's view, hook and log
+    # fields made every request so copy its dict once, about 10k
+    # instructions).
+    __slots__ = (
+        "exchange",
+        "client_error",
+        "real_client",
+        "body",
+        "pool_name",
+        "response_hook",
+        "filter_view",
+        "log_notes",
+    )
+    exchange: Optional[ProxyExchange]
     # The reason rrlb refused the request itself (see rrlb.parser), if it did.
-    client_error: Optional[str] = None
+    client_error: Optional[str]
     # The client behind trusted proxies (--trusted-proxies), if not the peer.
-    real_client: Optional[str] = None
+    real_client: Optional[str]
     # The body, streamed to the node as it arrives (None: no body).
-    body: Optional[StreamedBody] = None
+    body: Optional[StreamedBody]
     # The pool of a request answered without a node (503, queue timeout).
-    pool_name: Optional[str] = None
+    pool_name: Optional[str]
     # What its response filters do to each response head (rrlb.chain), if
     # it has any.
-    response_hook: Optional[Callable[[Any, int], bool]] = None
+    response_hook: Optional[Callable[[Any, int], bool]]
     # The request as its filters see it (rrlb.filters.FilterRequest).
-    filter_view: Any = None
+    filter_view: Any
     # Fields filters added to its access log line (FilterRequest.note).
-    log_notes: Optional[dict[str, str]] = None
+    log_notes: Optional[dict[str, str]]
 
     channel: Any
 
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
         # What server.Request.__init__ sets, at half its cost (see there).
-        init_request(self, channel)
+        init_request(self, channel, FilterHeaders)
+        self.exchange = self.client_error = self.real_client = self.body = None
+        self.pool_name = self.response_hook = self.filter_view = self.log_notes = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # ProxyChannel has parsed and checked everything already; the

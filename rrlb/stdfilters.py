@@ -9,10 +9,10 @@ L{rrlb.filters.KINDS} names each kind here. Pure: no reactor, no I/O.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
-from random import getrandbits
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from rrlb.filterheaders import header_name, header_value
 from rrlb.filters import (
@@ -94,9 +94,17 @@ class RequestHeaders:
 
     def __init__(self, rules: HeaderRules) -> None:
         self.rules = rules
+        if not rules.remove and not rules.add:
+            self.request = self.set_only  # type: ignore[method-assign]
 
     def request(self, request: FilterRequest) -> None:
         self.rules.apply(request.headers)
+
+    def set_only(self, request: FilterRequest) -> None:
+        # The common rule (set, no remove or add), without apply's loops.
+        headers = request.headers
+        for name, value in self.rules.set:
+            headers.set(name, value)
 
 
 class ResponseHeaders:
@@ -107,12 +115,20 @@ class ResponseHeaders:
 
     def __init__(self, rules: HeaderRules) -> None:
         self.rules = rules
+        if not rules.remove and not rules.add:
+            self.response = self.set_only  # type: ignore[method-assign]
 
     def request(self, request: FilterRequest) -> None:
         return None
 
     def response(self, request: FilterRequest, response: FilterResponse) -> None:
         self.rules.apply(response.headers)
+
+    def set_only(self, request: FilterRequest, response: FilterResponse) -> None:
+        # The common rule (set: HSTS, CORS), without apply's loops.
+        headers = response.headers
+        for name, value in self.rules.set:
+            headers.set(name, value)
 
 
 def _options(where: str, value: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
@@ -124,6 +140,35 @@ def _options(where: str, value: Any, allowed: frozenset[str]) -> Mapping[str, An
     if unknown:
         raise ConfigError(f"unknown setting {where}.{unknown[0]} (known: {', '.join(allowed)})")
     return value
+
+
+def random_hex(digits: int, per_read: int = 256) -> Iterator[str]:
+    """
+    Random hex strings of C{digits} digits (4 bits each) from C{os.urandom},
+    read C{per_read} strings at a time: one system call and one C{hex()}
+    for 256 request IDs, a slice each, where a call per ID would cost more
+    than the rest of its filter.
+    """
+    while True:
+        block = os.urandom(digits * per_read // 2).hex()
+        for start in range(0, len(block), digits):
+            yield block[start : start + digits]
+
+
+# The IDs request_id makes (128 bits) and the trace-id and parent-id
+# traceparent makes (128 and 64 bits, the W3C sizes).
+_request_ids = random_hex(32)
+_trace_ids = random_hex(48)
+
+
+def _reseed() -> None:
+    # A forked child would draw the rest of its parent's block again.
+    global _request_ids, _trace_ids
+    _request_ids = random_hex(32)
+    _trace_ids = random_hex(48)
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -158,12 +203,8 @@ class RequestId:
     C{request_id}: every request carries an ID, to the node and back on its
     response, and in the access log (C{request_id}). A client's is kept if
     it is 1 to 200 visible ASCII characters (and the peer is trusted, with
-    C{--trusted-proxies}); otherwise it gets 128 random bits in hex.
-
-    The bits come from L{random.getrandbits} (seeded from the system's
-    entropy, and again in each forked worker), not from C{os.urandom}: an ID
-    names a request and is no secret, and a system call per request costs
-    more than the rest of the filter.
+    C{--trusted-proxies}); otherwise it gets 128 random bits in hex, from
+    C{os.urandom} (L{random_hex}).
     """
 
     def __init__(self, header: str = REQUEST_ID_HEADER) -> None:
@@ -173,7 +214,7 @@ class RequestId:
         headers = request.headers
         value = headers.get(self.header)
         if value is None or not request.peer_trusted or not valid_request_id(value):
-            value = f"{getrandbits(128):032x}"
+            value = next(_request_ids)
             headers.set(self.header, value)
         request.note("request_id", value)
 
@@ -214,7 +255,10 @@ class Traceparent:
         headers = request.headers
         value = headers.get("traceparent")
         if value is None or not valid_traceparent(value):
-            value = f"00-{getrandbits(128) or 1:032x}-{getrandbits(64) or 1:016x}-00"
+            ids = next(_trace_ids)
+            while _ZERO_PARENT in ids and (ids[:32] == _ZERO_TRACE or ids[32:] == _ZERO_PARENT):
+                ids = next(_trace_ids)  # all zeros is not an ID (1 in 2**64)
+            value = f"00-{ids[:32]}-{ids[32:]}-00"
             headers.set("traceparent", value)
         request.note("trace_id", value[3:35])
 

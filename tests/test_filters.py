@@ -17,10 +17,10 @@ from twisted.web.http_headers import Headers
 
 from rrlb import filters
 from rrlb.config import ConfigError, parse_routes
+from rrlb.filterheaders import filter_headers
 from rrlb.filters import (
     Answer,
     FilterContext,
-    FilterHeaders,
     FilterKind,
     FilterRequest,
     FilterResponse,
@@ -324,7 +324,7 @@ class BuiltinTests(unittest.TestCase):
         raw = Request(headers={b"X-Old": [b"1"], b"X-Add": [b"a"], b"X-Set": [b"z"]})
         req_filter.request(FilterRequest(raw))
         self.assertEqual(
-            sorted(FilterHeaders(raw.requestHeaders)),
+            sorted(filter_headers(raw.requestHeaders)),
             [("X-Add", "a"), ("X-Add", "b"), ("X-Num", "5"), ("X-Set", "a")],
         )
         headers = Headers({b"X-Old": [b"x"]})
