@@ -102,7 +102,11 @@ class FilterRequest:
     @property
     def client(self) -> str:
         raw = self.raw
-        return str(raw.real_client or getattr(raw.client, "host", "") or "")
+        real: Optional[str] = raw.real_client
+        if real is not None:
+            return real
+        host = getattr(raw.client, "host", None)
+        return host if type(host) is str else ""
 
     @property
     def peer_trusted(self) -> bool:
