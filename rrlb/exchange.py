@@ -416,6 +416,13 @@ class ProxyExchange:
         request = self.request
         self.upstream_status = 101
         self.upstream_time = proxy.clock.seconds() - self.started
+        hook = request.response_hook  # response filters (rrlb.chain)
+        if hook is not None:
+            response_headers = request.responseHeaders
+            set_raw_headers(response_headers, headers)
+            if not hook(request, 101):
+                return  # one failed: the node is let go, the client got rrlb's 500
+            headers = raw_headers(response_headers)
         self.responded = True
         request.code = 101
         request.code_message = reason

@@ -366,10 +366,12 @@ class TunnelBackpressureTests(WebSocketCase):
         # Held for good: the client reads nothing, rrlb's writes to it are
         # stuck, rrlb reads nothing from the node, whose writes are stuck.
         await wait_for(
-            lambda: stuck(rrlb_client)
-            and not reads(rrlb_node)
-            and stuck(node.transport)
-            and producers[0].paused,
+            lambda: (
+                stuck(rrlb_client)
+                and not reads(rrlb_node)
+                and stuck(node.transport)
+                and producers[0].paused
+            ),
             "every buffer on the way to fill",
         )
         sent = producers[0].sent
@@ -405,10 +407,12 @@ class TunnelBackpressureTests(WebSocketCase):
         # Held for good: the node reads nothing, rrlb's writes to it are
         # stuck, rrlb reads nothing from the client, whose writes are stuck.
         await wait_for(
-            lambda: stuck(rrlb_node)
-            and not reads(rrlb_client)
-            and stuck(client.transport)
-            and producer.paused,
+            lambda: (
+                stuck(rrlb_node)
+                and not reads(rrlb_client)
+                and stuck(client.transport)
+                and producer.paused
+            ),
             "every buffer on the way to fill",
         )
         sent = producer.sent
@@ -421,7 +425,6 @@ class TunnelBackpressureTests(WebSocketCase):
         producer.stopProducing()
         client.transport.abortConnection()
         await client.lost
-
 
     async def test_client_that_does_not_read_cut_off_after_close(self) -> None:
         """
@@ -444,7 +447,6 @@ class TunnelBackpressureTests(WebSocketCase):
         await wait_for(lambda: service.traffic.site.channels, "the client's connection")
         await wait_for(lambda: not service.traffic.site.channels, "rrlb to cut the client off")
         await wait_for(lambda: not backend.open_connections, "the node connection to close")
-
 
     async def test_node_that_does_not_read_dropped_after_close(self) -> None:
         """
@@ -518,7 +520,7 @@ class TunnelSettingsTests(unittest.TestCase):
         line = format_combined(entry).decode()
         self.assertTrue(
             line.endswith(
-                " 101 2000 \"-\" \"-\" node=\"http://10.0.0.1:8080\" upstream_status=101"
+                ' 101 2000 "-" "-" node="http://10.0.0.1:8080" upstream_status=101'
                 " upstream_time=0.002 tunnel_bytes_to_node=1500 tunnel_bytes_to_client=2000"
                 " tunnel_time=61.250\n"
             ),
@@ -535,6 +537,75 @@ class SwitchingHeadTests(WebSocketCase):
     """
     The node's 101 reaches the client less its hop-by-hop headers.
     """
+
+    async def test_response_filters_run_on_101(self) -> None:
+        """
+        Response filters run on a node's 101 as on any response rrlb sends:
+        the header a C{response_headers} filter sets and the request's ID
+        reach the client on the 101, and the tunnel works.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nX-Node: a\r\n\r\nfrom node"
+            )
+
+        backend = await self.backend(switch)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"nodes: [{backend.url}]\n"
+                "filters:\n"
+                "  - request_id: {}\n"
+                "  - response_headers: {set: {X-Edge: 'yes'}}\n"
+            )
+        _, port = await self.balancer([], "--config", path)
+        client = await self.client(port)
+        client.send(UPGRADE)
+        await wait_for(lambda: b"\r\n\r\nfrom node" in client.data, "the 101 and the tunnel")
+        head = bytes(client.data).split(b"\r\n\r\n", 1)[0].lower()
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"http/1.1 101 switching protocols")
+        self.assertIn(b"x-edge: yes", lines)
+        self.assertIn(b"x-node: a", lines)
+        ids = [line for line in lines if line.startswith(b"x-request-id: ")]
+        self.assertEqual(len(ids), 1)
+        self.assertRegex(ids[0], rb"^x-request-id: [0-9a-f]{32}$")
+        client.transport.abortConnection()
+        await client.lost
+
+    async def test_response_filter_failing_on_101(self) -> None:
+        """
+        A response filter that raises on a node's 101: the client gets
+        rrlb's plain 500 and no tunnel, the node's connection is let go,
+        and the failure is counted.
+        """
+
+        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
+            conn.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nfrom node"
+            )
+
+        backend = await self.backend(switch)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"nodes: [{backend.url}]\n"
+                "filters:\n"
+                "  - use: tests.filterpkg:Raises\n"
+                "    with: {where: response}\n"
+            )
+        service, port = await self.balancer([], "--config", path)
+        client = await self.client(port)
+        client.send(UPGRADE)
+        await wait_for(lambda: b"\r\n\r\n" in client.data, "an answer")
+        await wait_for(lambda: not backend.open_connections, "the node's connection let go")
+        self.assertTrue(bytes(client.data).startswith(b"HTTP/1.1 500 "), bytes(client.data))
+        self.assertNotIn(b"from node", bytes(client.data))
+        self.assertEqual(service.traffic.proxy.stats.filter_errors, {"tests.filterpkg:Raises": 1})
+        self.flushLoggedErrors(RuntimeError)
 
     async def test_hop_by_hop_of_101_dropped(self) -> None:
         """
