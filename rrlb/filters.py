@@ -173,6 +173,8 @@ class FilterRequest:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
+            # A str subclass's own isalnum or __str__ is not asked below.
+            value = str.__str__(value)
             prefix = b" %s=" % name.encode("ascii")
             if len(_NOTE_PREFIXES) < _NOTES_SIZE:
                 _NOTE_PREFIXES[str(name)] = prefix

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from rrlb import filters
+from rrlb.accesslog import format_combined
 from rrlb.config import ConfigError, parse_routes
 from rrlb.filterheaders import filter_headers
 from rrlb.filters import (
@@ -300,6 +301,49 @@ class InterfaceTests(unittest.TestCase):
         FilterRequest(raw).note("tenant", "blue")
         self.assertEqual(raw.log_notes, {"tenant": "blue"})
         self.assertRaises(ValueError, FilterRequest(raw).note, "Bad-Name", "x")
+
+    def test_note_in_combined_line(self) -> None:
+        """
+        Notes reach the combined line as C{name=value}, in the order added:
+        plain values as they are (made as they are noted), and any value
+        with a space, quote, backslash, control or non-ASCII character
+        escaped, so that no note can add or break a field; a name noted
+        again keeps its last value, once.
+        """
+
+        class Lying(str):
+            def isalnum(self) -> bool:
+                return True
+
+        entry = (0.0, "192.0.2.7", b"GET", b"/", b"HTTP/1.1", 200, 0, None, None, None, None)
+        entry += (None,)
+
+        def line(*notes: tuple[str, str]) -> str:
+            raw = Request()
+            view = FilterRequest(raw)
+            for name, value in notes:
+                view.note(name, value)
+            return format_combined((*entry, None, raw.log_notes)).decode()  # type: ignore[arg-type]
+
+        uuid = "0af76519-16cd-43dd-8448-eb211c80319c"
+        self.assertTrue(
+            line(("request_id", "ab12"), ("trace_id", uuid)).endswith(
+                f" upstream_time=- request_id=ab12 trace_id={uuid}\n"
+            )
+        )
+        for value, written in (
+            ('a b" request_id=forged', "a\\x20b\\x22\\x20request_id=forged"),
+            ("back\\slash", "back\\x5Cslash"),
+            ("caf\u00e9", "caf\\xC3\\xA9"),
+            ("x\r\ny", "x\\x0D\\x0Ay"),
+            (Lying("a b"), "a\\x20b"),
+        ):
+            got = line(("tenant", value), ("request_id", "abc"))
+            self.assertTrue(got.endswith(f" tenant={written} request_id=abc\n"), got)
+            self.assertEqual(got.count(" request_id="), 1)
+            self.assertEqual(got.count("\n"), 1)
+        got = line(("request_id", "one"), ("tenant", "t"), ("request_id", "two"))
+        self.assertTrue(got.endswith(" request_id=two tenant=t\n"), got)
 
     def test_answer(self) -> None:
         """
