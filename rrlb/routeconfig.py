@@ -58,17 +58,9 @@ def parse_routes(value: Any) -> tuple[RouteConfig, ...]:
         if "host" in raw:
             kwargs["host"] = parse_route_host(f"{where}.host", raw["host"])
         if "path_prefix" in raw:
-            prefix = string(f"{where}.path_prefix", raw["path_prefix"])
-            if (
-                not prefix.startswith("/")
-                or not prefix.isascii()
-                or any(c in BAD_URL_CHARS or not c.isprintable() or c in "?#" for c in prefix)
-            ):
-                raise ConfigError(
-                    f"{where}.path_prefix must be a percent-encoded path starting with '/',"
-                    f" not {prefix!r}"
-                )
-            kwargs["path_prefix"] = prefix
+            kwargs["path_prefix"] = url_path(
+                f"{where}.path_prefix", raw["path_prefix"], "?#", "a percent-encoded path"
+            )
         if "methods" in raw:
             methods = [raw["methods"]] if isinstance(raw["methods"], str) else raw["methods"]
             if not isinstance(methods, list) or not methods:
@@ -165,18 +157,27 @@ def route_conditions(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     if "source" in raw:
         kwargs["source"] = trusted_networks(f"{where}.source", raw["source"])
     if "path" in raw:
-        path = string(f"{where}.path", raw["path"])
-        if (
-            not path.startswith("/")
-            or not path.isascii()
-            or any(c in BAD_URL_CHARS or not c.isprintable() or c in "#" for c in path)
-        ):
-            raise ConfigError(
-                f"{where}.path must be a glob of a percent-encoded path starting with '/',"
-                f" not {path!r}"
-            )
-        kwargs["path"] = path
+        kwargs["path"] = url_path(
+            f"{where}.path", raw["path"], "#", "a glob of a percent-encoded path"
+        )
     return kwargs
+
+
+def url_path(where: str, value: Any, forbidden: str, what: str) -> str:
+    """
+    A route's C{path_prefix} or C{path}: visible ASCII starting with C{/},
+    without the characters a URL cannot carry or C{forbidden}.
+
+    @param what: what it must be, for the message.
+    """
+    path = string(where, value)
+    if (
+        not path.startswith("/")
+        or not path.isascii()
+        or any(c in BAD_URL_CHARS or not c.isprintable() or c in forbidden for c in path)
+    ):
+        raise ConfigError(f"{where} must be {what} starting with '/', not {path!r}")
+    return path
 
 
 def parse_route_host(name: str, value: Any) -> str:
