@@ -75,8 +75,6 @@ def header_value(name: str, value: str) -> bytes:
     @raise ValueError: it is not a C{str} of Latin-1 characters without CR,
         LF or NUL.
     """
-    if type(value) is str and value.isascii() and value.isprintable():
-        return value.encode("ascii")  # the common case: no control character at all
     if not isinstance(value, str):
         raise ValueError(f"the value of {name} must be a str, not {type(value).__name__}")
     try:
@@ -143,8 +141,15 @@ class FilterHeaders(Headers):
             key = _KEYS[name]
         except (KeyError, TypeError):
             key = header_name(name)
-        if type(value) is str and value.isascii() and value.isprintable():
-            self._raw[key] = [value.encode()]  # the common case: no control character
+        if type(value) is str:
+            try:
+                raw = value.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = header_value(name, value)  # raises
+            # (An int needle: a bytes one costs more than the search.)
+            if 13 in raw or 10 in raw or 0 in raw:  # CR, LF, NUL
+                raw = header_value(name, value)  # raises
+            self._raw[key] = [raw]
         else:
             self._raw[key] = [header_value(name, value)]
 

@@ -187,8 +187,13 @@ class FilterRequest:
             line = notes.line if name not in notes else None
         notes[name] = value
         if line is not None:
-            if (value.isascii() and value.isalnum()) or _PLAIN_VALUE.fullmatch(value):
-                line += prefix + value.encode("ascii")
+            if value.isascii():
+                raw_value = value.encode("ascii")
+                # Letters and digits (hex IDs) at C speed, else the regex.
+                if raw_value.isalnum() or _PLAIN_VALUE.fullmatch(raw_value):
+                    line += prefix + raw_value
+                else:
+                    line = None
             else:
                 line = None
         notes.line = line
@@ -227,7 +232,7 @@ _NOTE_PREFIXES: dict[str, bytes] = {}
 _NOTES_SIZE = 1024
 # A value that goes into a combined line as it is: visible ASCII but for the
 # quote and backslash (rrlb.accesslog's escaping leaves these alone).
-_PLAIN_VALUE = re.compile(r"[!#-\[\]-~]*")
+_PLAIN_VALUE = re.compile(rb"[!#-\[\]-~]*")
 
 
 def request_scheme(request: Any) -> bytes:

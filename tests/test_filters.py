@@ -276,11 +276,18 @@ class InterfaceTests(unittest.TestCase):
             lambda: headers.add("Content-Length", "1"),
             lambda: headers.remove("Transfer-Encoding"),
             lambda: headers.set("X-C", "a\r\nX-D: b"),
+            lambda: headers.set("X-C", "a\nb"),
+            lambda: headers.set("X-C", "a\rb"),
+            lambda: headers.set("X-C", "a\0b"),
+            lambda: headers.add("X-C", "a\nb"),
             lambda: headers.set("X-C", "\u2603"),
             lambda: headers.set("X C", "x"),
             lambda: headers.set("X-C", 3),  # type: ignore[arg-type]
         ):
             self.assertRaises(ValueError, bad)
+        self.assertIsNone(raw.requestHeaders.getRawHeaders(b"X-C"))
+        headers.set("X-C", "caf\u00e9\tok")  # Latin-1 and a tab are values a header may have
+        self.assertEqual(raw.requestHeaders.getRawHeaders(b"X-C"), [b"caf\xe9\tok"])
 
     def test_response(self) -> None:
         """
