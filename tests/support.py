@@ -1222,6 +1222,37 @@ def read_then_pause(client: WireClient) -> dict[str, int]:
     return received
 
 
+class YamlCase(unittest.TestCase):
+    """
+    Start backends and rrlb from a YAML text (C{start}), ask it (C{get}),
+    and read what a bad configuration says (C{error}).
+    """
+
+    balancer: Balancer
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    async def start(self, yaml: str, *args: str) -> Balancer:
+        self.config_path = self.write(yaml)
+        self.balancer = await start_balancer(self, (), "--config", self.config_path, *args)
+        return self.balancer
+
+    async def get(
+        self, path: str, host: Optional[bytes] = None, method: str = "GET", **headers: bytes
+    ) -> Any:
+        raw = {name.replace("_", "-").encode("ascii"): [v] for name, v in headers.items()}
+        if host is not None:
+            raw[b"Host"] = [host]
+        return await http_request(self, method, self.balancer.url + path, raw)
+
+    def error(self, yaml: str) -> str:
+        return parse_error("--config", self.write(yaml))
+
+
 class WireCase(unittest.TestCase):
     """
     Starts raw backends, the real rrlb service tree and raw clients, and

@@ -8,46 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.trial import unittest
-
 from rrlb.actions import Forward, Redirect, cookie_value, smooth_schedule
 from tests.support import (
-    Balancer,
     FakeRequest,
     HTTPClient,
-    http_request,
-    parse_error,
+    YamlCase,
     raw_request,
     split_response,
     start_backends,
-    start_balancer,
 )
 
 
-class ActionCase(unittest.TestCase):
+class ActionCase(YamlCase):
     """
     Start backends and rrlb from a YAML text.
     """
-
-    balancer: Balancer
-
-    def write(self, text: str) -> str:
-        path = self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-
-    async def start(self, yaml: str, *args: str) -> Balancer:
-        self.config_path = self.write(yaml)
-        self.balancer = await start_balancer(self, (), "--config", self.config_path, *args)
-        return self.balancer
-
-    async def get(self, path: str, method: str = "GET", **headers: bytes) -> Any:
-        raw = {name.replace("_", "-").encode("ascii"): [v] for name, v in headers.items()}
-        return await http_request(self, method, self.balancer.url + path, raw)
-
-    def error(self, yaml: str) -> str:
-        return parse_error("--config", self.write(yaml))
 
 
 class ConditionTests(ActionCase):
@@ -216,7 +191,7 @@ class RedirectTests(ActionCase):
             ("{host: 'a b'}", "routes[0].redirect.host must be percent-encoded"),
             ("{host: 'a:1'}", "routes[0].redirect.host must be a host name"),
             ("{query: '?a'}", "routes[0].redirect.query is the query string"),
-            ("{query: \"a\\r\\nb\"}", "routes[0].redirect.query must be percent-encoded"),
+            ('{query: "a\\r\\nb"}', "routes[0].redirect.query must be percent-encoded"),
             ("{scheme: https, nope: 1}", "unknown setting routes[0].redirect.nope"),
             ("[1]", "routes[0].redirect must be a mapping"),
         ]:
@@ -241,7 +216,7 @@ class RespondTests(ActionCase):
             "  - path_prefix: /down\n"
             "    respond:\n"
             "      status: 503\n"
-            "      body: \"<h1>Back soon</h1>\\n\"\n"
+            '      body: "<h1>Back soon</h1>\\n"\n'
             "      content_type: text/html\n"
             "      headers: {Retry-After: 120}\n"
             "  - {path: /ok, respond: {}}\n"
@@ -297,9 +272,9 @@ class RespondTests(ActionCase):
             ("{status: 99}", "routes[0].respond.status must be a status"),
             ("{body: [1]}", "routes[0].respond.body must be a string"),
             ("{headers: {Connection: close}}", "hop-by-hop or framing"),
-            ("{headers: {X-A: \"a\\nb\"}}", "has a CR, LF or NUL"),
+            ('{headers: {X-A: "a\\nb"}}', "has a CR, LF or NUL"),
             ("{headers: {Content-Type: x}}", "set Content-Type with content_type"),
-            ("{content_type: \"a\\r\\nb: c\"}", "has a CR, LF or NUL"),
+            ('{content_type: "a\\r\\nb: c"}', "has a CR, LF or NUL"),
         ]:
             message = self.error(base % text)
             self.assertIn(wanted, message)

@@ -6,17 +6,15 @@ several pools and routes, and real backends see what it forwards.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
 
 from twisted.internet import defer
-from twisted.trial import unittest
 
 from tests.support import (
     ADMIN,
     SRV_NAME,
     Backend,
-    Balancer,
     LogCapture,
+    YamlCase,
     a,
     admin_url,
     http_request,
@@ -29,31 +27,10 @@ from tests.support import (
 )
 
 
-class RoutingCase(unittest.TestCase):
+class RoutingCase(YamlCase):
     """
     Start backends and rrlb from a YAML template.
     """
-
-    balancer: Balancer
-
-    def write(self, text: str) -> str:
-        path = self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-
-    async def start(self, yaml: str, *args: str) -> Balancer:
-        self.config_path = self.write(yaml)
-        self.balancer = await start_balancer(self, (), "--config", self.config_path, *args)
-        return self.balancer
-
-    async def get(
-        self, path: str, host: Optional[bytes] = None, method: str = "GET", **headers: bytes
-    ) -> Any:
-        raw = {name.replace("_", "-").encode("ascii"): [v] for name, v in headers.items()}
-        if host is not None:
-            raw[b"Host"] = [host]
-        return await http_request(self, method, self.balancer.url + path, raw)
 
 
 def issue_yaml(api: list[Backend], static: list[Backend]) -> str:
