@@ -1230,8 +1230,8 @@ class YamlCase(unittest.TestCase):
 
     balancer: Balancer
 
-    def write(self, text: str) -> str:
-        path = self.mktemp()
+    def write(self, text: str, path: str = "") -> str:
+        path = path or self.mktemp()
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path

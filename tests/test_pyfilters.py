@@ -13,42 +13,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.trial import unittest
-
 from rrlb.metrics import exposition
 from tests.support import (
-    Balancer,
     LogCapture,
-    http_request,
+    YamlCase,
     parse_error,
     raw_connect,
     start_backends,
-    start_balancer,
     wait_until,
 )
 
 
-class FilterCase(unittest.TestCase):
+class FilterCase(YamlCase):
     """
     Start backends and rrlb from a YAML text.
     """
-
-    balancer: Balancer
-
-    def write(self, text: str, path: str = "") -> str:
-        path = path or self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-
-    async def start(self, yaml: str, *args: str) -> Balancer:
-        self.config_path = self.write(yaml)
-        self.balancer = await start_balancer(self, (), "--config", self.config_path, *args)
-        return self.balancer
-
-    async def get(self, path: str, method: str = "GET", **headers: bytes) -> Any:
-        raw = {name.replace("_", "-").encode("ascii"): [v] for name, v in headers.items()}
-        return await http_request(self, method, self.balancer.url + path, raw)
 
     def filter_errors(self) -> str:
         text = exposition(self.balancer.service.traffic.metrics).decode()

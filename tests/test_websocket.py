@@ -538,11 +538,12 @@ class SwitchingHeadTests(WebSocketCase):
     The node's 101 reaches the client less its hop-by-hop headers.
     """
 
-    async def test_response_filters_run_on_101(self) -> None:
+    async def filtered_upgrade(self, filters: str) -> tuple[Any, Any, Any]:
         """
-        Response filters run on a node's 101 as on any response rrlb sends:
-        the header a C{response_headers} filter sets and the request's ID
-        reach the client on the 101, and the tunnel works.
+        rrlb with C{filters} (YAML list entries) in front of a node that
+        answers an upgrade with a 101 (with C{X-Node: a}) and C{from node};
+        a client sends the upgrade. Return the service, the client and the
+        node.
         """
 
         def switch(request: RecordedRequest, conn: BackendConnection) -> None:
@@ -554,15 +555,21 @@ class SwitchingHeadTests(WebSocketCase):
         backend = await self.backend(switch)
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write(
-                f"nodes: [{backend.url}]\n"
-                "filters:\n"
-                "  - request_id: {}\n"
-                "  - response_headers: {set: {X-Edge: 'yes'}}\n"
-            )
-        _, port = await self.balancer([], "--config", path)
+            f.write(f"nodes: [{backend.url}]\nfilters:\n{filters}")
+        service, port = await self.balancer([], "--config", path)
         client = await self.client(port)
         client.send(UPGRADE)
+        return service, client, backend
+
+    async def test_response_filters_run_on_101(self) -> None:
+        """
+        Response filters run on a node's 101 as on any response rrlb sends:
+        the header a C{response_headers} filter sets and the request's ID
+        reach the client on the 101, and the tunnel works.
+        """
+        _, client, _ = await self.filtered_upgrade(
+            "  - request_id: {}\n  - response_headers: {set: {X-Edge: 'yes'}}\n"
+        )
         await wait_for(lambda: b"\r\n\r\nfrom node" in client.data, "the 101 and the tunnel")
         head = bytes(client.data).split(b"\r\n\r\n", 1)[0].lower()
         lines = head.split(b"\r\n")
@@ -581,25 +588,9 @@ class SwitchingHeadTests(WebSocketCase):
         rrlb's plain 500 and no tunnel, the node's connection is let go,
         and the failure is counted.
         """
-
-        def switch(request: RecordedRequest, conn: BackendConnection) -> None:
-            conn.transport.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\n\r\nfrom node"
-            )
-
-        backend = await self.backend(switch)
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                f"nodes: [{backend.url}]\n"
-                "filters:\n"
-                "  - use: tests.filterpkg:Raises\n"
-                "    with: {where: response}\n"
-            )
-        service, port = await self.balancer([], "--config", path)
-        client = await self.client(port)
-        client.send(UPGRADE)
+        service, client, backend = await self.filtered_upgrade(
+            "  - use: tests.filterpkg:Raises\n    with: {where: response}\n"
+        )
         await wait_for(lambda: b"\r\n\r\n" in client.data, "an answer")
         await wait_for(lambda: not backend.open_connections, "the node's connection let go")
         self.assertTrue(bytes(client.data).startswith(b"HTTP/1.1 500 "), bytes(client.data))
