@@ -516,6 +516,13 @@ class ProxyExchange:
             self.tunnel_closed()
             return
         self._end(ok=False)
+        self.let_go()
+
+    def let_go(self) -> None:
+        """
+        Stop watching for progress and give up the node: abort its request
+        (and its connection), or stop connecting to it.
+        """
         self.proxy.upstream.unwatch(self)
         upstream = self.upstream
         self.upstream = None
@@ -527,7 +534,7 @@ class ProxyExchange:
             try:
                 connector.stopConnecting()
             except Exception:
-                pass
+                pass  # it connected or failed meanwhile: nothing to stop
 
     def _end(self, ok: bool) -> None:
         self.finished = True

@@ -171,15 +171,7 @@ class H2Exchange(ProxyExchange):
         self.deadline_call = None
         if self.finished:
             return
-        self.proxy.upstream.unwatch(self)
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.abort()
-        connector = self.connector
-        self.connector = None
-        if connector is not None:
-            connector.stopConnecting()
+        self.let_go()
         request = self.request
         log.info(
             "{method} {uri}: its grpc-timeout passed",
