@@ -8,6 +8,7 @@ over real connections.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from typing import Any, Optional
 
@@ -299,6 +300,20 @@ class InterfaceTests(unittest.TestCase):
         response.headers.set("Retry-After", "5")
         self.assertEqual(response.status, 503)
         self.assertEqual(list(response.headers), [("Retry-After", "5")])
+
+    def test_response_copied(self) -> None:
+        """
+        A L{FilterResponse} copies and pickles as it did before it was a
+        pair: a filter may keep one (C{copy.copy}, C{copy.deepcopy}).
+        """
+        response = FilterResponse(503, Headers({b"Server": [b"node"]}))
+        for copied in (
+            copy.copy(response),
+            copy.deepcopy(response),
+            pickle.loads(pickle.dumps(response)),
+        ):
+            self.assertEqual(copied.status, 503)
+            self.assertEqual(copied.headers.get("server"), "node")
 
     def test_note(self) -> None:
         """
