@@ -9,10 +9,12 @@ import dataclasses
 import json
 import os
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import task
 from twisted.trial import unittest
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from rrlb.accesslog import BATCH_SIZE, AccessLog, format_combined, format_json
@@ -30,7 +32,6 @@ from tests.support import (
     start_balancer,
     wait_until,
 )
-from tests.test_filters import Request as FilterTestRequest
 
 # 2025-10-10 13:55:36.250 UTC
 WHEN = 1760104536.25
@@ -240,7 +241,7 @@ class BatchingTests(unittest.TestCase):
         Unicode, which C{note} accepts) is written escaped, and the other
         lines of its batch are written too, in both formats.
         """
-        raw = FilterTestRequest()
+        raw = SimpleNamespace(requestHeaders=Headers(), log_notes=None)
         FilterRequest(raw).note("tenant", "a\udc80\ud800b")
         self.log.append(ENTRY)
         self.log.append((*ENTRY, None, raw.log_notes))
