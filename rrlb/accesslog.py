@@ -179,8 +179,11 @@ def _combined_tail(entry: Entry) -> bytes:
             return tail + ready + b"\n"
         # Unquoted, so a space in a value is escaped too: it would start a
         # new field. Names are a-z and _ (FilterRequest.note).
+        # (A lone surrogate, which a str may hold, as its escape: it has no
+        # UTF-8, and one such value would drop the whole batch.)
         for name, value in notes.items():
-            value_bytes = _escape(value.encode("utf-8")).replace(b" ", b"\\x20")
+            raw = value.encode("utf-8", "backslashreplace")
+            value_bytes = _escape(raw).replace(b" ", b"\\x20")
             tail += b" %s=%s" % (name.encode("ascii"), value_bytes)
     return tail + b"\n"
 

@@ -272,6 +272,10 @@ class FilterResponse(tuple[int, FilterHeaders]):
             headers = filter_headers(headers)
         return tuple.__new__(cls, (status, headers))
 
+    def __getnewargs__(self) -> tuple[int, FilterHeaders]:
+        # What copy and pickle pass __new__ (a tuple's would be one pair).
+        return (self[0], self[1])
+
     def __repr__(self) -> str:
         return f"FilterResponse({self[0]!r})"
 

@@ -9,13 +9,16 @@ import dataclasses
 import json
 import os
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import task
 from twisted.trial import unittest
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from rrlb.accesslog import BATCH_SIZE, AccessLog, format_combined, format_json
+from rrlb.filters import FilterRequest
 from rrlb.tap import makeService
 from tests.support import (
     LogCapture,
@@ -231,6 +234,23 @@ class BatchingTests(unittest.TestCase):
         with open(moved, encoding="utf-8") as f:
             self.assertEqual(len(f.read().splitlines()), 1)
         self.assertEqual(json.loads(self.lines()[0])["status"], 200)
+
+    def test_note_with_lone_surrogate(self) -> None:
+        """
+        A note whose value has a lone surrogate (a C{str} that is no
+        Unicode, which C{note} accepts) is written escaped, and the other
+        lines of its batch are written too, in both formats.
+        """
+        raw = SimpleNamespace(requestHeaders=Headers(), log_notes=None)
+        FilterRequest(raw).note("tenant", "a\udc80\ud800b")
+        self.log.append(ENTRY)
+        self.log.append((*ENTRY, None, raw.log_notes))
+        self.log.append(NO_NODE)
+        self.clock.advance(1.0)
+        lines = self.lines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[1].endswith(" tenant=a\\x5Cudc80\\x5Cud800b"), lines[1])
+        self.assertEqual(format_json((*ENTRY, None, raw.log_notes))[-1:], b"\n")
 
     def test_write_error_logged_not_raised(self) -> None:
         """

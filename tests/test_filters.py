@@ -8,6 +8,9 @@ over real connections.
 
 from __future__ import annotations
 
+import copy
+import itertools
+import os
 import pickle
 from typing import Any, Optional
 
@@ -15,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from rrlb import filters
+from rrlb import filters, stdfilters
 from rrlb.accesslog import format_combined
 from rrlb.config import ConfigError, parse_routes
 from rrlb.filterheaders import filter_headers
@@ -300,6 +303,20 @@ class InterfaceTests(unittest.TestCase):
         self.assertEqual(response.status, 503)
         self.assertEqual(list(response.headers), [("Retry-After", "5")])
 
+    def test_response_copied(self) -> None:
+        """
+        A L{FilterResponse} copies and pickles as it did before it was a
+        pair: a filter may keep one (C{copy.copy}, C{copy.deepcopy}).
+        """
+        response = FilterResponse(503, Headers({b"Server": [b"node"]}))
+        for copied in (
+            copy.copy(response),
+            copy.deepcopy(response),
+            pickle.loads(pickle.dumps(response)),
+        ):
+            self.assertEqual(copied.status, 503)
+            self.assertEqual(copied.headers.get("server"), "node")
+
     def test_note(self) -> None:
         """
         note() adds a field to the access log line; names are a-z and _.
@@ -440,6 +457,47 @@ class BuiltinTests(unittest.TestCase):
         self.assertFalse(valid_traceparent(good + "-more"))
         self.assertFalse(valid_traceparent("ff" + good[2:]))
         self.assertFalse(valid_traceparent(good[:36] + "0" * 16 + "-01"))
+
+    def test_traceparent_ids_never_zero(self) -> None:
+        """
+        A new traceparent never has an all-zero trace-id or parent-id (W3C:
+        not an ID): a draw with either is skipped.
+        """
+        good = "4bf92f3577b34da6a3ce929d0e0e4736" + "00f067aa0ba902b7"
+        draws = iter(["0" * 32 + "00f067aa0ba902b7", "4bf92f3577b34da6a3ce929d0e0e4736" + "0" * 16])
+        self.patch(stdfilters, "_trace_ids", itertools.chain(draws, itertools.repeat(good)))
+        (tp,) = built([{"traceparent": {}}])
+        raw = Request()
+        tp.request(FilterRequest(raw))
+        self.assertEqual(
+            raw.requestHeaders.getRawHeaders(b"Traceparent"),
+            [b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"],
+        )
+
+    def test_ids_after_fork(self) -> None:
+        """
+        A forked worker draws request IDs of its own, not the rest of the
+        block its parent read ahead.
+        """
+        (rid,) = built([{"request_id": {}}])
+        rid.request(FilterRequest(Request()))  # the parent has a block read ahead
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                raw = Request()
+                rid.request(FilterRequest(raw))
+                os.write(write, raw.log_notes["request_id"].encode())  # type: ignore[index]
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        child = os.read(read, 100).decode()
+        raw = Request()
+        rid.request(FilterRequest(raw))
+        self.assertRegex(child, "^[0-9a-f]{32}$")
+        self.assertNotEqual(child, raw.log_notes["request_id"])  # type: ignore[index]
 
     def test_allow_deny(self) -> None:
         """
