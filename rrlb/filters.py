@@ -171,6 +171,8 @@ class FilterRequest:
         if prefix is None:
             if not isinstance(name, str) or not name or not set(name) <= _NOTE_NAME:
                 raise ValueError(f"a log field is a name of a-z and _, not {name!r}")
+            if name in ACCESS_LOG_FIELDS:
+                raise ValueError(f"{name} is a field the access log writes itself")
             if not isinstance(value, str):
                 raise ValueError(f"the value of log field {name} must be a str, not {value!r}")
             # A str subclass's own isalnum or __str__ is not asked below.
@@ -226,6 +228,28 @@ def request_cookie(request: Any, name: str) -> Optional[str]:
 
 
 _NOTE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz_")
+# The fields rrlb.accesslog writes itself (combined and JSON), which no note
+# may be named: a line never carries a field twice.
+ACCESS_LOG_FIELDS = frozenset(
+    {
+        "time",
+        "remote_addr",
+        "method",
+        "uri",
+        "protocol",
+        "status",
+        "bytes",
+        "referer",
+        "user_agent",
+        "node",
+        "upstream_status",
+        "upstream_time",
+        "tunnel_bytes_to_node",
+        "tunnel_bytes_to_client",
+        "tunnel_time",
+        "client_cert_subject",
+    }
+)
 # Log field names filters used (checked once each) -> b" name=", at most
 # _NOTES_SIZE of them.
 _NOTE_PREFIXES: dict[str, bytes] = {}

@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from rrlb.accesslog import BATCH_SIZE, AccessLog, format_combined, format_json
-from rrlb.filters import FilterRequest
+from rrlb.filters import ACCESS_LOG_FIELDS, FilterRequest
 from rrlb.tap import makeService
 from tests.support import (
     LogCapture,
@@ -114,6 +114,23 @@ class FormatTests(unittest.TestCase):
             line.endswith(" tenant=a\\x20b\\x22\\x20request_id=forged request_id=abc\n")
         )
         self.assertEqual(line.count(" request_id="), 1)
+
+    def test_notes_cannot_take_a_field_name(self) -> None:
+        """
+        A note named after a field the log writes itself (any key of a JSON
+        line with a tunnel and a client certificate, or a combined field) is
+        refused, so that no line carries a field twice.
+        """
+        tunnel = (*ENTRY, (1, 2, 0.5))
+        fields = set(json.loads(format_json(tunnel)))
+        fields |= {"client_cert_subject"}
+        combined = format_combined(tunnel).decode()
+        fields |= set(re.findall(r" ([a-z_]+)=", combined))
+        self.assertEqual(fields, ACCESS_LOG_FIELDS)
+        view = FilterRequest(SimpleNamespace(log_notes=None, requestHeaders=Headers()))
+        for name in sorted(fields):
+            self.assertRaises(ValueError, view.note, name, "x")
+        view.note("tenant", "x")
 
     def test_json(self) -> None:
         """
