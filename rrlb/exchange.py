@@ -201,14 +201,23 @@ class ProxyExchange:
         self.proxy.upstream.watch(self)
 
     def connect_failed(self, reason: Failure) -> None:
+        if not self._connect_over(reason):
+            self._failed(reason, passive=True)
+
+    def _connect_over(self, reason: Failure) -> bool:
+        """
+        The attempt to connect failed: forget it, and say whether nothing
+        more is to be done, because the request ended meanwhile or the
+        failure was rrlb's own (out of descriptors, answered here).
+        """
         self.connector = None
         if self.finished:
-            return
+            return True
         code = local_errno(reason)
         if code is not None:
             self._local_failure(code)
-            return
-        self._failed(reason, passive=True)
+            return True
+        return False
 
     def _local_failure(self, code: int) -> None:
         """

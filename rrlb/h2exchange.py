@@ -27,7 +27,7 @@ from twisted.web import http
 from rrlb._twisted import client_gone
 from rrlb.body import KEEP
 from rrlb.exchange import ProxyExchange, log
-from rrlb.failures import local_errno, log_text
+from rrlb.failures import log_text
 from rrlb.grpcwire import DEADLINE_EXCEEDED, grpc_request, message_value, parse_timeout
 from rrlb.h2upstream import Unprocessed
 from rrlb.http1 import error_response
@@ -114,12 +114,7 @@ class H2Exchange(ProxyExchange):
         node gone after its GOAWAY); that one counts the failure and the
         retry, this one is sent to another node as if first picked there.
         """
-        self.connector = None
-        if self.finished:
-            return
-        code = local_errno(reason)
-        if code is not None:
-            self._local_failure(code)
+        if self._connect_over(reason):
             return
         if shared:
             other = self.dest.pool.pick_other(self.tried)
