@@ -46,7 +46,7 @@ import sys
 import tempfile
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import h2.config
 import h2.connection
@@ -798,6 +798,26 @@ async def raw_connect(testcase: Optional[TestCase], port: int) -> RawClient:
     if testcase is not None:
         testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(client.close()))
     return client
+
+
+_Lost = TypeVar("_Lost", bound=Protocol)
+
+
+async def connect_aborted_at_cleanup(testcase: TestCase, port: int, protocol: _Lost) -> _Lost:
+    """
+    Connect C{protocol} (one with a C{lost} Deferred that fires when its
+    connection is gone) to 127.0.0.1:C{port}; at C{testcase}'s cleanup the
+    connection is aborted if still open, and its end waited for.
+    """
+    await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), protocol)
+
+    async def close() -> None:
+        if protocol.transport.connected:
+            protocol.transport.abortConnection()
+        await protocol.lost  # type: ignore[attr-defined]
+
+    testcase.addCleanup(close)
+    return protocol
 
 
 async def raw_request(

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet import threads, utils
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import server
 
@@ -29,6 +29,7 @@ from tests.support import (
     H2Node,
     LogCapture,
     certs,
+    connect_aborted_at_cleanup,
     grpc_node,
     http_request,
     reactor,
@@ -398,15 +399,30 @@ class OwnErrorTests(GrpcCase):
     """
 
     async def raw(self, port: int) -> H2Client:
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), H2Client())
+        return await connect_aborted_at_cleanup(self, port, H2Client())
 
-        async def close() -> None:
-            if client.transport.connected:
-                client.transport.abortConnection()
-                await client.lost
+    async def raw_call(self, port: int, message: bytes, *headers: tuple[bytes, bytes]) -> Any:
+        """
+        One unary call to /test.Echo/Unary from a raw h2 client, with
+        C{headers} beside the gRPC ones; its answer, once it ended.
+        """
+        client = await self.raw(port)
+        _, answer = client.request(
+            b"POST", b"/test.Echo/Unary", frame(message),
+            ((b"content-type", b"application/grpc"), (b"te", b"trailers"), *headers),
+        )  # fmt: skip
+        await answer.done
+        return answer
 
-        self.addCleanup(close)
-        return client
+    def assert_trailers_only(self, answer: Any, status: bytes) -> None:
+        """
+        C{answer} is rrlb's own gRPC-shaped one: HTTP 200, application/grpc,
+        grpc-status C{status} in its only HEADERS frame, no body.
+        """
+        self.assertEqual(answer.headers[b":status"], b"200")
+        self.assertEqual(answer.headers[b"content-type"], b"application/grpc")
+        self.assertEqual(answer.headers[b"grpc-status"], status)
+        self.assertEqual(bytes(answer.body), b"")
 
     async def test_no_node_is_unavailable(self) -> None:
         """
@@ -417,16 +433,8 @@ class OwnErrorTests(GrpcCase):
         await nodes[0].stop()
         node = balancer.service.traffic.proxy.pool.nodes[0]
         await wait_for(lambda: not node.healthy, "the node to go down")
-        client = await self.raw(balancer.port)
-        _, answer = client.request(
-            b"POST", b"/test.Echo/Unary", frame(b"x"),
-            ((b"content-type", b"application/grpc"), (b"te", b"trailers")),
-        )  # fmt: skip
-        await answer.done
-        self.assertEqual(answer.headers[b":status"], b"200")
-        self.assertEqual(answer.headers[b"content-type"], b"application/grpc")
-        self.assertEqual(answer.headers[b"grpc-status"], b"14")
-        self.assertEqual(bytes(answer.body), b"")
+        answer = await self.raw_call(balancer.port, b"x")
+        self.assert_trailers_only(answer, b"14")
         unary = channel.unary_unary("/test.Echo/Unary")
         error = await in_thread(lambda: _error_of(lambda: unary(b"x", timeout=10)))
         self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
@@ -438,14 +446,8 @@ class OwnErrorTests(GrpcCase):
         DEADLINE_EXCEEDED (4) itself and resets the node's stream.
         """
         nodes, balancer, _ = await self.setup()
-        client = await self.raw(balancer.port)
         started = reactor.seconds()
-        _, answer = client.request(
-            b"POST", b"/test.Echo/Unary", frame(b"sleep:3"),
-            ((b"content-type", b"application/grpc"), (b"te", b"trailers"),
-             (b"grpc-timeout", b"300m")),
-        )  # fmt: skip
-        await answer.done
+        answer = await self.raw_call(balancer.port, b"sleep:3", (b"grpc-timeout", b"300m"))
         self.assertLess(reactor.seconds() - started, 2.5)
         self.assertEqual(answer.headers[b":status"], b"200")
         self.assertEqual(answer.headers[b"grpc-status"], b"4")
@@ -480,16 +482,8 @@ class OwnErrorTests(GrpcCase):
         balancer = await self.balancer(nodes, "--config", path)
         unary = self.channel(balancer.port).unary_unary("/test.Echo/Unary")
         self.assertEqual(await in_thread(lambda: unary(b"first", timeout=10)), b"g0:first")
-        client = await self.raw(balancer.port)
-        _, answer = client.request(
-            b"POST", b"/test.Echo/Unary", frame(b"x"),
-            ((b"content-type", b"application/grpc"), (b"te", b"trailers")),
-        )  # fmt: skip
-        await answer.done
-        self.assertEqual(answer.headers[b":status"], b"200")
-        self.assertEqual(answer.headers[b"content-type"], b"application/grpc")
-        self.assertEqual(answer.headers[b"grpc-status"], b"8")
-        self.assertEqual(bytes(answer.body), b"")
+        answer = await self.raw_call(balancer.port, b"x")
+        self.assert_trailers_only(answer, b"8")
         self.assertIsNone(answer.reset)
         error = await in_thread(lambda: _error_of(lambda: unary(b"x", timeout=10)))
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)

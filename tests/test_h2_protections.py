@@ -25,17 +25,15 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from rrlb.http2 import MAX_PINGS, MAX_RESETS, MAX_SETTINGS, MAX_STREAMS, MAX_UNREAD
 from tests.support import (
-    LOOPBACK,
     BackendConnection,
     HTTP2Case,
     RecordedRequest,
-    reactor,
+    connect_aborted_at_cleanup,
     response,
     start_balancer,
     start_daemon,
@@ -184,15 +182,7 @@ class ProtectionsTests(HTTP2Case):
         return node, balancer
 
     async def connect(self, port: int) -> Raw:
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), Raw())
-
-        async def close() -> None:
-            if client.transport.connected:
-                client.transport.abortConnection()
-            await client.lost
-
-        self.addCleanup(close)
-        return client
+        return await connect_aborted_at_cleanup(self, port, Raw())
 
     async def assert_cut_off(self, client: Raw, balancer: Any, code: int) -> None:
         await wait_for(lambda: client.lost.called, "rrlb to close the connection")
