@@ -191,6 +191,20 @@ class StapledCase(TLSCase):
         responder.known[site.cert.serial_number] = site
         return responder, ca, site
 
+    def stapling(self, site: Issued, ca: Issued) -> tuple[Clock, Stapler, Any]:
+        """
+        A started L{Stapler} on a L{Clock} at the real time, fetching over
+        treq and tracking C{site}'s certificate; and the log capture.
+        """
+        clock = Clock()
+        clock.advance(time.time())
+        stapler = Stapler(clock, fetch=treq_fetch(reactor))
+        logs = LogCapture.install(self)
+        stapler.track([(site.cert, ca.cert)])
+        stapler.startService()
+        self.addCleanup(stapler.stopService)
+        return clock, stapler, logs
+
 
 class ListenerTests(StapledCase):
     """
@@ -368,13 +382,7 @@ class StaplerTests(StapledCase):
         """
         responder, ca, site = await self.responder_and_site()
         responder.mode = "hang"
-        clock = Clock()
-        clock.advance(time.time())
-        stapler = Stapler(clock, fetch=treq_fetch(reactor))
-        logs = LogCapture.install(self)
-        stapler.track([(site.cert, ca.cert)])
-        stapler.startService()
-        self.addCleanup(stapler.stopService)
+        clock, stapler, logs = self.stapling(site, ca)
         await wait_until(lambda: responder.hanging, what="the request to hang")
         clock.advance(FETCH_TIMEOUT)
         await wait_until(
@@ -396,13 +404,7 @@ class StaplerTests(StapledCase):
         ]:
             responder, ca, site = await self.responder_and_site()
             responder.mode = mode
-            clock = Clock()
-            clock.advance(time.time())
-            stapler = Stapler(clock, fetch=treq_fetch(reactor))
-            logs = LogCapture.install(self)
-            stapler.track([(site.cert, ca.cert)])
-            stapler.startService()
-            self.addCleanup(stapler.stopService)
+            _, stapler, logs = self.stapling(site, ca)
             await wait_until(lambda logs=logs: ocsp_lines(logs), what=f"the {mode} failure")
             self.assertIn(reason, ocsp_lines(logs)[0], mode)
             self.assertEqual(stapler.staple(fingerprint(site.cert)), b"", mode)
