@@ -42,6 +42,7 @@ import os
 import select
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from concurrent import futures
@@ -818,6 +819,20 @@ async def connect_aborted_at_cleanup(testcase: TestCase, port: int, protocol: _L
 
     testcase.addCleanup(close)
     return protocol
+
+
+def s_client(
+    port: int, ca_file: str, *options: str, name: str = "a.test", stdin: bytes = b""
+) -> str:
+    """
+    What C{openssl s_client} printed after connecting to 127.0.0.1:C{port}
+    for C{name}, trusting C{ca_file}, with C{options}, sending C{stdin}.
+    Blocks: call it in a thread while rrlb serves in this process.
+    """
+    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", name]
+    argv += ["-CAfile", ca_file, *options]
+    result = subprocess.run(argv, input=stdin, capture_output=True, timeout=20)
+    return result.stdout.decode("utf-8", "replace")
 
 
 async def raw_request(

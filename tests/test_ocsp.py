@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import time
 from typing import Any, Optional
 
@@ -47,6 +46,7 @@ from tests.support import (
     TLSCase,
     issue,
     make_ca,
+    s_client,
     start_backend,
     wait_until,
 )
@@ -157,23 +157,7 @@ def s_client_status(port: int, ca_file: str, name: str = "a.test") -> str:
     """
     What C{openssl s_client -status} prints of the server's staple.
     """
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"{LOOPBACK}:{port}",
-            "-servername",
-            name,
-            "-status",
-            "-CAfile",
-            ca_file,
-        ],
-        input=b"",
-        capture_output=True,
-        timeout=20,
-    )
-    return result.stdout.decode("utf-8", "replace")
+    return s_client(port, ca_file, "-status", name=name)
 
 
 class StapledCase(TLSCase):

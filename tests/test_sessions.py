@@ -9,12 +9,12 @@ connection); a reload starts new session caches.
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import Any, Optional
 
 from twisted.internet import threads
 
-from tests.support import LOOPBACK, Backend, TLSCase, issue, make_ca, start_backend
+from tests.support import Backend, TLSCase, issue, make_ca, start_backend
+from tests.support import s_client as openssl_s_client
 
 REQUEST = b"GET /s HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
 
@@ -32,24 +32,10 @@ def s_client(
     One request with C{openssl s_client}, saving its session to C{session}
     or (C{resume}) offering the one saved there; returns what it printed.
     """
-    args = [
-        "openssl",
-        "s_client",
-        "-connect",
-        f"{LOOPBACK}:{port}",
-        "-servername",
-        name,
-        "-CAfile",
-        ca_file,
-        version,
-        "-ign_eof",
-        "-sess_in" if resume else "-sess_out",
-        session,
-    ]
+    options = [version, "-ign_eof", "-sess_in" if resume else "-sess_out", session]
     if cert is not None:
-        args += ["-cert", cert, "-key", cert]
-    result = subprocess.run(args, input=REQUEST, capture_output=True, timeout=20)
-    return result.stdout.decode("utf-8", "replace")
+        options += ["-cert", cert, "-key", cert]
+    return openssl_s_client(port, ca_file, *options, name=name, stdin=REQUEST)
 
 
 def handshake(out: str) -> str:
